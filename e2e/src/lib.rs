@@ -1,0 +1,1 @@
+//! End-to-end suite for cachalot against a real cluster; the tests live in `tests/`.

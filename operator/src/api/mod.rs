@@ -1,0 +1,1 @@
+//! CRD types of `cachalot.dev/v1alpha1`: the `RegistryMirror` spec and status.

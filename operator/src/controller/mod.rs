@@ -1,0 +1,1 @@
+//! The reconcile pipeline for `RegistryMirror`: fetch → validate → build (pure) → apply (SSA) → status.

@@ -1,0 +1,10 @@
+//! cachalot-operator: reconciles `RegistryMirror` objects (group `cachalot.dev`) into a running
+//! cachalot-registry plus node configuration, and runs the node agent that writes containerd's
+//! `hosts.toml` on every node.
+//!
+//! Layering: `api` holds the CRD types (no I/O); `controller` is the reconcile pipeline
+//! (fetch → validate → build → apply → status); `node_agent` is the only code that touches a node.
+
+pub mod api;
+pub mod controller;
+pub mod node_agent;

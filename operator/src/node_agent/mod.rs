@@ -1,0 +1,1 @@
+//! The node agent: renders containerd `hosts.toml` files under a certs.d directory, safely.

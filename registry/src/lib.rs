@@ -1,0 +1,1 @@
+//! cachalot-registry: a pull-through caching OCI registry.

@@ -1,0 +1,2 @@
+//! `cachalot-registry` binary entry point.
+fn main() {}
