@@ -1,1 +1,11 @@
-//! The node agent: renders containerd `hosts.toml` files under a certs.d directory, safely.
+//! The node agent: the only part of cachalot that touches a node. It renders containerd
+//! `certs.d/<registry>/hosts.toml` files (or CRI-O `registries.conf.d` drop-ins) for one
+//! RegistryMirror, writes them safely under the directory it is given, checks containerd's
+//! configuration read-only, and reports per-node problems over HTTP (`GET /status`).
+//!
+//! Invariants: it never writes outside its certs/drop-in directory, never touches a file without
+//! its managed-by marker (unless told to merge), never edits containerd's config or restarts it,
+//! and has no Kubernetes API access.
+
+pub mod duration;
+pub mod protocol;
