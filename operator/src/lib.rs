@@ -7,4 +7,5 @@
 
 pub mod api;
 pub mod controller;
+pub mod crd;
 pub mod node_agent;

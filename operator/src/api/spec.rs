@@ -1,0 +1,411 @@
+//! The `RegistryMirror` spec: which registries to mirror, how the proxy runs, how nodes use it.
+//!
+//! Invariants: every field is documented (it becomes the CRD description); defaults live in
+//! `#[serde(default = ...)]` functions so the schema, the API server's defaulting and the
+//! operator agree; patterns and CEL rules reject what would otherwise only fail on a node.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::RegistryMirrorStatus;
+
+/// Host name with optional port, as image references name a registry (`docker.io`, `ghcr.io`,
+/// `registry.local:5000`). Lower case, like containerd's certs.d directory names.
+pub const REGISTRY_NAME_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(:[0-9]{1,5})?$";
+/// An http(s) URL with a host and an optional path, no query or fragment.
+pub const URL_PATTERN: &str = r"^https?://[^\s/?#]+(/[^\s?#]*)?$";
+/// A Go-style duration (`500ms`, `3s`, `1m30s`, `6h`), the syntax containerd and the registry use.
+pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
+/// An absolute path on the node in plain characters (`..` segments are refused by the operator).
+pub const NODE_PATH_PATTERN: &str = r"^/[A-Za-z0-9._/-]*$";
+
+/// Desired state of a cachalot pull-through mirror: a caching registry for one or more upstream
+/// registries, and the containerd configuration that makes the selected nodes pull through it
+/// while image references stay unchanged.
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[kube(
+    group = "cachalot.dev",
+    version = "v1alpha1",
+    kind = "RegistryMirror",
+    namespaced,
+    shortname = "rmirror",
+    category = "cachalot",
+    status = "RegistryMirrorStatus",
+    derive = "PartialEq",
+    doc = "A pull-through caching mirror for container registries, and the node configuration that uses it.",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether the mirror serves pulls on its nodes"),
+    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint", description = "The URL nodes pull through"),
+    printcolumn(name = "Nodes", type_ = "string", json_path = ".status.nodes.summary", description = "Nodes configured / nodes selected"),
+    printcolumn(name = "Hit-Ratio", type_ = "string", json_path = ".status.cache.hitRatio", description = "Share of requests served from the cache"),
+    printcolumn(name = "Budget", type_ = "string", json_path = ".status.budgetSummary", description = "Lowest upstream rate-limit budget remaining/limit"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.registries.all(r, self.registries.exists_one(s, s.name == r.name))",
+        "message": "each registry may appear only once in spec.registries"
+    },
+    {
+        "rule": "!has(self.defaultRegistry) || self.registries.exists(r, r.name == self.defaultRegistry)",
+        "message": "spec.defaultRegistry must name one of spec.registries"
+    },
+    {
+        "rule": "self.service.type != 'External' || !has(self.parent)",
+        "message": "spec.parent configures the in-cluster proxy; it cannot be combined with service.type External"
+    }
+]))]
+pub struct RegistryMirrorSpec {
+    /// The upstream registries this mirror serves, e.g. `docker.io`. Each gets a `hosts.toml` on
+    /// every selected node. At least one, at most 16.
+    #[schemars(length(min = 1, max = 16))]
+    pub registries: Vec<MirroredRegistry>,
+
+    /// The registry that requests without an `ns` parameter go to (clients that do not say which
+    /// registry they mean, such as dockerd's `--registry-mirror`). Defaults to the first entry of
+    /// `registries`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = REGISTRY_NAME_PATTERN))]
+    pub default_registry: Option<String>,
+
+    /// Chain to another cachalot mirror (a hub, possibly in another cluster) instead of going to
+    /// the upstream registries directly; the registry namespace of each request is passed through,
+    /// so many clusters behind one NAT spend one upstream budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentMirror>,
+
+    /// Where the cache lives and how big it may grow.
+    #[serde(default)]
+    pub storage: Storage,
+
+    /// Number of registry pods. With more than one, a PodDisruptionBudget keeps one available;
+    /// each pod has its own cache.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 10))]
+    pub replicas: i32,
+
+    /// Compute resources of the registry container. Defaults: requests 50m CPU / 64Mi memory,
+    /// limit 512Mi memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Container image of the registry and the node agent (both binaries are in one image).
+    /// Defaults to the image the operator was started with (`--image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+
+    /// How nodes reach the proxy.
+    #[serde(default)]
+    pub service: ServiceExposure,
+
+    /// Which nodes use the mirror and how their container runtime is configured.
+    #[serde(default)]
+    pub nodes: NodeSettings,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+/// One upstream registry served through the mirror.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.name != 'docker.io' || !has(self.url) || self.url.startsWith('https://')",
+        "message": "docker.io must be reached over https"
+    }
+]))]
+pub struct MirroredRegistry {
+    /// The registry host as image references name it: `docker.io`, `ghcr.io`, `quay.io`,
+    /// `registry.example.com:5000`. Pulls of `nginx:stable` are pulls from `docker.io`.
+    #[schemars(length(min = 1, max = 253), regex(pattern = REGISTRY_NAME_PATTERN))]
+    pub name: String,
+
+    /// The upstream URL the proxy fetches from. Defaults to `https://registry-1.docker.io` for
+    /// `docker.io` and `https://<name>` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = URL_PATTERN))]
+    pub url: Option<String>,
+
+    /// A Secret in the mirror's namespace with upstream credentials. It is mounted as files into
+    /// the registry pods; credentials are never copied into the registry's ConfigMap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<CredentialsSecretRef>,
+
+    /// How long a tag may be served from the cache before it is revalidated upstream (with a HEAD,
+    /// which does not count against Docker Hub's pull limit). First matching rule wins; tags that
+    /// match no rule use the registry's default. Digest references never go upstream once cached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub freshness: Vec<FreshnessRule>,
+
+    /// When the upstream's remaining rate-limit budget falls to this many requests, the proxy
+    /// serves cached (stale) tags instead of spending a counted GET. Default: the registry's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub budget_reserve: Option<i64>,
+}
+
+/// Reference to a Secret holding credentials for one upstream registry.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsSecretRef {
+    /// Name of the Secret, in the RegistryMirror's namespace.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub name: String,
+
+    /// The Secret's layout: `Basic` reads the keys `username` and `password`
+    /// (`kubernetes.io/basic-auth`); `DockerConfigJson` reads `.dockerconfigjson`
+    /// (`kubernetes.io/dockerconfigjson`).
+    #[serde(default, rename = "type")]
+    pub kind: CredentialsKind,
+}
+
+/// Layout of a credentials Secret.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq, JsonSchema)]
+pub enum CredentialsKind {
+    /// Keys `username` and `password`.
+    #[default]
+    Basic,
+    /// Key `.dockerconfigjson`.
+    DockerConfigJson,
+}
+
+/// A freshness rule for tags matching a glob pattern.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.immutable ? !has(self.maxAge) : has(self.maxAge)",
+        "message": "set either maxAge or immutable: true"
+    }
+]))]
+pub struct FreshnessRule {
+    /// Glob over the tag, e.g. `latest`, `v*`, `*-alpine`.
+    #[schemars(length(min = 1, max = 128))]
+    pub pattern: String,
+
+    /// Revalidate a cached tag once it is older than this (Go duration: `1m`, `1h30m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub max_age: Option<String>,
+
+    /// Tags matching this pattern never change once cached (for example release tags), so they are
+    /// never revalidated.
+    #[serde(default)]
+    pub immutable: bool,
+}
+
+/// Another cachalot mirror to chain to.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentMirror {
+    /// Base URL of the parent mirror's registry API, e.g. `http://hub.example.internal:5000`.
+    #[schemars(length(max = 2048), regex(pattern = URL_PATTERN))]
+    pub url: String,
+}
+
+/// Cache storage.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.type != 'PersistentVolumeClaim' || has(self.size)",
+        "message": "storage.size is required for PersistentVolumeClaim storage"
+    },
+    {
+        "rule": "self.type == 'PersistentVolumeClaim' || !has(self.storageClassName)",
+        "message": "storage.storageClassName only applies to PersistentVolumeClaim storage"
+    }
+]))]
+pub struct Storage {
+    /// `EmptyDir` (default; the cache is lost when a pod goes) or `PersistentVolumeClaim` (a
+    /// StatefulSet with one claim per pod).
+    #[serde(default, rename = "type")]
+    pub kind: StorageKind,
+
+    /// Size of each PersistentVolumeClaim, or the emptyDir size limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Quantity>,
+
+    /// StorageClass of the claims; the cluster default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_class_name: Option<String>,
+
+    /// Cache size bound: least recently used content is evicted above it. Defaults to 90% of
+    /// `size` when that is set, otherwise 10Gi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<Quantity>,
+}
+
+/// Kind of cache storage.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq, JsonSchema)]
+pub enum StorageKind {
+    /// A pod-local emptyDir volume (Deployment).
+    #[default]
+    EmptyDir,
+    /// A PersistentVolumeClaim per pod (StatefulSet).
+    PersistentVolumeClaim,
+}
+
+/// How the proxy is exposed to the nodes.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.type == 'External' ? has(self.externalUrl) : !has(self.externalUrl)",
+        "message": "service.externalUrl is required with type External and only allowed with it"
+    },
+    {
+        "rule": "!has(self.nodePort) || self.type == 'NodePort'",
+        "message": "service.nodePort only applies to type NodePort"
+    }
+]))]
+pub struct ServiceExposure {
+    /// `ClusterIP` (default: nodes use the Service's cluster IP, which kube-proxy routes even
+    /// though cluster DNS does not resolve on nodes), `NodePort` (nodes use
+    /// `http://127.0.0.1:<nodePort>`), or `External` (no proxy is deployed here; nodes use
+    /// `externalUrl`, for example a hub mirror outside the cluster).
+    #[serde(default, rename = "type")]
+    pub kind: ServiceKind,
+
+    /// Fixed node port for type `NodePort`; allocated by the cluster when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 30000, max = 32767))]
+    pub node_port: Option<i32>,
+
+    /// The mirror URL nodes use with type `External`, e.g. `http://10.0.0.5:5000`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = URL_PATTERN))]
+    pub external_url: Option<String>,
+}
+
+/// Service exposure type.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq, JsonSchema)]
+pub enum ServiceKind {
+    /// A ClusterIP Service.
+    #[default]
+    ClusterIP,
+    /// A NodePort Service.
+    NodePort,
+    /// No in-cluster proxy; an external URL.
+    External,
+}
+
+/// Node selection and container runtime configuration.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSettings {
+    /// Only nodes with these labels are configured (all nodes when empty). Two mirrors for the
+    /// same registry must select disjoint nodes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Tolerations of the node agent pods, to reach tainted nodes (for example control planes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+
+    /// containerd's `config_path` on the node: the agent writes `<certsDir>/<registry>/hosts.toml`.
+    #[serde(default = "default_certs_dir")]
+    #[schemars(length(max = 1024), regex(pattern = NODE_PATH_PATTERN))]
+    pub certs_dir: String,
+
+    /// containerd's config.toml on the node, read (never written) to report configuration problems
+    /// such as `config_path` not set.
+    #[serde(default = "default_containerd_config")]
+    #[schemars(length(max = 1024), regex(pattern = NODE_PATH_PATTERN))]
+    pub containerd_config: String,
+
+    /// For runtime `Crio`: the `registries.conf.d` directory the agent writes its drop-in to.
+    #[serde(default = "default_registries_conf_dir")]
+    #[schemars(length(max = 1024), regex(pattern = NODE_PATH_PATTERN))]
+    pub registries_conf_dir: String,
+
+    /// What nodes do when the mirror cannot serve a pull: `Upstream` (default; go to the registry
+    /// directly) or `Never` (fail the pull rather than spend upstream budget from the node).
+    #[serde(default)]
+    pub fallback: FallbackPolicy,
+
+    /// containerd `dial_timeout` for the mirror endpoint: short, so a dead mirror costs little.
+    #[serde(default = "default_dial_timeout")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub dial_timeout: String,
+
+    /// How long the mirror may stay unreachable from a node before the agent takes it out of that
+    /// node's configuration.
+    #[serde(default = "default_unreachable_after")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub unreachable_after: String,
+
+    /// Container runtime of the nodes.
+    #[serde(default)]
+    pub runtime: NodeRuntime,
+
+    /// When a node already has an administrator's own `hosts.toml` for a registry, merge the
+    /// mirror ahead of its hosts (keeping a copy to restore) instead of leaving that node
+    /// unconfigured.
+    #[serde(default)]
+    pub merge_with_admin_file: bool,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        Self {
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            certs_dir: default_certs_dir(),
+            containerd_config: default_containerd_config(),
+            registries_conf_dir: default_registries_conf_dir(),
+            fallback: FallbackPolicy::default(),
+            dial_timeout: default_dial_timeout(),
+            unreachable_after: default_unreachable_after(),
+            runtime: NodeRuntime::default(),
+            merge_with_admin_file: false,
+        }
+    }
+}
+
+fn default_certs_dir() -> String {
+    "/etc/containerd/certs.d".to_string()
+}
+fn default_containerd_config() -> String {
+    "/etc/containerd/config.toml".to_string()
+}
+fn default_registries_conf_dir() -> String {
+    "/etc/containers/registries.conf.d".to_string()
+}
+fn default_dial_timeout() -> String {
+    "3s".to_string()
+}
+fn default_unreachable_after() -> String {
+    "30s".to_string()
+}
+
+/// Node behaviour when the mirror fails.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq, JsonSchema)]
+pub enum FallbackPolicy {
+    /// Fall back to the upstream registry.
+    #[default]
+    Upstream,
+    /// Never contact the upstream from the node.
+    Never,
+}
+
+/// Container runtime family of the nodes.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq, JsonSchema)]
+pub enum NodeRuntime {
+    /// containerd (`certs.d/<registry>/hosts.toml`).
+    #[default]
+    Containerd,
+    /// CRI-O (a `registries.conf.d` drop-in).
+    Crio,
+}

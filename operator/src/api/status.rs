@@ -1,0 +1,186 @@
+//! The `RegistryMirror` status: conditions plus the numbers behind them.
+//!
+//! Invariants: condition types and statuses are enums so a typo cannot invent a new condition;
+//! `lastTransitionTime` changes only when a condition's status changes (see
+//! `controller::status`), and nothing else in status carries a clock, so repeated reconciles of
+//! an unchanged world write the same status.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Observed state of a RegistryMirror.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryMirrorStatus {
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Ready, ProxyAvailable, NodesConfigured, CacheEffective, UpstreamBudget and Conflict.
+    #[serde(default)]
+    pub conditions: Vec<MirrorCondition>,
+
+    /// The URL the nodes are configured to pull through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+
+    /// How many selected nodes are configured, and why the others are not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<NodesStatus>,
+
+    /// Cache effectiveness summed over every registry pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheStatus>,
+
+    /// Upstream rate-limit budget per registry, as last reported by the upstream's headers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub budget: Vec<UpstreamBudgetStatus>,
+
+    /// The lowest remaining budget as `remaining/limit` (the BUDGET column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_summary: Option<String>,
+}
+
+/// The condition types of a RegistryMirror.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+pub enum ConditionType {
+    /// The mirror serves pulls: the proxy is available and at least one node is configured.
+    Ready,
+    /// At least one registry pod answers (or the external endpoint is used).
+    ProxyAvailable,
+    /// All selected nodes have the mirror in their runtime configuration.
+    NodesConfigured,
+    /// Hit ratio of the cache, with hit/miss/stale counts.
+    CacheEffective,
+    /// Upstream rate-limit budget; `RateLimited` when exhausted.
+    UpstreamBudget,
+    /// Another RegistryMirror already claims one of this mirror's registries on overlapping
+    /// nodes; this one applies nothing while the conflict lasts.
+    Conflict,
+}
+
+impl ConditionType {
+    /// Every condition type, in the order they appear in status.
+    pub const ALL: [Self; 6] = [
+        Self::Ready,
+        Self::ProxyAvailable,
+        Self::NodesConfigured,
+        Self::CacheEffective,
+        Self::UpstreamBudget,
+        Self::Conflict,
+    ];
+
+    /// The type's name as serialised.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "Ready",
+            Self::ProxyAvailable => "ProxyAvailable",
+            Self::NodesConfigured => "NodesConfigured",
+            Self::CacheEffective => "CacheEffective",
+            Self::UpstreamBudget => "UpstreamBudget",
+            Self::Conflict => "Conflict",
+        }
+    }
+}
+
+/// A condition's truth value.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+pub enum ConditionStatus {
+    /// The condition holds.
+    True,
+    /// The condition does not hold.
+    False,
+    /// Not known yet.
+    Unknown,
+}
+
+/// One condition, in the shape of Kubernetes' `metav1.Condition`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorCondition {
+    /// Condition type.
+    #[serde(rename = "type")]
+    pub type_: ConditionType,
+    /// True, False or Unknown.
+    pub status: ConditionStatus,
+    /// Machine-readable reason in PascalCase, e.g. `ConfigPathNotSet`.
+    pub reason: String,
+    /// Human-readable detail.
+    #[serde(default)]
+    pub message: String,
+    /// The generation the condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When the status last changed (not when it was last computed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+}
+
+/// Node configuration summary.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodesStatus {
+    /// Nodes running an agent for this mirror.
+    pub desired: i32,
+    /// Nodes whose agent reports the current desired state applied and ready.
+    pub configured: i32,
+    /// `configured/desired` (the NODES column).
+    pub summary: String,
+    /// Up to 10 nodes that are not configured, with the reason, sorted by node name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_configured: Vec<NodeProblem>,
+}
+
+/// Why one node is not configured.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeProblem {
+    /// Node name.
+    pub node: String,
+    /// Machine-readable reason from the node agent, e.g. `ConfigPathNotSet`.
+    pub reason: String,
+    /// Human-readable detail.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// Cache counters summed over all registry pods that answered.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheStatus {
+    /// Requests served from the cache.
+    pub hits: i64,
+    /// Requests fetched from upstream.
+    pub misses: i64,
+    /// Requests served from the cache because the upstream failed or the budget was low.
+    pub stale: i64,
+    /// Requests that failed.
+    pub errors: i64,
+    /// `(hits + stale) / (hits + misses + stale)` as a percentage with one decimal, e.g. `87.5%`.
+    pub hit_ratio: String,
+    /// Bytes served to clients.
+    pub bytes_served: i64,
+    /// Bytes fetched from upstream.
+    pub bytes_from_upstream: i64,
+    /// Bytes held in the caches.
+    pub cache_size_bytes: i64,
+    /// Registry pods whose stats were read.
+    pub pods_reporting: i32,
+}
+
+/// Rate-limit budget of one upstream registry (the minimum over pods).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamBudgetStatus {
+    /// Registry name, e.g. `docker.io`.
+    pub registry: String,
+    /// Requests allowed per window, from `ratelimit-limit`.
+    pub limit: i64,
+    /// Requests left in the window, from `ratelimit-remaining`.
+    pub remaining: i64,
+    /// Window length in seconds (`w=`), when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_seconds: Option<i64>,
+}
