@@ -1,1 +1,9 @@
-//! cachalot-registry: a pull-through caching OCI registry.
+//! cachalot-registry: a pull-through caching OCI registry, the data plane of cachalot.
+//!
+//! Layering, from the edge inwards: `api` (HTTP routing and responses) → `proxy` (pull-through
+//! logic: freshness, single-flight, stale-if-error) → `upstream` (remote registries, auth, budget,
+//! circuit) and `store` (content-addressed disk cache). `oci` holds the pure protocol vocabulary,
+//! `config` the startup configuration, `telemetry` the metrics and stats.
+
+pub mod config;
+pub mod oci;

@@ -1,0 +1,577 @@
+//! Registry configuration: read → parse → normalise → validate, once, at startup.
+//!
+//! The YAML form is camelCase and rejects unknown fields, so a typo is a startup error naming the
+//! field instead of a silently ignored setting. The operator renders this very type into the
+//! registry's ConfigMap, so the two cannot drift. Credentials never appear here: only paths of files
+//! (a mounted Secret) that hold them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The registry `docker.io` stands for, and where it really lives.
+pub const DOCKER_HUB: &str = "docker.io";
+pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// Address to serve the distribution API, metrics and health endpoints on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The registry used for requests without `?ns=`.
+    #[serde(default = "default_registry")]
+    pub default_registry: String,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// Another cachalot (the hub) to fetch every registry through, passing `ns` along.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentConfig>,
+    /// The upstream registries this mirror may serve, keyed by registry name (`docker.io`,
+    /// `ghcr.io`, `registry.example:5000`). Requests for any other `ns` are refused.
+    #[serde(default)]
+    pub registries: BTreeMap<String, RegistryConfig>,
+    #[serde(default)]
+    pub upstream: UpstreamTuning,
+    #[serde(default)]
+    pub server: ServerTuning,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Directory of the content-addressed cache.
+    #[serde(default = "default_storage_path")]
+    pub path: PathBuf,
+    /// Size bound of the cache; least recently used content is evicted beyond it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ParentConfig {
+    /// Base URL of the parent mirror, for example `http://hub.example:5000`.
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Base URL of the upstream registry. Defaults to `https://<name>`, and to
+    /// `https://registry-1.docker.io` for `docker.io`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<Credentials>,
+    /// Freshness rules by tag pattern, first match wins; the built-in defaults apply after them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freshness: Vec<FreshnessRule>,
+    /// When the upstream's remaining pull budget is at or below this, a cached (stale) tag is
+    /// served instead of spending a counted GET on a changed digest.
+    #[serde(default)]
+    pub budget_reserve: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
+}
+
+/// Files holding upstream credentials (a mounted Secret). Either a username/password pair or a
+/// docker `config.json`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Credentials {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_config_file: Option<PathBuf>,
+}
+
+/// How long a cached tag is trusted before it is revalidated upstream with a HEAD.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FreshnessRule {
+    /// Glob over the tag (`latest`, `v*`, `*-alpine`).
+    pub pattern: String,
+    /// Optional glob over the repository (`library/*`); all repositories when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// How long the tag is trusted without asking upstream.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_age: Option<Duration>,
+    /// Never revalidate tags matching this rule.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub immutable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpstreamTuning {
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Deadline for the upstream's response headers.
+    #[serde(default = "default_response_timeout", with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// Longest pause between two chunks of an upstream body.
+    #[serde(default = "default_body_idle_timeout", with = "humantime_serde")]
+    pub body_idle_timeout: Duration,
+    /// Retries of idempotent requests after connection errors (never after an HTTP answer).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Consecutive failures after which the circuit opens and requests fail fast.
+    #[serde(default = "default_circuit_threshold")]
+    pub circuit_failure_threshold: u32,
+    /// How long an open circuit waits before letting one probe request through.
+    #[serde(default = "default_circuit_open_for", with = "humantime_serde")]
+    pub circuit_open_for: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerTuning {
+    /// Deadline for a client to send its request headers.
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `cachalot_registry=debug`; `RUST_LOG` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 5000))
+}
+fn default_registry() -> String {
+    DOCKER_HUB.to_owned()
+}
+fn default_storage_path() -> PathBuf {
+    PathBuf::from("cachalot-data")
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_body_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_retries() -> u32 {
+    2
+}
+fn default_circuit_threshold() -> u32 {
+    5
+}
+fn default_circuit_open_for() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: default_listen(),
+            default_registry: default_registry(),
+            storage: StorageConfig::default(),
+            parent: None,
+            registries: BTreeMap::new(),
+            upstream: UpstreamTuning::default(),
+            server: ServerTuning::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            path: default_storage_path(),
+            max_size_bytes: None,
+        }
+    }
+}
+
+impl Default for UpstreamTuning {
+    fn default() -> Self {
+        UpstreamTuning {
+            connect_timeout: default_connect_timeout(),
+            response_timeout: default_response_timeout(),
+            body_idle_timeout: default_body_idle_timeout(),
+            retries: default_retries(),
+            circuit_failure_threshold: default_circuit_threshold(),
+            circuit_open_for: default_circuit_open_for(),
+        }
+    }
+}
+
+impl Default for ServerTuning {
+    fn default() -> Self {
+        ServerTuning {
+            header_read_timeout: default_header_read_timeout(),
+        }
+    }
+}
+
+/// Why the configuration was refused. Every variant names the offending field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("--upstream {0}: expected REGISTRY=URL")]
+    UpstreamFlag(String),
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Command-line values that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub storage: Option<PathBuf>,
+    /// `REGISTRY=URL` pairs.
+    pub upstreams: Vec<String>,
+}
+
+impl Config {
+    /// Parses YAML text; unknown fields are errors.
+    pub fn from_yaml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Reads the optional file, applies the overrides, normalises and validates.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut config = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Config::from_yaml(&text, path)?
+            }
+            None => Config::default(),
+        };
+        config.apply(overrides)?;
+        config.normalise();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(&mut self, overrides: &Overrides) -> Result<(), ConfigError> {
+        if let Some(listen) = overrides.listen {
+            self.listen = listen;
+        }
+        if let Some(storage) = &overrides.storage {
+            self.storage.path = storage.clone();
+        }
+        for pair in &overrides.upstreams {
+            let (registry, url) = pair
+                .split_once('=')
+                .filter(|(r, u)| !r.is_empty() && !u.is_empty())
+                .ok_or_else(|| ConfigError::UpstreamFlag(pair.clone()))?;
+            self.registries.entry(registry.to_owned()).or_default().url = Some(url.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Fills in what the defaults imply: docker.io when no registry is configured, and each
+    /// registry's URL.
+    pub fn normalise(&mut self) {
+        if self.registries.is_empty() {
+            self.registries
+                .insert(DOCKER_HUB.to_owned(), RegistryConfig::default());
+        }
+        for (name, registry) in &mut self.registries {
+            if registry.url.is_none() {
+                registry.url = Some(default_url(name));
+            }
+            if let Some(url) = &mut registry.url {
+                while url.ends_with('/') {
+                    url.pop();
+                }
+            }
+        }
+        if let Some(parent) = &mut self.parent {
+            while parent.url.ends_with('/') {
+                parent.url.pop();
+            }
+        }
+    }
+
+    /// Checks everything that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.registries.contains_key(&self.default_registry) {
+            return Err(invalid(
+                "defaultRegistry",
+                format!(
+                    "`{}` is not one of the configured registries ({})",
+                    self.default_registry,
+                    self.registries.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        for (name, registry) in &self.registries {
+            let field = format!("registries.{name}");
+            validate_registry_name(name).map_err(|m| invalid(field.clone(), m))?;
+            if let Some(url) = &registry.url {
+                validate_url(url).map_err(|m| invalid(format!("{field}.url"), m))?;
+            }
+            if let Some(c) = &registry.credentials {
+                let pair = c.username_file.is_some() || c.password_file.is_some();
+                if pair && (c.username_file.is_none() || c.password_file.is_none()) {
+                    return Err(invalid(
+                        format!("{field}.credentials"),
+                        "usernameFile and passwordFile must be given together",
+                    ));
+                }
+                if pair && c.docker_config_file.is_some() {
+                    return Err(invalid(
+                        format!("{field}.credentials"),
+                        "give either usernameFile/passwordFile or dockerConfigFile, not both",
+                    ));
+                }
+                if !pair && c.docker_config_file.is_none() {
+                    return Err(invalid(
+                        format!("{field}.credentials"),
+                        "needs usernameFile and passwordFile, or dockerConfigFile",
+                    ));
+                }
+            }
+            for (i, rule) in registry.freshness.iter().enumerate() {
+                let rf = format!("{field}.freshness[{i}]");
+                globset::Glob::new(&rule.pattern)
+                    .map_err(|e| invalid(format!("{rf}.pattern"), e.to_string()))?;
+                if let Some(repo) = &rule.repository {
+                    globset::Glob::new(repo)
+                        .map_err(|e| invalid(format!("{rf}.repository"), e.to_string()))?;
+                }
+                match (rule.immutable, rule.max_age) {
+                    (true, Some(_)) => {
+                        return Err(invalid(rf, "give either maxAge or immutable, not both"))
+                    }
+                    (false, None) => return Err(invalid(rf, "needs maxAge or immutable: true")),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(parent) = &self.parent {
+            validate_url(&parent.url).map_err(|m| invalid("parent.url", m))?;
+        }
+        if self.upstream.connect_timeout.is_zero() {
+            return Err(invalid("upstream.connectTimeout", "must be positive"));
+        }
+        if self.upstream.response_timeout.is_zero() {
+            return Err(invalid("upstream.responseTimeout", "must be positive"));
+        }
+        if self.upstream.retries > 10 {
+            return Err(invalid("upstream.retries", "at most 10"));
+        }
+        if self.upstream.circuit_failure_threshold == 0 {
+            return Err(invalid("upstream.circuitFailureThreshold", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// The upstream URL a registry name means when none is configured.
+pub fn default_url(registry: &str) -> String {
+    if registry == DOCKER_HUB {
+        DOCKER_HUB_URL.to_owned()
+    } else {
+        format!("https://{registry}")
+    }
+}
+
+/// A registry name is a host name with an optional port: it becomes a directory name in the store
+/// and a value of `ns`, so it is checked strictly.
+pub fn validate_registry_name(name: &str) -> Result<(), String> {
+    let (host, port) = match name.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (name, None),
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !host_ok {
+        return Err(format!("`{name}` is not a registry host name"));
+    }
+    if let Some(port) = port {
+        if port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(format!("`{name}` has an invalid port"));
+        }
+    }
+    Ok(())
+}
+
+fn validate_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("`{url}` must use http or https"));
+    }
+    if parsed.host_str().is_none() {
+        return Err(format!("`{url}` has no host"));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(format!("`{url}` must not have a query or fragment"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    fn load_yaml(text: &str) -> Result<Config, ConfigError> {
+        let mut c = Config::from_yaml(text, Path::new("test.yaml"))?;
+        c.normalise();
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn empty_config_serves_docker_hub_on_port_5000() {
+        let c = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(c.listen.port(), 5000);
+        assert_eq!(c.default_registry, "docker.io");
+        assert_eq!(
+            c.registries["docker.io"].url.as_deref(),
+            Some("https://registry-1.docker.io")
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_name() {
+        let err = load_yaml("registries:\n  docker.io:\n    urll: http://x\n").unwrap_err();
+        assert!(err.to_string().contains("urll"), "{err}");
+        let err = load_yaml("listne: 0.0.0.0:1\n").unwrap_err();
+        assert!(err.to_string().contains("listne"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let err = load_yaml("registries:\n  docker.io:\n    url: ftp://x\n").unwrap_err();
+        assert!(err.to_string().starts_with("registries.docker.io.url"), "{err}");
+        let err = load_yaml("defaultRegistry: quay.io\n").unwrap_err();
+        assert!(err.to_string().starts_with("defaultRegistry"), "{err}");
+        let err = load_yaml("registries:\n  \"../x\": {}\ndefaultRegistry: ../x\n").unwrap_err();
+        assert!(err.to_string().starts_with("registries.../x"), "{err}");
+        let err = load_yaml(
+            "registries:\n  docker.io:\n    freshness:\n    - pattern: latest\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with("registries.docker.io.freshness[0]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn upstream_flags_override_and_add_registries() {
+        let overrides = Overrides {
+            upstreams: vec![
+                "docker.io=http://127.0.0.1:1".into(),
+                "quay.io=http://127.0.0.1:2/".into(),
+            ],
+            ..Overrides::default()
+        };
+        let c = Config::load(None, &overrides).unwrap();
+        assert_eq!(c.registries["docker.io"].url.as_deref(), Some("http://127.0.0.1:1"));
+        assert_eq!(c.registries["quay.io"].url.as_deref(), Some("http://127.0.0.1:2"));
+        let bad = Overrides {
+            upstreams: vec!["nourl".into()],
+            ..Overrides::default()
+        };
+        assert!(matches!(
+            Config::load(None, &bad),
+            Err(ConfigError::UpstreamFlag(_))
+        ));
+    }
+
+    #[test]
+    fn full_config_round_trips_through_yaml() {
+        let text = r#"
+listen: 127.0.0.1:5001
+defaultRegistry: docker.io
+storage: { path: /var/lib/cachalot, maxSizeBytes: 1073741824 }
+parent: { url: "http://hub:5000" }
+registries:
+  docker.io:
+    credentials: { usernameFile: /s/u, passwordFile: /s/p }
+    freshness:
+      - { pattern: latest, maxAge: 1m }
+      - { pattern: "v*", immutable: true }
+    budgetReserve: 10
+  registry.example:5000:
+    url: http://registry.example:5000
+upstream: { connectTimeout: 2s, retries: 1 }
+log: { format: json }
+"#;
+        let c = load_yaml(text).unwrap();
+        assert_eq!(c.registries["docker.io"].budget_reserve, 10);
+        assert_eq!(
+            c.registries["docker.io"].freshness[0].max_age,
+            Some(Duration::from_secs(60))
+        );
+        let again = load_yaml(&serde_yaml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(c, again);
+    }
+}

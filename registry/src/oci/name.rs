@@ -1,0 +1,254 @@
+//! Repository names, tags and references, validated against the distribution-spec grammar.
+//!
+//! A repository name becomes a directory path in the store, so the grammar is enforced strictly:
+//! lowercase path components separated by single `/`, each `[a-z0-9]+` joined by `.`, `_`, `__` or
+//! runs of `-`. That grammar already excludes `..`, empty components and absolute paths.
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::digest::Digest;
+
+/// The longest repository name accepted (the distribution spec's limit).
+pub const MAX_NAME_LEN: usize = 255;
+
+/// A validated repository name such as `library/alpine`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RepositoryName(String);
+
+/// A validated tag such as `3.19` or `latest`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tag(String);
+
+/// A manifest reference: a tag or a digest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Reference {
+    Tag(Tag),
+    Digest(Digest),
+}
+
+/// Why a name, tag or reference was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseNameError {
+    #[error("repository name is empty")]
+    Empty,
+    #[error("repository name is longer than {MAX_NAME_LEN} characters")]
+    TooLong,
+    #[error("repository name component `{0}` does not match [a-z0-9]+((\\.|_|__|-+)[a-z0-9]+)*")]
+    BadComponent(String),
+    #[error("tag `{0}` does not match [a-zA-Z0-9_][a-zA-Z0-9._-]{{0,127}}")]
+    BadTag(String),
+    #[error("invalid digest: {0}")]
+    BadDigest(#[from] super::digest::ParseDigestError),
+}
+
+fn is_alnum(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit()
+}
+
+/// One path component: alphanumeric runs joined by `.`, `_`, `__` or one or more `-`.
+fn valid_component(c: &str) -> bool {
+    let bytes = c.as_bytes();
+    let (Some(&first), Some(&last)) = (bytes.first(), bytes.last()) else {
+        return false;
+    };
+    if !is_alnum(first) || !is_alnum(last) {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if is_alnum(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        // A separator run: `.`, `_`, `__` or `-+`, always followed by an alphanumeric (checked by
+        // the `last` test above and the next iteration).
+        let sep_start = i;
+        match bytes[i] {
+            b'.' => i += 1,
+            b'_' => {
+                i += 1;
+                if bytes.get(i) == Some(&b'_') {
+                    i += 1;
+                }
+            }
+            b'-' => {
+                while bytes.get(i) == Some(&b'-') {
+                    i += 1;
+                }
+            }
+            _ => return false,
+        }
+        if !bytes.get(i).copied().is_some_and(is_alnum) || i == sep_start {
+            return false;
+        }
+    }
+    true
+}
+
+impl RepositoryName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The name with `library/` prepended when it has one component, as Docker Hub requires.
+    pub fn with_library_prefix(&self) -> RepositoryName {
+        if self.0.contains('/') {
+            self.clone()
+        } else {
+            RepositoryName(format!("library/{}", self.0))
+        }
+    }
+
+    /// The path components, each safe as a directory name.
+    pub fn components(&self) -> impl Iterator<Item = &str> {
+        self.0.split('/')
+    }
+}
+
+impl FromStr for RepositoryName {
+    type Err = ParseNameError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Err(ParseNameError::Empty);
+        }
+        if s.len() > MAX_NAME_LEN {
+            return Err(ParseNameError::TooLong);
+        }
+        if let Some(bad) = s.split('/').find(|c| !valid_component(c)) {
+            let shown: String = bad.chars().take(64).collect();
+            return Err(ParseNameError::BadComponent(shown));
+        }
+        Ok(RepositoryName(s.to_owned()))
+    }
+}
+
+impl fmt::Display for RepositoryName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Tag {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Tag {
+    type Err = ParseNameError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = s.as_bytes();
+        let ok = matches!(bytes.first(), Some(b) if b.is_ascii_alphanumeric() || *b == b'_')
+            && bytes.len() <= 128
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if ok {
+            Ok(Tag(s.to_owned()))
+        } else {
+            Err(ParseNameError::BadTag(s.chars().take(64).collect()))
+        }
+    }
+}
+
+impl fmt::Display for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for Reference {
+    type Err = ParseNameError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.contains(':') {
+            Ok(Reference::Digest(s.parse()?))
+        } else {
+            Ok(Reference::Tag(s.parse()?))
+        }
+    }
+}
+
+impl fmt::Display for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reference::Tag(t) => t.fmt(f),
+            Reference::Digest(d) => d.fmt(f),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn names_from_the_distribution_grammar_are_accepted() {
+        for ok in [
+            "alpine",
+            "library/alpine",
+            "a/b/c",
+            "my-org/my__image",
+            "x.y/z_z",
+            "a--b",
+            "0",
+        ] {
+            assert!(ok.parse::<RepositoryName>().is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn names_outside_the_grammar_or_escaping_the_store_are_refused() {
+        for bad in [
+            "",
+            "..",
+            "a/../b",
+            "/abs",
+            "a//b",
+            "a/",
+            "Upper",
+            "a___b",
+            "-a",
+            "a.",
+            "a..b",
+            "a b",
+            "a/./b",
+        ] {
+            assert!(bad.parse::<RepositoryName>().is_err(), "{bad:?}");
+        }
+        let long = "a".repeat(MAX_NAME_LEN + 1);
+        assert_eq!(
+            long.parse::<RepositoryName>(),
+            Err(ParseNameError::TooLong)
+        );
+    }
+
+    #[test]
+    fn one_segment_names_get_the_library_prefix() {
+        let n: RepositoryName = "nginx".parse().unwrap();
+        assert_eq!(n.with_library_prefix().as_str(), "library/nginx");
+        let n: RepositoryName = "org/nginx".parse().unwrap();
+        assert_eq!(n.with_library_prefix().as_str(), "org/nginx");
+    }
+
+    #[test]
+    fn tags_follow_the_grammar() {
+        assert!("v1.2.3-rc_1".parse::<Tag>().is_ok());
+        assert!("_x".parse::<Tag>().is_ok());
+        assert!(".hidden".parse::<Tag>().is_err());
+        assert!("a/b".parse::<Tag>().is_err());
+        assert!("t".repeat(129).parse::<Tag>().is_err());
+    }
+
+    #[test]
+    fn references_with_a_colon_are_digests() {
+        let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        assert!(matches!(d.parse::<Reference>(), Ok(Reference::Digest(_))));
+        assert!(matches!("latest".parse::<Reference>(), Ok(Reference::Tag(_))));
+        assert!("md5:00".parse::<Reference>().is_err());
+    }
+}
