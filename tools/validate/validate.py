@@ -347,6 +347,13 @@ def exprs_in(value: Any) -> Iterator[str]:
             yield from exprs_in(sub)
 
 
+def strip_label_names(expr: str) -> str:
+    """Drop the parts of a PromQL expression that hold label names, not metric names:
+    `{...}` matchers and `by/without/on/ignoring/group_left/group_right (...)` clauses."""
+    expr = re.sub(r"\{[^}]*\}", "", expr)
+    return re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+
+
 def check_metric_names(known_path: str, paths: list[str], report: Report) -> None:
     known = {
         line.strip()
@@ -363,7 +370,7 @@ def check_metric_names(known_path: str, paths: list[str], report: Report) -> Non
             exprs = list(exprs_in(body))
             report.checked += len(exprs)
             for expr in exprs:
-                for name in sorted(set(pattern.findall(expr))):
+                for name in sorted(set(pattern.findall(strip_label_names(expr)))):
                     if name not in known:
                         report.error(path, f"metric {name} is not exported by cachalot (see {known_path})")
 
