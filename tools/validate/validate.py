@@ -9,6 +9,7 @@ Subcommands:
              (x-kubernetes-validations) are evaluated, as the API server would.
   crd-match  the CRD rendered by the chart has the same spec as the generated one in crds/.
   metrics    every cachalot metric name used by alerts and the dashboard is one the registry exports.
+  values-doc every leaf of the chart's values.yaml has a `# --` comment (on itself or a parent).
 
 Invariants: no network and no cluster; every problem is reported (not only the first file's), and
 the exit status is non-zero when any problem was found.
@@ -375,6 +376,37 @@ def check_metric_names(known_path: str, paths: list[str], report: Report) -> Non
                         report.error(path, f"metric {name} is not exported by cachalot (see {known_path})")
 
 
+def check_values_documented(path: str, report: Report) -> None:
+    """Every leaf value of a chart's values.yaml is documented by a `# --` comment block directly
+    above it or above one of its parent keys (a documented map documents its contents)."""
+    stack: list[tuple[int, str, bool]] = []  # (indent, key, documented)
+    comment_above = False
+    for number, line in enumerate(open(path, encoding="utf-8"), start=1):
+        stripped = line.strip()
+        if not stripped:
+            comment_above = False
+            continue
+        if stripped.startswith("#"):
+            comment_above = comment_above or stripped.startswith("# --")
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        match = re.match(r"^([A-Za-z0-9_.\-/\"]+):(\s|$)", stripped)
+        if not match or stripped.startswith("- "):
+            comment_above = False
+            continue  # list items and continuation lines belong to the key above
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        documented = comment_above or any(d for _, _, d in stack)
+        key = ".".join([k for _, k, _ in stack] + [match.group(1)])
+        value = stripped[match.end():].split(" #")[0].strip()
+        is_leaf = value != ""
+        report.checked += 1
+        if is_leaf and not documented:
+            report.error(f"{path}:{number}", f"value {key} has no `# --` documentation comment")
+        stack.append((indent, match.group(1), documented))
+        comment_above = False
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -391,6 +423,8 @@ def main() -> int:
     metrics = sub.add_parser("metrics", help="check metric names used by alerts and dashboards")
     metrics.add_argument("--known", required=True)
     metrics.add_argument("files", nargs="+")
+    values_doc = sub.add_parser("values-doc", help="check every chart value is documented")
+    values_doc.add_argument("files", nargs="+")
     args = parser.parse_args()
 
     report = Report()
@@ -406,6 +440,10 @@ def main() -> int:
     if args.command == "crd-match":
         check_crd_match(args.rendered, args.generated, report)
         return report.finish("chart CRD matches crds/")
+    if args.command == "values-doc":
+        for path in args.files:
+            check_values_documented(path, report)
+        return report.finish("documented values")
     check_metric_names(args.known, args.files, report)
     return report.finish("metric names")
 
