@@ -15,4 +15,5 @@
 
 pub mod client;
 pub mod distribution;
+pub mod image;
 pub mod wait;
