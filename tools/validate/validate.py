@@ -9,6 +9,7 @@ Subcommands:
              (x-kubernetes-validations) are evaluated, as the API server would.
   crd-match  the CRD rendered by the chart has the same spec as the generated one in crds/.
   metrics    every cachalot metric name used by alerts and the dashboard is one the registry exports.
+  cli-args   the operator binary accepts the args the chart's Deployment passes it.
   values-doc every leaf of the chart's values.yaml has a `# --` comment (on itself or a parent).
 
 Invariants: no network and no cluster; every problem is reported (not only the first file's), and
@@ -407,6 +408,33 @@ def check_values_documented(path: str, report: Report) -> None:
         comment_above = False
 
 
+def check_cli_args(binary: str, paths: list[str], report: Report) -> None:
+    """The operator Deployment's args are accepted by the real binary's command line parser.
+
+    clap parses arguments in order and stops at `--help`, so running the rendered args followed by
+    `--help` fails on an unknown flag or a bad value, and succeeds without starting anything.
+    """
+    import subprocess
+
+    for doc in load_docs(paths, report):
+        if doc.body.get("kind") != "Deployment":
+            continue
+        pod = doc.body["spec"]["template"]["spec"]
+        for c in pod.get("containers") or []:
+            command = c.get("command") or []
+            if not command or not command[0].endswith("/cachalot-operator"):
+                continue
+            report.checked += 1
+            argv = [binary, *command[1:], *(c.get("args") or []), "--help"]
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                report.error(doc.where, f"cannot run {binary}: {e}")
+                continue
+            if done.returncode != 0:
+                report.error(doc.where, f"the operator refuses the chart's args {argv[1:-1]}: {done.stderr.strip()}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -423,6 +451,9 @@ def main() -> int:
     metrics = sub.add_parser("metrics", help="check metric names used by alerts and dashboards")
     metrics.add_argument("--known", required=True)
     metrics.add_argument("files", nargs="+")
+    cli = sub.add_parser("cli-args", help="check the operator binary accepts the rendered args")
+    cli.add_argument("--binary", required=True)
+    cli.add_argument("files", nargs="+")
     values_doc = sub.add_parser("values-doc", help="check every chart value is documented")
     values_doc.add_argument("files", nargs="+")
     args = parser.parse_args()
@@ -440,6 +471,9 @@ def main() -> int:
     if args.command == "crd-match":
         check_crd_match(args.rendered, args.generated, report)
         return report.finish("chart CRD matches crds/")
+    if args.command == "cli-args":
+        check_cli_args(args.binary, args.files, report)
+        return report.finish("operator accepts the chart's args")
     if args.command == "values-doc":
         for path in args.files:
             check_values_documented(path, report)
