@@ -22,7 +22,10 @@ pub struct ParseDurationError {
 /// # Errors
 /// Empty input, a missing or unknown unit, a missing number, or overflow.
 pub fn parse_duration(input: &str) -> Result<Duration, ParseDurationError> {
-    let err = |why| ParseDurationError { input: input.to_string(), why };
+    let err = |why| ParseDurationError {
+        input: input.to_string(),
+        why,
+    };
     if input.is_empty() {
         return Err(err("empty"));
     }
@@ -38,7 +41,9 @@ pub fn parse_duration(input: &str) -> Result<Duration, ParseDurationError> {
         if i == start {
             return Err(err("a number must precede each unit"));
         }
-        let number: u64 = input[start..i].parse().map_err(|_| err("number too large"))?;
+        let number: u64 = input[start..i]
+            .parse()
+            .map_err(|_| err("number too large"))?;
         let unit_start = i;
         while i < bytes.len() && bytes[i].is_ascii_alphabetic() {
             i += 1;
@@ -51,7 +56,9 @@ pub fn parse_duration(input: &str) -> Result<Duration, ParseDurationError> {
             "" => return Err(err("missing unit")),
             _ => return Err(err("unknown unit")),
         };
-        let part = number.checked_mul(factor_ms).ok_or_else(|| err("too large"))?;
+        let part = number
+            .checked_mul(factor_ms)
+            .ok_or_else(|| err("too large"))?;
         total_ms = total_ms.checked_add(part).ok_or_else(|| err("too large"))?;
     }
     Ok(Duration::from_millis(total_ms))
@@ -72,7 +79,16 @@ mod tests {
 
     #[test]
     fn malformed_durations_are_rejected_with_a_reason() {
-        for bad in ["", "3", "s", "3x", "-3s", "1.5s", "3s ", "99999999999999999999s"] {
+        for bad in [
+            "",
+            "3",
+            "s",
+            "3x",
+            "-3s",
+            "1.5s",
+            "3s ",
+            "99999999999999999999s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }
     }

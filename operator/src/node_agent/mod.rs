@@ -3,9 +3,21 @@
 //! RegistryMirror, writes them safely under the directory it is given, checks containerd's
 //! configuration read-only, and reports per-node problems over HTTP (`GET /status`).
 //!
+//! Layering: `protocol` (wire types), `names`/`duration`/`render`/`containerd`/`gate`/`plan`
+//! are pure; `apply` (files) and `agent` (loop, probes, HTTP) do the I/O.
+//!
 //! Invariants: it never writes outside its certs/drop-in directory, never touches a file without
 //! its managed-by marker (unless told to merge), never edits containerd's config or restarts it,
 //! and has no Kubernetes API access.
 
+pub mod agent;
+pub mod apply;
+pub mod containerd;
 pub mod duration;
+pub mod gate;
+pub mod names;
+pub mod plan;
 pub mod protocol;
+pub mod render;
+
+pub use agent::{run, run_until, Args, RunError};

@@ -260,7 +260,8 @@ mod tests {
 
     #[test]
     fn unknown_reason_from_newer_agent_deserialises_as_unknown() {
-        let p: Problem = serde_json::from_str(r#"{"reason":"SomethingNew","message":"x"}"#).unwrap();
+        let p: Problem =
+            serde_json::from_str(r#"{"reason":"SomethingNew","message":"x"}"#).unwrap();
         assert_eq!(p.reason, Reason::Unknown);
     }
 

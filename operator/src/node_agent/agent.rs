@@ -1,0 +1,505 @@
+//! The agent process: command line, the reconcile loop and the status HTTP server.
+//!
+//! Each round (every `--interval`, level-triggered): read the desired-state file (polled by
+//! content, because ConfigMap volume updates swap a symlink and inotify on the file is
+//! unreliable), probe the desired endpoints (`GET /v2/`, bounded timeouts), update the gate, scan
+//! the directories, plan ([`super::plan::reconcile_node`], pure), execute, check containerd's
+//! config read-only, publish [`AgentStatus`].
+//!
+//! Invariants: the agent never exits on bad input (it reports it); SIGTERM stops it without
+//! touching node files (a rolling update must not unconfigure nodes; removal is driven by the
+//! operator through `removing: true`).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::sync::watch;
+
+use super::apply::{execute, managed_files, scan, Roots};
+use super::containerd::{check_containerd_config, is_blocking};
+use super::duration::parse_duration;
+use super::gate::Gate;
+use super::plan::reconcile_node;
+use super::protocol::{
+    AgentStatus, ContainerdStatus, DesiredState, Problem, Reason, RegistryState, Runtime,
+};
+
+/// Desired-state files larger than this are rejected (a ConfigMap holds at most 1 MiB anyway).
+const MAX_DESIRED_BYTES: u64 = 1024 * 1024;
+
+/// `cachalot-operator node-agent` command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// JSON desired state (a mounted ConfigMap key), polled for changes.
+    #[arg(
+        long,
+        env = "CACHALOT_DESIRED_FILE",
+        default_value = "/etc/cachalot/agent/desired.json"
+    )]
+    pub desired_file: PathBuf,
+    /// containerd certs.d directory as mounted in the agent; the only place hosts.toml is written.
+    #[arg(long, env = "CACHALOT_CERTS_DIR", default_value = "/host/certs.d")]
+    pub certs_dir: PathBuf,
+    /// containerd config.toml (read-only) to check that containerd reads certs.d.
+    #[arg(long, env = "CACHALOT_CONTAINERD_CONFIG")]
+    pub containerd_config: Option<PathBuf>,
+    /// The certs.d path as containerd sees it on the host (e.g. /etc/containerd/certs.d); enables
+    /// the `ConfigPathMismatch` check and is used for reported file paths.
+    #[arg(long, env = "CACHALOT_HOST_CERTS_DIR")]
+    pub host_certs_dir: Option<String>,
+    /// CRI-O `registries.conf.d` directory (as mounted), for runtime `Crio`.
+    #[arg(long, env = "CACHALOT_REGISTRIES_CONF_DIR")]
+    pub registries_conf_dir: Option<PathBuf>,
+    /// Address of the status server (`/status`, `/healthz`, `/readyz`).
+    #[arg(long, env = "CACHALOT_AGENT_LISTEN", default_value = "0.0.0.0:9464")]
+    pub listen: SocketAddr,
+    /// This node's name (from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Time between reconcile rounds (Go duration).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub interval: Duration,
+    /// Upper bound for one `GET /v2/` probe (Go duration).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub probe_timeout: Duration,
+}
+
+/// The agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The status server could not bind.
+    #[error("binding the status server to {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The status server failed.
+    #[error("serving status: {0}")]
+    Serve(std::io::Error),
+    /// The signal handler could not be installed.
+    #[error("installing the SIGTERM handler: {0}")]
+    Signal(std::io::Error),
+    /// The HTTP client for probes could not be built.
+    #[error("building the probe HTTP client: {0}")]
+    ProbeClient(reqwest::Error),
+}
+
+struct Shared {
+    status: watch::Sender<AgentStatus>,
+    ready: AtomicBool,
+}
+
+/// Runs the agent until SIGTERM or Ctrl-C.
+///
+/// # Errors
+/// See [`RunError`]; bad input never ends the agent.
+pub async fn run(args: Args) -> Result<(), RunError> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(RunError::Signal)?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down on signal");
+    };
+    run_until(args, shutdown).await
+}
+
+/// Runs the agent until `shutdown` completes (tests pass their own trigger).
+///
+/// # Errors
+/// See [`RunError`].
+pub async fn run_until(
+    args: Args,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    // reqwest is built without a default crypto provider; a second install is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let initial = AgentStatus {
+        node: args.node_name.clone(),
+        mirror: String::new(),
+        generation: String::new(),
+        ready: false,
+        registries: Vec::new(),
+        containerd: ContainerdStatus::default(),
+        managed_files: Vec::new(),
+        problems: Vec::new(),
+    };
+    let shared = Arc::new(Shared {
+        status: watch::Sender::new(initial),
+        ready: AtomicBool::new(false),
+    });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: args.listen,
+            source,
+        })?;
+    tracing::info!(listen = %args.listen, certs_dir = %args.certs_dir.display(), node = %args.node_name, "node agent started");
+    let app = Router::new()
+        .route("/status", get(status_handler))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready_handler))
+        .with_state(shared.clone());
+    let mut server_stop = stop_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = server_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let looper = Looper::new(args)?;
+    let loop_task = tokio::spawn(looper.run(shared, stop_rx));
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    let _ = loop_task.await;
+    match server.await {
+        Ok(result) => result.map_err(RunError::Serve),
+        Err(join) => Err(RunError::Serve(std::io::Error::other(join))),
+    }
+}
+
+async fn status_handler(State(shared): State<Arc<Shared>>) -> Json<AgentStatus> {
+    Json(shared.status.borrow().clone())
+}
+
+async fn ready_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    if shared.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not applied yet")
+    }
+}
+
+struct Looper {
+    args: Args,
+    roots: Roots,
+    client: reqwest::Client,
+    insecure_client: reqwest::Client,
+    gate: Gate,
+    desired: Option<DesiredState>,
+    last_desired_bytes: Vec<u8>,
+}
+
+impl Looper {
+    fn new(args: Args) -> Result<Self, RunError> {
+        let build = |insecure: bool| {
+            reqwest::Client::builder()
+                .timeout(args.probe_timeout)
+                .connect_timeout(args.probe_timeout)
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .danger_accept_invalid_certs(insecure)
+                .build()
+                .map_err(RunError::ProbeClient)
+        };
+        Ok(Self {
+            roots: Roots {
+                certs_dir: args.certs_dir.clone(),
+                registries_conf_dir: args.registries_conf_dir.clone(),
+            },
+            client: build(false)?,
+            insecure_client: build(true)?,
+            gate: Gate::default(),
+            desired: None,
+            last_desired_bytes: Vec::new(),
+            args,
+        })
+    }
+
+    async fn run(mut self, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(self.args.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let (status, applied) = self.round().await;
+            if applied {
+                shared.ready.store(true, Ordering::Relaxed);
+            }
+            shared.status.send_replace(status);
+        }
+    }
+
+    /// Reads the desired file; returns a problem when it cannot be used (the last good state is
+    /// kept and re-applied).
+    async fn read_desired(&mut self) -> Option<Problem> {
+        let path = &self.args.desired_file;
+        let bytes = match tokio::fs::metadata(path).await {
+            Ok(m) if m.len() > MAX_DESIRED_BYTES => {
+                Err(format!("larger than {MAX_DESIRED_BYTES} bytes"))
+            }
+            Ok(_) => tokio::fs::read(path).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let bytes = match bytes {
+            Ok(b) => b,
+            Err(e) => {
+                return Some(Problem {
+                    reason: Reason::DesiredStateInvalid,
+                    message: format!("reading {}: {e}", path.display()),
+                })
+            }
+        };
+        if bytes == self.last_desired_bytes && self.desired.is_some() {
+            return None;
+        }
+        match serde_json::from_slice::<DesiredState>(&bytes) {
+            Ok(desired) => {
+                if let Err(e) = super::names::validate_mirror(&desired.mirror) {
+                    return Some(Problem {
+                        reason: Reason::DesiredStateInvalid,
+                        message: e.to_string(),
+                    });
+                }
+                if let Err(e) = parse_duration(&desired.unreachable_after) {
+                    return Some(Problem {
+                        reason: Reason::DesiredStateInvalid,
+                        message: format!("unreachableAfter: {e}"),
+                    });
+                }
+                tracing::info!(mirror = %desired.mirror, generation = %desired.generation, removing = desired.removing, "desired state loaded");
+                self.desired = Some(desired);
+                self.last_desired_bytes = bytes;
+                None
+            }
+            Err(e) => Some(Problem {
+                reason: Reason::DesiredStateInvalid,
+                message: format!("parsing {}: {e}", path.display()),
+            }),
+        }
+    }
+
+    async fn probe(&self, desired: &DesiredState) -> Vec<(String, bool)> {
+        let mut probes = Vec::new();
+        for reg in desired.registries.iter() {
+            for endpoint in &reg.endpoints {
+                let base = endpoint.trim_end_matches('/');
+                let url = if reg.override_path {
+                    format!("{base}/")
+                } else {
+                    format!("{base}/v2/")
+                };
+                let client = if reg.skip_verify {
+                    self.insecure_client.clone()
+                } else {
+                    self.client.clone()
+                };
+                let ca_file = reg.ca_file.clone();
+                let timeout = self.args.probe_timeout;
+                let endpoint = endpoint.clone();
+                probes.push(async move {
+                    let client = match ca_file {
+                        Some(ca) => match client_with_ca(&ca, timeout).await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                tracing::warn!(%endpoint, error = %e, "cannot load CA file for probe");
+                                return (endpoint, false);
+                            }
+                        },
+                        None => client,
+                    };
+                    let answered = match client.get(&url).send().await {
+                        Ok(resp) => resp.status().is_success() || resp.status() == reqwest::StatusCode::UNAUTHORIZED,
+                        Err(e) => {
+                            tracing::debug!(%endpoint, error = %e, "probe failed");
+                            false
+                        }
+                    };
+                    (endpoint, answered)
+                });
+            }
+        }
+        futures::future::join_all(probes).await
+    }
+
+    async fn round(&mut self) -> (AgentStatus, bool) {
+        let mut problems: Vec<Problem> = self.read_desired().await.into_iter().collect();
+        let node = self.args.node_name.clone();
+        let Some(desired) = self.desired.clone() else {
+            return (
+                AgentStatus {
+                    node,
+                    mirror: String::new(),
+                    generation: String::new(),
+                    ready: false,
+                    registries: Vec::new(),
+                    containerd: self.containerd_status(Runtime::Containerd).await,
+                    managed_files: Vec::new(),
+                    problems,
+                },
+                false,
+            );
+        };
+        let unreachable_after =
+            parse_duration(&desired.unreachable_after).unwrap_or(Duration::from_secs(30));
+        let wanted: BTreeSet<String> = if desired.removing {
+            BTreeSet::new()
+        } else {
+            desired
+                .registries
+                .iter()
+                .flat_map(|r| r.endpoints.clone())
+                .collect()
+        };
+        self.gate.retain(&wanted);
+        if !desired.removing {
+            let now = Instant::now();
+            for (endpoint, answered) in self.probe(&desired).await {
+                if self
+                    .gate
+                    .observe(&endpoint, answered, now, unreachable_after)
+                {
+                    tracing::info!(%endpoint, live = answered, "endpoint liveness changed");
+                }
+            }
+        }
+        let live = self.gate.live_set();
+        let roots = self.roots.clone();
+        let desired_for_io = desired.clone();
+        let io = tokio::task::spawn_blocking(move || {
+            let observed = scan(&roots, &desired_for_io.mirror)?;
+            let plan = reconcile_node(&desired_for_io, &observed, &live);
+            let mut failures = Vec::new();
+            for action in &plan.actions {
+                match execute(&roots, action) {
+                    Ok(()) => tracing::info!(?action, "applied"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "action failed");
+                        failures.push(e.to_string());
+                    }
+                }
+            }
+            let after = scan(&roots, &desired_for_io.mirror)?;
+            Ok::<_, super::apply::ScanError>((
+                plan,
+                failures,
+                managed_files(&after, &desired_for_io.mirror),
+            ))
+        })
+        .await;
+        let (registries, managed, applied) = match io {
+            Ok(Ok((plan, failures, managed))) => {
+                for message in &failures {
+                    problems.push(Problem {
+                        reason: Reason::WriteFailed,
+                        message: message.clone(),
+                    });
+                }
+                (plan.registries, managed, true)
+            }
+            Ok(Err(e)) => {
+                problems.push(Problem {
+                    reason: Reason::WriteFailed,
+                    message: e.to_string(),
+                });
+                (Vec::new(), Vec::new(), false)
+            }
+            Err(e) => {
+                problems.push(Problem {
+                    reason: Reason::WriteFailed,
+                    message: format!("apply task: {e}"),
+                });
+                (Vec::new(), Vec::new(), false)
+            }
+        };
+        let containerd = self.containerd_status(desired.runtime).await;
+        let managed_files = managed
+            .into_iter()
+            .map(|rel| self.display_path(desired.runtime, &rel))
+            .collect();
+        let ready = applied
+            && problems.is_empty()
+            && !desired.removing
+            && registries
+                .iter()
+                .all(|r| r.state == RegistryState::Configured)
+            && !containerd
+                .problems
+                .iter()
+                .any(|p| is_blocking(p, containerd.config_version));
+        let status = AgentStatus {
+            node,
+            mirror: desired.mirror.clone(),
+            generation: if applied {
+                desired.generation.clone()
+            } else {
+                String::new()
+            },
+            ready,
+            registries,
+            containerd,
+            managed_files,
+            problems,
+        };
+        (status, applied)
+    }
+
+    fn display_path(&self, runtime: Runtime, rel: &str) -> String {
+        let crio = rel.ends_with(".conf") && !rel.contains('/');
+        match (
+            crio,
+            runtime,
+            &self.args.registries_conf_dir,
+            &self.args.host_certs_dir,
+        ) {
+            (true, _, Some(dir), _) => dir.join(rel).display().to_string(),
+            (false, _, _, Some(host)) => format!("{}/{rel}", host.trim_end_matches('/')),
+            _ => self.args.certs_dir.join(rel).display().to_string(),
+        }
+    }
+
+    async fn containerd_status(&self, runtime: Runtime) -> ContainerdStatus {
+        let Some(path) = self
+            .args
+            .containerd_config
+            .as_ref()
+            .filter(|_| runtime == Runtime::Containerd)
+        else {
+            return ContainerdStatus::default();
+        };
+        match tokio::fs::read_to_string(path).await {
+            Ok(text) => check_containerd_config(&text, self.args.host_certs_dir.as_deref()),
+            Err(e) => ContainerdStatus {
+                config_version: None,
+                problems: vec![Problem {
+                    reason: Reason::ContainerdConfigUnreadable,
+                    message: format!("reading {}: {e}", path.display()),
+                }],
+            },
+        }
+    }
+}
+
+async fn client_with_ca(ca_file: &str, timeout: Duration) -> Result<reqwest::Client, String> {
+    let pem = tokio::fs::read(ca_file)
+        .await
+        .map_err(|e| format!("{ca_file}: {e}"))?;
+    let certs =
+        reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{ca_file}: {e}"))?;
+    let mut builder = reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none());
+    for cert in certs {
+        builder = builder.add_root_certificate(cert);
+    }
+    builder.build().map_err(|e| e.to_string())
+}

@@ -1,0 +1,317 @@
+//! The thin file-system side of the agent: scan what is on disk into [`Observed`], and execute a
+//! [`Plan`]'s actions safely.
+//!
+//! Invariants:
+//! - Writes are atomic: a temp file in the same directory, fsync, rename, fsync of the directory.
+//! - Nothing is followed through a symlink: symlinked directories or files are reported as
+//!   [`Existing::Unsafe`] and never written through.
+//! - Before replacing or removing a file the executor re-reads it and refuses if it is no longer
+//!   what the planner saw (an administrator may have edited it in between).
+//! - Only single path components below the given roots are ever joined.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use super::plan::{Action, Existing, Observed, ObservedDir, Root};
+use super::render::{crio_file_name, parse_marker, HOSTS_FILE_NAME, ORIGINAL_FILE_NAME};
+
+/// Files larger than this are not ours and are not read.
+const MAX_FILE_BYTES: u64 = 1024 * 1024;
+/// Bound on the directory entries scanned per round.
+const MAX_DIR_ENTRIES: usize = 4096;
+/// Prefix of our temporary files (dot-files, ignored by containerd and CRI-O).
+const TEMP_PREFIX: &str = ".cachalot-tmp-";
+
+/// The roots the agent may write below.
+#[derive(Debug, Clone)]
+pub struct Roots {
+    /// containerd certs.d (as mounted in the agent).
+    pub certs_dir: PathBuf,
+    /// CRI-O `registries.conf.d`, when the node runs CRI-O.
+    pub registries_conf_dir: Option<PathBuf>,
+}
+
+/// Scanning the node's directories failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// The root directory could not be listed.
+    #[error("listing {path}: {source}")]
+    ListDir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+}
+
+/// Executing one action failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The root directory is not configured (CRI-O action without `--registries-conf-dir`).
+    #[error("no directory configured for {0:?}")]
+    NoRoot(Root),
+    /// A path is a symlink or not a regular file/directory.
+    #[error("{path} is a symlink or not a regular file; refusing to write through it")]
+    Unsafe {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The file changed since it was planned.
+    #[error("{path} changed since it was read; will retry next round")]
+    Changed {
+        /// The path.
+        path: PathBuf,
+    },
+    /// An I/O step failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What we were doing.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ApplyError + 'a {
+    move |source| ApplyError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Reads a regular file without following a symlink; `Ok(None)` when absent.
+fn read_existing(path: &Path) -> Option<Existing> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(Existing::Unsafe(format!("cannot stat: {e}"))),
+    };
+    if meta.file_type().is_symlink() {
+        return Some(Existing::Unsafe("it is a symlink".into()));
+    }
+    if !meta.is_file() {
+        return Some(Existing::Unsafe("it is not a regular file".into()));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Some(Existing::Unsafe(format!(
+            "it is larger than {MAX_FILE_BYTES} bytes"
+        )));
+    }
+    match fs::read_to_string(path) {
+        Ok(text) => Some(Existing::File(text)),
+        Err(e) => Some(Existing::Unsafe(format!("cannot read: {e}"))),
+    }
+}
+
+/// Scans the certs dir (one level of host namespace directories) and this mirror's CRI-O drop-in.
+///
+/// # Errors
+/// The certs dir cannot be listed (a missing certs dir is not an error: nothing is there).
+pub fn scan(roots: &Roots, mirror: &str) -> Result<Observed, ScanError> {
+    let mut dirs = BTreeMap::new();
+    match fs::read_dir(&roots.certs_dir) {
+        Ok(entries) => {
+            for entry in entries.take(MAX_DIR_ENTRIES) {
+                let entry = entry.map_err(|source| ScanError::ListDir {
+                    path: roots.certs_dir.clone(),
+                    source,
+                })?;
+                let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                if name.starts_with('.') {
+                    continue;
+                }
+                let path = entry.path();
+                let observed = match fs::symlink_metadata(&path) {
+                    Ok(m) if m.file_type().is_symlink() => ObservedDir {
+                        hosts: Some(Existing::Unsafe("the directory is a symlink".into())),
+                        original: None,
+                    },
+                    Ok(m) if m.is_dir() => ObservedDir {
+                        hosts: read_existing(&path.join(HOSTS_FILE_NAME)),
+                        original: match read_existing(&path.join(ORIGINAL_FILE_NAME)) {
+                            Some(Existing::File(text)) => Some(text),
+                            _ => None,
+                        },
+                    },
+                    _ => continue,
+                };
+                dirs.insert(name, observed);
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(ScanError::ListDir {
+                path: roots.certs_dir.clone(),
+                source,
+            })
+        }
+    }
+    let crio_file = match (&roots.registries_conf_dir, crio_file_name(mirror)) {
+        (Some(dir), Ok(file)) => read_existing(&dir.join(file)),
+        _ => None,
+    };
+    Ok(Observed { dirs, crio_file })
+}
+
+/// Relative paths (`<dir>/hosts.toml`, `<dropin>`) of the files on disk carrying our marker.
+#[must_use]
+pub fn managed_files(observed: &Observed, mirror: &str) -> Vec<String> {
+    let is_ours = |e: &Option<Existing>| matches!(e, Some(Existing::File(t)) if parse_marker(t).is_some_and(|m| m.mirror == mirror));
+    let mut files: Vec<String> = observed
+        .dirs
+        .iter()
+        .filter(|(_, d)| is_ours(&d.hosts))
+        .map(|(name, _)| format!("{name}/{HOSTS_FILE_NAME}"))
+        .collect();
+    if is_ours(&observed.crio_file) {
+        if let Ok(name) = crio_file_name(mirror) {
+            files.push(name);
+        }
+    }
+    files.sort();
+    files
+}
+
+fn root_dir(roots: &Roots, root: Root) -> Result<&Path, ApplyError> {
+    match root {
+        Root::CertsDir => Ok(&roots.certs_dir),
+        Root::RegistriesConfDir => roots
+            .registries_conf_dir
+            .as_deref()
+            .ok_or(ApplyError::NoRoot(root)),
+    }
+}
+
+/// Fsyncs a directory so a rename or unlink in it is durable.
+fn sync_dir(dir: &Path) -> Result<(), ApplyError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("syncing directory", dir))
+}
+
+/// Ensures `base/dir` is a real directory (creating it, one level only), refusing symlinks.
+fn ensure_dir(base: &Path, dir: &str) -> Result<PathBuf, ApplyError> {
+    let path = if dir.is_empty() {
+        base.to_path_buf()
+    } else {
+        base.join(dir)
+    };
+    match fs::symlink_metadata(&path) {
+        Ok(m) if m.is_dir() && !m.file_type().is_symlink() => Ok(path),
+        Ok(_) => Err(ApplyError::Unsafe { path }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound && !dir.is_empty() => {
+            fs::create_dir(&path).map_err(io_err("creating directory", &path))?;
+            sync_dir(base)?;
+            Ok(path)
+        }
+        Err(source) => Err(ApplyError::Io {
+            action: "inspecting",
+            path,
+            source,
+        }),
+    }
+}
+
+/// Writes `content` to `dir/file` atomically: temp file in `dir`, fsync, rename, fsync `dir`.
+fn write_atomic(dir: &Path, file: &str, content: &str) -> Result<(), ApplyError> {
+    let target = dir.join(file);
+    let temp = dir.join(format!("{TEMP_PREFIX}{file}-{}", std::process::id()));
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&temp)
+            .map_err(io_err("creating temp file", &temp))?;
+        f.write_all(content.as_bytes())
+            .map_err(io_err("writing", &temp))?;
+        f.sync_all().map_err(io_err("fsyncing", &temp))?;
+        fs::rename(&temp, &target).map_err(io_err("renaming into place", &target))?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
+}
+
+/// Refuses when the file at `path` is no longer what the planner saw.
+fn check_unchanged(path: &Path, previous: Option<&str>) -> Result<(), ApplyError> {
+    let now = read_existing(path);
+    let same = match (&now, previous) {
+        (None, None) => true,
+        (Some(Existing::File(text)), Some(prev)) => text == prev,
+        _ => false,
+    };
+    if same {
+        Ok(())
+    } else {
+        Err(ApplyError::Changed {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+/// Executes one planned action.
+///
+/// # Errors
+/// See [`ApplyError`]; the caller reports it and retries on the next round.
+pub fn execute(roots: &Roots, action: &Action) -> Result<(), ApplyError> {
+    match action {
+        Action::Write {
+            root,
+            dir,
+            file,
+            content,
+            previous,
+        } => {
+            let base = root_dir(roots, *root)?;
+            let dir_path = ensure_dir(base, dir)?;
+            check_unchanged(&dir_path.join(file), previous.as_deref())?;
+            write_atomic(&dir_path, file, content)
+        }
+        Action::Remove { root, dir, file } => {
+            let base = root_dir(roots, *root)?;
+            let dir_path = if dir.is_empty() {
+                base.to_path_buf()
+            } else {
+                base.join(dir)
+            };
+            let path = dir_path.join(file);
+            // Only remove what still carries our marker.
+            match read_existing(&path) {
+                Some(Existing::File(text)) if parse_marker(&text).is_some() => {}
+                None => return Ok(()),
+                _ => return Err(ApplyError::Changed { path }),
+            }
+            fs::remove_file(&path).map_err(io_err("removing", &path))?;
+            sync_dir(&dir_path)?;
+            if !dir.is_empty() {
+                // Succeeds only when empty: directories holding anything else (an admin's
+                // certificates) stay.
+                if fs::remove_dir(&dir_path).is_ok() {
+                    sync_dir(base)?;
+                }
+            }
+            Ok(())
+        }
+        Action::RestoreOriginal { dir } => {
+            let dir_path = roots.certs_dir.join(dir);
+            let original = dir_path.join(ORIGINAL_FILE_NAME);
+            let target = dir_path.join(HOSTS_FILE_NAME);
+            match read_existing(&target) {
+                Some(Existing::File(text)) if parse_marker(&text).is_some() => {}
+                _ => return Err(ApplyError::Changed { path: target }),
+            }
+            fs::rename(&original, &target).map_err(io_err("restoring original", &target))?;
+            sync_dir(&dir_path)
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! The pure core of the agent: `reconcile_node(desired, observed, live) -> Plan`.
+//!
+//! Level-triggered: the plan depends only on what is desired, what is on disk and which endpoints
+//! passed the gate, never on what changed. Applying a plan and planning again yields no actions.
+//!
+//! Invariants:
+//! - A file is overwritten or removed only when its first line is our marker for *this* mirror.
+//! - A file without marker is touched only in merge mode, and then its original is preserved
+//!   (written first) and restored when we let go of the registry.
+//! - Paths are built only from names that passed [`super::names::validate_registry`] or came from
+//!   reading the directory itself (single components).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::names::validate_registry;
+use super::protocol::{
+    DesiredRegistry, DesiredState, Fallback, Reason, RegistryState, RegistryStatus, Runtime,
+};
+use super::render::{
+    crio_file_name, parse_marker, render_crio_dropin, render_hosts_toml, validate_registry_entry,
+    RenderError, HOSTS_FILE_NAME, ORIGINAL_FILE_NAME,
+};
+
+/// What is on disk in one host namespace directory (or for the CRI-O drop-in).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Existing {
+    /// A regular file and its text.
+    File(String),
+    /// Something we must not touch or cannot read (symlink, not a regular file, too large,
+    /// unreadable); the string says what.
+    Unsafe(String),
+}
+
+/// One host namespace directory as scanned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObservedDir {
+    /// `hosts.toml`, if present.
+    pub hosts: Option<Existing>,
+    /// The preserved administrator original, if present.
+    pub original: Option<String>,
+}
+
+/// Everything the planner needs to know about the node's files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// Host namespace directories under the certs dir, by directory name.
+    pub dirs: BTreeMap<String, ObservedDir>,
+    /// The CRI-O drop-in of this mirror, if present.
+    pub crio_file: Option<Existing>,
+}
+
+/// Which directory an action applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Root {
+    /// The containerd certs.d directory.
+    CertsDir,
+    /// The CRI-O `registries.conf.d` directory.
+    RegistriesConfDir,
+}
+
+/// One file-system step; executed in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Atomically write `dir/file` (`dir` empty for files directly in the root), creating `dir`.
+    /// `previous` is what the planner saw; the executor refuses if the file changed since.
+    Write {
+        /// Root directory.
+        root: Root,
+        /// Subdirectory (a validated single component) or empty.
+        dir: String,
+        /// File name.
+        file: String,
+        /// New content.
+        content: String,
+        /// Content seen by the planner (`None`: absent).
+        previous: Option<String>,
+    },
+    /// Remove our `dir/file`, then `dir` if it became empty.
+    Remove {
+        /// Root directory.
+        root: Root,
+        /// Subdirectory or empty.
+        dir: String,
+        /// File name.
+        file: String,
+    },
+    /// Atomically put the preserved administrator original back as `dir/hosts.toml`.
+    RestoreOriginal {
+        /// Subdirectory of the certs dir.
+        dir: String,
+    },
+}
+
+/// The outcome of planning.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Steps to execute in order.
+    pub actions: Vec<Action>,
+    /// Per desired registry, in desired order.
+    pub registries: Vec<RegistryStatus>,
+}
+
+fn status(
+    registry: &str,
+    state: RegistryState,
+    reason: Option<Reason>,
+    message: String,
+) -> RegistryStatus {
+    RegistryStatus {
+        registry: registry.to_string(),
+        state,
+        reason,
+        message,
+    }
+}
+
+fn invalid_status(reg: &DesiredRegistry, err: &RenderError) -> RegistryStatus {
+    let reason = match err {
+        RenderError::Name(super::names::ValidateNameError::Registry { .. }) => {
+            Reason::InvalidRegistryName
+        }
+        _ => Reason::InvalidDesiredRegistry,
+    };
+    status(
+        &reg.registry,
+        RegistryState::Blocked,
+        Some(reason),
+        err.to_string(),
+    )
+}
+
+fn live_endpoints(reg: &DesiredRegistry, live: &BTreeSet<String>) -> Vec<String> {
+    reg.endpoints
+        .iter()
+        .filter(|e| live.contains(*e))
+        .cloned()
+        .collect()
+}
+
+/// State of a registry whose file is (or will be) written with `live` endpoints.
+fn written_status(reg: &DesiredRegistry, live: &[String]) -> RegistryStatus {
+    if !live.is_empty() {
+        return status(
+            &reg.registry,
+            RegistryState::Configured,
+            None,
+            format!("through {}", live.join(", ")),
+        );
+    }
+    let message = match reg.fallback {
+        Fallback::Upstream => format!(
+            "no mirror endpoint answers GET /v2/ from this node ({}); pulls go to the upstream",
+            reg.endpoints.join(", ")
+        ),
+        Fallback::Never => format!(
+            "no mirror endpoint answers GET /v2/ from this node ({}); fallback Never keeps them configured",
+            reg.endpoints.join(", ")
+        ),
+    };
+    status(
+        &reg.registry,
+        RegistryState::Unreachable,
+        Some(Reason::MirrorUnreachable),
+        message,
+    )
+}
+
+/// Plans the node's files for `desired`, given what is on disk and which endpoints are live.
+#[must_use]
+pub fn reconcile_node(
+    desired: &DesiredState,
+    observed: &Observed,
+    live: &BTreeSet<String>,
+) -> Plan {
+    match desired.runtime {
+        Runtime::Containerd => plan_containerd(desired, observed, live),
+        Runtime::Crio => {
+            let mut plan = plan_crio(desired, observed, live);
+            // A runtime switch must not leave containerd files of this mirror behind.
+            plan.actions
+                .extend(release_stale_hosts(desired, observed, &BTreeSet::new()));
+            plan
+        }
+    }
+}
+
+fn ours<'a>(desired: &DesiredState, dir: &'a ObservedDir) -> Option<(&'a str, bool)> {
+    match &dir.hosts {
+        Some(Existing::File(text)) => parse_marker(text)
+            .filter(|m| m.mirror == desired.mirror)
+            .map(|m| (text.as_str(), m.merged)),
+        _ => None,
+    }
+}
+
+/// Removes (or restores the original of) our hosts.toml in every directory not in `keep`.
+fn release_stale_hosts(
+    desired: &DesiredState,
+    observed: &Observed,
+    keep: &BTreeSet<&str>,
+) -> Vec<Action> {
+    let mut actions = Vec::new();
+    for (name, dir) in &observed.dirs {
+        if keep.contains(name.as_str()) || validate_registry(name).is_err() {
+            continue;
+        }
+        if let Some((_, merged)) = ours(desired, dir) {
+            if merged && dir.original.is_some() {
+                actions.push(Action::RestoreOriginal { dir: name.clone() });
+            } else {
+                actions.push(Action::Remove {
+                    root: Root::CertsDir,
+                    dir: name.clone(),
+                    file: HOSTS_FILE_NAME.into(),
+                });
+            }
+        }
+    }
+    actions
+}
+
+fn plan_containerd(desired: &DesiredState, observed: &Observed, live: &BTreeSet<String>) -> Plan {
+    let mut plan = Plan::default();
+    let mut keep: BTreeSet<&str> = BTreeSet::new();
+    if desired.removing {
+        plan.actions = release_stale_hosts(desired, observed, &keep);
+        plan.registries = desired
+            .registries
+            .iter()
+            .map(|r| {
+                status(
+                    &r.registry,
+                    RegistryState::Removed,
+                    None,
+                    "mirror is being deleted".into(),
+                )
+            })
+            .collect();
+        return plan;
+    }
+    let mut seen = BTreeSet::new();
+    for reg in &desired.registries {
+        if let Err(err) = validate_registry_entry(reg) {
+            // Keep whatever we wrote before for a valid name: a bad edit must not unconfigure
+            // nodes that work.
+            if validate_registry(&reg.registry).is_ok() {
+                keep.insert(&reg.registry);
+            }
+            plan.registries.push(invalid_status(reg, &err));
+            continue;
+        }
+        if !seen.insert(reg.registry.as_str()) {
+            plan.registries.push(status(
+                &reg.registry,
+                RegistryState::Blocked,
+                Some(Reason::InvalidDesiredRegistry),
+                "registry listed twice; the first entry wins".into(),
+            ));
+            continue;
+        }
+        keep.insert(&reg.registry);
+        let live_eps = live_endpoints(reg, live);
+        let empty = ObservedDir::default();
+        let dir = observed.dirs.get(&reg.registry).unwrap_or(&empty);
+        let previous = match &dir.hosts {
+            Some(Existing::File(text)) => Some(text.clone()),
+            _ => None,
+        };
+        let admin_base: Option<&str> = match &dir.hosts {
+            None => None,
+            Some(Existing::Unsafe(why)) => {
+                plan.registries.push(status(
+                    &reg.registry,
+                    RegistryState::Blocked,
+                    Some(Reason::AdminFileExists),
+                    format!("{}/{HOSTS_FILE_NAME} left untouched: {why}", reg.registry),
+                ));
+                continue;
+            }
+            Some(Existing::File(text)) => match parse_marker(text) {
+                Some(m) if m.mirror == desired.mirror => {
+                    if m.merged {
+                        match &dir.original {
+                            Some(original) => Some(original.as_str()),
+                            None => {
+                                plan.registries.push(status(
+                                    &reg.registry,
+                                    RegistryState::Blocked,
+                                    Some(Reason::AdminFileExists),
+                                    format!("merged file without its preserved {ORIGINAL_FILE_NAME}; left untouched"),
+                                ));
+                                continue;
+                            }
+                        }
+                    } else {
+                        None
+                    }
+                }
+                Some(m) => {
+                    plan.registries.push(status(
+                        &reg.registry,
+                        RegistryState::Blocked,
+                        Some(Reason::AdminFileExists),
+                        format!(
+                            "{}/{HOSTS_FILE_NAME} is managed by mirror {}",
+                            reg.registry, m.mirror
+                        ),
+                    ));
+                    continue;
+                }
+                None if desired.merge_with_admin_file => {
+                    // Preserve the original first: a crash between the two writes leaves the
+                    // admin file in place and the next round redoes both.
+                    plan.actions.push(Action::Write {
+                        root: Root::CertsDir,
+                        dir: reg.registry.clone(),
+                        file: ORIGINAL_FILE_NAME.into(),
+                        content: text.clone(),
+                        previous: dir.original.clone(),
+                    });
+                    Some(text.as_str())
+                }
+                None => {
+                    plan.registries.push(status(
+                        &reg.registry,
+                        RegistryState::Blocked,
+                        Some(Reason::AdminFileExists),
+                        format!(
+                            "{}/{HOSTS_FILE_NAME} exists without the cachalot marker; left untouched \
+                             (set mergeWithAdminFile to merge)",
+                            reg.registry
+                        ),
+                    ));
+                    continue;
+                }
+            },
+        };
+        match render_hosts_toml(&desired.mirror, reg, &live_eps, admin_base) {
+            Ok(content) => {
+                if previous.as_deref() != Some(content.as_str()) {
+                    plan.actions.push(Action::Write {
+                        root: Root::CertsDir,
+                        dir: reg.registry.clone(),
+                        file: HOSTS_FILE_NAME.into(),
+                        content,
+                        previous,
+                    });
+                }
+                plan.registries.push(written_status(reg, &live_eps));
+            }
+            Err(err) => {
+                // A merge that failed must not leave a half-done preservation step queued.
+                plan.actions.retain(|a| !matches!(a, Action::Write { dir, file, .. } if *dir == reg.registry && file == ORIGINAL_FILE_NAME));
+                plan.registries.push(invalid_status(reg, &err));
+            }
+        }
+    }
+    plan.actions
+        .extend(release_stale_hosts(desired, observed, &keep));
+    plan
+}
+
+fn plan_crio(desired: &DesiredState, observed: &Observed, live: &BTreeSet<String>) -> Plan {
+    let mut plan = Plan::default();
+    let file = match crio_file_name(&desired.mirror) {
+        Ok(f) => f,
+        Err(err) => {
+            plan.registries = desired
+                .registries
+                .iter()
+                .map(|r| invalid_status(r, &err))
+                .collect();
+            return plan;
+        }
+    };
+    let (previous, is_ours) = match &observed.crio_file {
+        None => (None, true),
+        Some(Existing::Unsafe(_)) => (None, false),
+        Some(Existing::File(text)) => (
+            Some(text.clone()),
+            parse_marker(text).is_some_and(|m| m.mirror == desired.mirror),
+        ),
+    };
+    if !is_ours {
+        plan.registries = desired
+            .registries
+            .iter()
+            .map(|r| {
+                status(
+                    &r.registry,
+                    RegistryState::Blocked,
+                    Some(Reason::AdminFileExists),
+                    format!("{file} exists without the cachalot marker; left untouched"),
+                )
+            })
+            .collect();
+        return plan;
+    }
+    if desired.removing {
+        if previous.is_some() {
+            plan.actions.push(Action::Remove {
+                root: Root::RegistriesConfDir,
+                dir: String::new(),
+                file,
+            });
+        }
+        plan.registries = desired
+            .registries
+            .iter()
+            .map(|r| {
+                status(
+                    &r.registry,
+                    RegistryState::Removed,
+                    None,
+                    "mirror is being deleted".into(),
+                )
+            })
+            .collect();
+        return plan;
+    }
+    let mut entries = Vec::new();
+    for reg in &desired.registries {
+        match validate_registry_entry(reg) {
+            Ok(()) if reg.registry != super::names::DEFAULT_NAMESPACE => {
+                let live_eps = live_endpoints(reg, live);
+                plan.registries.push(written_status(reg, &live_eps));
+                entries.push((reg, live_eps));
+            }
+            Ok(()) => plan.registries.push(status(
+                &reg.registry,
+                RegistryState::Blocked,
+                Some(Reason::InvalidDesiredRegistry),
+                "CRI-O has no catch-all registry (_default)".into(),
+            )),
+            Err(err) => plan.registries.push(invalid_status(reg, &err)),
+        }
+    }
+    match render_crio_dropin(&desired.mirror, &entries) {
+        Ok(content) if previous.as_deref() != Some(content.as_str()) => {
+            plan.actions.push(Action::Write {
+                root: Root::RegistriesConfDir,
+                dir: String::new(),
+                file,
+                content,
+                previous,
+            });
+        }
+        Ok(_) => {}
+        Err(err) => {
+            for s in &mut plan.registries {
+                s.state = RegistryState::Blocked;
+                s.reason = Some(Reason::InvalidDesiredRegistry);
+                s.message = err.to_string();
+            }
+        }
+    }
+    plan
+}
