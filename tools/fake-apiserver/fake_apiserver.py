@@ -418,6 +418,7 @@ class Store:
     compacted: dict[tuple[str, str, str], int] = field(default_factory=dict)
     applied: dict[tuple[Any, ...], dict[str, Any]] = field(default_factory=dict)
     rv: int = 1
+    services_allocated: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -626,6 +627,8 @@ class FakeApiServer(kmock.KubernetesEmulator):
             meta.pop('generation', None)
         if kind.status_subresource:
             obj.pop('status', None)
+        if kind.key == ('', 'v1', 'services'):
+            self._allocate_service_addresses(obj)
         if kind.key == ('apiextensions.k8s.io', 'v1', 'customresourcedefinitions'):
             obj['status'] = {
                 'acceptedNames': obj.get('spec', {}).get('names', {}),
@@ -638,6 +641,43 @@ class FakeApiServer(kmock.KubernetesEmulator):
                 'storedVersions': [v.get('name') for v in obj.get('spec', {}).get('versions', []) if v.get('storage')],
             }
         return obj
+
+    def _allocate_service_addresses(self, obj: dict[str, Any]) -> None:
+        """Give a new Service a ClusterIP and NodePorts, as kube-apiserver's allocators do."""
+        spec = obj.setdefault('spec', {})
+        svc_type = spec.get('type') or 'ClusterIP'
+        spec['type'] = svc_type
+        if svc_type == 'ExternalName':
+            return
+        if not spec.get('clusterIP'):
+            self.store.services_allocated += 1
+            n = self.store.services_allocated
+            spec['clusterIP'] = f'10.96.{(n // 250) % 250}.{n % 250 + 1}'
+        if spec['clusterIP'] != 'None':
+            spec['clusterIPs'] = [spec['clusterIP']]
+        if svc_type in ('NodePort', 'LoadBalancer'):
+            used = {port.get('nodePort') for objs in [self.store.objects[('', 'v1', 'services')]]
+                    for svc in objs.values() for port in svc.get('spec', {}).get('ports', [])}
+            for port in spec.get('ports', []):
+                if not port.get('nodePort'):
+                    port['nodePort'] = next(p for p in range(30000, 32768) if p not in used)
+                    used.add(port['nodePort'])
+
+    def _keep_service_addresses(self, old: dict[str, Any], new: dict[str, Any]) -> None:
+        """Allocated addresses survive updates that do not mention them (SSA merges ports by key)."""
+        old_spec, spec = old.get('spec', {}), new.setdefault('spec', {})
+        for key in ('clusterIP', 'clusterIPs'):
+            if key in old_spec and not spec.get(key):
+                spec[key] = copy.deepcopy(old_spec[key])
+        old_ports = {(p.get('port'), p.get('protocol', 'TCP')): p for p in old_spec.get('ports', [])}
+        for port in spec.get('ports', []):
+            previous = old_ports.get((port.get('port'), port.get('protocol', 'TCP')))
+            if previous and previous.get('nodePort') and not port.get('nodePort') and \
+                    (spec.get('type') or 'ClusterIP') in ('NodePort', 'LoadBalancer'):
+                port['nodePort'] = previous['nodePort']
+        spec.setdefault('type', old_spec.get('type', 'ClusterIP'))
+        if spec['type'] in ('NodePort', 'LoadBalancer') and any(not p.get('nodePort') for p in spec.get('ports', [])):
+            self._allocate_service_addresses(new)
 
     def _insert(self, kind: Kind, ns: str, obj: dict[str, Any]) -> dict[str, Any]:
         name = obj['metadata']['name']
@@ -689,6 +729,8 @@ class FakeApiServer(kmock.KubernetesEmulator):
                 raise invalid(kind, old_meta['name'], f'metadata.finalizers: Forbidden: no new finalizers can be added if the object is being deleted, found new finalizers {sorted(added)}')
         if not meta.get('finalizers'):
             meta.pop('finalizers', None)
+        if kind.key == ('', 'v1', 'services'):
+            self._keep_service_addresses(old, new)
         if kind.has_generation and spec_part(new) != spec_part(old):
             meta['generation'] = int(old_meta.get('generation', 1)) + 1
         if new == old:
