@@ -22,12 +22,22 @@ fn committed_crd_matches_the_rust_types() {
 fn generated_crd_is_namespaced_with_status_subresource_and_printer_columns() {
     let yaml = render_crd_yaml().unwrap();
     let crd: CustomResourceDefinition = serde_yaml::from_str(&yaml).unwrap();
-    assert_eq!(crd.metadata.name.as_deref(), Some("registrymirrors.cachalot.dev"));
+    assert_eq!(
+        crd.metadata.name.as_deref(),
+        Some("registrymirrors.cachalot.dev")
+    );
     assert_eq!(crd.spec.scope, "Namespaced");
-    assert_eq!(crd.spec.names.short_names, Some(vec!["rmirror".to_string()]));
+    assert_eq!(
+        crd.spec.names.short_names,
+        Some(vec!["rmirror".to_string()])
+    );
     let version = &crd.spec.versions[0];
     assert_eq!(version.name, "v1alpha1");
-    assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some());
+    assert!(version
+        .subresources
+        .as_ref()
+        .and_then(|s| s.status.as_ref())
+        .is_some());
     let columns: Vec<String> = version
         .additional_printer_columns
         .as_ref()
@@ -35,7 +45,10 @@ fn generated_crd_is_namespaced_with_status_subresource_and_printer_columns() {
         .iter()
         .map(|c| c.name.to_uppercase())
         .collect();
-    assert_eq!(columns, ["READY", "ENDPOINT", "NODES", "HIT-RATIO", "BUDGET", "AGE"]);
+    assert_eq!(
+        columns,
+        ["READY", "ENDPOINT", "NODES", "HIT-RATIO", "BUDGET", "AGE"]
+    );
 }
 
 #[test]

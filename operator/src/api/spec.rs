@@ -4,6 +4,9 @@
 //! `#[serde(default = ...)]` functions so the schema, the API server's defaulting and the
 //! operator agree; patterns and CEL rules reject what would otherwise only fail on a node.
 
+// Each `printcolumn(...)` repeats `type_ = "string"`, which clippy mistakes for a duplicate.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
@@ -39,12 +42,41 @@ pub const NODE_PATH_PATTERN: &str = r"^/[A-Za-z0-9._/-]*$";
     status = "RegistryMirrorStatus",
     derive = "PartialEq",
     doc = "A pull-through caching mirror for container registries, and the node configuration that uses it.",
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether the mirror serves pulls on its nodes"),
-    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint", description = "The URL nodes pull through"),
-    printcolumn(name = "Nodes", type_ = "string", json_path = ".status.nodes.summary", description = "Nodes configured / nodes selected"),
-    printcolumn(name = "Hit-Ratio", type_ = "string", json_path = ".status.cache.hitRatio", description = "Share of requests served from the cache"),
-    printcolumn(name = "Budget", type_ = "string", json_path = ".status.budgetSummary", description = "Lowest upstream rate-limit budget remaining/limit"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the mirror serves pulls on its nodes"
+    ),
+    printcolumn(
+        name = "Endpoint",
+        type_ = "string",
+        json_path = ".status.endpoint",
+        description = "The URL nodes pull through"
+    ),
+    printcolumn(
+        name = "Nodes",
+        type_ = "string",
+        json_path = ".status.nodes.summary",
+        description = "Nodes configured / nodes selected"
+    ),
+    printcolumn(
+        name = "Hit-Ratio",
+        type_ = "string",
+        json_path = ".status.cache.hitRatio",
+        description = "Share of requests served from the cache"
+    ),
+    printcolumn(
+        name = "Budget",
+        type_ = "string",
+        json_path = ".status.budgetSummary",
+        description = "Lowest upstream rate-limit budget remaining/limit"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -159,7 +191,10 @@ pub struct MirroredRegistry {
 #[serde(rename_all = "camelCase")]
 pub struct CredentialsSecretRef {
     /// Name of the Secret, in the RegistryMirror's namespace.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
 
     /// The Secret's layout: `Basic` reads the keys `username` and `password`

@@ -43,7 +43,9 @@ pub struct RegistryMirrorStatus {
 }
 
 /// The condition types of a RegistryMirror.
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
 pub enum ConditionType {
     /// The mirror serves pulls: the proxy is available and at least one node is configured.
     Ready,

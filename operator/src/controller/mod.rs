@@ -1,1 +1,604 @@
-//! The reconcile pipeline for `RegistryMirror`: fetch → validate → build (pure) → apply (SSA) → status.
+//! The reconcile pipeline for `RegistryMirror`: fetch → validate → build (pure) → apply (SSA) →
+//! observe → status.
+//!
+//! Invariants:
+//! - Level-triggered: every pass recomputes everything from the object and the world; nothing
+//!   branches on what changed.
+//! - Permanent problems (invalid spec) are written to status and wait for a change
+//!   (`Action::await_change()`); transient ones return an error and are retried with a per-object
+//!   exponential backoff.
+//! - A conflicting mirror applies nothing. A mirror whose spec turns invalid keeps what it last
+//!   applied (nodes keep working) and says so in status.
+//! - Deletion: the finalizer stays until every running node agent reports that it removed this
+//!   mirror's files (or no agent runs, or the `cachalot.dev/skip-node-cleanup: "true"` annotation
+//!   is set); owned objects then go by garbage collection through their owner references.
+//!
+//! Entry points: [`run`] (what `cachalot-operator run` calls once leader, and what tests call
+//! without leader election) and [`reconcile_mirror`] (one pass, used by mocked-API tests).
+
+pub mod apply;
+pub mod build;
+pub mod conflict;
+pub mod observe;
+pub mod status;
+pub mod validate;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use tracing::{debug, info, warn};
+
+use crate::api::{RegistryMirror, CRD_NAME};
+use crate::metrics::Metrics;
+use apply::{apply, delete_if_exists, get_opt, has_finalizer, set_finalizer, ApplyError};
+use build::{
+    agent_name, build_agent, build_registry, node_endpoint, registry_config_name, registry_name,
+    selector_string, BuildConfig, BuildError, Workload, AGENT_PORT, REGISTRY_PORT,
+};
+use observe::{
+    list_component_pods, probe_agents, probe_registries, HttpProbe, Observations, ObserveError,
+    Probe,
+};
+use status::{compute_status, transitions, write_status, Outcome, StatusError};
+use validate::{validate, Exposure, Validated};
+
+/// Annotation that lets a stuck deletion proceed without node cleanup (nodes gone for good).
+pub const SKIP_CLEANUP_ANNOTATION: &str = "cachalot.dev/skip-node-cleanup";
+/// Name the operator reports Events under.
+pub const CONTROLLER_NAME: &str = "cachalot-operator";
+
+/// Settings of the controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerConfig {
+    /// Default image of registry and agent pods.
+    pub image: String,
+    /// Period of the status refresh (stats, nodes) for a healthy mirror.
+    pub requeue_after: Duration,
+    /// Period while waiting for nodes to clean up on deletion.
+    pub cleanup_requeue_after: Duration,
+    /// Timeout of each `/stats` and `/status` probe.
+    pub probe_timeout: Duration,
+    /// Watch only this namespace (all namespaces when `None`).
+    pub namespace: Option<String>,
+    /// This replica's identity in Events (`reportingInstance`), e.g. the pod name.
+    pub instance: Option<String>,
+}
+
+impl ControllerConfig {
+    /// Defaults with the given image.
+    #[must_use]
+    pub fn new(image: impl Into<String>) -> Self {
+        Self {
+            image: image.into(),
+            requeue_after: Duration::from_secs(60),
+            cleanup_requeue_after: Duration::from_secs(5),
+            probe_timeout: Duration::from_secs(2),
+            namespace: None,
+            instance: None,
+        }
+    }
+}
+
+/// Failure of one reconcile pass; every variant is transient and retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// Building objects failed.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// Writing objects failed.
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    /// Listing pods failed.
+    #[error(transparent)]
+    Observe(#[from] ObserveError),
+    /// Writing status failed.
+    #[error(transparent)]
+    Status(#[from] StatusError),
+    /// The object has no namespace (it is namespaced, so the API never sends that).
+    #[error("RegistryMirror {0} has no namespace")]
+    MissingNamespace(String),
+}
+
+impl ReconcileError {
+    /// The static category used in metrics labels and Event reasons.
+    #[must_use]
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::Build(e) => e.category(),
+            Self::Apply(e) => e.category(),
+            Self::Observe(e) => e.category(),
+            Self::Status(e) => e.category(),
+            Self::MissingNamespace(_) => "MissingNamespace",
+        }
+    }
+}
+
+/// Failure to start or run the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The CRD is not installed.
+    #[error(
+        "the CustomResourceDefinition {CRD_NAME} is not installed; install it with \
+         `kubectl apply -f crds/registrymirrors.cachalot.dev.yaml` or the Helm chart \
+         (crds.enabled=true); the operator never installs CRDs itself"
+    )]
+    CrdMissing,
+    /// The CRD could not be read.
+    #[error("cannot check for the CustomResourceDefinition {CRD_NAME}: {0}")]
+    CrdCheck(#[source] kube::Error),
+    /// The HTTP probe client could not be built.
+    #[error("cannot build the HTTP client for stats probes: {0}")]
+    ProbeClient(#[source] reqwest::Error),
+}
+
+/// Shared state of the reconciler.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Build settings.
+    pub build: BuildConfig,
+    /// Controller settings.
+    pub config: ControllerConfig,
+    /// HTTP probes of registry pods and agents.
+    pub probe: Arc<dyn Probe>,
+    /// Every RegistryMirror (the controller's reflector), for conflict detection.
+    pub mirrors: Store<RegistryMirror>,
+    /// Event publisher.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per object, for the backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// A context; `mirrors` is the store conflicts are checked against.
+    #[must_use]
+    pub fn new(
+        client: Client,
+        config: ControllerConfig,
+        probe: Arc<dyn Probe>,
+        mirrors: Store<RegistryMirror>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: CONTROLLER_NAME.to_string(),
+                instance: config.instance.clone(),
+            },
+        );
+        Self {
+            build: BuildConfig {
+                image: config.image.clone(),
+            },
+            client,
+            config,
+            probe,
+            mirrors,
+            recorder,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn note_failure(&self, key: &str) -> u32 {
+        let Ok(mut map) = self.failures.lock() else {
+            return 1;
+        };
+        let n = map.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn note_success(&self, key: &str) {
+        if let Ok(mut map) = self.failures.lock() {
+            map.remove(key);
+        }
+    }
+}
+
+/// Backoff after `failures` consecutive failures: 5 s doubling, capped at 5 min.
+#[must_use]
+pub fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(6);
+    Duration::from_secs(5u64 << exp).min(Duration::from_secs(300))
+}
+
+fn object_key(mirror: &RegistryMirror) -> String {
+    format!(
+        "{}/{}",
+        mirror.namespace().unwrap_or_default(),
+        mirror.name_any()
+    )
+}
+
+/// Fails with a clear message when the CRD is not installed.
+///
+/// # Errors
+/// [`RunError::CrdMissing`] or [`RunError::CrdCheck`].
+pub async fn ensure_crd_installed(client: &Client) -> Result<(), RunError> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    match crds.get_opt(CRD_NAME).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(RunError::CrdMissing),
+        Err(e) => Err(RunError::CrdCheck(e)),
+    }
+}
+
+/// Runs the RegistryMirror controller until `shutdown` completes, without leader election
+/// (the caller decides whether this replica leads). Builds the HTTP probe and fresh metrics.
+///
+/// # Errors
+/// [`RunError`] when the probe client cannot be built.
+pub async fn run(
+    client: Client,
+    config: ControllerConfig,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), RunError> {
+    let probe: Arc<dyn Probe> =
+        Arc::new(HttpProbe::new(config.probe_timeout).map_err(RunError::ProbeClient)?);
+    run_with(client, config, probe, Arc::new(Metrics::new()), shutdown).await;
+    Ok(())
+}
+
+fn api_for<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Like [`run`], with the probe and metrics supplied by the caller.
+pub async fn run_with(
+    client: Client,
+    config: ControllerConfig,
+    probe: Arc<dyn Probe>,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let ns = config.namespace.clone();
+    let mirrors: Api<RegistryMirror> = api_for(&client, ns.as_deref());
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=cachalot-operator");
+    let controller = Controller::new(mirrors, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    let ctx = Arc::new(Context::new(client.clone(), config, probe, store, metrics));
+    info!(
+        namespace = ns.as_deref().unwrap_or("*"),
+        "starting RegistryMirror controller"
+    );
+    controller
+        .owns(api_for::<Deployment>(&client, ns.as_deref()), owned.clone())
+        .owns(
+            api_for::<StatefulSet>(&client, ns.as_deref()),
+            owned.clone(),
+        )
+        .owns(api_for::<DaemonSet>(&client, ns.as_deref()), owned.clone())
+        .owns(api_for::<Service>(&client, ns.as_deref()), owned.clone())
+        .owns(api_for::<ConfigMap>(&client, ns.as_deref()), owned)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => debug!(mirror = %obj, "reconciled"),
+                Err(error) => debug!(%error, "reconcile stream error"),
+            }
+        })
+        .await;
+    info!("RegistryMirror controller stopped");
+}
+
+async fn reconcile(
+    mirror: Arc<RegistryMirror>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    let started = Instant::now();
+    let result = reconcile_mirror(&mirror, &ctx).await;
+    ctx.metrics.observe_reconcile(
+        started.elapsed(),
+        result.as_ref().err().map(ReconcileError::category),
+    );
+    if result.is_ok() {
+        ctx.note_success(&object_key(&mirror));
+    }
+    result
+}
+
+fn error_policy(mirror: Arc<RegistryMirror>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
+    let key = object_key(&mirror);
+    let failures = ctx.note_failure(&key);
+    let delay = backoff(failures);
+    warn!(mirror = %key, category = error.category(), %error, failures, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+async fn publish(
+    ctx: &Context,
+    mirror: &RegistryMirror,
+    warning: bool,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.to_string(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".to_string(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &mirror.object_ref(&())).await {
+        // Events are best effort: a refused Event must not fail the reconcile.
+        warn!(mirror = %object_key(mirror), %error, "cannot publish event");
+    }
+}
+
+async fn finish_status(
+    ctx: &Context,
+    api: &Api<RegistryMirror>,
+    mirror: &RegistryMirror,
+    outcome: &Outcome,
+) -> Result<(), ReconcileError> {
+    let next = compute_status(mirror, outcome, &now());
+    let events = transitions(mirror.status.as_ref(), &next);
+    write_status(api, mirror, &next).await?;
+    for t in events {
+        publish(ctx, mirror, t.warning, &t.reason, t.note).await;
+    }
+    Ok(())
+}
+
+/// One reconcile pass for one mirror.
+///
+/// # Errors
+/// [`ReconcileError`] for transient failures (the caller retries with backoff).
+pub async fn reconcile_mirror(
+    mirror: &RegistryMirror,
+    ctx: &Context,
+) -> Result<Action, ReconcileError> {
+    let namespace = mirror
+        .namespace()
+        .ok_or_else(|| ReconcileError::MissingNamespace(mirror.name_any()))?;
+    let api: Api<RegistryMirror> = Api::namespaced(ctx.client.clone(), &namespace);
+    if mirror.metadata.deletion_timestamp.is_some() {
+        return cleanup(mirror, ctx, &api, &namespace).await;
+    }
+    let mirror = if has_finalizer(mirror) {
+        mirror.clone()
+    } else {
+        set_finalizer(&api, mirror, true).await?
+    };
+    let v = match validate(&mirror) {
+        Ok(v) => v,
+        Err(error) => {
+            info!(mirror = %object_key(&mirror), %error, "invalid spec");
+            let outcome = Outcome::Invalid {
+                message: error.to_string(),
+            };
+            finish_status(ctx, &api, &mirror, &outcome).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let others = ctx.mirrors.state();
+    if let Some(conflict) = conflict::find_conflict(&mirror, others.iter().map(AsRef::as_ref)) {
+        info!(mirror = %object_key(&mirror), winner = %conflict.winner, "conflict");
+        finish_status(ctx, &api, &mirror, &Outcome::Conflicting(conflict)).await?;
+        // The winner changing or going away does not trigger this object; look again later.
+        return Ok(Action::requeue(ctx.config.requeue_after));
+    }
+
+    let registry = build_registry(&mirror, &v, &ctx.build)?;
+    let external = registry.is_none();
+    let (service, ready_replicas) = apply_registry(ctx, &namespace, &v, registry).await?;
+    let endpoint = node_endpoint(&v, service.as_ref());
+    let agent = build_agent(&mirror, &v, &ctx.build, endpoint.as_deref(), false)?;
+    apply(&ctx.client, &agent.config_map).await?;
+    let daemon_set = apply(&ctx.client, &agent.daemon_set).await?;
+    let desired_nodes = daemon_set
+        .status
+        .as_ref()
+        .map_or(0, |s| s.desired_number_scheduled);
+
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let registry_pods = if external {
+        Vec::new()
+    } else {
+        let listed = list_component_pods(
+            &pods,
+            &namespace,
+            &selector_string(&v.name, "registry"),
+            "registry",
+        )
+        .await?;
+        probe_registries(&ctx.probe, listed, REGISTRY_PORT).await
+    };
+    let agent_pods = list_component_pods(
+        &pods,
+        &namespace,
+        &selector_string(&v.name, "node-agent"),
+        "node-agent",
+    )
+    .await?;
+    let agents = probe_agents(&ctx.probe, agent_pods, AGENT_PORT).await;
+    let reserves: BTreeMap<String, u64> = mirror
+        .spec
+        .registries
+        .iter()
+        .map(|r| {
+            (
+                r.name.clone(),
+                r.budget_reserve
+                    .and_then(|x| u64::try_from(x).ok())
+                    .unwrap_or(0),
+            )
+        })
+        .collect();
+    let outcome = Outcome::Running {
+        endpoint,
+        external,
+        desired_generation: agent.desired.generation.clone(),
+        reserves,
+        observations: Observations {
+            registry_pods,
+            ready_replicas,
+            desired_nodes,
+            agents,
+        },
+    };
+    finish_status(ctx, &api, &mirror, &outcome).await?;
+    Ok(Action::requeue(ctx.config.requeue_after))
+}
+
+/// Applies the registry side and removes what the spec no longer wants. Returns the applied
+/// Service (for the endpoint) and the ready replicas of the workload.
+async fn apply_registry(
+    ctx: &Context,
+    namespace: &str,
+    v: &Validated,
+    registry: Option<build::RegistryObjects>,
+) -> Result<(Option<Service>, i32), ReconcileError> {
+    let client = &ctx.client;
+    let name = registry_name(&v.name);
+    let Some(objects) = registry else {
+        delete_if_exists::<Deployment>(client, namespace, &name).await?;
+        delete_if_exists::<StatefulSet>(client, namespace, &name).await?;
+        delete_if_exists::<PodDisruptionBudget>(client, namespace, &name).await?;
+        delete_if_exists::<Service>(client, namespace, &name).await?;
+        delete_if_exists::<ConfigMap>(client, namespace, &registry_config_name(&v.name)).await?;
+        return Ok((None, 0));
+    };
+    apply(client, &objects.config_map).await?;
+    let ready = match &objects.workload {
+        Workload::Deployment(d) => {
+            let applied = apply(client, d.as_ref()).await?;
+            delete_if_exists::<StatefulSet>(client, namespace, &name).await?;
+            applied.status.and_then(|s| s.ready_replicas).unwrap_or(0)
+        }
+        Workload::StatefulSet(s) => {
+            let applied = apply(client, s.as_ref()).await?;
+            delete_if_exists::<Deployment>(client, namespace, &name).await?;
+            applied.status.and_then(|s| s.ready_replicas).unwrap_or(0)
+        }
+    };
+    let service = apply(client, &objects.service).await?;
+    match &objects.pdb {
+        Some(pdb) => {
+            apply(client, pdb).await?;
+        }
+        None => delete_if_exists::<PodDisruptionBudget>(client, namespace, &name).await?,
+    }
+    Ok((Some(service), ready))
+}
+
+/// The identity part of a mirror, enough to address its agents even when the spec is invalid.
+fn identity(mirror: &RegistryMirror, namespace: &str) -> Validated {
+    Validated {
+        namespace: namespace.to_string(),
+        name: mirror.name_any(),
+        uid: mirror.uid().unwrap_or_default(),
+        registries: Vec::new(),
+        default_registry: String::new(),
+        max_size_bytes: 0,
+        exposure: Exposure::ClusterIp,
+    }
+}
+
+async fn cleanup(
+    mirror: &RegistryMirror,
+    ctx: &Context,
+    api: &Api<RegistryMirror>,
+    namespace: &str,
+) -> Result<Action, ReconcileError> {
+    if !has_finalizer(mirror) {
+        return Ok(Action::await_change());
+    }
+    let key = object_key(mirror);
+    let skip = mirror
+        .annotations()
+        .get(SKIP_CLEANUP_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    let daemon_set: Option<DaemonSet> =
+        get_opt(&ctx.client, namespace, &agent_name(&mirror.name_any())).await?;
+    if daemon_set.is_none() || skip {
+        let why = if skip {
+            format!("{SKIP_CLEANUP_ANNOTATION} is set; node files were not checked")
+        } else {
+            "no node agent runs for this mirror".to_string()
+        };
+        set_finalizer(api, mirror, false).await?;
+        info!(mirror = %key, reason = %why, "finalizer removed");
+        publish(ctx, mirror, skip, "FinalizerRemoved", why).await;
+        return Ok(Action::await_change());
+    }
+    let v = identity(mirror, namespace);
+    let agent = build_agent(mirror, &v, &ctx.build, None, true)?;
+    apply(&ctx.client, &agent.config_map).await?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let listed = list_component_pods(
+        &pods,
+        namespace,
+        &selector_string(&v.name, "node-agent"),
+        "node-agent",
+    )
+    .await?;
+    let agents = probe_agents(&ctx.probe, listed, AGENT_PORT).await;
+    let total = agents.len();
+    let pending: Vec<String> = agents
+        .into_iter()
+        .filter(|a| match &a.status {
+            Ok(s) => s.generation != agent.desired.generation || !s.managed_files.is_empty(),
+            Err(_) => true,
+        })
+        .map(|a| a.node)
+        .collect();
+    if pending.is_empty() {
+        set_finalizer(api, mirror, false).await?;
+        info!(mirror = %key, nodes = total, "node files removed; finalizer removed");
+        publish(
+            ctx,
+            mirror,
+            false,
+            "NodeFilesRemoved",
+            format!("{total} node(s) removed this mirror's files"),
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
+    finish_status(ctx, api, mirror, &Outcome::Removing { pending, total }).await?;
+    Ok(Action::requeue(ctx.config.cleanup_requeue_after))
+}

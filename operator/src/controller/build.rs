@@ -1,0 +1,870 @@
+//! Build stage: turns a validated `RegistryMirror` into the Kubernetes objects it owns.
+//!
+//! Invariants:
+//! - Pure: no client, no clock, no randomness; the same input gives byte-identical objects, so
+//!   server-side apply of an unchanged mirror is a no-op.
+//! - Every object carries the mirror's labels and a controller owner reference, so garbage
+//!   collection removes it with the mirror.
+//! - Credentials never enter a ConfigMap: the registry config holds only paths of files from
+//!   mounted Secrets.
+//! - Registry pods run non-root, read-only root filesystem, no capabilities, seccomp
+//!   RuntimeDefault, writable volumes only for the cache and `/tmp`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use cachalot_registry::config::{
+    Config as RegistryConfigFile, Credentials, FreshnessRule as RegistryFreshness, LogConfig,
+    LogFormat, ParentConfig, RegistryConfig, StorageConfig,
+};
+use k8s_openapi::api::apps::v1::{
+    DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, Deployment, DeploymentSpec,
+    RollingUpdateDaemonSet, StatefulSet, StatefulSetSpec,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use sha2::{Digest, Sha256};
+
+use super::validate::{Exposure, Validated};
+use crate::api::{CredentialsKind, FallbackPolicy, NodeRuntime, RegistryMirror, StorageKind};
+use crate::node_agent::protocol::{self, DesiredRegistry, DesiredState};
+
+/// Port the registry listens on inside its pod and on its Service.
+pub const REGISTRY_PORT: i32 = 5000;
+/// Port the node agent serves `/status` on (hostNetwork, so on the node's IP).
+pub const AGENT_PORT: i32 = 9464;
+/// Key of the registry config in its ConfigMap.
+pub const CONFIG_KEY: &str = "config.yaml";
+/// Key of the agent's desired state in its ConfigMap.
+pub const DESIRED_KEY: &str = "desired.json";
+/// Label naming the owning mirror on every object and pod.
+pub const MIRROR_LABEL: &str = "cachalot.dev/mirror";
+/// Standard component label: `registry` or `node-agent`.
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// Pod template annotation carrying the config hash, so a config change rolls the pods.
+pub const CONFIG_HASH_ANNOTATION: &str = "cachalot.dev/config-hash";
+
+const CONFIG_DIR: &str = "/etc/cachalot/config";
+const CREDENTIALS_DIR: &str = "/etc/cachalot/credentials";
+const STORAGE_DIR: &str = "/var/lib/cachalot";
+const AGENT_DESIRED_DIR: &str = "/etc/cachalot/agent";
+const HOST_CERTS_DIR: &str = "/host/certs.d";
+const HOST_CONTAINERD_DIR: &str = "/host/containerd";
+const HOST_REGISTRIES_CONF_DIR: &str = "/host/registries.conf.d";
+/// UID/GID of the registry process (the image's non-root user).
+const REGISTRY_UID: i64 = 65532;
+
+/// Failure to build the owned objects: the spec passed validation yet produced something the
+/// registry or the API would refuse, which is a bug or a gap in validation.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The rendered registry config does not pass the registry's own validation.
+    #[error("rendered registry config is invalid: {0}")]
+    RegistryConfig(#[source] cachalot_registry::config::ConfigError),
+    /// Serialising the registry config or desired state failed.
+    #[error("cannot serialise {what}: {message}")]
+    Serialize {
+        /// What was being serialised.
+        what: &'static str,
+        /// The serialiser's message.
+        message: String,
+    },
+}
+
+impl BuildError {
+    /// The static category used in metrics labels and Event reasons.
+    #[must_use]
+    pub fn category(&self) -> &'static str {
+        "BuildFailed"
+    }
+}
+
+/// Settings of the operator that shape every mirror's objects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildConfig {
+    /// Default image of the registry and agent pods (`--image`).
+    pub image: String,
+}
+
+/// The registry side of a mirror. Absent for `service.type: External`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistryObjects {
+    /// The registry config (`config.yaml`).
+    pub config_map: ConfigMap,
+    /// Deployment (emptyDir storage) or StatefulSet (PVC storage).
+    pub workload: Workload,
+    /// ClusterIP or NodePort Service.
+    pub service: Service,
+    /// Present when replicas > 1.
+    pub pdb: Option<PodDisruptionBudget>,
+}
+
+/// The registry workload kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Workload {
+    /// emptyDir cache.
+    Deployment(Box<Deployment>),
+    /// One PVC per pod.
+    StatefulSet(Box<StatefulSet>),
+}
+
+/// The node side of a mirror.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentObjects {
+    /// The desired state as the agent reads it.
+    pub desired: DesiredState,
+    /// ConfigMap holding `desired.json`.
+    pub config_map: ConfigMap,
+    /// The agent DaemonSet.
+    pub daemon_set: DaemonSet,
+}
+
+/// Name of the registry Deployment/StatefulSet, Service and PDB.
+#[must_use]
+pub fn registry_name(mirror: &str) -> String {
+    format!("cachalot-{mirror}")
+}
+/// Name of the registry config ConfigMap.
+#[must_use]
+pub fn registry_config_name(mirror: &str) -> String {
+    format!("cachalot-{mirror}-config")
+}
+/// Name of the agent DaemonSet and its desired-state ConfigMap.
+#[must_use]
+pub fn agent_name(mirror: &str) -> String {
+    format!("cachalot-{mirror}-agent")
+}
+
+/// Labels selecting one component's pods of one mirror (also the immutable selector).
+#[must_use]
+pub fn selector_labels(mirror: &str, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), "cachalot".to_string()),
+        ("app.kubernetes.io/instance".to_string(), mirror.to_string()),
+        (COMPONENT_LABEL.to_string(), component.to_string()),
+    ])
+}
+
+/// The label selector string for listing one component's pods, e.g. for `/stats` scraping.
+#[must_use]
+pub fn selector_string(mirror: &str, component: &str) -> String {
+    selector_labels(mirror, component)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn object_labels(mirror: &str, component: &str) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(mirror, component);
+    labels.insert(
+        "app.kubernetes.io/managed-by".to_string(),
+        "cachalot-operator".to_string(),
+    );
+    labels.insert(MIRROR_LABEL.to_string(), mirror.to_string());
+    labels
+}
+
+fn owner_reference(v: &Validated) -> OwnerReference {
+    OwnerReference {
+        api_version: RegistryMirror::api_version(&()).into_owned(),
+        kind: RegistryMirror::kind(&()).into_owned(),
+        name: v.name.clone(),
+        uid: v.uid.clone(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+fn meta(v: &Validated, name: String, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(v.namespace.clone()),
+        labels: Some(object_labels(&v.name, component)),
+        owner_references: Some(vec![owner_reference(v)]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn short_hash(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    hex::encode(&digest[..8])
+}
+
+/// Directory under which one registry's credentials Secret is mounted (`:` of a port is kept
+/// out of paths).
+#[must_use]
+pub fn credentials_dir(registry: &str) -> String {
+    format!("{CREDENTIALS_DIR}/{}", registry.replace(':', "_"))
+}
+
+/// Renders the registry configuration for a validated mirror.
+///
+/// # Errors
+/// [`BuildError::RegistryConfig`] when the registry's own validation refuses the result.
+pub fn registry_config(
+    mirror: &RegistryMirror,
+    v: &Validated,
+) -> Result<RegistryConfigFile, BuildError> {
+    let mut registries = BTreeMap::new();
+    for (spec_reg, valid) in mirror.spec.registries.iter().zip(&v.registries) {
+        let credentials = spec_reg.credentials_secret.as_ref().map(|secret| {
+            let dir = credentials_dir(&valid.name);
+            match secret.kind {
+                CredentialsKind::Basic => Credentials {
+                    username_file: Some(PathBuf::from(format!("{dir}/username"))),
+                    password_file: Some(PathBuf::from(format!("{dir}/password"))),
+                    docker_config_file: None,
+                },
+                CredentialsKind::DockerConfigJson => Credentials {
+                    username_file: None,
+                    password_file: None,
+                    docker_config_file: Some(PathBuf::from(format!("{dir}/.dockerconfigjson"))),
+                },
+            }
+        });
+        let freshness = valid
+            .freshness
+            .iter()
+            .map(|f| RegistryFreshness {
+                pattern: f.pattern.clone(),
+                repository: None,
+                max_age: f.max_age,
+                immutable: f.immutable,
+            })
+            .collect();
+        registries.insert(
+            valid.name.clone(),
+            RegistryConfig {
+                url: Some(valid.url.clone()),
+                credentials,
+                freshness,
+                budget_reserve: spec_reg
+                    .budget_reserve
+                    .and_then(|r| u64::try_from(r).ok())
+                    .unwrap_or(0),
+                ..RegistryConfig::default()
+            },
+        );
+    }
+    let config = RegistryConfigFile {
+        listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+        default_registry: v.default_registry.clone(),
+        storage: StorageConfig {
+            path: PathBuf::from(STORAGE_DIR),
+            max_size_bytes: Some(v.max_size_bytes),
+        },
+        parent: mirror.spec.parent.as_ref().map(|p| ParentConfig {
+            url: p.url.trim_end_matches('/').to_string(),
+            ca_file: None,
+            insecure_skip_verify: false,
+        }),
+        registries,
+        log: LogConfig {
+            format: LogFormat::Json,
+            level: None,
+        },
+        ..RegistryConfigFile::default()
+    };
+    config.validate().map_err(BuildError::RegistryConfig)?;
+    Ok(config)
+}
+
+/// Builds the registry side: ConfigMap, workload, Service and PDB. `None` for an external
+/// endpoint, where nothing runs in the cluster.
+///
+/// # Errors
+/// [`BuildError`] when the registry config cannot be rendered.
+pub fn build_registry(
+    mirror: &RegistryMirror,
+    v: &Validated,
+    cfg: &BuildConfig,
+) -> Result<Option<RegistryObjects>, BuildError> {
+    if matches!(v.exposure, Exposure::External(_)) {
+        return Ok(None);
+    }
+    let config = registry_config(mirror, v)?;
+    let config_yaml = serde_yaml::to_string(&config).map_err(|e| BuildError::Serialize {
+        what: "registry config",
+        message: e.to_string(),
+    })?;
+    let config_map = ConfigMap {
+        metadata: meta(v, registry_config_name(&v.name), "registry"),
+        data: Some(BTreeMap::from([(
+            CONFIG_KEY.to_string(),
+            config_yaml.clone(),
+        )])),
+        ..ConfigMap::default()
+    };
+    let spec = &mirror.spec;
+    let image = spec.image.clone().unwrap_or_else(|| cfg.image.clone());
+    let mut hash_input = config_yaml.into_bytes();
+    hash_input.extend(image.as_bytes());
+    let pod_template = registry_pod_template(mirror, v, image, &short_hash(&hash_input));
+    let selector = LabelSelector {
+        match_labels: Some(selector_labels(&v.name, "registry")),
+        ..LabelSelector::default()
+    };
+    let workload = match spec.storage.kind {
+        StorageKind::EmptyDir => Workload::Deployment(Box::new(Deployment {
+            metadata: meta(v, registry_name(&v.name), "registry"),
+            spec: DeploymentSpec {
+                replicas: Some(spec.replicas),
+                selector,
+                template: pod_template,
+                revision_history_limit: Some(3),
+                ..DeploymentSpec::default()
+            },
+            ..Deployment::default()
+        })),
+        StorageKind::PersistentVolumeClaim => {
+            let mut requests = BTreeMap::new();
+            if let Some(size) = &spec.storage.size {
+                requests.insert("storage".to_string(), size.clone());
+            }
+            Workload::StatefulSet(Box::new(StatefulSet {
+                metadata: meta(v, registry_name(&v.name), "registry"),
+                spec: StatefulSetSpec {
+                    replicas: Some(spec.replicas),
+                    selector,
+                    service_name: Some(registry_name(&v.name)),
+                    pod_management_policy: Some("Parallel".to_string()),
+                    template: pod_template,
+                    revision_history_limit: Some(3),
+                    volume_claim_templates: Some(vec![PersistentVolumeClaim {
+                        metadata: ObjectMeta {
+                            name: Some("cache".to_string()),
+                            labels: Some(selector_labels(&v.name, "registry")),
+                            ..ObjectMeta::default()
+                        },
+                        spec: Some(PersistentVolumeClaimSpec {
+                            access_modes: Some(vec!["ReadWriteOnce".to_string()]),
+                            storage_class_name: spec.storage.storage_class_name.clone(),
+                            resources: Some(VolumeResourceRequirements {
+                                requests: Some(requests),
+                                limits: None,
+                            }),
+                            ..PersistentVolumeClaimSpec::default()
+                        }),
+                        ..PersistentVolumeClaim::default()
+                    }]),
+                    ..StatefulSetSpec::default()
+                },
+                ..StatefulSet::default()
+            }))
+        }
+    };
+    let (service_type, node_port) = match v.exposure {
+        Exposure::NodePort(port) => ("NodePort", port),
+        _ => ("ClusterIP", None),
+    };
+    let service = Service {
+        metadata: meta(v, registry_name(&v.name), "registry"),
+        spec: Some(ServiceSpec {
+            type_: Some(service_type.to_string()),
+            selector: Some(selector_labels(&v.name, "registry")),
+            ports: Some(vec![ServicePort {
+                name: Some("http".to_string()),
+                port: REGISTRY_PORT,
+                target_port: Some(IntOrString::String("http".to_string())),
+                protocol: Some("TCP".to_string()),
+                node_port,
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let pdb = (spec.replicas > 1).then(|| PodDisruptionBudget {
+        metadata: meta(v, registry_name(&v.name), "registry"),
+        spec: Some(PodDisruptionBudgetSpec {
+            min_available: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&v.name, "registry")),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    });
+    Ok(Some(RegistryObjects {
+        config_map,
+        workload,
+        service,
+        pdb,
+    }))
+}
+
+fn restricted_security_context(run_as_user: Option<i64>) -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(run_as_user.is_some_and(|u| u != 0)),
+        run_as_user,
+        run_as_group: run_as_user,
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        privileged: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_string()]),
+            add: None,
+        }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".to_string(),
+            localhost_profile: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+fn default_registry_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity("50m".to_string())),
+            ("memory".to_string(), Quantity("64Mi".to_string())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_string(),
+            Quantity("512Mi".to_string()),
+        )])),
+        ..ResourceRequirements::default()
+    }
+}
+
+fn http_probe(path: &str, port: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::String(port.to_string()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+fn registry_pod_template(
+    mirror: &RegistryMirror,
+    v: &Validated,
+    image: String,
+    config_hash: &str,
+) -> PodTemplateSpec {
+    let spec = &mirror.spec;
+    let mut volumes = vec![
+        Volume {
+            name: "config".to_string(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: registry_config_name(&v.name),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tmp".to_string(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity("1Gi".to_string())),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    let mut mounts = vec![
+        VolumeMount {
+            name: "config".to_string(),
+            mount_path: CONFIG_DIR.to_string(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "tmp".to_string(),
+            mount_path: "/tmp".to_string(),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "cache".to_string(),
+            mount_path: STORAGE_DIR.to_string(),
+            ..VolumeMount::default()
+        },
+    ];
+    if spec.storage.kind == StorageKind::EmptyDir {
+        volumes.push(Volume {
+            name: "cache".to_string(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: spec.storage.size.clone(),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    for (i, registry) in spec.registries.iter().enumerate() {
+        if let Some(secret) = &registry.credentials_secret {
+            let name = format!("credentials-{i}");
+            volumes.push(Volume {
+                name: name.clone(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret.name.clone()),
+                    default_mode: Some(0o440),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            });
+            mounts.push(VolumeMount {
+                name,
+                mount_path: credentials_dir(&registry.name),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+        }
+    }
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(object_labels(&v.name, "registry")),
+            annotations: Some(BTreeMap::from([(
+                CONFIG_HASH_ANNOTATION.to_string(),
+                config_hash.to_string(),
+            )])),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(REGISTRY_UID),
+                run_as_group: Some(REGISTRY_UID),
+                fs_group: Some(REGISTRY_UID),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".to_string(),
+                    localhost_profile: None,
+                }),
+                ..PodSecurityContext::default()
+            }),
+            containers: vec![Container {
+                name: "registry".to_string(),
+                image: Some(image),
+                command: Some(vec!["/usr/local/bin/cachalot-registry".to_string()]),
+                args: Some(vec![
+                    "serve".to_string(),
+                    "--config".to_string(),
+                    format!("{CONFIG_DIR}/{CONFIG_KEY}"),
+                ]),
+                ports: Some(vec![ContainerPort {
+                    name: Some("http".to_string()),
+                    container_port: REGISTRY_PORT,
+                    protocol: Some("TCP".to_string()),
+                    ..ContainerPort::default()
+                }]),
+                readiness_probe: Some(http_probe("/readyz", "http", 5, 3)),
+                liveness_probe: Some(Probe {
+                    initial_delay_seconds: Some(5),
+                    ..http_probe("/healthz", "http", 10, 6)
+                }),
+                resources: Some(
+                    spec.resources
+                        .clone()
+                        .unwrap_or_else(default_registry_resources),
+                ),
+                security_context: Some(restricted_security_context(Some(REGISTRY_UID))),
+                volume_mounts: Some(mounts),
+                ..Container::default()
+            }],
+            volumes: Some(volumes),
+            termination_grace_period_seconds: Some(30),
+            ..PodSpec::default()
+        }),
+    }
+}
+
+/// The URL nodes use to reach the proxy, from the exposure and the applied Service. `None` when
+/// the Service has no cluster IP or node port yet.
+#[must_use]
+pub fn node_endpoint(v: &Validated, applied_service: Option<&Service>) -> Option<String> {
+    match &v.exposure {
+        Exposure::External(url) => Some(url.clone()),
+        Exposure::ClusterIp => {
+            let ip = applied_service?.spec.as_ref()?.cluster_ip.as_ref()?;
+            if ip.is_empty() || ip == "None" {
+                return None;
+            }
+            // IPv6 cluster IPs need brackets in a URL.
+            if ip.contains(':') {
+                Some(format!("http://[{ip}]:{REGISTRY_PORT}"))
+            } else {
+                Some(format!("http://{ip}:{REGISTRY_PORT}"))
+            }
+        }
+        Exposure::NodePort(fixed) => {
+            let port = fixed.or_else(|| {
+                applied_service?
+                    .spec
+                    .as_ref()?
+                    .ports
+                    .as_ref()?
+                    .first()?
+                    .node_port
+            })?;
+            // The agent runs with hostNetwork on every node, and kube-proxy serves node ports
+            // on the node's own addresses, so loopback reaches the proxy from any node.
+            Some(format!("http://127.0.0.1:{port}"))
+        }
+    }
+}
+
+/// The desired state for the node agents: `removing` on deletion; no registries while the
+/// endpoint is unknown (so nodes keep pulling upstream rather than through a dead address).
+///
+/// # Errors
+/// [`BuildError::Serialize`] if hashing the state fails.
+pub fn desired_state(
+    mirror: &RegistryMirror,
+    v: &Validated,
+    endpoint: Option<&str>,
+    removing: bool,
+) -> Result<DesiredState, BuildError> {
+    let nodes = &mirror.spec.nodes;
+    let registries = match (endpoint, removing) {
+        (Some(endpoint), false) => v
+            .registries
+            .iter()
+            .map(|r| DesiredRegistry {
+                registry: r.name.clone(),
+                server: None,
+                endpoints: vec![endpoint.to_string()],
+                fallback: match nodes.fallback {
+                    FallbackPolicy::Upstream => protocol::Fallback::Upstream,
+                    FallbackPolicy::Never => protocol::Fallback::Never,
+                },
+                dial_timeout: nodes.dial_timeout.clone(),
+                skip_verify: false,
+                ca_file: None,
+                override_path: false,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut desired = DesiredState {
+        mirror: format!("{}/{}", v.namespace, v.name),
+        generation: String::new(),
+        removing,
+        runtime: match nodes.runtime {
+            NodeRuntime::Containerd => protocol::Runtime::Containerd,
+            NodeRuntime::Crio => protocol::Runtime::Crio,
+        },
+        registries,
+        unreachable_after: nodes.unreachable_after.clone(),
+        merge_with_admin_file: nodes.merge_with_admin_file,
+    };
+    let bytes = serde_json::to_vec(&desired).map_err(|e| BuildError::Serialize {
+        what: "desired state",
+        message: e.to_string(),
+    })?;
+    desired.generation = short_hash(&bytes);
+    Ok(desired)
+}
+
+/// Builds the node side: the desired-state ConfigMap and the agent DaemonSet.
+///
+/// # Errors
+/// [`BuildError::Serialize`] when the desired state cannot be serialised.
+pub fn build_agent(
+    mirror: &RegistryMirror,
+    v: &Validated,
+    cfg: &BuildConfig,
+    endpoint: Option<&str>,
+    removing: bool,
+) -> Result<AgentObjects, BuildError> {
+    let desired = desired_state(mirror, v, endpoint, removing)?;
+    let json = serde_json::to_string_pretty(&desired).map_err(|e| BuildError::Serialize {
+        what: "desired state",
+        message: e.to_string(),
+    })?;
+    let config_map = ConfigMap {
+        metadata: meta(v, agent_name(&v.name), "node-agent"),
+        data: Some(BTreeMap::from([(DESIRED_KEY.to_string(), json)])),
+        ..ConfigMap::default()
+    };
+    let nodes = &mirror.spec.nodes;
+    let image = mirror
+        .spec
+        .image
+        .clone()
+        .unwrap_or_else(|| cfg.image.clone());
+    let mut args = vec![
+        "node-agent".to_string(),
+        "--desired-file".to_string(),
+        format!("{AGENT_DESIRED_DIR}/{DESIRED_KEY}"),
+        "--certs-dir".to_string(),
+        HOST_CERTS_DIR.to_string(),
+        "--containerd-config".to_string(),
+        format!(
+            "{HOST_CONTAINERD_DIR}/{}",
+            file_name(&nodes.containerd_config)
+        ),
+        "--listen".to_string(),
+        format!("0.0.0.0:{AGENT_PORT}"),
+        "--node-name".to_string(),
+        "$(NODE_NAME)".to_string(),
+        // The path as containerd sees it, so the agent can report a config_path mismatch.
+        "--host-certs-dir".to_string(),
+        nodes.certs_dir.clone(),
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "desired".to_string(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: agent_name(&v.name),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        host_path_volume("certs-d", &nodes.certs_dir, "DirectoryOrCreate"),
+        // The directory, not the file: a missing config.toml must be reported by the agent
+        // (ContainerdConfigUnreadable), not block the pod from starting.
+        host_path_volume(
+            "containerd-config",
+            parent_dir(&nodes.containerd_config),
+            "",
+        ),
+    ];
+    let mut mounts = vec![
+        mount("desired", AGENT_DESIRED_DIR, true),
+        mount("certs-d", HOST_CERTS_DIR, false),
+        mount("containerd-config", HOST_CONTAINERD_DIR, true),
+    ];
+    if nodes.runtime == NodeRuntime::Crio {
+        volumes.push(host_path_volume(
+            "registries-conf-d",
+            &nodes.registries_conf_dir,
+            "DirectoryOrCreate",
+        ));
+        mounts.push(mount("registries-conf-d", HOST_REGISTRIES_CONF_DIR, false));
+        args.push("--registries-conf-dir".to_string());
+        args.push(HOST_REGISTRIES_CONF_DIR.to_string());
+    }
+    let daemon_set = DaemonSet {
+        metadata: meta(v, agent_name(&v.name), "node-agent"),
+        spec: DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&v.name, "node-agent")),
+                ..LabelSelector::default()
+            },
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".to_string()),
+                rolling_update: Some(RollingUpdateDaemonSet {
+                    max_unavailable: Some(IntOrString::String("25%".to_string())),
+                    ..RollingUpdateDaemonSet::default()
+                }),
+            }),
+            revision_history_limit: Some(3),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(object_labels(&v.name, "node-agent")),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    // The agent never talks to the API server: it reports over HTTP.
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    host_network: Some(true),
+                    dns_policy: Some("ClusterFirstWithHostNet".to_string()),
+                    priority_class_name: Some("system-node-critical".to_string()),
+                    node_selector: (!nodes.node_selector.is_empty())
+                        .then(|| nodes.node_selector.clone()),
+                    tolerations: (!nodes.tolerations.is_empty()).then(|| nodes.tolerations.clone()),
+                    containers: vec![Container {
+                        name: "node-agent".to_string(),
+                        image: Some(image),
+                        command: Some(vec!["/usr/local/bin/cachalot-operator".to_string()]),
+                        args: Some(args),
+                        env: Some(vec![EnvVar {
+                            name: "NODE_NAME".to_string(),
+                            value_from: Some(EnvVarSource {
+                                field_ref: Some(ObjectFieldSelector {
+                                    field_path: "spec.nodeName".to_string(),
+                                    api_version: None,
+                                }),
+                                ..EnvVarSource::default()
+                            }),
+                            ..EnvVar::default()
+                        }]),
+                        ports: Some(vec![ContainerPort {
+                            name: Some("status".to_string()),
+                            container_port: AGENT_PORT,
+                            protocol: Some("TCP".to_string()),
+                            ..ContainerPort::default()
+                        }]),
+                        readiness_probe: Some(http_probe("/readyz", "status", 10, 3)),
+                        liveness_probe: Some(http_probe("/healthz", "status", 20, 3)),
+                        resources: Some(ResourceRequirements {
+                            requests: Some(BTreeMap::from([
+                                ("cpu".to_string(), Quantity("10m".to_string())),
+                                ("memory".to_string(), Quantity("16Mi".to_string())),
+                            ])),
+                            limits: Some(BTreeMap::from([(
+                                "memory".to_string(),
+                                Quantity("64Mi".to_string()),
+                            )])),
+                            ..ResourceRequirements::default()
+                        }),
+                        // Root only to write root-owned host directories; no capabilities.
+                        security_context: Some(restricted_security_context(Some(0))),
+                        volume_mounts: Some(mounts),
+                        ..Container::default()
+                    }],
+                    volumes: Some(volumes),
+                    termination_grace_period_seconds: Some(10),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DaemonSetSpec::default()
+        },
+        ..DaemonSet::default()
+    };
+    Ok(AgentObjects {
+        desired,
+        config_map,
+        daemon_set,
+    })
+}
+
+fn host_path_volume(name: &str, path: &str, type_: &str) -> Volume {
+    Volume {
+        name: name.to_string(),
+        host_path: Some(HostPathVolumeSource {
+            path: path.to_string(),
+            type_: Some(type_.to_string()),
+        }),
+        ..Volume::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.to_string(),
+        mount_path: path.to_string(),
+        read_only: Some(read_only),
+        ..VolumeMount::default()
+    }
+}
+
+fn parent_dir(path: &str) -> &str {
+    match path.rsplit_once('/') {
+        Some(("", _)) | None => "/",
+        Some((dir, _)) => dir,
+    }
+}
+
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}

@@ -1,0 +1,698 @@
+//! Status stage: computes the `RegistryMirror` status from what was decided and observed, and
+//! writes it only when it changed.
+//!
+//! Invariants:
+//! - [`compute_status`] is pure; the only clock input is `now`, used solely as the
+//!   `lastTransitionTime` of a condition whose status changed, so an unchanged world yields an
+//!   identical status and no write.
+//! - Lists are sorted, numbers are summed over pods in a fixed order.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+use super::conflict::Conflict;
+use super::observe::Observations;
+use crate::api::{
+    CacheStatus, ConditionStatus, ConditionType, MirrorCondition, NodeProblem, NodesStatus,
+    RegistryMirror, RegistryMirrorStatus, UpstreamBudgetStatus,
+};
+use crate::node_agent::protocol::{AgentStatus, RegistryState};
+
+/// How many not-configured nodes are listed in status.
+const MAX_NODE_PROBLEMS: usize = 10;
+
+/// Failure to write status.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// The status subresource patch failed.
+    #[error("cannot patch status of {namespace}/{name}: {source}")]
+    Patch {
+        /// Namespace of the mirror.
+        namespace: String,
+        /// Name of the mirror.
+        name: String,
+        /// API error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The patch document could not be built.
+    #[error("cannot encode status patch of {namespace}/{name}: {message}")]
+    Encode {
+        /// Namespace of the mirror.
+        namespace: String,
+        /// Name of the mirror.
+        name: String,
+        /// Serialiser message.
+        message: String,
+    },
+}
+
+impl StatusError {
+    /// The static category used in metrics labels and Event reasons.
+    #[must_use]
+    pub fn category(&self) -> &'static str {
+        "StatusPatchFailed"
+    }
+}
+
+/// What the reconcile decided about a mirror.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The spec is invalid; nothing was applied.
+    Invalid {
+        /// The validation message.
+        message: String,
+    },
+    /// Another mirror wins a registry on overlapping nodes; nothing was applied.
+    Conflicting(Conflict),
+    /// Objects are applied; this is what runs.
+    Running {
+        /// The URL nodes use, when known.
+        endpoint: Option<String>,
+        /// No in-cluster proxy (external endpoint).
+        external: bool,
+        /// Generation of the desired state the agents should report.
+        desired_generation: String,
+        /// Registries mirrored, with their budget reserve.
+        reserves: BTreeMap<String, u64>,
+        /// What the pods said.
+        observations: Observations,
+    },
+    /// Deletion in progress: waiting for node agents to remove files.
+    Removing {
+        /// Agents that still hold files or did not answer.
+        pending: Vec<String>,
+        /// Agents asked.
+        total: usize,
+    },
+}
+
+fn condition(
+    type_: ConditionType,
+    status: ConditionStatus,
+    reason: &str,
+    message: impl Into<String>,
+) -> MirrorCondition {
+    MirrorCondition {
+        type_,
+        status,
+        reason: reason.to_string(),
+        message: message.into(),
+        observed_generation: None,
+        last_transition_time: None,
+    }
+}
+
+/// A percentage with one decimal, or `-` when there is nothing to divide.
+#[must_use]
+pub fn hit_ratio(hits: u64, misses: u64, stale: u64) -> String {
+    let served = u128::from(hits) + u128::from(stale);
+    let total = served + u128::from(misses);
+    if total == 0 {
+        return "-".to_string();
+    }
+    let per_mille = (served * 1000 + total / 2) / total;
+    format!("{}.{}%", per_mille / 10, per_mille % 10)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn agent_problem(status: &AgentStatus) -> Option<(String, String)> {
+    if let Some(p) = status.problems.first() {
+        return Some((p.reason.to_string(), p.message.clone()));
+    }
+    if let Some(p) = status.containerd.problems.first() {
+        return Some((p.reason.to_string(), p.message.clone()));
+    }
+    status
+        .registries
+        .iter()
+        .find(|r| r.state != RegistryState::Configured)
+        .map(|r| {
+            (
+                r.reason
+                    .map_or_else(|| format!("{:?}", r.state), |reason| reason.to_string()),
+                if r.message.is_empty() {
+                    format!("{}: {:?}", r.registry, r.state)
+                } else {
+                    format!("{}: {}", r.registry, r.message)
+                },
+            )
+        })
+}
+
+struct NodesSummary {
+    status: NodesStatus,
+    condition: MirrorCondition,
+}
+
+fn summarize_nodes(
+    mirror_key: &str,
+    endpoint: Option<&str>,
+    desired_generation: &str,
+    obs: &Observations,
+) -> NodesSummary {
+    let mut problems: Vec<NodeProblem> = Vec::new();
+    let mut configured = 0i32;
+    for agent in &obs.agents {
+        match &agent.status {
+            Err(message) => problems.push(NodeProblem {
+                node: agent.node.clone(),
+                reason: "AgentUnreachable".to_string(),
+                message: message.clone(),
+            }),
+            Ok(status)
+                if status.mirror != mirror_key || status.generation != desired_generation =>
+            {
+                problems.push(NodeProblem {
+                    node: agent.node.clone(),
+                    reason: "Pending".to_string(),
+                    message: "the agent has not applied the current desired state yet".to_string(),
+                });
+            }
+            Ok(status) if status.ready => configured += 1,
+            Ok(status) => {
+                let (reason, message) = agent_problem(status).unwrap_or_else(|| {
+                    (
+                        "NotReady".to_string(),
+                        "the agent reports not ready".to_string(),
+                    )
+                });
+                problems.push(NodeProblem {
+                    node: agent.node.clone(),
+                    reason,
+                    message,
+                });
+            }
+        }
+    }
+    problems.sort_by(|a, b| a.node.cmp(&b.node));
+    let agents = i32::try_from(obs.agents.len()).unwrap_or(i32::MAX);
+    let desired = obs.desired_nodes.max(agents);
+    // Nodes the DaemonSet should cover but where no agent runs yet.
+    let missing = desired - agents;
+    let summary = format!("{configured}/{desired}");
+    let condition = if endpoint.is_none() {
+        condition(
+            ConditionType::NodesConfigured,
+            ConditionStatus::False,
+            "EndpointPending",
+            format!("{summary} nodes; the proxy Service has no address yet"),
+        )
+    } else if desired == 0 {
+        condition(
+            ConditionType::NodesConfigured,
+            ConditionStatus::False,
+            "NoNodesSelected",
+            "0/0 nodes; no node matches spec.nodes.nodeSelector or no agent pod is scheduled",
+        )
+    } else if configured == desired {
+        condition(
+            ConditionType::NodesConfigured,
+            ConditionStatus::True,
+            "AllNodesConfigured",
+            format!("{summary} nodes"),
+        )
+    } else {
+        // The most frequent reason names the condition; ties go to the alphabetically first.
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for p in &problems {
+            *counts.entry(p.reason.as_str()).or_default() += 1;
+        }
+        let reason = counts
+            .iter()
+            .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+            .map_or("AgentsStarting", |(r, _)| r);
+        let mut message = format!("{summary} nodes");
+        for p in problems.iter().take(3) {
+            message.push_str(&format!("; {}: {}", p.node, p.message));
+        }
+        if missing > 0 {
+            message.push_str(&format!("; {missing} agent pod(s) not running yet"));
+        }
+        condition(
+            ConditionType::NodesConfigured,
+            ConditionStatus::False,
+            reason,
+            message,
+        )
+    };
+    problems.truncate(MAX_NODE_PROBLEMS);
+    NodesSummary {
+        status: NodesStatus {
+            desired,
+            configured,
+            summary,
+            not_configured: problems,
+        },
+        condition,
+    }
+}
+
+fn summarize_cache(obs: &Observations) -> (Option<CacheStatus>, MirrorCondition) {
+    let ok: Vec<_> = obs
+        .registry_pods
+        .iter()
+        .filter_map(|p| p.stats.as_ref().ok())
+        .collect();
+    if ok.is_empty() {
+        return (
+            None,
+            condition(
+                ConditionType::CacheEffective,
+                ConditionStatus::Unknown,
+                "NoStats",
+                "no registry pod answered /stats",
+            ),
+        );
+    }
+    let sum = |f: fn(&super::observe::RegistryStats) -> u64| {
+        ok.iter().fold(0u64, |acc, s| acc.saturating_add(f(s)))
+    };
+    let (hits, misses, stale) = (sum(|s| s.hits), sum(|s| s.misses), sum(|s| s.stale));
+    let ratio = hit_ratio(hits, misses, stale);
+    let cache = CacheStatus {
+        hits: to_i64(hits),
+        misses: to_i64(misses),
+        stale: to_i64(stale),
+        errors: to_i64(sum(|s| s.errors)),
+        hit_ratio: ratio.clone(),
+        bytes_served: to_i64(sum(|s| s.bytes_served)),
+        bytes_from_upstream: to_i64(sum(|s| s.bytes_from_upstream)),
+        cache_size_bytes: to_i64(sum(|s| s.cache_size_bytes)),
+        pods_reporting: i32::try_from(ok.len()).unwrap_or(i32::MAX),
+    };
+    let message = format!("hit ratio {ratio} (hits {hits}, misses {misses}, stale {stale})");
+    let cond = if hits + misses + stale == 0 {
+        condition(
+            ConditionType::CacheEffective,
+            ConditionStatus::Unknown,
+            "NoTraffic",
+            message,
+        )
+    } else if hits + stale == 0 {
+        condition(
+            ConditionType::CacheEffective,
+            ConditionStatus::False,
+            "AllMisses",
+            message,
+        )
+    } else {
+        condition(
+            ConditionType::CacheEffective,
+            ConditionStatus::True,
+            "CacheServing",
+            message,
+        )
+    };
+    (Some(cache), cond)
+}
+
+fn summarize_budget(
+    obs: &Observations,
+    reserves: &BTreeMap<String, u64>,
+) -> (Vec<UpstreamBudgetStatus>, Option<String>, MirrorCondition) {
+    // Minimum remaining per registry over pods: each pod spends the same NAT budget.
+    let mut per_registry: BTreeMap<String, UpstreamBudgetStatus> = BTreeMap::new();
+    for stats in obs
+        .registry_pods
+        .iter()
+        .filter_map(|p| p.stats.as_ref().ok())
+    {
+        for b in &stats.upstreams {
+            let (Some(limit), Some(remaining)) = (b.limit, b.remaining) else {
+                continue;
+            };
+            let entry = UpstreamBudgetStatus {
+                registry: b.registry.clone(),
+                limit: to_i64(limit),
+                remaining: to_i64(remaining),
+                window_seconds: b.window_seconds.map(to_i64),
+            };
+            per_registry
+                .entry(b.registry.clone())
+                .and_modify(|e| {
+                    if entry.remaining < e.remaining {
+                        *e = entry.clone();
+                    }
+                })
+                .or_insert(entry);
+        }
+    }
+    let budget: Vec<UpstreamBudgetStatus> = per_registry.into_values().collect();
+    let lowest = budget.iter().min_by(|a, b| {
+        // Compare remaining/limit without floats: a.r * b.l vs b.r * a.l.
+        (i128::from(a.remaining) * i128::from(b.limit.max(1)))
+            .cmp(&(i128::from(b.remaining) * i128::from(a.limit.max(1))))
+            .then(a.registry.cmp(&b.registry))
+    });
+    let summary = lowest.map(|b| format!("{}/{}", b.remaining, b.limit));
+    let describe = |b: &UpstreamBudgetStatus| match b.window_seconds {
+        Some(w) => format!("{} {}/{} per {w}s", b.registry, b.remaining, b.limit),
+        None => format!("{} {}/{}", b.registry, b.remaining, b.limit),
+    };
+    let message = budget.iter().map(describe).collect::<Vec<_>>().join(", ");
+    let cond = if budget.is_empty() {
+        condition(
+            ConditionType::UpstreamBudget,
+            ConditionStatus::Unknown,
+            "NoRateLimitHeaders",
+            "no upstream has sent rate-limit headers yet",
+        )
+    } else if budget.iter().any(|b| b.remaining <= 0) {
+        condition(
+            ConditionType::UpstreamBudget,
+            ConditionStatus::False,
+            "RateLimited",
+            message,
+        )
+    } else if budget.iter().any(|b| {
+        reserves
+            .get(&b.registry)
+            .is_some_and(|reserve| b.remaining <= to_i64(*reserve))
+    }) {
+        condition(
+            ConditionType::UpstreamBudget,
+            ConditionStatus::True,
+            "BudgetReserve",
+            message,
+        )
+    } else {
+        condition(
+            ConditionType::UpstreamBudget,
+            ConditionStatus::True,
+            "BudgetAvailable",
+            message,
+        )
+    };
+    (budget, summary, cond)
+}
+
+fn unknown_all(reason: &str, message: &str) -> Vec<MirrorCondition> {
+    [
+        ConditionType::ProxyAvailable,
+        ConditionType::NodesConfigured,
+        ConditionType::CacheEffective,
+        ConditionType::UpstreamBudget,
+    ]
+    .into_iter()
+    .map(|t| condition(t, ConditionStatus::Unknown, reason, message))
+    .collect()
+}
+
+/// Computes the status. `previous` supplies the `lastTransitionTime` of conditions whose status
+/// did not change; `now` is used for those that did.
+#[must_use]
+pub fn compute_status(
+    mirror: &RegistryMirror,
+    outcome: &Outcome,
+    now: &Time,
+) -> RegistryMirrorStatus {
+    let generation = mirror.metadata.generation;
+    let key = format!(
+        "{}/{}",
+        mirror.metadata.namespace.as_deref().unwrap_or_default(),
+        mirror.metadata.name.as_deref().unwrap_or_default()
+    );
+    let no_conflict = || {
+        condition(
+            ConditionType::Conflict,
+            ConditionStatus::False,
+            "NoConflict",
+            "no other RegistryMirror claims these registries on these nodes",
+        )
+    };
+    let mut status = RegistryMirrorStatus::default();
+    let mut conditions = match outcome {
+        Outcome::Invalid { message } => {
+            let mut c = vec![condition(
+                ConditionType::Ready,
+                ConditionStatus::False,
+                "InvalidSpec",
+                message.clone(),
+            )];
+            c.extend(unknown_all(
+                "InvalidSpec",
+                "the spec is invalid; nothing was applied",
+            ));
+            c.push(no_conflict());
+            c
+        }
+        Outcome::Conflicting(conflict) => {
+            let message = format!(
+                "{} already mirrored on overlapping nodes by the older RegistryMirror {}; this one applies nothing until that changes",
+                conflict.registries.join(", "),
+                conflict.winner
+            );
+            let mut c = vec![condition(
+                ConditionType::Ready,
+                ConditionStatus::False,
+                "Conflict",
+                message.clone(),
+            )];
+            c.extend(unknown_all(
+                "Conflict",
+                "nothing applied because of a conflict",
+            ));
+            c.push(condition(
+                ConditionType::Conflict,
+                ConditionStatus::True,
+                "RegistryClaimed",
+                message,
+            ));
+            c
+        }
+        Outcome::Removing { pending, total } => {
+            let done = total.saturating_sub(pending.len());
+            let mut message = format!("{done}/{total} nodes cleaned");
+            if !pending.is_empty() {
+                message.push_str(&format!(
+                    "; waiting for {}",
+                    pending
+                        .iter()
+                        .take(5)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            let mut c = vec![condition(
+                ConditionType::Ready,
+                ConditionStatus::False,
+                "Deleting",
+                "the mirror is being deleted",
+            )];
+            c.push(condition(
+                ConditionType::ProxyAvailable,
+                ConditionStatus::Unknown,
+                "Deleting",
+                "the mirror is being deleted",
+            ));
+            c.push(condition(
+                ConditionType::NodesConfigured,
+                ConditionStatus::False,
+                "RemovingNodeFiles",
+                message,
+            ));
+            c.push(condition(
+                ConditionType::CacheEffective,
+                ConditionStatus::Unknown,
+                "Deleting",
+                "",
+            ));
+            c.push(condition(
+                ConditionType::UpstreamBudget,
+                ConditionStatus::Unknown,
+                "Deleting",
+                "",
+            ));
+            c.push(no_conflict());
+            c
+        }
+        Outcome::Running {
+            endpoint,
+            external,
+            desired_generation,
+            reserves,
+            observations: obs,
+        } => {
+            status.endpoint.clone_from(endpoint);
+            let pods_ok = obs.registry_pods.iter().filter(|p| p.stats.is_ok()).count();
+            let proxy = if *external {
+                condition(
+                    ConditionType::ProxyAvailable,
+                    ConditionStatus::True,
+                    "ExternalEndpoint",
+                    format!(
+                        "no in-cluster proxy; nodes use {} and check it themselves",
+                        endpoint.as_deref().unwrap_or("the external URL")
+                    ),
+                )
+            } else if obs.ready_replicas > 0 || pods_ok > 0 {
+                condition(
+                    ConditionType::ProxyAvailable,
+                    ConditionStatus::True,
+                    "PodsReady",
+                    format!(
+                        "{} ready registry pod(s); {pods_ok} answered /stats",
+                        obs.ready_replicas
+                            .max(i32::try_from(pods_ok).unwrap_or(i32::MAX))
+                    ),
+                )
+            } else {
+                condition(
+                    ConditionType::ProxyAvailable,
+                    ConditionStatus::False,
+                    "NoReadyPods",
+                    "no registry pod is ready yet",
+                )
+            };
+            let nodes = summarize_nodes(&key, endpoint.as_deref(), desired_generation, obs);
+            let (cache, cache_cond) = summarize_cache(obs);
+            let (budget, budget_summary, budget_cond) = summarize_budget(obs, reserves);
+            let ready = if proxy.status != ConditionStatus::True {
+                condition(
+                    ConditionType::Ready,
+                    ConditionStatus::False,
+                    "ProxyUnavailable",
+                    proxy.message.clone(),
+                )
+            } else if nodes.status.configured == 0 {
+                condition(
+                    ConditionType::Ready,
+                    ConditionStatus::False,
+                    &nodes.condition.reason,
+                    nodes.condition.message.clone(),
+                )
+            } else {
+                condition(
+                    ConditionType::Ready,
+                    ConditionStatus::True,
+                    "MirrorReady",
+                    format!(
+                        "serving {} via {}; {} nodes",
+                        reserves.keys().cloned().collect::<Vec<_>>().join(", "),
+                        endpoint.as_deref().unwrap_or("-"),
+                        nodes.status.summary
+                    ),
+                )
+            };
+            status.nodes = Some(nodes.status);
+            status.cache = cache;
+            status.budget = budget;
+            status.budget_summary = budget_summary;
+            vec![
+                ready,
+                proxy,
+                nodes.condition,
+                cache_cond,
+                budget_cond,
+                no_conflict(),
+            ]
+        }
+    };
+    let previous = mirror.status.as_ref().map(|s| &s.conditions);
+    for c in &mut conditions {
+        c.observed_generation = generation;
+        let before = previous.and_then(|p| p.iter().find(|old| old.type_ == c.type_));
+        c.last_transition_time = match before {
+            Some(old) if old.status == c.status && old.last_transition_time.is_some() => {
+                old.last_transition_time.clone()
+            }
+            _ => Some(now.clone()),
+        };
+    }
+    conditions.sort_by_key(|c| ConditionType::ALL.iter().position(|t| *t == c.type_));
+    status.observed_generation = generation;
+    status.conditions = conditions;
+    status
+}
+
+/// A notable transition worth a Kubernetes Event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// Warning rather than Normal.
+    pub warning: bool,
+    /// PascalCase reason.
+    pub reason: String,
+    /// Human-readable note.
+    pub note: String,
+}
+
+fn find(status: Option<&RegistryMirrorStatus>, t: ConditionType) -> Option<&MirrorCondition> {
+    status?.conditions.iter().find(|c| c.type_ == t)
+}
+
+/// Events for changes between two statuses: Ready changing status or reason, a new conflict.
+#[must_use]
+pub fn transitions(
+    previous: Option<&RegistryMirrorStatus>,
+    next: &RegistryMirrorStatus,
+) -> Vec<Transition> {
+    let mut out = Vec::new();
+    if let Some(ready) = find(Some(next), ConditionType::Ready) {
+        let before = find(previous, ConditionType::Ready);
+        let changed = before.is_none_or(|b| b.status != ready.status || b.reason != ready.reason);
+        if changed {
+            out.push(Transition {
+                warning: ready.status != ConditionStatus::True
+                    && !matches!(
+                        ready.reason.as_str(),
+                        "Deleting" | "EndpointPending" | "Pending"
+                    ),
+                reason: ready.reason.clone(),
+                note: ready.message.clone(),
+            });
+        }
+    }
+    if let Some(conflict) = find(Some(next), ConditionType::Conflict) {
+        let before = find(previous, ConditionType::Conflict);
+        if conflict.status == ConditionStatus::True
+            && before.is_none_or(|b| b.status != ConditionStatus::True)
+        {
+            out.push(Transition {
+                warning: true,
+                reason: "ConflictDetected".to_string(),
+                note: conflict.message.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// Writes `status` as a whole (JSON patch `add /status`, which replaces it, so fields that
+/// disappeared are removed too), unless it equals the current one. Returns whether it wrote.
+///
+/// # Errors
+/// [`StatusError::Patch`] when the API refuses.
+pub async fn write_status(
+    api: &Api<RegistryMirror>,
+    mirror: &RegistryMirror,
+    status: &RegistryMirrorStatus,
+) -> Result<bool, StatusError> {
+    if mirror.status.as_ref() == Some(status) {
+        return Ok(false);
+    }
+    let name = mirror.metadata.name.clone().unwrap_or_default();
+    let namespace = mirror.metadata.namespace.clone().unwrap_or_default();
+    let patch =
+        serde_json::from_value(json!([{ "op": "add", "path": "/status", "value": status }]))
+            .map_err(|e| StatusError::Encode {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                message: e.to_string(),
+            })?;
+    api.patch_status(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await
+        .map_err(|source| StatusError::Patch {
+            namespace,
+            name,
+            source,
+        })?;
+    Ok(true)
+}

@@ -1,0 +1,544 @@
+//! Validation stage: checks a `RegistryMirror` spec beyond what the CRD schema enforces and
+//! derives the normalised values the build stage needs.
+//!
+//! Invariants: pure (no client, no clock); every error names the offending field; anything that
+//! passes here builds objects the API server accepts and a registry config the registry accepts
+//! (the rendered config is run through `cachalot_registry::config::Config::validate`). The schema
+//! is not trusted alone because an older CRD, `kubectl --validate=false` or a fake API server may
+//! let invalid objects through.
+
+use std::time::Duration;
+
+use crate::api::{
+    FreshnessRule, NodeSettings, RegistryMirror, RegistryMirrorSpec, ServiceKind, StorageKind,
+};
+
+/// Longest mirror name: derived object names (`cachalot-<name>-agent`, StatefulSet pod names with
+/// their revision hash label) must stay within 63 characters.
+pub const MAX_MIRROR_NAME_LEN: usize = 40;
+/// Default cache bound when neither `storage.maxSize` nor `storage.size` is given.
+pub const DEFAULT_MAX_SIZE_BYTES: u64 = 10 * 1024 * 1024 * 1024;
+
+/// Why a spec was refused. Every variant is permanent: the object has to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidateError {
+    /// A field holds a value the operator cannot use.
+    #[error("{field}: {message}")]
+    InvalidField {
+        /// JSON path of the field, e.g. `spec.registries[0].url`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The object lacks metadata the API server always sets.
+    #[error("metadata.{0} is missing")]
+    MissingMetadata(&'static str),
+}
+
+impl ValidateError {
+    /// The static category used in metrics labels and Event reasons.
+    #[must_use]
+    pub fn category(&self) -> &'static str {
+        "InvalidSpec"
+    }
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ValidateError {
+    ValidateError::InvalidField {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// How nodes reach the proxy, as decided by the spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exposure {
+    /// Service type ClusterIP; nodes use the cluster IP.
+    ClusterIp,
+    /// Service type NodePort, optionally with a fixed port; nodes use `127.0.0.1:<nodePort>`.
+    NodePort(Option<i32>),
+    /// No in-cluster proxy: nodes use this URL.
+    External(String),
+}
+
+/// One registry after validation, with its freshness rules parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRegistry {
+    /// Registry name (`docker.io`).
+    pub name: String,
+    /// Upstream URL, defaulted.
+    pub url: String,
+    /// Parsed freshness rules, in order.
+    pub freshness: Vec<ValidFreshness>,
+}
+
+/// A freshness rule with its duration parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidFreshness {
+    /// Tag glob.
+    pub pattern: String,
+    /// Revalidation age; `None` when immutable.
+    pub max_age: Option<Duration>,
+    /// Never revalidated.
+    pub immutable: bool,
+}
+
+/// The values derived from a valid spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validated {
+    /// Namespace of the mirror.
+    pub namespace: String,
+    /// Name of the mirror.
+    pub name: String,
+    /// UID of the mirror (for owner references).
+    pub uid: String,
+    /// Registries in spec order.
+    pub registries: Vec<ValidRegistry>,
+    /// The registry for requests without `ns`.
+    pub default_registry: String,
+    /// Cache size bound in bytes.
+    pub max_size_bytes: u64,
+    /// How nodes reach the proxy.
+    pub exposure: Exposure,
+}
+
+/// Validates `mirror` and derives what the build stage needs.
+///
+/// # Errors
+/// [`ValidateError`] naming the first offending field.
+pub fn validate(mirror: &RegistryMirror) -> Result<Validated, ValidateError> {
+    let meta = &mirror.metadata;
+    let name = meta
+        .name
+        .clone()
+        .ok_or(ValidateError::MissingMetadata("name"))?;
+    let namespace = meta
+        .namespace
+        .clone()
+        .ok_or(ValidateError::MissingMetadata("namespace"))?;
+    let uid = meta
+        .uid
+        .clone()
+        .ok_or(ValidateError::MissingMetadata("uid"))?;
+    if name.len() > MAX_MIRROR_NAME_LEN {
+        return Err(invalid(
+            "metadata.name",
+            format!(
+                "at most {MAX_MIRROR_NAME_LEN} characters (the operator derives object names from it); got {}",
+                name.len()
+            ),
+        ));
+    }
+    let spec = &mirror.spec;
+    let registries = validate_registries(spec)?;
+    let default_registry = match &spec.default_registry {
+        Some(d) if registries.iter().any(|r| &r.name == d) => d.clone(),
+        Some(d) => {
+            return Err(invalid(
+                "spec.defaultRegistry",
+                format!("`{d}` is not one of spec.registries"),
+            ))
+        }
+        None => registries
+            .first()
+            .map(|r| r.name.clone())
+            .ok_or_else(|| invalid("spec.registries", "at least one registry is required"))?,
+    };
+    if !(1..=10).contains(&spec.replicas) {
+        return Err(invalid("spec.replicas", "must be between 1 and 10"));
+    }
+    if let Some(image) = &spec.image {
+        if image.trim().is_empty() || image.chars().any(char::is_whitespace) {
+            return Err(invalid(
+                "spec.image",
+                "must be a non-empty image reference without spaces",
+            ));
+        }
+    }
+    let max_size_bytes = validate_storage(spec)?;
+    let exposure = validate_exposure(spec)?;
+    if let Some(parent) = &spec.parent {
+        check_url(&parent.url).map_err(|m| invalid("spec.parent.url", m))?;
+        if matches!(exposure, Exposure::External(_)) {
+            return Err(invalid(
+                "spec.parent",
+                "configures the in-cluster proxy; it cannot be combined with service.type External",
+            ));
+        }
+    }
+    validate_nodes(&spec.nodes)?;
+    Ok(Validated {
+        namespace,
+        name,
+        uid,
+        registries,
+        default_registry,
+        max_size_bytes,
+        exposure,
+    })
+}
+
+fn validate_registries(spec: &RegistryMirrorSpec) -> Result<Vec<ValidRegistry>, ValidateError> {
+    if spec.registries.is_empty() {
+        return Err(invalid(
+            "spec.registries",
+            "at least one registry is required",
+        ));
+    }
+    if spec.registries.len() > 16 {
+        return Err(invalid("spec.registries", "at most 16 registries"));
+    }
+    let mut out: Vec<ValidRegistry> = Vec::with_capacity(spec.registries.len());
+    for (i, r) in spec.registries.iter().enumerate() {
+        let field = format!("spec.registries[{i}]");
+        cachalot_registry::config::validate_registry_name(&r.name)
+            .map_err(|m| invalid(format!("{field}.name"), m))?;
+        if r.name.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(invalid(format!("{field}.name"), "must be lower case"));
+        }
+        if out.iter().any(|o| o.name == r.name) {
+            return Err(invalid(
+                format!("{field}.name"),
+                format!("`{}` appears more than once", r.name),
+            ));
+        }
+        let url = match &r.url {
+            Some(url) => {
+                check_url(url).map_err(|m| invalid(format!("{field}.url"), m))?;
+                url.trim_end_matches('/').to_string()
+            }
+            None => cachalot_registry::config::default_url(&r.name),
+        };
+        if let Some(secret) = &r.credentials_secret {
+            if !is_dns_subdomain(&secret.name) {
+                return Err(invalid(
+                    format!("{field}.credentialsSecret.name"),
+                    format!("`{}` is not a valid Secret name", secret.name),
+                ));
+            }
+        }
+        if let Some(reserve) = r.budget_reserve {
+            if reserve < 0 {
+                return Err(invalid(
+                    format!("{field}.budgetReserve"),
+                    "must not be negative",
+                ));
+            }
+        }
+        let freshness = r
+            .freshness
+            .iter()
+            .enumerate()
+            .map(|(j, rule)| validate_freshness(rule, &format!("{field}.freshness[{j}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push(ValidRegistry {
+            name: r.name.clone(),
+            url,
+            freshness,
+        });
+    }
+    Ok(out)
+}
+
+fn validate_freshness(rule: &FreshnessRule, field: &str) -> Result<ValidFreshness, ValidateError> {
+    if rule.pattern.is_empty() {
+        return Err(invalid(format!("{field}.pattern"), "must not be empty"));
+    }
+    let max_age = match (&rule.max_age, rule.immutable) {
+        (Some(_), true) | (None, false) => {
+            return Err(invalid(field, "set either maxAge or immutable: true"))
+        }
+        (Some(age), false) => {
+            Some(parse_go_duration(age).map_err(|m| invalid(format!("{field}.maxAge"), m))?)
+        }
+        (None, true) => None,
+    };
+    Ok(ValidFreshness {
+        pattern: rule.pattern.clone(),
+        max_age,
+        immutable: rule.immutable,
+    })
+}
+
+fn validate_storage(spec: &RegistryMirrorSpec) -> Result<u64, ValidateError> {
+    let storage = &spec.storage;
+    let size = storage
+        .size
+        .as_ref()
+        .map(|q| parse_quantity_bytes(&q.0).map_err(|m| invalid("spec.storage.size", m)))
+        .transpose()?;
+    if storage.kind == StorageKind::PersistentVolumeClaim && size.is_none() {
+        return Err(invalid(
+            "spec.storage.size",
+            "is required for PersistentVolumeClaim storage",
+        ));
+    }
+    if storage.kind == StorageKind::EmptyDir && storage.storage_class_name.is_some() {
+        return Err(invalid(
+            "spec.storage.storageClassName",
+            "only applies to PersistentVolumeClaim storage",
+        ));
+    }
+    let max = storage
+        .max_size
+        .as_ref()
+        .map(|q| parse_quantity_bytes(&q.0).map_err(|m| invalid("spec.storage.maxSize", m)))
+        .transpose()?;
+    match (max, size) {
+        (Some(max), Some(size)) if max > size => Err(invalid(
+            "spec.storage.maxSize",
+            "must not exceed spec.storage.size",
+        )),
+        (Some(0), _) => Err(invalid("spec.storage.maxSize", "must be positive")),
+        (Some(max), _) => Ok(max),
+        // Leave 10% headroom for temporary files of in-flight downloads.
+        (None, Some(size)) => Ok(size / 10 * 9),
+        (None, None) => Ok(DEFAULT_MAX_SIZE_BYTES),
+    }
+}
+
+fn validate_exposure(spec: &RegistryMirrorSpec) -> Result<Exposure, ValidateError> {
+    let service = &spec.service;
+    if service.kind != ServiceKind::NodePort && service.node_port.is_some() {
+        return Err(invalid(
+            "spec.service.nodePort",
+            "only applies to type NodePort",
+        ));
+    }
+    if service.kind != ServiceKind::External && service.external_url.is_some() {
+        return Err(invalid(
+            "spec.service.externalUrl",
+            "only applies to type External",
+        ));
+    }
+    match service.kind {
+        ServiceKind::ClusterIP => Ok(Exposure::ClusterIp),
+        ServiceKind::NodePort => {
+            if let Some(port) = service.node_port {
+                if !(30000..=32767).contains(&port) {
+                    return Err(invalid(
+                        "spec.service.nodePort",
+                        "must be within 30000-32767",
+                    ));
+                }
+            }
+            Ok(Exposure::NodePort(service.node_port))
+        }
+        ServiceKind::External => {
+            let url = service.external_url.as_ref().ok_or_else(|| {
+                invalid("spec.service.externalUrl", "is required with type External")
+            })?;
+            check_url(url).map_err(|m| invalid("spec.service.externalUrl", m))?;
+            Ok(Exposure::External(url.trim_end_matches('/').to_string()))
+        }
+    }
+}
+
+fn validate_nodes(nodes: &NodeSettings) -> Result<(), ValidateError> {
+    for (field, path) in [
+        ("spec.nodes.certsDir", &nodes.certs_dir),
+        ("spec.nodes.containerdConfig", &nodes.containerd_config),
+        ("spec.nodes.registriesConfDir", &nodes.registries_conf_dir),
+    ] {
+        check_node_path(path).map_err(|m| invalid(field, m))?;
+    }
+    parse_go_duration(&nodes.dial_timeout).map_err(|m| invalid("spec.nodes.dialTimeout", m))?;
+    parse_go_duration(&nodes.unreachable_after)
+        .map_err(|m| invalid("spec.nodes.unreachableAfter", m))?;
+    for (key, value) in &nodes.node_selector {
+        if key.is_empty() || key.len() > 317 || value.len() > 63 {
+            return Err(invalid(
+                format!("spec.nodes.nodeSelector[{key}]"),
+                "label keys and values must be Kubernetes label syntax",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_node_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("`{path}` must be an absolute path"));
+    }
+    if path == "/" {
+        return Err("must not be the root directory".to_string());
+    }
+    if path.split('/').any(|seg| seg == "..") {
+        return Err(format!("`{path}` must not contain `..`"));
+    }
+    if path.contains('\0') {
+        return Err("must not contain NUL".to_string());
+    }
+    Ok(())
+}
+
+fn check_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("`{url}` must start with http:// or https://"))?;
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() {
+        return Err(format!("`{url}` has no host"));
+    }
+    if url
+        .chars()
+        .any(|c| c.is_whitespace() || c == '?' || c == '#')
+    {
+        return Err(format!(
+            "`{url}` must not contain spaces, a query or a fragment"
+        ));
+    }
+    Ok(())
+}
+
+fn is_dns_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// Parses a Go-style duration (`500ms`, `3s`, `1m30s`, `6h`); a sign, fractions and `us`/`ns` are
+/// refused because neither containerd's users nor the registry need them.
+///
+/// # Errors
+/// A message saying what is wrong.
+pub fn parse_go_duration(text: &str) -> Result<Duration, String> {
+    if text.is_empty() {
+        return Err("empty duration".to_string());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(format!(
+                "`{text}` is not a duration like 500ms, 3s, 1m30s or 6h"
+            ));
+        }
+        let value: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("`{text}`: number too large"))?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (Duration::from_millis(1), 2)
+        } else if rest.starts_with('s') {
+            (Duration::from_secs(1), 1)
+        } else if rest.starts_with('m') {
+            (Duration::from_secs(60), 1)
+        } else if rest.starts_with('h') {
+            (Duration::from_secs(3600), 1)
+        } else {
+            return Err(format!("`{text}`: unit must be ms, s, m or h"));
+        };
+        rest = &rest[len..];
+        let part = u32::try_from(value)
+            .ok()
+            .and_then(|v| unit.checked_mul(v))
+            .ok_or_else(|| format!("`{text}`: too long"))?;
+        total = total
+            .checked_add(part)
+            .ok_or_else(|| format!("`{text}`: too long"))?;
+    }
+    Ok(total)
+}
+
+/// Parses a Kubernetes quantity (`10Gi`, `500M`, `1.5Gi`, `1073741824`) into bytes, rounding
+/// fractions down.
+///
+/// # Errors
+/// A message saying what is wrong.
+pub fn parse_quantity_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let multiplier: u128 = match suffix {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        _ => return Err(format!("`{text}`: unsupported quantity suffix `{suffix}`")),
+    };
+    let (int_part, frac_part) = number.split_once('.').unwrap_or((number, ""));
+    if int_part.is_empty() && frac_part.is_empty() {
+        return Err(format!("`{text}` is not a quantity like 10Gi or 500M"));
+    }
+    if frac_part.len() > 9 || frac_part.contains('.') {
+        return Err(format!("`{text}`: too many decimal places"));
+    }
+    let int: u128 = if int_part.is_empty() {
+        0
+    } else {
+        int_part
+            .parse()
+            .map_err(|_| format!("`{text}` is not a quantity like 10Gi or 500M"))?
+    };
+    let frac: u128 = if frac_part.is_empty() {
+        0
+    } else {
+        frac_part
+            .parse()
+            .map_err(|_| format!("`{text}` is not a quantity like 10Gi or 500M"))?
+    };
+    let scale = 10u128.pow(u32::try_from(frac_part.len()).unwrap_or(0));
+    let bytes = int
+        .checked_mul(multiplier)
+        .and_then(|v| v.checked_add(frac * multiplier / scale))
+        .ok_or_else(|| format!("`{text}`: too large"))?;
+    u64::try_from(bytes).map_err(|_| format!("`{text}`: too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn go_durations_parse_and_garbage_is_refused() {
+        assert_eq!(parse_go_duration("3s").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_go_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(
+            parse_go_duration("500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(parse_go_duration("2h").unwrap(), Duration::from_secs(7200));
+        for bad in ["", "3", "s", "3d", "-1s", "1.5s", "3 s"] {
+            assert!(parse_go_duration(bad).is_err(), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn quantities_convert_to_bytes() {
+        assert_eq!(parse_quantity_bytes("10Gi").unwrap(), 10 << 30);
+        assert_eq!(parse_quantity_bytes("500M").unwrap(), 500_000_000);
+        assert_eq!(parse_quantity_bytes("1.5Gi").unwrap(), 3 << 29);
+        assert_eq!(parse_quantity_bytes("1024").unwrap(), 1024);
+        for bad in ["", "Gi", "10GB", "1.2.3Gi", "-1Gi", "100000000Pi"] {
+            assert!(
+                parse_quantity_bytes(bad).is_err(),
+                "{bad} should be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn node_paths_must_be_absolute_without_dotdot() {
+        assert!(check_node_path("/etc/containerd/certs.d").is_ok());
+        assert!(check_node_path("etc/containerd").is_err());
+        assert!(check_node_path("/etc/../root").is_err());
+        assert!(check_node_path("/").is_err());
+    }
+}
