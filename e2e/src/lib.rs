@@ -5,4 +5,5 @@
 //! - `tests/cluster.rs`: the end-to-end suite against a real cluster; it runs only with
 //!   `CACHALOT_E2E=1` and a `KUBECONFIG`, and says why when it skips.
 
+pub mod cluster;
 pub mod fake_apiserver;
