@@ -32,6 +32,7 @@ use super::plan::reconcile_node;
 use super::protocol::{
     AgentStatus, ContainerdStatus, DesiredState, Problem, Reason, RegistryState, Runtime,
 };
+use super::render::needs_override_path;
 
 /// Desired-state files larger than this are rejected (a ConfigMap holds at most 1 MiB anyway).
 const MAX_DESIRED_BYTES: u64 = 1024 * 1024;
@@ -291,7 +292,7 @@ impl Looper {
         for reg in desired.registries.iter() {
             for endpoint in &reg.endpoints {
                 let base = endpoint.trim_end_matches('/');
-                let url = if reg.override_path {
+                let url = if needs_override_path(reg, endpoint) {
                     format!("{base}/")
                 } else {
                     format!("{base}/v2/")

@@ -149,9 +149,21 @@ pub fn validate_registry_entry(reg: &DesiredRegistry) -> Result<(), RenderError>
     Ok(())
 }
 
+/// Whether containerd must take `endpoint`'s path as the API root (`override_path`): only for an
+/// endpoint that has a path, and then when asked to or when the path already ends in `/v2`
+/// (containerd would otherwise append a second `/v2`). A bare `http://host:port` never needs it.
+#[must_use]
+pub fn needs_override_path(reg: &DesiredRegistry, endpoint: &str) -> bool {
+    let Ok(url) = parse_endpoint(endpoint) else {
+        return false;
+    };
+    let path = url.path().trim_end_matches('/');
+    !path.is_empty() && (reg.override_path || path.ends_with("/v2"))
+}
+
 /// The per-mirror-host settings, shared by `[host."…"]` tables and (for fallback `Never`) the
 /// top level, which configures `server`.
-fn host_settings(reg: &DesiredRegistry, into: &mut Table) {
+fn host_settings(reg: &DesiredRegistry, endpoint: &str, into: &mut Table) {
     let caps = MIRROR_CAPABILITIES
         .iter()
         .map(|c| Value::String((*c).to_string()))
@@ -167,7 +179,7 @@ fn host_settings(reg: &DesiredRegistry, into: &mut Table) {
     if let Some(ca) = &reg.ca_file {
         into.insert("ca".into(), Value::String(ca.clone()));
     }
-    if reg.override_path {
+    if needs_override_path(reg, endpoint) {
         into.insert("override_path".into(), Value::Boolean(true));
     }
 }
@@ -197,7 +209,7 @@ pub fn render_hosts_toml(
             }
             for endpoint in live_endpoints {
                 let mut host = Table::new();
-                host_settings(reg, &mut host);
+                host_settings(reg, endpoint, &mut host);
                 hosts.insert(endpoint.clone(), Value::Table(host));
             }
         }
@@ -211,10 +223,10 @@ pub fn render_hosts_toml(
                         registry: reg.registry.clone(),
                     })?;
             top.insert("server".into(), Value::String(last.clone()));
-            host_settings(reg, &mut top);
+            host_settings(reg, last, &mut top);
             for endpoint in first {
                 let mut host = Table::new();
-                host_settings(reg, &mut host);
+                host_settings(reg, endpoint, &mut host);
                 hosts.insert(endpoint.clone(), Value::Table(host));
             }
         }

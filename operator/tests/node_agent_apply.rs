@@ -1,0 +1,342 @@
+//! File-system behaviour of the node agent against a temporary certs.d: admin files survive,
+//! names cannot escape the directory, stale files go, merges are undone, rounds are idempotent.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::Path;
+
+use cachalot_operator::node_agent::apply::{execute, managed_files, scan, Roots};
+use cachalot_operator::node_agent::plan::{reconcile_node, Action, Plan};
+use cachalot_operator::node_agent::protocol::{
+    DesiredRegistry, DesiredState, Fallback, Reason, RegistryState, RegistryStatus, Runtime,
+};
+use cachalot_operator::node_agent::render::{parse_marker, ORIGINAL_FILE_NAME};
+
+const MIRROR: &str = "cachalot/hub";
+const EP: &str = "http://10.96.0.12:5000";
+
+fn registry(name: &str) -> DesiredRegistry {
+    DesiredRegistry {
+        registry: name.to_string(),
+        server: None,
+        endpoints: vec![EP.to_string()],
+        fallback: Fallback::Upstream,
+        dial_timeout: "2s".to_string(),
+        skip_verify: false,
+        ca_file: None,
+        override_path: false,
+    }
+}
+
+fn desired(registries: Vec<DesiredRegistry>) -> DesiredState {
+    DesiredState {
+        mirror: MIRROR.to_string(),
+        generation: "g".to_string(),
+        removing: false,
+        runtime: Runtime::Containerd,
+        registries,
+        unreachable_after: "30s".to_string(),
+        merge_with_admin_file: false,
+    }
+}
+
+fn live() -> BTreeSet<String> {
+    [EP.to_string()].into()
+}
+
+struct Node {
+    _tmp: tempfile::TempDir,
+    roots: Roots,
+}
+
+impl Node {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let certs = tmp.path().join("certs.d");
+        fs::create_dir(&certs).unwrap();
+        let conf = tmp.path().join("registries.conf.d");
+        fs::create_dir(&conf).unwrap();
+        Self {
+            roots: Roots {
+                certs_dir: certs,
+                registries_conf_dir: Some(conf),
+            },
+            _tmp: tmp,
+        }
+    }
+    fn certs(&self) -> &Path {
+        &self.roots.certs_dir
+    }
+    /// One agent round; panics if an action fails.
+    fn round(&self, desired: &DesiredState, live: &BTreeSet<String>) -> Plan {
+        let observed = scan(&self.roots, &desired.mirror).unwrap();
+        let plan = reconcile_node(desired, &observed, live);
+        for action in &plan.actions {
+            execute(&self.roots, action).unwrap_or_else(|e| panic!("{action:?}: {e}"));
+        }
+        plan
+    }
+    fn read(&self, rel: &str) -> String {
+        fs::read_to_string(self.certs().join(rel)).unwrap()
+    }
+}
+
+fn state_of(plan: &Plan, registry: &str) -> RegistryStatus {
+    plan.registries
+        .iter()
+        .find(|r| r.registry == registry)
+        .cloned()
+        .unwrap()
+}
+
+const ADMIN: &str = "server = \"https://registry-1.docker.io\"\n[host.\"https://corp.internal\"]\ncapabilities = [\"pull\"]\n";
+
+#[test]
+fn first_round_writes_marked_file_and_second_round_changes_nothing() {
+    let node = Node::new();
+    let d = desired(vec![registry("docker.io")]);
+    let plan = node.round(&d, &live());
+    assert_eq!(plan.actions.len(), 1);
+    let text = node.read("docker.io/hosts.toml");
+    assert_eq!(parse_marker(&text).unwrap().mirror, MIRROR);
+    assert!(text.contains(EP));
+    assert_eq!(
+        state_of(&plan, "docker.io").state,
+        RegistryState::Configured
+    );
+    assert_eq!(node.round(&d, &live()).actions, []);
+    let observed = scan(&node.roots, MIRROR).unwrap();
+    assert_eq!(managed_files(&observed, MIRROR), ["docker.io/hosts.toml"]);
+}
+
+#[test]
+fn admin_file_without_marker_survives_and_is_reported() {
+    let node = Node::new();
+    fs::create_dir(node.certs().join("docker.io")).unwrap();
+    fs::write(node.certs().join("docker.io/hosts.toml"), ADMIN).unwrap();
+    let plan = node.round(&desired(vec![registry("docker.io")]), &live());
+    assert_eq!(node.read("docker.io/hosts.toml"), ADMIN);
+    let status = state_of(&plan, "docker.io");
+    assert_eq!(status.state, RegistryState::Blocked);
+    assert_eq!(status.reason, Some(Reason::AdminFileExists));
+    // Even when the mirror is deleted, the admin file stays.
+    let mut removing = desired(vec![registry("docker.io")]);
+    removing.removing = true;
+    node.round(&removing, &live());
+    assert_eq!(node.read("docker.io/hosts.toml"), ADMIN);
+}
+
+#[test]
+fn admin_file_written_between_scan_and_write_is_not_overwritten() {
+    let node = Node::new();
+    let d = desired(vec![registry("docker.io")]);
+    let observed = scan(&node.roots, MIRROR).unwrap();
+    let plan = reconcile_node(&d, &observed, &live());
+    fs::create_dir(node.certs().join("docker.io")).unwrap();
+    fs::write(node.certs().join("docker.io/hosts.toml"), ADMIN).unwrap();
+    let err = execute(&node.roots, &plan.actions[0]).unwrap_err();
+    assert!(err.to_string().contains("changed since"), "{err}");
+    assert_eq!(node.read("docker.io/hosts.toml"), ADMIN);
+}
+
+#[test]
+fn registry_names_that_escape_the_certs_dir_write_nothing_anywhere() {
+    let node = Node::new();
+    let parent = node.certs().parent().unwrap().to_path_buf();
+    let before: BTreeSet<_> = fs::read_dir(&parent)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let names = [
+        "../escape",
+        "..",
+        "/tmp/abs",
+        "a/b",
+        "x\0y",
+        "docker.io/../../etc",
+    ];
+    let d = desired(names.iter().map(|n| registry(n)).collect());
+    let plan = node.round(&d, &live());
+    assert_eq!(plan.actions, []);
+    for name in names {
+        let s = state_of(&plan, name);
+        assert_eq!(s.reason, Some(Reason::InvalidRegistryName), "{name:?}");
+    }
+    let after: BTreeSet<_> = fs::read_dir(&parent)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(before, after);
+    assert_eq!(fs::read_dir(node.certs()).unwrap().count(), 0);
+}
+
+#[test]
+fn symlinked_registry_directory_is_not_written_through() {
+    let node = Node::new();
+    let outside = node.certs().parent().unwrap().join("outside");
+    fs::create_dir(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, node.certs().join("docker.io")).unwrap();
+    let plan = node.round(&desired(vec![registry("docker.io")]), &live());
+    assert_eq!(
+        state_of(&plan, "docker.io").reason,
+        Some(Reason::AdminFileExists)
+    );
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+}
+
+#[test]
+fn file_of_a_registry_no_longer_desired_is_removed_with_its_empty_directory() {
+    let node = Node::new();
+    node.round(
+        &desired(vec![registry("docker.io"), registry("ghcr.io")]),
+        &live(),
+    );
+    assert!(node.certs().join("ghcr.io/hosts.toml").exists());
+    let plan = node.round(&desired(vec![registry("docker.io")]), &live());
+    assert_eq!(
+        plan.actions,
+        [Action::Remove {
+            root: cachalot_operator::node_agent::plan::Root::CertsDir,
+            dir: "ghcr.io".into(),
+            file: "hosts.toml".into()
+        }]
+    );
+    assert!(!node.certs().join("ghcr.io").exists());
+    assert!(node.certs().join("docker.io/hosts.toml").exists());
+}
+
+#[test]
+fn removing_state_deletes_our_files_but_keeps_directories_with_admin_content() {
+    let node = Node::new();
+    let d = desired(vec![registry("docker.io"), registry("quay.io")]);
+    node.round(&d, &live());
+    fs::write(node.certs().join("quay.io/ca.crt"), "admin cert").unwrap();
+    let mut removing = d.clone();
+    removing.removing = true;
+    let plan = node.round(&removing, &live());
+    assert!(plan
+        .registries
+        .iter()
+        .all(|r| r.state == RegistryState::Removed));
+    assert!(!node.certs().join("docker.io").exists());
+    assert!(!node.certs().join("quay.io/hosts.toml").exists());
+    assert_eq!(
+        fs::read_to_string(node.certs().join("quay.io/ca.crt")).unwrap(),
+        "admin cert"
+    );
+    assert_eq!(
+        managed_files(&scan(&node.roots, MIRROR).unwrap(), MIRROR),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn file_managed_by_another_mirror_is_neither_overwritten_nor_removed() {
+    let node = Node::new();
+    let mut other = desired(vec![registry("docker.io")]);
+    other.mirror = "team-b/mirror".into();
+    node.round(&other, &live());
+    let theirs = node.read("docker.io/hosts.toml");
+    let plan = node.round(&desired(vec![registry("docker.io")]), &live());
+    assert_eq!(
+        state_of(&plan, "docker.io").reason,
+        Some(Reason::AdminFileExists)
+    );
+    let mut removing = desired(vec![]);
+    removing.removing = true;
+    node.round(&removing, &live());
+    assert_eq!(node.read("docker.io/hosts.toml"), theirs);
+}
+
+#[test]
+fn merge_mode_preserves_the_admin_original_and_restores_it_on_removal() {
+    let node = Node::new();
+    fs::create_dir(node.certs().join("docker.io")).unwrap();
+    fs::write(node.certs().join("docker.io/hosts.toml"), ADMIN).unwrap();
+    let mut d = desired(vec![registry("docker.io")]);
+    d.merge_with_admin_file = true;
+    let plan = node.round(&d, &live());
+    assert_eq!(
+        state_of(&plan, "docker.io").state,
+        RegistryState::Configured
+    );
+    let merged = node.read("docker.io/hosts.toml");
+    assert!(parse_marker(&merged).unwrap().merged);
+    let ours = merged.find(EP).unwrap();
+    let theirs = merged.find("https://corp.internal").unwrap();
+    assert!(ours < theirs, "our host must come first:\n{merged}");
+    assert_eq!(node.read(&format!("docker.io/{ORIGINAL_FILE_NAME}")), ADMIN);
+    // Stable: the next round re-renders from the preserved original, not from the merged file.
+    assert_eq!(node.round(&d, &live()).actions, []);
+    d.registries.clear();
+    node.round(&d, &live());
+    assert_eq!(node.read("docker.io/hosts.toml"), ADMIN);
+    assert!(!node
+        .certs()
+        .join(format!("docker.io/{ORIGINAL_FILE_NAME}"))
+        .exists());
+}
+
+#[test]
+fn unreachable_endpoint_is_left_out_and_reported() {
+    let node = Node::new();
+    let plan = node.round(&desired(vec![registry("docker.io")]), &BTreeSet::new());
+    let text = node.read("docker.io/hosts.toml");
+    assert!(!text.contains(EP), "{text}");
+    assert!(text.contains("server = \"https://registry-1.docker.io\""));
+    let s = state_of(&plan, "docker.io");
+    assert_eq!(
+        (s.state, s.reason),
+        (RegistryState::Unreachable, Some(Reason::MirrorUnreachable))
+    );
+    // When it answers, the next round adds it.
+    node.round(&desired(vec![registry("docker.io")]), &live());
+    assert!(node.read("docker.io/hosts.toml").contains(EP));
+}
+
+#[test]
+fn invalid_edit_of_a_configured_registry_keeps_the_working_file() {
+    let node = Node::new();
+    node.round(&desired(vec![registry("docker.io")]), &live());
+    let before = node.read("docker.io/hosts.toml");
+    let mut bad = registry("docker.io");
+    bad.dial_timeout = "soon".into();
+    let plan = node.round(&desired(vec![bad]), &live());
+    assert_eq!(
+        state_of(&plan, "docker.io").reason,
+        Some(Reason::InvalidDesiredRegistry)
+    );
+    assert_eq!(node.read("docker.io/hosts.toml"), before);
+}
+
+#[test]
+fn crio_dropin_is_written_marked_and_removed_with_the_mirror() {
+    let node = Node::new();
+    let mut d = desired(vec![registry("docker.io")]);
+    d.runtime = Runtime::Crio;
+    node.round(&d, &live());
+    let conf = node.roots.registries_conf_dir.clone().unwrap();
+    let file = conf.join("50-cachalot-cachalot-hub.conf");
+    let text = fs::read_to_string(&file).unwrap();
+    assert_eq!(parse_marker(&text).unwrap().mirror, MIRROR);
+    assert!(text.contains("location = \"10.96.0.12:5000\""));
+    assert_eq!(
+        fs::read_dir(node.certs()).unwrap().count(),
+        0,
+        "no containerd files for CRI-O"
+    );
+    d.removing = true;
+    node.round(&d, &live());
+    assert!(!file.exists());
+}
+
+#[test]
+fn switching_runtime_to_crio_removes_the_containerd_files() {
+    let node = Node::new();
+    let mut d = desired(vec![registry("docker.io")]);
+    node.round(&d, &live());
+    d.runtime = Runtime::Crio;
+    node.round(&d, &live());
+    assert!(!node.certs().join("docker.io").exists());
+}

@@ -1,0 +1,224 @@
+//! Golden tests of the node agent's rendering: the exact `hosts.toml` (and CRI-O drop-in) text
+//! for each supported shape, and the directory each lands in.
+//!
+//! The expected files live in `tests/golden/node_agent/`. After an intended change, regenerate
+//! them with `UPDATE_GOLDEN=1 cargo nextest run -p cachalot-operator --test node_agent_golden`
+//! and review the diff; every file is also parsed back to check it is valid TOML.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use cachalot_operator::node_agent::plan::{reconcile_node, Action, Observed};
+use cachalot_operator::node_agent::protocol::{DesiredRegistry, DesiredState, Fallback, Runtime};
+use cachalot_operator::node_agent::render::{render_crio_dropin, render_hosts_toml};
+
+fn golden_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/node_agent")
+        .join(name)
+}
+
+fn assert_golden(name: &str, actual: &str) {
+    let path = golden_path(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with UPDATE_GOLDEN=1 to create)",
+            path.display()
+        )
+    });
+    assert_eq!(
+        actual, expected,
+        "rendered {name} differs from its golden file"
+    );
+    let _: toml::Table = actual
+        .parse()
+        .unwrap_or_else(|e| panic!("{name} is not valid TOML: {e}"));
+}
+
+fn registry(name: &str, endpoints: &[&str]) -> DesiredRegistry {
+    DesiredRegistry {
+        registry: name.to_string(),
+        server: None,
+        endpoints: endpoints.iter().map(|e| (*e).to_string()).collect(),
+        fallback: Fallback::Upstream,
+        dial_timeout: "2s".to_string(),
+        skip_verify: false,
+        ca_file: None,
+        override_path: false,
+    }
+}
+
+fn all_live(reg: &DesiredRegistry) -> Vec<String> {
+    reg.endpoints.clone()
+}
+
+const MIRROR: &str = "cachalot/docker-hub";
+
+#[test]
+fn docker_hub_routes_through_the_mirror_and_falls_back_to_registry_1() {
+    let reg = registry("docker.io", &["http://10.96.0.12:5000"]);
+    assert_golden(
+        "docker-hub.hosts.toml",
+        &render_hosts_toml(MIRROR, &reg, &all_live(&reg), None).unwrap(),
+    );
+}
+
+#[test]
+fn registry_with_port_keeps_host_port_and_defaults_server_to_https_host_port() {
+    let reg = registry("registry.local:5000", &["http://10.96.0.12:5000"]);
+    assert_golden(
+        "registry-with-port.hosts.toml",
+        &render_hosts_toml(MIRROR, &reg, &all_live(&reg), None).unwrap(),
+    );
+}
+
+#[test]
+fn several_endpoints_are_listed_in_order_with_tls_settings() {
+    let mut reg = registry(
+        "ghcr.io",
+        &[
+            "http://10.96.0.12:5000",
+            "https://mirror-b.internal:8443",
+            "http://10.0.0.7:30500",
+        ],
+    );
+    reg.skip_verify = true;
+    reg.ca_file = Some("/etc/cachalot/ca/mirror.pem".to_string());
+    assert_golden(
+        "several-endpoints.hosts.toml",
+        &render_hosts_toml(MIRROR, &reg, &all_live(&reg), None).unwrap(),
+    );
+}
+
+#[test]
+fn only_live_endpoints_are_written_and_none_live_leaves_just_the_upstream() {
+    let reg = registry(
+        "docker.io",
+        &["http://10.96.0.12:5000", "http://10.96.0.13:5000"],
+    );
+    let one = vec!["http://10.96.0.13:5000".to_string()];
+    assert_golden(
+        "docker-hub-one-live.hosts.toml",
+        &render_hosts_toml(MIRROR, &reg, &one, None).unwrap(),
+    );
+    assert_golden(
+        "docker-hub-none-live.hosts.toml",
+        &render_hosts_toml(MIRROR, &reg, &[], None).unwrap(),
+    );
+}
+
+#[test]
+fn fallback_never_makes_the_last_endpoint_the_server_and_ignores_the_gate() {
+    let mut reg = registry(
+        "docker.io",
+        &["http://10.96.0.12:5000", "http://10.96.0.13:5000"],
+    );
+    reg.fallback = Fallback::Never;
+    // No endpoint live: with Never the file must still not name the upstream.
+    let text = render_hosts_toml(MIRROR, &reg, &[], None).unwrap();
+    assert!(!text.contains("registry-1.docker.io"));
+    assert_golden("fallback-never.hosts.toml", &text);
+}
+
+#[test]
+fn parent_mirror_endpoint_is_a_hub_url_with_override_path() {
+    let mut reg = registry(
+        "docker.io",
+        &[
+            "http://10.96.0.12:5000",
+            "https://hub.cachalot.example/cluster-a/v2",
+        ],
+    );
+    reg.override_path = true;
+    reg.ca_file = Some("/etc/cachalot/ca/hub.pem".to_string());
+    assert_golden(
+        "parent-mirror.hosts.toml",
+        &render_hosts_toml(MIRROR, &reg, &all_live(&reg), None).unwrap(),
+    );
+}
+
+#[test]
+fn explicit_server_replaces_the_default_upstream() {
+    let mut reg = registry("docker.io", &["http://127.0.0.1:5001"]);
+    reg.server = Some("http://127.0.0.1:5002".to_string());
+    assert_golden(
+        "explicit-server.hosts.toml",
+        &render_hosts_toml(MIRROR, &reg, &all_live(&reg), None).unwrap(),
+    );
+}
+
+#[test]
+fn merged_admin_file_keeps_admin_hosts_after_ours_and_is_marked_merged() {
+    let reg = registry("docker.io", &["http://10.96.0.12:5000"]);
+    let admin = "server = \"https://registry-1.docker.io\"\n\n[host.\"https://corp-mirror.internal\"]\n  capabilities = [\"pull\"]\n  ca = \"corp.pem\"\n";
+    assert_golden(
+        "merged-admin.hosts.toml",
+        &render_hosts_toml(MIRROR, &reg, &all_live(&reg), Some(admin)).unwrap(),
+    );
+}
+
+#[test]
+fn crio_dropin_lists_mirrors_per_registry_prefix() {
+    let hub = registry(
+        "docker.io",
+        &["http://10.96.0.12:5000", "https://mirror-b.internal:8443"],
+    );
+    let port = registry("registry.local:5000", &["http://10.96.0.12:5000"]);
+    let mut never = registry("quay.io", &["http://10.96.0.12:5000"]);
+    never.fallback = Fallback::Never;
+    let dead = registry("ghcr.io", &["http://10.96.0.12:5000"]);
+    let text = render_crio_dropin(
+        MIRROR,
+        &[
+            (&hub, all_live(&hub)),
+            (&port, all_live(&port)),
+            (&never, Vec::new()),
+            (&dead, Vec::new()),
+        ],
+    )
+    .unwrap();
+    assert!(
+        !text.contains("ghcr.io"),
+        "a registry without live endpoint is left to CRI-O's default"
+    );
+    assert_golden("crio-dropin.conf", &text);
+}
+
+#[test]
+fn host_namespace_directories_are_named_after_the_registry_with_port_kept() {
+    let desired = DesiredState {
+        mirror: MIRROR.to_string(),
+        generation: "g1".to_string(),
+        removing: false,
+        runtime: Runtime::Containerd,
+        registries: vec![
+            registry("docker.io", &["http://10.96.0.12:5000"]),
+            registry("registry.local:5000", &["http://10.96.0.12:5000"]),
+            registry("_default", &["http://10.96.0.12:5000"]),
+        ],
+        unreachable_after: "30s".to_string(),
+        merge_with_admin_file: false,
+    };
+    let live: BTreeSet<String> = ["http://10.96.0.12:5000".to_string()].into();
+    let plan = reconcile_node(&desired, &Observed::default(), &live);
+    let paths: Vec<String> = plan
+        .actions
+        .iter()
+        .map(|a| match a {
+            Action::Write { dir, file, .. } => format!("{dir}/{file}"),
+            other => panic!("unexpected action {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "docker.io/hosts.toml",
+            "registry.local:5000/hosts.toml",
+            "_default/hosts.toml"
+        ]
+    );
+}
