@@ -9,6 +9,7 @@ Subcommands:
              (x-kubernetes-validations) are evaluated, as the API server would.
   crd-match  the CRD rendered by the chart has the same spec as the generated one in crds/.
   metrics    every cachalot metric name used by alerts and the dashboard is one the registry exports.
+  metric-sources  every known metric name is still registered in registry/src.
   cli-args   the operator binary accepts the args the chart's Deployment passes it.
   values-doc every leaf of the chart's values.yaml has a `# --` comment (on itself or a parent).
 
@@ -435,6 +436,21 @@ def check_cli_args(binary: str, paths: list[str], report: Report) -> None:
                 report.error(doc.where, f"the operator refuses the chart's args {argv[1:-1]}: {done.stderr.strip()}")
 
 
+def check_metric_sources(known_path: str, sources: list[str], report: Report) -> None:
+    """Every metric name the alerts may use is still registered in the registry's source: the
+    name without its `cachalot_registry_` prefix and `_total` suffix appears as a string literal
+    (prometheus-client adds both when encoding). Catches a metric renamed on the registry side."""
+    text = "".join(open(path, encoding="utf-8").read() for path in sources)
+    for line in open(known_path, encoding="utf-8"):
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        report.checked += 1
+        stem = name.removeprefix("cachalot_registry_").removesuffix("_total")
+        if f'"{stem}"' not in text:
+            report.error(known_path, f"{name}: no \"{stem}\" registered in {', '.join(sources)}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -451,6 +467,9 @@ def main() -> int:
     metrics = sub.add_parser("metrics", help="check metric names used by alerts and dashboards")
     metrics.add_argument("--known", required=True)
     metrics.add_argument("files", nargs="+")
+    sources = sub.add_parser("metric-sources", help="check known metric names against the registry source")
+    sources.add_argument("--known", required=True)
+    sources.add_argument("files", nargs="+")
     cli = sub.add_parser("cli-args", help="check the operator binary accepts the rendered args")
     cli.add_argument("--binary", required=True)
     cli.add_argument("files", nargs="+")
@@ -471,6 +490,9 @@ def main() -> int:
     if args.command == "crd-match":
         check_crd_match(args.rendered, args.generated, report)
         return report.finish("chart CRD matches crds/")
+    if args.command == "metric-sources":
+        check_metric_sources(args.known, args.files, report)
+        return report.finish("metric names registered by the registry")
     if args.command == "cli-args":
         check_cli_args(args.binary, args.files, report)
         return report.finish("operator accepts the chart's args")
