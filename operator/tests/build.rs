@@ -1,0 +1,565 @@
+//! Pure build tests: representative RegistryMirror specs → the objects the operator owns.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+
+use cachalot_operator::api::RegistryMirror;
+use cachalot_operator::controller::build::{
+    build_agent, build_registry, node_endpoint, BuildConfig, RegistryObjects, Workload,
+    CONFIG_HASH_ANNOTATION, CONFIG_KEY, DESIRED_KEY,
+};
+use cachalot_operator::controller::validate::{validate, ValidateError, Validated};
+use cachalot_operator::node_agent::protocol::{DesiredState, Fallback};
+use cachalot_registry::config::Config as RegistryConfig;
+use k8s_openapi::api::core::v1::{PodSpec, Service, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+const IMAGE: &str = "ghcr.io/cachalot-dev/cachalot:0.1.0";
+
+fn cfg() -> BuildConfig {
+    BuildConfig {
+        image: IMAGE.to_string(),
+    }
+}
+
+fn mirror(spec: serde_json::Value) -> RegistryMirror {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "cachalot.dev/v1alpha1",
+        "kind": "RegistryMirror",
+        "metadata": {"name": "hub", "namespace": "cachalot", "uid": "uid-1", "generation": 3},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+fn build(m: &RegistryMirror) -> (Validated, Option<RegistryObjects>) {
+    let v = validate(m).unwrap();
+    let objs = build_registry(m, &v, &cfg()).unwrap();
+    (v, objs)
+}
+
+fn rendered_config(objs: &RegistryObjects) -> RegistryConfig {
+    let text = &objs.config_map.data.as_ref().unwrap()[CONFIG_KEY];
+    let mut config: RegistryConfig = serde_yaml::from_str(text).unwrap();
+    config.normalise();
+    config.validate().unwrap();
+    config
+}
+
+fn pod_spec(objs: &RegistryObjects) -> &PodSpec {
+    match &objs.workload {
+        Workload::Deployment(d) => d.spec.template.spec.as_ref().unwrap(),
+        Workload::StatefulSet(s) => s.spec.template.spec.as_ref().unwrap(),
+    }
+}
+
+fn service_with_ip(ip: &str, node_port: Option<i32>) -> Service {
+    Service {
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(ip.to_string()),
+            ports: Some(vec![k8s_openapi::api::core::v1::ServicePort {
+                port: 5000,
+                node_port,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn docker_hub_only_mirror_renders_a_config_the_registry_accepts() {
+    let m = mirror(serde_json::json!({"registries": [{"name": "docker.io"}]}));
+    let (_, objs) = build(&m);
+    let objs = objs.unwrap();
+    let config = rendered_config(&objs);
+    assert_eq!(config.default_registry, "docker.io");
+    assert_eq!(config.listen.port(), 5000);
+    assert_eq!(
+        config.registries["docker.io"].url.as_deref(),
+        Some("https://registry-1.docker.io")
+    );
+    assert_eq!(config.storage.max_size_bytes, Some(10 << 30));
+    assert!(config.parent.is_none());
+    assert!(matches!(objs.workload, Workload::Deployment(_)));
+    assert!(
+        objs.pdb.is_none(),
+        "one replica needs no PodDisruptionBudget"
+    );
+    let svc = objs.service.spec.as_ref().unwrap();
+    assert_eq!(svc.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(
+        objs.config_map.metadata.name.as_deref(),
+        Some("cachalot-hub-config")
+    );
+}
+
+#[test]
+fn every_owned_object_has_a_controller_owner_reference_and_mirror_labels() {
+    let m = mirror(serde_json::json!({"registries": [{"name": "docker.io"}], "replicas": 2}));
+    let (v, objs) = build(&m);
+    let objs = objs.unwrap();
+    let agent = build_agent(&m, &v, &cfg(), Some("http://10.96.0.12:5000"), false).unwrap();
+    let Workload::Deployment(d) = &objs.workload else {
+        panic!("expected a Deployment")
+    };
+    let metas = [
+        &objs.config_map.metadata,
+        &d.metadata,
+        &objs.service.metadata,
+        &objs.pdb.as_ref().unwrap().metadata,
+        &agent.config_map.metadata,
+        &agent.daemon_set.metadata,
+    ];
+    for meta in metas {
+        let owner = &meta.owner_references.as_ref().unwrap()[0];
+        assert_eq!(owner.kind, "RegistryMirror");
+        assert_eq!(owner.api_version, "cachalot.dev/v1alpha1");
+        assert_eq!(owner.uid, "uid-1");
+        assert_eq!(owner.controller, Some(true));
+        assert_eq!(meta.namespace.as_deref(), Some("cachalot"));
+        let labels = meta.labels.as_ref().unwrap();
+        assert_eq!(labels["cachalot.dev/mirror"], "hub");
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "cachalot-operator");
+    }
+}
+
+#[test]
+fn registry_pods_are_hardened_with_probes_and_only_cache_and_tmp_writable() {
+    let m = mirror(serde_json::json!({"registries": [{"name": "docker.io"}]}));
+    let (_, objs) = build(&m);
+    let objs = objs.unwrap();
+    let pod = pod_spec(&objs);
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let psc = pod.security_context.as_ref().unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(
+        psc.seccomp_profile.as_ref().unwrap().type_,
+        "RuntimeDefault"
+    );
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some(IMAGE));
+    assert_eq!(
+        c.args.as_ref().unwrap(),
+        &["serve", "--config", "/etc/cachalot/config/config.yaml"]
+    );
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(
+        sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(),
+        &["ALL"]
+    );
+    let readiness = c
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(readiness.path.as_deref(), Some("/readyz"));
+    let liveness = c
+        .liveness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(liveness.path.as_deref(), Some("/healthz"));
+    let requests = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
+    assert!(requests.contains_key("cpu") && requests.contains_key("memory"));
+    let writable: Vec<&str> = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter(|m| m.read_only != Some(true))
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert_eq!(writable, ["/tmp", "/var/lib/cachalot"]);
+}
+
+#[test]
+fn several_registries_with_credentials_reference_secret_files_never_secret_data() {
+    let m = mirror(serde_json::json!({
+        "registries": [
+            {"name": "docker.io", "credentialsSecret": {"name": "hub-creds"},
+             "freshness": [{"pattern": "latest", "maxAge": "1m"}, {"pattern": "v*", "immutable": true}],
+             "budgetReserve": 10},
+            {"name": "ghcr.io", "credentialsSecret": {"name": "gh", "type": "DockerConfigJson"}},
+            {"name": "registry.local:5000", "url": "http://registry.local:5000/"}
+        ],
+        "defaultRegistry": "ghcr.io"
+    }));
+    let (_, objs) = build(&m);
+    let objs = objs.unwrap();
+    let config = rendered_config(&objs);
+    assert_eq!(config.default_registry, "ghcr.io");
+    assert_eq!(config.registries.len(), 3);
+    let hub = &config.registries["docker.io"];
+    let creds = hub.credentials.as_ref().unwrap();
+    assert_eq!(
+        creds.username_file.as_deref().unwrap().to_str(),
+        Some("/etc/cachalot/credentials/docker.io/username")
+    );
+    assert_eq!(hub.budget_reserve, 10);
+    assert_eq!(hub.freshness.len(), 2);
+    assert_eq!(
+        hub.freshness[0].max_age,
+        Some(std::time::Duration::from_secs(60))
+    );
+    assert!(hub.freshness[1].immutable);
+    let gh = config.registries["ghcr.io"].credentials.as_ref().unwrap();
+    assert_eq!(
+        gh.docker_config_file.as_deref().unwrap().to_str(),
+        Some("/etc/cachalot/credentials/ghcr.io/.dockerconfigjson")
+    );
+    assert_eq!(
+        config.registries["registry.local:5000"].url.as_deref(),
+        Some("http://registry.local:5000")
+    );
+    let pod = pod_spec(&objs);
+    let secrets: BTreeMap<String, String> = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter_map(|v| Some((v.name.clone(), v.secret.as_ref()?.secret_name.clone()?)))
+        .collect();
+    assert_eq!(
+        secrets.values().cloned().collect::<Vec<_>>(),
+        ["hub-creds", "gh"]
+    );
+    let mounts: Vec<&str> = pod.containers[0]
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter(|m| secrets.contains_key(&m.name))
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            "/etc/cachalot/credentials/docker.io",
+            "/etc/cachalot/credentials/ghcr.io"
+        ]
+    );
+    let text = &objs.config_map.data.as_ref().unwrap()[CONFIG_KEY];
+    assert!(!text.contains("hub-creds") && !text.to_lowercase().contains("password:"));
+}
+
+#[test]
+fn pvc_storage_renders_a_statefulset_with_claims_and_a_cache_bound_below_the_claim() {
+    let m = mirror(serde_json::json!({
+        "registries": [{"name": "docker.io"}],
+        "storage": {"type": "PersistentVolumeClaim", "size": "20Gi", "storageClassName": "fast"}
+    }));
+    let (_, objs) = build(&m);
+    let objs = objs.unwrap();
+    let Workload::StatefulSet(s) = &objs.workload else {
+        panic!("expected a StatefulSet")
+    };
+    let claim = &s.spec.volume_claim_templates.as_ref().unwrap()[0];
+    let claim_spec = claim.spec.as_ref().unwrap();
+    assert_eq!(claim_spec.storage_class_name.as_deref(), Some("fast"));
+    assert_eq!(
+        claim_spec
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap()["storage"]
+            .0,
+        "20Gi"
+    );
+    assert_eq!(claim.metadata.name.as_deref(), Some("cache"));
+    let pod = s.spec.template.spec.as_ref().unwrap();
+    assert!(
+        pod.volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|v| v.name != "cache"),
+        "the cache volume comes from the claim template, not an emptyDir"
+    );
+    let config = rendered_config(&objs);
+    assert_eq!(config.storage.max_size_bytes, Some((20u64 << 30) / 10 * 9));
+}
+
+#[test]
+fn nodeport_exposure_points_nodes_at_loopback_node_port() {
+    let m = mirror(serde_json::json!({
+        "registries": [{"name": "docker.io"}],
+        "service": {"type": "NodePort", "nodePort": 30500}
+    }));
+    let (v, objs) = build(&m);
+    let svc = objs.unwrap().service;
+    let spec = svc.spec.as_ref().unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("NodePort"));
+    assert_eq!(spec.ports.as_ref().unwrap()[0].node_port, Some(30500));
+    assert_eq!(
+        node_endpoint(&v, Some(&svc)).as_deref(),
+        Some("http://127.0.0.1:30500")
+    );
+
+    // An allocated port is read back from the applied Service.
+    let m = mirror(serde_json::json!({
+        "registries": [{"name": "docker.io"}], "service": {"type": "NodePort"}
+    }));
+    let v = validate(&m).unwrap();
+    let applied = service_with_ip("10.96.0.7", Some(31234));
+    assert_eq!(
+        node_endpoint(&v, Some(&applied)).as_deref(),
+        Some("http://127.0.0.1:31234")
+    );
+}
+
+#[test]
+fn cluster_ip_endpoint_comes_from_the_applied_service_and_is_absent_until_allocated() {
+    let m = mirror(serde_json::json!({"registries": [{"name": "docker.io"}]}));
+    let v = validate(&m).unwrap();
+    assert_eq!(
+        node_endpoint(&v, Some(&service_with_ip("10.96.0.12", None))).as_deref(),
+        Some("http://10.96.0.12:5000")
+    );
+    assert_eq!(
+        node_endpoint(&v, Some(&service_with_ip("fd00::12", None))).as_deref(),
+        Some("http://[fd00::12]:5000")
+    );
+    assert_eq!(node_endpoint(&v, Some(&Service::default())), None);
+    let agent = build_agent(&m, &v, &cfg(), None, false).unwrap();
+    assert!(
+        agent.desired.registries.is_empty(),
+        "without an endpoint nodes must not be pointed anywhere"
+    );
+}
+
+#[test]
+fn external_endpoint_deploys_no_proxy_and_nodes_use_the_url() {
+    let m = mirror(serde_json::json!({
+        "registries": [{"name": "docker.io"}],
+        "service": {"type": "External", "externalUrl": "http://10.0.0.5:5000/"}
+    }));
+    let (v, objs) = build(&m);
+    assert!(objs.is_none());
+    let endpoint = node_endpoint(&v, None);
+    assert_eq!(endpoint.as_deref(), Some("http://10.0.0.5:5000"));
+    let agent = build_agent(&m, &v, &cfg(), endpoint.as_deref(), false).unwrap();
+    assert_eq!(
+        agent.desired.registries[0].endpoints,
+        ["http://10.0.0.5:5000"]
+    );
+}
+
+#[test]
+fn three_replicas_get_a_pod_disruption_budget_keeping_one_available() {
+    let m = mirror(serde_json::json!({"registries": [{"name": "docker.io"}], "replicas": 3}));
+    let (_, objs) = build(&m);
+    let objs = objs.unwrap();
+    let Workload::Deployment(d) = &objs.workload else {
+        panic!("expected a Deployment")
+    };
+    assert_eq!(d.spec.replicas, Some(3));
+    let pdb = objs.pdb.unwrap();
+    let spec = pdb.spec.unwrap();
+    assert_eq!(spec.min_available, Some(IntOrString::Int(1)));
+    assert_eq!(
+        spec.selector.unwrap().match_labels,
+        d.spec.selector.match_labels,
+        "the PDB must select exactly the registry pods"
+    );
+}
+
+#[test]
+fn parent_mirror_is_rendered_as_the_registry_parent() {
+    let m = mirror(serde_json::json!({
+        "registries": [{"name": "docker.io"}, {"name": "quay.io"}],
+        "parent": {"url": "http://hub.example.internal:5000/"}
+    }));
+    let (_, objs) = build(&m);
+    let config = rendered_config(&objs.unwrap());
+    assert_eq!(
+        config.parent.as_ref().map(|p| p.url.as_str()),
+        Some("http://hub.example.internal:5000")
+    );
+}
+
+#[test]
+fn agent_daemonset_has_no_api_access_and_mounts_only_node_paths_it_needs() {
+    let m = mirror(serde_json::json!({
+        "registries": [{"name": "docker.io"}],
+        "nodes": {"nodeSelector": {"pool": "builds"}, "fallback": "Never", "dialTimeout": "1s",
+                  "tolerations": [{"operator": "Exists"}]}
+    }));
+    let v = validate(&m).unwrap();
+    let agent = build_agent(&m, &v, &cfg(), Some("http://10.96.0.12:5000"), false).unwrap();
+    let pod = agent.daemon_set.spec.template.spec.as_ref().unwrap();
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.node_selector.as_ref().unwrap()["pool"], "builds");
+    assert_eq!(pod.tolerations.as_ref().unwrap().len(), 1);
+    let host_paths: Vec<(&str, &str)> = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter_map(|v| Some((v.name.as_str(), v.host_path.as_ref()?.path.as_str())))
+        .collect();
+    assert_eq!(
+        host_paths,
+        [
+            ("certs-d", "/etc/containerd/certs.d"),
+            ("containerd-config", "/etc/containerd")
+        ]
+    );
+    let c = &pod.containers[0];
+    let mounts: BTreeMap<&str, bool> = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|m| (m.name.as_str(), m.read_only == Some(true)))
+        .collect();
+    assert!(
+        mounts["containerd-config"],
+        "containerd config must be mounted read-only"
+    );
+    assert!(!mounts["certs-d"]);
+    let args = c.args.as_ref().unwrap().join(" ");
+    assert!(args.starts_with("node-agent --desired-file /etc/cachalot/agent/desired.json"));
+    assert!(args.contains("--certs-dir /host/certs.d"));
+    assert!(args.contains("--containerd-config /host/containerd/config.toml"));
+    assert!(args.contains("--listen 0.0.0.0:9464"));
+    assert!(args.contains("--host-certs-dir /etc/containerd/certs.d"));
+    let desired: DesiredState =
+        serde_json::from_str(&agent.config_map.data.as_ref().unwrap()[DESIRED_KEY]).unwrap();
+    assert_eq!(desired, agent.desired);
+    assert_eq!(desired.mirror, "cachalot/hub");
+    assert!(!desired.removing);
+    let r = &desired.registries[0];
+    assert_eq!(r.registry, "docker.io");
+    assert_eq!(r.endpoints, ["http://10.96.0.12:5000"]);
+    assert_eq!(r.fallback, Fallback::Never);
+    assert_eq!(r.dial_timeout, "1s");
+}
+
+#[test]
+fn building_twice_is_identical_and_a_config_change_rolls_the_pods() {
+    let m = mirror(serde_json::json!({"registries": [{"name": "docker.io"}]}));
+    let (_, a) = build(&m);
+    let (_, b) = build(&m);
+    assert_eq!(a, b);
+    let m2 = mirror(serde_json::json!({"registries": [{"name": "docker.io", "budgetReserve": 5}]}));
+    let (_, c) = build(&m2);
+    let hash = |o: &Option<RegistryObjects>| {
+        let o = o.as_ref().unwrap();
+        let Workload::Deployment(d) = &o.workload else {
+            panic!()
+        };
+        d.spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[CONFIG_HASH_ANNOTATION]
+            .clone()
+    };
+    assert_eq!(hash(&a), hash(&b));
+    assert_ne!(hash(&a), hash(&c));
+}
+
+#[test]
+fn desired_generation_changes_with_content_and_removal() {
+    let m = mirror(serde_json::json!({"registries": [{"name": "docker.io"}]}));
+    let v = validate(&m).unwrap();
+    let g = |endpoint: Option<&str>, removing| {
+        build_agent(&m, &v, &cfg(), endpoint, removing)
+            .unwrap()
+            .desired
+            .generation
+    };
+    assert_eq!(
+        g(Some("http://10.0.0.1:5000"), false),
+        g(Some("http://10.0.0.1:5000"), false)
+    );
+    assert_ne!(
+        g(Some("http://10.0.0.1:5000"), false),
+        g(Some("http://10.0.0.2:5000"), false)
+    );
+    assert_ne!(g(Some("http://10.0.0.1:5000"), false), g(None, true));
+}
+
+fn invalid(spec: serde_json::Value) -> String {
+    match validate(&mirror(spec)) {
+        Err(ValidateError::InvalidField { field, .. }) => field,
+        other => panic!("expected an invalid field, got {other:?}"),
+    }
+}
+
+#[test]
+fn invalid_specs_are_refused_naming_the_field() {
+    use serde_json::json;
+    assert_eq!(invalid(json!({"registries": []})), "spec.registries");
+    assert_eq!(
+        invalid(json!({"registries": [{"name": "docker.io"}, {"name": "docker.io"}]})),
+        "spec.registries[1].name"
+    );
+    assert_eq!(
+        invalid(json!({"registries": [{"name": "../etc"}]})),
+        "spec.registries[0].name"
+    );
+    assert_eq!(
+        invalid(json!({"registries": [{"name": "docker.io", "url": "ftp://x"}]})),
+        "spec.registries[0].url"
+    );
+    assert_eq!(
+        invalid(json!({"registries": [{"name": "docker.io"}], "defaultRegistry": "quay.io"})),
+        "spec.defaultRegistry"
+    );
+    assert_eq!(
+        invalid(
+            json!({"registries": [{"name": "docker.io"}], "storage": {"type": "PersistentVolumeClaim"}})
+        ),
+        "spec.storage.size"
+    );
+    assert_eq!(
+        invalid(
+            json!({"registries": [{"name": "docker.io"}], "storage": {"size": "1Gi", "maxSize": "2Gi"}})
+        ),
+        "spec.storage.maxSize"
+    );
+    assert_eq!(
+        invalid(json!({"registries": [{"name": "docker.io"}], "service": {"type": "External"}})),
+        "spec.service.externalUrl"
+    );
+    assert_eq!(
+        invalid(json!({"registries": [{"name": "docker.io"}], "service": {"nodePort": 30001}})),
+        "spec.service.nodePort"
+    );
+    assert_eq!(
+        invalid(
+            json!({"registries": [{"name": "docker.io", "freshness": [{"pattern": "latest"}]}]})
+        ),
+        "spec.registries[0].freshness[0]"
+    );
+    assert_eq!(
+        invalid(
+            json!({"registries": [{"name": "docker.io"}], "nodes": {"certsDir": "/etc/../root"}})
+        ),
+        "spec.nodes.certsDir"
+    );
+    assert_eq!(
+        invalid(json!({"registries": [{"name": "docker.io"}], "nodes": {"dialTimeout": "soon"}})),
+        "spec.nodes.dialTimeout"
+    );
+    assert_eq!(
+        invalid(json!({"registries": [{"name": "docker.io"}], "replicas": 0})),
+        "spec.replicas"
+    );
+}
