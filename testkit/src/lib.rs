@@ -15,5 +15,6 @@
 
 pub mod client;
 pub mod distribution;
+pub mod fault;
 pub mod image;
 pub mod wait;
