@@ -1,0 +1,406 @@
+//! The RegistryMirror controller loop end to end against the kube-like fake API server
+//! (`tools/fake-apiserver`, started on 127.0.0.1 by the test): apply a mirror → owned objects →
+//! status → spec change → owned objects follow → delete → finalizer flow completes.
+//!
+//! No kubelet, scheduler or garbage collector runs: the test plays the kubelet where it matters (a
+//! running registry pod, answered by an in-process fake `Probe`), and no node agent pod exists, so
+//! deletion completes through the operator's "no agent runs for this mirror" path. The fake server
+//! garbage-collects owned objects through their ownerReferences when the mirror goes.
+//!
+//! Needs Python 3 with `pip install -r tools/fake-apiserver/requirements.txt`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[allow(dead_code)]
+#[path = "../../e2e/src/fake_apiserver.rs"]
+mod fake_apiserver;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cachalot_operator::controller::build::{
+    agent_name, registry_config_name, registry_name, selector_labels,
+};
+use cachalot_operator::controller::observe::{Probe, ProbeError, RegistryStats, UpstreamBudget};
+use cachalot_operator::controller::{run_with, ControllerConfig};
+use cachalot_operator::metrics::Metrics;
+use cachalot_operator::node_agent::protocol::AgentStatus;
+use fake_apiserver::FakeApiServer;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+const NS: &str = "mirrors";
+const MIRROR: &str = "hub";
+/// Bound of every wait; a healthy loop converges in well under a second per step.
+const STEP: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(20);
+
+/// Stands in for the registry pods' `/stats`; node agents never answer (none exist).
+struct FakeProbe;
+
+impl Probe for FakeProbe {
+    fn registry_stats(
+        &self,
+        _base_url: String,
+    ) -> BoxFuture<'static, Result<RegistryStats, ProbeError>> {
+        async {
+            Ok(RegistryStats {
+                hits: 3,
+                misses: 1,
+                upstreams: vec![UpstreamBudget {
+                    registry: "docker.io".into(),
+                    limit: Some(100),
+                    remaining: Some(97),
+                    window_seconds: Some(21600),
+                    source: None,
+                }],
+                ..RegistryStats::default()
+            })
+        }
+        .boxed()
+    }
+
+    fn agent_status(
+        &self,
+        base_url: String,
+    ) -> BoxFuture<'static, Result<AgentStatus, ProbeError>> {
+        async move {
+            Err(ProbeError::Request {
+                url: base_url,
+                message: "no agent in this test".into(),
+            })
+        }
+        .boxed()
+    }
+}
+
+fn mirrors_api(client: &kube::Client) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("cachalot.dev", "v1alpha1", "RegistryMirror");
+    Api::namespaced_with(
+        client.clone(),
+        NS,
+        &ApiResource::from_gvk_with_plural(&gvk, "registrymirrors"),
+    )
+}
+
+/// Polls `check` until it yields a value or the deadline passes (bounded in time and count).
+async fn eventually<T, F, Fut>(what: &str, server: &FakeApiServer, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + STEP;
+    let max_polls = STEP.as_millis() / POLL.as_millis() + 1;
+    for _ in 0..max_polls {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    panic!(
+        "timed out after {STEP:?} waiting for {what}; fake API server stderr:\n{}",
+        server.stderr()
+    );
+}
+
+fn condition<'a>(mirror: &'a DynamicObject, type_: &str) -> Option<&'a Value> {
+    mirror.data["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+async fn install_crd(client: &kube::Client) {
+    let yaml = include_str!("../../crds/registrymirrors.cachalot.dev.yaml");
+    let crd: CustomResourceDefinition = serde_yaml::from_str(yaml).unwrap();
+    Api::<CustomResourceDefinition>::all(client.clone())
+        .create(&PostParams::default(), &crd)
+        .await
+        .unwrap();
+}
+
+/// Plays the kubelet: a running, ready registry pod for the mirror, so the operator probes it.
+async fn run_registry_pod(client: &kube::Client) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": format!("{}-0", registry_name(MIRROR)),
+                     "labels": selector_labels(MIRROR, "registry")},
+        "spec": {"nodeName": "node-1", "containers": [{"name": "registry", "image": "test"}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let status = json!({"status": {"phase": "Running", "podIP": "127.0.0.1",
+                                   "conditions": [{"type": "Ready", "status": "True"}]}});
+    pods.patch_status(
+        &pod.metadata.name.unwrap(),
+        &PatchParams::default(),
+        &Patch::Merge(&status),
+    )
+    .await
+    .unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let ready = json!({"status": {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1}});
+    deployments
+        .patch_status(
+            &registry_name(MIRROR),
+            &PatchParams::default(),
+            &Patch::Merge(&ready),
+        )
+        .await
+        .unwrap();
+}
+
+fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, uid: &str) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|r| r.uid == uid && r.kind == "RegistryMirror" && r.controller == Some(true))
+}
+
+/// Mean reconcile duration from the operator's own histogram (`…_sum / …_count`).
+fn mean_reconcile_seconds(metrics: &Metrics) -> Option<(f64, f64)> {
+    let text = metrics.encode().ok()?;
+    let value = |suffix: &str| {
+        text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+            let mut fields = l.split_whitespace();
+            let name = fields.next()?;
+            let wanted = name.contains("duration") && name.ends_with(suffix);
+            wanted.then(|| fields.next()?.parse::<f64>().ok()).flatten()
+        })
+    };
+    Some((value("_sum")?, value("_count")?))
+}
+
+#[tokio::test]
+async fn registry_mirror_goes_from_apply_to_owned_objects_and_status_then_follows_spec_and_is_finalized(
+) {
+    let server = FakeApiServer::start().await.expect("fake API server");
+    let client = server.client(NS).await.unwrap();
+    install_crd(&client).await;
+
+    let metrics = Arc::new(Metrics::new());
+    let mut config = ControllerConfig::new("ghcr.io/cachalot-dev/cachalot:test");
+    config.namespace = Some(NS.to_owned());
+    config.requeue_after = Duration::from_millis(300);
+    config.cleanup_requeue_after = Duration::from_millis(100);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let controller = tokio::spawn(run_with(
+        client.clone(),
+        config,
+        Arc::new(FakeProbe),
+        metrics.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+
+    // 1. Apply a mirror: the operator adds its finalizer and applies every owned object.
+    let mirrors = mirrors_api(&client);
+    let started = Instant::now();
+    let mirror = json!({"apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
+                        "metadata": {"name": MIRROR},
+                        "spec": {"registries": [{"name": "docker.io"}]}});
+    let applied = mirrors
+        .patch(
+            MIRROR,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&mirror),
+        )
+        .await
+        .unwrap();
+    let uid = applied.metadata.uid.clone().unwrap();
+
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let services: Api<Service> = Api::namespaced(client.clone(), NS);
+    let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), NS);
+
+    let config_map = eventually("the registry ConfigMap", &server, || async {
+        cms.get_opt(&registry_config_name(MIRROR)).await.unwrap()
+    })
+    .await;
+    let deployment = eventually("the registry Deployment", &server, || async {
+        deployments.get_opt(&registry_name(MIRROR)).await.unwrap()
+    })
+    .await;
+    let service = eventually("the registry Service", &server, || async {
+        services.get_opt(&registry_name(MIRROR)).await.unwrap()
+    })
+    .await;
+    let daemon_set = eventually("the node agent DaemonSet", &server, || async {
+        daemon_sets.get_opt(&agent_name(MIRROR)).await.unwrap()
+    })
+    .await;
+    for meta in [
+        &config_map.metadata,
+        &deployment.metadata,
+        &service.metadata,
+        &daemon_set.metadata,
+    ] {
+        assert!(
+            owned_by(meta, &uid),
+            "{:?} is not owned by the mirror",
+            meta.name
+        );
+    }
+    let config_yaml = config_map
+        .data
+        .unwrap_or_default()
+        .remove("config.yaml")
+        .unwrap_or_default();
+    assert!(
+        config_yaml.contains("docker.io"),
+        "registry config names docker.io:\n{config_yaml}"
+    );
+    assert!(!config_yaml.contains("ghcr.io"));
+    let cluster_ip = service.spec.unwrap().cluster_ip.unwrap();
+
+    let first = eventually("status with observedGeneration 1", &server, || async {
+        let m = mirrors.get(MIRROR).await.unwrap();
+        (m.data["status"]["observedGeneration"] == 1).then_some(m)
+    })
+    .await;
+    let to_first_status = started.elapsed();
+    let finalizers = first.metadata.finalizers.clone().unwrap_or_default();
+    assert!(!finalizers.is_empty(), "the operator added its finalizer");
+    for type_ in [
+        "Ready",
+        "ProxyAvailable",
+        "NodesConfigured",
+        "CacheEffective",
+        "UpstreamBudget",
+    ] {
+        assert!(
+            condition(&first, type_).is_some(),
+            "condition {type_} missing: {}",
+            first.data["status"]
+        );
+    }
+    let endpoint = first.data["status"]["endpoint"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        endpoint.contains(&cluster_ip),
+        "endpoint {endpoint} uses the Service ClusterIP {cluster_ip}"
+    );
+
+    // 2. The kubelet runs a registry pod: the next passes read its /stats into status.
+    run_registry_pod(&client).await;
+    let with_stats = eventually(
+        "ProxyAvailable=True and cache stats in status",
+        &server,
+        || async {
+            let m = mirrors.get(MIRROR).await.unwrap();
+            let proxy = condition(&m, "ProxyAvailable").is_some_and(|c| c["status"] == "True");
+            (proxy && m.data["status"]["cache"].is_object()).then_some(m)
+        },
+    )
+    .await;
+    let cache = with_stats.data["status"]["cache"].to_string();
+    assert!(
+        cache.contains('3') && cache.contains('1'),
+        "hit/miss counts from /stats in status: {cache}"
+    );
+    let budget = with_stats.data["status"].to_string();
+    assert!(
+        budget.contains("97"),
+        "remaining upstream budget from /stats in status: {budget}"
+    );
+
+    // 3. Change the spec: a second registry and three replicas.
+    let changed = json!({"apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
+                         "metadata": {"name": MIRROR},
+                         "spec": {"replicas": 3,
+                                  "registries": [{"name": "docker.io"}, {"name": "ghcr.io"}]}});
+    mirrors
+        .patch(
+            MIRROR,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&changed),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the registry config to include ghcr.io",
+        &server,
+        || async {
+            let cm = cms.get(&registry_config_name(MIRROR)).await.unwrap();
+            let yaml = cm
+                .data
+                .unwrap_or_default()
+                .remove("config.yaml")
+                .unwrap_or_default();
+            yaml.contains("ghcr.io").then_some(())
+        },
+    )
+    .await;
+    eventually("the Deployment to scale to 3", &server, || async {
+        let d = deployments.get(&registry_name(MIRROR)).await.unwrap();
+        (d.spec.replicas == Some(3)).then_some(())
+    })
+    .await;
+    eventually("a PodDisruptionBudget for 3 replicas", &server, || async {
+        pdbs.get_opt(&registry_name(MIRROR)).await.unwrap()
+    })
+    .await;
+    eventually("status with observedGeneration 2", &server, || async {
+        let m = mirrors.get(MIRROR).await.unwrap();
+        (m.data["status"]["observedGeneration"] == 2).then_some(())
+    })
+    .await;
+
+    // 4. Delete: the finalizer holds the object until node cleanup is done (no agent runs here),
+    //    then it goes, and its owned objects are collected.
+    mirrors
+        .delete(MIRROR, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the mirror to be gone", &server, || async {
+        mirrors
+            .get_opt(MIRROR)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(cms
+        .get_opt(&registry_config_name(MIRROR))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(daemon_sets
+        .get_opt(&agent_name(MIRROR))
+        .await
+        .unwrap()
+        .is_none());
+
+    let _ = stop.send(());
+    tokio::time::timeout(STEP, controller)
+        .await
+        .expect("the controller stops on shutdown")
+        .unwrap();
+
+    if let Some((sum, count)) = mean_reconcile_seconds(&metrics) {
+        assert!(count >= 3.0, "several reconciles ran, got {count}");
+        eprintln!(
+            "measure: {count} reconciles, mean {:.1} ms; apply → first status {:.0} ms",
+            sum / count * 1000.0,
+            to_first_status.as_secs_f64() * 1000.0
+        );
+    }
+}
