@@ -356,7 +356,11 @@ impl Config {
                 format!(
                     "`{}` is not one of the configured registries ({})",
                     self.default_registry,
-                    self.registries.keys().cloned().collect::<Vec<_>>().join(", ")
+                    self.registries
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ));
         }
@@ -417,7 +421,10 @@ impl Config {
             return Err(invalid("upstream.retries", "at most 10"));
         }
         if self.upstream.circuit_failure_threshold == 0 {
-            return Err(invalid("upstream.circuitFailureThreshold", "must be at least 1"));
+            return Err(invalid(
+                "upstream.circuitFailureThreshold",
+                "must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -509,17 +516,19 @@ mod tests {
     #[test]
     fn invalid_values_name_the_field() {
         let err = load_yaml("registries:\n  docker.io:\n    url: ftp://x\n").unwrap_err();
-        assert!(err.to_string().starts_with("registries.docker.io.url"), "{err}");
+        assert!(
+            err.to_string().starts_with("registries.docker.io.url"),
+            "{err}"
+        );
         let err = load_yaml("defaultRegistry: quay.io\n").unwrap_err();
         assert!(err.to_string().starts_with("defaultRegistry"), "{err}");
         let err = load_yaml("registries:\n  \"../x\": {}\ndefaultRegistry: ../x\n").unwrap_err();
         assert!(err.to_string().starts_with("registries.../x"), "{err}");
-        let err = load_yaml(
-            "registries:\n  docker.io:\n    freshness:\n    - pattern: latest\n",
-        )
-        .unwrap_err();
+        let err = load_yaml("registries:\n  docker.io:\n    freshness:\n    - pattern: latest\n")
+            .unwrap_err();
         assert!(
-            err.to_string().starts_with("registries.docker.io.freshness[0]"),
+            err.to_string()
+                .starts_with("registries.docker.io.freshness[0]"),
             "{err}"
         );
     }
@@ -534,8 +543,14 @@ mod tests {
             ..Overrides::default()
         };
         let c = Config::load(None, &overrides).unwrap();
-        assert_eq!(c.registries["docker.io"].url.as_deref(), Some("http://127.0.0.1:1"));
-        assert_eq!(c.registries["quay.io"].url.as_deref(), Some("http://127.0.0.1:2"));
+        assert_eq!(
+            c.registries["docker.io"].url.as_deref(),
+            Some("http://127.0.0.1:1")
+        );
+        assert_eq!(
+            c.registries["quay.io"].url.as_deref(),
+            Some("http://127.0.0.1:2")
+        );
         let bad = Overrides {
             upstreams: vec!["nourl".into()],
             ..Overrides::default()

@@ -5,5 +5,11 @@
 //! circuit) and `store` (content-addressed disk cache). `oci` holds the pure protocol vocabulary,
 //! `config` the startup configuration, `telemetry` the metrics and stats.
 
+pub mod api;
 pub mod config;
 pub mod oci;
+pub mod proxy;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod upstream;

@@ -79,7 +79,9 @@ impl FromStr for Digest {
     type Err = ParseDigestError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (alg, hex) = s.split_once(':').ok_or(ParseDigestError::MissingAlgorithm)?;
+        let (alg, hex) = s
+            .split_once(':')
+            .ok_or(ParseDigestError::MissingAlgorithm)?;
         let algorithm = match alg {
             "sha256" => Algorithm::Sha256,
             "sha512" => Algorithm::Sha512,
@@ -95,7 +97,10 @@ impl FromStr for Digest {
                 actual: hex.len(),
             });
         }
-        if !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return Err(ParseDigestError::NotHex);
         }
         Ok(Digest {

@@ -204,27 +204,13 @@ mod tests {
     #[test]
     fn names_outside_the_grammar_or_escaping_the_store_are_refused() {
         for bad in [
-            "",
-            "..",
-            "a/../b",
-            "/abs",
-            "a//b",
-            "a/",
-            "Upper",
-            "a___b",
-            "-a",
-            "a.",
-            "a..b",
-            "a b",
+            "", "..", "a/../b", "/abs", "a//b", "a/", "Upper", "a___b", "-a", "a.", "a..b", "a b",
             "a/./b",
         ] {
             assert!(bad.parse::<RepositoryName>().is_err(), "{bad:?}");
         }
         let long = "a".repeat(MAX_NAME_LEN + 1);
-        assert_eq!(
-            long.parse::<RepositoryName>(),
-            Err(ParseNameError::TooLong)
-        );
+        assert_eq!(long.parse::<RepositoryName>(), Err(ParseNameError::TooLong));
     }
 
     #[test]
@@ -248,7 +234,10 @@ mod tests {
     fn references_with_a_colon_are_digests() {
         let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
         assert!(matches!(d.parse::<Reference>(), Ok(Reference::Digest(_))));
-        assert!(matches!("latest".parse::<Reference>(), Ok(Reference::Tag(_))));
+        assert!(matches!(
+            "latest".parse::<Reference>(),
+            Ok(Reference::Tag(_))
+        ));
         assert!("md5:00".parse::<Reference>().is_err());
     }
 }

@@ -24,7 +24,10 @@ pub enum Route {
         reference: Reference,
     },
     /// `/v2/<name>/blobs/<digest>`.
-    Blob { name: RepositoryName, digest: Digest },
+    Blob {
+        name: RepositoryName,
+        digest: Digest,
+    },
     /// `/v2/<name>/blobs/uploads/...`: push endpoints, always refused.
     Upload,
 }
@@ -156,7 +159,10 @@ mod tests {
     #[test]
     fn upload_paths_are_recognised_for_refusal() {
         assert_eq!(Route::parse("/v2/a/blobs/uploads/").unwrap(), Route::Upload);
-        assert_eq!(Route::parse("/v2/a/blobs/uploads/abc").unwrap(), Route::Upload);
+        assert_eq!(
+            Route::parse("/v2/a/blobs/uploads/abc").unwrap(),
+            Route::Upload
+        );
     }
 
     #[test]
@@ -187,6 +193,9 @@ mod tests {
         ));
         assert_eq!(Route::parse("/etc/passwd"), Err(RouteError::NotFound));
         assert_eq!(Route::parse("/v2/a"), Err(RouteError::NotFound));
-        assert_eq!(Route::parse("/v2x/a/manifests/x"), Err(RouteError::NotFound));
+        assert_eq!(
+            Route::parse("/v2x/a/manifests/x"),
+            Err(RouteError::NotFound)
+        );
     }
 }

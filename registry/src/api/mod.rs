@@ -1,0 +1,532 @@
+//! The HTTP surface: the distribution pull API, plus `/metrics`, `/stats`, `/healthz`, `/readyz`.
+//!
+//! Every distribution request is parsed once into a typed [`Route`]; every error leaves through
+//! [`OciError`]. `ns` selects the upstream from the configured allowlist and is never used to
+//! build a URL to anywhere else.
+
+pub mod range;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use bytes::Bytes;
+use futures::StreamExt as _;
+use http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use tracing::Instrument as _;
+
+use crate::oci::{Digest, ErrorCode, Kind, OciError, Reference, RepositoryName, Route};
+use crate::proxy::blobs::{self, Source};
+use crate::proxy::{ManifestReply, Proxy, ProxyError};
+use crate::telemetry::{CacheResult, Telemetry};
+use crate::upstream::{self, Target, Upstream};
+
+/// Shared state of the HTTP handlers.
+#[derive(Debug)]
+pub struct AppState {
+    pub proxy: Proxy,
+    pub telemetry: Arc<Telemetry>,
+    pub default_registry: String,
+}
+
+/// The full router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/stats", get(stats))
+        .fallback(distribution)
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    // Ready when the cache directory is still there and writable enough to list.
+    match std::fs::metadata(state.proxy.inner().store.root().join("tmp")) {
+        Ok(m) if m.is_dir() => "ok".into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable").into_response(),
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.telemetry.encode(),
+    )
+        .into_response()
+}
+
+async fn stats(State(state): State<Arc<AppState>>) -> Response {
+    axum::Json(state.telemetry.snapshot()).into_response()
+}
+
+/// Query parameters the API understands.
+#[derive(Debug, Default)]
+struct Query {
+    ns: Option<String>,
+    n: Option<String>,
+    last: Option<String>,
+}
+
+fn parse_query(uri: &Uri) -> Query {
+    let mut q = Query::default();
+    for (k, v) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+        match &*k {
+            "ns" => q.ns = Some(v.into_owned()),
+            "n" => q.n = Some(v.into_owned()),
+            "last" => q.last = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    q
+}
+
+fn with_api_version(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    response
+}
+
+async fn distribution(
+    State(state): State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let span =
+        tracing::info_span!("request", %method, path = uri.path(), ns = tracing::field::Empty);
+    let started = Instant::now();
+    let response = async {
+        let query = parse_query(&uri);
+        if let Some(ns) = &query.ns {
+            tracing::Span::current().record("ns", ns.as_str());
+        }
+        let response = match handle(&state, &method, &uri, &headers, &query).await {
+            Ok(response) => response,
+            Err(e) => {
+                tracing::info!(status = e.status.as_u16(), code = e.code.as_str(), error = %e.message, "request failed");
+                e.into_response()
+            }
+        };
+        let cache = response
+            .headers()
+            .get("x-cache")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        if cache == "HIT" {
+            tracing::debug!(status = response.status().as_u16(), cache, elapsed_ms, "served");
+        } else {
+            tracing::info!(status = response.status().as_u16(), cache, elapsed_ms, "served");
+        }
+        response
+    }
+    .instrument(span)
+    .await;
+    with_api_version(response)
+}
+
+fn unsupported_method(method: &Method) -> OciError {
+    OciError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::Unsupported,
+        format!("{method} is not supported: this registry is a read-only pull-through cache"),
+    )
+}
+
+async fn handle(
+    state: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    query: &Query,
+) -> Result<Response, OciError> {
+    let route = Route::parse(uri.path())?;
+    if matches!(route, Route::Upload) || (method != Method::GET && method != Method::HEAD) {
+        let mut response = unsupported_method(method).into_response();
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return Ok(response);
+    }
+    let head = method == Method::HEAD;
+    let registry = query.ns.as_deref().unwrap_or(&state.default_registry);
+    let upstream = state.proxy.upstream(registry).ok_or_else(|| {
+        let allowed: Vec<&str> = state.proxy.inner().upstreams.names().collect();
+        let shown: String = registry.chars().take(64).collect();
+        OciError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NameUnknown,
+            format!(
+                "registry `{shown}` is not mirrored here (mirrored: {})",
+                allowed.join(", ")
+            ),
+        )
+    })?;
+    let normalise = |name: RepositoryName| {
+        if upstream.name() == crate::config::DOCKER_HUB {
+            name.with_library_prefix()
+        } else {
+            name
+        }
+    };
+    match route {
+        Route::Base => Ok(([(header::CONTENT_TYPE, "application/json")], "{}").into_response()),
+        Route::Catalog => Ok(catalog(state, upstream.name(), query)),
+        Route::Tags { name } => tags(upstream, &normalise(name), query).await,
+        Route::Manifest { name, reference } => {
+            let name = normalise(name);
+            let result = match &reference {
+                Reference::Digest(d) => {
+                    state
+                        .proxy
+                        .manifest_by_digest(upstream, &name, d, head)
+                        .await
+                }
+                Reference::Tag(t) => state.proxy.manifest_by_tag(upstream, &name, t, head).await,
+            };
+            record(state, upstream, Kind::Manifest, &result);
+            result
+                .map(|reply| manifest_response(state, reply))
+                .map_err(|e| e.to_oci(Kind::Manifest))
+        }
+        Route::Blob { name, digest } => {
+            let name = normalise(name);
+            let result = if head {
+                blob_head(state, upstream, &name, &digest).await
+            } else {
+                blob_get(state, upstream, &name, &digest, headers).await
+            };
+            match result {
+                Ok((response, cache)) => {
+                    state
+                        .telemetry
+                        .record_request(upstream.name(), Kind::Blob, cache);
+                    Ok(response)
+                }
+                Err(BlobError::Proxy(e)) => {
+                    state
+                        .telemetry
+                        .record_request(upstream.name(), Kind::Blob, CacheResult::Error);
+                    Err(e.to_oci(Kind::Blob))
+                }
+                Err(BlobError::Range(e, size)) => {
+                    let mut response = e.into_response();
+                    if let Some(v) =
+                        size.and_then(|s| HeaderValue::from_str(&format!("bytes */{s}")).ok())
+                    {
+                        response.headers_mut().insert(header::CONTENT_RANGE, v);
+                    }
+                    Ok(response)
+                }
+            }
+        }
+        Route::Upload => Err(unsupported_method(method)),
+    }
+}
+
+fn record(
+    state: &AppState,
+    upstream: &Upstream,
+    kind: Kind,
+    result: &Result<ManifestReply, ProxyError>,
+) {
+    let cache = match result {
+        Ok(reply) => reply.cache,
+        Err(_) => CacheResult::Error,
+    };
+    state.telemetry.record_request(upstream.name(), kind, cache);
+}
+
+fn cache_headers(response: &mut Response, cache: CacheResult) {
+    let headers = response.headers_mut();
+    headers.insert("x-cache", HeaderValue::from_static(cache.header_value()));
+    if cache == CacheResult::Stale {
+        headers.insert(
+            header::WARNING,
+            HeaderValue::from_static("110 cachalot \"Response is Stale\""),
+        );
+    }
+}
+
+fn digest_header(digest: &Digest) -> HeaderValue {
+    // A validated digest is `alg:hex`, always a valid header value.
+    HeaderValue::from_str(&digest.to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+fn manifest_response(state: &AppState, reply: ManifestReply) -> Response {
+    let mut response = match reply.body {
+        Some(body) => {
+            state.telemetry.add_served_bytes(body.len() as u64);
+            Response::new(Body::from(body))
+        }
+        None => Response::new(Body::empty()),
+    };
+    let headers = response.headers_mut();
+    if let Some(v) = upstream::header_value(&reply.media_type) {
+        headers.insert(header::CONTENT_TYPE, v);
+    }
+    headers.insert("docker-content-digest", digest_header(&reply.digest));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(reply.size));
+    headers.insert(
+        header::ETAG,
+        HeaderValue::from_str(&format!("\"{}\"", reply.digest))
+            .unwrap_or_else(|_| HeaderValue::from_static("\"\"")),
+    );
+    cache_headers(&mut response, reply.cache);
+    response
+}
+
+enum BlobError {
+    Proxy(ProxyError),
+    /// A refused `Range`, with the blob size for `Content-Range: bytes */size` on a 416.
+    Range(OciError, Option<u64>),
+}
+
+impl From<ProxyError> for BlobError {
+    fn from(e: ProxyError) -> Self {
+        BlobError::Proxy(e)
+    }
+}
+
+fn range_error(e: range::RangeError) -> BlobError {
+    let (status, size) = match e {
+        range::RangeError::Unsatisfiable { size } => {
+            (StatusCode::RANGE_NOT_SATISFIABLE, Some(size))
+        }
+        _ => (StatusCode::BAD_REQUEST, None),
+    };
+    BlobError::Range(
+        OciError::new(status, ErrorCode::RangeInvalid, e.to_string()),
+        size,
+    )
+}
+
+fn blob_headers(response: &mut Response, digest: &Digest, cache: CacheResult) {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert("docker-content-digest", digest_header(digest));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    cache_headers(response, cache);
+}
+
+async fn blob_head(
+    state: &AppState,
+    upstream: &Arc<Upstream>,
+    name: &RepositoryName,
+    digest: &Digest,
+) -> Result<(Response, CacheResult), BlobError> {
+    let inner = state.proxy.inner();
+    let (size, cache) = if let Some(size) = inner.store.blob_size(digest) {
+        (Some(size), CacheResult::Hit)
+    } else {
+        // A blob the cache does not hold is asked about upstream, never answered 404 from here:
+        // a chained cachalot relies on that (distribution #4747).
+        let (size, _) = blobs::head_upstream(upstream, name, digest).await?;
+        (size, CacheResult::Miss)
+    };
+    let mut response = Response::new(Body::empty());
+    if let Some(size) = size {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    }
+    blob_headers(&mut response, digest, cache);
+    Ok((response, cache))
+}
+
+async fn blob_get(
+    state: &AppState,
+    upstream: &Arc<Upstream>,
+    name: &RepositoryName,
+    digest: &Digest,
+    headers: &HeaderMap,
+) -> Result<(Response, CacheResult), BlobError> {
+    let requested = match headers.get(header::RANGE) {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| range_error(range::RangeError::Malformed))
+                .and_then(|s| range::parse(s).map_err(range_error))?,
+        ),
+        None => None,
+    };
+    let inner = state.proxy.inner();
+    let source = blobs::open_or_fetch(inner, upstream, name, digest)?;
+    let (size, cache, stream): (Option<u64>, CacheResult, _) = match source {
+        Source::Cached(file, size, pin) => {
+            let (start, end) = match requested {
+                Some(r) => range::resolve(r, size).map_err(range_error)?,
+                None => (0, size),
+            };
+            let stream = blobs::file_stream(file, pin, start, end).boxed();
+            return Ok((
+                stream_response(
+                    state,
+                    stream,
+                    digest,
+                    CacheResult::Hit,
+                    size,
+                    requested.map(|_| (start, end)),
+                ),
+                CacheResult::Hit,
+            ));
+        }
+        Source::InFlight { flight, leader } => {
+            let header = flight.header().await?;
+            let cache = if leader {
+                CacheResult::Miss
+            } else {
+                CacheResult::Hit
+            };
+            (header.size, cache, flight)
+        }
+    };
+    let flight = stream;
+    match (requested, size) {
+        (Some(r), Some(size)) => {
+            let (start, end) = range::resolve(r, size).map_err(range_error)?;
+            let body = blobs::flight_stream(flight, start, Some(end)).boxed();
+            Ok((
+                stream_response(state, body, digest, cache, size, Some((start, end))),
+                cache,
+            ))
+        }
+        (Some(_), None) => {
+            // Size unknown until the fetch ends (chunked upstream): serve the range from the cache.
+            flight.done().await?;
+            let Some((file, size, pin)) =
+                inner.store.open_blob(digest).map_err(ProxyError::from)?
+            else {
+                return Err(BlobError::Proxy(ProxyError::Internal(
+                    "committed blob vanished".into(),
+                )));
+            };
+            let r = requested.unwrap_or(range::ByteRange::From {
+                start: 0,
+                end: None,
+            });
+            let (start, end) = range::resolve(r, size).map_err(range_error)?;
+            let body = blobs::file_stream(file, pin, start, end).boxed();
+            Ok((
+                stream_response(state, body, digest, cache, size, Some((start, end))),
+                cache,
+            ))
+        }
+        (None, size) => {
+            let body = blobs::flight_stream(flight, 0, size).boxed();
+            let mut response = counted_body(state, body);
+            if let Some(size) = size {
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+            }
+            blob_headers(&mut response, digest, cache);
+            Ok((response, cache))
+        }
+    }
+}
+
+type ByteStream = futures::stream::BoxStream<'static, std::io::Result<Bytes>>;
+
+fn counted_body(state: &AppState, stream: ByteStream) -> Response {
+    let telemetry = Arc::clone(&state.telemetry);
+    let counted = stream.inspect(move |chunk| {
+        if let Ok(bytes) = chunk {
+            telemetry.add_served_bytes(bytes.len() as u64);
+        }
+    });
+    Response::new(Body::from_stream(counted))
+}
+
+fn stream_response(
+    state: &AppState,
+    stream: ByteStream,
+    digest: &Digest,
+    cache: CacheResult,
+    size: u64,
+    range: Option<(u64, u64)>,
+) -> Response {
+    let mut response = counted_body(state, stream);
+    let headers = response.headers_mut();
+    match range {
+        Some((start, end)) => {
+            *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+            let headers = response.headers_mut();
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)) {
+                headers.insert(header::CONTENT_RANGE, v);
+            }
+        }
+        None => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        }
+    }
+    blob_headers(&mut response, digest, cache);
+    response
+}
+
+async fn tags(
+    upstream: &Upstream,
+    name: &RepositoryName,
+    query: &Query,
+) -> Result<Response, OciError> {
+    let target = Target::Tags {
+        n: query.n.as_deref(),
+        last: query.last.as_deref(),
+    };
+    let response = upstream
+        .send(Method::GET, name, target)
+        .await
+        .map_err(|e| {
+            let mut err = ProxyError::from(e).to_oci(Kind::Manifest);
+            if err.code == ErrorCode::ManifestUnknown {
+                err.code = ErrorCode::NameUnknown;
+            }
+            err
+        })?;
+    let copied: Vec<(header::HeaderName, HeaderValue)> = [header::CONTENT_TYPE, header::LINK]
+        .into_iter()
+        .filter_map(|h| response.headers().get(&h).cloned().map(|v| (h, v)))
+        .collect();
+    let mut out = Response::new(Body::from_stream(response.bytes_stream()));
+    out.headers_mut().extend(copied);
+    Ok(out)
+}
+
+fn catalog(state: &AppState, registry: &str, query: &Query) -> Response {
+    let all = state.proxy.inner().store.repositories(registry);
+    let start = match &query.last {
+        Some(last) => all.partition_point(|r| r <= last),
+        None => 0,
+    };
+    let n = query
+        .n
+        .as_deref()
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(1000)
+        .min(10_000);
+    let page: Vec<&String> = all.iter().skip(start).take(n).collect();
+    let mut response = axum::Json(serde_json::json!({ "repositories": page })).into_response();
+    if start + page.len() < all.len() {
+        if let Some(last) = page.last() {
+            let link = format!("</v2/_catalog?n={n}&last={last}>; rel=\"next\"");
+            if let Ok(v) = HeaderValue::from_str(&link) {
+                response.headers_mut().insert(header::LINK, v);
+            }
+        }
+    }
+    response
+}

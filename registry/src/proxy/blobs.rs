@@ -1,0 +1,365 @@
+//! Blob pull-through: one upstream fetch per digest, streamed to every waiting client while it is
+//! still being written, verified before it is committed.
+//!
+//! A fetch (the "flight") writes the upstream body into a temp file and publishes its progress on
+//! a watch channel. Readers — the client that started it and any that join — read the temp file
+//! at their own offsets with positional reads, so the file is read back from the page cache and no
+//! blob is ever held in memory. Invariant: no reader is given the final byte of its response
+//! before the flight has verified the digest and committed, so a corrupt or truncated upstream
+//! body can never complete as a successful response; the reader fails instead and the client sees
+//! a broken transfer. The flight runs in its own task: a client disconnect does not stop the cache
+//! write.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt as _;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use futures::Stream;
+use http::Method;
+use tokio::sync::watch;
+
+use super::{ProxyError, ProxyInner};
+use crate::oci::{Digest, DigestHasher, RepositoryName};
+use crate::store::{Pin, TempFile};
+use crate::upstream::{self, Target, Upstream};
+
+/// Size of each read from disk and each write to it.
+const CHUNK: usize = 256 * 1024;
+
+/// What the upstream said about the blob before its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlightHeader {
+    pub size: Option<u64>,
+}
+
+/// Progress of a fetch, published to readers.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub header: Option<FlightHeader>,
+    pub written: u64,
+    pub outcome: Option<Result<(), ProxyError>>,
+}
+
+/// A fetch in flight.
+#[derive(Debug)]
+pub struct Flight {
+    file: Arc<std::fs::File>,
+    progress: watch::Receiver<Progress>,
+}
+
+impl Flight {
+    /// Waits until the upstream answered with headers (or failed).
+    pub async fn header(&self) -> Result<FlightHeader, ProxyError> {
+        let mut rx = self.progress.clone();
+        let p = rx
+            .wait_for(|p| p.header.is_some() || p.outcome.is_some())
+            .await
+            .map_err(|_| ProxyError::Internal("fetch ended without a result".into()))?;
+        if let Some(Err(e)) = &p.outcome {
+            return Err(e.clone());
+        }
+        Ok(p.header.clone().unwrap_or(FlightHeader { size: None }))
+    }
+
+    /// Waits until the fetch is verified and committed (or failed).
+    pub async fn done(&self) -> Result<(), ProxyError> {
+        let mut rx = self.progress.clone();
+        let p = rx
+            .wait_for(|p| p.outcome.is_some())
+            .await
+            .map_err(|_| ProxyError::Internal("fetch ended without a result".into()))?;
+        p.outcome.clone().unwrap_or(Ok(()))
+    }
+}
+
+/// Fetches in flight, by digest.
+#[derive(Debug, Default)]
+pub struct BlobFlights {
+    map: Mutex<HashMap<Digest, Arc<Flight>>>,
+}
+
+/// What a blob lookup found.
+pub enum Source {
+    /// Already cached: the open file, its size and a pin against eviction.
+    Cached(std::fs::File, u64, Pin),
+    /// Being fetched; `leader` is true for the request that started the fetch.
+    InFlight { flight: Arc<Flight>, leader: bool },
+}
+
+impl BlobFlights {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<Flight>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Finds a blob in the cache or in flight, or starts fetching it from `upstream`.
+pub fn open_or_fetch(
+    inner: &Arc<ProxyInner>,
+    upstream: &Arc<Upstream>,
+    repo: &RepositoryName,
+    digest: &Digest,
+) -> Result<Source, ProxyError> {
+    if let Some((file, size, pin)) = inner.store.open_blob(digest)? {
+        return Ok(Source::Cached(file, size, pin));
+    }
+    let mut map = inner.blob_flights.lock();
+    if let Some(flight) = map.get(digest) {
+        return Ok(Source::InFlight {
+            flight: Arc::clone(flight),
+            leader: false,
+        });
+    }
+    // A flight removes itself only after committing, so checking the store again under the map
+    // lock cannot miss a blob that finished between the first check and here.
+    if let Some((file, size, pin)) = inner.store.open_blob(digest)? {
+        return Ok(Source::Cached(file, size, pin));
+    }
+    let temp = inner.store.create_temp()?;
+    let (tx, rx) = watch::channel(Progress::default());
+    let flight = Arc::new(Flight {
+        file: Arc::clone(temp.file()),
+        progress: rx,
+    });
+    map.insert(digest.clone(), Arc::clone(&flight));
+    drop(map);
+    let task_inner = Arc::clone(inner);
+    let task_upstream = Arc::clone(upstream);
+    let task_repo = repo.clone();
+    let task_digest = digest.clone();
+    tokio::spawn(async move {
+        let result = fetch(
+            &task_inner,
+            &task_upstream,
+            &task_repo,
+            &task_digest,
+            temp,
+            &tx,
+        )
+        .await;
+        if let Err(e) = &result {
+            tracing::warn!(registry = task_upstream.name(), repository = %task_repo, digest = %task_digest, error = %e, "blob fetch failed; nothing cached");
+        }
+        tx.send_modify(|p| p.outcome = Some(result));
+        task_inner.blob_flights.lock().remove(&task_digest);
+        task_inner.after_commit();
+    });
+    Ok(Source::InFlight {
+        flight,
+        leader: true,
+    })
+}
+
+async fn write_at(file: &Arc<std::fs::File>, buf: Bytes, offset: u64) -> Result<(), ProxyError> {
+    let file = Arc::clone(file);
+    tokio::task::spawn_blocking(move || file.write_all_at(&buf, offset))
+        .await
+        .map_err(|e| ProxyError::Internal(format!("write task failed: {e}")))?
+        .map_err(|e| ProxyError::Internal(format!("cannot write cache temp file: {e}")))
+}
+
+/// The flight body: upstream GET → temp file (hashing as it goes) → verify → commit.
+async fn fetch(
+    inner: &Arc<ProxyInner>,
+    upstream: &Arc<Upstream>,
+    repo: &RepositoryName,
+    digest: &Digest,
+    temp: TempFile,
+    tx: &watch::Sender<Progress>,
+) -> Result<(), ProxyError> {
+    let registry = upstream.name().to_owned();
+    let mut response = upstream
+        .send(Method::GET, repo, Target::Blob(digest))
+        .await?;
+    let size = response.content_length();
+    tx.send_modify(|p| p.header = Some(FlightHeader { size }));
+    let mut hasher = DigestHasher::new(digest.algorithm());
+    let mut received: u64 = 0;
+    let mut written: u64 = 0;
+    let mut pending = BytesMut::with_capacity(CHUNK);
+    let idle = inner.body_idle_timeout;
+    loop {
+        let chunk = match tokio::time::timeout(idle, response.chunk()).await {
+            Ok(Ok(Some(chunk))) => chunk,
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                return Err(ProxyError::Body {
+                    registry,
+                    message: e.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(ProxyError::Body {
+                    registry,
+                    message: format!("no data for {}s", idle.as_secs()),
+                })
+            }
+        };
+        received += chunk.len() as u64;
+        inner.telemetry.add_upstream_bytes(chunk.len() as u64);
+        if size.is_some_and(|s| received > s) {
+            return Err(ProxyError::Truncated {
+                registry,
+                expected: size.unwrap_or(0),
+                received,
+            });
+        }
+        hasher.update(&chunk);
+        pending.extend_from_slice(&chunk);
+        if pending.len() >= CHUNK {
+            let buf = pending.split().freeze();
+            let n = buf.len() as u64;
+            write_at(temp.file(), buf, written).await?;
+            written += n;
+            tx.send_modify(|p| p.written = written);
+        }
+    }
+    if !pending.is_empty() {
+        let buf = pending.split().freeze();
+        let n = buf.len() as u64;
+        write_at(temp.file(), buf, written).await?;
+        written += n;
+        tx.send_modify(|p| p.written = written);
+    }
+    if let Some(expected) = size {
+        if received != expected {
+            return Err(ProxyError::Truncated {
+                registry,
+                expected,
+                received,
+            });
+        }
+    }
+    let actual = hasher.finish();
+    if &actual != digest {
+        return Err(ProxyError::DigestMismatch {
+            registry,
+            expected: digest.clone(),
+            actual,
+        });
+    }
+    if size.is_none() {
+        tx.send_modify(|p| {
+            p.header = Some(FlightHeader {
+                size: Some(received),
+            })
+        });
+    }
+    let store = Arc::clone(&inner.store);
+    let commit_digest = digest.clone();
+    tokio::task::spawn_blocking(move || store.commit_blob(temp, &commit_digest, received))
+        .await
+        .map_err(|e| ProxyError::Internal(format!("commit task failed: {e}")))??;
+    inner.store.note_repository(&registry, repo)?;
+    Ok(())
+}
+
+/// Asks the upstream about a blob without fetching it (HEAD on a miss).
+pub async fn head_upstream(
+    upstream: &Upstream,
+    repo: &RepositoryName,
+    digest: &Digest,
+) -> Result<(Option<u64>, Option<String>), ProxyError> {
+    let response = upstream
+        .send(Method::HEAD, repo, Target::Blob(digest))
+        .await?;
+    Ok((response.content_length(), upstream::content_type(&response)))
+}
+
+async fn read_at(file: &Arc<std::fs::File>, offset: u64, len: usize) -> std::io::Result<Bytes> {
+    let file = Arc::clone(file);
+    tokio::task::spawn_blocking(move || {
+        let mut buf = BytesMut::zeroed(len);
+        let mut filled = 0;
+        while filled < len {
+            let n = file.read_at(&mut buf[filled..], offset + filled as u64)?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "cache file shorter than expected",
+                ));
+            }
+            filled += n;
+        }
+        Ok(buf.freeze())
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Streams `[start, end)` of a committed file, keeping it pinned until the stream ends.
+pub fn file_stream(
+    file: std::fs::File,
+    pin: Pin,
+    start: u64,
+    end: u64,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
+    let file = Arc::new(file);
+    futures::stream::try_unfold((file, pin, start), move |(file, pin, pos)| async move {
+        if pos >= end {
+            return Ok(None);
+        }
+        let len = usize::try_from((end - pos).min(CHUNK as u64)).unwrap_or(CHUNK);
+        let bytes = read_at(&file, pos, len).await?;
+        Ok(Some((bytes, (file, pin, pos + len as u64))))
+    })
+}
+
+/// Streams `[start, end)` of a blob that is still being fetched, following the writer. `end` is
+/// the blob size when known; `None` streams to whatever length the fetch turns out to have.
+pub fn flight_stream(
+    flight: Arc<Flight>,
+    start: u64,
+    end: Option<u64>,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
+    let rx = flight.progress.clone();
+    futures::stream::try_unfold(
+        (flight, rx, start),
+        move |(flight, mut rx, pos)| async move {
+            loop {
+                let (written, outcome, total) = {
+                    let p = rx.borrow_and_update();
+                    (
+                        p.written,
+                        p.outcome.clone(),
+                        p.header.as_ref().and_then(|h| h.size),
+                    )
+                };
+                let target = end.or(total);
+                let verified = matches!(outcome, Some(Ok(())));
+                if let Some(Err(e)) = outcome {
+                    return Err(std::io::Error::other(e.to_string()));
+                }
+                if verified && target.is_none_or(|t| pos >= t) && pos >= written {
+                    return Ok(None);
+                }
+                // Until verification, hold back the last byte of the response.
+                let limit = match (verified, target) {
+                    (true, Some(t)) => written.min(t),
+                    (true, None) => written,
+                    (false, Some(t)) => written.min(t.saturating_sub(1)),
+                    (false, None) => written,
+                };
+                if pos < limit {
+                    let len = usize::try_from((limit - pos).min(CHUNK as u64)).unwrap_or(CHUNK);
+                    let bytes = read_at(&flight.file, pos, len).await?;
+                    return Ok(Some((bytes, (flight, rx, pos + len as u64))));
+                }
+                if verified {
+                    return Ok(None);
+                }
+                rx.changed()
+                    .await
+                    .map_err(|_| std::io::Error::other("blob fetch ended without a result"))?;
+            }
+        },
+    )
+}

@@ -1,0 +1,658 @@
+//! Pull-through logic: what is served from the cache, what is asked of the upstream, and what is
+//! served when the upstream fails.
+//!
+//! Manifests by digest and blobs are immutable: once cached they never go upstream again. Tags
+//! are revalidated with a HEAD (free of Docker Hub's pull budget) once older than their freshness
+//! rule allows; a GET is spent only when the digest moved or the tag was never cached. Concurrent
+//! work on the same tag, manifest or blob is coalesced into one upstream request. When the
+//! upstream is down, failing, slow or rate-limiting, or its budget is at the configured reserve,
+//! a cached tag is served and counted as stale.
+
+pub mod blobs;
+pub mod flight;
+pub mod freshness;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+
+use crate::config::Config;
+use crate::oci::{media, Digest, DigestHasher, ErrorCode, Kind, OciError, RepositoryName, Tag};
+use crate::store::{now_secs, Store, StoreError, TagRecord};
+use crate::telemetry::{CacheResult, Telemetry};
+use crate::upstream::{self, Target, Upstream, UpstreamError, Upstreams};
+use blobs::BlobFlights;
+use flight::SingleFlight;
+use freshness::{Freshness, FreshnessPolicy};
+
+/// A failed pull-through operation. Cloneable: coalesced waiters share one failure.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("cache storage failed: {0}")]
+    Store(Arc<StoreError>),
+    #[error(
+        "upstream {registry} sent content with digest {actual}, expected {expected}; not cached"
+    )]
+    DigestMismatch {
+        registry: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("upstream {registry} body ended after {received} of {expected} bytes; not cached")]
+    Truncated {
+        registry: String,
+        expected: u64,
+        received: u64,
+    },
+    #[error(
+        "upstream {registry} sent a manifest larger than {} bytes",
+        media::MAX_MANIFEST_BYTES
+    )]
+    ManifestTooLarge { registry: String },
+    #[error("upstream {registry} body failed: {message}; not cached")]
+    Body { registry: String, message: String },
+    #[error("upstream {registry} answered without a usable digest for {reference}")]
+    NoDigest { registry: String, reference: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ProxyError {
+    fn from(e: StoreError) -> Self {
+        ProxyError::Store(Arc::new(e))
+    }
+}
+
+impl ProxyError {
+    /// The OCI error a client gets for this failure.
+    pub fn to_oci(&self, kind: Kind) -> OciError {
+        let msg = self.to_string();
+        match self {
+            ProxyError::Upstream(UpstreamError::Status {
+                status,
+                retry_after,
+                ..
+            }) => {
+                let (status, code) = match *status {
+                    StatusCode::NOT_FOUND => (
+                        StatusCode::NOT_FOUND,
+                        match kind {
+                            Kind::Manifest => ErrorCode::ManifestUnknown,
+                            Kind::Blob => ErrorCode::BlobUnknown,
+                        },
+                    ),
+                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                        (StatusCode::FORBIDDEN, ErrorCode::Denied)
+                    }
+                    StatusCode::TOO_MANY_REQUESTS => {
+                        (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests)
+                    }
+                    s if s.is_server_error() => {
+                        (StatusCode::BAD_GATEWAY, ErrorCode::UpstreamUnavailable)
+                    }
+                    _ => (StatusCode::BAD_GATEWAY, ErrorCode::UpstreamInvalid),
+                };
+                OciError::new(status, code, msg).with_retry_after(retry_after.clone())
+            }
+            ProxyError::Upstream(UpstreamError::Connect { .. }) => {
+                OciError::new(StatusCode::BAD_GATEWAY, ErrorCode::UpstreamUnavailable, msg)
+            }
+            ProxyError::Upstream(UpstreamError::Timeout { .. }) => OciError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                ErrorCode::UpstreamUnavailable,
+                msg,
+            ),
+            ProxyError::Upstream(UpstreamError::CircuitOpen { retry_in, .. }) => OciError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::UpstreamUnavailable,
+                msg,
+            )
+            .with_retry_after(Some(retry_in.as_secs().max(1).to_string())),
+            ProxyError::Upstream(UpstreamError::RateLimitedLocally { retry_in, .. }) => {
+                OciError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ErrorCode::TooManyRequests,
+                    msg,
+                )
+                .with_retry_after(Some(retry_in.as_secs().max(1).to_string()))
+            }
+            ProxyError::Upstream(UpstreamError::Token { .. })
+            | ProxyError::DigestMismatch { .. }
+            | ProxyError::Truncated { .. }
+            | ProxyError::ManifestTooLarge { .. }
+            | ProxyError::Body { .. }
+            | ProxyError::NoDigest { .. } => {
+                OciError::new(StatusCode::BAD_GATEWAY, ErrorCode::UpstreamInvalid, msg)
+            }
+            ProxyError::Store(_) | ProxyError::Internal(_) => {
+                OciError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown, msg)
+            }
+        }
+    }
+}
+
+/// Why the proxy could not be built from the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildProxyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Upstream(#[from] upstream::BuildUpstreamError),
+    #[error("registries.{registry}.freshness: {source}")]
+    Freshness {
+        registry: String,
+        source: globset::Error,
+    },
+}
+
+/// A manifest answer.
+#[derive(Debug, Clone)]
+pub struct ManifestReply {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+    /// `None` for HEAD.
+    pub body: Option<Bytes>,
+    pub cache: CacheResult,
+}
+
+/// A manifest fetched from upstream and cached.
+#[derive(Debug, Clone)]
+struct Fetched {
+    digest: Digest,
+    media_type: String,
+    bytes: Bytes,
+}
+
+/// The outcome of a HEAD revalidation of a cached tag.
+#[derive(Debug, Clone)]
+enum Revalidation {
+    /// The upstream confirms the tag: same digest (or it answered with the new one).
+    Current(TagRecord),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum TagKey {
+    Revalidate(String, RepositoryName, Tag),
+    Get(String, RepositoryName, Tag),
+}
+
+/// Shared state of the proxy (also held by background fetch tasks).
+#[derive(Debug)]
+pub struct ProxyInner {
+    pub store: Arc<Store>,
+    pub telemetry: Arc<Telemetry>,
+    pub upstreams: Upstreams,
+    pub blob_flights: BlobFlights,
+    manifest_flights: SingleFlight<(String, Digest), Fetched>,
+    tag_flights: SingleFlight<TagKey, Revalidation>,
+    tag_get_flights: SingleFlight<TagKey, Fetched>,
+    policies: HashMap<String, FreshnessPolicy>,
+    reserves: HashMap<String, u64>,
+    pub body_idle_timeout: Duration,
+}
+
+impl ProxyInner {
+    /// Called after content is committed: keeps the cache under its bound and the gauge true.
+    pub fn after_commit(&self) {
+        let evicted = self.store.evict();
+        if evicted > 0 {
+            self.telemetry.add_evictions(evicted);
+        }
+        self.telemetry
+            .set_cache_size(self.store.index().total_size());
+    }
+}
+
+/// The pull-through proxy.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    inner: Arc<ProxyInner>,
+}
+
+fn ensure_manifest_size(registry: &str, len: u64) -> Result<(), ProxyError> {
+    if len > media::MAX_MANIFEST_BYTES {
+        return Err(ProxyError::ManifestTooLarge {
+            registry: registry.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Reads a manifest body with the size limit enforced while streaming.
+async fn read_manifest_body(
+    registry: &str,
+    mut response: reqwest::Response,
+    idle: Duration,
+) -> Result<Bytes, ProxyError> {
+    if let Some(len) = response.content_length() {
+        ensure_manifest_size(registry, len)?;
+    }
+    let mut body = Vec::new();
+    loop {
+        match tokio::time::timeout(idle, response.chunk()).await {
+            Ok(Ok(Some(chunk))) => {
+                body.extend_from_slice(&chunk);
+                ensure_manifest_size(registry, body.len() as u64)?;
+            }
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                return Err(ProxyError::Body {
+                    registry: registry.to_owned(),
+                    message: e.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(ProxyError::Body {
+                    registry: registry.to_owned(),
+                    message: format!("no data for {}s", idle.as_secs()),
+                })
+            }
+        }
+    }
+    Ok(Bytes::from(body))
+}
+
+impl Proxy {
+    /// Opens the store and builds the upstreams described by a validated config.
+    pub fn new(config: &Config, telemetry: Arc<Telemetry>) -> Result<Proxy, BuildProxyError> {
+        let store = Arc::new(Store::open(
+            &config.storage.path,
+            config.storage.max_size_bytes,
+        )?);
+        let upstreams = Upstreams::new(config, Arc::clone(&telemetry))?;
+        let mut policies = HashMap::new();
+        let mut reserves = HashMap::new();
+        for (name, registry) in &config.registries {
+            let policy = FreshnessPolicy::new(&registry.freshness).map_err(|source| {
+                BuildProxyError::Freshness {
+                    registry: name.clone(),
+                    source,
+                }
+            })?;
+            policies.insert(name.clone(), policy);
+            reserves.insert(name.clone(), registry.budget_reserve);
+        }
+        telemetry.set_cache_size(store.index().total_size());
+        Ok(Proxy {
+            inner: Arc::new(ProxyInner {
+                store,
+                telemetry,
+                upstreams,
+                blob_flights: BlobFlights::default(),
+                manifest_flights: SingleFlight::default(),
+                tag_flights: SingleFlight::default(),
+                tag_get_flights: SingleFlight::default(),
+                policies,
+                reserves,
+                body_idle_timeout: config.upstream.body_idle_timeout,
+            }),
+        })
+    }
+
+    pub fn inner(&self) -> &Arc<ProxyInner> {
+        &self.inner
+    }
+
+    pub fn upstream(&self, registry: &str) -> Option<&Arc<Upstream>> {
+        self.inner.upstreams.get(registry)
+    }
+
+    fn freshness(&self, registry: &str, repo: &RepositoryName, tag: &Tag) -> Freshness {
+        self.inner
+            .policies
+            .get(registry)
+            .map(|p| p.lookup(repo.as_str(), tag.as_str()))
+            .unwrap_or(Freshness::MaxAge(Duration::from_secs(60)))
+    }
+
+    /// Whether the upstream's remaining budget is at or below the configured reserve.
+    fn budget_low(&self, upstream: &Upstream) -> bool {
+        let reserve = self
+            .inner
+            .reserves
+            .get(upstream.name())
+            .copied()
+            .unwrap_or(0);
+        upstream
+            .budget()
+            .is_some_and(|b| reserve > 0 && b.remaining <= reserve)
+    }
+
+    /// A manifest by digest: from the cache, or fetched once and cached.
+    pub async fn manifest_by_digest(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepositoryName,
+        digest: &Digest,
+        head: bool,
+    ) -> Result<ManifestReply, ProxyError> {
+        if let Some(m) = self.inner.store.read_manifest(digest)? {
+            return Ok(ManifestReply {
+                digest: digest.clone(),
+                media_type: m.media_type,
+                size: m.bytes.len() as u64,
+                body: (!head).then_some(m.bytes),
+                cache: CacheResult::Hit,
+            });
+        }
+        let (fetched, leader) = self.fetch_by_digest(upstream, repo, digest).await;
+        let fetched = fetched?;
+        Ok(ManifestReply {
+            digest: fetched.digest,
+            media_type: fetched.media_type,
+            size: fetched.bytes.len() as u64,
+            body: (!head).then_some(fetched.bytes),
+            cache: if leader {
+                CacheResult::Miss
+            } else {
+                CacheResult::Hit
+            },
+        })
+    }
+
+    async fn fetch_by_digest(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> (Result<Fetched, ProxyError>, bool) {
+        let key = (upstream.name().to_owned(), digest.clone());
+        let inner = Arc::clone(&self.inner);
+        let upstream = Arc::clone(upstream);
+        let repo = repo.clone();
+        let digest = digest.clone();
+        self.inner
+            .manifest_flights
+            .run(key, move || async move {
+                let reference = crate::oci::Reference::Digest(digest.clone());
+                fetch_manifest(&inner, &upstream, &repo, &reference, Some(&digest)).await
+            })
+            .await
+    }
+
+    /// A manifest by tag, applying the freshness policy and stale-if-error.
+    pub async fn manifest_by_tag(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepositoryName,
+        tag: &Tag,
+        head: bool,
+    ) -> Result<ManifestReply, ProxyError> {
+        let registry = upstream.name();
+        let cached = self.inner.store.read_tag(registry, repo, tag)?;
+        let Some(record) = cached else {
+            return self.uncached_tag(upstream, repo, tag, head).await;
+        };
+        if self
+            .freshness(registry, repo, tag)
+            .is_fresh(record.checked_at, now_secs())
+        {
+            return self
+                .serve_record(upstream, repo, &record, head, CacheResult::Hit)
+                .await;
+        }
+        let key = TagKey::Revalidate(registry.to_owned(), repo.clone(), tag.clone());
+        let inner = Arc::clone(&self.inner);
+        let task_upstream = Arc::clone(upstream);
+        let (task_repo, task_tag, task_record) = (repo.clone(), tag.clone(), record.clone());
+        let (outcome, _) = self
+            .inner
+            .tag_flights
+            .run(key, move || async move {
+                revalidate(&inner, &task_upstream, &task_repo, &task_tag, &task_record).await
+            })
+            .await;
+        match outcome {
+            Ok(Revalidation::Current(current)) if current.digest == record.digest => {
+                self.serve_record(upstream, repo, &current, head, CacheResult::Hit)
+                    .await
+            }
+            Ok(Revalidation::Current(moved)) => {
+                if self.budget_low(upstream) {
+                    tracing::info!(registry, repository = %repo, %tag, "upstream budget at reserve; serving the cached tag instead of a counted GET");
+                    return self
+                        .serve_record(upstream, repo, &record, head, CacheResult::Stale)
+                        .await;
+                }
+                let moved_cached = self.inner.store.read_manifest(&moved.digest)?.is_some();
+                let result = if head || moved_cached {
+                    self.serve_record(upstream, repo, &moved, head, CacheResult::Miss)
+                        .await
+                } else {
+                    self.get_tag(upstream, repo, tag).await
+                };
+                match result {
+                    Ok(reply) => Ok(reply),
+                    Err(ProxyError::Upstream(e)) if e.allows_stale() => {
+                        self.serve_record(upstream, repo, &record, head, CacheResult::Stale)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Err(ProxyError::Upstream(e)) if e.allows_stale() => {
+                tracing::info!(registry, repository = %repo, %tag, error = %e, "serving stale tag");
+                self.serve_record(upstream, repo, &record, head, CacheResult::Stale)
+                    .await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A tag never seen: HEAD asks upstream for the digest only; GET fetches and caches.
+    async fn uncached_tag(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepositoryName,
+        tag: &Tag,
+        head: bool,
+    ) -> Result<ManifestReply, ProxyError> {
+        if head {
+            let record = head_tag(&self.inner, upstream, repo, tag).await?;
+            if let Some(record) = record {
+                self.inner
+                    .store
+                    .write_tag(upstream.name(), repo, tag, &record)?;
+                self.inner.store.note_repository(upstream.name(), repo)?;
+                return Ok(ManifestReply {
+                    digest: record.digest,
+                    media_type: record.media_type,
+                    size: record.size,
+                    body: None,
+                    cache: CacheResult::Miss,
+                });
+            }
+        }
+        self.get_tag(upstream, repo, tag).await
+    }
+
+    /// GET by tag, coalesced, cached, and recorded as the tag's current digest.
+    async fn get_tag(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepositoryName,
+        tag: &Tag,
+    ) -> Result<ManifestReply, ProxyError> {
+        let key = TagKey::Get(upstream.name().to_owned(), repo.clone(), tag.clone());
+        let inner = Arc::clone(&self.inner);
+        let task_upstream = Arc::clone(upstream);
+        let (task_repo, task_tag) = (repo.clone(), tag.clone());
+        let (fetched, leader) = self
+            .inner
+            .tag_get_flights
+            .run(key, move || async move {
+                let reference = crate::oci::Reference::Tag(task_tag.clone());
+                let fetched =
+                    fetch_manifest(&inner, &task_upstream, &task_repo, &reference, None).await?;
+                let record = TagRecord {
+                    digest: fetched.digest.clone(),
+                    media_type: fetched.media_type.clone(),
+                    size: fetched.bytes.len() as u64,
+                    checked_at: now_secs(),
+                };
+                inner
+                    .store
+                    .write_tag(task_upstream.name(), &task_repo, &task_tag, &record)?;
+                Ok(fetched)
+            })
+            .await;
+        let fetched = fetched?;
+        Ok(ManifestReply {
+            digest: fetched.digest,
+            media_type: fetched.media_type,
+            size: fetched.bytes.len() as u64,
+            body: Some(fetched.bytes),
+            cache: if leader {
+                CacheResult::Miss
+            } else {
+                CacheResult::Hit
+            },
+        })
+    }
+
+    /// Answers from a tag record; a GET whose manifest body is not cached fetches it by digest.
+    async fn serve_record(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepositoryName,
+        record: &TagRecord,
+        head: bool,
+        cache: CacheResult,
+    ) -> Result<ManifestReply, ProxyError> {
+        if head {
+            return Ok(ManifestReply {
+                digest: record.digest.clone(),
+                media_type: record.media_type.clone(),
+                size: record.size,
+                body: None,
+                cache,
+            });
+        }
+        if let Some(m) = self.inner.store.read_manifest(&record.digest)? {
+            return Ok(ManifestReply {
+                digest: record.digest.clone(),
+                media_type: m.media_type,
+                size: m.bytes.len() as u64,
+                body: Some(m.bytes),
+                cache,
+            });
+        }
+        let mut reply = self
+            .manifest_by_digest(upstream, repo, &record.digest, false)
+            .await?;
+        if cache == CacheResult::Stale {
+            reply.cache = CacheResult::Stale;
+        }
+        Ok(reply)
+    }
+}
+
+/// HEAD by tag: the upstream's current digest, media type and size, without spending a GET.
+async fn head_tag(
+    inner: &ProxyInner,
+    upstream: &Upstream,
+    repo: &RepositoryName,
+    tag: &Tag,
+) -> Result<Option<TagRecord>, ProxyError> {
+    let reference = crate::oci::Reference::Tag(tag.clone());
+    let response = upstream
+        .send(Method::HEAD, repo, Target::Manifest(&reference))
+        .await?;
+    let _ = inner;
+    let Some(digest) = upstream::content_digest(&response) else {
+        return Ok(None);
+    };
+    let Some(media_type) = upstream::content_type(&response) else {
+        return Ok(None);
+    };
+    Ok(Some(TagRecord {
+        digest,
+        media_type,
+        size: response.content_length().unwrap_or(0),
+        checked_at: now_secs(),
+    }))
+}
+
+/// Revalidates a cached tag with one HEAD. An unchanged digest only moves the timestamp.
+async fn revalidate(
+    inner: &Arc<ProxyInner>,
+    upstream: &Arc<Upstream>,
+    repo: &RepositoryName,
+    tag: &Tag,
+    cached: &TagRecord,
+) -> Result<Revalidation, ProxyError> {
+    let Some(current) = head_tag(inner, upstream, repo, tag).await? else {
+        // The upstream answered the HEAD without a digest: only a GET can tell. This is not a
+        // failed HEAD (which never falls back to a GET); it is an upstream that omits the header.
+        return Err(ProxyError::NoDigest {
+            registry: upstream.name().to_owned(),
+            reference: tag.to_string(),
+        });
+    };
+    if current.digest == cached.digest {
+        let touched = TagRecord {
+            checked_at: current.checked_at,
+            ..cached.clone()
+        };
+        inner
+            .store
+            .write_tag(upstream.name(), repo, tag, &touched)?;
+        return Ok(Revalidation::Current(touched));
+    }
+    Ok(Revalidation::Current(current))
+}
+
+/// GETs a manifest, verifies it (against the requested digest, or the upstream's
+/// `Docker-Content-Digest` for a tag) and caches it.
+async fn fetch_manifest(
+    inner: &Arc<ProxyInner>,
+    upstream: &Arc<Upstream>,
+    repo: &RepositoryName,
+    reference: &crate::oci::Reference,
+    expected: Option<&Digest>,
+) -> Result<Fetched, ProxyError> {
+    let registry = upstream.name().to_owned();
+    let response = upstream
+        .send(Method::GET, repo, Target::Manifest(reference))
+        .await?;
+    let media_type =
+        upstream::content_type(&response).unwrap_or_else(|| media::DOCKER_MANIFEST_V2.to_owned());
+    let header_digest = upstream::content_digest(&response);
+    let bytes = read_manifest_body(&registry, response, inner.body_idle_timeout).await?;
+    inner.telemetry.add_upstream_bytes(bytes.len() as u64);
+    let expected = expected.cloned().or(header_digest);
+    let digest = match expected {
+        Some(expected) => {
+            let mut hasher = DigestHasher::new(expected.algorithm());
+            hasher.update(&bytes);
+            let actual = hasher.finish();
+            if actual != expected {
+                return Err(ProxyError::DigestMismatch {
+                    registry,
+                    expected,
+                    actual,
+                });
+            }
+            expected
+        }
+        None => Digest::sha256_of(&bytes),
+    };
+    let store = Arc::clone(&inner.store);
+    let (d, t, b) = (digest.clone(), media_type.clone(), bytes.clone());
+    tokio::task::spawn_blocking(move || store.write_manifest(&d, &t, &b))
+        .await
+        .map_err(|e| ProxyError::Internal(format!("manifest write task failed: {e}")))??;
+    inner.store.note_repository(&registry, repo)?;
+    inner.after_commit();
+    Ok(Fetched {
+        digest,
+        media_type,
+        bytes,
+    })
+}

@@ -1,0 +1,206 @@
+//! In-memory index of cached files for size accounting and least-recently-used eviction.
+//!
+//! Invariants: content being written lives in `tmp/` and is not indexed, so it is never evicted;
+//! content being served holds a [`Pin`] and is skipped by eviction. The index is rebuilt from the
+//! directory tree at startup (file modification time stands in for the last use).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+#[derive(Debug)]
+struct Entry {
+    size: u64,
+    last_use: u64,
+    pins: u32,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    entries: HashMap<PathBuf, Entry>,
+    total: u64,
+    clock: u64,
+}
+
+/// Size accounting and LRU order of the store's content files.
+#[derive(Debug)]
+pub struct Index {
+    inner: Arc<Mutex<Inner>>,
+    max_size: Option<u64>,
+}
+
+/// Keeps a file from being evicted while it is being served.
+#[derive(Debug)]
+pub struct Pin {
+    inner: Arc<Mutex<Inner>>,
+    path: PathBuf,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut inner = lock(&self.inner);
+        if let Some(e) = inner.entries.get_mut(&self.path) {
+            e.pins = e.pins.saturating_sub(1);
+        }
+    }
+}
+
+/// A poisoned lock only means another thread panicked mid-update of plain counters; the data is
+/// still usable, so recover it rather than propagate the panic.
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Index {
+    /// Builds the index from the files under `root/blobs` and `root/manifests`.
+    pub fn scan(root: &Path, max_size: Option<u64>) -> Index {
+        let mut files: Vec<(PathBuf, u64, std::time::SystemTime)> = Vec::new();
+        for top in ["blobs", "manifests"] {
+            let Ok(algs) = std::fs::read_dir(root.join(top)) else {
+                continue;
+            };
+            for alg in algs.flatten() {
+                let Ok(entries) = std::fs::read_dir(alg.path()) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let path = entry.path();
+                    if path.extension().is_some_and(|e| e == "type") {
+                        continue;
+                    }
+                    if let Ok(meta) = entry.metadata() {
+                        let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+                        files.push((path, meta.len(), mtime));
+                    }
+                }
+            }
+        }
+        files.sort_by_key(|(_, _, mtime)| *mtime);
+        let mut inner = Inner::default();
+        for (path, size, _) in files {
+            inner.clock += 1;
+            inner.total += size;
+            let last_use = inner.clock;
+            inner.entries.insert(
+                path,
+                Entry {
+                    size,
+                    last_use,
+                    pins: 0,
+                },
+            );
+        }
+        Index {
+            inner: Arc::new(Mutex::new(inner)),
+            max_size,
+        }
+    }
+
+    /// Total bytes indexed.
+    pub fn total_size(&self) -> u64 {
+        lock(&self.inner).total
+    }
+
+    pub(super) fn insert(&self, path: &Path, size: u64) {
+        let mut inner = lock(&self.inner);
+        inner.clock += 1;
+        let clock = inner.clock;
+        if let Some(old) = inner.entries.insert(
+            path.to_owned(),
+            Entry {
+                size,
+                last_use: clock,
+                pins: 0,
+            },
+        ) {
+            inner.total -= old.size;
+        }
+        inner.total += size;
+    }
+
+    pub(super) fn touch_and_pin(&self, path: &Path, size: u64) -> Pin {
+        let mut inner = lock(&self.inner);
+        inner.clock += 1;
+        let clock = inner.clock;
+        match inner.entries.get_mut(path) {
+            Some(e) => {
+                e.last_use = clock;
+                e.pins += 1;
+            }
+            None => {
+                inner.entries.insert(
+                    path.to_owned(),
+                    Entry {
+                        size,
+                        last_use: clock,
+                        pins: 1,
+                    },
+                );
+                inner.total += size;
+            }
+        }
+        Pin {
+            inner: Arc::clone(&self.inner),
+            path: path.to_owned(),
+        }
+    }
+
+    /// Removes least recently used, unpinned files until the total is within the bound.
+    pub(super) fn evict(&self) -> u64 {
+        let Some(max) = self.max_size else {
+            return 0;
+        };
+        let mut inner = lock(&self.inner);
+        if inner.total <= max {
+            return 0;
+        }
+        let mut candidates: Vec<(u64, PathBuf)> = inner
+            .entries
+            .iter()
+            .filter(|(_, e)| e.pins == 0)
+            .map(|(p, e)| (e.last_use, p.clone()))
+            .collect();
+        candidates.sort();
+        let mut evicted = 0;
+        for (_, path) in candidates {
+            if inner.total <= max {
+                break;
+            }
+            // A manifest's media type file goes with it; a missing one is harmless.
+            let _ = std::fs::remove_file(path.with_extension("type"));
+            if std::fs::remove_file(&path).is_ok() || !path.exists() {
+                if let Some(e) = inner.entries.remove(&path) {
+                    inner.total -= e.size;
+                    evicted += 1;
+                }
+            }
+        }
+        evicted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn eviction_removes_least_recently_used_unpinned_files_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let index = Index::scan(dir.path(), Some(25));
+        let paths: Vec<PathBuf> = (0..4).map(|i| blobs.join(format!("{i}"))).collect();
+        for p in &paths {
+            std::fs::write(p, [0u8; 10]).unwrap();
+            index.insert(p, 10);
+        }
+        // Use 0 again (now most recent) and pin 1 (serving): 2 and 3 are the LRU unpinned ones.
+        drop(index.touch_and_pin(&paths[0], 10));
+        let _serving = index.touch_and_pin(&paths[1], 10);
+        assert_eq!(index.evict(), 2);
+        assert!(paths[0].exists() && paths[1].exists());
+        assert!(!paths[2].exists() && !paths[3].exists());
+        assert_eq!(index.total_size(), 20);
+    }
+}

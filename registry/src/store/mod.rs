@@ -1,0 +1,467 @@
+//! The content-addressed disk cache.
+//!
+//! Layout under the storage root:
+//! - `blobs/<alg>/<hex>`: layer and config blobs, named by their verified digest;
+//! - `manifests/<alg>/<hex>` and `manifests/<alg>/<hex>.type`: manifest bytes and media type;
+//! - `repositories/<registry>/<name>/_tags/<tag>.json`: what a tag pointed at, and when checked;
+//! - `tmp/`: files being written; emptied at startup.
+//!
+//! Invariants: a file appears under `blobs/` or `manifests/` only by `rename` from `tmp/` after its
+//! bytes were verified against the digest and fsynced, so a crash at any point leaves either the
+//! whole verified file or nothing. Digests, registry names and repository names are validated types
+//! before they become path components, so no request can address a path outside the root.
+
+mod index;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::oci::{Digest, RepositoryName, Tag};
+pub use index::{Index, Pin};
+
+/// A failed store operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create storage directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot commit {path}: {source}")]
+    Commit {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("corrupt tag record {path}: {source}")]
+    CorruptTag {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// What a cached tag pointed at, and when that was last confirmed upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TagRecord {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+    /// Unix seconds of the last upstream confirmation.
+    pub checked_at: u64,
+}
+
+/// A manifest read from the cache.
+#[derive(Debug, Clone)]
+pub struct StoredManifest {
+    pub bytes: bytes::Bytes,
+    pub media_type: String,
+}
+
+/// A file being written into `tmp/`; removed on drop unless committed.
+#[derive(Debug)]
+pub struct TempFile {
+    path: PathBuf,
+    file: Arc<std::fs::File>,
+    committed: bool,
+}
+
+impl TempFile {
+    /// The open file, readable at any offset while it is still being written.
+    pub fn file(&self) -> &Arc<std::fs::File> {
+        &self.file
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// The disk cache.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    index: Index,
+}
+
+/// Unix seconds now.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn create_dir(path: &Path) -> Result<(), StoreError> {
+    std::fs::create_dir_all(path).map_err(|source| StoreError::CreateDir {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary sibling and a rename; fsyncs when `durable`.
+fn write_atomically(
+    tmp_dir: &Path,
+    path: &Path,
+    bytes: &[u8],
+    durable: bool,
+) -> Result<(), StoreError> {
+    let write_err = |source| StoreError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(tmp_dir).map_err(write_err)?;
+    tmp.write_all(bytes).map_err(write_err)?;
+    if durable {
+        tmp.as_file().sync_all().map_err(write_err)?;
+    }
+    tmp.persist(path).map_err(|e| StoreError::Commit {
+        path: path.to_owned(),
+        source: e.error,
+    })?;
+    Ok(())
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root`, empties `tmp/` and indexes what is cached.
+    pub fn open(root: &Path, max_size: Option<u64>) -> Result<Store, StoreError> {
+        for dir in ["blobs", "manifests", "repositories", "tmp"] {
+            create_dir(&root.join(dir))?;
+        }
+        let tmp = root.join("tmp");
+        if let Ok(entries) = std::fs::read_dir(&tmp) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let index = Index::scan(root, max_size);
+        Ok(Store {
+            root: root.to_owned(),
+            index,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root
+            .join("blobs")
+            .join(digest.algorithm().as_str())
+            .join(digest.hex())
+    }
+
+    fn manifest_path(&self, digest: &Digest) -> PathBuf {
+        self.root
+            .join("manifests")
+            .join(digest.algorithm().as_str())
+            .join(digest.hex())
+    }
+
+    fn repository_dir(&self, registry: &str, name: &RepositoryName) -> PathBuf {
+        let mut dir = self.root.join("repositories").join(registry);
+        for component in name.components() {
+            dir.push(component);
+        }
+        dir
+    }
+
+    fn tag_path(&self, registry: &str, name: &RepositoryName, tag: &Tag) -> PathBuf {
+        self.repository_dir(registry, name)
+            .join("_tags")
+            .join(format!("{}.json", tag.as_str()))
+    }
+
+    /// Opens a cached blob for reading, pinning it against eviction while the pin lives.
+    pub fn open_blob(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<(std::fs::File, u64, Pin)>, StoreError> {
+        let path = self.blob_path(digest);
+        match std::fs::File::open(&path) {
+            Ok(file) => {
+                let size = file
+                    .metadata()
+                    .map_err(|source| StoreError::Read {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .len();
+                let pin = self.index.touch_and_pin(&path, size);
+                Ok(Some((file, size, pin)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::Read { path, source }),
+        }
+    }
+
+    /// The size of a cached blob, if cached.
+    pub fn blob_size(&self, digest: &Digest) -> Option<u64> {
+        std::fs::metadata(self.blob_path(digest))
+            .ok()
+            .map(|m| m.len())
+    }
+
+    /// Starts writing a new file in `tmp/`.
+    pub fn create_temp(&self) -> Result<TempFile, StoreError> {
+        let tmp = self.root.join("tmp");
+        let named = tempfile::Builder::new()
+            .prefix("fetch-")
+            .tempfile_in(&tmp)
+            .map_err(|source| StoreError::Write {
+                path: tmp.clone(),
+                source,
+            })?;
+        let (file, path) = named.keep().map_err(|e| StoreError::Write {
+            path: tmp,
+            source: e.error,
+        })?;
+        Ok(TempFile {
+            path,
+            file: Arc::new(file),
+            committed: false,
+        })
+    }
+
+    /// Makes a verified temp file the cached blob `digest`: fsync, then rename into place.
+    pub fn commit_blob(
+        &self,
+        mut temp: TempFile,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(), StoreError> {
+        let dest = self.blob_path(digest);
+        temp.file.sync_all().map_err(|source| StoreError::Commit {
+            path: dest.clone(),
+            source,
+        })?;
+        if let Some(parent) = dest.parent() {
+            create_dir(parent)?;
+        }
+        std::fs::rename(&temp.path, &dest).map_err(|source| StoreError::Commit {
+            path: dest.clone(),
+            source,
+        })?;
+        temp.committed = true;
+        self.index.insert(&dest, size);
+        Ok(())
+    }
+
+    /// Reads a cached manifest.
+    pub fn read_manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, StoreError> {
+        let path = self.manifest_path(digest);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StoreError::Read { path, source }),
+        };
+        let type_path = path.with_extension("type");
+        let media_type = match std::fs::read_to_string(&type_path) {
+            Ok(t) => t,
+            // The type file is written before the manifest, so a missing one means the pair is
+            // incomplete (a crash between the two renames): treat it as not cached.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StoreError::Read {
+                    path: type_path,
+                    source,
+                })
+            }
+        };
+        self.index.touch_and_pin(&path, bytes.len() as u64);
+        Ok(Some(StoredManifest {
+            bytes: bytes.into(),
+            media_type,
+        }))
+    }
+
+    /// Stores verified manifest bytes under their digest.
+    pub fn write_manifest(
+        &self,
+        digest: &Digest,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let path = self.manifest_path(digest);
+        if let Some(parent) = path.parent() {
+            create_dir(parent)?;
+        }
+        let tmp = self.root.join("tmp");
+        write_atomically(
+            &tmp,
+            &path.with_extension("type"),
+            media_type.as_bytes(),
+            true,
+        )?;
+        write_atomically(&tmp, &path, bytes, true)?;
+        self.index.insert(&path, bytes.len() as u64);
+        Ok(())
+    }
+
+    /// Reads what a tag pointed at.
+    pub fn read_tag(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        tag: &Tag,
+    ) -> Result<Option<TagRecord>, StoreError> {
+        let path = self.tag_path(registry, name, tag);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StoreError::CorruptTag { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::Read { path, source }),
+        }
+    }
+
+    /// Records what a tag points at. Not fsynced: losing a tag update after a crash only means
+    /// one more revalidation.
+    pub fn write_tag(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        tag: &Tag,
+        record: &TagRecord,
+    ) -> Result<(), StoreError> {
+        let path = self.tag_path(registry, name, tag);
+        if let Some(parent) = path.parent() {
+            create_dir(parent)?;
+        }
+        let bytes = serde_json::to_vec(record).map_err(|source| StoreError::CorruptTag {
+            path: path.clone(),
+            source,
+        })?;
+        write_atomically(&self.root.join("tmp"), &path, &bytes, false)
+    }
+
+    /// Notes that a repository of `registry` has content here, for the catalog.
+    pub fn note_repository(&self, registry: &str, name: &RepositoryName) -> Result<(), StoreError> {
+        create_dir(&self.repository_dir(registry, name).join("_tags"))
+    }
+
+    /// The repositories of `registry` this cache holds, sorted.
+    pub fn repositories(&self, registry: &str) -> Vec<String> {
+        let base = self.root.join("repositories").join(registry);
+        let mut found = Vec::new();
+        // Repository names have at most 255 characters, so the walk depth is bounded too.
+        let mut stack = vec![(base.clone(), 0usize)];
+        while let Some((dir, depth)) = stack.pop() {
+            if depth > 128 {
+                continue;
+            }
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if !path.is_dir() {
+                    continue;
+                }
+                if entry.file_name() == "_tags" {
+                    if let Ok(rel) = dir.strip_prefix(&base) {
+                        found.push(rel.to_string_lossy().into_owned());
+                    }
+                } else {
+                    stack.push((path, depth + 1));
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    /// Evicts least recently used content until the cache is under its size bound; returns how
+    /// many entries went.
+    pub fn evict(&self) -> u64 {
+        self.index.evict()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn committed_blob_is_readable_and_uncommitted_temp_files_vanish() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let data = b"layer bytes";
+        let digest = Digest::sha256_of(data);
+        let temp = store.create_temp().unwrap();
+        (&**temp.file()).write_all(data).unwrap();
+        store.commit_blob(temp, &digest, data.len() as u64).unwrap();
+        let (_, size, _pin) = store.open_blob(&digest).unwrap().unwrap();
+        assert_eq!(size, data.len() as u64);
+
+        let abandoned = store.create_temp().unwrap();
+        (&**abandoned.file()).write_all(b"partial").unwrap();
+        drop(abandoned);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn tags_and_manifests_survive_reopening_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let name: RepositoryName = "library/alpine".parse().unwrap();
+        let tag: Tag = "3.19".parse().unwrap();
+        let body = br#"{"schemaVersion":2}"#;
+        let digest = Digest::sha256_of(body);
+        {
+            let store = Store::open(dir.path(), None).unwrap();
+            store
+                .write_manifest(&digest, "application/x-test", body)
+                .unwrap();
+            let record = TagRecord {
+                digest: digest.clone(),
+                media_type: "application/x-test".into(),
+                size: body.len() as u64,
+                checked_at: 7,
+            };
+            store.write_tag("docker.io", &name, &tag, &record).unwrap();
+        }
+        let store = Store::open(dir.path(), None).unwrap();
+        let m = store.read_manifest(&digest).unwrap().unwrap();
+        assert_eq!(&m.bytes[..], body);
+        assert_eq!(m.media_type, "application/x-test");
+        assert_eq!(
+            store
+                .read_tag("docker.io", &name, &tag)
+                .unwrap()
+                .unwrap()
+                .checked_at,
+            7
+        );
+        assert_eq!(
+            store.repositories("docker.io"),
+            vec!["library/alpine".to_owned()]
+        );
+        assert!(store.repositories("quay.io").is_empty());
+    }
+}

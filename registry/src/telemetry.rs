@@ -1,0 +1,414 @@
+//! Metrics and stats: one place that counts, two ways to read it.
+//!
+//! Prometheus metrics (`/metrics`) use base-unit names and bounded labels only: the registry label
+//! comes from the configured allowlist, `kind` and `result` are enums, `status` is an HTTP status
+//! class of an upstream answer. Never a digest, repository or error text. The JSON stats (`/stats`)
+//! are what the operator reads to fill `CacheEffective` and `UpstreamBudget`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+
+use crate::oci::Kind;
+
+/// How a request was served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CacheResult {
+    /// Served from the cache (including requests coalesced onto an in-flight fetch).
+    Hit,
+    /// Fetched from upstream.
+    Miss,
+    /// Served from the cache after the upstream failed, rate-limited us, or the budget ran low.
+    Stale,
+    /// Not served.
+    Error,
+}
+
+impl CacheResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+            CacheResult::Stale => "stale",
+            CacheResult::Error => "error",
+        }
+    }
+
+    /// The value of the `X-Cache` response header.
+    pub fn header_value(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "HIT",
+            CacheResult::Miss => "MISS",
+            CacheResult::Stale => "STALE",
+            CacheResult::Error => "ERROR",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    registry: String,
+    kind: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    registry: String,
+    method: &'static str,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RegistryLabel {
+    registry: String,
+}
+
+/// The upstream's pull budget as last reported by its `ratelimit-*` headers.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Budget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    pub remaining: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// Per-registry counters in the stats document.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub stale: u64,
+    pub errors: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+    /// Whether requests to this upstream currently fail fast (circuit open).
+    #[serde(default)]
+    pub circuit_open: bool,
+}
+
+/// One row of upstream request counts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamRequestCount {
+    pub registry: String,
+    pub method: String,
+    pub status: String,
+    pub count: u64,
+}
+
+/// The JSON document served at `/stats`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsSnapshot {
+    pub hits: u64,
+    pub misses: u64,
+    pub stale: u64,
+    pub errors: u64,
+    pub served_bytes: u64,
+    pub upstream_bytes: u64,
+    pub cache_size_bytes: u64,
+    pub evictions: u64,
+    pub upstream_requests: Vec<UpstreamRequestCount>,
+    pub registries: BTreeMap<String, RegistryStats>,
+}
+
+impl StatsSnapshot {
+    /// Share of served requests answered from the cache (stale serves count as cache answers);
+    /// `None` before the first request.
+    pub fn hit_ratio(&self) -> Option<f64> {
+        let served = self.hits + self.stale + self.misses;
+        (served > 0).then(|| (self.hits + self.stale) as f64 / served as f64)
+    }
+
+    /// Counts of upstream requests with the given method (all statuses).
+    pub fn upstream_count(&self, method: &str) -> u64 {
+        self.upstream_requests
+            .iter()
+            .filter(|r| r.method == method)
+            .map(|r| r.count)
+            .sum()
+    }
+}
+
+#[derive(Default)]
+struct RegistryCounters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    stale: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// All counters of one registry process.
+pub struct Telemetry {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    upstream_requests: Family<UpstreamLabels, Counter>,
+    ratelimit_remaining: Family<RegistryLabel, Gauge>,
+    ratelimit_limit: Family<RegistryLabel, Gauge>,
+    served_bytes: Counter,
+    upstream_bytes: Counter,
+    cache_size: Gauge,
+    evictions: Counter,
+    per_registry: BTreeMap<String, RegistryCounters>,
+    upstream_rows: Mutex<BTreeMap<(String, &'static str, String), u64>>,
+    budgets: Mutex<BTreeMap<String, Budget>>,
+    circuits: Mutex<BTreeMap<String, bool>>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Telemetry")
+    }
+}
+
+impl Telemetry {
+    /// Creates the metric families for the given (bounded) set of registry names.
+    pub fn new<'a>(registries: impl IntoIterator<Item = &'a str>) -> Telemetry {
+        let mut registry = Registry::with_prefix("cachalot_registry");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let upstream_requests = Family::<UpstreamLabels, Counter>::default();
+        let ratelimit_remaining = Family::<RegistryLabel, Gauge>::default();
+        let ratelimit_limit = Family::<RegistryLabel, Gauge>::default();
+        let served_bytes = Counter::default();
+        let upstream_bytes = Counter::default();
+        let cache_size = Gauge::default();
+        let evictions = Counter::default();
+        registry.register(
+            "requests",
+            "Client requests by registry, content kind and cache result",
+            requests.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "Requests sent to upstream registries by method and response status",
+            upstream_requests.clone(),
+        );
+        registry.register(
+            "ratelimit_remaining",
+            "Remaining upstream pull budget from the last ratelimit-remaining header",
+            ratelimit_remaining.clone(),
+        );
+        registry.register(
+            "ratelimit_limit",
+            "Upstream pull limit from the last ratelimit-limit header",
+            ratelimit_limit.clone(),
+        );
+        registry.register(
+            "served_bytes",
+            "Bytes of manifests and blobs sent to clients",
+            served_bytes.clone(),
+        );
+        registry.register(
+            "upstream_bytes",
+            "Bytes of manifests and blobs received from upstreams",
+            upstream_bytes.clone(),
+        );
+        registry.register(
+            "cache_size_bytes",
+            "Bytes of content held in the cache",
+            cache_size.clone(),
+        );
+        registry.register(
+            "evictions",
+            "Cache entries evicted to stay under the size bound",
+            evictions.clone(),
+        );
+        let per_registry = registries
+            .into_iter()
+            .map(|r| (r.to_owned(), RegistryCounters::default()))
+            .collect();
+        Telemetry {
+            registry,
+            requests,
+            upstream_requests,
+            ratelimit_remaining,
+            ratelimit_limit,
+            served_bytes,
+            upstream_bytes,
+            cache_size,
+            evictions,
+            per_registry,
+            upstream_rows: Mutex::new(BTreeMap::new()),
+            budgets: Mutex::new(BTreeMap::new()),
+            circuits: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Counts one client request for content of `registry` (a configured name).
+    pub fn record_request(&self, registry: &str, kind: Kind, result: CacheResult) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                registry: registry.to_owned(),
+                kind: kind.as_str(),
+                result: result.as_str(),
+            })
+            .inc();
+        if let Some(c) = self.per_registry.get(registry) {
+            let counter = match result {
+                CacheResult::Hit => &c.hits,
+                CacheResult::Miss => &c.misses,
+                CacheResult::Stale => &c.stale,
+                CacheResult::Error => &c.errors,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts one request sent upstream; `status` is the HTTP status or `error` for no answer.
+    pub fn record_upstream(&self, registry: &str, method: &'static str, status: &str) {
+        self.upstream_requests
+            .get_or_create(&UpstreamLabels {
+                registry: registry.to_owned(),
+                method,
+                status: status.to_owned(),
+            })
+            .inc();
+        if let Ok(mut rows) = self.upstream_rows.lock() {
+            *rows
+                .entry((registry.to_owned(), method, status.to_owned()))
+                .or_default() += 1;
+        }
+    }
+
+    pub fn record_budget(&self, registry: &str, budget: &Budget) {
+        let label = RegistryLabel {
+            registry: registry.to_owned(),
+        };
+        self.ratelimit_remaining
+            .get_or_create(&label)
+            .set(i64::try_from(budget.remaining).unwrap_or(i64::MAX));
+        if let Some(limit) = budget.limit {
+            self.ratelimit_limit
+                .get_or_create(&label)
+                .set(i64::try_from(limit).unwrap_or(i64::MAX));
+        }
+        if let Ok(mut b) = self.budgets.lock() {
+            b.insert(registry.to_owned(), budget.clone());
+        }
+    }
+
+    pub fn record_circuit(&self, registry: &str, open: bool) {
+        if let Ok(mut c) = self.circuits.lock() {
+            c.insert(registry.to_owned(), open);
+        }
+    }
+
+    pub fn add_served_bytes(&self, n: u64) {
+        self.served_bytes.inc_by(n);
+    }
+
+    pub fn add_upstream_bytes(&self, n: u64) {
+        self.upstream_bytes.inc_by(n);
+    }
+
+    pub fn set_cache_size(&self, bytes: u64) {
+        self.cache_size
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    pub fn add_evictions(&self, n: u64) {
+        self.evictions.inc_by(n);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail (fmt::Write for String is infallible).
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The stats document.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let budgets = self.budgets.lock().map(|b| b.clone()).unwrap_or_default();
+        let circuits = self.circuits.lock().map(|c| c.clone()).unwrap_or_default();
+        let mut snap = StatsSnapshot {
+            served_bytes: self.served_bytes.get(),
+            upstream_bytes: self.upstream_bytes.get(),
+            cache_size_bytes: u64::try_from(self.cache_size.get()).unwrap_or(0),
+            evictions: self.evictions.get(),
+            ..StatsSnapshot::default()
+        };
+        for (name, c) in &self.per_registry {
+            let r = RegistryStats {
+                hits: c.hits.load(Ordering::Relaxed),
+                misses: c.misses.load(Ordering::Relaxed),
+                stale: c.stale.load(Ordering::Relaxed),
+                errors: c.errors.load(Ordering::Relaxed),
+                budget: budgets.get(name).cloned(),
+                circuit_open: circuits.get(name).copied().unwrap_or(false),
+            };
+            snap.hits += r.hits;
+            snap.misses += r.misses;
+            snap.stale += r.stale;
+            snap.errors += r.errors;
+            snap.registries.insert(name.clone(), r);
+        }
+        if let Ok(rows) = self.upstream_rows.lock() {
+            snap.upstream_requests = rows
+                .iter()
+                .map(|((registry, method, status), count)| UpstreamRequestCount {
+                    registry: registry.clone(),
+                    method: (*method).to_owned(),
+                    status: status.clone(),
+                    count: *count,
+                })
+                .collect();
+        }
+        snap
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn requests_are_counted_in_metrics_and_stats_alike() {
+        let t = Telemetry::new(["docker.io", "quay.io"]);
+        t.record_request("docker.io", Kind::Manifest, CacheResult::Hit);
+        t.record_request("docker.io", Kind::Blob, CacheResult::Miss);
+        t.record_request("quay.io", Kind::Blob, CacheResult::Stale);
+        t.record_upstream("docker.io", "GET", "200");
+        t.record_budget(
+            "docker.io",
+            &Budget {
+                limit: Some(100),
+                remaining: 42,
+                window_seconds: Some(21600),
+                source: None,
+            },
+        );
+        let snap = t.snapshot();
+        assert_eq!((snap.hits, snap.misses, snap.stale), (1, 1, 1));
+        assert_eq!(
+            snap.registries["docker.io"]
+                .budget
+                .as_ref()
+                .unwrap()
+                .remaining,
+            42
+        );
+        assert_eq!(snap.upstream_count("GET"), 1);
+        assert!((snap.hit_ratio().unwrap() - 2.0 / 3.0).abs() < 1e-9);
+        let text = t.encode();
+        assert!(text.contains(
+            r#"cachalot_registry_requests_total{registry="docker.io",kind="manifest",result="hit"} 1"#
+        ), "{text}");
+        assert!(text.contains(r#"cachalot_registry_ratelimit_remaining{registry="docker.io"} 42"#));
+    }
+}

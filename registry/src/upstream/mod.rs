@@ -1,0 +1,555 @@
+//! Upstream registries: one [`Upstream`] per configured registry name, each with its own HTTP
+//! client settings, credentials, bearer-token cache, circuit breaker and pull-budget record.
+//!
+//! Invariants: only configured registries exist here (the `ns` allowlist is this map), so no
+//! request can make the proxy contact an arbitrary host. Retries happen only for idempotent
+//! requests that got no HTTP answer at all; an HTTP error, and above all a 429, is never retried.
+
+pub mod auth;
+pub mod circuit;
+pub mod ratelimit;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{header, HeaderValue, Method, StatusCode};
+use rand::Rng as _;
+
+use crate::config::{Config, UpstreamTuning};
+use crate::oci::{media, Digest, Reference, RepositoryName};
+use crate::telemetry::{Budget, Telemetry};
+use auth::{BasicCredentials, Challenge, TokenCache, TokenResponse};
+use circuit::{Admission, Circuit};
+
+/// Why the set of upstreams could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildUpstreamError {
+    #[error("registries.{registry}.credentials: {source}")]
+    Credentials {
+        registry: String,
+        source: auth::LoadCredentialsError,
+    },
+    #[error("cannot read CA file {path}: {source}")]
+    CaFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("CA file {path} holds no usable PEM certificate: {source}")]
+    CaParse {
+        path: std::path::PathBuf,
+        source: reqwest::Error,
+    },
+    #[error("cannot build the HTTP client for {registry}: {source}")]
+    Client {
+        registry: String,
+        source: reqwest::Error,
+    },
+}
+
+/// A failed upstream request. Cloneable: one failure is shared by every coalesced waiter.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream {registry} answered {}: {message}", status.as_u16())]
+    Status {
+        registry: String,
+        status: StatusCode,
+        message: String,
+        retry_after: Option<String>,
+    },
+    #[error("cannot reach upstream {registry}: {message}")]
+    Connect { registry: String, message: String },
+    #[error("upstream {registry} did not answer within {}s", timeout.as_secs_f32())]
+    Timeout { registry: String, timeout: Duration },
+    #[error("upstream {registry} keeps failing; not asking it again for {}s (circuit open)", retry_in.as_secs())]
+    CircuitOpen {
+        registry: String,
+        retry_in: Duration,
+    },
+    #[error("upstream {registry} rate-limited us; waiting {}s as its Retry-After asked", retry_in.as_secs())]
+    RateLimitedLocally {
+        registry: String,
+        retry_in: Duration,
+    },
+    #[error("cannot get a token for upstream {registry}: {message}")]
+    Token { registry: String, message: String },
+}
+
+impl UpstreamError {
+    /// Whether a cached copy should be served instead (stale-if-error): the upstream is down,
+    /// slow, failing or rate-limiting, as opposed to answering that the content does not exist.
+    pub fn allows_stale(&self) -> bool {
+        match self {
+            UpstreamError::Status { status, .. } => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            UpstreamError::Token { .. } => false,
+            _ => true,
+        }
+    }
+}
+
+/// What an upstream request is for.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    Manifest(&'a Reference),
+    Blob(&'a Digest),
+    /// `tags/list` with the client's `n` and `last`.
+    Tags {
+        n: Option<&'a str>,
+        last: Option<&'a str>,
+    },
+}
+
+/// One upstream registry.
+#[derive(Debug)]
+pub struct Upstream {
+    name: String,
+    base: String,
+    /// `Some(registry)` when requests go through a parent cachalot, which needs `?ns=`.
+    ns: Option<String>,
+    client: reqwest::Client,
+    credentials: Option<BasicCredentials>,
+    tokens: TokenCache,
+    prefers_basic: std::sync::atomic::AtomicBool,
+    circuit: Circuit,
+    tuning: UpstreamTuning,
+    telemetry: Arc<Telemetry>,
+    budget: Mutex<Option<Budget>>,
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::HEAD => "HEAD",
+        _ => "GET",
+    }
+}
+
+fn client_for(
+    registry: &str,
+    tuning: &UpstreamTuning,
+    ca_file: Option<&std::path::Path>,
+    insecure: bool,
+) -> Result<reqwest::Client, BuildUpstreamError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(tuning.connect_timeout)
+        .read_timeout(tuning.body_idle_timeout)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("cachalot-registry/", env!("CARGO_PKG_VERSION")));
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|source| BuildUpstreamError::CaFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|source| {
+            BuildUpstreamError::CaParse {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+        builder = builder.tls_certs_merge(certs);
+    }
+    if insecure {
+        builder = builder.tls_danger_accept_invalid_certs(true);
+    }
+    builder
+        .build()
+        .map_err(|source| BuildUpstreamError::Client {
+            registry: registry.to_owned(),
+            source,
+        })
+}
+
+/// Reads at most `limit` bytes of an error body and extracts the OCI error message, if any.
+async fn error_message(response: reqwest::Response, limit: usize) -> String {
+    let status = response.status();
+    let mut body = Vec::new();
+    let mut response = response;
+    while body.len() < limit {
+        match tokio::time::timeout(Duration::from_secs(5), response.chunk()).await {
+            Ok(Ok(Some(chunk))) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    body.truncate(limit);
+    serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            let e = v.get("errors")?.get(0)?;
+            let code = e.get("code").and_then(|c| c.as_str()).unwrap_or("");
+            let message = e.get("message").and_then(|m| m.as_str()).unwrap_or("");
+            Some(format!("{code} {message}").trim().to_owned())
+        })
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned())
+}
+
+impl Upstream {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The last budget reported by the upstream.
+    pub fn budget(&self) -> Option<Budget> {
+        self.budget.lock().ok().and_then(|b| b.clone())
+    }
+
+    fn url(&self, repo: &RepositoryName, target: Target<'_>) -> String {
+        let mut url = match target {
+            Target::Manifest(reference) => format!("{}/v2/{repo}/manifests/{reference}", self.base),
+            Target::Blob(digest) => format!("{}/v2/{repo}/blobs/{digest}", self.base),
+            Target::Tags { .. } => format!("{}/v2/{repo}/tags/list", self.base),
+        };
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        if let Some(ns) = &self.ns {
+            query.append_pair("ns", ns);
+        }
+        if let Target::Tags { n, last } = target {
+            if let Some(n) = n {
+                query.append_pair("n", n);
+            }
+            if let Some(last) = last {
+                query.append_pair("last", last);
+            }
+        }
+        let query = query.finish();
+        if !query.is_empty() {
+            url.push('?');
+            url.push_str(&query);
+        }
+        url
+    }
+
+    /// Sends a request and returns the successful (2xx) response; anything else is an error.
+    pub async fn send(
+        &self,
+        method: Method,
+        repo: &RepositoryName,
+        target: Target<'_>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let url = self.url(repo, target);
+        let scope = format!("repository:{repo}:pull");
+        let mut authenticated_once = false;
+        loop {
+            let response = self
+                .send_with_retries(&method, &url, &scope, target)
+                .await?;
+            if response.status() == StatusCode::UNAUTHORIZED && !authenticated_once {
+                let challenge = response
+                    .headers()
+                    .get(header::WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(auth::parse_challenge);
+                match challenge {
+                    Some(Challenge::Bearer {
+                        realm,
+                        service,
+                        scope: challenge_scope,
+                    }) => {
+                        let wanted = challenge_scope.unwrap_or_else(|| scope.clone());
+                        let token = self
+                            .fetch_token(&realm, service.as_deref(), &wanted)
+                            .await?;
+                        self.tokens.put(&scope, token.0, token.1, Instant::now());
+                        authenticated_once = true;
+                        continue;
+                    }
+                    Some(Challenge::Basic) if self.credentials.is_some() => {
+                        self.prefers_basic
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                        authenticated_once = true;
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            return self.check_status(response).await;
+        }
+    }
+
+    async fn check_status(
+        &self,
+        response: reqwest::Response,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let retry_after = response
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let message = error_message(response, 16 * 1024).await;
+        Err(UpstreamError::Status {
+            registry: self.name.clone(),
+            status,
+            message,
+            retry_after,
+        })
+    }
+
+    async fn send_with_retries(
+        &self,
+        method: &Method,
+        url: &str,
+        scope: &str,
+        target: Target<'_>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let label = method_label(method);
+        let mut attempt = 0u32;
+        loop {
+            match self.circuit.admit(Instant::now()) {
+                Admission::Allow | Admission::Probe => {}
+                Admission::Open(retry_in) => {
+                    return Err(UpstreamError::CircuitOpen {
+                        registry: self.name.clone(),
+                        retry_in,
+                    })
+                }
+                Admission::RateLimited(retry_in) => {
+                    return Err(UpstreamError::RateLimitedLocally {
+                        registry: self.name.clone(),
+                        retry_in,
+                    })
+                }
+            }
+            let mut request = self.client.request(method.clone(), url);
+            if matches!(target, Target::Manifest(_)) {
+                request = request.header(header::ACCEPT, media::MANIFEST_ACCEPT);
+            }
+            if let Some(token) = self.tokens.get(scope, Instant::now()) {
+                request = request.bearer_auth(token);
+            } else if let Some(c) = &self.credentials {
+                if self
+                    .prefers_basic
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    request = request.basic_auth(&c.username, Some(&c.password));
+                }
+            }
+            let sent = tokio::time::timeout(self.tuning.response_timeout, request.send()).await;
+            let error = match sent {
+                Ok(Ok(response)) => {
+                    let status = response.status();
+                    self.telemetry
+                        .record_upstream(&self.name, label, status.as_str());
+                    if matches!(target, Target::Manifest(_)) {
+                        self.note_budget(response.headers());
+                    }
+                    if status.is_server_error() {
+                        self.note_failure();
+                    } else if status == StatusCode::TOO_MANY_REQUESTS {
+                        let wait = response
+                            .headers()
+                            .get(header::RETRY_AFTER)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                            .map(Duration::from_secs);
+                        self.circuit.rate_limited(Instant::now(), wait);
+                    } else {
+                        self.circuit.success();
+                        self.telemetry.record_circuit(&self.name, false);
+                    }
+                    return Ok(response);
+                }
+                Ok(Err(e)) => {
+                    self.telemetry.record_upstream(&self.name, label, "error");
+                    self.note_failure();
+                    if e.is_timeout() {
+                        UpstreamError::Timeout {
+                            registry: self.name.clone(),
+                            timeout: self.tuning.connect_timeout,
+                        }
+                    } else {
+                        UpstreamError::Connect {
+                            registry: self.name.clone(),
+                            message: error_chain(&e),
+                        }
+                    }
+                }
+                Err(_) => {
+                    self.telemetry.record_upstream(&self.name, label, "timeout");
+                    self.note_failure();
+                    UpstreamError::Timeout {
+                        registry: self.name.clone(),
+                        timeout: self.tuning.response_timeout,
+                    }
+                }
+            };
+            let retryable = matches!(error, UpstreamError::Connect { .. });
+            if !retryable || attempt >= self.tuning.retries {
+                return Err(error);
+            }
+            attempt += 1;
+            // Jittered exponential backoff, bounded: 50–100 ms, 100–200 ms, ...
+            let base = 50u64.saturating_mul(1 << attempt.min(5));
+            let jitter = rand::rng().random_range(0..=base);
+            tokio::time::sleep(Duration::from_millis(base / 2 + jitter / 2)).await;
+        }
+    }
+
+    fn note_failure(&self) {
+        if self.circuit.failure(Instant::now()) {
+            self.telemetry.record_circuit(&self.name, true);
+        }
+    }
+
+    fn note_budget(&self, headers: &http::HeaderMap) {
+        if let Some(budget) = ratelimit::budget_from_headers(headers) {
+            self.telemetry.record_budget(&self.name, &budget);
+            if let Ok(mut b) = self.budget.lock() {
+                *b = Some(budget);
+            }
+        }
+    }
+
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<(String, Duration), UpstreamError> {
+        let token_error = |message: String| UpstreamError::Token {
+            registry: self.name.clone(),
+            message,
+        };
+        let mut query: Vec<(&str, &str)> = vec![("scope", scope)];
+        if let Some(service) = service {
+            query.push(("service", service));
+        }
+        let mut url = reqwest::Url::parse(realm)
+            .map_err(|e| token_error(format!("bad realm {realm}: {e}")))?;
+        url.query_pairs_mut().extend_pairs(query);
+        let mut request = self.client.get(url);
+        if let Some(c) = &self.credentials {
+            request = request.basic_auth(&c.username, Some(&c.password));
+        }
+        let response = tokio::time::timeout(self.tuning.response_timeout, request.send())
+            .await
+            .map_err(|_| token_error("token endpoint timed out".into()))?
+            .map_err(|e| token_error(error_chain(&e)))?;
+        self.telemetry
+            .record_upstream(&self.name, "token", response.status().as_str());
+        if !response.status().is_success() {
+            return Err(token_error(format!(
+                "token endpoint answered {}",
+                response.status()
+            )));
+        }
+        let bytes = tokio::time::timeout(self.tuning.response_timeout, response.bytes())
+            .await
+            .map_err(|_| token_error("token body timed out".into()))?
+            .map_err(|e| token_error(format!("token body: {e}")))?;
+        let body: TokenResponse = serde_json::from_slice(&bytes)
+            .map_err(|e| token_error(format!("token body is not JSON: {e}")))?;
+        body.into_token()
+            .ok_or_else(|| token_error("token response has no token".into()))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
+/// All configured upstreams, keyed by registry name: the `ns` allowlist.
+#[derive(Debug)]
+pub struct Upstreams {
+    by_name: BTreeMap<String, Arc<Upstream>>,
+}
+
+impl Upstreams {
+    pub fn new(
+        config: &Config,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Upstreams, BuildUpstreamError> {
+        // Installing the process-wide TLS provider twice is harmless; the first one stays.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut by_name = BTreeMap::new();
+        for (name, registry) in &config.registries {
+            let (base, ns, ca, insecure) = match &config.parent {
+                Some(parent) => (
+                    parent.url.clone(),
+                    Some(name.clone()),
+                    parent.ca_file.as_deref(),
+                    parent.insecure_skip_verify,
+                ),
+                None => (
+                    registry
+                        .url
+                        .clone()
+                        .unwrap_or_else(|| crate::config::default_url(name)),
+                    None,
+                    registry.ca_file.as_deref(),
+                    registry.insecure_skip_verify,
+                ),
+            };
+            let credentials =
+                auth::load_credentials(registry.credentials.as_ref(), name).map_err(|source| {
+                    BuildUpstreamError::Credentials {
+                        registry: name.clone(),
+                        source,
+                    }
+                })?;
+            let client = client_for(name, &config.upstream, ca, insecure)?;
+            by_name.insert(
+                name.clone(),
+                Arc::new(Upstream {
+                    name: name.clone(),
+                    base,
+                    ns,
+                    client,
+                    credentials,
+                    tokens: TokenCache::default(),
+                    prefers_basic: std::sync::atomic::AtomicBool::new(false),
+                    circuit: Circuit::new(
+                        config.upstream.circuit_failure_threshold,
+                        config.upstream.circuit_open_for,
+                    ),
+                    tuning: config.upstream.clone(),
+                    telemetry: Arc::clone(&telemetry),
+                    budget: Mutex::new(None),
+                }),
+            );
+        }
+        Ok(Upstreams { by_name })
+    }
+
+    pub fn get(&self, registry: &str) -> Option<&Arc<Upstream>> {
+        self.by_name.get(registry)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+}
+
+/// `Content-Type` of a response, as the upstream sent it.
+pub fn content_type(response: &reqwest::Response) -> Option<String> {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// `Docker-Content-Digest` of a response, if present and well-formed.
+pub fn content_digest(response: &reqwest::Response) -> Option<Digest> {
+    response
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A header value that can be copied onto a client response.
+pub fn header_value(s: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(s).ok()
+}
