@@ -1,0 +1,668 @@
+//! Reconcile scenarios against a mocked API server (`tower_test::mock::pair` behind a
+//! `kube::Client`): every call the operator makes is checked in order, and a scenario fails on a
+//! missing or an extra call. HTTP probes of pods are a fake [`Probe`].
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cachalot_operator::api::{RegistryMirror, FINALIZER};
+use cachalot_operator::controller::observe::{Probe, ProbeError, RegistryStats, UpstreamBudget};
+use cachalot_operator::controller::{reconcile_mirror, Context, ControllerConfig};
+use cachalot_operator::metrics::Metrics;
+use cachalot_operator::node_agent::protocol::{AgentStatus, ContainerdStatus, DesiredState};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher;
+use kube::Client;
+use serde_json::{json, Value};
+use tower_test::mock;
+
+type Handle = mock::Handle<Request<Body>, Response<Body>>;
+
+const NS: &str = "cachalot";
+const MIRRORS: &str = "/apis/cachalot.dev/v1alpha1/namespaces/cachalot/registrymirrors";
+
+/// What the fake probe answers: agents echo the generation last applied through the API.
+#[derive(Default)]
+struct FakeWorld {
+    generation: Mutex<String>,
+    agent_files: Mutex<Vec<String>>,
+    agent_ready: Mutex<bool>,
+    probed: Mutex<Vec<String>>,
+}
+
+struct FakeProbe(Arc<FakeWorld>);
+
+impl Probe for FakeProbe {
+    fn registry_stats(
+        &self,
+        base_url: String,
+    ) -> BoxFuture<'static, Result<RegistryStats, ProbeError>> {
+        self.0
+            .probed
+            .lock()
+            .unwrap()
+            .push(format!("{base_url}/stats"));
+        async move {
+            Ok(RegistryStats {
+                hits: 7,
+                misses: 1,
+                stale: 0,
+                upstreams: vec![UpstreamBudget {
+                    registry: "docker.io".into(),
+                    limit: Some(100),
+                    remaining: Some(42),
+                    window_seconds: Some(21600),
+                    source: None,
+                }],
+                ..RegistryStats::default()
+            })
+        }
+        .boxed()
+    }
+    fn agent_status(
+        &self,
+        base_url: String,
+    ) -> BoxFuture<'static, Result<AgentStatus, ProbeError>> {
+        self.0
+            .probed
+            .lock()
+            .unwrap()
+            .push(format!("{base_url}/status"));
+        let status = AgentStatus {
+            node: "node-1".into(),
+            mirror: format!("{NS}/hub"),
+            generation: self.0.generation.lock().unwrap().clone(),
+            ready: *self.0.agent_ready.lock().unwrap(),
+            registries: Vec::new(),
+            containerd: ContainerdStatus::default(),
+            managed_files: self.0.agent_files.lock().unwrap().clone(),
+            problems: Vec::new(),
+        };
+        async move { Ok(status) }.boxed()
+    }
+}
+
+fn mirror_json(spec: Value, finalizer: bool, deleting: bool) -> Value {
+    let mut m = json!({
+        "apiVersion": "cachalot.dev/v1alpha1",
+        "kind": "RegistryMirror",
+        "metadata": {
+            "name": "hub", "namespace": NS, "uid": "uid-hub", "generation": 2,
+            "resourceVersion": "100", "creationTimestamp": "2026-01-02T00:00:00Z"
+        },
+        "spec": spec,
+    });
+    if finalizer {
+        m["metadata"]["finalizers"] = json!([FINALIZER]);
+    }
+    if deleting {
+        m["metadata"]["deletionTimestamp"] = json!("2026-01-03T00:00:00Z");
+    }
+    m
+}
+
+fn mirror(spec: Value, finalizer: bool, deleting: bool) -> RegistryMirror {
+    serde_json::from_value(mirror_json(spec, finalizer, deleting)).unwrap()
+}
+
+fn docker_hub() -> Value {
+    json!({"registries": [{"name": "docker.io"}]})
+}
+
+fn context(handle_client: Client, world: Arc<FakeWorld>, store: Store<RegistryMirror>) -> Context {
+    let mut config = ControllerConfig::new("ghcr.io/cachalot-dev/cachalot:test");
+    config.requeue_after = Duration::from_secs(60);
+    Context::new(
+        handle_client,
+        config,
+        Arc::new(FakeProbe(world)),
+        store,
+        Arc::new(Metrics::new()),
+    )
+}
+
+fn empty_store() -> Store<RegistryMirror> {
+    let (store, _writer) = reflector::store();
+    store
+}
+
+/// One recorded request.
+struct Call {
+    method: Method,
+    path: String,
+    query: String,
+    body: Value,
+}
+
+async fn next_call(handle: &mut Handle) -> (Call, mock::SendResponse<Response<Body>>) {
+    let (request, send) = handle
+        .next_request()
+        .await
+        .expect("the operator made no further call");
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let query = request.uri().query().unwrap_or_default().to_string();
+    let bytes = request.into_body().collect_bytes().await.unwrap();
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    (
+        Call {
+            method,
+            path,
+            query,
+            body,
+        },
+        send,
+    )
+}
+
+fn respond(send: mock::SendResponse<Response<Body>>, status: StatusCode, body: &Value) {
+    let response = Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(body).unwrap()))
+        .unwrap();
+    send.send_response(response);
+}
+
+fn not_found(send: mock::SendResponse<Response<Body>>) {
+    respond(
+        send,
+        StatusCode::NOT_FOUND,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+    );
+}
+
+/// Expects a call with this method and path and returns it with its responder.
+async fn expect(
+    handle: &mut Handle,
+    method: Method,
+    path: &str,
+) -> (Call, mock::SendResponse<Response<Body>>) {
+    let (call, send) = next_call(handle).await;
+    assert_eq!(
+        (call.method.clone(), call.path.as_str()),
+        (method, path),
+        "unexpected call {} {}?{}",
+        call.method,
+        call.path,
+        call.query
+    );
+    (call, send)
+}
+
+/// Expects a server-side apply by the operator's field manager and echoes the body back,
+/// merged with `extra` (what the API server would add, e.g. a cluster IP).
+async fn expect_apply(handle: &mut Handle, path: &str, extra: Value) -> Value {
+    let (call, send) = expect(handle, Method::PATCH, path).await;
+    assert!(
+        call.query.contains("fieldManager=cachalot-operator"),
+        "{}",
+        call.query
+    );
+    assert!(call.query.contains("force=true"), "{}", call.query);
+    let mut body = call.body.clone();
+    assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "uid-hub");
+    merge(&mut body, &extra);
+    respond(send, StatusCode::OK, &body);
+    call.body
+}
+
+fn merge(target: &mut Value, extra: &Value) {
+    match (target, extra) {
+        (Value::Object(t), Value::Object(e)) => {
+            for (k, v) in e {
+                merge(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        (t, e) => *t = e.clone(),
+    }
+}
+
+async fn expect_event(handle: &mut Handle, reason: &str) {
+    let (call, send) = expect(
+        handle,
+        Method::POST,
+        "/apis/events.k8s.io/v1/namespaces/cachalot/events",
+    )
+    .await;
+    assert_eq!(call.body["reason"], reason, "{}", call.body);
+    assert_eq!(call.body["regarding"]["name"], "hub");
+    respond(send, StatusCode::CREATED, &call.body);
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
+}
+
+/// Expects the status write (a JSON patch adding `/status`) and returns the status.
+async fn expect_status(handle: &mut Handle, object: &Value) -> Value {
+    let (call, send) = expect(handle, Method::PATCH, &format!("{MIRRORS}/hub/status")).await;
+    assert_eq!(call.body[0]["op"], "add");
+    assert_eq!(call.body[0]["path"], "/status");
+    let status = call.body[0]["value"].clone();
+    let mut updated = object.clone();
+    updated["status"] = status.clone();
+    respond(send, StatusCode::OK, &updated);
+    status
+}
+
+fn pod_list(name: &str, node: &str, ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"},
+        "items": [{
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"nodeName": node, "containers": [{"name": "c"}]},
+            "status": {"phase": "Running", "podIP": ip}
+        }]
+    })
+}
+
+/// Runs `reconcile` against a scenario and checks that no call is left unanswered or extra.
+async fn run_scenario<S, F>(
+    mirror: RegistryMirror,
+    world: Arc<FakeWorld>,
+    store: Store<RegistryMirror>,
+    scenario: S,
+) -> Action
+where
+    S: FnOnce(Handle) -> F,
+    F: std::future::Future<Output = Handle> + Send + 'static,
+{
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, NS);
+    let verifier = tokio::spawn(scenario(handle));
+    let ctx = context(client, world, store);
+    let action = tokio::time::timeout(Duration::from_secs(10), reconcile_mirror(&mirror, &ctx))
+        .await
+        .expect("reconcile timed out: a call was not answered")
+        .expect("reconcile failed");
+    drop(ctx);
+    let mut handle = tokio::time::timeout(Duration::from_secs(5), verifier)
+        .await
+        .expect("scenario timed out: an expected call never came")
+        .unwrap();
+    // With the client dropped, any further request would have been sent before this point.
+    let extra = tokio::time::timeout(Duration::from_secs(1), handle.next_request()).await;
+    if let Ok(Some((request, _))) = extra {
+        panic!(
+            "unexpected extra call {} {}",
+            request.method(),
+            request.uri()
+        );
+    }
+    action
+}
+
+#[tokio::test]
+async fn new_mirror_gets_finalizer_then_objects_applied_then_ready_status() {
+    let world = Arc::new(FakeWorld::default());
+    *world.agent_ready.lock().unwrap() = true;
+    let m = mirror(docker_hub(), false, false);
+    let w = world.clone();
+    let action = run_scenario(m, world.clone(), empty_store(), move |mut h| async move {
+        // 1. finalizer first, guarded by resourceVersion
+        let (call, send) = expect(&mut h, Method::PATCH, &format!("{MIRRORS}/hub")).await;
+        assert_eq!(call.body["metadata"]["finalizers"], json!([FINALIZER]));
+        assert_eq!(call.body["metadata"]["resourceVersion"], "100");
+        let with_finalizer = mirror_json(docker_hub(), true, false);
+        respond(send, StatusCode::OK, &with_finalizer);
+        // 2. registry side
+        let cm = expect_apply(&mut h, "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-config", json!({})).await;
+        assert!(cm["data"]["config.yaml"].as_str().unwrap().contains("registry-1.docker.io"));
+        expect_apply(
+            &mut h,
+            "/apis/apps/v1/namespaces/cachalot/deployments/cachalot-hub",
+            json!({"status": {"readyReplicas": 1}}),
+        )
+        .await;
+        let (_, send) = expect(&mut h, Method::DELETE, "/apis/apps/v1/namespaces/cachalot/statefulsets/cachalot-hub").await;
+        not_found(send);
+        expect_apply(
+            &mut h,
+            "/api/v1/namespaces/cachalot/services/cachalot-hub",
+            json!({"spec": {"clusterIP": "10.96.0.12"}}),
+        )
+        .await;
+        let (_, send) = expect(
+            &mut h,
+            Method::DELETE,
+            "/apis/policy/v1/namespaces/cachalot/poddisruptionbudgets/cachalot-hub",
+        )
+        .await;
+        not_found(send);
+        // 3. node side, pointed at the cluster IP read back from the Service
+        let cm = expect_apply(&mut h, "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-agent", json!({})).await;
+        let desired: DesiredState = serde_json::from_str(cm["data"]["desired.json"].as_str().unwrap()).unwrap();
+        assert_eq!(desired.registries[0].endpoints, ["http://10.96.0.12:5000"]);
+        *w.generation.lock().unwrap() = desired.generation.clone();
+        expect_apply(
+            &mut h,
+            "/apis/apps/v1/namespaces/cachalot/daemonsets/cachalot-hub-agent",
+            json!({"status": {"desiredNumberScheduled": 1, "currentNumberScheduled": 1, "numberMisscheduled": 0, "numberReady": 1}}),
+        )
+        .await;
+        // 4. observe: registry pods, then agent pods
+        let (call, send) = expect(&mut h, Method::GET, "/api/v1/namespaces/cachalot/pods").await;
+        assert!(call.query.contains("app.kubernetes.io%2Fcomponent%3Dregistry"), "{}", call.query);
+        respond(send, StatusCode::OK, &pod_list("cachalot-hub-0", "node-1", "10.0.0.9"));
+        let (call, send) = expect(&mut h, Method::GET, "/api/v1/namespaces/cachalot/pods").await;
+        assert!(call.query.contains("node-agent"), "{}", call.query);
+        respond(send, StatusCode::OK, &pod_list("agent-x", "node-1", "192.168.1.10"));
+        // 5. status
+        let status = expect_status(&mut h, &with_finalizer).await;
+        assert_eq!(status["observedGeneration"], 2);
+        assert_eq!(status["endpoint"], "http://10.96.0.12:5000");
+        assert_eq!(condition(&status, "Ready")["status"], "True");
+        assert_eq!(condition(&status, "ProxyAvailable")["status"], "True");
+        assert_eq!(condition(&status, "NodesConfigured")["status"], "True");
+        assert_eq!(condition(&status, "NodesConfigured")["message"], "1/1 nodes");
+        assert_eq!(condition(&status, "Conflict")["status"], "False");
+        assert_eq!(status["nodes"]["summary"], "1/1");
+        assert_eq!(status["cache"]["hitRatio"], "87.5%");
+        assert_eq!(condition(&status, "CacheEffective")["status"], "True");
+        assert_eq!(status["budgetSummary"], "42/100");
+        assert_eq!(condition(&status, "UpstreamBudget")["reason"], "BudgetAvailable");
+        // 6. the transition to Ready is an Event
+        expect_event(&mut h, "MirrorReady").await;
+        h
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+    let probed = world.probed.lock().unwrap().clone();
+    assert_eq!(
+        probed,
+        [
+            "http://10.0.0.9:5000/stats",
+            "http://192.168.1.10:9464/status"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn invalid_spec_sets_ready_false_applies_nothing_and_waits_for_a_change() {
+    let spec = json!({"registries": [{"name": "docker.io"}], "storage": {"type": "PersistentVolumeClaim"}});
+    let m = mirror(spec.clone(), true, false);
+    let action = run_scenario(
+        m,
+        Arc::new(FakeWorld::default()),
+        empty_store(),
+        move |mut h| async move {
+            let status = expect_status(&mut h, &mirror_json(spec, true, false)).await;
+            let ready = condition(&status, "Ready");
+            assert_eq!(ready["status"], "False");
+            assert_eq!(ready["reason"], "InvalidSpec");
+            assert!(
+                ready["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("spec.storage.size"),
+                "{ready}"
+            );
+            assert!(status.get("endpoint").is_none());
+            expect_event(&mut h, "InvalidSpec").await;
+            h
+        },
+    )
+    .await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn unchanged_invalid_status_is_not_rewritten() {
+    let spec = json!({"registries": [{"name": "docker.io"}], "replicas": 0});
+    let first = mirror(spec.clone(), true, false);
+    let status = cachalot_operator::controller::status::compute_status(
+        &first,
+        &cachalot_operator::controller::status::Outcome::Invalid {
+            message: cachalot_operator::controller::validate::validate(&first)
+                .unwrap_err()
+                .to_string(),
+        },
+        &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ),
+    );
+    let mut second = first.clone();
+    second.status = Some(status);
+    // No call at all: the status is already what it would write, and no transition means no Event.
+    let action = run_scenario(
+        second,
+        Arc::new(FakeWorld::default()),
+        empty_store(),
+        |h| async move { h },
+    )
+    .await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn later_mirror_claiming_the_same_registry_gets_conflict_and_applies_nothing() {
+    let (store, mut writer) = reflector::store::<RegistryMirror>();
+    let older: RegistryMirror = serde_json::from_value(json!({
+        "apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
+        "metadata": {"name": "first", "namespace": "other", "uid": "uid-first",
+                     "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"registries": [{"name": "docker.io"}, {"name": "quay.io"}]}
+    }))
+    .unwrap();
+    let unrelated: RegistryMirror = serde_json::from_value(json!({
+        "apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
+        "metadata": {"name": "gpu", "namespace": "other", "uid": "uid-gpu",
+                     "creationTimestamp": "2025-01-01T00:00:00Z"},
+        "spec": {"registries": [{"name": "docker.io"}], "nodes": {"nodeSelector": {"pool": "gpu"}}}
+    }))
+    .unwrap();
+    let m = mirror(
+        json!({"registries": [{"name": "docker.io"}], "nodes": {"nodeSelector": {"pool": "cpu"}}}),
+        true,
+        false,
+    );
+    writer.apply_watcher_event(&watcher::Event::Apply(older));
+    writer.apply_watcher_event(&watcher::Event::Apply(unrelated));
+    writer.apply_watcher_event(&watcher::Event::Apply(m.clone()));
+    let object = serde_json::to_value(&m).unwrap();
+    let action = run_scenario(
+        m,
+        Arc::new(FakeWorld::default()),
+        store,
+        move |mut h| async move {
+            let status = expect_status(&mut h, &object).await;
+            let conflict = condition(&status, "Conflict");
+            assert_eq!(conflict["status"], "True");
+            let message = conflict["message"].as_str().unwrap();
+            assert!(
+                message.contains("other/first") && message.contains("docker.io"),
+                "{message}"
+            );
+            assert!(
+                !message.contains("other/gpu"),
+                "disjoint node selectors do not conflict: {message}"
+            );
+            assert_eq!(condition(&status, "Ready")["reason"], "Conflict");
+            expect_event(&mut h, "Conflict").await;
+            expect_event(&mut h, "ConflictDetected").await;
+            h
+        },
+    )
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+}
+
+#[tokio::test]
+async fn deletion_sets_removing_and_drops_finalizer_once_agents_report_no_files() {
+    let world = Arc::new(FakeWorld::default());
+    let m = mirror(docker_hub(), true, true);
+    let w = world.clone();
+    let action = run_scenario(m, world, empty_store(), move |mut h| async move {
+        let (_, send) = expect(
+            &mut h,
+            Method::GET,
+            "/apis/apps/v1/namespaces/cachalot/daemonsets/cachalot-hub-agent",
+        )
+        .await;
+        respond(
+            send,
+            StatusCode::OK,
+            &json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+                    "metadata": {"name": "cachalot-hub-agent", "namespace": NS},
+                    "spec": {"selector": {}, "template": {}}}),
+        );
+        let cm = expect_apply(
+            &mut h,
+            "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-agent",
+            json!({}),
+        )
+        .await;
+        let desired: DesiredState =
+            serde_json::from_str(cm["data"]["desired.json"].as_str().unwrap()).unwrap();
+        assert!(desired.removing);
+        assert!(desired.registries.is_empty());
+        // The agent has applied the removal and holds no files any more.
+        *w.generation.lock().unwrap() = desired.generation.clone();
+        let (_, send) = expect(&mut h, Method::GET, "/api/v1/namespaces/cachalot/pods").await;
+        respond(
+            send,
+            StatusCode::OK,
+            &pod_list("agent-x", "node-1", "192.168.1.10"),
+        );
+        let (call, send) = expect(&mut h, Method::PATCH, &format!("{MIRRORS}/hub")).await;
+        assert_eq!(call.body["metadata"]["finalizers"], json!([]));
+        assert_eq!(call.body["metadata"]["resourceVersion"], "100");
+        respond(
+            send,
+            StatusCode::OK,
+            &mirror_json(docker_hub(), false, true),
+        );
+        expect_event(&mut h, "NodeFilesRemoved").await;
+        h
+    })
+    .await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn deletion_waits_while_an_agent_still_holds_files() {
+    let world = Arc::new(FakeWorld::default());
+    *world.agent_files.lock().unwrap() =
+        vec!["/etc/containerd/certs.d/docker.io/hosts.toml".into()];
+    let m = mirror(docker_hub(), true, true);
+    let w = world.clone();
+    let action = run_scenario(m, world, empty_store(), move |mut h| async move {
+        let (_, send) = expect(
+            &mut h,
+            Method::GET,
+            "/apis/apps/v1/namespaces/cachalot/daemonsets/cachalot-hub-agent",
+        )
+        .await;
+        respond(
+            send,
+            StatusCode::OK,
+            &json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+                    "metadata": {"name": "cachalot-hub-agent", "namespace": NS},
+                    "spec": {"selector": {}, "template": {}}}),
+        );
+        let cm = expect_apply(
+            &mut h,
+            "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-agent",
+            json!({}),
+        )
+        .await;
+        let desired: DesiredState =
+            serde_json::from_str(cm["data"]["desired.json"].as_str().unwrap()).unwrap();
+        *w.generation.lock().unwrap() = desired.generation;
+        let (_, send) = expect(&mut h, Method::GET, "/api/v1/namespaces/cachalot/pods").await;
+        respond(
+            send,
+            StatusCode::OK,
+            &pod_list("agent-x", "node-1", "192.168.1.10"),
+        );
+        let status = expect_status(&mut h, &mirror_json(docker_hub(), true, true)).await;
+        let nodes = condition(&status, "NodesConfigured");
+        assert_eq!(nodes["reason"], "RemovingNodeFiles");
+        assert!(
+            nodes["message"]
+                .as_str()
+                .unwrap()
+                .contains("waiting for node-1"),
+            "{nodes}"
+        );
+        expect_event(&mut h, "Deleting").await;
+        h
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+}
+
+#[tokio::test]
+async fn deletion_without_agents_removes_the_finalizer_at_once() {
+    let m = mirror(docker_hub(), true, true);
+    let action = run_scenario(
+        m,
+        Arc::new(FakeWorld::default()),
+        empty_store(),
+        |mut h| async move {
+            let (_, send) = expect(
+                &mut h,
+                Method::GET,
+                "/apis/apps/v1/namespaces/cachalot/daemonsets/cachalot-hub-agent",
+            )
+            .await;
+            not_found(send);
+            let (call, send) = expect(&mut h, Method::PATCH, &format!("{MIRRORS}/hub")).await;
+            assert_eq!(call.body["metadata"]["finalizers"], json!([]));
+            respond(
+                send,
+                StatusCode::OK,
+                &mirror_json(docker_hub(), false, true),
+            );
+            expect_event(&mut h, "FinalizerRemoved").await;
+            h
+        },
+    )
+    .await;
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn failed_apply_is_a_transient_error_with_a_static_category() {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, NS);
+    let ctx = context(client, Arc::new(FakeWorld::default()), empty_store());
+    let m = mirror(docker_hub(), true, false);
+    let verifier = tokio::spawn(async move {
+        let (_, send) = expect(
+            &mut handle,
+            Method::PATCH,
+            "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-config",
+        )
+        .await;
+        respond(
+            send,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500, "message": "etcd down"}),
+        );
+        handle
+    });
+    let result = tokio::time::timeout(Duration::from_secs(10), reconcile_mirror(&m, &ctx))
+        .await
+        .unwrap();
+    let error = result.unwrap_err();
+    assert_eq!(error.category(), "ApplyFailed");
+    assert!(error.to_string().contains("cachalot-hub-config"), "{error}");
+    verifier.await.unwrap();
+}
