@@ -171,7 +171,11 @@ fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, u
 
 /// Mean reconcile duration from the operator's own histogram (`…_sum / …_count`).
 fn mean_reconcile_seconds(metrics: &Metrics) -> Option<(f64, f64)> {
-    let text = metrics.encode().ok()?;
+    reconcile_sum_count(&metrics.encode().ok()?)
+}
+
+/// `(sum, count)` of the reconcile duration histogram in Prometheus text.
+fn reconcile_sum_count(text: &str) -> Option<(f64, f64)> {
     let value = |suffix: &str| {
         text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
             let mut fields = l.split_whitespace();
@@ -403,4 +407,150 @@ async fn registry_mirror_goes_from_apply_to_owned_objects_and_status_then_follow
             to_first_status.as_secs_f64() * 1000.0
         );
     }
+}
+
+/// The operator binary as deployed (`cachalot-operator run`, leader election on), killed on drop.
+struct OperatorProcess {
+    child: std::process::Child,
+    listen: std::net::SocketAddr,
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl OperatorProcess {
+    fn start(server: &FakeApiServer, log: &std::path::Path) -> Self {
+        let kubeconfig = server.write_kubeconfig("default").unwrap();
+        // A free loopback port for /metrics: bind, read, release (the window is harmless here).
+        let listen = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let log = std::fs::File::create(log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_cachalot-operator"))
+            .arg("run")
+            .arg(format!("--listen={listen}"))
+            .env_clear()
+            .env("KUBECONFIG", kubeconfig)
+            .env("POD_NAMESPACE", "cachalot-system")
+            .env("POD_NAME", "operator-0")
+            .env("CACHALOT_PROBE_TIMEOUT", "200ms")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self { child, listen }
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// `GET /metrics` with a bare HTTP/1.0 request (no client library needed for one GET).
+    async fn metrics(&self) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.listen).await.ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.ok()?;
+        Some(body)
+    }
+}
+
+/// Benchmark, not a check of behaviour: run with
+/// `cargo nextest run -p cachalot-operator --test controller_loop --run-ignored ignored-only --no-capture`.
+#[tokio::test]
+#[ignore = "benchmark: operator memory idle and with 100 RegistryMirrors; run on demand"]
+async fn measure_operator_memory_idle_and_with_100_mirrors() {
+    const MIRRORS: usize = 100;
+    let server = FakeApiServer::start().await.expect("fake API server");
+    let client = server.client("load").await.unwrap();
+    install_crd(&client).await;
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let operator = OperatorProcess::start(&server, log.path());
+
+    eventually(
+        "the operator to lead and serve /metrics",
+        &server,
+        || async {
+            let metrics = operator.metrics().await?;
+            metrics
+                .lines()
+                .any(|l| {
+                    !l.starts_with('#') && l.contains("leader") && l.trim_end().ends_with(" 1")
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let idle = operator.rss_kib();
+
+    let api: Api<DynamicObject> = {
+        let gvk = GroupVersionKind::gvk("cachalot.dev", "v1alpha1", "RegistryMirror");
+        Api::namespaced_with(
+            client.clone(),
+            "load",
+            &ApiResource::from_gvk_with_plural(&gvk, "registrymirrors"),
+        )
+    };
+    let started = Instant::now();
+    for i in 0..MIRRORS {
+        let name = format!("m{i}");
+        let mirror = json!({"apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
+                            "metadata": {"name": name},
+                            "spec": {"registries": [{"name": format!("registry-{i}.test:5000"),
+                                                     "url": format!("http://127.0.0.1:{}", 20000 + i)}]}});
+        api.patch(
+            &name,
+            &PatchParams::apply("bench").force(),
+            &Patch::Apply(&mirror),
+        )
+        .await
+        .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut done = 0;
+    while Instant::now() < deadline {
+        let list = api.list(&kube::api::ListParams::default()).await.unwrap();
+        done = list
+            .items
+            .iter()
+            .filter(|m| m.data["status"]["observedGeneration"] == 1)
+            .count();
+        if done == MIRRORS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let all_reconciled = started.elapsed();
+    assert_eq!(
+        done,
+        MIRRORS,
+        "every mirror got a status; operator log:\n{}",
+        std::fs::read_to_string(log.path()).unwrap_or_default()
+    );
+    let loaded = operator.rss_kib();
+    let (sum, count) =
+        reconcile_sum_count(&operator.metrics().await.unwrap_or_default()).unwrap_or_default();
+    eprintln!(
+        "measure: operator RSS idle {:.1} MiB, with {MIRRORS} mirrors {:.1} MiB; \
+         {MIRRORS} mirrors applied → all with status in {:.1} s; {count} reconciles, mean {:.1} ms",
+        idle as f64 / 1024.0,
+        loaded as f64 / 1024.0,
+        all_reconciled.as_secs_f64(),
+        if count > 0.0 {
+            sum / count * 1000.0
+        } else {
+            0.0
+        }
+    );
 }
