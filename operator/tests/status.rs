@@ -1,0 +1,281 @@
+//! Pure status computation: conditions, numbers and their stability.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+
+use cachalot_operator::api::{
+    ConditionStatus, ConditionType, MirrorCondition, RegistryMirror, RegistryMirrorStatus,
+};
+use cachalot_operator::controller::observe::{
+    AgentObservation, Observations, RegistryPodObservation, RegistryStats, UpstreamBudget,
+};
+use cachalot_operator::controller::status::{compute_status, hit_ratio, transitions, Outcome};
+use cachalot_operator::node_agent::protocol::{AgentStatus, ContainerdStatus, Problem, Reason};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+const GEN: &str = "g1";
+
+fn mirror() -> RegistryMirror {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
+        "metadata": {"name": "hub", "namespace": "ns", "uid": "u", "generation": 4},
+        "spec": {"registries": [{"name": "docker.io"}]}
+    }))
+    .unwrap()
+}
+
+fn agent(node: &str, ready: bool, problem: Option<Reason>) -> AgentObservation {
+    AgentObservation {
+        node: node.to_string(),
+        status: Ok(AgentStatus {
+            node: node.to_string(),
+            mirror: "ns/hub".to_string(),
+            generation: GEN.to_string(),
+            ready,
+            registries: Vec::new(),
+            containerd: ContainerdStatus {
+                config_version: Some(2),
+                problems: problem
+                    .map(|reason| {
+                        vec![Problem {
+                            reason,
+                            message: "containerd config_path not set".to_string(),
+                        }]
+                    })
+                    .unwrap_or_default(),
+            },
+            managed_files: Vec::new(),
+            problems: Vec::new(),
+        }),
+    }
+}
+
+fn stats(hits: u64, misses: u64, stale: u64, remaining: u64) -> RegistryStats {
+    RegistryStats {
+        hits,
+        misses,
+        stale,
+        upstreams: vec![UpstreamBudget {
+            registry: "docker.io".to_string(),
+            limit: Some(100),
+            remaining: Some(remaining),
+            window_seconds: Some(21600),
+            source: None,
+        }],
+        ..RegistryStats::default()
+    }
+}
+
+fn running(obs: Observations) -> Outcome {
+    Outcome::Running {
+        endpoint: Some("http://10.96.0.12:5000".to_string()),
+        external: false,
+        desired_generation: GEN.to_string(),
+        reserves: BTreeMap::from([("docker.io".to_string(), 10)]),
+        observations: obs,
+    }
+}
+
+fn at(secs: i64) -> Time {
+    Time(Timestamp::UNIX_EPOCH + SignedDuration::from_secs(secs))
+}
+
+fn cond(status: &RegistryMirrorStatus, t: ConditionType) -> &MirrorCondition {
+    status.conditions.iter().find(|c| c.type_ == t).unwrap()
+}
+
+fn pods(list: Vec<RegistryStats>) -> Vec<RegistryPodObservation> {
+    list.into_iter()
+        .enumerate()
+        .map(|(i, s)| RegistryPodObservation {
+            pod: format!("p{i}"),
+            stats: Ok(s),
+        })
+        .collect()
+}
+
+#[test]
+fn partially_configured_nodes_report_n_of_m_with_the_dominant_node_reason() {
+    let obs = Observations {
+        registry_pods: pods(vec![stats(1, 1, 0, 50)]),
+        ready_replicas: 1,
+        desired_nodes: 4,
+        agents: vec![
+            agent("node-1", true, None),
+            agent("node-2", false, Some(Reason::ConfigPathNotSet)),
+            agent("node-3", false, Some(Reason::ConfigPathNotSet)),
+            AgentObservation {
+                node: "node-4".to_string(),
+                status: Err("connection refused".to_string()),
+            },
+        ],
+    };
+    let status = compute_status(&mirror(), &running(obs), &at(0));
+    let nodes = status.nodes.as_ref().unwrap();
+    assert_eq!(nodes.summary, "1/4");
+    assert_eq!(nodes.not_configured.len(), 3);
+    let c = cond(&status, ConditionType::NodesConfigured);
+    assert_eq!(c.status, ConditionStatus::False);
+    assert_eq!(c.reason, "ConfigPathNotSet");
+    assert!(
+        c.message
+            .starts_with("1/4 nodes; node-2: containerd config_path not set"),
+        "{}",
+        c.message
+    );
+    // One configured node is enough to serve pulls.
+    assert_eq!(
+        cond(&status, ConditionType::Ready).status,
+        ConditionStatus::True
+    );
+}
+
+#[test]
+fn an_agent_on_an_older_desired_state_is_pending_not_configured() {
+    let mut stale_agent = agent("node-1", true, None);
+    if let Ok(s) = &mut stale_agent.status {
+        s.generation = "older".to_string();
+    }
+    let obs = Observations {
+        registry_pods: pods(vec![stats(0, 0, 0, 50)]),
+        ready_replicas: 1,
+        desired_nodes: 1,
+        agents: vec![stale_agent],
+    };
+    let status = compute_status(&mirror(), &running(obs), &at(0));
+    assert_eq!(status.nodes.as_ref().unwrap().summary, "0/1");
+    assert_eq!(
+        cond(&status, ConditionType::NodesConfigured).reason,
+        "Pending"
+    );
+    assert_eq!(
+        cond(&status, ConditionType::Ready).status,
+        ConditionStatus::False
+    );
+}
+
+#[test]
+fn cache_counts_are_summed_over_pods_and_budget_is_the_lowest_remaining() {
+    let obs = Observations {
+        registry_pods: pods(vec![stats(6, 1, 1, 40), stats(2, 1, 0, 35)]),
+        ready_replicas: 2,
+        desired_nodes: 1,
+        agents: vec![agent("node-1", true, None)],
+    };
+    let status = compute_status(&mirror(), &running(obs), &at(0));
+    let cache = status.cache.as_ref().unwrap();
+    assert_eq!((cache.hits, cache.misses, cache.stale), (8, 2, 1));
+    assert_eq!(cache.hit_ratio, "81.8%");
+    assert_eq!(cache.pods_reporting, 2);
+    assert_eq!(status.budget[0].remaining, 35);
+    assert_eq!(status.budget_summary.as_deref(), Some("35/100"));
+    let budget = cond(&status, ConditionType::UpstreamBudget);
+    assert_eq!(
+        (budget.status, budget.reason.as_str()),
+        (ConditionStatus::True, "BudgetAvailable")
+    );
+    assert_eq!(budget.message, "docker.io 35/100 per 21600s");
+}
+
+#[test]
+fn exhausted_budget_is_rate_limited_and_low_budget_is_the_reserve() {
+    let status_for = |remaining| {
+        let obs = Observations {
+            registry_pods: pods(vec![stats(1, 0, 0, remaining)]),
+            ready_replicas: 1,
+            desired_nodes: 0,
+            agents: Vec::new(),
+        };
+        compute_status(&mirror(), &running(obs), &at(0))
+    };
+    let limited = status_for(0);
+    let c = cond(&limited, ConditionType::UpstreamBudget);
+    assert_eq!(
+        (c.status, c.reason.as_str()),
+        (ConditionStatus::False, "RateLimited")
+    );
+    let low = status_for(10);
+    assert_eq!(
+        cond(&low, ConditionType::UpstreamBudget).reason,
+        "BudgetReserve"
+    );
+}
+
+#[test]
+fn no_ready_registry_pod_means_proxy_unavailable_and_not_ready() {
+    let obs = Observations {
+        registry_pods: vec![RegistryPodObservation {
+            pod: "p0".to_string(),
+            stats: Err("timeout".to_string()),
+        }],
+        ready_replicas: 0,
+        desired_nodes: 1,
+        agents: vec![agent("node-1", true, None)],
+    };
+    let status = compute_status(&mirror(), &running(obs), &at(0));
+    assert_eq!(
+        cond(&status, ConditionType::ProxyAvailable).reason,
+        "NoReadyPods"
+    );
+    let ready = cond(&status, ConditionType::Ready);
+    assert_eq!(
+        (ready.status, ready.reason.as_str()),
+        (ConditionStatus::False, "ProxyUnavailable")
+    );
+    assert_eq!(
+        cond(&status, ConditionType::CacheEffective).reason,
+        "NoStats"
+    );
+    assert!(status.cache.is_none());
+}
+
+#[test]
+fn recomputing_an_unchanged_world_keeps_transition_times_and_a_flip_moves_only_that_one() {
+    let obs = |ready_agent| Observations {
+        registry_pods: pods(vec![stats(5, 5, 0, 50)]),
+        ready_replicas: 1,
+        desired_nodes: 1,
+        agents: vec![agent("node-1", ready_agent, None)],
+    };
+    let mut m = mirror();
+    let first = compute_status(&m, &running(obs(true)), &at(100));
+    m.status = Some(first.clone());
+    let again = compute_status(&m, &running(obs(true)), &at(200));
+    assert_eq!(
+        first, again,
+        "an unchanged world must give an identical status"
+    );
+    assert!(transitions(Some(&first), &again).is_empty());
+
+    let flipped = compute_status(&m, &running(obs(false)), &at(300));
+    assert_eq!(
+        cond(&flipped, ConditionType::Ready).last_transition_time,
+        Some(at(300))
+    );
+    assert_eq!(
+        cond(&flipped, ConditionType::ProxyAvailable).last_transition_time,
+        Some(at(100))
+    );
+    let events = transitions(Some(&first), &flipped);
+    assert_eq!(events.len(), 1);
+    assert!(events[0].warning);
+    assert_eq!(flipped.observed_generation, Some(4));
+    assert!(flipped
+        .conditions
+        .iter()
+        .all(|c| c.observed_generation == Some(4)));
+    let order: Vec<ConditionType> = flipped.conditions.iter().map(|c| c.type_).collect();
+    assert_eq!(order, ConditionType::ALL);
+}
+
+#[test]
+fn hit_ratio_is_a_rounded_percentage_or_a_dash_without_traffic() {
+    assert_eq!(hit_ratio(0, 0, 0), "-");
+    assert_eq!(hit_ratio(7, 1, 0), "87.5%");
+    assert_eq!(hit_ratio(1, 2, 0), "33.3%");
+    assert_eq!(hit_ratio(2, 1, 0), "66.7%");
+    assert_eq!(hit_ratio(0, 5, 0), "0.0%");
+    assert_eq!(hit_ratio(0, 0, 3), "100.0%");
+    assert_eq!(hit_ratio(u64::MAX, u64::MAX, 0), "50.0%");
+}
