@@ -310,6 +310,8 @@ def check_custom_resources(crd_paths: list[str], paths: list[str], versions: lis
             report.error(doc.where, f"schema: {path}: {e.message}")
         if not schema_errors:
             check_cel(structural, defaulted, doc.where, report)
+    if not any(group_of(d.body["apiVersion"]) in CUSTOM_GROUPS for d in load_docs(paths, Report())):
+        report.error(",".join(paths), "no custom resource found (nothing was validated)")
     if builtin:
         check_builtin(builtin, versions, report)
 
