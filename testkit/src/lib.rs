@@ -14,6 +14,7 @@
 //! ```
 
 pub mod client;
+pub mod containerd;
 pub mod distribution;
 pub mod fault;
 pub mod image;

@@ -1,0 +1,502 @@
+//! A private containerd (Debian 1.6.20) on a unix socket under a temp dir, driven with `ctr`.
+//!
+//! Invariants: root, state, sockets and the opt dir all live in the instance's temp dir, the CRI
+//! plugin is disabled (pulls need no CRI), the process is killed and reaped on drop before the
+//! temp dir is removed, and every `ctr` call has a timeout and is killed when it expires.
+//! containerd needs root; the harness runs as root.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use crate::distribution::read_tail;
+use crate::wait::wait_for;
+
+/// Where Debian installs containerd.
+pub const DEFAULT_CONTAINERD: &str = "/usr/bin/containerd";
+/// Where Debian installs ctr.
+pub const DEFAULT_CTR: &str = "/usr/bin/ctr";
+
+/// How a [`Containerd`] should run.
+#[derive(Debug, Clone)]
+pub struct ContainerdOptions {
+    /// The containerd executable.
+    pub containerd: PathBuf,
+    /// The ctr executable.
+    pub ctr: PathBuf,
+    /// The containerd namespace `ctr` uses (`-n`).
+    pub namespace: String,
+    /// Snapshotter for unpacking pulls; `native` works on any filesystem without mounts.
+    pub snapshotter: Option<String>,
+    /// How long to wait for `ctr version` to answer after the start.
+    pub start_timeout: Duration,
+    /// Timeout of each `ctr` command.
+    pub command_timeout: Duration,
+}
+
+impl Default for ContainerdOptions {
+    fn default() -> Self {
+        Self {
+            containerd: PathBuf::from(DEFAULT_CONTAINERD),
+            ctr: PathBuf::from(DEFAULT_CTR),
+            namespace: "test".to_owned(),
+            snapshotter: Some("native".to_owned()),
+            start_timeout: Duration::from_secs(20),
+            command_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Why containerd could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartContainerdError {
+    /// An executable is not installed.
+    #[error("{binary} not found: run scripts/install-test-deps to install the containerd package")]
+    BinaryMissing {
+        /// The path looked for.
+        binary: PathBuf,
+    },
+    /// The temp dir could not be created.
+    #[error("create temp dir for containerd")]
+    CreateTempDir {
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file in the temp dir could not be written.
+    #[error("write {path}")]
+    WriteFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The process could not be spawned.
+    #[error("spawn {binary}")]
+    Spawn {
+        /// The executable.
+        binary: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// containerd exited during start-up.
+    #[error("containerd exited during start-up ({status}); log:\n{log}")]
+    Exited {
+        /// Exit status.
+        status: ExitStatus,
+        /// Tail of its log.
+        log: String,
+    },
+    /// `ctr version` never answered.
+    #[error("containerd did not answer `ctr version` within {timeout:?}; log:\n{log}")]
+    NotReady {
+        /// The deadline that passed.
+        timeout: Duration,
+        /// Tail of its log.
+        log: String,
+    },
+}
+
+/// Why a `ctr` command could not be run to completion.
+#[derive(Debug, thiserror::Error)]
+pub enum RunCtrError {
+    /// ctr could not be spawned.
+    #[error("spawn {ctr}")]
+    Spawn {
+        /// The executable.
+        ctr: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// ctr did not finish in time and was killed.
+    #[error("ctr {args} did not finish within {timeout:?}")]
+    TimedOut {
+        /// The arguments.
+        args: String,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// ctr exited non-zero (only from [`CtrOutput::into_success`]).
+    #[error("ctr {args} failed ({status}): {stderr}")]
+    Failed {
+        /// The arguments.
+        args: String,
+        /// Exit status.
+        status: ExitStatus,
+        /// Its stderr.
+        stderr: String,
+    },
+}
+
+/// What a `ctr` command printed and how it exited.
+#[derive(Debug, Clone)]
+pub struct CtrOutput {
+    /// The arguments after `--address SOCK -n NS`.
+    pub args: Vec<String>,
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl CtrOutput {
+    /// Whether ctr exited 0.
+    #[must_use]
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// `Ok(self)` if ctr exited 0, else [`RunCtrError::Failed`] carrying stderr.
+    ///
+    /// # Errors
+    /// [`RunCtrError::Failed`] on a non-zero exit.
+    pub fn into_success(self) -> Result<Self, RunCtrError> {
+        if self.success() {
+            Ok(self)
+        } else {
+            Err(RunCtrError::Failed {
+                args: self.args.join(" "),
+                status: self.status,
+                stderr: self.stderr,
+            })
+        }
+    }
+}
+
+/// A running private containerd; killed and cleaned up on drop.
+#[derive(Debug)]
+pub struct Containerd {
+    child: Child,
+    dir: tempfile::TempDir,
+    options: ContainerdOptions,
+}
+
+impl Containerd {
+    /// Starts containerd with default options.
+    ///
+    /// # Errors
+    /// See [`StartContainerdError`].
+    pub async fn start() -> Result<Self, StartContainerdError> {
+        Self::start_with(ContainerdOptions::default()).await
+    }
+
+    /// Starts containerd with explicit options.
+    ///
+    /// # Errors
+    /// See [`StartContainerdError`].
+    pub async fn start_with(options: ContainerdOptions) -> Result<Self, StartContainerdError> {
+        for binary in [&options.containerd, &options.ctr] {
+            if !binary.is_file() {
+                return Err(StartContainerdError::BinaryMissing {
+                    binary: binary.clone(),
+                });
+            }
+        }
+        // A short prefix: unix socket paths are limited to 108 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("ctrd-")
+            .tempdir()
+            .map_err(|source| StartContainerdError::CreateTempDir { source })?;
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, render_config(dir.path())).map_err(|source| {
+            StartContainerdError::WriteFile {
+                path: config_path.clone(),
+                source,
+            }
+        })?;
+        let log_path = dir.path().join("containerd.log");
+        let log = File::create(&log_path).map_err(|source| StartContainerdError::WriteFile {
+            path: log_path.clone(),
+            source,
+        })?;
+        let log_err = log
+            .try_clone()
+            .map_err(|source| StartContainerdError::WriteFile {
+                path: log_path.clone(),
+                source,
+            })?;
+        let child = Command::new(&options.containerd)
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|source| StartContainerdError::Spawn {
+                binary: options.containerd.clone(),
+                source,
+            })?;
+        let mut containerd = Self {
+            child,
+            dir,
+            options,
+        };
+        containerd.wait_ready().await?;
+        Ok(containerd)
+    }
+
+    async fn wait_ready(&mut self) -> Result<(), StartContainerdError> {
+        let timeout = self.options.start_timeout;
+        let socket = self.socket();
+        let ctr = self.options.ctr.clone();
+        let child = &mut self.child;
+        let outcome = wait_for(timeout, Duration::from_millis(50), || {
+            let exited = child.try_wait().ok().flatten();
+            let socket = socket.clone();
+            let ctr = ctr.clone();
+            async move {
+                if let Some(status) = exited {
+                    return Some(Err(status));
+                }
+                if !socket.exists() {
+                    return None;
+                }
+                let version = tokio::process::Command::new(&ctr)
+                    .arg("--address")
+                    .arg(&socket)
+                    .arg("version")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .kill_on_drop(true)
+                    .status()
+                    .await;
+                version.ok().filter(ExitStatus::success).map(|_| Ok(()))
+            }
+        })
+        .await;
+        match outcome {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(status)) => Err(StartContainerdError::Exited {
+                status,
+                log: self.log_tail(),
+            }),
+            Err(_) => Err(StartContainerdError::NotReady {
+                timeout,
+                log: self.log_tail(),
+            }),
+        }
+    }
+
+    /// The gRPC socket (`ctr --address`).
+    #[must_use]
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("c.sock")
+    }
+
+    /// The instance's temp dir (config, root, state, log).
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The last 4 KiB of containerd's log.
+    #[must_use]
+    pub fn log_tail(&self) -> String {
+        read_tail(&self.dir.path().join("containerd.log"), 4096)
+    }
+
+    /// Runs `ctr --address SOCK -n NS ARGS...` with the command timeout. A non-zero exit is
+    /// returned as output, not as an error: tests often expect failures.
+    ///
+    /// # Errors
+    /// [`RunCtrError::Spawn`] or [`RunCtrError::TimedOut`].
+    pub async fn ctr<S: AsRef<str>>(&self, args: &[S]) -> Result<CtrOutput, RunCtrError> {
+        let args: Vec<String> = args.iter().map(|a| a.as_ref().to_owned()).collect();
+        let child = tokio::process::Command::new(&self.options.ctr)
+            .arg("--address")
+            .arg(self.socket())
+            .arg("-n")
+            .arg(&self.options.namespace)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| RunCtrError::Spawn {
+                ctr: self.options.ctr.clone(),
+                source,
+            })?;
+        let output = tokio::time::timeout(self.options.command_timeout, child.wait_with_output())
+            .await
+            .map_err(|_| RunCtrError::TimedOut {
+                args: args.join(" "),
+                timeout: self.options.command_timeout,
+            })?
+            .map_err(|source| RunCtrError::Spawn {
+                ctr: self.options.ctr.clone(),
+                source,
+            })?;
+        Ok(CtrOutput {
+            args,
+            status: output.status,
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+
+    /// `ctr images pull --hosts-dir DIR [--snapshotter S] IMAGE`: resolves, fetches and unpacks
+    /// for the host platform. Plain-HTTP hosts come from `http://` entries in hosts.toml, so no
+    /// `--plain-http` is needed.
+    ///
+    /// # Errors
+    /// See [`RunCtrError`]; a failed pull is `Ok` with a non-zero status.
+    pub async fn pull(&self, image_ref: &str, hosts_dir: &Path) -> Result<CtrOutput, RunCtrError> {
+        let mut args = vec![
+            "images".to_owned(),
+            "pull".to_owned(),
+            "--hosts-dir".to_owned(),
+            hosts_dir.to_string_lossy().into_owned(),
+        ];
+        if let Some(snapshotter) = &self.options.snapshotter {
+            args.push("--snapshotter".to_owned());
+            args.push(snapshotter.clone());
+        }
+        args.push(image_ref.to_owned());
+        self.ctr(&args).await
+    }
+
+    /// `ctr content fetch --hosts-dir DIR IMAGE`: downloads without unpacking.
+    ///
+    /// # Errors
+    /// See [`RunCtrError`]; a failed fetch is `Ok` with a non-zero status.
+    pub async fn fetch(&self, image_ref: &str, hosts_dir: &Path) -> Result<CtrOutput, RunCtrError> {
+        self.ctr(&[
+            "content",
+            "fetch",
+            "--hosts-dir",
+            &hosts_dir.to_string_lossy(),
+            image_ref,
+        ])
+        .await
+    }
+
+    /// `ctr images rm --sync IMAGE`: removes the image and garbage-collects its content, so the
+    /// next pull downloads everything again.
+    ///
+    /// # Errors
+    /// See [`RunCtrError`].
+    pub async fn remove(&self, image_ref: &str) -> Result<CtrOutput, RunCtrError> {
+        self.ctr(&["images", "rm", "--sync", image_ref]).await
+    }
+
+    /// The image names known to this namespace (`ctr images ls -q`).
+    ///
+    /// # Errors
+    /// See [`RunCtrError`].
+    pub async fn images(&self) -> Result<Vec<String>, RunCtrError> {
+        let output = self.ctr(&["images", "ls", "-q"]).await?.into_success()?;
+        Ok(output.stdout.lines().map(str::to_owned).collect())
+    }
+
+    /// The content digests containerd holds (`ctr content ls -q`).
+    ///
+    /// # Errors
+    /// See [`RunCtrError`].
+    pub async fn content_digests(&self) -> Result<Vec<String>, RunCtrError> {
+        let output = self.ctr(&["content", "ls", "-q"]).await?.into_success()?;
+        Ok(output.stdout.lines().map(str::to_owned).collect())
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Renders containerd's config (version 2) with everything under `dir`. Pure.
+#[must_use]
+pub fn render_config(dir: &Path) -> String {
+    let d = dir.to_string_lossy();
+    format!(
+        "version = 2\n\
+         root = \"{d}/root\"\n\
+         state = \"{d}/state\"\n\
+         disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+         [grpc]\n  address = \"{d}/c.sock\"\n\
+         [ttrpc]\n  address = \"{d}/c.sock.ttrpc\"\n\
+         [debug]\n  address = \"{d}/debug.sock\"\n\
+         [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{d}/opt\"\n"
+    )
+}
+
+/// Renders a hosts.toml: `server` is the fallback, each mirror a `[host."URL"]` with pull and
+/// resolve capabilities. Pure.
+///
+/// With no mirrors the server is also written as a `[host]` entry: containerd 1.6.20 rejects a
+/// hosts.toml without any `[host]` table ("invalid `host` tree") and then silently falls back to
+/// the registry's default host (`registry-1.docker.io` for docker.io), which a hermetic test must
+/// never contact.
+#[must_use]
+pub fn render_hosts_toml(server: &str, mirrors: &[&str]) -> String {
+    let mut text = format!("server = \"{server}\"\n");
+    let server_only = [server];
+    let hosts = if mirrors.is_empty() {
+        &server_only[..]
+    } else {
+        mirrors
+    };
+    for mirror in hosts {
+        text.push_str(&format!(
+            "\n[host.\"{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  dial_timeout = \"1s\"\n"
+        ));
+    }
+    text
+}
+
+/// Writes `HOSTS_DIR/REGISTRY/hosts.toml` (see [`render_hosts_toml`]) and returns its path.
+///
+/// # Errors
+/// The I/O error when the directory or file cannot be written.
+pub fn write_hosts_toml(
+    hosts_dir: &Path,
+    registry: &str,
+    server: &str,
+    mirrors: &[&str],
+) -> std::io::Result<PathBuf> {
+    let dir = hosts_dir.join(registry);
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("hosts.toml");
+    std::fs::write(&path, render_hosts_toml(server, mirrors))?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn hosts_toml_lists_server_and_each_mirror_with_pull_and_resolve() {
+        let text = render_hosts_toml("http://127.0.0.1:1", &["http://127.0.0.1:2"]);
+        let parsed: toml::Value = text.parse().unwrap();
+        assert_eq!(parsed["server"].as_str(), Some("http://127.0.0.1:1"));
+        let host = &parsed["host"]["http://127.0.0.1:2"];
+        assert_eq!(host["capabilities"][0].as_str(), Some("pull"));
+        assert_eq!(host["capabilities"][1].as_str(), Some("resolve"));
+    }
+
+    #[test]
+    fn a_server_only_hosts_toml_still_has_a_host_table() {
+        let text = render_hosts_toml("http://127.0.0.1:1", &[]);
+        let parsed: toml::Value = text.parse().unwrap();
+        assert!(parsed["host"].get("http://127.0.0.1:1").is_some(), "{text}");
+    }
+
+    #[test]
+    fn containerd_config_keeps_everything_under_the_temp_dir() {
+        let text = render_config(Path::new("/tmp/x"));
+        let parsed: toml::Value = text.parse().unwrap();
+        assert_eq!(parsed["root"].as_str(), Some("/tmp/x/root"));
+        assert_eq!(parsed["grpc"]["address"].as_str(), Some("/tmp/x/c.sock"));
+        assert_eq!(
+            parsed["disabled_plugins"][0].as_str(),
+            Some("io.containerd.grpc.v1.cri")
+        );
+    }
+}
