@@ -520,3 +520,38 @@ async fn tags_list_passes_through_with_the_clients_pagination_parameters() {
     let body: serde_json::Value = missing.json().await.unwrap();
     assert_eq!(body["errors"][0]["code"], "NAME_UNKNOWN");
 }
+
+#[tokio::test]
+async fn head_of_an_uncached_tag_spends_no_get_and_reports_the_real_size() {
+    let rig = Rig::start().await;
+    let img = docker_image(93, &[MIB]).unwrap();
+    image::push(&rig.upstream.url(), "library/peek", "1", &img)
+        .await
+        .unwrap();
+    rig.faults().reset_counts();
+    let r = client()
+        .head(format!("{}/v2/peek/manifests/1", rig.cachalot.url()))
+        .header("accept", cachalot_registry::oci::media::MANIFEST_ACCEPT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["docker-content-digest"],
+        img.manifest_digest.as_str()
+    );
+    assert_eq!(r.headers()["content-type"], img.media_type.as_str());
+    assert_eq!(
+        r.headers()["content-length"],
+        img.manifest_bytes.len().to_string().as_str()
+    );
+    let c = rig.faults().counts();
+    assert_eq!(
+        (c.get("HEAD", Kind::Manifest), c.counted_manifest_gets()),
+        (1, 0)
+    );
+    // The following GET by digest (what containerd does next) is the only counted request.
+    let m = get_manifest(&rig.cachalot.url(), "library/peek", &img.manifest_digest).await;
+    assert_eq!(m.bytes().await.unwrap(), img.manifest_bytes);
+    assert_eq!(rig.faults().counts().counted_manifest_gets(), 1);
+}

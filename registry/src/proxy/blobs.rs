@@ -271,7 +271,10 @@ pub async fn head_upstream(
     let response = upstream
         .send(Method::HEAD, repo, Target::Blob(digest))
         .await?;
-    Ok((response.content_length(), upstream::content_type(&response)))
+    Ok((
+        upstream::declared_length(&response),
+        upstream::content_type(&response),
+    ))
 }
 
 async fn read_at(file: &Arc<std::fs::File>, offset: u64, len: usize) -> std::io::Result<Bytes> {

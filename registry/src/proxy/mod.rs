@@ -574,7 +574,7 @@ async fn head_tag(
     Ok(Some(TagRecord {
         digest,
         media_type,
-        size: response.content_length().unwrap_or(0),
+        size: upstream::declared_length(&response).unwrap_or(0),
         checked_at: now_secs(),
     }))
 }

@@ -540,6 +540,16 @@ pub fn content_type(response: &reqwest::Response) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The `Content-Length` header of a response. Unlike `reqwest::Response::content_length`, this
+/// is right for HEAD responses too (whose body, and so its size hint, is empty).
+pub fn declared_length(response: &reqwest::Response) -> Option<u64> {
+    response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// `Docker-Content-Digest` of a response, if present and well-formed.
 pub fn content_digest(response: &reqwest::Response) -> Option<Digest> {
     response
