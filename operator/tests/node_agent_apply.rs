@@ -340,3 +340,17 @@ fn switching_runtime_to_crio_removes_the_containerd_files() {
     node.round(&d, &live());
     assert!(!node.certs().join("docker.io").exists());
 }
+
+#[test]
+fn default_namespace_without_live_endpoint_has_no_file_because_containerd_needs_a_host() {
+    let node = Node::new();
+    let d = desired(vec![registry("_default")]);
+    node.round(&d, &live());
+    assert!(node.certs().join("_default/hosts.toml").exists());
+    let plan = node.round(&d, &BTreeSet::new());
+    assert_eq!(
+        state_of(&plan, "_default").reason,
+        Some(Reason::MirrorUnreachable)
+    );
+    assert!(!node.certs().join("_default").exists());
+}

@@ -258,8 +258,17 @@ fn plan_containerd(desired: &DesiredState, observed: &Observed, live: &BTreeSet<
             ));
             continue;
         }
-        keep.insert(&reg.registry);
         let live_eps = live_endpoints(reg, live);
+        if live_eps.is_empty()
+            && reg.fallback == Fallback::Upstream
+            && super::render::upstream_server(reg).is_none()
+        {
+            // `_default` with no live endpoint: there is no server to name, and a file without a
+            // `[host]` is invalid for containerd 1.6, so no file at all (ours is released below).
+            plan.registries.push(written_status(reg, &live_eps));
+            continue;
+        }
+        keep.insert(&reg.registry);
         let empty = ObservedDir::default();
         let dir = observed.dirs.get(&reg.registry).unwrap_or(&empty);
         let previous = match &dir.hosts {

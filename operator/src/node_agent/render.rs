@@ -8,6 +8,8 @@
 //!   the crate's `preserve_order` feature keeps it).
 //! - With fallback `Never` the file never names the upstream: the last endpoint becomes `server`
 //!   (containerd would otherwise fall back to the registry's own host when `server` is absent).
+//! - Every hosts.toml has at least one `[host]` table: containerd 1.6 rejects a file without one
+//!   ("invalid `host` tree") and silently falls back to the default host, ignoring `server`.
 
 use serde::Serialize;
 use toml::{Table, Value};
@@ -204,27 +206,41 @@ pub fn render_hosts_toml(
     let mut hosts = Table::new();
     match reg.fallback {
         Fallback::Upstream => {
-            if let Some(server) = upstream_server(reg) {
-                top.insert("server".into(), Value::String(server));
+            let server = upstream_server(reg);
+            if let Some(server) = &server {
+                top.insert("server".into(), Value::String(server.clone()));
             }
             for endpoint in live_endpoints {
                 let mut host = Table::new();
                 host_settings(reg, endpoint, &mut host);
                 hosts.insert(endpoint.clone(), Value::Table(host));
             }
+            if let (true, Some(server)) = (hosts.is_empty(), &server) {
+                // containerd 1.6 rejects a hosts.toml without any `[host]` table ("invalid
+                // `host` tree") and then ignores `server`; name the upstream as the host.
+                let caps = MIRROR_CAPABILITIES
+                    .iter()
+                    .map(|c| Value::String((*c).to_string()))
+                    .collect();
+                let mut host = Table::new();
+                host.insert("capabilities".into(), Value::Array(caps));
+                hosts.insert(server.clone(), Value::Table(host));
+            }
         }
         Fallback::Never => {
             // Never: all endpoints are written whatever the gate says (there is nothing else to
-            // pull from), and the last one is the `server` so the upstream is never tried.
-            let (last, first) =
-                reg.endpoints
-                    .split_last()
-                    .ok_or_else(|| RenderError::NeverWithoutEndpoint {
-                        registry: reg.registry.clone(),
-                    })?;
+            // pull from), and the last one is also the `server` so the upstream is never tried
+            // (without `server` containerd falls back to the registry's own host). Every endpoint
+            // stays a `[host]` too, because containerd 1.6 rejects a file without one.
+            let last = reg
+                .endpoints
+                .last()
+                .ok_or_else(|| RenderError::NeverWithoutEndpoint {
+                    registry: reg.registry.clone(),
+                })?;
             top.insert("server".into(), Value::String(last.clone()));
             host_settings(reg, last, &mut top);
-            for endpoint in first {
+            for endpoint in &reg.endpoints {
                 let mut host = Table::new();
                 host_settings(reg, endpoint, &mut host);
                 hosts.insert(endpoint.clone(), Value::Table(host));
