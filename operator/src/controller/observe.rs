@@ -14,6 +14,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use serde::{Deserialize, Serialize};
 
+use cachalot_registry::telemetry::StatsSnapshot;
+
 use crate::node_agent::protocol::AgentStatus;
 
 /// How many pods are probed at once.
@@ -64,8 +66,8 @@ pub enum ProbeError {
     },
 }
 
-/// The registry's `GET /stats` answer, read leniently (unknown fields ignored, missing ones
-/// zero) so that a registry and an operator of neighbouring versions still understand each other.
+/// The operator's summary of one registry pod's `GET /stats` answer. The wire type is the
+/// registry's own [`StatsSnapshot`] (so the shapes cannot drift); [`HttpProbe`] converts it.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct RegistryStats {
@@ -85,8 +87,38 @@ pub struct RegistryStats {
     pub upstream_requests: u64,
     /// Bytes in the cache.
     pub cache_size_bytes: u64,
-    /// Rate-limit budget per upstream registry.
+    /// Rate-limit budget per upstream registry, sorted by registry.
     pub upstreams: Vec<UpstreamBudget>,
+}
+
+impl From<StatsSnapshot> for RegistryStats {
+    fn from(s: StatsSnapshot) -> Self {
+        Self {
+            hits: s.hits,
+            misses: s.misses,
+            stale: s.stale,
+            errors: s.errors,
+            bytes_served: s.served_bytes,
+            bytes_from_upstream: s.upstream_bytes,
+            upstream_requests: s.upstream_requests.iter().map(|r| r.count).sum(),
+            cache_size_bytes: s.cache_size_bytes,
+            // BTreeMap iteration keeps the registries sorted.
+            upstreams: s
+                .registries
+                .into_iter()
+                .filter_map(|(registry, r)| {
+                    let b = r.budget?;
+                    Some(UpstreamBudget {
+                        registry,
+                        limit: b.limit,
+                        remaining: Some(b.remaining),
+                        window_seconds: b.window_seconds,
+                        source: b.source,
+                    })
+                })
+                .collect(),
+        }
+    }
 }
 
 /// One upstream's rate-limit budget as the registry last saw it.
@@ -178,7 +210,9 @@ impl Probe for HttpProbe {
         &self,
         base_url: String,
     ) -> BoxFuture<'static, Result<RegistryStats, ProbeError>> {
-        self.get_json(format!("{base_url}/stats"))
+        self.get_json::<StatsSnapshot>(format!("{base_url}/stats"))
+            .map(|r| r.map(RegistryStats::from))
+            .boxed()
     }
     fn agent_status(
         &self,
