@@ -423,3 +423,71 @@ async fn discovery_finds_core_v1_apps_and_the_cachalot_group() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn a_watch_from_a_resource_version_replays_only_the_later_events() {
+    tokio::time::timeout(SCENARIO, async {
+        let (_server, client) = server().await;
+        let cms: Api<ConfigMap> = Api::default_namespaced(client);
+        let a = cms
+            .patch(
+                "a",
+                &ssa(),
+                &Patch::Apply(&config_map("a", &[], &[("v", "1")])),
+            )
+            .await
+            .unwrap();
+        let from = a.metadata.resource_version.unwrap();
+        cms.patch("b", &ssa(), &Patch::Apply(&config_map("b", &[], &[])))
+            .await
+            .unwrap();
+        cms.patch(
+            "a",
+            &ssa(),
+            &Patch::Apply(&config_map("a", &[], &[("v", "2")])),
+        )
+        .await
+        .unwrap();
+        let stream = cms
+            .watch(&kube::api::WatchParams::default().timeout(5), &from)
+            .await
+            .unwrap();
+        let events: Vec<String> = stream
+            .take(2)
+            .map(|e| match e.unwrap() {
+                kube::api::WatchEvent::Added(cm) => format!("ADDED {}", cm.metadata.name.unwrap()),
+                kube::api::WatchEvent::Modified(cm) => {
+                    format!("MODIFIED {}", cm.metadata.name.unwrap())
+                }
+                other => format!("{other:?}"),
+            })
+            .collect()
+            .await;
+        assert_eq!(events, ["ADDED b", "MODIFIED a"]);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn namespaces_can_be_created_and_listed_and_bad_bodies_are_bad_requests() {
+    tokio::time::timeout(SCENARIO, async {
+        let (_server, client) = server().await;
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+        let ns = serde_json::from_value(json!({"metadata": {"name": "team-a"}})).unwrap();
+        namespaces
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap();
+        let listed = namespaces.list(&ListParams::default()).await.unwrap();
+        assert_eq!(listed.items.len(), 1);
+        let bad: Api<ConfigMap> = Api::default_namespaced(client);
+        let nameless: ConfigMap = serde_json::from_value(json!({"metadata": {}})).unwrap();
+        match bad.create(&PostParams::default(), &nameless).await {
+            Err(kube::Error::Api(s)) => assert_eq!((s.code, s.reason.as_str()), (422, "Invalid")),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    })
+    .await
+    .unwrap();
+}

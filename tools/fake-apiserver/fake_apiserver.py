@@ -51,6 +51,7 @@ import aiohttp.web
 import attrs
 import kmock
 from kmock._internal import k8s as kmock_k8s
+from kmock._internal import parsing as kmock_parsing
 from kmock._internal import rendering as kmock_rendering
 
 # How many past events per resource a watch can resume from before it gets 410 Gone.
@@ -64,6 +65,23 @@ KEPT_REQUESTS = 256
 
 NAME_RE = re.compile(r'^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')
 ALL_VERBS = ['create', 'delete', 'deletecollection', 'get', 'list', 'patch', 'update', 'watch']
+
+
+# kmock 0.8 parses every request path before any handler runs, and its parser raises ValueError on
+# `/api/v1/namespaces` (a resource list with nothing after it), which would turn a namespace list
+# into a 500. Paths it cannot parse are treated as non-resource paths by kmock; `parse_route` below
+# parses resource paths itself. Pinned to kmock==0.8, where this function exists as patched.
+_kmock_parse_path = kmock_parsing.parse_path
+
+
+def _tolerant_parse_path(path: str) -> kmock_parsing.ParsedPath:
+    try:
+        return _kmock_parse_path(path)
+    except ValueError:
+        return kmock_parsing.ParsedPath()
+
+
+kmock_parsing.parse_path = _tolerant_parse_path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,9 +125,11 @@ def invalid(kind: 'Kind', name: str | None, message: str) -> ApiError:
 
 
 def status_body(err: ApiError) -> dict[str, Any]:
+    # kube refuses a Status whose details hold nulls ("Failed to parse error data"): drop them.
+    details = {k: v for k, v in (err.details or {}).items() if v is not None}
     return {
         'apiVersion': 'v1', 'kind': 'Status', 'metadata': {}, 'status': 'Failure',
-        'message': err.message, 'reason': err.reason, 'details': err.details or {}, 'code': err.status,
+        'message': err.message, 'reason': err.reason, 'details': details, 'code': err.status,
     }
 
 
@@ -457,6 +477,12 @@ class FakeApiServer(kmock.KubernetesEmulator):
                 status_subresource='status' in (version.get('subresources') or {}),
                 has_generation=True, short_names=tuple(names.get('shortNames', [])),
             ))
+
+    async def _serve_server_version(self, request: kmock_rendering.Request) -> Any:
+        # kmock answers as a k3s 1.26; say plainly what this is.
+        return {'major': '1', 'minor': '33', 'gitVersion': 'v1.33.0-cachalot-fake-apiserver',
+                'gitCommit': '', 'gitTreeState': 'clean', 'buildDate': '', 'goVersion': '',
+                'compiler': '', 'platform': 'linux/amd64'}
 
     async def _serve_version(self, request: kmock_rendering.Request) -> Any:
         # kmock renders the core group as "/v1"; kube's discovery expects "v1".
