@@ -18,4 +18,5 @@ pub mod containerd;
 pub mod distribution;
 pub mod fault;
 pub mod image;
+pub mod skopeo;
 pub mod wait;
