@@ -33,6 +33,9 @@ pub struct Settings {
     pub tools_image: String,
     /// containerd's `config_path` on the nodes (`CACHALOT_E2E_CERTS_DIR`).
     pub certs_dir: String,
+    /// containerd's config file on the nodes (`CACHALOT_E2E_CONTAINERD_CONFIG`, e.g. k3s's
+    /// generated one); the RegistryMirror default when unset.
+    pub containerd_config: Option<String>,
     /// Upper bound of each wait (`CACHALOT_E2E_TIMEOUT_SECS`, default 300).
     pub timeout: Duration,
 }
@@ -105,6 +108,7 @@ impl Settings {
             pull_image: or("CACHALOT_E2E_PULL_IMAGE", "docker.io/library/busybox:1.36"),
             tools_image: or("CACHALOT_E2E_TOOLS_IMAGE", "docker.io/library/busybox:1.36"),
             certs_dir: or("CACHALOT_E2E_CERTS_DIR", "/etc/containerd/certs.d"),
+            containerd_config: lookup("CACHALOT_E2E_CONTAINERD_CONFIG").filter(|v| !v.is_empty()),
             timeout,
         })
     }

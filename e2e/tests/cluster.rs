@@ -288,10 +288,13 @@ async fn mirror_serves_pulls_raises_its_hit_ratio_and_removes_node_files_when_de
 
     let ns = TestNamespace::create(&client, "pulls").await?;
     let api = mirrors(&client, &ns.name);
+    let mut nodes = json!({"certsDir": settings.certs_dir});
+    if let Some(config) = &settings.containerd_config {
+        nodes["containerdConfig"] = json!(config);
+    }
     let mirror = json!({"apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
                         "metadata": {"name": MIRROR},
-                        "spec": {"registries": [{"name": "docker.io"}],
-                                 "nodes": {"certsDir": settings.certs_dir}}});
+                        "spec": {"registries": [{"name": "docker.io"}], "nodes": nodes}});
     api.patch(
         MIRROR,
         &PatchParams::apply("cachalot-e2e").force(),
