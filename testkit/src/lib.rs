@@ -4,6 +4,15 @@
 //! Everything here is for tests and benchmarks: nothing talks to a host other than 127.0.0.1,
 //! every child process is killed when its handle drops, and every wait has a deadline.
 //!
+//! - [`distribution`]: the real upstream (and reference proxy), Debian `docker-registry`;
+//! - [`image`]: deterministic images (Docker, OCI, indexes, big layers) and pushing them;
+//! - [`fault`]: `FaultProxy`, Docker Hub rate limits, token auth and network faults;
+//! - [`containerd`]: a private containerd driven with `ctr`, and hosts.toml helpers;
+//! - [`skopeo`]: skopeo copy and inspect;
+//! - [`wait`]: bounded polling and free ports; [`client`]: the loopback HTTP client.
+//!
+//! See `docs/testkit.md` for the behaviour observed in the real components.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use cachalot_testkit::{distribution::Distribution, image};

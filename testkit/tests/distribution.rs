@@ -53,3 +53,37 @@ async fn two_distributions_run_side_by_side_on_different_ports() {
         assert_eq!(status, 200);
     }
 }
+
+#[tokio::test]
+async fn distribution_in_proxy_mode_pulls_through_from_its_remote() {
+    use cachalot_testkit::fault::{FaultProxy, Kind};
+    use cachalot_testkit::image::{self, docker_image, fetch_blob, fetch_manifest};
+
+    let upstream = Distribution::start().await.unwrap();
+    let img = docker_image(51, &[200_000]).unwrap();
+    image::push(&upstream.url(), "library/proxied", "1", &img)
+        .await
+        .unwrap();
+    let counter = FaultProxy::start(&upstream.url()).await.unwrap();
+    let reference_proxy = Distribution::start_proxy(&counter.url()).await.unwrap();
+
+    let client = http_client().unwrap();
+    let manifest = fetch_manifest(&client, &reference_proxy.url(), "library/proxied", "1")
+        .await
+        .unwrap();
+    assert_eq!(manifest.status, 200);
+    assert_eq!(manifest.bytes, img.manifest_bytes);
+    let layer = &img.layers()[0];
+    let blob = fetch_blob(
+        &client,
+        &reference_proxy.url(),
+        "library/proxied",
+        &layer.digest,
+    )
+    .await
+    .unwrap();
+    assert_eq!(blob.digest, layer.digest);
+    let counts = counter.counts();
+    assert!(counts.counted_manifest_gets() >= 1, "{counts:?}");
+    assert!(counts.get("GET", Kind::Blob) >= 1, "{counts:?}");
+}

@@ -400,3 +400,25 @@ async fn an_expired_token_is_refused() {
         .unwrap();
     assert_eq!(response.status(), 401);
 }
+
+#[tokio::test]
+async fn a_big_blob_streams_through_the_proxy_intact() {
+    let upstream = Distribution::start().await.unwrap();
+    let big = image::big_image(78, 110 * 1024 * 1024).await.unwrap();
+    image::push(&upstream.url(), "library/big", "1", &big)
+        .await
+        .unwrap();
+    let proxy = FaultProxy::start(&upstream.url()).await.unwrap();
+    let layer = &big.layers()[0];
+    let fetched = fetch_blob(
+        &http_client().unwrap(),
+        &proxy.url(),
+        "library/big",
+        &layer.digest,
+    )
+    .await
+    .unwrap();
+    assert_eq!(fetched.status, 200);
+    assert_eq!(fetched.size, layer.size);
+    assert_eq!(fetched.digest, layer.digest);
+}
