@@ -10,6 +10,7 @@ Subcommands:
   crd-match  the CRD rendered by the chart has the same spec as the generated one in crds/.
   metrics    every cachalot metric name used by alerts and the dashboard is one the registry exports.
   metric-sources  every known metric name is still registered in registry/src.
+  rbac-match the chart's ClusterRole and Role grant exactly the RBAC table of docs/operator.md.
   cli-args   the operator binary accepts the args the chart's Deployment passes it.
   values-doc every leaf of the chart's values.yaml has a `# --` comment (on itself or a parent).
 
@@ -439,18 +440,72 @@ def check_cli_args(binary: str, paths: list[str], report: Report) -> None:
 
 
 def check_metric_sources(known_path: str, sources: list[str], report: Report) -> None:
-    """Every metric name the alerts may use is still registered in the registry's source: the
-    name without its `cachalot_registry_` prefix and `_total` suffix appears as a string literal
-    (prometheus-client adds both when encoding). Catches a metric renamed on the registry side."""
+    """Every metric name the alerts may use is still registered in the source: the name without
+    its `cachalot_registry_`/`cachalot_operator_` prefix and `_total`/`_bucket` suffix appears as a
+    string literal (prometheus-client adds both when encoding). Catches a metric renamed there."""
     text = "".join(open(path, encoding="utf-8").read() for path in sources)
     for line in open(known_path, encoding="utf-8"):
         name = line.strip()
         if not name or name.startswith("#"):
             continue
         report.checked += 1
-        stem = name.removeprefix("cachalot_registry_").removesuffix("_total")
+        stem = name.removeprefix("cachalot_registry_").removeprefix("cachalot_operator_")
+        stem = stem.removesuffix("_total").removesuffix("_bucket")
         if f'"{stem}"' not in text:
             report.error(known_path, f"{name}: no \"{stem}\" registered in {', '.join(sources)}")
+
+
+def rbac_from_doc(path: str) -> set[tuple[str, str, str, str]]:
+    """(group, resource, verb, resourceName) from the table under `## RBAC` in docs/operator.md."""
+    rules: set[tuple[str, str, str, str]] = set()
+    in_section = False
+    for line in open(path, encoding="utf-8"):
+        if line.startswith("## "):
+            in_section = line.strip() == "## RBAC"
+            continue
+        if not in_section or not line.startswith("|") or "---" in line:
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or cells[0].lower().startswith("api group"):
+            continue
+        group = re.findall(r"`([^`]*)`", cells[0])
+        group_name = "" if not group or group[0] == '""' else group[0]
+        resource_part, _, extra = cells[1].partition("(")
+        resources = re.findall(r"`([^`]+)`", resource_part)
+        names = re.findall(r"resourceNames? `([^`]+)`", extra)
+        verbs = re.findall(r"`([^`]+)`", cells[2])
+        for r in resources:
+            for v in verbs:
+                rules.add((group_name, r, v, names[0] if names else ""))
+    return rules
+
+
+def rbac_from_manifests(paths: list[str], report: Report) -> set[tuple[str, str, str, str]]:
+    rules: set[tuple[str, str, str, str]] = set()
+    for doc in load_docs(paths, report):
+        if doc.body.get("kind") not in ("ClusterRole", "Role"):
+            continue
+        for rule in doc.body.get("rules") or []:
+            names = rule.get("resourceNames") or [""]
+            for g in rule.get("apiGroups") or []:
+                for r in rule.get("resources") or []:
+                    for v in rule.get("verbs") or []:
+                        for n in names:
+                            rules.add((g, r, v, n))
+    return rules
+
+
+def check_rbac_match(doc_path: str, paths: list[str], report: Report) -> None:
+    want = rbac_from_doc(doc_path)
+    got = rbac_from_manifests(paths, report)
+    report.checked += len(want | got)
+    if not want:
+        report.error(doc_path, "no RBAC table found under `## RBAC`")
+    fmt = lambda r: f"{r[0] or 'core'}/{r[1]} {r[2]}" + (f" (resourceName {r[3]})" if r[3] else "")
+    for r in sorted(want - got):
+        report.error(",".join(paths), f"missing permission the operator needs: {fmt(r)}")
+    for r in sorted(got - want):
+        report.error(",".join(paths), f"permission the operator does not use ({doc_path}): {fmt(r)}")
 
 
 def main() -> int:
@@ -472,6 +527,9 @@ def main() -> int:
     sources = sub.add_parser("metric-sources", help="check known metric names against the registry source")
     sources.add_argument("--known", required=True)
     sources.add_argument("files", nargs="+")
+    rbac = sub.add_parser("rbac-match", help="compare chart RBAC with docs/operator.md")
+    rbac.add_argument("--doc", required=True)
+    rbac.add_argument("files", nargs="+")
     cli = sub.add_parser("cli-args", help="check the operator binary accepts the rendered args")
     cli.add_argument("--binary", required=True)
     cli.add_argument("files", nargs="+")
@@ -495,6 +553,9 @@ def main() -> int:
     if args.command == "metric-sources":
         check_metric_sources(args.known, args.files, report)
         return report.finish("metric names registered by the registry")
+    if args.command == "rbac-match":
+        check_rbac_match(args.doc, args.files, report)
+        return report.finish("chart RBAC equals docs/operator.md")
     if args.command == "cli-args":
         check_cli_args(args.binary, args.files, report)
         return report.finish("operator accepts the chart's args")
