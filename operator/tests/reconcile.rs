@@ -666,3 +666,66 @@ async fn failed_apply_is_a_transient_error_with_a_static_category() {
     assert!(error.to_string().contains("cachalot-hub-config"), "{error}");
     verifier.await.unwrap();
 }
+
+#[tokio::test]
+async fn spec_change_on_a_running_mirror_reapplies_without_touching_the_finalizer() {
+    // An existing mirror (finalizer present, ready before) scaled to 3 replicas with NodePort.
+    let world = Arc::new(FakeWorld::default());
+    *world.agent_ready.lock().unwrap() = true;
+    let spec = json!({"registries": [{"name": "docker.io"}], "replicas": 3, "service": {"type": "NodePort"}});
+    let m = mirror(spec.clone(), true, false);
+    let w = world.clone();
+    let object = mirror_json(spec, true, false);
+    let action = run_scenario(m, world, empty_store(), move |mut h| async move {
+        expect_apply(&mut h, "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-config", json!({})).await;
+        let deployment = expect_apply(
+            &mut h,
+            "/apis/apps/v1/namespaces/cachalot/deployments/cachalot-hub",
+            json!({"status": {"readyReplicas": 3}}),
+        )
+        .await;
+        assert_eq!(deployment["spec"]["replicas"], 3);
+        let (_, send) = expect(&mut h, Method::DELETE, "/apis/apps/v1/namespaces/cachalot/statefulsets/cachalot-hub").await;
+        not_found(send);
+        let service = expect_apply(
+            &mut h,
+            "/api/v1/namespaces/cachalot/services/cachalot-hub",
+            json!({"spec": {"clusterIP": "10.96.0.12", "ports": [{"name": "http", "port": 5000, "nodePort": 31555}]}}),
+        )
+        .await;
+        assert_eq!(service["spec"]["type"], "NodePort");
+        // Three replicas: the PDB is applied now instead of deleted.
+        let pdb = expect_apply(
+            &mut h,
+            "/apis/policy/v1/namespaces/cachalot/poddisruptionbudgets/cachalot-hub",
+            json!({}),
+        )
+        .await;
+        assert_eq!(pdb["spec"]["minAvailable"], 1);
+        let cm = expect_apply(&mut h, "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-agent", json!({})).await;
+        let desired: DesiredState = serde_json::from_str(cm["data"]["desired.json"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            desired.registries[0].endpoints,
+            ["http://127.0.0.1:31555"],
+            "NodePort nodes use the allocated port on loopback"
+        );
+        *w.generation.lock().unwrap() = desired.generation.clone();
+        expect_apply(
+            &mut h,
+            "/apis/apps/v1/namespaces/cachalot/daemonsets/cachalot-hub-agent",
+            json!({"status": {"desiredNumberScheduled": 1, "currentNumberScheduled": 1, "numberMisscheduled": 0, "numberReady": 1}}),
+        )
+        .await;
+        let (_, send) = expect(&mut h, Method::GET, "/api/v1/namespaces/cachalot/pods").await;
+        respond(send, StatusCode::OK, &pod_list("cachalot-hub-0", "node-1", "10.0.0.9"));
+        let (_, send) = expect(&mut h, Method::GET, "/api/v1/namespaces/cachalot/pods").await;
+        respond(send, StatusCode::OK, &pod_list("agent-x", "node-1", "192.168.1.10"));
+        let status = expect_status(&mut h, &object).await;
+        assert_eq!(status["endpoint"], "http://127.0.0.1:31555");
+        assert_eq!(condition(&status, "Ready")["status"], "True");
+        expect_event(&mut h, "MirrorReady").await;
+        h
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+}

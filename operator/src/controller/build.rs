@@ -778,7 +778,6 @@ pub fn build_agent(
                     enable_service_links: Some(false),
                     host_network: Some(true),
                     dns_policy: Some("ClusterFirstWithHostNet".to_string()),
-                    priority_class_name: Some("system-node-critical".to_string()),
                     node_selector: (!nodes.node_selector.is_empty())
                         .then(|| nodes.node_selector.clone()),
                     tolerations: (!nodes.tolerations.is_empty()).then(|| nodes.tolerations.clone()),

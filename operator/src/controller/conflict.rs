@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::api::{RegistryMirror, ServiceKind};
+use crate::api::RegistryMirror;
 
 /// Another mirror that claims one of this mirror's registries on overlapping nodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,10 +86,4 @@ pub fn find_conflict<'a>(
         .collect();
     winners.sort_by(|a, b| a.0.cmp(&b.0));
     winners.into_iter().next().map(|(_, c)| c)
-}
-
-/// Whether the mirror runs an in-cluster proxy (for messages).
-#[must_use]
-pub fn runs_proxy(mirror: &RegistryMirror) -> bool {
-    mirror.spec.service.kind != ServiceKind::External
 }
