@@ -184,6 +184,29 @@ async fn wait_status(
     }
 }
 
+/// Starts the real agent binary on `port`, writing into `certs` and checking the private
+/// containerd's config.
+fn spawn_agent(dir: &Path, desired_file: &Path, certs: &Path, port: u16) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachalot-operator"));
+    cmd.arg("node-agent")
+        .arg("--desired-file")
+        .arg(desired_file)
+        .arg("--certs-dir")
+        .arg(certs)
+        .arg("--host-certs-dir")
+        .arg(certs)
+        .arg("--containerd-config")
+        .arg(dir.join("containerd/config.toml"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--node-name")
+        .arg("node-1")
+        .arg("--interval")
+        .arg("200ms")
+        .env("RUST_LOG", "info");
+    Proc::spawn("agent", cmd, dir.join("agent.log"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_files_route_real_containerd_through_the_mirror_then_back_to_server_then_clean_up() {
     let tmp = tempfile::tempdir().unwrap();
@@ -208,24 +231,7 @@ async fn agent_files_route_real_containerd_through_the_mirror_then_back_to_serve
     );
     let port = free_port().unwrap();
     let agent_url = format!("http://127.0.0.1:{port}");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachalot-operator"));
-    cmd.arg("node-agent")
-        .arg("--desired-file")
-        .arg(&desired_file)
-        .arg("--certs-dir")
-        .arg(&certs)
-        .arg("--host-certs-dir")
-        .arg(&certs)
-        .arg("--containerd-config")
-        .arg(tmp.path().join("containerd/config.toml"))
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--node-name")
-        .arg("node-1")
-        .arg("--interval")
-        .arg("200ms")
-        .env("RUST_LOG", "info");
-    let mut agent = Proc::spawn("agent", cmd, tmp.path().join("agent.log"));
+    let mut agent = spawn_agent(tmp.path(), &desired_file, &certs, port);
     let client = http_client().unwrap();
 
     // Phase 1: the mirror answers GET /v2/, passes the gate and is written.
@@ -322,4 +328,68 @@ async fn agent_files_route_real_containerd_through_the_mirror_then_back_to_serve
         Ok(code) => assert!(code.success(), "agent exit {code:?}\n{}", agent.log_tail()),
         Err(e) => panic!("agent did not stop on SIGTERM: {e}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_never_keeps_containerd_off_the_upstream_even_when_the_mirror_is_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs.d");
+    std::fs::create_dir(&certs).unwrap();
+    let desired_file = tmp.path().join("desired.json");
+    let upstream = Distribution::start().await.unwrap();
+    for (tag, seed) in [("v1", 31), ("v2", 32)] {
+        let image = docker_image(seed, &[32 * 1024]).unwrap();
+        push(&upstream.url(), "library/demo", tag, &image)
+            .await
+            .unwrap();
+    }
+    let server = FaultProxy::start(&upstream.url()).await.unwrap();
+    let mirror = FaultProxy::start(&upstream.url()).await.unwrap();
+    let containerd = Containerd::start(&tmp.path().join("containerd"), &certs).await;
+    let mut state = desired("g1", &server.url(), vec![mirror.url()], false);
+    state.registries[0].fallback = Fallback::Never;
+    write_desired(&desired_file, &state);
+    let port = free_port().unwrap();
+    let agent_url = format!("http://127.0.0.1:{port}");
+    let agent = spawn_agent(tmp.path(), &desired_file, &certs, port);
+    let client = http_client().unwrap();
+    wait_status(&client, &agent_url, &agent, "configured", |s| s.ready).await;
+
+    let out = containerd.fetch(&certs, "docker.io/library/demo:v1");
+    assert!(
+        out.status.success(),
+        "pull through mirror failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        mirror
+            .handle()
+            .ns_seen()
+            .get("docker.io")
+            .copied()
+            .unwrap_or(0)
+            > 0
+    );
+
+    mirror.handle().set_down(true);
+    let s = wait_status(&client, &agent_url, &agent, "unreachable reported", |s| {
+        s.registries[0].state == RegistryState::Unreachable
+    })
+    .await;
+    assert!(!s.ready);
+    let text = std::fs::read_to_string(certs.join("docker.io/hosts.toml")).unwrap();
+    assert!(
+        text.contains(&mirror.url()),
+        "Never keeps the mirror configured:\n{text}"
+    );
+    let out = containerd.fetch(&certs, "docker.io/library/demo:v2");
+    assert!(
+        !out.status.success(),
+        "with the only mirror down and fallback Never the pull must fail"
+    );
+    assert_eq!(
+        server.handle().counts().total(),
+        0,
+        "fallback Never must never reach the upstream"
+    );
 }
