@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cachalot_operator::controller::build::{
-    agent_name, registry_config_name, registry_name, selector_labels,
+    agent_name, registry_config_name, registry_name, selector_labels, DESIRED_KEY,
 };
 use cachalot_operator::controller::observe::{Probe, ProbeError, RegistryStats, UpstreamBudget};
 use cachalot_operator::controller::{run_with, ControllerConfig};
@@ -553,4 +553,191 @@ async fn measure_operator_memory_idle_and_with_100_mirrors() {
             0.0
         }
     );
+}
+
+/// A node agent on `node-1` as the operator sees it through `/status`: it applies whatever desired
+/// state the operator last wrote (read from the desired-state ConfigMap), and keeps its file until
+/// the test lets it remove it.
+struct AgentProbe {
+    client: kube::Client,
+    files_removed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Probe for AgentProbe {
+    fn registry_stats(
+        &self,
+        base_url: String,
+    ) -> BoxFuture<'static, Result<RegistryStats, ProbeError>> {
+        FakeProbe.registry_stats(base_url)
+    }
+
+    fn agent_status(
+        &self,
+        base_url: String,
+    ) -> BoxFuture<'static, Result<AgentStatus, ProbeError>> {
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), NS);
+        let removed = self.files_removed.load(std::sync::atomic::Ordering::SeqCst);
+        async move {
+            let fail = |message: String| ProbeError::Request { url: base_url.clone(), message };
+            let cm = cms.get(&agent_name(MIRROR)).await.map_err(|e| fail(e.to_string()))?;
+            let raw = cm.data.unwrap_or_default().remove(DESIRED_KEY).ok_or_else(|| fail("no desired.json".into()))?;
+            let desired: Value = serde_json::from_str(&raw).map_err(|e| fail(e.to_string()))?;
+            let removing = desired["removing"].as_bool().unwrap_or(false);
+            let files: Vec<&str> = if removing && removed {
+                Vec::new()
+            } else {
+                vec!["/etc/containerd/certs.d/docker.io/hosts.toml"]
+            };
+            let status = json!({
+                "node": "node-1", "mirror": desired["mirror"], "generation": desired["generation"],
+                "ready": !removing,
+                "registries": if removing { json!([]) } else { json!([{"registry": "docker.io", "state": "Configured", "message": ""}]) },
+                "containerd": {"configVersion": 2, "problems": []},
+                "managedFiles": files,
+            });
+            serde_json::from_value(status).map_err(|e| fail(format!("test AgentStatus does not parse: {e}")))
+        }
+        .boxed()
+    }
+}
+
+/// Plays the kubelet for the DaemonSet: one running agent pod on `node-1`.
+async fn run_agent_pod(client: &kube::Client) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": format!("{}-node-1", agent_name(MIRROR)),
+                     "labels": selector_labels(MIRROR, "node-agent")},
+        "spec": {"nodeName": "node-1", "containers": [{"name": "agent", "image": "test"}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let status = json!({"status": {"phase": "Running", "podIP": "127.0.0.2"}});
+    pods.patch_status(
+        &pod.metadata.name.unwrap(),
+        &PatchParams::default(),
+        &Patch::Merge(&status),
+    )
+    .await
+    .unwrap();
+    let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
+    let scheduled = json!({"status": {"desiredNumberScheduled": 1, "currentNumberScheduled": 1,
+                                      "numberReady": 1, "numberMisscheduled": 0}});
+    daemon_sets
+        .patch_status(
+            &agent_name(MIRROR),
+            &PatchParams::default(),
+            &Patch::Merge(&scheduled),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_mirror_with_a_serving_registry_and_a_configured_node_is_ready_and_deletion_waits_for_the_node_files(
+) {
+    let server = FakeApiServer::start().await.expect("fake API server");
+    let client = server.client(NS).await.unwrap();
+    install_crd(&client).await;
+    let files_removed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = Arc::new(AgentProbe {
+        client: client.clone(),
+        files_removed: files_removed.clone(),
+    });
+    let mut config = ControllerConfig::new("ghcr.io/cachalot-dev/cachalot:test");
+    config.namespace = Some(NS.to_owned());
+    config.requeue_after = Duration::from_millis(200);
+    config.cleanup_requeue_after = Duration::from_millis(100);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let controller = tokio::spawn(run_with(
+        client.clone(),
+        config,
+        probe,
+        Arc::new(Metrics::new()),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+
+    let mirrors = mirrors_api(&client);
+    let mirror = json!({"apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
+                        "metadata": {"name": MIRROR},
+                        "spec": {"registries": [{"name": "docker.io"}]}});
+    mirrors
+        .patch(
+            MIRROR,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&mirror),
+        )
+        .await
+        .unwrap();
+    let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    eventually(
+        "the agent DaemonSet and registry Deployment",
+        &server,
+        || async {
+            let ds = daemon_sets.get_opt(&agent_name(MIRROR)).await.unwrap();
+            let d = deployments.get_opt(&registry_name(MIRROR)).await.unwrap();
+            (ds.is_some() && d.is_some()).then_some(())
+        },
+    )
+    .await;
+    run_registry_pod(&client).await;
+    run_agent_pod(&client).await;
+
+    let ready = eventually("Ready=True with 1/1 nodes", &server, || async {
+        let m = mirrors.get(MIRROR).await.unwrap();
+        condition(&m, "Ready")
+            .is_some_and(|c| c["status"] == "True")
+            .then_some(m)
+    })
+    .await;
+    let nodes = condition(&ready, "NodesConfigured").unwrap();
+    assert_eq!(nodes["status"], "True", "{nodes}");
+
+    mirrors
+        .delete(MIRROR, &DeleteParams::default())
+        .await
+        .unwrap();
+    let waiting = eventually(
+        "status naming node-1 as not cleaned yet",
+        &server,
+        || async {
+            let m = mirrors.get_opt(MIRROR).await.unwrap()?;
+            let text = m.data["status"]["conditions"].to_string();
+            text.contains("node-1").then_some(m)
+        },
+    )
+    .await;
+    assert!(waiting.metadata.deletion_timestamp.is_some());
+    assert!(
+        !waiting
+            .metadata
+            .finalizers
+            .clone()
+            .unwrap_or_default()
+            .is_empty(),
+        "the finalizer holds the mirror while node-1 still has its file"
+    );
+    // The agent saw `removing: true`; let it report its file gone.
+    files_removed.store(true, std::sync::atomic::Ordering::SeqCst);
+    eventually(
+        "the mirror to be gone once node-1 is clean",
+        &server,
+        || async {
+            mirrors
+                .get_opt(MIRROR)
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+
+    let _ = stop.send(());
+    tokio::time::timeout(STEP, controller)
+        .await
+        .expect("the controller stops on shutdown")
+        .unwrap();
 }
