@@ -305,6 +305,7 @@ struct Stats {
     counts: Counts,
     ns: BTreeMap<String, u64>,
     token_requests: BTreeMap<String, u64>,
+    body_bytes: BTreeMap<Kind, u64>,
     records: Vec<RequestRecord>,
 }
 
@@ -351,7 +352,13 @@ impl FaultHandle {
     pub fn token_requests(&self) -> BTreeMap<String, u64> {
         lock(&self.shared.stats).token_requests.clone()
     }
-    /// Forgets counts, records, `ns` values and token requests (not the settings).
+    /// Response body bytes sent to clients, by request kind (what an upstream "paid" in
+    /// bandwidth; truncated bodies count what was sent).
+    #[must_use]
+    pub fn body_bytes(&self) -> BTreeMap<Kind, u64> {
+        lock(&self.shared.stats).body_bytes.clone()
+    }
+    /// Forgets counts, records, `ns` values, token requests and byte counts (not the settings).
     pub fn reset_counts(&self) {
         *lock(&self.shared.stats) = Stats::default();
     }
@@ -567,7 +574,24 @@ async fn handle(
             status,
         });
     }
-    outcome
+    drop(stats);
+    outcome.map(|response| count_body_bytes(response, shared, kind))
+}
+
+/// Wraps a response body so every chunk sent is added to the per-kind byte counter.
+fn count_body_bytes(
+    response: Response<ProxyBody>,
+    shared: Arc<Shared>,
+    kind: Kind,
+) -> Response<ProxyBody> {
+    let (parts, body) = response.into_parts();
+    let counted = BodyDataStream::new(body).inspect_ok(move |chunk| {
+        *lock(&shared.stats).body_bytes.entry(kind).or_insert(0) += chunk.len() as u64;
+    });
+    Response::from_parts(
+        parts,
+        BodyExt::boxed_unsync(StreamBody::new(counted.map_ok(Frame::data))),
+    )
 }
 
 async fn respond(

@@ -164,6 +164,7 @@ async fn a_truncated_blob_keeps_the_upstream_content_length_and_closes_early() {
     }
     assert!(failed, "the body must end with an error, not a clean EOF");
     assert_eq!(received, 1000);
+    assert_eq!(s.proxy.body_bytes().get(&Kind::Blob), Some(&1000));
     // Manifests are untouched by a blob-only fault.
     assert_eq!(
         s.get_manifest().await.bytes().await.unwrap(),
@@ -421,4 +422,37 @@ async fn a_big_blob_streams_through_the_proxy_intact() {
     assert_eq!(fetched.status, 200);
     assert_eq!(fetched.size, layer.size);
     assert_eq!(fetched.digest, layer.digest);
+    assert_eq!(proxy.body_bytes().get(&Kind::Blob), Some(&layer.size));
+}
+
+#[tokio::test]
+async fn the_pull_limit_is_exact_under_concurrent_clients() {
+    let s = setup().await;
+    s.proxy.set_rate_limit(Some(RateLimit {
+        limit: 100,
+        retry_after_secs: 5,
+    }));
+    let mut pulls = tokio::task::JoinSet::new();
+    for _ in 0..108 {
+        let client = s.client.clone();
+        let url = s.manifest_url();
+        pulls.spawn(async move {
+            client
+                .get(url)
+                .header("accept", MANIFEST_ACCEPT)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        });
+    }
+    let mut statuses = Vec::new();
+    while let Some(status) = pulls.join_next().await {
+        statuses.push(status.unwrap());
+    }
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 100);
+    assert_eq!(statuses.iter().filter(|&&s| s == 429).count(), 8);
+    assert_eq!(s.proxy.counts().counted_manifest_gets(), 108);
+    assert_eq!(s.proxy.rate_limit_remaining(), Some(0));
 }
