@@ -100,6 +100,12 @@ pub fn kubeconfig_yaml(url: &str, namespace: &str) -> String {
 impl FakeApiServer {
     /// Start the server and wait (bounded) until it listens.
     pub async fn start() -> Result<Self, StartFakeApiServerError> {
+        Self::start_with_args(&[]).await
+    }
+
+    /// Like [`FakeApiServer::start`], with extra command-line flags for the server (for example
+    /// `["--history", "2"]` to make watch resumes expire quickly).
+    pub async fn start_with_args(extra: &[&str]) -> Result<Self, StartFakeApiServerError> {
         let script = script_path();
         if !script.is_file() {
             return Err(StartFakeApiServerError::ScriptMissing { path: script });
@@ -121,6 +127,7 @@ impl FakeApiServer {
             .arg("0")
             .arg("--port-file")
             .arg(&port_file)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(stderr))

@@ -491,3 +491,36 @@ async fn namespaces_can_be_created_and_listed_and_bad_bodies_are_bad_requests() 
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn a_watch_from_a_resource_version_older_than_the_history_gets_410_expired() {
+    tokio::time::timeout(SCENARIO, async {
+        let server = FakeApiServer::start_with_args(&["--history", "2"])
+            .await
+            .unwrap();
+        let cms: Api<ConfigMap> = Api::default_namespaced(server.client(NS).await.unwrap());
+        let first = cms
+            .patch("c0", &ssa(), &Patch::Apply(&config_map("c0", &[], &[])))
+            .await
+            .unwrap();
+        for name in ["c1", "c2", "c3"] {
+            cms.patch(name, &ssa(), &Patch::Apply(&config_map(name, &[], &[])))
+                .await
+                .unwrap();
+        }
+        let from = first.metadata.resource_version.unwrap();
+        let mut stream = cms
+            .watch(&kube::api::WatchParams::default().timeout(5), &from)
+            .await
+            .unwrap()
+            .boxed();
+        match stream.next().await {
+            Some(Ok(kube::api::WatchEvent::Error(status))) => {
+                assert_eq!((status.code, status.reason.as_str()), (410, "Expired"));
+            }
+            other => panic!("expected a 410 ERROR event, got {other:?}"),
+        }
+    })
+    .await
+    .unwrap();
+}

@@ -447,6 +447,7 @@ class FakeApiServer(kmock.KubernetesEmulator):
     """kmock's Kubernetes emulator with the semantics kube-runtime needs (see the module docs)."""
 
     store: Store = attrs.field(factory=Store)
+    history_per_resource: int = HISTORY_PER_RESOURCE
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -603,7 +604,7 @@ class FakeApiServer(kmock.KubernetesEmulator):
     def _publish(self, kind: Kind, type_: str, obj: dict[str, Any], previous: dict[str, Any] | None) -> None:
         history = self.store.history[kind.key]
         history.append(WatchEvent(int(obj['metadata']['resourceVersion']), type_, obj, previous))
-        while len(history) > HISTORY_PER_RESOURCE:
+        while len(history) > self.history_per_resource:
             self.store.compacted[kind.key] = history.popleft().rv
         # Wake every waiting watch stream; each one re-reads the history from its own position.
         changed, self.store.changed = self.store.changed, asyncio.Event()
@@ -956,8 +957,8 @@ class FakeApiServer(kmock.KubernetesEmulator):
 # Command line.
 
 
-async def serve(host: str, port: int, port_file: str | None) -> None:
-    handler = FakeApiServer()
+async def serve(host: str, port: int, port_file: str | None, history: int) -> None:
+    handler = FakeApiServer(history_per_resource=history)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -978,11 +979,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--host', default='127.0.0.1', help='address to bind (default 127.0.0.1)')
     parser.add_argument('--port', type=int, default=0, help='port to bind; 0 picks a free one (default)')
     parser.add_argument('--port-file', default=None, help='write the bound port to this file once listening')
+    parser.add_argument('--history', type=int, default=HISTORY_PER_RESOURCE,
+                        help='watch events kept per resource kind before a resume gets 410 Expired')
     args = parser.parse_args(argv)
+    if args.history < 1:
+        parser.error('--history must be at least 1')
     if args.host not in ('127.0.0.1', 'localhost', '::1'):
         parser.error('the fake API server only binds to loopback addresses')
     try:
-        asyncio.run(serve(args.host, args.port, args.port_file))
+        asyncio.run(serve(args.host, args.port, args.port_file, args.history))
     except OSError as exc:
         print(f'fake-apiserver: cannot listen on {args.host}:{args.port}: {exc}', file=sys.stderr)
         return 1
