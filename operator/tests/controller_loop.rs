@@ -431,7 +431,10 @@ impl OperatorProcess {
             .local_addr()
             .unwrap();
         let log = std::fs::File::create(log).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_cachalot-operator"))
+        // CACHALOT_OPERATOR_BIN measures another build (e.g. target/release/cachalot-operator).
+        let binary = std::env::var("CACHALOT_OPERATOR_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_cachalot-operator").to_owned());
+        let child = std::process::Command::new(binary)
             .arg("run")
             .arg(format!("--listen={listen}"))
             .env_clear()
@@ -467,7 +470,8 @@ impl OperatorProcess {
 }
 
 /// Benchmark, not a check of behaviour: run with
-/// `cargo nextest run -p cachalot-operator --test controller_loop --run-ignored ignored-only --no-capture`.
+/// `cargo nextest run -p cachalot-operator --test controller_loop --run-ignored ignored-only --no-capture`
+/// (set `CACHALOT_OPERATOR_BIN=target/release/cachalot-operator` to measure a release build).
 #[tokio::test]
 #[ignore = "benchmark: operator memory idle and with 100 RegistryMirrors; run on demand"]
 async fn measure_operator_memory_idle_and_with_100_mirrors() {
