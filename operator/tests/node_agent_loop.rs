@@ -70,6 +70,7 @@ impl Agent {
             node_name: "node-1".into(),
             interval: Duration::from_millis(100),
             probe_timeout: Duration::from_millis(500),
+            log_format: cachalot_operator::telemetry::LogFormat::Text,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(run_until(args, async move {

@@ -24,6 +24,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::watch;
 
+use crate::telemetry::LogFormat;
+
 use super::apply::{execute, managed_files, scan, Roots};
 use super::containerd::{check_containerd_config, is_blocking};
 use super::duration::parse_duration;
@@ -72,6 +74,9 @@ pub struct Args {
     /// Upper bound for one `GET /v2/` probe (Go duration).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub probe_timeout: Duration,
+    /// Log format (structured JSON by default).
+    #[arg(long, env = "CACHALOT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
 }
 
 /// The agent could not run.
@@ -106,6 +111,7 @@ struct Shared {
 /// # Errors
 /// See [`RunError`]; bad input never ends the agent.
 pub async fn run(args: Args) -> Result<(), RunError> {
+    crate::telemetry::init(args.log_format);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Signal)?;
     let shutdown = async move {
