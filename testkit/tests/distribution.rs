@@ -87,3 +87,19 @@ async fn distribution_in_proxy_mode_pulls_through_from_its_remote() {
     assert!(counts.counted_manifest_gets() >= 1, "{counts:?}");
     assert!(counts.get("GET", Kind::Blob) >= 1, "{counts:?}");
 }
+
+#[tokio::test]
+async fn stray_registry_env_vars_do_not_reach_the_child() {
+    // Each nextest test runs in its own process, so this does not leak into other tests.
+    std::env::set_var("REGISTRY_HTTP_ADDR", "256.0.0.1:1");
+    std::env::set_var("REGISTRY_STORAGE", "s3");
+    let registry = Distribution::start().await.unwrap();
+    let status = http_client()
+        .unwrap()
+        .get(format!("{}/v2/", registry.url()))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+}
