@@ -1,0 +1,480 @@
+//! `cachalot-bench`: runs distribution's pull-through proxy (Debian `docker-registry`, proxy mode)
+//! and cachalot-registry side by side against the same real distribution upstream on 127.0.0.1,
+//! and prints figures and ratios. Every loop is bounded by a request count; nothing here asserts
+//! timings: the table is for people (and the docs), not for pass/fail.
+//!
+//! Run: `cargo build --release -p cachalot-registry -p cachalot-bench && target/release/cachalot-bench`
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cachalot_testkit::distribution::{Distribution, DistributionOptions};
+use cachalot_testkit::fault::{FaultProxy, Kind, RateLimit};
+use cachalot_testkit::image::{self, TestImage};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(about = "cachalot-registry vs distribution proxy, side by side on 127.0.0.1")]
+struct Args {
+    /// The cachalot-registry binary to benchmark (a release build).
+    #[arg(long, default_value = "target/release/cachalot-registry")]
+    cachalot: PathBuf,
+    /// Size of the big layer in MiB.
+    #[arg(long, default_value_t = 200)]
+    size_mib: u64,
+    /// Sequential HEAD-by-tag requests for the latency figure.
+    #[arg(long, default_value_t = 1000)]
+    heads: usize,
+    /// GET-by-tag requests for the throughput figure (spread over 8 clients).
+    #[arg(long, default_value_t = 4000)]
+    gets: usize,
+}
+
+/// A cachalot-registry child process.
+struct Cachalot {
+    child: tokio::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Cachalot {
+    async fn start(binary: &Path, upstream: &str) -> Result<Cachalot> {
+        let dir = tempfile::tempdir()?;
+        let port = cachalot_testkit::wait::free_port()?;
+        let child = tokio::process::Command::new(binary)
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--storage",
+            ])
+            .arg(dir.path().join("cache"))
+            .arg("--upstream")
+            .arg(format!("docker.io={upstream}"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "start {} (build it with cargo build --release -p cachalot-registry)",
+                    binary.display()
+                )
+            })?;
+        let url = format!("http://127.0.0.1:{port}");
+        wait_ready(&url).await?;
+        Ok(Cachalot {
+            child,
+            url,
+            _dir: dir,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+}
+
+async fn wait_ready(url: &str) -> Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut delay = Duration::from_millis(10);
+    while Instant::now() < deadline {
+        if let Ok(r) = client.get(format!("{url}/v2/")).send().await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+    bail!("{url} did not become ready within 20s")
+}
+
+/// (VmRSS, VmHWM) of a process in MiB.
+fn memory_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(16)
+        .build()
+        .unwrap_or_default()
+}
+
+const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// Reads a blob fully and returns its length.
+async fn get_blob(client: &reqwest::Client, base: &str, repo: &str, digest: &str) -> Result<u64> {
+    let mut r = client
+        .get(format!("{base}/v2/{repo}/blobs/{digest}"))
+        .send()
+        .await?
+        .error_for_status()?;
+    let mut n = 0u64;
+    while let Some(chunk) = r.chunk().await? {
+        n += chunk.len() as u64;
+    }
+    Ok(n)
+}
+
+/// A whole pull as a client does it: manifest by tag, then config and layers.
+async fn pull(
+    client: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    tag: &str,
+    img: &TestImage,
+) -> Result<u64> {
+    let m = client
+        .get(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("accept", ACCEPT)
+        .send()
+        .await?
+        .error_for_status()?
+        .bytes()
+        .await?;
+    let mut total = m.len() as u64;
+    for blob in img.all_blobs() {
+        total += get_blob(client, base, repo, &blob.digest).await?;
+    }
+    Ok(total)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+async fn head_latencies(
+    base: &str,
+    repo: &str,
+    tag: &str,
+    n: usize,
+) -> Result<(Duration, Duration)> {
+    let c = client();
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        c.head(format!("{base}/v2/{repo}/manifests/{tag}"))
+            .header("accept", ACCEPT)
+            .send()
+            .await?
+            .error_for_status()?;
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    Ok((percentile(&samples, 0.5), percentile(&samples, 0.99)))
+}
+
+async fn get_by_tag_rate(base: &str, repo: &str, tag: &str, total: usize) -> Result<f64> {
+    let per_client = total / 8;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (base, repo, tag) = (base.to_owned(), repo.to_owned(), tag.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            for _ in 0..per_client {
+                c.get(format!("{base}/v2/{repo}/manifests/{tag}"))
+                    .header("accept", ACCEPT)
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .bytes()
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok((per_client * 8) as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn blob_throughput(
+    base: &str,
+    repo: &str,
+    digest: &str,
+    clients: usize,
+    size: u64,
+) -> Result<f64> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (base, repo, digest) = (base.to_owned(), repo.to_owned(), digest.to_owned());
+        tasks.push(tokio::spawn(async move {
+            get_blob(&client(), &base, &repo, &digest).await
+        }));
+    }
+    for t in tasks {
+        let n = t.await??;
+        if n != size {
+            bail!("short read: {n} of {size}");
+        }
+    }
+    Ok((size * clients as u64) as f64 / started.elapsed().as_secs_f64() / 1e9)
+}
+
+struct Row {
+    what: String,
+    distribution: String,
+    cachalot: String,
+    ratio: String,
+    target: &'static str,
+}
+
+fn row(what: &str, d: f64, c: f64, unit: &str, target: &'static str) -> Row {
+    Row {
+        what: what.to_owned(),
+        distribution: format!("{d:.2} {unit}"),
+        cachalot: format!("{c:.2} {unit}"),
+        ratio: if d > 0.0 {
+            format!("{:.2}x", c / d)
+        } else {
+            "-".into()
+        },
+        target,
+    }
+}
+
+async fn start_distribution_proxy(upstream: &str) -> Result<Distribution> {
+    Ok(Distribution::start_with(DistributionOptions {
+        proxy_remote_url: Some(upstream.to_owned()),
+        ..DistributionOptions::default()
+    })
+    .await?)
+}
+
+/// The seed scenario against a proxy: 36 clients × 3 mutable tags, the upstream limited to 100
+/// counted manifest GETs. Returns (failed pulls, counted GETs, HEADs) seen upstream.
+async fn seed_scenario(
+    base: &str,
+    fault: &FaultProxy,
+    images: &[(String, TestImage)],
+) -> Result<(usize, u64, u64)> {
+    fault.handle().reset_counts();
+    fault.handle().set_rate_limit(Some(RateLimit {
+        limit: 100,
+        retry_after_secs: 3600,
+    }));
+    let mut tasks = Vec::new();
+    for _ in 0..36 {
+        for (repo, img) in images {
+            let (base, repo, img) = (base.to_owned(), repo.clone(), img.clone());
+            tasks.push(tokio::spawn(async move {
+                pull(&client(), &base, &repo, "stable", &img).await
+            }));
+        }
+    }
+    let mut failed = 0;
+    for t in tasks {
+        if !matches!(t.await, Ok(Ok(_))) {
+            failed += 1;
+        }
+    }
+    let counts = fault.handle().counts();
+    fault.handle().set_rate_limit(None);
+    Ok((
+        failed,
+        counts.counted_manifest_gets(),
+        counts.get("HEAD", Kind::Manifest),
+    ))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    cachalot_testkit::client::install_crypto_provider();
+    let size = args.size_mib * 1024 * 1024;
+    eprintln!(
+        "generating a {} MiB image and starting the upstream...",
+        args.size_mib
+    );
+    let upstream = Distribution::start().await?;
+    let big = image::big_image(1, size).await?;
+    image::push(&upstream.url(), "library/big", "latest", &big).await?;
+    let small = image::docker_image(2, &[1024 * 1024])?;
+    image::push(&upstream.url(), "library/small", "latest", &small).await?;
+    let mut seed_images = Vec::new();
+    for (i, name) in ["nginx", "redis", "busybox"].iter().enumerate() {
+        let img = image::docker_image(10 + i as u64, &[1024 * 1024, 2 * 1024 * 1024])?;
+        image::push(&upstream.url(), &format!("library/{name}"), "stable", &img).await?;
+        seed_images.push((format!("library/{name}"), img));
+    }
+    let layer = big.layers()[0].clone();
+    let image_bytes = big.total_bytes() + big.manifest_bytes.len() as u64;
+    let mut rows = Vec::new();
+
+    // Cold pull: direct vs each proxy (fresh caches).
+    let c = client();
+    let t = Instant::now();
+    pull(&c, &upstream.url(), "library/big", "latest", &big).await?;
+    let direct = t.elapsed().as_secs_f64();
+    let dist = start_distribution_proxy(&upstream.url()).await?;
+    let cach = Cachalot::start(&args.cachalot, &upstream.url()).await?;
+    let (idle_rss, _) = memory_mib(cach.pid());
+    let (dist_idle_rss, _) = memory_mib(dist.pid());
+    let t = Instant::now();
+    pull(&c, &dist.url(), "library/big", "latest", &big).await?;
+    let dist_cold = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    pull(&c, &cach.url, "library/big", "latest", &big).await?;
+    let cach_cold = t.elapsed().as_secs_f64();
+    rows.push(Row {
+        what: format!("cold pull {} MiB, x direct ({direct:.2}s)", args.size_mib),
+        distribution: format!("{:.2}x", dist_cold / direct),
+        cachalot: format!("{:.2}x", cach_cold / direct),
+        ratio: format!("{:.2}x", cach_cold / dist_cold),
+        target: "cachalot <= 1.1x direct",
+    });
+
+    // Cached blob throughput, 1 and 8 clients.
+    for clients in [1usize, 8] {
+        let d = blob_throughput(
+            &dist.url(),
+            "library/big",
+            &layer.digest,
+            clients,
+            layer.size,
+        )
+        .await?;
+        let k =
+            blob_throughput(&cach.url, "library/big", &layer.digest, clients, layer.size).await?;
+        rows.push(row(
+            &format!("cached blob GET, {clients} client(s)"),
+            d,
+            k,
+            "GB/s",
+            ">= distribution",
+        ));
+    }
+    let (_, peak) = memory_mib(cach.pid());
+    let (_, dist_peak) = memory_mib(dist.pid());
+
+    // Warm tag requests.
+    pull(&c, &dist.url(), "library/small", "latest", &small).await?;
+    pull(&c, &cach.url, "library/small", "latest", &small).await?;
+    let (dp50, dp99) = head_latencies(&dist.url(), "library/small", "latest", args.heads).await?;
+    let (cp50, cp99) = head_latencies(&cach.url, "library/small", "latest", args.heads).await?;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    rows.push(row("HEAD by tag warm p50", ms(dp50), ms(cp50), "ms", ""));
+    rows.push(row(
+        "HEAD by tag warm p99",
+        ms(dp99),
+        ms(cp99),
+        "ms",
+        "<= 0.2x distribution",
+    ));
+    let d = get_by_tag_rate(&dist.url(), "library/small", "latest", args.gets).await?;
+    let k = get_by_tag_rate(&cach.url, "library/small", "latest", args.gets).await?;
+    rows.push(row(
+        "GET by tag, 8 clients",
+        d,
+        k,
+        "req/s",
+        ">= 10x distribution",
+    ));
+    drop(dist);
+    drop(cach);
+
+    // 8 clients cold-pulling the big image at once: bytes the upstream sends.
+    let mut amplification = Vec::new();
+    for which in ["distribution", "cachalot"] {
+        let fault = FaultProxy::start(&upstream.url()).await?;
+        let proxy_url;
+        let _keep_dist;
+        let _keep_cach;
+        if which == "distribution" {
+            let d = start_distribution_proxy(&fault.url()).await?;
+            proxy_url = d.url();
+            _keep_dist = Some(d);
+            _keep_cach = None;
+        } else {
+            let k = Cachalot::start(&args.cachalot, &fault.url()).await?;
+            proxy_url = k.url.clone();
+            _keep_cach = Some(k);
+            _keep_dist = None;
+        }
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let (url, big) = (proxy_url.clone(), big.clone());
+                tokio::spawn(
+                    async move { pull(&client(), &url, "library/big", "latest", &big).await },
+                )
+            })
+            .collect();
+        for t in tasks {
+            t.await??;
+        }
+        // Complete blob GETs the upstream answered, times the blob size (manifests are small).
+        let counts = fault.handle().counts();
+        let full_gets = counts.with_status("GET", Kind::Blob, 200);
+        amplification.push(full_gets as f64 * layer.size as f64 / image_bytes as f64);
+    }
+    rows.push(Row {
+        what: "8 cold clients: upstream bytes / image bytes".into(),
+        distribution: format!("{:.2}", amplification[0]),
+        cachalot: format!("{:.2}", amplification[1]),
+        ratio: "-".into(),
+        target: "cachalot = 1.00",
+    });
+
+    // The seed scenario, counting what reaches the upstream.
+    let mut seed = Vec::new();
+    for which in ["distribution", "cachalot"] {
+        let fault = FaultProxy::start(&upstream.url()).await?;
+        let result = if which == "distribution" {
+            let d = start_distribution_proxy(&fault.url()).await?;
+            seed_scenario(&d.url(), &fault, &seed_images).await?
+        } else {
+            let k = Cachalot::start(&args.cachalot, &fault.url()).await?;
+            seed_scenario(&k.url, &fault, &seed_images).await?
+        };
+        seed.push(result);
+    }
+    rows.push(Row {
+        what: "seed scenario 108 pulls: failed / counted GETs / HEADs".into(),
+        distribution: format!("{} / {} / {}", seed[0].0, seed[0].1, seed[0].2),
+        cachalot: format!("{} / {} / {}", seed[1].0, seed[1].1, seed[1].2),
+        ratio: "-".into(),
+        target: "0 failed, GETs <= 3",
+    });
+    rows.push(row("RSS idle", dist_idle_rss, idle_rss, "MiB", "<= 20 MiB"));
+    rows.push(row(
+        "RSS peak (8 parallel blob GETs)",
+        dist_peak,
+        peak,
+        "MiB",
+        "<= 48 MiB",
+    ));
+
+    let arc_rows = Arc::new(rows);
+    println!("\n| measurement | distribution proxy | cachalot | cachalot/distribution | target |");
+    println!("|---|---|---|---|---|");
+    for r in arc_rows.iter() {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.what, r.distribution, r.cachalot, r.ratio, r.target
+        );
+    }
+    Ok(())
+}
