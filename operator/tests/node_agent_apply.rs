@@ -354,3 +354,16 @@ fn default_namespace_without_live_endpoint_has_no_file_because_containerd_needs_
     );
     assert!(!node.certs().join("_default").exists());
 }
+
+#[test]
+fn temp_file_left_by_a_crashed_write_does_not_keep_the_directory_alive() {
+    let node = Node::new();
+    node.round(&desired(vec![registry("ghcr.io")]), &live());
+    fs::write(
+        node.certs().join("ghcr.io/.cachalot-tmp-hosts.toml-999"),
+        "partial",
+    )
+    .unwrap();
+    node.round(&desired(vec![]), &live());
+    assert!(!node.certs().join("ghcr.io").exists());
+}

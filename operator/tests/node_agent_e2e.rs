@@ -11,7 +11,10 @@
 //!
 //! Phases: mirror configured → pull goes through the mirror with `ns=docker.io` and never to the
 //! server; mirror removed from the desired state → its host entry is gone and the pull goes to the
-//! server; `removing: true` → the file and its directory are gone and `managedFiles` is empty;
+//! server; `removing: true` → the file and its directory are gone, `managedFiles` is empty, and
+//! containerd pulls directly from the server named by an administrator's `_default` file
+//! (present, untouched, from the start: without any file containerd would go to the real
+//! Docker Hub, which a test must never do);
 //! SIGTERM → the agent exits cleanly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -215,7 +218,7 @@ async fn agent_files_route_real_containerd_through_the_mirror_then_back_to_serve
     let desired_file = tmp.path().join("desired.json");
 
     let upstream = Distribution::start().await.unwrap();
-    for (tag, seed) in [("v1", 11), ("v2", 12)] {
+    for (tag, seed) in [("v1", 11), ("v2", 12), ("v3", 13)] {
         let image = docker_image(seed, &[64 * 1024, 32 * 1024]).unwrap();
         push(&upstream.url(), "library/demo", tag, &image)
             .await
@@ -224,6 +227,14 @@ async fn agent_files_route_real_containerd_through_the_mirror_then_back_to_serve
     let server = FaultProxy::start(&upstream.url()).await.unwrap();
     let mirror = FaultProxy::start(&upstream.url()).await.unwrap();
     let containerd = Containerd::start(&tmp.path().join("containerd"), &certs).await;
+    // An administrator's catch-all: once our docker.io file is gone, containerd uses it, which
+    // lets the test see a pull go "directly to server" without ever naming the real Docker Hub.
+    let admin_default = format!(
+        "server = \"{0}\"\n[host.\"{0}\"]\ncapabilities = [\"pull\", \"resolve\"]\n",
+        server.url()
+    );
+    std::fs::create_dir(certs.join("_default")).unwrap();
+    std::fs::write(certs.join("_default/hosts.toml"), &admin_default).unwrap();
 
     write_desired(
         &desired_file,
@@ -311,6 +322,28 @@ async fn agent_files_route_real_containerd_through_the_mirror_then_back_to_serve
     .await;
     assert_eq!(s.registries[0].state, RegistryState::Removed);
     assert!(!certs.join("docker.io").exists());
+    assert_eq!(
+        std::fs::read_to_string(certs.join("_default/hosts.toml")).unwrap(),
+        admin_default,
+        "the administrator's file survives the whole lifecycle"
+    );
+    server.handle().reset_counts();
+    mirror.handle().reset_counts();
+    let out = containerd.fetch(&certs, "docker.io/library/demo:v3");
+    assert!(
+        out.status.success(),
+        "pull after removal failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        mirror.handle().counts().total(),
+        0,
+        "no trace of the mirror after removal"
+    );
+    assert!(
+        server.handle().counts().total() >= 3,
+        "pull went directly to server"
+    );
 
     // SIGTERM stops the agent cleanly.
     let pid = agent.child.id().to_string();

@@ -242,6 +242,24 @@ fn write_atomic(dir: &Path, file: &str, content: &str) -> Result<(), ApplyError>
     result
 }
 
+/// Removes temp files a crashed write of ours left behind (they would keep the directory from
+/// being removed). Best effort and bounded; only our own prefix is touched.
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.take(MAX_DIR_ENTRIES).flatten() {
+        let ours = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(TEMP_PREFIX));
+        let regular = entry.file_type().is_ok_and(|t| t.is_file());
+        if ours && regular {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Refuses when the file at `path` is no longer what the planner saw.
 fn check_unchanged(path: &Path, previous: Option<&str>) -> Result<(), ApplyError> {
     let now = read_existing(path);
@@ -294,6 +312,7 @@ pub fn execute(roots: &Roots, action: &Action) -> Result<(), ApplyError> {
             fs::remove_file(&path).map_err(io_err("removing", &path))?;
             sync_dir(&dir_path)?;
             if !dir.is_empty() {
+                remove_stale_temp_files(&dir_path);
                 // Succeeds only when empty: directories holding anything else (an admin's
                 // certificates) stay.
                 if fs::remove_dir(&dir_path).is_ok() {
