@@ -6,8 +6,8 @@
 //! - `upstream`: a real distribution holding the images;
 //! - `server`: a counting FaultProxy in front of it, used as the hosts.toml `server` (the desired
 //!   state sets `server`, because the real `https://registry-1.docker.io` must never be reached);
-//! - `mirror`: a counting FaultProxy in front of the upstream standing in for cachalot-registry
-//!   (it records `ns`); the lead switches it to the real registry binary.
+//! - `mirror`: the real cachalot-registry (upstream `docker.io=<upstream>`) behind a counting
+//!   FaultProxy that records `ns` (see [`Mirror`]).
 //!
 //! Phases: mirror configured → pull goes through the mirror with `ns=docker.io` and never to the
 //! server; mirror removed from the desired state → its host entry is gone and the pull goes to the
@@ -187,6 +187,70 @@ async fn wait_status(
     }
 }
 
+/// The mirror: the real `cachalot-registry` (built next to the agent binary, or named by
+/// `CACHALOT_E2E_REGISTRY`) behind a counting FaultProxy that records `ns`. Without the registry
+/// binary the FaultProxy forwards straight to the upstream, standing in for it; the test prints
+/// which one ran.
+struct Mirror {
+    front: FaultProxy,
+    _registry: Option<Proc>,
+}
+
+impl std::ops::Deref for Mirror {
+    type Target = FaultProxy;
+    fn deref(&self) -> &FaultProxy {
+        &self.front
+    }
+}
+
+impl Mirror {
+    async fn start(dir: &Path, upstream_url: &str) -> Self {
+        let binary = std::env::var_os("CACHALOT_E2E_REGISTRY")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_BIN_EXE_cachalot-operator"))
+                    .with_file_name("cachalot-registry")
+            });
+        if !binary.exists() {
+            eprintln!(
+                "cachalot-registry not built ({}): FaultProxy stands in for the mirror",
+                binary.display()
+            );
+            return Self {
+                front: FaultProxy::start(upstream_url).await.unwrap(),
+                _registry: None,
+            };
+        }
+        let port = free_port().unwrap();
+        let mut cmd = Command::new(&binary);
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--storage")
+            .arg(dir.join("registry-store"))
+            .arg("--upstream")
+            .arg(format!("docker.io={upstream_url}"));
+        let registry = Proc::spawn("cachalot-registry", cmd, dir.join("registry.log"));
+        let url = format!("http://127.0.0.1:{port}");
+        let client = http_client().unwrap();
+        let ready = wait_until(DEADLINE, POLL, || {
+            let request = client.get(format!("{url}/readyz"));
+            async move { request.send().await.is_ok_and(|r| r.status().is_success()) }
+        })
+        .await;
+        assert!(
+            ready.is_ok(),
+            "cachalot-registry did not become ready\n{}",
+            registry.log_tail()
+        );
+        eprintln!("mirror: real cachalot-registry {}", binary.display());
+        Self {
+            front: FaultProxy::start(&url).await.unwrap(),
+            _registry: Some(registry),
+        }
+    }
+}
+
 /// Starts the real agent binary on `port`, writing into `certs` and checking the private
 /// containerd's config.
 fn spawn_agent(dir: &Path, desired_file: &Path, certs: &Path, port: u16) -> Proc {
@@ -225,7 +289,7 @@ async fn agent_files_route_real_containerd_through_the_mirror_then_back_to_serve
             .unwrap();
     }
     let server = FaultProxy::start(&upstream.url()).await.unwrap();
-    let mirror = FaultProxy::start(&upstream.url()).await.unwrap();
+    let mirror = Mirror::start(tmp.path(), &upstream.url()).await;
     let containerd = Containerd::start(&tmp.path().join("containerd"), &certs).await;
     // An administrator's catch-all: once our docker.io file is gone, containerd uses it, which
     // lets the test see a pull go "directly to server" without ever naming the real Docker Hub.
@@ -377,7 +441,7 @@ async fn fallback_never_keeps_containerd_off_the_upstream_even_when_the_mirror_i
             .unwrap();
     }
     let server = FaultProxy::start(&upstream.url()).await.unwrap();
-    let mirror = FaultProxy::start(&upstream.url()).await.unwrap();
+    let mirror = Mirror::start(tmp.path(), &upstream.url()).await;
     let containerd = Containerd::start(&tmp.path().join("containerd"), &certs).await;
     let mut state = desired("g1", &server.url(), vec![mirror.url()], false);
     state.registries[0].fallback = Fallback::Never;
