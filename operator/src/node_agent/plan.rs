@@ -119,6 +119,8 @@ fn invalid_status(reg: &DesiredRegistry, err: &RenderError) -> RegistryStatus {
         RenderError::Name(super::names::ValidateNameError::Registry { .. }) => {
             Reason::InvalidRegistryName
         }
+        // The administrator's file is in the way and cannot be merged.
+        RenderError::ParseAdminFile { .. } => Reason::AdminFileExists,
         _ => Reason::InvalidDesiredRegistry,
     };
     status(
@@ -464,4 +466,131 @@ fn plan_crio(desired: &DesiredState, observed: &Observed, live: &BTreeSet<String
         }
     }
     plan
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::node_agent::render::marker_line;
+
+    const EP: &str = "http://10.0.0.1:5000";
+
+    fn reg(name: &str) -> DesiredRegistry {
+        DesiredRegistry {
+            registry: name.into(),
+            server: None,
+            endpoints: vec![EP.into()],
+            fallback: Fallback::Upstream,
+            dial_timeout: "1s".into(),
+            skip_verify: false,
+            ca_file: None,
+            override_path: false,
+        }
+    }
+
+    fn state(registries: Vec<DesiredRegistry>) -> DesiredState {
+        DesiredState {
+            mirror: "ns/m".into(),
+            generation: "g".into(),
+            removing: false,
+            runtime: Runtime::Containerd,
+            registries,
+            unreachable_after: "30s".into(),
+            merge_with_admin_file: false,
+        }
+    }
+
+    fn dir(text: &str, original: Option<&str>) -> ObservedDir {
+        ObservedDir {
+            hosts: Some(Existing::File(text.into())),
+            original: original.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn removing_releases_ours_restores_merged_and_leaves_others() {
+        let mut observed = Observed::default();
+        observed.dirs.insert(
+            "docker.io".into(),
+            dir(&format!("{}\nx", marker_line("ns/m", false)), None),
+        );
+        observed.dirs.insert(
+            "ghcr.io".into(),
+            dir(&format!("{}\nx", marker_line("ns/m", true)), Some("admin")),
+        );
+        observed
+            .dirs
+            .insert("quay.io".into(), dir("server = \"https://quay.io\"", None));
+        observed
+            .dirs
+            .insert("gcr.io".into(), dir(&marker_line("other/m", false), None));
+        let mut desired = state(vec![reg("docker.io")]);
+        desired.removing = true;
+        let plan = reconcile_node(&desired, &observed, &BTreeSet::new());
+        assert_eq!(
+            plan.actions,
+            [
+                Action::Remove {
+                    root: Root::CertsDir,
+                    dir: "docker.io".into(),
+                    file: HOSTS_FILE_NAME.into()
+                },
+                Action::RestoreOriginal {
+                    dir: "ghcr.io".into()
+                },
+            ]
+        );
+        assert_eq!(plan.registries[0].state, RegistryState::Removed);
+    }
+
+    #[test]
+    fn a_registry_listed_twice_is_written_once_and_reported() {
+        let live: BTreeSet<String> = [EP.to_string()].into();
+        let plan = reconcile_node(
+            &state(vec![reg("docker.io"), reg("docker.io")]),
+            &Observed::default(),
+            &live,
+        );
+        assert_eq!(plan.actions.len(), 1);
+        assert_eq!(
+            plan.registries[1].reason,
+            Some(Reason::InvalidDesiredRegistry)
+        );
+    }
+
+    #[test]
+    fn merge_mode_preserves_the_original_before_writing_the_merged_file() {
+        let mut observed = Observed::default();
+        observed.dirs.insert(
+            "docker.io".into(),
+            dir("server = \"https://registry-1.docker.io\"\n", None),
+        );
+        let mut desired = state(vec![reg("docker.io")]);
+        desired.merge_with_admin_file = true;
+        let live: BTreeSet<String> = [EP.to_string()].into();
+        let plan = reconcile_node(&desired, &observed, &live);
+        let files: Vec<&str> = plan
+            .actions
+            .iter()
+            .map(|a| match a {
+                Action::Write { file, .. } => file.as_str(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(files, [ORIGINAL_FILE_NAME, HOSTS_FILE_NAME]);
+    }
+
+    #[test]
+    fn merge_with_unparsable_admin_file_queues_nothing() {
+        let mut observed = Observed::default();
+        observed
+            .dirs
+            .insert("docker.io".into(), dir("server = = broken", None));
+        let mut desired = state(vec![reg("docker.io")]);
+        desired.merge_with_admin_file = true;
+        let plan = reconcile_node(&desired, &observed, &[EP.to_string()].into());
+        assert_eq!(plan.actions, []);
+        assert_eq!(plan.registries[0].reason, Some(Reason::AdminFileExists));
+    }
 }
