@@ -285,6 +285,34 @@ def load_crds(paths: list[str], report: Report) -> dict[tuple[str, str], dict]:
     return crds
 
 
+# The keys the registry reads from a credentials Secret, per `credentialsSecret.type`.
+CREDENTIAL_KEYS = {"Basic": {"username", "password"}, "DockerConfigJson": {".dockerconfigjson"}}
+
+
+def check_credentials_secrets(docs: list[Doc], report: Report) -> None:
+    """A RegistryMirror's credentialsSecret that is defined in the same files must hold the keys
+    its `type` reads (an example with a mismatched Secret would fail only on a cluster)."""
+    secrets = {
+        ((d.body.get("metadata") or {}).get("namespace"), (d.body.get("metadata") or {}).get("name")): d.body
+        for d in docs
+        if d.body.get("kind") == "Secret"
+    }
+    for doc in docs:
+        if doc.body.get("kind") != "RegistryMirror":
+            continue
+        ns = (doc.body.get("metadata") or {}).get("namespace")
+        for reg in (doc.body.get("spec") or {}).get("registries") or []:
+            ref = reg.get("credentialsSecret")
+            if not ref or (ns, ref.get("name")) not in secrets:
+                continue
+            secret = secrets[(ns, ref.get("name"))]
+            keys = set((secret.get("data") or {}).keys()) | set((secret.get("stringData") or {}).keys())
+            wanted = CREDENTIAL_KEYS.get(ref.get("type", "Basic"), set())
+            missing = wanted - keys
+            if missing:
+                report.error(doc.where, f"credentials Secret {ref.get('name')} lacks {sorted(missing)} for type {ref.get('type', 'Basic')}")
+
+
 def check_custom_resources(crd_paths: list[str], paths: list[str], versions: list[str], report: Report) -> None:
     import jsonschema
 
@@ -311,6 +339,7 @@ def check_custom_resources(crd_paths: list[str], paths: list[str], versions: lis
             report.error(doc.where, f"schema: {path}: {e.message}")
         if not schema_errors:
             check_cel(structural, defaulted, doc.where, report)
+    check_credentials_secrets(load_docs(paths, Report()), report)
     if not any(group_of(d.body["apiVersion"]) in CUSTOM_GROUPS for d in load_docs(paths, Report())):
         report.error(",".join(paths), "no custom resource found (nothing was validated)")
     if builtin:
