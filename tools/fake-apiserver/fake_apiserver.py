@@ -448,6 +448,7 @@ class FakeApiServer(kmock.KubernetesEmulator):
 
     store: Store = attrs.field(factory=Store)
     history_per_resource: int = HISTORY_PER_RESOURCE
+    log_requests: bool = False
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -504,9 +505,16 @@ class FakeApiServer(kmock.KubernetesEmulator):
             # Discovery, /version and anything a test declared through kmock's DSL.
             return await kmock_k8s.KubernetesScaffold._handle(self, request)
         try:
-            return await self._serve_resource(request, route)
+            response = await self._serve_resource(request, route)
         except ApiError as err:
-            return aiohttp.web.json_response(status_body(err), status=err.status)
+            response = aiohttp.web.json_response(status_body(err), status=err.status)
+            if self.log_requests:
+                print(f'{request.method.value} {request.url.path_qs} -> {err.status} {err.reason}: {err.message}',
+                      file=sys.stderr, flush=True)
+            return response
+        if self.log_requests:
+            print(f'{request.method.value} {request.url.path_qs} -> {response.status}', file=sys.stderr, flush=True)
+        return response
 
     def _trim_recorded_requests(self) -> None:
         if len(self._requests) > 2 * KEPT_REQUESTS:
@@ -957,8 +965,8 @@ class FakeApiServer(kmock.KubernetesEmulator):
 # Command line.
 
 
-async def serve(host: str, port: int, port_file: str | None, history: int) -> None:
-    handler = FakeApiServer(history_per_resource=history)
+async def serve(host: str, port: int, port_file: str | None, history: int, log_requests: bool) -> None:
+    handler = FakeApiServer(history_per_resource=history, log_requests=log_requests)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -981,13 +989,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--port-file', default=None, help='write the bound port to this file once listening')
     parser.add_argument('--history', type=int, default=HISTORY_PER_RESOURCE,
                         help='watch events kept per resource kind before a resume gets 410 Expired')
+    parser.add_argument('--log-requests', action='store_true',
+                        default=os.environ.get('FAKE_APISERVER_LOG_REQUESTS') == '1',
+                        help='log every resource request and its status to stderr '
+                             '(also FAKE_APISERVER_LOG_REQUESTS=1)')
     args = parser.parse_args(argv)
     if args.history < 1:
         parser.error('--history must be at least 1')
     if args.host not in ('127.0.0.1', 'localhost', '::1'):
         parser.error('the fake API server only binds to loopback addresses')
     try:
-        asyncio.run(serve(args.host, args.port, args.port_file, args.history))
+        asyncio.run(serve(args.host, args.port, args.port_file, args.history, args.log_requests))
     except OSError as exc:
         print(f'fake-apiserver: cannot listen on {args.host}:{args.port}: {exc}', file=sys.stderr)
         return 1
