@@ -31,6 +31,9 @@ struct Args {
     /// GET-by-tag requests for the throughput figure (spread over 8 clients).
     #[arg(long, default_value_t = 4000)]
     gets: usize,
+    /// Only measure the cold pull (quick check while tuning the fetch path).
+    #[arg(long)]
+    cold_only: bool,
 }
 
 /// A cachalot-registry child process.
@@ -347,6 +350,15 @@ async fn main() -> Result<()> {
         target: "cachalot <= 1.1x direct",
     });
 
+    if args.cold_only {
+        println!(
+            "cold pull x direct: distribution {:.2}x, cachalot {:.2}x (direct {direct:.2}s)",
+            dist_cold / direct,
+            cach_cold / direct
+        );
+        return Ok(());
+    }
+
     // Cached blob throughput, 1 and 8 clients.
     for clients in [1usize, 8] {
         let d = blob_throughput(
@@ -425,10 +437,13 @@ async fn main() -> Result<()> {
         for t in tasks {
             t.await??;
         }
-        // Complete blob GETs the upstream answered, times the blob size (manifests are small).
-        let counts = fault.handle().counts();
-        let full_gets = counts.with_status("GET", Kind::Blob, 200);
-        amplification.push(full_gets as f64 * layer.size as f64 / image_bytes as f64);
+        // Body bytes the upstream sent for manifests and blobs, over the image's bytes.
+        let sent = fault.handle().body_bytes();
+        let bytes: u64 = [Kind::Manifest, Kind::Blob]
+            .iter()
+            .map(|k| sent.get(k).copied().unwrap_or(0))
+            .sum();
+        amplification.push(bytes as f64 / image_bytes as f64);
     }
     rows.push(Row {
         what: "8 cold clients: upstream bytes / image bytes".into(),

@@ -384,14 +384,29 @@ async fn blob_get(
                 CacheResult::Hit,
             ));
         }
-        Source::InFlight { flight, leader } => {
-            let header = flight.header().await?;
+        Source::InFlight {
+            flight,
+            leader,
+            tee,
+        } => {
+            let announced = flight.header().await?;
             let cache = if leader {
                 CacheResult::Miss
             } else {
                 CacheResult::Hit
             };
-            (header.size, cache, flight)
+            if let (None, Some(tee)) = (requested, tee) {
+                let body = blobs::leader_stream(flight, tee, announced.size).boxed();
+                let mut response = counted_body(state, body);
+                if let Some(size) = announced.size {
+                    response
+                        .headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+                }
+                blob_headers(&mut response, digest, cache);
+                return Ok((response, cache));
+            }
+            (announced.size, cache, flight)
         }
     };
     let flight = stream;

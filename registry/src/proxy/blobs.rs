@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use http::Method;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::{ProxyError, ProxyInner};
 use crate::oci::{Digest, DigestHasher, RepositoryName};
@@ -25,7 +25,10 @@ use crate::store::{Pin, TempFile};
 use crate::upstream::{self, Target, Upstream};
 
 /// Size of each read from disk and each write to it.
-const CHUNK: usize = 256 * 1024;
+const CHUNK: usize = 1024 * 1024;
+
+/// Upstream chunks buffered for the leader's client before it falls back to reading the file.
+const TEE_DEPTH: usize = 64;
 
 /// What the upstream said about the blob before its body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,8 +86,13 @@ pub struct BlobFlights {
 pub enum Source {
     /// Already cached: the open file, its size and a pin against eviction.
     Cached(std::fs::File, u64, Pin),
-    /// Being fetched; `leader` is true for the request that started the fetch.
-    InFlight { flight: Arc<Flight>, leader: bool },
+    /// Being fetched; `leader` is true for the request that started the fetch, which also gets
+    /// the upstream's chunks directly (`tee`) for as long as it keeps up.
+    InFlight {
+        flight: Arc<Flight>,
+        leader: bool,
+        tee: Option<mpsc::Receiver<Bytes>>,
+    },
 }
 
 impl BlobFlights {
@@ -116,6 +124,7 @@ pub fn open_or_fetch(
         return Ok(Source::InFlight {
             flight: Arc::clone(flight),
             leader: false,
+            tee: None,
         });
     }
     // A flight removes itself only after committing, so checking the store again under the map
@@ -131,6 +140,7 @@ pub fn open_or_fetch(
     });
     map.insert(digest.clone(), Arc::clone(&flight));
     drop(map);
+    let (tee_tx, tee_rx) = mpsc::channel(TEE_DEPTH);
     let task_inner = Arc::clone(inner);
     let task_upstream = Arc::clone(upstream);
     let task_repo = repo.clone();
@@ -143,6 +153,7 @@ pub fn open_or_fetch(
             &task_digest,
             temp,
             &tx,
+            Some(tee_tx),
         )
         .await;
         if let Err(e) = &result {
@@ -155,6 +166,7 @@ pub fn open_or_fetch(
     Ok(Source::InFlight {
         flight,
         leader: true,
+        tee: Some(tee_rx),
     })
 }
 
@@ -174,6 +186,7 @@ async fn fetch(
     digest: &Digest,
     temp: TempFile,
     tx: &watch::Sender<Progress>,
+    mut tee: Option<mpsc::Sender<Bytes>>,
 ) -> Result<(), ProxyError> {
     let registry = upstream.name().to_owned();
     let mut response = upstream
@@ -214,6 +227,13 @@ async fn fetch(
         }
         hasher.update(&chunk);
         pending.extend_from_slice(&chunk);
+        // The leader's client takes chunks straight from here while it keeps up; a slow or gone
+        // client loses the tee (and reads the file instead), never slowing the fetch down.
+        if let Some(t) = &tee {
+            if t.try_send(chunk).is_err() {
+                tee = None;
+            }
+        }
         if pending.len() >= CHUNK {
             let buf = pending.split().freeze();
             let n = buf.len() as u64;
@@ -365,4 +385,54 @@ pub fn flight_stream(
             }
         },
     )
+}
+
+/// Streams a blob to the client that started its fetch: chunks come straight from the upstream
+/// (no disk read-back) while the client keeps up; when the tee is dropped (client too slow) or
+/// ends, the rest follows the file like any other reader. The chunk holding the final byte is
+/// never passed on from the tee: that byte comes from the file once the digest is verified.
+pub fn leader_stream(
+    flight: Arc<Flight>,
+    tee: mpsc::Receiver<Bytes>,
+    size: Option<u64>,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
+    use futures::StreamExt as _;
+    let teed = futures::stream::unfold(
+        (Some(tee), 0u64, false),
+        move |(tee, pos, done)| async move {
+            let mut tee = tee?;
+            if done {
+                return None;
+            }
+            let chunk = tee.recv().await?;
+            let len = chunk.len() as u64;
+            match size {
+                // Stop before the final byte; the file stream below serves it after verification.
+                Some(total) if pos + len >= total => {
+                    let keep =
+                        usize::try_from(total.saturating_sub(1).saturating_sub(pos)).unwrap_or(0);
+                    Some((
+                        chunk.slice(..keep.min(chunk.len())),
+                        (Some(tee), pos + keep as u64, true),
+                    ))
+                }
+                _ => Some((chunk, (Some(tee), pos + len, false))),
+            }
+        },
+    );
+    // Track how far the tee got, then continue from there through the file.
+    let position = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = Arc::clone(&position);
+    let teed = teed
+        .filter(|c| futures::future::ready(!c.is_empty()))
+        .map(move |c| {
+            counter.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(c)
+        });
+    let rest = futures::stream::once(async move {
+        let start = position.load(std::sync::atomic::Ordering::Relaxed);
+        flight_stream(flight, start, size)
+    })
+    .flatten();
+    teed.chain(rest)
 }

@@ -169,13 +169,6 @@ struct Fetched {
     bytes: Bytes,
 }
 
-/// The outcome of a HEAD revalidation of a cached tag.
-#[derive(Debug, Clone)]
-enum Revalidation {
-    /// The upstream confirms the tag: same digest (or it answered with the new one).
-    Current(TagRecord),
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum TagKey {
     Revalidate(String, RepositoryName, Tag),
@@ -190,7 +183,8 @@ pub struct ProxyInner {
     pub upstreams: Upstreams,
     pub blob_flights: BlobFlights,
     manifest_flights: SingleFlight<(String, Digest), Fetched>,
-    tag_flights: SingleFlight<TagKey, Revalidation>,
+    /// HEAD revalidations of cached tags; the result is what the tag points at upstream now.
+    tag_flights: SingleFlight<TagKey, TagRecord>,
     tag_get_flights: SingleFlight<TagKey, Fetched>,
     policies: HashMap<String, FreshnessPolicy>,
     reserves: HashMap<String, u64>,
@@ -409,11 +403,11 @@ impl Proxy {
             })
             .await;
         match outcome {
-            Ok(Revalidation::Current(current)) if current.digest == record.digest => {
+            Ok(current) if current.digest == record.digest => {
                 self.serve_record(upstream, repo, &current, head, CacheResult::Hit)
                     .await
             }
-            Ok(Revalidation::Current(moved)) => {
+            Ok(moved) => {
                 if self.budget_low(upstream) {
                     tracing::info!(registry, repository = %repo, %tag, "upstream budget at reserve; serving the cached tag instead of a counted GET");
                     return self
@@ -454,7 +448,7 @@ impl Proxy {
         head: bool,
     ) -> Result<ManifestReply, ProxyError> {
         if head {
-            let record = head_tag(&self.inner, upstream, repo, tag).await?;
+            let record = head_tag(upstream, repo, tag).await?;
             if let Some(record) = record {
                 self.inner
                     .store
@@ -555,7 +549,6 @@ impl Proxy {
 
 /// HEAD by tag: the upstream's current digest, media type and size, without spending a GET.
 async fn head_tag(
-    inner: &ProxyInner,
     upstream: &Upstream,
     repo: &RepositoryName,
     tag: &Tag,
@@ -564,7 +557,6 @@ async fn head_tag(
     let response = upstream
         .send(Method::HEAD, repo, Target::Manifest(&reference))
         .await?;
-    let _ = inner;
     let Some(digest) = upstream::content_digest(&response) else {
         return Ok(None);
     };
@@ -586,8 +578,8 @@ async fn revalidate(
     repo: &RepositoryName,
     tag: &Tag,
     cached: &TagRecord,
-) -> Result<Revalidation, ProxyError> {
-    let Some(current) = head_tag(inner, upstream, repo, tag).await? else {
+) -> Result<TagRecord, ProxyError> {
+    let Some(current) = head_tag(upstream, repo, tag).await? else {
         // The upstream answered the HEAD without a digest: only a GET can tell. This is not a
         // failed HEAD (which never falls back to a GET); it is an upstream that omits the header.
         return Err(ProxyError::NoDigest {
@@ -603,9 +595,9 @@ async fn revalidate(
         inner
             .store
             .write_tag(upstream.name(), repo, tag, &touched)?;
-        return Ok(Revalidation::Current(touched));
+        return Ok(touched);
     }
-    Ok(Revalidation::Current(current))
+    Ok(current)
 }
 
 /// GETs a manifest, verifies it (against the requested digest, or the upstream's

@@ -30,8 +30,10 @@ impl Cachalot {
         upstream_url: &str,
         tweak: impl FnOnce(&mut Config),
     ) -> Cachalot {
-        let mut config = Config::default();
-        config.listen = "127.0.0.1:0".parse().unwrap();
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        };
         config.storage.path = storage.clone();
         config.registries.insert(
             "docker.io".into(),
