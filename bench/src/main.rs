@@ -98,6 +98,22 @@ async fn wait_ready(url: &str) -> Result<()> {
     bail!("{url} did not become ready within 20s")
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of stat, i.e. 11 and 12 after the state field.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// (VmRSS, VmHWM) of a process in MiB.
 fn memory_mib(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -336,12 +352,15 @@ async fn main() -> Result<()> {
     let cach = Cachalot::start(&args.cachalot, &upstream.url()).await?;
     let (idle_rss, _) = memory_mib(cach.pid());
     let (dist_idle_rss, _) = memory_mib(dist.pid());
+    let (dist_cpu0, cach_cpu0) = (cpu_seconds(dist.pid()), cpu_seconds(cach.pid()));
     let t = Instant::now();
     pull(&c, &dist.url(), "library/big", "latest", &big).await?;
     let dist_cold = t.elapsed().as_secs_f64();
     let t = Instant::now();
     pull(&c, &cach.url, "library/big", "latest", &big).await?;
     let cach_cold = t.elapsed().as_secs_f64();
+    let dist_cpu = cpu_seconds(dist.pid()) - dist_cpu0;
+    let cach_cpu = cpu_seconds(cach.pid()) - cach_cpu0;
     rows.push(Row {
         what: format!("cold pull {} MiB, x direct ({direct:.2}s)", args.size_mib),
         distribution: format!("{:.2}x", dist_cold / direct),
@@ -352,7 +371,8 @@ async fn main() -> Result<()> {
 
     if args.cold_only {
         println!(
-            "cold pull x direct: distribution {:.2}x, cachalot {:.2}x (direct {direct:.2}s)",
+            "cold pull x direct: distribution {:.2}x, cachalot {:.2}x (direct {direct:.2}s); \
+             proxy CPU seconds: distribution {dist_cpu:.2}, cachalot {cach_cpu:.2}",
             dist_cold / direct,
             cach_cold / direct
         );

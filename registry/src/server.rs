@@ -114,6 +114,10 @@ impl Server {
         {
             tracing::warn!("connections still open after 10s; exiting anyway");
         }
+        // Fetches run in their own tasks; let them verify and commit what they started.
+        if !self.state.proxy.wait_idle(Duration::from_secs(30)).await {
+            tracing::warn!("fetches still running after 30s; their temp files are discarded");
+        }
     }
 }
 

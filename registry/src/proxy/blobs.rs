@@ -41,6 +41,10 @@ pub struct FlightHeader {
 pub struct Progress {
     pub header: Option<FlightHeader>,
     pub written: u64,
+    /// All bytes are written and match the digest. Set before the (slow) fsync and rename, so
+    /// readers can finish while the commit is still in progress: what they were sent is verified
+    /// either way, and a failed commit only means the cache does not keep the blob.
+    pub verified: bool,
     pub outcome: Option<Result<(), ProxyError>>,
 }
 
@@ -266,13 +270,14 @@ async fn fetch(
             actual,
         });
     }
-    if size.is_none() {
-        tx.send_modify(|p| {
+    tx.send_modify(|p| {
+        if size.is_none() {
             p.header = Some(FlightHeader {
                 size: Some(received),
-            })
-        });
-    }
+            });
+        }
+        p.verified = true;
+    });
     let store = Arc::clone(&inner.store);
     let commit_digest = digest.clone();
     tokio::task::spawn_blocking(move || store.commit_blob(temp, &commit_digest, received))
@@ -348,18 +353,21 @@ pub fn flight_stream(
         (flight, rx, start),
         move |(flight, mut rx, pos)| async move {
             loop {
-                let (written, outcome, total) = {
+                let (written, verified, failure, total) = {
                     let p = rx.borrow_and_update();
                     (
                         p.written,
-                        p.outcome.clone(),
+                        p.verified,
+                        match &p.outcome {
+                            Some(Err(e)) if !p.verified => Some(e.to_string()),
+                            _ => None,
+                        },
                         p.header.as_ref().and_then(|h| h.size),
                     )
                 };
                 let target = end.or(total);
-                let verified = matches!(outcome, Some(Ok(())));
-                if let Some(Err(e)) = outcome {
-                    return Err(std::io::Error::other(e.to_string()));
+                if let Some(message) = failure {
+                    return Err(std::io::Error::other(message));
                 }
                 if verified && target.is_none_or(|t| pos >= t) && pos >= written {
                     return Ok(None);

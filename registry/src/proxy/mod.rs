@@ -293,6 +293,25 @@ impl Proxy {
         &self.inner
     }
 
+    /// Waits (bounded) until no fetch is in flight, so a shutdown lets started cache writes
+    /// commit. Returns false if fetches were still running at the deadline.
+    pub async fn wait_idle(&self, deadline: Duration) -> bool {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let idle = self.inner.blob_flights.is_empty()
+                && self.inner.manifest_flights.is_empty()
+                && self.inner.tag_get_flights.is_empty()
+                && self.inner.tag_flights.is_empty();
+            if idle {
+                return true;
+            }
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn upstream(&self, registry: &str) -> Option<&Arc<Upstream>> {
         self.inner.upstreams.get(registry)
     }
