@@ -57,9 +57,17 @@ impl Cachalot {
             .arg(dir.path().join("cache"))
             .arg("--upstream")
             .arg(format!("docker.io={upstream}"))
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
+            // CACHALOT_BENCH_LOG=debug shows the registry's logs while tuning.
+            .env(
+                "RUST_LOG",
+                std::env::var("CACHALOT_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stderr(Stdio::null())
+            .stdout(if std::env::var_os("CACHALOT_BENCH_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .kill_on_drop(true)
             .spawn()
             .with_context(|| {

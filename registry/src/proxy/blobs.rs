@@ -30,6 +30,13 @@ const CHUNK: usize = 1024 * 1024;
 /// Upstream chunks buffered for the leader's client before it falls back to reading the file.
 const TEE_DEPTH: usize = 64;
 
+/// Upstream chunks queued for the writer thread (backpressure only when the disk is slower than
+/// the network).
+const WRITER_DEPTH: usize = 64;
+
+/// How often the writer tells readers how far the file has grown.
+const PUBLISH_EVERY: u64 = 256 * 1024;
+
 /// What the upstream said about the blob before its body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlightHeader {
@@ -138,6 +145,7 @@ pub fn open_or_fetch(
     }
     let temp = inner.store.create_temp()?;
     let (tx, rx) = watch::channel(Progress::default());
+    let tx = Arc::new(tx);
     let flight = Arc::new(Flight {
         file: Arc::clone(temp.file()),
         progress: rx,
@@ -174,51 +182,70 @@ pub fn open_or_fetch(
     })
 }
 
-async fn write_at(file: &Arc<std::fs::File>, buf: Bytes, offset: u64) -> Result<(), ProxyError> {
-    let file = Arc::clone(file);
-    tokio::task::spawn_blocking(move || file.write_all_at(&buf, offset))
-        .await
-        .map_err(|e| ProxyError::Internal(format!("write task failed: {e}")))?
-        .map_err(|e| ProxyError::Internal(format!("cannot write cache temp file: {e}")))
+/// Writes and hashes the body off the network path: the fetch loop hands chunks over and keeps
+/// reading the socket while this thread copies into the page cache. Publishes progress for the
+/// readers following the file. Returns the digest of what it wrote and how much that was.
+fn spawn_writer(
+    file: Arc<std::fs::File>,
+    algorithm: crate::oci::Algorithm,
+    tx: Arc<watch::Sender<Progress>>,
+    mut chunks: mpsc::Receiver<Bytes>,
+) -> tokio::task::JoinHandle<std::io::Result<(Digest, u64)>> {
+    tokio::task::spawn_blocking(move || {
+        let mut hasher = DigestHasher::new(algorithm);
+        let mut written = 0u64;
+        let mut published = 0u64;
+        while let Some(chunk) = chunks.blocking_recv() {
+            hasher.update(&chunk);
+            file.write_all_at(&chunk, written)?;
+            written += chunk.len() as u64;
+            if written - published >= PUBLISH_EVERY || chunks.is_empty() {
+                published = written;
+                tx.send_modify(|p| p.written = written);
+            }
+        }
+        tx.send_modify(|p| p.written = written);
+        Ok((hasher.finish(), written))
+    })
 }
 
-/// The flight body: upstream GET → temp file (hashing as it goes) → verify → commit.
+/// The flight body: upstream GET → writer thread (hash + temp file) → verify → commit.
 async fn fetch(
     inner: &Arc<ProxyInner>,
     upstream: &Arc<Upstream>,
     repo: &RepositoryName,
     digest: &Digest,
     temp: TempFile,
-    tx: &watch::Sender<Progress>,
+    tx: &Arc<watch::Sender<Progress>>,
     mut tee: Option<mpsc::Sender<Bytes>>,
 ) -> Result<(), ProxyError> {
     let registry = upstream.name().to_owned();
+    let started = std::time::Instant::now();
     let mut response = upstream
         .send(Method::GET, repo, Target::Blob(digest))
         .await?;
+    let headers_after = started.elapsed();
     let size = response.content_length();
     tx.send_modify(|p| p.header = Some(FlightHeader { size }));
-    let mut hasher = DigestHasher::new(digest.algorithm());
+    let (to_writer, chunks) = mpsc::channel::<Bytes>(WRITER_DEPTH);
+    let writer = spawn_writer(
+        Arc::clone(temp.file()),
+        digest.algorithm(),
+        Arc::clone(tx),
+        chunks,
+    );
     let mut received: u64 = 0;
-    let mut written: u64 = 0;
-    let mut pending = BytesMut::with_capacity(CHUNK);
     let idle = inner.body_idle_timeout;
+    let body_error = |message: String| ProxyError::Body {
+        registry: registry.clone(),
+        message,
+    };
     loop {
         let chunk = match tokio::time::timeout(idle, response.chunk()).await {
             Ok(Ok(Some(chunk))) => chunk,
             Ok(Ok(None)) => break,
-            Ok(Err(e)) => {
-                return Err(ProxyError::Body {
-                    registry,
-                    message: e.to_string(),
-                })
-            }
-            Err(_) => {
-                return Err(ProxyError::Body {
-                    registry,
-                    message: format!("no data for {}s", idle.as_secs()),
-                })
-            }
+            Ok(Err(e)) => return Err(body_error(e.to_string())),
+            Err(_) => return Err(body_error(format!("no data for {}s", idle.as_secs()))),
         };
         received += chunk.len() as u64;
         inner.telemetry.add_upstream_bytes(chunk.len() as u64);
@@ -229,40 +256,31 @@ async fn fetch(
                 received,
             });
         }
-        hasher.update(&chunk);
-        pending.extend_from_slice(&chunk);
         // The leader's client takes chunks straight from here while it keeps up; a slow or gone
         // client loses the tee (and reads the file instead), never slowing the fetch down.
         if let Some(t) = &tee {
-            if t.try_send(chunk).is_err() {
+            if t.try_send(chunk.clone()).is_err() {
                 tee = None;
             }
         }
-        if pending.len() >= CHUNK {
-            let buf = pending.split().freeze();
-            let n = buf.len() as u64;
-            write_at(temp.file(), buf, written).await?;
-            written += n;
-            tx.send_modify(|p| p.written = written);
+        if to_writer.send(chunk).await.is_err() {
+            break;
         }
     }
-    if !pending.is_empty() {
-        let buf = pending.split().freeze();
-        let n = buf.len() as u64;
-        write_at(temp.file(), buf, written).await?;
-        written += n;
-        tx.send_modify(|p| p.written = written);
-    }
+    drop(to_writer);
+    let (actual, written) = writer
+        .await
+        .map_err(|e| ProxyError::Internal(format!("writer task failed: {e}")))?
+        .map_err(|e| ProxyError::Internal(format!("cannot write cache temp file: {e}")))?;
     if let Some(expected) = size {
-        if received != expected {
+        if received != expected || written != expected {
             return Err(ProxyError::Truncated {
                 registry,
                 expected,
-                received,
+                received: received.min(written),
             });
         }
     }
-    let actual = hasher.finish();
     if &actual != digest {
         return Err(ProxyError::DigestMismatch {
             registry,
@@ -270,6 +288,7 @@ async fn fetch(
             actual,
         });
     }
+    tracing::debug!(%digest, bytes = received, headers_ms = headers_after.as_millis() as u64, body_ms = started.elapsed().as_millis() as u64, "blob fetched and verified");
     tx.send_modify(|p| {
         if size.is_none() {
             p.header = Some(FlightHeader {

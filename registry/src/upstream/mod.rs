@@ -133,7 +133,6 @@ fn client_for(
 ) -> Result<reqwest::Client, BuildUpstreamError> {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(tuning.connect_timeout)
-        .read_timeout(tuning.body_idle_timeout)
         .pool_idle_timeout(Duration::from_secs(60))
         .user_agent(concat!("cachalot-registry/", env!("CARGO_PKG_VERSION")));
     if let Some(path) = ca_file {
