@@ -312,8 +312,12 @@ fn range_error(e: range::RangeError) -> BlobError {
     )
 }
 
-fn blob_headers(response: &mut Response, digest: &Digest, cache: CacheResult) {
+/// Headers of every blob response; `length` is the body's length when known.
+fn blob_headers(response: &mut Response, digest: &Digest, cache: CacheResult, length: Option<u64>) {
     let headers = response.headers_mut();
+    if let Some(length) = length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
@@ -339,12 +343,7 @@ async fn blob_head(
         (size, CacheResult::Miss)
     };
     let mut response = Response::new(Body::empty());
-    if let Some(size) = size {
-        response
-            .headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-    }
-    blob_headers(&mut response, digest, cache);
+    blob_headers(&mut response, digest, cache, size);
     Ok((response, cache))
 }
 
@@ -398,12 +397,7 @@ async fn blob_get(
             if let (None, Some(tee)) = (requested, tee) {
                 let body = blobs::leader_stream(flight, tee, announced.size).boxed();
                 let mut response = counted_body(state, body);
-                if let Some(size) = announced.size {
-                    response
-                        .headers_mut()
-                        .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-                }
-                blob_headers(&mut response, digest, cache);
+                blob_headers(&mut response, digest, cache, announced.size);
                 return Ok((response, cache));
             }
             (announced.size, cache, flight)
@@ -443,12 +437,7 @@ async fn blob_get(
         (None, size) => {
             let body = blobs::flight_stream(flight, 0, size).boxed();
             let mut response = counted_body(state, body);
-            if let Some(size) = size {
-                response
-                    .headers_mut()
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-            }
-            blob_headers(&mut response, digest, cache);
+            blob_headers(&mut response, digest, cache, size);
             Ok((response, cache))
         }
     }
@@ -475,21 +464,17 @@ fn stream_response(
     range: Option<(u64, u64)>,
 ) -> Response {
     let mut response = counted_body(state, stream);
-    let headers = response.headers_mut();
-    match range {
+    let length = match range {
         Some((start, end)) => {
             *response.status_mut() = StatusCode::PARTIAL_CONTENT;
-            let headers = response.headers_mut();
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
             if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", end - 1)) {
-                headers.insert(header::CONTENT_RANGE, v);
+                response.headers_mut().insert(header::CONTENT_RANGE, v);
             }
+            end - start
         }
-        None => {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-        }
-    }
-    blob_headers(&mut response, digest, cache);
+        None => size,
+    };
+    blob_headers(&mut response, digest, cache, Some(length));
     response
 }
 

@@ -169,6 +169,24 @@ struct Fetched {
     bytes: Bytes,
 }
 
+impl Fetched {
+    /// The reply for one of the coalesced requesters: the one that started the fetch saw a
+    /// miss, the others were served by it (a hit).
+    fn into_reply(self, head: bool, leader: bool) -> ManifestReply {
+        ManifestReply {
+            digest: self.digest,
+            media_type: self.media_type,
+            size: self.bytes.len() as u64,
+            body: (!head).then_some(self.bytes),
+            cache: if leader {
+                CacheResult::Miss
+            } else {
+                CacheResult::Hit
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum TagKey {
     Revalidate(String, RepositoryName, Tag),
@@ -355,18 +373,7 @@ impl Proxy {
             });
         }
         let (fetched, leader) = self.fetch_by_digest(upstream, repo, digest).await;
-        let fetched = fetched?;
-        Ok(ManifestReply {
-            digest: fetched.digest,
-            media_type: fetched.media_type,
-            size: fetched.bytes.len() as u64,
-            body: (!head).then_some(fetched.bytes),
-            cache: if leader {
-                CacheResult::Miss
-            } else {
-                CacheResult::Hit
-            },
-        })
+        Ok(fetched?.into_reply(head, leader))
     }
 
     async fn fetch_by_digest(
@@ -515,18 +522,7 @@ impl Proxy {
                 Ok(fetched)
             })
             .await;
-        let fetched = fetched?;
-        Ok(ManifestReply {
-            digest: fetched.digest,
-            media_type: fetched.media_type,
-            size: fetched.bytes.len() as u64,
-            body: Some(fetched.bytes),
-            cache: if leader {
-                CacheResult::Miss
-            } else {
-                CacheResult::Hit
-            },
-        })
+        Ok(fetched?.into_reply(false, leader))
     }
 
     /// Answers from a tag record; a GET whose manifest body is not cached fetches it by digest.
