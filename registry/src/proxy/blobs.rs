@@ -342,22 +342,46 @@ async fn read_at(file: &Arc<std::fs::File>, offset: u64, len: usize) -> std::io:
     .map_err(std::io::Error::other)?
 }
 
-/// Streams `[start, end)` of a committed file, keeping it pinned until the stream ends.
+/// Streams `[start, end)` of a committed file, keeping it pinned until the stream ends. The file
+/// is this stream's own handle, so it reads sequentially (no shared offset) into buffers that
+/// need no zeroing first.
 pub fn file_stream(
     file: std::fs::File,
     pin: Pin,
     start: u64,
     end: u64,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
-    let file = Arc::new(file);
-    futures::stream::try_unfold((file, pin, start), move |(file, pin, pos)| async move {
-        if pos >= end {
-            return Ok(None);
-        }
-        let len = usize::try_from((end - pos).min(CHUNK as u64)).unwrap_or(CHUNK);
-        let bytes = read_at(&file, pos, len).await?;
-        Ok(Some((bytes, (file, pin, pos + len as u64))))
-    })
+    futures::stream::try_unfold(
+        (Some(file), pin, start, false),
+        move |(file, pin, pos, positioned)| async move {
+            let Some(file) = file else {
+                return Ok(None);
+            };
+            if pos >= end {
+                return Ok(None);
+            }
+            let len = (end - pos).min(CHUNK as u64);
+            let (file, bytes) = tokio::task::spawn_blocking(move || {
+                use std::io::{Read as _, Seek as _};
+                let mut file = file;
+                if !positioned {
+                    file.seek(std::io::SeekFrom::Start(pos))?;
+                }
+                let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(CHUNK));
+                (&mut file).take(len).read_to_end(&mut buf)?;
+                if (buf.len() as u64) < len {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "cache file shorter than expected",
+                    ));
+                }
+                Ok((file, Bytes::from(buf)))
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            Ok(Some((bytes, (Some(file), pin, pos + len, true))))
+        },
+    )
 }
 
 /// Streams `[start, end)` of a blob that is still being fetched, following the writer. `end` is
