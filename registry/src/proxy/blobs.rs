@@ -27,6 +27,10 @@ use crate::upstream::{self, Target, Upstream};
 /// Size of each read from disk and each write to it.
 const CHUNK: usize = 1024 * 1024;
 
+/// Size of each read of a committed blob. Smaller than [`CHUNK`]: with many parallel readers the
+/// buffers queued in each connection dominate memory (8 readers at 1 MiB peaked at 50 MiB RSS).
+const CACHED_CHUNK: u64 = 256 * 1024;
+
 /// Upstream chunks buffered for the leader's client before it falls back to reading the file.
 const TEE_DEPTH: usize = 64;
 
@@ -360,14 +364,14 @@ pub fn file_stream(
             if pos >= end {
                 return Ok(None);
             }
-            let len = (end - pos).min(CHUNK as u64);
+            let len = (end - pos).min(CACHED_CHUNK);
             let (file, bytes) = tokio::task::spawn_blocking(move || {
                 use std::io::{Read as _, Seek as _};
                 let mut file = file;
                 if !positioned {
                     file.seek(std::io::SeekFrom::Start(pos))?;
                 }
-                let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(CHUNK));
+                let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
                 (&mut file).take(len).read_to_end(&mut buf)?;
                 if (buf.len() as u64) < len {
                     return Err(std::io::Error::new(
