@@ -364,7 +364,7 @@ async fn blob_get(
     };
     let inner = state.proxy.inner();
     let source = blobs::open_or_fetch(inner, upstream, name, digest)?;
-    let (size, cache, stream): (Option<u64>, CacheResult, _) = match source {
+    let (size, cache, flight): (Option<u64>, CacheResult, _) = match source {
         Source::Cached(file, size, pin) => {
             let (start, end) = match requested {
                 Some(r) => range::resolve(r, size).map_err(range_error)?,
@@ -403,7 +403,6 @@ async fn blob_get(
             (announced.size, cache, flight)
         }
     };
-    let flight = stream;
     match (requested, size) {
         (Some(r), Some(size)) => {
             let (start, end) = range::resolve(r, size).map_err(range_error)?;
@@ -413,7 +412,7 @@ async fn blob_get(
                 cache,
             ))
         }
-        (Some(_), None) => {
+        (Some(r), None) => {
             // Size unknown until the fetch ends (chunked upstream): serve the range from the cache.
             flight.done().await?;
             let Some((file, size, pin)) =
@@ -423,10 +422,6 @@ async fn blob_get(
                     "committed blob vanished".into(),
                 )));
             };
-            let r = requested.unwrap_or(range::ByteRange::From {
-                start: 0,
-                end: None,
-            });
             let (start, end) = range::resolve(r, size).map_err(range_error)?;
             let body = blobs::file_stream(file, pin, start, end).boxed();
             Ok((
