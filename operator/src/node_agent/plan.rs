@@ -221,23 +221,28 @@ fn release_stale_hosts(
     actions
 }
 
+/// Every desired registry reported as removed, while the mirror is being deleted.
+fn removed_statuses(desired: &DesiredState) -> Vec<RegistryStatus> {
+    desired
+        .registries
+        .iter()
+        .map(|r| {
+            status(
+                &r.registry,
+                RegistryState::Removed,
+                None,
+                "mirror is being deleted".into(),
+            )
+        })
+        .collect()
+}
+
 fn plan_containerd(desired: &DesiredState, observed: &Observed, live: &BTreeSet<String>) -> Plan {
     let mut plan = Plan::default();
     let mut keep: BTreeSet<&str> = BTreeSet::new();
     if desired.removing {
         plan.actions = release_stale_hosts(desired, observed, &keep);
-        plan.registries = desired
-            .registries
-            .iter()
-            .map(|r| {
-                status(
-                    &r.registry,
-                    RegistryState::Removed,
-                    None,
-                    "mirror is being deleted".into(),
-                )
-            })
-            .collect();
+        plan.registries = removed_statuses(desired);
         return plan;
     }
     let mut seen = BTreeSet::new();
@@ -415,18 +420,7 @@ fn plan_crio(desired: &DesiredState, observed: &Observed, live: &BTreeSet<String
                 file,
             });
         }
-        plan.registries = desired
-            .registries
-            .iter()
-            .map(|r| {
-                status(
-                    &r.registry,
-                    RegistryState::Removed,
-                    None,
-                    "mirror is being deleted".into(),
-                )
-            })
-            .collect();
+        plan.registries = removed_statuses(desired);
         return plan;
     }
     let mut entries = Vec::new();
