@@ -7,20 +7,16 @@ mod common;
 
 use cachalot_testkit::containerd::{write_hosts_toml, Containerd};
 use cachalot_testkit::fault::{FaultProxy, Kind};
-use cachalot_testkit::image::{self, docker_image, oci_index};
+use cachalot_testkit::image::{docker_image, oci_index};
 use common::{Rig, MIB};
 
 #[tokio::test]
 async fn containerd_pulls_through_cachalot_with_ns_docker_io_and_falls_back_when_it_stops() {
     let rig = Rig::start().await;
     let img = docker_image(501, &[MIB, 2 * MIB]).unwrap();
-    image::push(&rig.upstream.url(), "library/web", "stable", &img)
-        .await
-        .unwrap();
+    rig.push("library/web", "stable", &img).await;
     let index = oci_index(502, &[MIB]).unwrap();
-    image::push(&rig.upstream.url(), "library/multi", "1", &index)
-        .await
-        .unwrap();
+    rig.push("library/multi", "1", &index).await;
     // A recorder in front of cachalot shows what containerd sends to the mirror.
     let recorder = FaultProxy::start(&rig.cachalot.url()).await.unwrap();
     let containerd = Containerd::start().await.unwrap();

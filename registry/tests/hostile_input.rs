@@ -7,7 +7,7 @@ mod common;
 use std::io::{Read as _, Write as _};
 
 use axum::routing::get;
-use cachalot_testkit::image::{self, docker_image};
+use cachalot_testkit::image::docker_image;
 use common::{client, get_manifest, Cachalot, Rig, MIB};
 
 /// Sends a raw request line (so nothing normalises the path) and returns status and body.
@@ -40,9 +40,7 @@ fn error_code(body: &str) -> String {
 async fn hostile_paths_get_4xx_envelopes_and_never_reach_upstream() {
     let rig = Rig::start().await;
     let img = docker_image(101, &[MIB]).unwrap();
-    image::push(&rig.upstream.url(), "library/ok", "1", &img)
-        .await
-        .unwrap();
+    rig.push("library/ok", "1", &img).await;
     rig.faults().reset_counts();
     let addr = rig.cachalot.addr;
     let good = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";

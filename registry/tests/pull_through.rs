@@ -7,16 +7,14 @@ mod common;
 use std::time::Duration;
 
 use cachalot_testkit::fault::{Fault, FaultRule, Kind, TokenAuth};
-use cachalot_testkit::image::{self, docker_image, docker_manifest_list, fetch_blob, oci_index};
+use cachalot_testkit::image::{docker_image, docker_manifest_list, fetch_blob, oci_index};
 use common::{client, eventually, get_manifest, Cachalot, Rig, MIB};
 
 #[tokio::test]
 async fn second_pull_is_served_from_cache_and_counted_as_hits() {
     let rig = Rig::start().await;
     let img = docker_image(11, &[MIB, 2 * MIB, 3 * MIB]).unwrap();
-    image::push(&rig.upstream.url(), "library/alpha", "1.0", &img)
-        .await
-        .unwrap();
+    rig.push("library/alpha", "1.0", &img).await;
     rig.faults().reset_counts();
     let url = rig.cachalot.url();
     for round in 0..2 {
@@ -71,12 +69,8 @@ async fn index_and_manifest_list_pass_through_byte_for_byte_and_only_requested_c
     let rig = Rig::start().await;
     let index = oci_index(21, &[MIB]).unwrap();
     let list = docker_manifest_list(22, &[MIB]).unwrap();
-    image::push(&rig.upstream.url(), "library/multi", "oci", &index)
-        .await
-        .unwrap();
-    image::push(&rig.upstream.url(), "library/multi", "docker", &list)
-        .await
-        .unwrap();
+    rig.push("library/multi", "oci", &index).await;
+    rig.push("library/multi", "docker", &list).await;
     rig.faults().reset_counts();
     let url = rig.cachalot.url();
     for (tag, img) in [("oci", &index), ("docker", &list)] {
@@ -101,9 +95,7 @@ async fn index_and_manifest_list_pass_through_byte_for_byte_and_only_requested_c
 async fn skopeo_copies_through_the_proxy_with_verified_digests() {
     let rig = Rig::start().await;
     let img = docker_image(31, &[MIB, 2 * MIB]).unwrap();
-    image::push(&rig.upstream.url(), "library/skopeo-test", "v1", &img)
-        .await
-        .unwrap();
+    rig.push("library/skopeo-test", "v1", &img).await;
     let dest = rig.dir.path().join("oci");
     let out = tokio::process::Command::new("skopeo")
         .args(["copy", "--src-tls-verify=false", "--retry-times=0"])
@@ -134,9 +126,7 @@ async fn skopeo_copies_through_the_proxy_with_verified_digests() {
 async fn concurrent_cold_clients_cause_one_upstream_fetch_per_blob() {
     let rig = Rig::start().await;
     let img = docker_image(41, &[24 * MIB]).unwrap();
-    image::push(&rig.upstream.url(), "library/crowd", "1", &img)
-        .await
-        .unwrap();
+    rig.push("library/crowd", "1", &img).await;
     rig.faults().reset_counts();
     // Slow the upstream blob down so the clients really overlap with the fetch.
     rig.faults()
@@ -167,9 +157,7 @@ async fn concurrent_cold_clients_cause_one_upstream_fetch_per_blob() {
 async fn concurrent_cold_manifest_requests_cause_one_upstream_get() {
     let rig = Rig::start().await;
     let img = docker_image(42, &[MIB]).unwrap();
-    image::push(&rig.upstream.url(), "library/crowd", "m", &img)
-        .await
-        .unwrap();
+    rig.push("library/crowd", "m", &img).await;
     rig.faults().reset_counts();
     rig.faults()
         .add_fault(FaultRule::new(Fault::Delay(Duration::from_millis(200))).kind(Kind::Manifest));
@@ -208,9 +196,7 @@ async fn read_fully(response: reqwest::Response) -> Result<u64, reqwest::Error> 
 async fn corrupt_upstream_blob_fails_the_client_and_is_not_committed() {
     let rig = Rig::start().await;
     let img = docker_image(51, &[2 * MIB]).unwrap();
-    image::push(&rig.upstream.url(), "library/bad", "1", &img)
-        .await
-        .unwrap();
+    rig.push("library/bad", "1", &img).await;
     let layer = &img.layers()[0];
     let rule = rig
         .faults()
@@ -249,9 +235,7 @@ async fn corrupt_upstream_blob_fails_the_client_and_is_not_committed() {
 async fn truncated_upstream_body_fails_the_client_and_is_not_committed() {
     let rig = Rig::start().await;
     let img = docker_image(52, &[2 * MIB]).unwrap();
-    image::push(&rig.upstream.url(), "library/short", "1", &img)
-        .await
-        .unwrap();
+    rig.push("library/short", "1", &img).await;
     let layer = &img.layers()[0];
     rig.faults().add_fault(
         FaultRule::new(Fault::Truncate { after: 100_000 })
@@ -284,9 +268,7 @@ async fn truncated_upstream_body_fails_the_client_and_is_not_committed() {
 async fn corrupt_manifest_is_refused_and_not_cached() {
     let rig = Rig::start().await;
     let img = docker_image(53, &[MIB]).unwrap();
-    image::push(&rig.upstream.url(), "library/badm", "1", &img)
-        .await
-        .unwrap();
+    rig.push("library/badm", "1", &img).await;
     let rule = rig
         .faults()
         .add_fault(FaultRule::new(Fault::Corrupt { at: 10 }).kind(Kind::Manifest));
@@ -304,9 +286,7 @@ async fn corrupt_manifest_is_refused_and_not_cached() {
 async fn client_disconnect_mid_blob_still_commits_the_cache_write() {
     let rig = Rig::start().await;
     let img = docker_image(61, &[16 * MIB]).unwrap();
-    image::push(&rig.upstream.url(), "library/quit", "1", &img)
-        .await
-        .unwrap();
+    rig.push("library/quit", "1", &img).await;
     rig.faults().reset_counts();
     let layer = img.layers()[0].clone();
     let url = format!(
@@ -351,9 +331,7 @@ async fn range_get(url: &str, range: &str) -> reqwest::Response {
 async fn ranges_are_served_from_cache_and_from_an_in_flight_fetch() {
     let rig = Rig::start().await;
     let img = docker_image(71, &[3 * MIB]).unwrap();
-    image::push(&rig.upstream.url(), "library/range", "1", &img)
-        .await
-        .unwrap();
+    rig.push("library/range", "1", &img).await;
     let layer = &img.layers()[0];
     let full = layer.read_all().unwrap();
     let size = full.len() as u64;
@@ -398,9 +376,7 @@ async fn ranges_are_served_from_cache_and_from_an_in_flight_fetch() {
 async fn restart_keeps_the_cache_even_with_the_upstream_gone() {
     let rig = Rig::start().await;
     let img = docker_image(81, &[MIB]).unwrap();
-    image::push(&rig.upstream.url(), "library/keep", "1", &img)
-        .await
-        .unwrap();
+    rig.push("library/keep", "1", &img).await;
     let url = rig.cachalot.url();
     assert_eq!(
         get_manifest(&url, "library/keep", &img.manifest_digest)
@@ -448,9 +424,7 @@ async fn restart_keeps_the_cache_even_with_the_upstream_gone() {
 async fn bearer_token_upstream_is_pulled_with_tokens_cached_per_scope() {
     let rig = Rig::start().await;
     let img = docker_image(91, &[MIB, MIB]).unwrap();
-    image::push(&rig.upstream.url(), "library/secret", "1", &img)
-        .await
-        .unwrap();
+    rig.push("library/secret", "1", &img).await;
     rig.faults().enable_token_auth(TokenAuth::default());
     let url = rig.cachalot.url();
     let m = get_manifest(&url, "library/secret", "1").await;
@@ -474,9 +448,7 @@ async fn tags_list_passes_through_with_the_clients_pagination_parameters() {
     let rig = Rig::start().await;
     let img = docker_image(92, &[MIB]).unwrap();
     for tag in ["a", "b", "c"] {
-        image::push(&rig.upstream.url(), "library/tagged", tag, &img)
-            .await
-            .unwrap();
+        rig.push("library/tagged", tag, &img).await;
     }
     let direct: serde_json::Value = client()
         .get(format!(
@@ -525,9 +497,7 @@ async fn tags_list_passes_through_with_the_clients_pagination_parameters() {
 async fn head_of_an_uncached_tag_spends_no_get_and_reports_the_real_size() {
     let rig = Rig::start().await;
     let img = docker_image(93, &[MIB]).unwrap();
-    image::push(&rig.upstream.url(), "library/peek", "1", &img)
-        .await
-        .unwrap();
+    rig.push("library/peek", "1", &img).await;
     rig.faults().reset_counts();
     let r = client()
         .head(format!("{}/v2/peek/manifests/1", rig.cachalot.url()))

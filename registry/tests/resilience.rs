@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use cachalot_registry::config::{Config, FreshnessRule, ParentConfig};
 use cachalot_testkit::fault::{FaultProxy, Kind, RateLimit};
-use cachalot_testkit::image::{self, docker_image, fetch_blob, TestImage};
+use cachalot_testkit::image::{self, docker_image, fetch_blob};
 use common::{client, get_manifest, Cachalot, Rig, MIB};
 
 /// Makes a cached tag look as if it was last checked long ago (what passing time would do),
@@ -55,17 +55,11 @@ async fn pull(base: &str, repo: &str, tag: &str) -> Result<String, String> {
     Ok(cache)
 }
 
-async fn push(rig: &Rig, repo: &str, tag: &str, img: &TestImage) {
-    image::push(&rig.upstream.url(), repo, tag, img)
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn unchanged_tag_is_revalidated_with_one_head_and_no_get() {
     let rig = Rig::start().await;
     let img = docker_image(201, &[MIB]).unwrap();
-    push(&rig, "library/fresh", "latest", &img).await;
+    rig.push("library/fresh", "latest", &img).await;
     rig.faults().reset_counts();
     let url = rig.cachalot.url();
     assert_eq!(pull(&url, "library/fresh", "latest").await.unwrap(), "MISS");
@@ -111,10 +105,10 @@ async fn moved_tag_is_served_fresh_once_max_age_has_passed() {
     .await;
     let old = docker_image(211, &[MIB]).unwrap();
     let new = docker_image(212, &[MIB]).unwrap();
-    push(&rig, "library/moving", "stable", &old).await;
+    rig.push("library/moving", "stable", &old).await;
     let url = rig.cachalot.url();
     pull(&url, "library/moving", "stable").await.unwrap();
-    push(&rig, "library/moving", "stable", &new).await;
+    rig.push("library/moving", "stable", &new).await;
     rig.faults().reset_counts();
     // Within maxAge the cached answer stands and upstream is not asked.
     let m = get_manifest(&url, "library/moving", "stable").await;
@@ -149,7 +143,7 @@ async fn immutable_tags_and_digests_never_go_upstream_once_cached() {
     })
     .await;
     let img = docker_image(215, &[MIB]).unwrap();
-    push(&rig, "library/pinned", "v1", &img).await;
+    rig.push("library/pinned", "v1", &img).await;
     let url = rig.cachalot.url();
     pull(&url, "library/pinned", "v1").await.unwrap();
     get_manifest(&url, "library/pinned", &img.manifest_digest).await;
@@ -165,8 +159,8 @@ async fn immutable_tags_and_digests_never_go_upstream_once_cached() {
 async fn upstream_down_serves_cached_tags_stale_and_fails_uncached_ones_fast() {
     let rig = Rig::start().await;
     let img = docker_image(221, &[MIB, MIB]).unwrap();
-    push(&rig, "library/cached", "latest", &img).await;
-    push(&rig, "library/uncached", "latest", &img).await;
+    rig.push("library/cached", "latest", &img).await;
+    rig.push("library/uncached", "latest", &img).await;
     let url = rig.cachalot.url();
     pull(&url, "library/cached", "latest").await.unwrap();
     age_tag(&rig.cachalot, "library/cached", "latest");
@@ -244,8 +238,8 @@ async fn repeated_failures_open_the_circuit_so_the_upstream_is_not_hammered() {
 async fn abuse_rate_limit_still_serves_cached_pulls_and_passes_429_for_uncached() {
     let rig = Rig::start().await;
     let img = docker_image(231, &[MIB]).unwrap();
-    push(&rig, "library/busy", "latest", &img).await;
-    push(&rig, "library/other", "latest", &img).await;
+    rig.push("library/busy", "latest", &img).await;
+    rig.push("library/other", "latest", &img).await;
     let url = rig.cachalot.url();
     pull(&url, "library/busy", "latest").await.unwrap();
     age_tag(&rig.cachalot, "library/busy", "latest");
@@ -262,7 +256,7 @@ async fn abuse_rate_limit_still_serves_cached_pulls_and_passes_429_for_uncached(
 async fn exhausted_pull_limit_passes_429_with_retry_after_and_is_honoured_locally() {
     let rig = Rig::start().await;
     let img = docker_image(232, &[MIB]).unwrap();
-    push(&rig, "library/other", "latest", &img).await;
+    rig.push("library/other", "latest", &img).await;
     let url = rig.cachalot.url();
     // Docker Hub's pull limit: counted GETs exhausted, with Retry-After.
     rig.faults().set_rate_limit(Some(RateLimit {
@@ -292,7 +286,7 @@ async fn budget_reserve_prefers_a_stale_tag_to_a_counted_get_and_budget_is_repor
         Rig::start_with(|c| c.registries.get_mut("docker.io").unwrap().budget_reserve = 5).await;
     let old = docker_image(241, &[MIB]).unwrap();
     let new = docker_image(242, &[MIB]).unwrap();
-    push(&rig, "library/thrifty", "latest", &old).await;
+    rig.push("library/thrifty", "latest", &old).await;
     rig.faults().set_rate_limit(Some(RateLimit {
         limit: 6,
         retry_after_secs: 60,
@@ -311,7 +305,7 @@ async fn budget_reserve_prefers_a_stale_tag_to_a_counted_get_and_budget_is_repor
         .await
         .contains(r#"cachalot_registry_ratelimit_remaining{registry="docker.io"} 5"#));
 
-    push(&rig, "library/thrifty", "latest", &new).await;
+    rig.push("library/thrifty", "latest", &new).await;
     age_tag(&rig.cachalot, "library/thrifty", "latest");
     let gets = rig.faults().counts().counted_manifest_gets();
     let m = get_manifest(&url, "library/thrifty", "latest").await;
@@ -334,7 +328,7 @@ async fn seed_scenario_108_pulls_under_a_100_get_limit_all_succeed_with_minimal_
     let tags = ["nginx", "redis", "busybox"];
     for (i, name) in tags.iter().enumerate() {
         let img = docker_image(300 + i as u64, &[MIB, 2 * MIB]).unwrap();
-        push(&rig, &format!("library/{name}"), "stable", &img).await;
+        rig.push(&format!("library/{name}"), "stable", &img).await;
     }
     rig.faults().reset_counts();
     rig.faults().set_rate_limit(Some(RateLimit {

@@ -137,6 +137,13 @@ impl Rig {
         }
     }
 
+    /// Pushes a test image to the real upstream (behind the fault proxy's back).
+    pub async fn push(&self, repo: &str, tag: &str, img: &cachalot_testkit::image::TestImage) {
+        cachalot_testkit::image::push(&self.upstream.url(), repo, tag, img)
+            .await
+            .unwrap();
+    }
+
     pub fn faults(&self) -> FaultHandle {
         self.fault.handle()
     }
