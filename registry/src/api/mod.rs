@@ -173,13 +173,7 @@ async fn handle(
             ),
         )
     })?;
-    let normalise = |name: RepositoryName| {
-        if upstream.name() == crate::config::DOCKER_HUB {
-            name.with_library_prefix()
-        } else {
-            name
-        }
-    };
+    let normalise = |name: RepositoryName| name.normalised_for(upstream.name());
     match route {
         Route::Base => Ok(([(header::CONTENT_TYPE, "application/json")], "{}").into_response()),
         Route::Catalog => Ok(catalog(state, upstream.name(), query)),

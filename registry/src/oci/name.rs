@@ -4,6 +4,7 @@
 //! lowercase path components separated by single `/`, each `[a-z0-9]+` joined by `.`, `_`, `__` or
 //! runs of `-`. That grammar already excludes `..`, empty components and absolute paths.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -40,6 +41,17 @@ pub enum ParseNameError {
     BadTag(String),
     #[error("invalid digest: {0}")]
     BadDigest(#[from] super::digest::ParseDigestError),
+}
+
+/// Docker Hub's implicit namespace: on `docker.io` a one-component name (`nginx`) means
+/// `library/nginx`; other registries take names as given. Works on any `/`-separated text, so
+/// configured glob patterns (`redis*`) are normalised exactly like requested names.
+pub fn normalise_repository<'a>(registry: &str, name: &'a str) -> Cow<'a, str> {
+    if registry == crate::config::DOCKER_HUB && !name.contains('/') {
+        Cow::Owned(format!("library/{name}"))
+    } else {
+        Cow::Borrowed(name)
+    }
 }
 
 fn is_alnum(b: u8) -> bool {
@@ -91,13 +103,9 @@ impl RepositoryName {
         &self.0
     }
 
-    /// The name with `library/` prepended when it has one component, as Docker Hub requires.
-    pub fn with_library_prefix(&self) -> RepositoryName {
-        if self.0.contains('/') {
-            self.clone()
-        } else {
-            RepositoryName(format!("library/{}", self.0))
-        }
+    /// The name as `registry` knows it: on Docker Hub a one-component name gets `library/`.
+    pub fn normalised_for(&self, registry: &str) -> RepositoryName {
+        RepositoryName(normalise_repository(registry, &self.0).into_owned())
     }
 
     /// The path components, each safe as a directory name.
@@ -216,9 +224,15 @@ mod tests {
     #[test]
     fn one_segment_names_get_the_library_prefix() {
         let n: RepositoryName = "nginx".parse().unwrap();
-        assert_eq!(n.with_library_prefix().as_str(), "library/nginx");
+        assert_eq!(n.normalised_for("docker.io").as_str(), "library/nginx");
+        assert_eq!(n.normalised_for("quay.io").as_str(), "nginx");
         let n: RepositoryName = "org/nginx".parse().unwrap();
-        assert_eq!(n.with_library_prefix().as_str(), "org/nginx");
+        assert_eq!(n.normalised_for("docker.io").as_str(), "org/nginx");
+        assert_eq!(
+            normalise_repository("docker.io", "redis*"),
+            "library/redis*"
+        );
+        assert_eq!(normalise_repository("docker.io", "myteam/*"), "myteam/*");
     }
 
     #[test]
