@@ -81,6 +81,11 @@ pub struct RegistryConfig {
     /// served instead of spending a counted GET on a changed digest.
     #[serde(default)]
     pub budget_reserve: u64,
+    /// `REPOSITORY[:TAG]` patterns (globs `*` and `?`; no tag means every tag) whose cached
+    /// content eviction never removes: the tag's manifest, the cached children of an index, and
+    /// their config and layer blobs. On `docker.io` a one-component repository gets `library/`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pin: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -408,6 +413,7 @@ impl Config {
                 }
             }
         }
+        crate::store::PinRules::from_config(self)?;
         if let Some(parent) = &self.parent {
             validate_url(&parent.url).map_err(|m| invalid("parent.url", m))?;
         }
@@ -515,22 +521,32 @@ mod tests {
 
     #[test]
     fn invalid_values_name_the_field() {
-        let err = load_yaml("registries:\n  docker.io:\n    url: ftp://x\n").unwrap_err();
-        assert!(
-            err.to_string().starts_with("registries.docker.io.url"),
-            "{err}"
-        );
-        let err = load_yaml("defaultRegistry: quay.io\n").unwrap_err();
-        assert!(err.to_string().starts_with("defaultRegistry"), "{err}");
-        let err = load_yaml("registries:\n  \"../x\": {}\ndefaultRegistry: ../x\n").unwrap_err();
-        assert!(err.to_string().starts_with("registries.../x"), "{err}");
-        let err = load_yaml("registries:\n  docker.io:\n    freshness:\n    - pattern: latest\n")
-            .unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("registries.docker.io.freshness[0]"),
-            "{err}"
-        );
+        for (yaml, field) in [
+            (
+                "registries:\n  docker.io:\n    url: ftp://x\n",
+                "registries.docker.io.url",
+            ),
+            ("defaultRegistry: quay.io\n", "defaultRegistry"),
+            (
+                "registries:\n  \"../x\": {}\ndefaultRegistry: ../x\n",
+                "registries.../x",
+            ),
+            (
+                "registries:\n  docker.io:\n    freshness:\n    - pattern: latest\n",
+                "registries.docker.io.freshness[0]",
+            ),
+            (
+                "registries:\n  docker.io:\n    pin: [\"nginx:stable\", \"Nginx\"]\n",
+                "registries.docker.io.pin[1]: `Nginx`",
+            ),
+            (
+                "registries:\n  docker.io:\n    pin: [\"redis:\"]\n",
+                "registries.docker.io.pin[0]",
+            ),
+        ] {
+            let err = load_yaml(yaml).unwrap_err();
+            assert!(err.to_string().starts_with(field), "{yaml}: {err}");
+        }
     }
 
     #[test]
@@ -575,6 +591,7 @@ registries:
       - { pattern: latest, maxAge: 1m }
       - { pattern: "v*", immutable: true }
     budgetReserve: 10
+    pin: ["nginx:stable", "library/redis:*", "myteam/*"]
   registry.example:5000:
     url: http://registry.example:5000
 upstream: { connectTimeout: 2s, retries: 1 }
@@ -582,6 +599,7 @@ log: { format: json }
 "#;
         let c = load_yaml(text).unwrap();
         assert_eq!(c.registries["docker.io"].budget_reserve, 10);
+        assert_eq!(c.registries["docker.io"].pin.len(), 3);
         assert_eq!(
             c.registries["docker.io"].freshness[0].max_age,
             Some(Duration::from_secs(60))

@@ -218,6 +218,7 @@ impl ProxyInner {
         }
         self.telemetry
             .set_cache_size(self.store.index().total_size());
+        self.telemetry.set_pinned_bytes(self.store.pinned_bytes());
     }
 }
 
@@ -273,10 +274,7 @@ async fn read_manifest_body(
 impl Proxy {
     /// Opens the store and builds the upstreams described by a validated config.
     pub fn new(config: &Config, telemetry: Arc<Telemetry>) -> Result<Proxy, BuildProxyError> {
-        let store = Arc::new(Store::open(
-            &config.storage.path,
-            config.storage.max_size_bytes,
-        )?);
+        let store = Arc::new(Store::from_config(config)?);
         let upstreams = Upstreams::new(config, Arc::clone(&telemetry))?;
         let mut policies = HashMap::new();
         let mut reserves = HashMap::new();

@@ -1,10 +1,12 @@
 //! In-memory index of cached files for size accounting and least-recently-used eviction.
 //!
 //! Invariants: content being written lives in `tmp/` and is not indexed, so it is never evicted;
-//! content being served holds a [`Pin`] and is skipped by eviction. The index is rebuilt from the
-//! directory tree at startup (file modification time stands in for the last use).
+//! content being served holds a [`Pin`] and is skipped by eviction; content in the protected set
+//! handed to [`Index::evict`] (what configured pins reach, see `pinning`) is skipped too, even
+//! when that leaves the cache over its bound. The index is rebuilt from the directory tree at
+//! startup (file modification time stands in for the last use).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -27,6 +29,17 @@ struct Inner {
 pub struct Index {
     inner: Arc<Mutex<Inner>>,
     max_size: Option<u64>,
+}
+
+/// What one eviction pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EvictionPass {
+    /// Files removed.
+    pub evicted: u64,
+    /// Bytes of indexed files in the protected set (kept whatever the bound).
+    pub protected_bytes: u64,
+    /// Bytes indexed after the pass.
+    pub total: u64,
 }
 
 /// Keeps a file from being evicted while it is being served.
@@ -101,6 +114,16 @@ impl Index {
         lock(&self.inner).total
     }
 
+    /// The configured size bound, if any.
+    pub fn max_size(&self) -> Option<u64> {
+        self.max_size
+    }
+
+    /// Whether the cache holds more than its bound (an eviction pass has work to do).
+    pub fn over_bound(&self) -> bool {
+        self.max_size.is_some_and(|max| self.total_size() > max)
+    }
+
     pub(super) fn insert(&self, path: &Path, size: u64) {
         let mut inner = lock(&self.inner);
         inner.clock += 1;
@@ -145,23 +168,33 @@ impl Index {
         }
     }
 
-    /// Removes least recently used, unpinned files until the total is within the bound.
-    pub(super) fn evict(&self) -> u64 {
-        let Some(max) = self.max_size else {
-            return 0;
-        };
+    /// Removes least recently used files that are neither being served nor `protected` until the
+    /// total is within the bound.
+    pub(super) fn evict(&self, protected: &HashSet<PathBuf>) -> EvictionPass {
         let mut inner = lock(&self.inner);
+        let protected_bytes = protected
+            .iter()
+            .filter_map(|p| inner.entries.get(p))
+            .map(|e| e.size)
+            .sum();
+        let mut pass = EvictionPass {
+            evicted: 0,
+            protected_bytes,
+            total: inner.total,
+        };
+        let Some(max) = self.max_size else {
+            return pass;
+        };
         if inner.total <= max {
-            return 0;
+            return pass;
         }
         let mut candidates: Vec<(u64, PathBuf)> = inner
             .entries
             .iter()
-            .filter(|(_, e)| e.pins == 0)
+            .filter(|(p, e)| e.pins == 0 && !protected.contains(*p))
             .map(|(p, e)| (e.last_use, p.clone()))
             .collect();
         candidates.sort();
-        let mut evicted = 0;
         for (_, path) in candidates {
             if inner.total <= max {
                 break;
@@ -171,11 +204,12 @@ impl Index {
             if std::fs::remove_file(&path).is_ok() || !path.exists() {
                 if let Some(e) = inner.entries.remove(&path) {
                     inner.total -= e.size;
-                    evicted += 1;
+                    pass.evicted += 1;
                 }
             }
         }
-        evicted
+        pass.total = inner.total;
+        pass
     }
 }
 
@@ -184,23 +218,49 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn eviction_removes_least_recently_used_unpinned_files_first() {
+    /// An index bounded at `max` over four 10-byte blobs, inserted (used) in order 0..4.
+    fn four_files_of_ten_bytes(max: u64) -> (tempfile::TempDir, Index, Vec<PathBuf>) {
         let dir = tempfile::tempdir().unwrap();
         let blobs = dir.path().join("blobs/sha256");
         std::fs::create_dir_all(&blobs).unwrap();
-        let index = Index::scan(dir.path(), Some(25));
+        let index = Index::scan(dir.path(), Some(max));
         let paths: Vec<PathBuf> = (0..4).map(|i| blobs.join(format!("{i}"))).collect();
         for p in &paths {
             std::fs::write(p, [0u8; 10]).unwrap();
             index.insert(p, 10);
         }
+        (dir, index, paths)
+    }
+
+    #[test]
+    fn eviction_removes_least_recently_used_unpinned_files_first() {
+        let (_dir, index, paths) = four_files_of_ten_bytes(25);
         // Use 0 again (now most recent) and pin 1 (serving): 2 and 3 are the LRU unpinned ones.
         drop(index.touch_and_pin(&paths[0], 10));
         let _serving = index.touch_and_pin(&paths[1], 10);
-        assert_eq!(index.evict(), 2);
+        assert_eq!(index.evict(&HashSet::new()).evicted, 2);
         assert!(paths[0].exists() && paths[1].exists());
         assert!(!paths[2].exists() && !paths[3].exists());
         assert_eq!(index.total_size(), 20);
+    }
+
+    #[test]
+    fn protected_files_stay_even_when_they_alone_exceed_the_bound() {
+        let (_dir, index, paths) = four_files_of_ten_bytes(15);
+        // 0 and 1 are the least recently used, but protected: 2 and 3 go, and the pass reports
+        // the 20 protected bytes that keep the cache over its bound of 15.
+        let protected: HashSet<PathBuf> = paths[..2].iter().cloned().collect();
+        let pass = index.evict(&protected);
+        assert_eq!(
+            pass,
+            EvictionPass {
+                evicted: 2,
+                protected_bytes: 20,
+                total: 20
+            }
+        );
+        assert!(paths[0].exists() && paths[1].exists());
+        assert!(!paths[2].exists() && !paths[3].exists());
+        assert!(index.over_bound());
     }
 }

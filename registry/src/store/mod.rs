@@ -10,18 +10,30 @@
 //! bytes were verified against the digest and fsynced, so a crash at any point leaves either the
 //! whole verified file or nothing. Digests, registry names and repository names are validated types
 //! before they become path components, so no request can address a path outside the root.
+//!
+//! Eviction (with a size bound) removes least recently used content, never content being served
+//! ([`Pin`]) and never what configured pins reach ([`PinRules`]). The pinned set is recomputed at
+//! the start of every pass that has work to do, from the tag records and manifests on disk: one
+//! walk of `repositories/<registry>/` per registry with pins, one small read per tag file of a
+//! matching repository and one read per reachable cached manifest. Nothing is kept in memory
+//! between passes, so a pinned tag that moves protects its new content from the next pass on.
 
 mod index;
+pub mod pinning;
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::{Config, ConfigError};
 use crate::oci::{Digest, RepositoryName, Tag};
-pub use index::{Index, Pin};
+pub use index::{EvictionPass, Index, Pin};
+pub use pinning::{PinPattern, PinRules};
 
 /// A failed store operation.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +63,8 @@ pub enum StoreError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("cannot compile the pins: {0}")]
+    Pins(#[source] ConfigError),
 }
 
 /// What a cached tag pointed at, and when that was last confirmed upstream.
@@ -99,6 +113,9 @@ impl Drop for TempFile {
 pub struct Store {
     root: PathBuf,
     index: Index,
+    pins: PinRules,
+    /// Bytes the pins protected at the last eviction pass.
+    pinned_bytes: AtomicU64,
 }
 
 /// Unix seconds now.
@@ -155,7 +172,17 @@ impl Store {
         Ok(Store {
             root: root.to_owned(),
             index,
+            pins: PinRules::default(),
+            pinned_bytes: AtomicU64::new(0),
         })
+    }
+
+    /// Opens the store a validated config describes: its path, size bound and pins.
+    pub fn from_config(config: &Config) -> Result<Store, StoreError> {
+        let pins = PinRules::from_config(config).map_err(StoreError::Pins)?;
+        let mut store = Store::open(&config.storage.path, config.storage.max_size_bytes)?;
+        store.pins = pins;
+        Ok(store)
     }
 
     pub fn root(&self) -> &Path {
@@ -393,10 +420,89 @@ impl Store {
         found
     }
 
-    /// Evicts least recently used content until the cache is under its size bound; returns how
-    /// many entries went.
+    /// The digests pinned tags point at: every cached tag of a registry with pins whose
+    /// repository and tag match a pattern. Unreadable or corrupt tag records are skipped (they
+    /// pin nothing, as an uncached tag would not).
+    fn pinned_roots(&self) -> Vec<Digest> {
+        let mut roots = Vec::new();
+        for registry in self.pins.registries() {
+            for repository in self.repositories(registry) {
+                if !self.pins.covers_repository(registry, &repository) {
+                    continue;
+                }
+                let Ok(name) = repository.parse::<RepositoryName>() else {
+                    continue;
+                };
+                let tags_dir = self.repository_dir(registry, &name).join("_tags");
+                let Ok(entries) = std::fs::read_dir(&tags_dir) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let file_name = entry.file_name();
+                    let Some(tag) = file_name.to_str().and_then(|f| f.strip_suffix(".json")) else {
+                        continue;
+                    };
+                    if !self.pins.is_pinned(registry, &repository, tag) {
+                        continue;
+                    }
+                    let record = std::fs::read(entry.path())
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<TagRecord>(&b).ok());
+                    if let Some(record) = record {
+                        roots.push(record.digest);
+                    }
+                }
+            }
+        }
+        roots
+    }
+
+    /// A cached manifest for the protected-set walk, read without touching its LRU position.
+    fn manifest_for_walk(&self, digest: &Digest) -> Option<pinning::ManifestBytes> {
+        let path = self.manifest_path(digest);
+        let media_type = std::fs::read_to_string(path.with_extension("type")).ok()?;
+        let bytes = std::fs::read(&path).ok()?;
+        Some(pinning::ManifestBytes { media_type, bytes })
+    }
+
+    /// The files configured pins protect right now.
+    fn protected_paths(&self) -> HashSet<PathBuf> {
+        if self.pins.is_empty() {
+            return HashSet::new();
+        }
+        let protected =
+            pinning::protected_content(self.pinned_roots(), |d| self.manifest_for_walk(d));
+        let manifests = protected.manifests.iter().map(|d| self.manifest_path(d));
+        let blobs = protected.blobs.iter().map(|d| self.blob_path(d));
+        manifests.chain(blobs).collect()
+    }
+
+    /// Bytes the pins protected at the last eviction pass (0 before the first one).
+    pub fn pinned_bytes(&self) -> u64 {
+        self.pinned_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Evicts least recently used content that is neither being served nor pinned until the cache
+    /// is under its size bound; returns how many entries went. Pinned content is kept even when
+    /// it alone exceeds the bound, with one warning per pass.
     pub fn evict(&self) -> u64 {
-        self.index.evict()
+        if !self.index.over_bound() {
+            return 0;
+        }
+        let pass = self.index.evict(&self.protected_paths());
+        self.pinned_bytes
+            .store(pass.protected_bytes, Ordering::Relaxed);
+        if let Some(max) = self.index.max_size() {
+            if pass.protected_bytes > max {
+                tracing::warn!(
+                    pinned_bytes = pass.protected_bytes,
+                    max_size_bytes = max,
+                    cache_size_bytes = pass.total,
+                    "pinned content alone exceeds the cache size bound; keeping it (unpin images or raise the bound)"
+                );
+            }
+        }
+        pass.evicted
     }
 }
 
@@ -463,5 +569,98 @@ mod tests {
             vec!["library/alpine".to_owned()]
         );
         assert!(store.repositories("quay.io").is_empty());
+    }
+
+    /// Caches an image (manifest, config, one layer of `layer_size` bytes) under `repo:tag`.
+    fn cache_image(store: &Store, repo: &str, tag: &str, seed: &str, layer_size: usize) -> Digest {
+        let blob = |bytes: Vec<u8>| {
+            let digest = Digest::sha256_of(&bytes);
+            let temp = store.create_temp().unwrap();
+            (&**temp.file()).write_all(&bytes).unwrap();
+            store
+                .commit_blob(temp, &digest, bytes.len() as u64)
+                .unwrap();
+            digest
+        };
+        let config = blob(format!("config {seed}").into_bytes());
+        let layer = blob(seed.bytes().cycle().take(layer_size).collect());
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": crate::oci::media::OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 1},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": layer_size}],
+        }))
+        .unwrap();
+        let digest = Digest::sha256_of(&manifest);
+        store
+            .write_manifest(&digest, crate::oci::media::OCI_MANIFEST, &manifest)
+            .unwrap();
+        let record = TagRecord {
+            digest: digest.clone(),
+            media_type: crate::oci::media::OCI_MANIFEST.into(),
+            size: manifest.len() as u64,
+            checked_at: 1,
+        };
+        let (name, tag) = (repo.parse().unwrap(), tag.parse().unwrap());
+        store.write_tag("docker.io", &name, &tag, &record).unwrap();
+        store.note_repository("docker.io", &name).unwrap();
+        digest
+    }
+
+    /// A store bounded at `max` bytes whose docker.io pins `pin`.
+    fn pinning_store(dir: &Path, max: u64, pin: &str) -> Store {
+        let mut config = Config::default();
+        config.storage.path = dir.to_owned();
+        config.storage.max_size_bytes = Some(max);
+        config.registries.insert(
+            "docker.io".into(),
+            crate::config::RegistryConfig {
+                pin: vec![pin.into()],
+                ..Default::default()
+            },
+        );
+        Store::from_config(&config).unwrap()
+    }
+
+    #[test]
+    fn eviction_keeps_everything_a_pinned_tag_reaches_and_reports_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = pinning_store(dir.path(), 3000, "pinned:stable");
+        // The pinned image is cached first, so it is the least recently used of all.
+        let pinned = cache_image(&store, "library/pinned", "stable", "p", 1000);
+        let other_tag = cache_image(&store, "library/pinned", "edge", "e", 1000);
+        assert_eq!(store.evict(), 0, "under the bound nothing goes");
+        let newest = cache_image(&store, "library/other", "1", "o", 1000);
+        assert!(store.index().total_size() > 3000);
+        assert!(store.evict() > 0);
+
+        let manifest = store.read_manifest(&pinned).unwrap().unwrap();
+        let refs: serde_json::Value = serde_json::from_slice(&manifest.bytes).unwrap();
+        for blob in [&refs["config"]["digest"], &refs["layers"][0]["digest"]] {
+            let digest: Digest = blob.as_str().unwrap().parse().unwrap();
+            assert!(
+                store.blob_size(&digest).is_some(),
+                "pinned blob {digest} kept"
+            );
+        }
+        // The unpinned tag of the same repository was older than `newest`, so it went.
+        assert!(store.read_manifest(&other_tag).unwrap().is_none());
+        assert!(store.read_manifest(&newest).unwrap().is_some());
+        assert!(store.index().total_size() <= 3000);
+        let expected_pinned = manifest.bytes.len() as u64 + 1000 + "config p".len() as u64;
+        assert_eq!(store.pinned_bytes(), expected_pinned);
+    }
+
+    #[test]
+    fn pinned_content_larger_than_the_bound_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = pinning_store(dir.path(), 500, "big");
+        let pinned = cache_image(&store, "library/big", "1", "b", 1000);
+        let unpinned = cache_image(&store, "library/small", "1", "s", 10);
+        store.evict();
+        assert!(store.read_manifest(&pinned).unwrap().is_some());
+        assert!(store.read_manifest(&unpinned).unwrap().is_none());
+        assert!(store.pinned_bytes() > 500);
+        assert!(store.index().over_bound());
     }
 }
