@@ -37,3 +37,27 @@ pub fn committed_crd_path() -> PathBuf {
         .join("crds")
         .join("registrymirrors.cachalot.dev.yaml")
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn version_schema() -> serde_json::Value {
+        let crd = serde_json::to_value(RegistryMirror::crd()).unwrap();
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+    }
+
+    #[test]
+    fn registry_pins_are_a_bounded_list_of_patterns() {
+        let registry = &version_schema()["properties"]["spec"]["properties"]["registries"]["items"];
+        let pin = &registry["properties"]["pin"];
+        assert_eq!(pin["type"], "array");
+        assert_eq!(pin["maxItems"], 64);
+        assert_eq!(pin["items"]["pattern"], crate::api::PIN_PATTERN);
+        assert!(pin["description"]
+            .as_str()
+            .unwrap()
+            .contains("not pinned automatically"));
+    }
+}

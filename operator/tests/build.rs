@@ -563,3 +563,35 @@ fn invalid_specs_are_refused_naming_the_field() {
         "spec.replicas"
     );
 }
+
+#[test]
+fn pins_are_rendered_into_the_registry_config_per_registry() {
+    let m = mirror(serde_json::json!({"registries": [
+        {"name": "docker.io", "pin": ["nginx:stable", "library/redis:*", "myteam/*"]},
+        {"name": "ghcr.io"}
+    ]}));
+    let (v, objs) = build(&m);
+    assert_eq!(v.registries[0].pin.len(), 3);
+    let config = rendered_config(&objs.unwrap());
+    assert_eq!(
+        config.registries["docker.io"].pin,
+        ["nginx:stable", "library/redis:*", "myteam/*"]
+    );
+    assert!(config.registries["ghcr.io"].pin.is_empty());
+    // The registry compiles them: `nginx` on docker.io means `library/nginx`.
+    let pins = cachalot_registry::store::PinRules::from_config(&config).unwrap();
+    assert!(pins.is_pinned("docker.io", "library/nginx", "stable"));
+    assert!(pins.is_pinned("docker.io", "myteam/api", "v2"));
+    assert!(!pins.is_pinned("ghcr.io", "myteam/api", "v2"));
+}
+
+#[test]
+fn malformed_pins_are_refused_naming_the_field() {
+    for bad in ["Nginx:stable", "nginx:", "/abs", "a//b", "nginx@sha256:00"] {
+        assert_eq!(
+            invalid(serde_json::json!({"registries": [{"name": "docker.io", "pin": ["ok", bad]}]})),
+            "spec.registries[0].pin[1]",
+            "{bad}"
+        );
+    }
+}

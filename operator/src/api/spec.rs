@@ -27,6 +27,10 @@ pub const URL_PATTERN: &str = r"^https?://[^\s/?#]+(/[^\s?#]*)?$";
 pub const DURATION_PATTERN: &str = r"^([0-9]+(ms|s|m|h))+$";
 /// An absolute path on the node in plain characters (`..` segments are refused by the operator).
 pub const NODE_PATH_PATTERN: &str = r"^/[A-Za-z0-9._/-]*$";
+/// A pin: a repository glob with an optional tag glob after `:` (`library/nginx:stable`,
+/// `library/redis:*`, `myteam/*`). The registry's parser checks the rest (no `//`, no leading or
+/// trailing `/`).
+pub const PIN_PATTERN: &str = r"^[a-z0-9._/*?-]+(:[A-Za-z0-9._*?-]{1,128})?$";
 
 /// Desired state of a cachalot pull-through mirror: a caching registry for one or more upstream
 /// registries, and the containerd configuration that makes the selected nodes pull through it
@@ -184,6 +188,16 @@ pub struct MirroredRegistry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100000))]
     pub budget_reserve: Option<i64>,
+
+    /// Images whose cached content is never evicted, as `REPOSITORY[:TAG]` patterns with the
+    /// globs `*` and `?` (`library/nginx:stable`, `library/redis:*`, `myteam/*`; no tag means
+    /// every tag). On docker.io a one-component repository means `library/<name>`, as in pulls.
+    /// A pinned tag keeps its manifest, the cached platform manifests of an index, and their
+    /// config and layers, even if that exceeds `storage.maxSize`. Pins come from this list only;
+    /// the images of running Pods are not pinned automatically.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 384), regex(pattern = PIN_PATTERN)))]
+    pub pin: Vec<String>,
 }
 
 /// Reference to a Secret holding credentials for one upstream registry.

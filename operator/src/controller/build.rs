@@ -250,6 +250,7 @@ pub fn registry_config(
                 url: Some(valid.url.clone()),
                 credentials,
                 freshness,
+                pin: valid.pin.clone(),
                 budget_reserve: spec_reg
                     .budget_reserve
                     .and_then(|r| u64::try_from(r).ok())

@@ -70,6 +70,8 @@ pub struct ValidRegistry {
     pub url: String,
     /// Parsed freshness rules, in order.
     pub freshness: Vec<ValidFreshness>,
+    /// Pin patterns as written (each checked with the registry's own parser).
+    pub pin: Vec<String>,
 }
 
 /// A freshness rule with its duration parsed.
@@ -231,10 +233,15 @@ fn validate_registries(spec: &RegistryMirrorSpec) -> Result<Vec<ValidRegistry>, 
             .enumerate()
             .map(|(j, rule)| validate_freshness(rule, &format!("{field}.freshness[{j}]")))
             .collect::<Result<Vec<_>, _>>()?;
+        for (j, pattern) in r.pin.iter().enumerate() {
+            cachalot_registry::store::PinPattern::parse(pattern, &r.name)
+                .map_err(|e| invalid(format!("{field}.pin[{j}]"), e.to_string()))?;
+        }
         out.push(ValidRegistry {
             name: r.name.clone(),
             url,
             freshness,
+            pin: r.pin.clone(),
         });
     }
     Ok(out)
