@@ -5,13 +5,11 @@
 //! temp dir is removed, and every `ctr` call has a timeout and is killed when it expires.
 //! containerd needs root; the harness runs as root.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use crate::distribution::read_tail;
-use crate::wait::wait_for;
+use crate::process::{LoggedChild, NotReady, SpawnLoggedError};
 
 /// Where Debian installs containerd.
 pub const DEFAULT_CONTAINERD: &str = "/usr/bin/containerd";
@@ -33,6 +31,10 @@ pub struct ContainerdOptions {
     pub start_timeout: Duration,
     /// Timeout of each `ctr` command.
     pub command_timeout: Duration,
+    /// `Some(dir)` writes the CRI registry `config_path = dir` into the config, as a node set up
+    /// for hosts.toml files has it. CRI stays disabled: this is for tools that read the config
+    /// (the node agent's check), `ctr --hosts-dir` does not need it.
+    pub cri_registry_config_path: Option<PathBuf>,
 }
 
 impl Default for ContainerdOptions {
@@ -44,6 +46,7 @@ impl Default for ContainerdOptions {
             snapshotter: Some("native".to_owned()),
             start_timeout: Duration::from_secs(20),
             command_timeout: Duration::from_secs(120),
+            cri_registry_config_path: None,
         }
     }
 }
@@ -71,27 +74,14 @@ pub enum StartContainerdError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The process could not be spawned.
-    #[error("spawn {binary}")]
-    Spawn {
-        /// The executable.
-        binary: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// containerd exited during start-up.
-    #[error("containerd exited during start-up ({status}); log:\n{log}")]
-    Exited {
-        /// Exit status.
-        status: ExitStatus,
-        /// Tail of its log.
-        log: String,
-    },
-    /// `ctr version` never answered.
-    #[error("containerd did not answer `ctr version` within {timeout:?}; log:\n{log}")]
+    /// The process could not be started.
+    #[error(transparent)]
+    Spawn(#[from] SpawnLoggedError),
+    /// containerd exited or did not answer `ctr version` in time.
+    #[error("containerd did not answer `ctr version`: {source}; log:\n{log}")]
     NotReady {
-        /// The deadline that passed.
-        timeout: Duration,
+        /// Why it is not ready.
+        source: NotReady,
         /// Tail of its log.
         log: String,
     },
@@ -168,7 +158,8 @@ impl CtrOutput {
 /// A running private containerd; killed and cleaned up on drop.
 #[derive(Debug)]
 pub struct Containerd {
-    child: Child,
+    // Before `dir`: the process is reaped before its temp dir is removed.
+    child: LoggedChild,
     dir: tempfile::TempDir,
     options: ContainerdOptions,
 }
@@ -200,34 +191,14 @@ impl Containerd {
             .tempdir()
             .map_err(|source| StartContainerdError::CreateTempDir { source })?;
         let config_path = dir.path().join("config.toml");
-        std::fs::write(&config_path, render_config(dir.path())).map_err(|source| {
-            StartContainerdError::WriteFile {
-                path: config_path.clone(),
-                source,
-            }
-        })?;
-        let log_path = dir.path().join("containerd.log");
-        let log = File::create(&log_path).map_err(|source| StartContainerdError::WriteFile {
-            path: log_path.clone(),
+        let config = render_config(dir.path(), options.cri_registry_config_path.as_deref());
+        std::fs::write(&config_path, config).map_err(|source| StartContainerdError::WriteFile {
+            path: config_path.clone(),
             source,
         })?;
-        let log_err = log
-            .try_clone()
-            .map_err(|source| StartContainerdError::WriteFile {
-                path: log_path.clone(),
-                source,
-            })?;
-        let child = Command::new(&options.containerd)
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .spawn()
-            .map_err(|source| StartContainerdError::Spawn {
-                binary: options.containerd.clone(),
-                source,
-            })?;
+        let mut command = Command::new(&options.containerd);
+        command.arg("--config").arg(&config_path);
+        let child = LoggedChild::spawn(&mut command, &dir.path().join("containerd.log"))?;
         let mut containerd = Self {
             child,
             dir,
@@ -238,46 +209,38 @@ impl Containerd {
     }
 
     async fn wait_ready(&mut self) -> Result<(), StartContainerdError> {
-        let timeout = self.options.start_timeout;
         let socket = self.socket();
         let ctr = self.options.ctr.clone();
-        let child = &mut self.child;
-        let outcome = wait_for(timeout, Duration::from_millis(50), || {
-            let exited = child.try_wait().ok().flatten();
-            let socket = socket.clone();
-            let ctr = ctr.clone();
-            async move {
-                if let Some(status) = exited {
-                    return Some(Err(status));
-                }
-                if !socket.exists() {
-                    return None;
-                }
-                let version = tokio::process::Command::new(&ctr)
-                    .arg("--address")
-                    .arg(&socket)
-                    .arg("version")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .kill_on_drop(true)
-                    .status()
-                    .await;
-                version.ok().filter(ExitStatus::success).map(|_| Ok(()))
-            }
+        let answered = self
+            .child
+            .wait_ready(
+                self.options.start_timeout,
+                Duration::from_millis(50),
+                || {
+                    let (socket, ctr) = (socket.clone(), ctr.clone());
+                    async move {
+                        if !socket.exists() {
+                            return false;
+                        }
+                        let version = tokio::process::Command::new(&ctr)
+                            .arg("--address")
+                            .arg(&socket)
+                            .arg("version")
+                            .stdin(Stdio::null())
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .kill_on_drop(true)
+                            .status()
+                            .await;
+                        version.is_ok_and(|status| status.success())
+                    }
+                },
+            )
+            .await;
+        answered.map_err(|source| StartContainerdError::NotReady {
+            source,
+            log: self.log_tail(),
         })
-        .await;
-        match outcome {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(status)) => Err(StartContainerdError::Exited {
-                status,
-                log: self.log_tail(),
-            }),
-            Err(_) => Err(StartContainerdError::NotReady {
-                timeout,
-                log: self.log_tail(),
-            }),
-        }
     }
 
     /// The gRPC socket (`ctr --address`).
@@ -295,7 +258,13 @@ impl Containerd {
     /// The last 4 KiB of containerd's log.
     #[must_use]
     pub fn log_tail(&self) -> String {
-        read_tail(&self.dir.path().join("containerd.log"), 4096)
+        self.child.log_tail()
+    }
+
+    /// Its config file.
+    #[must_use]
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
     }
 
     /// Runs `ctr --address SOCK -n NS ARGS...` with the command timeout. A non-zero exit is
@@ -402,18 +371,12 @@ impl Containerd {
     }
 }
 
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Renders containerd's config (version 2) with everything under `dir`. Pure.
+/// Renders containerd's config (version 2) with everything under `dir` and, when given, the CRI
+/// registry `config_path`. Pure.
 #[must_use]
-pub fn render_config(dir: &Path) -> String {
+pub fn render_config(dir: &Path, cri_registry_config_path: Option<&Path>) -> String {
     let d = dir.to_string_lossy();
-    format!(
+    let mut config = format!(
         "version = 2\n\
          root = \"{d}/root\"\n\
          state = \"{d}/state\"\n\
@@ -422,7 +385,14 @@ pub fn render_config(dir: &Path) -> String {
          [ttrpc]\n  address = \"{d}/c.sock.ttrpc\"\n\
          [debug]\n  address = \"{d}/debug.sock\"\n\
          [plugins.\"io.containerd.internal.v1.opt\"]\n  path = \"{d}/opt\"\n"
-    )
+    );
+    if let Some(certs_dir) = cri_registry_config_path {
+        config.push_str(&format!(
+            "[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{}\"\n",
+            certs_dir.to_string_lossy()
+        ));
+    }
+    config
 }
 
 /// Renders a hosts.toml: `server` is the fallback, each mirror a `[host."URL"]` with pull and
@@ -490,13 +460,28 @@ mod tests {
 
     #[test]
     fn containerd_config_keeps_everything_under_the_temp_dir() {
-        let text = render_config(Path::new("/tmp/x"));
+        let text = render_config(Path::new("/tmp/x"), None);
         let parsed: toml::Value = text.parse().unwrap();
         assert_eq!(parsed["root"].as_str(), Some("/tmp/x/root"));
         assert_eq!(parsed["grpc"]["address"].as_str(), Some("/tmp/x/c.sock"));
         assert_eq!(
             parsed["disabled_plugins"][0].as_str(),
             Some("io.containerd.grpc.v1.cri")
+        );
+        assert!(!text.contains("config_path"), "{text}");
+    }
+
+    #[test]
+    fn a_cri_registry_config_path_is_written_for_tools_that_check_it() {
+        let text = render_config(Path::new("/tmp/x"), Some(Path::new("/tmp/x/certs.d")));
+        let parsed: toml::Value = text.parse().unwrap();
+        assert_eq!(
+            parsed["plugins"]["io.containerd.grpc.v1.cri"]["registry"]["config_path"].as_str(),
+            Some("/tmp/x/certs.d")
+        );
+        assert_eq!(
+            parsed["plugins"]["io.containerd.internal.v1.opt"]["path"].as_str(),
+            Some("/tmp/x/opt")
         );
     }
 }

@@ -5,14 +5,14 @@
 //! which the temp directory is removed. `REGISTRY_*` variables are removed from the child's
 //! environment because distribution lets them override the config file.
 
-use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::client::{http_client, BuildClientError};
-use crate::wait::{free_port, wait_for, FindFreePortError};
+use crate::process::{LoggedChild, NotReady, SpawnLoggedError};
+use crate::wait::{free_port, FindFreePortError};
 
 /// Where Debian installs distribution.
 pub const DEFAULT_BINARY: &str = "/usr/bin/docker-registry";
@@ -75,29 +75,16 @@ pub enum StartDistributionError {
     /// The HTTP client for the readiness probe could not be built.
     #[error(transparent)]
     BuildClient(#[from] BuildClientError),
-    /// The process could not be spawned.
-    #[error("spawn {binary}")]
-    Spawn {
-        /// The executable.
-        binary: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The process exited during start-up.
-    #[error("distribution exited during start-up ({status}); log:\n{log}")]
-    Exited {
-        /// Its exit status.
-        status: std::process::ExitStatus,
-        /// The tail of its log.
-        log: String,
-    },
-    /// `GET /v2/` never answered.
-    #[error("distribution on {addr} did not answer GET /v2/ within {timeout:?}; log:\n{log}")]
+    /// The process could not be started.
+    #[error(transparent)]
+    Spawn(#[from] SpawnLoggedError),
+    /// The process exited or did not answer `GET /v2/` in time.
+    #[error("distribution on {addr} did not answer GET /v2/: {source}; log:\n{log}")]
     NotReady {
         /// Where it should listen.
         addr: SocketAddr,
-        /// The deadline that passed.
-        timeout: Duration,
+        /// Why it is not ready.
+        source: NotReady,
         /// The tail of its log.
         log: String,
     },
@@ -106,7 +93,8 @@ pub enum StartDistributionError {
 /// A running distribution registry; killed and cleaned up on drop.
 #[derive(Debug)]
 pub struct Distribution {
-    child: Child,
+    // Before `dir`: the process is reaped before its temp dir is removed.
+    child: LoggedChild,
     addr: SocketAddr,
     dir: tempfile::TempDir,
 }
@@ -149,11 +137,7 @@ impl Distribution {
         for _ in 0..START_ATTEMPTS {
             match Self::try_start(&options).await {
                 Ok(registry) => return Ok(registry),
-                Err(StartDistributionError::Exited { status, log })
-                    if log.contains("address already in use") =>
-                {
-                    last_error = Some(StartDistributionError::Exited { status, log });
-                }
+                Err(error) if port_taken(&error) => last_error = Some(error),
                 Err(other) => return Err(other),
             }
         }
@@ -180,35 +164,14 @@ impl Distribution {
             &config_path,
             render_config(addr, &storage, options).as_bytes(),
         )?;
-        let log_path = dir.path().join("registry.log");
-        let log = File::create(&log_path).map_err(|source| StartDistributionError::WriteFile {
-            path: log_path.clone(),
-            source,
-        })?;
-        let log_err = log
-            .try_clone()
-            .map_err(|source| StartDistributionError::WriteFile {
-                path: log_path.clone(),
-                source,
-            })?;
         let mut command = Command::new(&options.binary);
-        command
-            .arg("serve")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err);
+        command.arg("serve").arg(&config_path);
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("REGISTRY_") {
                 command.env_remove(key);
             }
         }
-        let child = command
-            .spawn()
-            .map_err(|source| StartDistributionError::Spawn {
-                binary: options.binary.clone(),
-                source,
-            })?;
+        let child = LoggedChild::spawn(&mut command, &dir.path().join("registry.log"))?;
         let mut registry = Self { child, addr, dir };
         registry.wait_ready(options.start_timeout).await?;
         Ok(registry)
@@ -217,30 +180,18 @@ impl Distribution {
     async fn wait_ready(&mut self, timeout: Duration) -> Result<(), StartDistributionError> {
         let client = http_client()?;
         let url = format!("{}/v2/", self.url());
-        let child = &mut self.child;
-        let outcome = wait_for(timeout, Duration::from_millis(20), || {
-            let exited = child.try_wait().ok().flatten();
-            let request = client.get(&url).timeout(Duration::from_secs(2)).send();
-            async move {
-                if let Some(status) = exited {
-                    return Some(Err(status));
-                }
-                request.await.ok().map(|_| Ok(()))
-            }
+        let answered = self
+            .child
+            .wait_ready(timeout, Duration::from_millis(20), || {
+                let request = client.get(&url).timeout(Duration::from_secs(2)).send();
+                async move { request.await.is_ok() }
+            })
+            .await;
+        answered.map_err(|source| StartDistributionError::NotReady {
+            addr: self.addr,
+            source,
+            log: self.log_tail(),
         })
-        .await;
-        match outcome {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(status)) => Err(StartDistributionError::Exited {
-                status,
-                log: self.log_tail(),
-            }),
-            Err(_) => Err(StartDistributionError::NotReady {
-                addr: self.addr,
-                timeout,
-                log: self.log_tail(),
-            }),
-        }
     }
 
     /// `http://127.0.0.1:PORT`, without a trailing slash.
@@ -270,13 +221,13 @@ impl Distribution {
     /// Its combined stdout/stderr log file.
     #[must_use]
     pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("registry.log")
+        self.child.log_path().to_owned()
     }
 
     /// The last 4 KiB of its log, for error messages.
     #[must_use]
     pub fn log_tail(&self) -> String {
-        read_tail(&self.log_path(), 4096)
+        self.child.log_tail()
     }
 
     /// Its process id.
@@ -286,12 +237,13 @@ impl Distribution {
     }
 }
 
-impl Drop for Distribution {
-    fn drop(&mut self) {
-        // Reap before the temp dir goes so the process cannot write into a removed tree.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Whether distribution exited because another process bound its port first.
+fn port_taken(error: &StartDistributionError) -> bool {
+    matches!(
+        error,
+        StartDistributionError::NotReady { source: NotReady::Exited { .. }, log, .. }
+            if log.contains("address already in use")
+    )
 }
 
 fn write_file(path: &Path, contents: &[u8]) -> Result<(), StartDistributionError> {
@@ -299,13 +251,6 @@ fn write_file(path: &Path, contents: &[u8]) -> Result<(), StartDistributionError
         path: path.to_owned(),
         source,
     })
-}
-
-/// Returns the last `max` bytes of a file as lossy UTF-8 (empty if unreadable).
-pub(crate) fn read_tail(path: &Path, max: usize) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    let start = bytes.len().saturating_sub(max);
-    String::from_utf8_lossy(&bytes[start..]).into_owned()
 }
 
 /// Quotes a string as a YAML double-quoted scalar (JSON string syntax is valid YAML).

@@ -9,6 +9,7 @@
 //! - [`fault`]: `FaultProxy`, Docker Hub rate limits, token auth and network faults;
 //! - [`containerd`]: a private containerd driven with `ctr`, and hosts.toml helpers;
 //! - [`skopeo`]: skopeo copy and inspect;
+//! - [`process`]: child processes with a log file, a bounded start-up wait and kill on drop;
 //! - [`wait`]: bounded polling and free ports; [`client`]: the loopback HTTP client.
 //!
 //! See `docs/testkit.md` for the behaviour observed in the real components.
@@ -27,5 +28,6 @@ pub mod containerd;
 pub mod distribution;
 pub mod fault;
 pub mod image;
+pub mod process;
 pub mod skopeo;
 pub mod wait;
