@@ -49,6 +49,22 @@ mod tests {
     }
 
     #[test]
+    fn status_conditions_are_a_list_map_keyed_by_a_required_type() {
+        let conditions = &version_schema()["properties"]["status"]["properties"]["conditions"];
+        assert_eq!(conditions["x-kubernetes-list-type"], "map");
+        assert_eq!(
+            conditions["x-kubernetes-list-map-keys"],
+            serde_json::json!(["type"])
+        );
+        // A list-map key must be required (or defaulted) in every item.
+        let required = conditions["items"]["required"].as_array().unwrap();
+        assert!(
+            required.contains(&serde_json::json!("type")),
+            "{required:?}"
+        );
+    }
+
+    #[test]
     fn registry_pins_are_a_bounded_list_of_patterns() {
         let registry = &version_schema()["properties"]["spec"]["properties"]["registries"]["items"];
         let pin = &registry["properties"]["pin"];

@@ -18,7 +18,10 @@ pub struct RegistryMirrorStatus {
     pub observed_generation: Option<i64>,
 
     /// Ready, ProxyAvailable, NodesConfigured, CacheEffective, UpstreamBudget and Conflict.
+    /// A list map keyed by `type`: the API server refuses two conditions of the same type, and
+    /// server-side apply merges conditions by type rather than replacing the list.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<MirrorCondition>,
 
     /// The URL the nodes are configured to pull through.
