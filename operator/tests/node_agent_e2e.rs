@@ -7,7 +7,9 @@
 //! - `server`: a counting FaultProxy in front of it, used as the hosts.toml `server` (the desired
 //!   state sets `server`, because the real `https://registry-1.docker.io` must never be reached);
 //! - `mirror`: the real cachalot-registry (upstream `docker.io=<upstream>`) behind a counting
-//!   FaultProxy that records `ns` (see [`Mirror`]).
+//!   FaultProxy that records `ns` (see [`Mirror`]);
+//! - a private containerd (the testkit's) whose config carries the CRI registry `config_path`, so
+//!   the agent's read-only check runs against a config containerd really started with.
 //!
 //! Phases: mirror configured → pull goes through the mirror with `ns=docker.io` and never to the
 //! server; mirror removed from the desired state → its host entry is gone and the pull goes to the
@@ -18,173 +20,39 @@
 //! SIGTERM → the agent exits cleanly.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use cachalot_operator::node_agent::protocol::{
-    AgentStatus, DesiredRegistry, DesiredState, Fallback, RegistryState, Runtime,
-};
+use cachalot_operator::node_agent::protocol::{AgentStatus, DesiredState, Fallback, RegistryState};
 use cachalot_testkit::client::http_client;
+use cachalot_testkit::containerd::{Containerd, ContainerdOptions, CtrOutput};
 use cachalot_testkit::distribution::Distribution;
 use cachalot_testkit::fault::FaultProxy;
 use cachalot_testkit::image::{docker_image, push};
-use cachalot_testkit::wait::{free_port, wait_for, wait_until};
+use cachalot_testkit::process::LoggedChild;
+use cachalot_testkit::wait::{free_port, wait_for};
+use common::node::{desired, AgentEndpoint, NodeDirs};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
 
-/// A child process killed (and reaped) on drop.
-struct Proc {
-    child: Child,
-    name: &'static str,
-    log: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Self {
-        let out = std::fs::File::create(&log).unwrap();
-        let err = out.try_clone().unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
-        Self { child, name, log }
-    }
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-        format!("--- {} log ---\n{tail}", self.name)
-    }
-}
-
-/// A private containerd (no CRI, own root/state/socket) whose config also carries the CRI
-/// registry `config_path`, so the agent's read-only check runs against a config containerd
-/// really started with.
-struct Containerd {
-    proc: Proc,
-    socket: PathBuf,
-}
-
-impl Containerd {
-    async fn start(dir: &Path, certs_dir: &Path) -> Self {
-        let root = dir.join("root");
-        let state = dir.join("state");
-        let socket = dir.join("c.sock");
-        let config = dir.join("config.toml");
-        std::fs::create_dir_all(dir).unwrap();
-        std::fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = {root:?}\nstate = {state:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = {socket:?}\n\
-                 [plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = {certs_dir:?}\n"
-            ),
-        )
-        .unwrap();
-        let mut cmd = Command::new("/usr/bin/containerd");
-        cmd.arg("--config").arg(&config);
-        let proc = Proc::spawn("containerd", cmd, dir.join("containerd.log"));
-        let this = Self { proc, socket };
-        let ready = wait_until(DEADLINE, POLL, || async {
-            this.ctr(&["version"]).status.success()
-        })
-        .await;
-        assert!(
-            ready.is_ok(),
-            "containerd did not start\n{}",
-            this.proc.log_tail()
-        );
-        this
-    }
-
-    fn ctr(&self, args: &[&str]) -> std::process::Output {
-        Command::new("/usr/bin/ctr")
-            .arg("--address")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    /// Fetches all content of `reference` for this platform using the given hosts directory.
-    fn fetch(&self, certs_dir: &Path, reference: &str) -> std::process::Output {
-        let hosts = certs_dir.to_str().unwrap();
-        self.ctr(&[
-            "-n",
-            "test",
-            "content",
-            "fetch",
-            "--hosts-dir",
-            hosts,
-            reference,
-        ])
-    }
-}
-
-fn desired(generation: &str, server: &str, endpoints: Vec<String>, removing: bool) -> DesiredState {
-    DesiredState {
-        mirror: "cachalot/hub".into(),
-        generation: generation.into(),
+/// The desired state for docker.io through `endpoints` with `server` as the hosts.toml server.
+fn desired_with_server(
+    generation: &str,
+    server: &str,
+    endpoints: Vec<String>,
+    removing: bool,
+) -> DesiredState {
+    let mut state = DesiredState {
         removing,
-        runtime: Runtime::Containerd,
-        registries: vec![DesiredRegistry {
-            registry: "docker.io".into(),
-            server: Some(server.to_string()),
-            endpoints,
-            fallback: Fallback::Upstream,
-            dial_timeout: "1s".into(),
-            skip_verify: false,
-            ca_file: None,
-            override_path: false,
-        }],
         unreachable_after: "2s".into(),
-        merge_with_admin_file: false,
-    }
-}
-
-/// Writes the desired file the way a ConfigMap volume update appears: a new file swapped in.
-fn write_desired(path: &Path, state: &DesiredState) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(state).unwrap()).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-async fn status(client: &reqwest::Client, url: &str) -> Option<AgentStatus> {
-    let response = client.get(format!("{url}/status")).send().await.ok()?;
-    let bytes = response.bytes().await.ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
-async fn wait_status(
-    client: &reqwest::Client,
-    url: &str,
-    agent: &Proc,
-    what: &str,
-    pred: impl Fn(&AgentStatus) -> bool,
-) -> AgentStatus {
-    let result = wait_for(DEADLINE, POLL, || async {
-        status(client, url).await.filter(|s| pred(s))
-    })
-    .await;
-    match result {
-        Ok(s) => s,
-        Err(e) => panic!(
-            "{what}: {e}; last status {:?}\n{}",
-            status(client, url).await,
-            agent.log_tail()
-        ),
-    }
+        ..desired(generation, endpoints)
+    };
+    state.registries[0].server = Some(server.to_string());
+    state
 }
 
 /// The mirror: the real `cachalot-registry` (built next to the agent binary, or named by
@@ -193,7 +61,7 @@ async fn wait_status(
 /// which one ran.
 struct Mirror {
     front: FaultProxy,
-    _registry: Option<Proc>,
+    _registry: Option<LoggedChild>,
 }
 
 impl std::ops::Deref for Mirror {
@@ -230,19 +98,21 @@ impl Mirror {
             .arg(dir.join("registry-store"))
             .arg("--upstream")
             .arg(format!("docker.io={upstream_url}"));
-        let registry = Proc::spawn("cachalot-registry", cmd, dir.join("registry.log"));
+        let mut registry = LoggedChild::spawn(&mut cmd, &dir.join("registry.log")).unwrap();
         let url = format!("http://127.0.0.1:{port}");
         let client = http_client().unwrap();
-        let ready = wait_until(DEADLINE, POLL, || {
-            let request = client.get(format!("{url}/readyz"));
-            async move { request.send().await.is_ok_and(|r| r.status().is_success()) }
-        })
-        .await;
-        assert!(
-            ready.is_ok(),
-            "cachalot-registry did not become ready\n{}",
-            registry.log_tail()
-        );
+        let ready = registry
+            .wait_ready(DEADLINE, POLL, || {
+                let request = client.get(format!("{url}/readyz"));
+                async move { request.send().await.is_ok_and(|r| r.status().is_success()) }
+            })
+            .await;
+        if let Err(e) = ready {
+            panic!(
+                "cachalot-registry did not become ready: {e}\n{}",
+                registry.log_tail()
+            );
+        }
         eprintln!("mirror: real cachalot-registry {}", binary.display());
         Self {
             front: FaultProxy::start(&url).await.unwrap(),
@@ -251,46 +121,143 @@ impl Mirror {
     }
 }
 
-/// Starts the real agent binary on `port`, writing into `certs` and checking the private
-/// containerd's config.
-fn spawn_agent(dir: &Path, desired_file: &Path, certs: &Path, port: u16) -> Proc {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachalot-operator"));
-    cmd.arg("node-agent")
-        .arg("--desired-file")
-        .arg(desired_file)
-        .arg("--certs-dir")
-        .arg(certs)
-        .arg("--host-certs-dir")
-        .arg(certs)
-        .arg("--containerd-config")
-        .arg(dir.join("containerd/config.toml"))
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--node-name")
-        .arg("node-1")
-        .arg("--interval")
-        .arg("200ms")
-        .env("RUST_LOG", "info");
-    Proc::spawn("agent", cmd, dir.join("agent.log"))
+/// The real agent binary (`cachalot-operator node-agent`), killed on drop.
+struct AgentProcess {
+    child: LoggedChild,
+    endpoint: AgentEndpoint,
+}
+
+impl AgentProcess {
+    /// Starts it writing into the node's certs.d and checking `containerd_config`.
+    fn spawn(node: &NodeDirs, containerd_config: &Path) -> Self {
+        let port = free_port().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cachalot-operator"));
+        cmd.arg("node-agent")
+            .arg("--desired-file")
+            .arg(&node.desired_file)
+            .arg("--certs-dir")
+            .arg(&node.certs)
+            .arg("--host-certs-dir")
+            .arg(&node.certs)
+            .arg("--containerd-config")
+            .arg(containerd_config)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--node-name")
+            .arg("node-1")
+            .arg("--interval")
+            .arg("200ms")
+            .env("RUST_LOG", "info");
+        Self {
+            child: LoggedChild::spawn(&mut cmd, &node.path().join("agent.log")).unwrap(),
+            endpoint: AgentEndpoint::new(port),
+        }
+    }
+
+    /// Polls its `/status` until `pred` holds; a failure shows the agent's log.
+    async fn wait(&self, what: &str, pred: impl Fn(&AgentStatus) -> bool) -> AgentStatus {
+        self.endpoint
+            .wait_or_report(what, pred, || {
+                format!("--- agent log ---\n{}", self.child.log_tail())
+            })
+            .await
+    }
+}
+
+/// Requests of one pull, as counted by the two FaultProxies.
+struct Served {
+    mirror: u64,
+    server: u64,
+}
+
+/// One node: `library/demo` in a real upstream, the `server` and the mirror in front of it, and
+/// a private containerd whose hosts directory is the node's certs.d.
+struct Rig {
+    containerd: Containerd,
+    server: FaultProxy,
+    mirror: Mirror,
+    _upstream: Distribution,
+    // Last: the processes above may write into it until they are gone.
+    node: NodeDirs,
+}
+
+impl Rig {
+    /// Pushes `library/demo:TAG` for each `(tag, seed)`, with layers of `layer_sizes` bytes.
+    async fn start(tags: &[(&str, u64)], layer_sizes: &[u64]) -> Self {
+        let node = NodeDirs::new();
+        let upstream = Distribution::start().await.unwrap();
+        for &(tag, seed) in tags {
+            let image = docker_image(seed, layer_sizes).unwrap();
+            push(&upstream.url(), "library/demo", tag, &image)
+                .await
+                .unwrap();
+        }
+        let server = FaultProxy::start(&upstream.url()).await.unwrap();
+        let mirror = Mirror::start(node.path(), &upstream.url()).await;
+        let containerd = Containerd::start_with(ContainerdOptions {
+            cri_registry_config_path: Some(node.certs.clone()),
+            ..ContainerdOptions::default()
+        })
+        .await
+        .unwrap();
+        Self {
+            containerd,
+            server,
+            mirror,
+            _upstream: upstream,
+            node,
+        }
+    }
+
+    fn spawn_agent(&self) -> AgentProcess {
+        AgentProcess::spawn(&self.node, &self.containerd.config_path())
+    }
+
+    /// Fetches all content of `reference` for this platform using the node's hosts files.
+    async fn fetch(&self, reference: &str) -> CtrOutput {
+        self.containerd
+            .fetch(reference, &self.node.certs)
+            .await
+            .unwrap()
+    }
+
+    /// Fetches `reference` with fresh counts, checks that it succeeded, and says who served it.
+    async fn fetch_counting(&self, reference: &str, what: &str) -> Served {
+        self.server.handle().reset_counts();
+        self.mirror.handle().reset_counts();
+        let out = self.fetch(reference).await;
+        assert!(
+            out.success(),
+            "{what} failed: {}\n{}",
+            out.stderr,
+            self.containerd.log_tail()
+        );
+        Served {
+            mirror: self.mirror.handle().counts().total(),
+            server: self.server.handle().counts().total(),
+        }
+    }
+
+    /// How many of the mirror's requests carried `ns=docker.io`.
+    fn mirror_requests_for_docker_io(&self) -> u64 {
+        self.mirror
+            .handle()
+            .ns_seen()
+            .get("docker.io")
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_files_route_real_containerd_through_the_mirror_then_back_to_server_then_clean_up() {
-    let tmp = tempfile::tempdir().unwrap();
-    let certs = tmp.path().join("certs.d");
-    std::fs::create_dir(&certs).unwrap();
-    let desired_file = tmp.path().join("desired.json");
-
-    let upstream = Distribution::start().await.unwrap();
-    for (tag, seed) in [("v1", 11), ("v2", 12), ("v3", 13)] {
-        let image = docker_image(seed, &[64 * 1024, 32 * 1024]).unwrap();
-        push(&upstream.url(), "library/demo", tag, &image)
-            .await
-            .unwrap();
-    }
-    let server = FaultProxy::start(&upstream.url()).await.unwrap();
-    let mirror = Mirror::start(tmp.path(), &upstream.url()).await;
-    let containerd = Containerd::start(&tmp.path().join("containerd"), &certs).await;
+    let rig = Rig::start(
+        &[("v1", 11), ("v2", 12), ("v3", 13)],
+        &[64 * 1024, 32 * 1024],
+    )
+    .await;
+    let (node, server, mirror) = (&rig.node, &rig.server, &rig.mirror);
+    let certs = &node.certs;
     // An administrator's catch-all: once our docker.io file is gone, containerd uses it, which
     // lets the test see a pull go "directly to server" without ever naming the real Docker Hub.
     let admin_default = format!(
@@ -300,90 +267,57 @@ async fn agent_files_route_real_containerd_through_the_mirror_then_back_to_serve
     std::fs::create_dir(certs.join("_default")).unwrap();
     std::fs::write(certs.join("_default/hosts.toml"), &admin_default).unwrap();
 
-    write_desired(
-        &desired_file,
-        &desired("g1", &server.url(), vec![mirror.url()], false),
-    );
-    let port = free_port().unwrap();
-    let agent_url = format!("http://127.0.0.1:{port}");
-    let mut agent = spawn_agent(tmp.path(), &desired_file, &certs, port);
-    let client = http_client().unwrap();
+    node.write_desired(&desired_with_server(
+        "g1",
+        &server.url(),
+        vec![mirror.url()],
+        false,
+    ));
+    let mut agent = rig.spawn_agent();
 
     // Phase 1: the mirror answers GET /v2/, passes the gate and is written.
-    let s = wait_status(&client, &agent_url, &agent, "mirror configured", |s| {
-        s.generation == "g1" && s.ready
-    })
-    .await;
+    let s = agent
+        .wait("mirror configured", |s| s.generation == "g1" && s.ready)
+        .await;
     assert_eq!(s.registries[0].state, RegistryState::Configured);
     assert!(s.containerd.problems.is_empty(), "{:?}", s.containerd);
     assert_eq!(s.containerd.config_version, Some(2));
     let hosts_file = certs.join("docker.io/hosts.toml");
     assert_eq!(s.managed_files, [hosts_file.display().to_string()]);
-    let ready = client
-        .get(format!("{agent_url}/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200);
+    assert_eq!(agent.endpoint.get("/readyz").await.unwrap().0, 200);
 
-    server.handle().reset_counts();
-    mirror.handle().reset_counts();
-    let out = containerd.fetch(&certs, "docker.io/library/demo:v1");
+    let served = rig
+        .fetch_counting("docker.io/library/demo:v1", "pull through mirror")
+        .await;
     assert!(
-        out.status.success(),
-        "pull through mirror failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        containerd.proc.log_tail()
-    );
-    assert!(
-        mirror
-            .handle()
-            .ns_seen()
-            .get("docker.io")
-            .copied()
-            .unwrap_or(0)
-            > 0,
+        rig.mirror_requests_for_docker_io() > 0,
         "mirror saw {:?}",
         mirror.handle().ns_seen()
     );
     assert!(
-        mirror.handle().counts().total() >= 3,
+        served.mirror >= 3,
         "manifest, config and layers through the mirror"
     );
-    assert_eq!(
-        server.handle().counts().total(),
-        0,
-        "nothing may bypass a working mirror"
-    );
+    assert_eq!(served.server, 0, "nothing may bypass a working mirror");
 
     // Phase 2: the mirror is removed from the desired state; the file falls back to `server`.
-    write_desired(&desired_file, &desired("g2", &server.url(), vec![], false));
-    wait_status(&client, &agent_url, &agent, "mirror removed", |s| {
-        s.generation == "g2"
-    })
-    .await;
+    node.write_desired(&desired_with_server("g2", &server.url(), vec![], false));
+    agent.wait("mirror removed", |s| s.generation == "g2").await;
     let text = std::fs::read_to_string(&hosts_file).unwrap();
     assert!(!text.contains(&mirror.url()), "{text}");
-    mirror.handle().reset_counts();
-    let out = containerd.fetch(&certs, "docker.io/library/demo:v2");
-    assert!(
-        out.status.success(),
-        "direct pull failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        mirror.handle().counts().total(),
-        0,
-        "the removed mirror must not be used"
-    );
-    assert!(server.handle().counts().total() >= 3, "pull went to server");
+    let served = rig
+        .fetch_counting("docker.io/library/demo:v2", "direct pull")
+        .await;
+    assert_eq!(served.mirror, 0, "the removed mirror must not be used");
+    assert!(served.server >= 3, "pull went to server");
 
     // Phase 3: the mirror is deleted; the agent removes its file and directory.
-    write_desired(&desired_file, &desired("g3", &server.url(), vec![], true));
-    let s = wait_status(&client, &agent_url, &agent, "files removed", |s| {
-        s.generation == "g3" && s.managed_files.is_empty()
-    })
-    .await;
+    node.write_desired(&desired_with_server("g3", &server.url(), vec![], true));
+    let s = agent
+        .wait("files removed", |s| {
+            s.generation == "g3" && s.managed_files.is_empty()
+        })
+        .await;
     assert_eq!(s.registries[0].state, RegistryState::Removed);
     assert!(!certs.join("docker.io").exists());
     assert_eq!(
@@ -391,23 +325,11 @@ async fn agent_files_route_real_containerd_through_the_mirror_then_back_to_serve
         admin_default,
         "the administrator's file survives the whole lifecycle"
     );
-    server.handle().reset_counts();
-    mirror.handle().reset_counts();
-    let out = containerd.fetch(&certs, "docker.io/library/demo:v3");
-    assert!(
-        out.status.success(),
-        "pull after removal failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        mirror.handle().counts().total(),
-        0,
-        "no trace of the mirror after removal"
-    );
-    assert!(
-        server.handle().counts().total() >= 3,
-        "pull went directly to server"
-    );
+    let served = rig
+        .fetch_counting("docker.io/library/demo:v3", "pull after removal")
+        .await;
+    assert_eq!(served.mirror, 0, "no trace of the mirror after removal");
+    assert!(served.server >= 3, "pull went directly to server");
 
     // SIGTERM stops the agent cleanly.
     let pid = agent.child.id().to_string();
@@ -422,66 +344,44 @@ async fn agent_files_route_real_containerd_through_the_mirror_then_back_to_serve
     })
     .await;
     match exited {
-        Ok(code) => assert!(code.success(), "agent exit {code:?}\n{}", agent.log_tail()),
+        Ok(code) => assert!(
+            code.success(),
+            "agent exit {code:?}\n{}",
+            agent.child.log_tail()
+        ),
         Err(e) => panic!("agent did not stop on SIGTERM: {e}"),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fallback_never_keeps_containerd_off_the_upstream_even_when_the_mirror_is_down() {
-    let tmp = tempfile::tempdir().unwrap();
-    let certs = tmp.path().join("certs.d");
-    std::fs::create_dir(&certs).unwrap();
-    let desired_file = tmp.path().join("desired.json");
-    let upstream = Distribution::start().await.unwrap();
-    for (tag, seed) in [("v1", 31), ("v2", 32)] {
-        let image = docker_image(seed, &[32 * 1024]).unwrap();
-        push(&upstream.url(), "library/demo", tag, &image)
-            .await
-            .unwrap();
-    }
-    let server = FaultProxy::start(&upstream.url()).await.unwrap();
-    let mirror = Mirror::start(tmp.path(), &upstream.url()).await;
-    let containerd = Containerd::start(&tmp.path().join("containerd"), &certs).await;
-    let mut state = desired("g1", &server.url(), vec![mirror.url()], false);
+    let rig = Rig::start(&[("v1", 31), ("v2", 32)], &[32 * 1024]).await;
+    let (node, server, mirror) = (&rig.node, &rig.server, &rig.mirror);
+    let mut state = desired_with_server("g1", &server.url(), vec![mirror.url()], false);
     state.registries[0].fallback = Fallback::Never;
-    write_desired(&desired_file, &state);
-    let port = free_port().unwrap();
-    let agent_url = format!("http://127.0.0.1:{port}");
-    let agent = spawn_agent(tmp.path(), &desired_file, &certs, port);
-    let client = http_client().unwrap();
-    wait_status(&client, &agent_url, &agent, "configured", |s| s.ready).await;
+    node.write_desired(&state);
+    let agent = rig.spawn_agent();
+    agent.wait("configured", |s| s.ready).await;
 
-    let out = containerd.fetch(&certs, "docker.io/library/demo:v1");
-    assert!(
-        out.status.success(),
-        "pull through mirror failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        mirror
-            .handle()
-            .ns_seen()
-            .get("docker.io")
-            .copied()
-            .unwrap_or(0)
-            > 0
-    );
+    let out = rig.fetch("docker.io/library/demo:v1").await;
+    assert!(out.success(), "pull through mirror failed: {}", out.stderr);
+    assert!(rig.mirror_requests_for_docker_io() > 0);
 
     mirror.handle().set_down(true);
-    let s = wait_status(&client, &agent_url, &agent, "unreachable reported", |s| {
-        s.registries[0].state == RegistryState::Unreachable
-    })
-    .await;
+    let s = agent
+        .wait("unreachable reported", |s| {
+            s.registries[0].state == RegistryState::Unreachable
+        })
+        .await;
     assert!(!s.ready);
-    let text = std::fs::read_to_string(certs.join("docker.io/hosts.toml")).unwrap();
+    let text = std::fs::read_to_string(node.certs.join("docker.io/hosts.toml")).unwrap();
     assert!(
         text.contains(&mirror.url()),
         "Never keeps the mirror configured:\n{text}"
     );
-    let out = containerd.fetch(&certs, "docker.io/library/demo:v2");
+    let out = rig.fetch("docker.io/library/demo:v2").await;
     assert!(
-        !out.status.success(),
+        !out.success(),
         "with the only mirror down and fallback Never the pull must fail"
     );
     assert_eq!(

@@ -4,65 +4,41 @@
 //! `/status`, `/healthz` and `/readyz`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::time::Duration;
 
-use cachalot_operator::node_agent::protocol::{
-    AgentStatus, DesiredRegistry, DesiredState, Fallback, Reason, RegistryState, Runtime,
-};
+use cachalot_operator::node_agent::protocol::{DesiredRegistry, Reason, RegistryState};
 use cachalot_operator::node_agent::{run_until, Args};
-use cachalot_testkit::client::http_client;
 use cachalot_testkit::distribution::Distribution;
 use cachalot_testkit::fault::FaultProxy;
-use cachalot_testkit::wait::{free_port, wait_for};
+use cachalot_testkit::wait::free_port;
+use common::node::{desired, AgentEndpoint, NodeDirs};
 
+/// Bound of the agent's shutdown.
 const DEADLINE: Duration = Duration::from_secs(20);
-const POLL: Duration = Duration::from_millis(50);
 
-fn desired(generation: &str, endpoints: Vec<String>) -> DesiredState {
-    DesiredState {
-        mirror: "cachalot/hub".into(),
-        generation: generation.into(),
-        removing: false,
-        runtime: Runtime::Containerd,
-        registries: vec![DesiredRegistry {
-            registry: "docker.io".into(),
-            server: None,
-            endpoints,
-            fallback: Fallback::Upstream,
-            dial_timeout: "1s".into(),
-            skip_verify: false,
-            ca_file: None,
-            override_path: false,
-        }],
-        unreachable_after: "1s".into(),
-        merge_with_admin_file: false,
+/// The agent loop running in this process, answering on [`AgentEndpoint`].
+struct Agent {
+    endpoint: AgentEndpoint,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), cachalot_operator::node_agent::RunError>>,
+}
+
+impl std::ops::Deref for Agent {
+    type Target = AgentEndpoint;
+    fn deref(&self) -> &AgentEndpoint {
+        &self.endpoint
     }
 }
 
-fn write(path: &Path, bytes: &[u8]) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-struct Agent {
-    url: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), cachalot_operator::node_agent::RunError>>,
-    client: reqwest::Client,
-}
-
 impl Agent {
-    fn start(
-        desired_file: PathBuf,
-        certs_dir: PathBuf,
-        containerd_config: Option<PathBuf>,
-    ) -> Self {
+    fn start(node: &NodeDirs, containerd_config: Option<PathBuf>) -> Self {
         let port = free_port().unwrap();
         let args = Args {
-            desired_file,
-            certs_dir: certs_dir.clone(),
+            desired_file: node.desired_file.clone(),
+            certs_dir: node.certs.clone(),
             containerd_config,
             host_certs_dir: Some("/etc/containerd/certs.d".into()),
             registries_conf_dir: None,
@@ -77,37 +53,9 @@ impl Agent {
             let _ = rx.await;
         }));
         Self {
-            url: format!("http://127.0.0.1:{port}"),
+            endpoint: AgentEndpoint::new(port),
             stop: Some(tx),
             task,
-            client: http_client().unwrap(),
-        }
-    }
-
-    async fn get(&self, path: &str) -> Option<(u16, Vec<u8>)> {
-        let r = self
-            .client
-            .get(format!("{}{path}", self.url))
-            .send()
-            .await
-            .ok()?;
-        let status = r.status().as_u16();
-        Some((status, r.bytes().await.ok()?.to_vec()))
-    }
-
-    async fn status(&self) -> Option<AgentStatus> {
-        let (_, body) = self.get("/status").await?;
-        serde_json::from_slice(&body).ok()
-    }
-
-    async fn wait(&self, what: &str, pred: impl Fn(&AgentStatus) -> bool) -> AgentStatus {
-        match wait_for(DEADLINE, POLL, || async {
-            self.status().await.filter(|s| pred(s))
-        })
-        .await
-        {
-            Ok(s) => s,
-            Err(e) => panic!("{what}: {e}; last status {:?}", self.status().await),
         }
     }
 
@@ -122,25 +70,31 @@ impl Agent {
     }
 }
 
+/// A node with a mirror (a FaultProxy in front of a real distribution) and, when given, a
+/// containerd config file with `containerd_config` as its content.
+async fn node_with_mirror(
+    containerd_config: Option<&str>,
+) -> (NodeDirs, Option<PathBuf>, Distribution, FaultProxy) {
+    let node = NodeDirs::new();
+    let config = containerd_config.map(|text| {
+        let path = node.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    });
+    let upstream = Distribution::start().await.unwrap();
+    let mirror = FaultProxy::start(&upstream.url()).await.unwrap();
+    (node, config, upstream, mirror)
+}
+
 const GOOD_CONTAINERD: &str =
     "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_mirror_is_taken_out_after_unreachable_after_and_put_back_when_it_answers() {
-    let tmp = tempfile::tempdir().unwrap();
-    let certs = tmp.path().join("certs.d");
-    std::fs::create_dir(&certs).unwrap();
-    let desired_file = tmp.path().join("desired.json");
-    let containerd = tmp.path().join("config.toml");
-    std::fs::write(&containerd, GOOD_CONTAINERD).unwrap();
-    let upstream = Distribution::start().await.unwrap();
-    let mirror = FaultProxy::start(&upstream.url()).await.unwrap();
-    write(
-        &desired_file,
-        &serde_json::to_vec(&desired("g1", vec![mirror.url()])).unwrap(),
-    );
-    let agent = Agent::start(desired_file.clone(), certs.clone(), Some(containerd));
-    let hosts = certs.join("docker.io/hosts.toml");
+    let (node, containerd, _upstream, mirror) = node_with_mirror(Some(GOOD_CONTAINERD)).await;
+    node.write_desired(&desired("g1", vec![mirror.url()]));
+    let agent = Agent::start(&node, containerd);
+    let hosts = node.certs.join("docker.io/hosts.toml");
 
     let s = agent.wait("configured", |s| s.ready).await;
     assert_eq!(
@@ -179,13 +133,9 @@ async fn dead_mirror_is_taken_out_after_unreachable_after_and_put_back_when_it_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn desired_file_changes_are_followed_and_invalid_content_keeps_the_last_good_state() {
-    let tmp = tempfile::tempdir().unwrap();
-    let certs = tmp.path().join("certs.d");
-    std::fs::create_dir(&certs).unwrap();
-    let desired_file = tmp.path().join("desired.json");
-    let upstream = Distribution::start().await.unwrap();
-    let mirror = FaultProxy::start(&upstream.url()).await.unwrap();
-    let agent = Agent::start(desired_file.clone(), certs.clone(), None);
+    let (node, _, _upstream, mirror) = node_with_mirror(None).await;
+    let certs = &node.certs;
+    let agent = Agent::start(&node, None);
 
     // No desired file yet: not ready, reported, nothing written.
     let s = agent
@@ -198,10 +148,7 @@ async fn desired_file_changes_are_followed_and_invalid_content_keeps_the_last_go
     assert!(!s.ready);
     assert_eq!(agent.get("/readyz").await.unwrap().0, 503);
 
-    write(
-        &desired_file,
-        &serde_json::to_vec(&desired("g1", vec![mirror.url()])).unwrap(),
-    );
+    node.write_desired(&desired("g1", vec![mirror.url()]));
     agent
         .wait("g1 applied", |s| s.generation == "g1" && s.ready)
         .await;
@@ -212,7 +159,7 @@ async fn desired_file_changes_are_followed_and_invalid_content_keeps_the_last_go
         registry: "ghcr.io".into(),
         ..two.registries[0].clone()
     });
-    write(&desired_file, &serde_json::to_vec(&two).unwrap());
+    node.write_desired(&two);
     agent
         .wait("g2 applied", |s| {
             s.generation == "g2" && s.managed_files.len() == 2
@@ -220,7 +167,7 @@ async fn desired_file_changes_are_followed_and_invalid_content_keeps_the_last_go
         .await;
     assert!(certs.join("ghcr.io/hosts.toml").exists());
 
-    write(&desired_file, b"{ not json");
+    node.write_desired_bytes(b"{ not json");
     let s = agent
         .wait("invalid file reported", |s| {
             s.problems
@@ -231,10 +178,7 @@ async fn desired_file_changes_are_followed_and_invalid_content_keeps_the_last_go
     assert_eq!(s.generation, "g2", "the last good state stays applied");
     assert!(certs.join("ghcr.io/hosts.toml").exists());
 
-    write(
-        &desired_file,
-        &serde_json::to_vec(&desired("g3", vec![mirror.url()])).unwrap(),
-    );
+    node.write_desired(&desired("g3", vec![mirror.url()]));
     agent
         .wait("g3 applied", |s| {
             s.generation == "g3" && s.problems.is_empty()
@@ -249,19 +193,10 @@ async fn desired_file_changes_are_followed_and_invalid_content_keeps_the_last_go
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_without_config_path_is_reported_and_node_is_not_ready() {
-    let tmp = tempfile::tempdir().unwrap();
-    let certs = tmp.path().join("certs.d");
-    std::fs::create_dir(&certs).unwrap();
-    let desired_file = tmp.path().join("desired.json");
-    let containerd = tmp.path().join("config.toml");
-    std::fs::write(&containerd, "version = 3\n").unwrap();
-    let upstream = Distribution::start().await.unwrap();
-    let mirror = FaultProxy::start(&upstream.url()).await.unwrap();
-    write(
-        &desired_file,
-        &serde_json::to_vec(&desired("g1", vec![mirror.url()])).unwrap(),
-    );
-    let agent = Agent::start(desired_file, certs, Some(containerd.clone()));
+    let (node, containerd, _upstream, mirror) = node_with_mirror(Some("version = 3\n")).await;
+    let containerd = containerd.unwrap();
+    node.write_desired(&desired("g1", vec![mirror.url()]));
+    let agent = Agent::start(&node, Some(containerd.clone()));
     let s = agent.wait("applied", |s| s.generation == "g1").await;
     assert_eq!(s.containerd.config_version, Some(3));
     assert_eq!(s.containerd.problems[0].reason, Reason::ConfigPathNotSet);

@@ -3,29 +3,43 @@
 //! missing or an extra call. HTTP probes of pods are a fake [`Probe`].
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cachalot_operator::api::{RegistryMirror, FINALIZER};
-use cachalot_operator::controller::observe::{Probe, ProbeError, RegistryStats, UpstreamBudget};
+use cachalot_operator::controller::observe::{Probe, ProbeError, RegistryStats};
 use cachalot_operator::controller::{reconcile_mirror, Context, ControllerConfig};
 use cachalot_operator::metrics::Metrics;
 use cachalot_operator::node_agent::protocol::{AgentStatus, ContainerdStatus, DesiredState};
+use common::mock_api::{expect, failure, not_found, play, respond, Handle};
+use common::registry_stats;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use http::{Method, Request, Response, StatusCode};
-use kube::client::Body;
+use http::{Method, StatusCode};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use kube::Client;
 use serde_json::{json, Value};
-use tower_test::mock;
-
-type Handle = mock::Handle<Request<Body>, Response<Body>>;
 
 const NS: &str = "cachalot";
-const MIRRORS: &str = "/apis/cachalot.dev/v1alpha1/namespaces/cachalot/registrymirrors";
+const MIRROR: &str = "/apis/cachalot.dev/v1alpha1/namespaces/cachalot/registrymirrors/hub";
+const MIRROR_STATUS: &str =
+    "/apis/cachalot.dev/v1alpha1/namespaces/cachalot/registrymirrors/hub/status";
+const REGISTRY_CONFIG: &str = "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-config";
+const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/cachalot/deployments/cachalot-hub";
+const STATEFUL_SET: &str = "/apis/apps/v1/namespaces/cachalot/statefulsets/cachalot-hub";
+const SERVICE: &str = "/api/v1/namespaces/cachalot/services/cachalot-hub";
+const PDB: &str = "/apis/policy/v1/namespaces/cachalot/poddisruptionbudgets/cachalot-hub";
+const AGENT_CONFIG: &str = "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-agent";
+const AGENT_DAEMON_SET: &str = "/apis/apps/v1/namespaces/cachalot/daemonsets/cachalot-hub-agent";
+const PODS: &str = "/api/v1/namespaces/cachalot/pods";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/cachalot/events";
+/// What the pod lists select on (URL-encoded label selectors).
+const REGISTRY_COMPONENT: &str = "app.kubernetes.io%2Fcomponent%3Dregistry";
+const AGENT_COMPONENT: &str = "node-agent";
 
 /// What the fake probe answers: agents echo the generation last applied through the API.
 #[derive(Default)]
@@ -48,22 +62,7 @@ impl Probe for FakeProbe {
             .lock()
             .unwrap()
             .push(format!("{base_url}/stats"));
-        async move {
-            Ok(RegistryStats {
-                hits: 7,
-                misses: 1,
-                stale: 0,
-                upstreams: vec![UpstreamBudget {
-                    registry: "docker.io".into(),
-                    limit: Some(100),
-                    remaining: Some(42),
-                    window_seconds: Some(21600),
-                    source: None,
-                }],
-                ..RegistryStats::default()
-            })
-        }
-        .boxed()
+        async move { Ok(registry_stats(7, 1, 0, 42)) }.boxed()
     }
     fn agent_status(
         &self,
@@ -132,74 +131,6 @@ fn empty_store() -> Store<RegistryMirror> {
     store
 }
 
-/// One recorded request.
-struct Call {
-    method: Method,
-    path: String,
-    query: String,
-    body: Value,
-}
-
-async fn next_call(handle: &mut Handle) -> (Call, mock::SendResponse<Response<Body>>) {
-    let (request, send) = handle
-        .next_request()
-        .await
-        .expect("the operator made no further call");
-    let method = request.method().clone();
-    let path = request.uri().path().to_string();
-    let query = request.uri().query().unwrap_or_default().to_string();
-    let bytes = request.into_body().collect_bytes().await.unwrap();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap()
-    };
-    (
-        Call {
-            method,
-            path,
-            query,
-            body,
-        },
-        send,
-    )
-}
-
-fn respond(send: mock::SendResponse<Response<Body>>, status: StatusCode, body: &Value) {
-    let response = Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(Body::from(serde_json::to_vec(body).unwrap()))
-        .unwrap();
-    send.send_response(response);
-}
-
-fn not_found(send: mock::SendResponse<Response<Body>>) {
-    respond(
-        send,
-        StatusCode::NOT_FOUND,
-        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
-    );
-}
-
-/// Expects a call with this method and path and returns it with its responder.
-async fn expect(
-    handle: &mut Handle,
-    method: Method,
-    path: &str,
-) -> (Call, mock::SendResponse<Response<Body>>) {
-    let (call, send) = next_call(handle).await;
-    assert_eq!(
-        (call.method.clone(), call.path.as_str()),
-        (method, path),
-        "unexpected call {} {}?{}",
-        call.method,
-        call.path,
-        call.query
-    );
-    (call, send)
-}
-
 /// Expects a server-side apply by the operator's field manager and echoes the body back,
 /// merged with `extra` (what the API server would add, e.g. a cluster IP).
 async fn expect_apply(handle: &mut Handle, path: &str, extra: Value) -> Value {
@@ -228,13 +159,77 @@ fn merge(target: &mut Value, extra: &Value) {
     }
 }
 
-async fn expect_event(handle: &mut Handle, reason: &str) {
-    let (call, send) = expect(
+/// Expects a DELETE of an object the spec does not want, which does not exist.
+async fn expect_delete_of_absent(handle: &mut Handle, path: &str) {
+    let (_, send) = expect(handle, Method::DELETE, path).await;
+    not_found(send);
+}
+
+/// Expects the finalizers written as `finalizers`, guarded by the resourceVersion read, and
+/// answers with `updated`.
+async fn expect_finalizers(handle: &mut Handle, finalizers: Value, updated: &Value) {
+    let (call, send) = expect(handle, Method::PATCH, MIRROR).await;
+    assert_eq!(call.body["metadata"]["finalizers"], finalizers);
+    assert_eq!(call.body["metadata"]["resourceVersion"], "100");
+    respond(send, StatusCode::OK, updated);
+}
+
+/// Expects the agents' desired-state ConfigMap and lets the fake agents apply it.
+async fn expect_desired_state(handle: &mut Handle, world: &FakeWorld) -> DesiredState {
+    let cm = expect_apply(handle, AGENT_CONFIG, json!({})).await;
+    let desired: DesiredState =
+        serde_json::from_str(cm["data"]["desired.json"].as_str().unwrap()).unwrap();
+    *world.generation.lock().unwrap() = desired.generation.clone();
+    desired
+}
+
+/// Expects the agent DaemonSet applied and answers that its one pod is scheduled and ready.
+async fn expect_agent_daemon_set_applied(handle: &mut Handle) {
+    expect_apply(
         handle,
-        Method::POST,
-        "/apis/events.k8s.io/v1/namespaces/cachalot/events",
+        AGENT_DAEMON_SET,
+        json!({"status": {"desiredNumberScheduled": 1, "currentNumberScheduled": 1, "numberMisscheduled": 0, "numberReady": 1}}),
     )
     .await;
+}
+
+/// Expects the agent DaemonSet read during a deletion; answers it, or 404 unless `exists`.
+async fn expect_agent_daemon_set_read(handle: &mut Handle, exists: bool) {
+    let (_, send) = expect(handle, Method::GET, AGENT_DAEMON_SET).await;
+    if exists {
+        respond(
+            send,
+            StatusCode::OK,
+            &json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+                    "metadata": {"name": "cachalot-hub-agent", "namespace": NS},
+                    "spec": {"selector": {}, "template": {}}}),
+        );
+    } else {
+        not_found(send);
+    }
+}
+
+/// Expects a pod list selecting on `component` and answers `pods`.
+async fn expect_pod_list(handle: &mut Handle, component: &str, pods: Value) {
+    let (call, send) = expect(handle, Method::GET, PODS).await;
+    assert!(call.query.contains(component), "{}", call.query);
+    respond(send, StatusCode::OK, &pods);
+}
+
+/// The deletion of a mirror whose agents run: the removal is written for them, then their pods
+/// are listed (one agent, on node-1). Returns the desired state written.
+async fn expect_removal_written_and_agents_listed(
+    handle: &mut Handle,
+    world: &FakeWorld,
+) -> DesiredState {
+    expect_agent_daemon_set_read(handle, true).await;
+    let desired = expect_desired_state(handle, world).await;
+    expect_pod_list(handle, AGENT_COMPONENT, agent_pod()).await;
+    desired
+}
+
+async fn expect_event(handle: &mut Handle, reason: &str) {
+    let (call, send) = expect(handle, Method::POST, EVENTS).await;
     assert_eq!(call.body["reason"], reason, "{}", call.body);
     assert_eq!(call.body["regarding"]["name"], "hub");
     respond(send, StatusCode::CREATED, &call.body);
@@ -251,7 +246,7 @@ fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
 
 /// Expects the status write (a JSON patch adding `/status`) and returns the status.
 async fn expect_status(handle: &mut Handle, object: &Value) -> Value {
-    let (call, send) = expect(handle, Method::PATCH, &format!("{MIRRORS}/hub/status")).await;
+    let (call, send) = expect(handle, Method::PATCH, MIRROR_STATUS).await;
     assert_eq!(call.body[0]["op"], "add");
     assert_eq!(call.body[0]["path"], "/status");
     let status = call.body[0]["value"].clone();
@@ -272,6 +267,16 @@ fn pod_list(name: &str, node: &str, ip: &str) -> Value {
     })
 }
 
+/// The one running registry pod.
+fn registry_pod() -> Value {
+    pod_list("cachalot-hub-0", "node-1", "10.0.0.9")
+}
+
+/// The one running agent pod.
+fn agent_pod() -> Value {
+    pod_list("agent-x", "node-1", "192.168.1.10")
+}
+
 /// Runs `reconcile` against a scenario and checks that no call is left unanswered or extra.
 async fn run_scenario<S, F>(
     mirror: RegistryMirror,
@@ -283,29 +288,12 @@ where
     S: FnOnce(Handle) -> F,
     F: std::future::Future<Output = Handle> + Send + 'static,
 {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, NS);
-    let verifier = tokio::spawn(scenario(handle));
-    let ctx = context(client, world, store);
-    let action = tokio::time::timeout(Duration::from_secs(10), reconcile_mirror(&mirror, &ctx))
-        .await
-        .expect("reconcile timed out: a call was not answered")
-        .expect("reconcile failed");
-    drop(ctx);
-    let mut handle = tokio::time::timeout(Duration::from_secs(5), verifier)
-        .await
-        .expect("scenario timed out: an expected call never came")
-        .unwrap();
-    // With the client dropped, any further request would have been sent before this point.
-    let extra = tokio::time::timeout(Duration::from_secs(1), handle.next_request()).await;
-    if let Ok(Some((request, _))) = extra {
-        panic!(
-            "unexpected extra call {} {}",
-            request.method(),
-            request.uri()
-        );
-    }
-    action
+    play(NS, scenario, |client| async move {
+        reconcile_mirror(&mirror, &context(client, world, store))
+            .await
+            .expect("reconcile failed")
+    })
+    .await
 }
 
 #[tokio::test]
@@ -316,53 +304,30 @@ async fn new_mirror_gets_finalizer_then_objects_applied_then_ready_status() {
     let w = world.clone();
     let action = run_scenario(m, world.clone(), empty_store(), move |mut h| async move {
         // 1. finalizer first, guarded by resourceVersion
-        let (call, send) = expect(&mut h, Method::PATCH, &format!("{MIRRORS}/hub")).await;
-        assert_eq!(call.body["metadata"]["finalizers"], json!([FINALIZER]));
-        assert_eq!(call.body["metadata"]["resourceVersion"], "100");
         let with_finalizer = mirror_json(docker_hub(), true, false);
-        respond(send, StatusCode::OK, &with_finalizer);
+        expect_finalizers(&mut h, json!([FINALIZER]), &with_finalizer).await;
         // 2. registry side
-        let cm = expect_apply(&mut h, "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-config", json!({})).await;
-        assert!(cm["data"]["config.yaml"].as_str().unwrap().contains("registry-1.docker.io"));
+        let cm = expect_apply(&mut h, REGISTRY_CONFIG, json!({})).await;
+        assert!(cm["data"]["config.yaml"]
+            .as_str()
+            .unwrap()
+            .contains("registry-1.docker.io"));
+        expect_apply(&mut h, DEPLOYMENT, json!({"status": {"readyReplicas": 1}})).await;
+        expect_delete_of_absent(&mut h, STATEFUL_SET).await;
         expect_apply(
             &mut h,
-            "/apis/apps/v1/namespaces/cachalot/deployments/cachalot-hub",
-            json!({"status": {"readyReplicas": 1}}),
-        )
-        .await;
-        let (_, send) = expect(&mut h, Method::DELETE, "/apis/apps/v1/namespaces/cachalot/statefulsets/cachalot-hub").await;
-        not_found(send);
-        expect_apply(
-            &mut h,
-            "/api/v1/namespaces/cachalot/services/cachalot-hub",
+            SERVICE,
             json!({"spec": {"clusterIP": "10.96.0.12"}}),
         )
         .await;
-        let (_, send) = expect(
-            &mut h,
-            Method::DELETE,
-            "/apis/policy/v1/namespaces/cachalot/poddisruptionbudgets/cachalot-hub",
-        )
-        .await;
-        not_found(send);
+        expect_delete_of_absent(&mut h, PDB).await;
         // 3. node side, pointed at the cluster IP read back from the Service
-        let cm = expect_apply(&mut h, "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-agent", json!({})).await;
-        let desired: DesiredState = serde_json::from_str(cm["data"]["desired.json"].as_str().unwrap()).unwrap();
+        let desired = expect_desired_state(&mut h, &w).await;
         assert_eq!(desired.registries[0].endpoints, ["http://10.96.0.12:5000"]);
-        *w.generation.lock().unwrap() = desired.generation.clone();
-        expect_apply(
-            &mut h,
-            "/apis/apps/v1/namespaces/cachalot/daemonsets/cachalot-hub-agent",
-            json!({"status": {"desiredNumberScheduled": 1, "currentNumberScheduled": 1, "numberMisscheduled": 0, "numberReady": 1}}),
-        )
-        .await;
+        expect_agent_daemon_set_applied(&mut h).await;
         // 4. observe: registry pods, then agent pods
-        let (call, send) = expect(&mut h, Method::GET, "/api/v1/namespaces/cachalot/pods").await;
-        assert!(call.query.contains("app.kubernetes.io%2Fcomponent%3Dregistry"), "{}", call.query);
-        respond(send, StatusCode::OK, &pod_list("cachalot-hub-0", "node-1", "10.0.0.9"));
-        let (call, send) = expect(&mut h, Method::GET, "/api/v1/namespaces/cachalot/pods").await;
-        assert!(call.query.contains("node-agent"), "{}", call.query);
-        respond(send, StatusCode::OK, &pod_list("agent-x", "node-1", "192.168.1.10"));
+        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
+        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
         // 5. status
         let status = expect_status(&mut h, &with_finalizer).await;
         assert_eq!(status["observedGeneration"], 2);
@@ -370,13 +335,19 @@ async fn new_mirror_gets_finalizer_then_objects_applied_then_ready_status() {
         assert_eq!(condition(&status, "Ready")["status"], "True");
         assert_eq!(condition(&status, "ProxyAvailable")["status"], "True");
         assert_eq!(condition(&status, "NodesConfigured")["status"], "True");
-        assert_eq!(condition(&status, "NodesConfigured")["message"], "1/1 nodes");
+        assert_eq!(
+            condition(&status, "NodesConfigured")["message"],
+            "1/1 nodes"
+        );
         assert_eq!(condition(&status, "Conflict")["status"], "False");
         assert_eq!(status["nodes"]["summary"], "1/1");
         assert_eq!(status["cache"]["hitRatio"], "87.5%");
         assert_eq!(condition(&status, "CacheEffective")["status"], "True");
         assert_eq!(status["budgetSummary"], "42/100");
-        assert_eq!(condition(&status, "UpstreamBudget")["reason"], "BudgetAvailable");
+        assert_eq!(
+            condition(&status, "UpstreamBudget")["reason"],
+            "BudgetAvailable"
+        );
         // 6. the transition to Ready is an Event
         expect_event(&mut h, "MirrorReady").await;
         h
@@ -509,45 +480,11 @@ async fn deletion_sets_removing_and_drops_finalizer_once_agents_report_no_files(
     let m = mirror(docker_hub(), true, true);
     let w = world.clone();
     let action = run_scenario(m, world, empty_store(), move |mut h| async move {
-        let (_, send) = expect(
-            &mut h,
-            Method::GET,
-            "/apis/apps/v1/namespaces/cachalot/daemonsets/cachalot-hub-agent",
-        )
-        .await;
-        respond(
-            send,
-            StatusCode::OK,
-            &json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
-                    "metadata": {"name": "cachalot-hub-agent", "namespace": NS},
-                    "spec": {"selector": {}, "template": {}}}),
-        );
-        let cm = expect_apply(
-            &mut h,
-            "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-agent",
-            json!({}),
-        )
-        .await;
-        let desired: DesiredState =
-            serde_json::from_str(cm["data"]["desired.json"].as_str().unwrap()).unwrap();
+        // The agent applies the removal at once and then holds no files any more.
+        let desired = expect_removal_written_and_agents_listed(&mut h, &w).await;
         assert!(desired.removing);
         assert!(desired.registries.is_empty());
-        // The agent has applied the removal and holds no files any more.
-        *w.generation.lock().unwrap() = desired.generation.clone();
-        let (_, send) = expect(&mut h, Method::GET, "/api/v1/namespaces/cachalot/pods").await;
-        respond(
-            send,
-            StatusCode::OK,
-            &pod_list("agent-x", "node-1", "192.168.1.10"),
-        );
-        let (call, send) = expect(&mut h, Method::PATCH, &format!("{MIRRORS}/hub")).await;
-        assert_eq!(call.body["metadata"]["finalizers"], json!([]));
-        assert_eq!(call.body["metadata"]["resourceVersion"], "100");
-        respond(
-            send,
-            StatusCode::OK,
-            &mirror_json(docker_hub(), false, true),
-        );
+        expect_finalizers(&mut h, json!([]), &mirror_json(docker_hub(), false, true)).await;
         expect_event(&mut h, "NodeFilesRemoved").await;
         h
     })
@@ -563,34 +500,8 @@ async fn deletion_waits_while_an_agent_still_holds_files() {
     let m = mirror(docker_hub(), true, true);
     let w = world.clone();
     let action = run_scenario(m, world, empty_store(), move |mut h| async move {
-        let (_, send) = expect(
-            &mut h,
-            Method::GET,
-            "/apis/apps/v1/namespaces/cachalot/daemonsets/cachalot-hub-agent",
-        )
-        .await;
-        respond(
-            send,
-            StatusCode::OK,
-            &json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
-                    "metadata": {"name": "cachalot-hub-agent", "namespace": NS},
-                    "spec": {"selector": {}, "template": {}}}),
-        );
-        let cm = expect_apply(
-            &mut h,
-            "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-agent",
-            json!({}),
-        )
-        .await;
-        let desired: DesiredState =
-            serde_json::from_str(cm["data"]["desired.json"].as_str().unwrap()).unwrap();
-        *w.generation.lock().unwrap() = desired.generation;
-        let (_, send) = expect(&mut h, Method::GET, "/api/v1/namespaces/cachalot/pods").await;
-        respond(
-            send,
-            StatusCode::OK,
-            &pod_list("agent-x", "node-1", "192.168.1.10"),
-        );
+        let desired = expect_removal_written_and_agents_listed(&mut h, &w).await;
+        assert!(desired.removing);
         let status = expect_status(&mut h, &mirror_json(docker_hub(), true, true)).await;
         let nodes = condition(&status, "NodesConfigured");
         assert_eq!(nodes["reason"], "RemovingNodeFiles");
@@ -616,20 +527,8 @@ async fn deletion_without_agents_removes_the_finalizer_at_once() {
         Arc::new(FakeWorld::default()),
         empty_store(),
         |mut h| async move {
-            let (_, send) = expect(
-                &mut h,
-                Method::GET,
-                "/apis/apps/v1/namespaces/cachalot/daemonsets/cachalot-hub-agent",
-            )
-            .await;
-            not_found(send);
-            let (call, send) = expect(&mut h, Method::PATCH, &format!("{MIRRORS}/hub")).await;
-            assert_eq!(call.body["metadata"]["finalizers"], json!([]));
-            respond(
-                send,
-                StatusCode::OK,
-                &mirror_json(docker_hub(), false, true),
-            );
+            expect_agent_daemon_set_read(&mut h, false).await;
+            expect_finalizers(&mut h, json!([]), &mirror_json(docker_hub(), false, true)).await;
             expect_event(&mut h, "FinalizerRemoved").await;
             h
         },
@@ -640,31 +539,24 @@ async fn deletion_without_agents_removes_the_finalizer_at_once() {
 
 #[tokio::test]
 async fn failed_apply_is_a_transient_error_with_a_static_category() {
-    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, NS);
-    let ctx = context(client, Arc::new(FakeWorld::default()), empty_store());
     let m = mirror(docker_hub(), true, false);
-    let verifier = tokio::spawn(async move {
-        let (_, send) = expect(
-            &mut handle,
-            Method::PATCH,
-            "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-config",
-        )
-        .await;
-        respond(
-            send,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500, "message": "etcd down"}),
-        );
-        handle
-    });
-    let result = tokio::time::timeout(Duration::from_secs(10), reconcile_mirror(&m, &ctx))
-        .await
-        .unwrap();
+    let result = play(
+        NS,
+        |mut h| async move {
+            let (_, send) = expect(&mut h, Method::PATCH, REGISTRY_CONFIG).await;
+            let error = StatusCode::INTERNAL_SERVER_ERROR;
+            respond(send, error, &failure(error, "InternalError", "etcd down"));
+            h
+        },
+        |client| async move {
+            let ctx = context(client, Arc::new(FakeWorld::default()), empty_store());
+            reconcile_mirror(&m, &ctx).await
+        },
+    )
+    .await;
     let error = result.unwrap_err();
     assert_eq!(error.category(), "ApplyFailed");
     assert!(error.to_string().contains("cachalot-hub-config"), "{error}");
-    verifier.await.unwrap();
 }
 
 #[tokio::test]
@@ -677,49 +569,29 @@ async fn spec_change_on_a_running_mirror_reapplies_without_touching_the_finalize
     let w = world.clone();
     let object = mirror_json(spec, true, false);
     let action = run_scenario(m, world, empty_store(), move |mut h| async move {
-        expect_apply(&mut h, "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-config", json!({})).await;
-        let deployment = expect_apply(
-            &mut h,
-            "/apis/apps/v1/namespaces/cachalot/deployments/cachalot-hub",
-            json!({"status": {"readyReplicas": 3}}),
-        )
-        .await;
+        expect_apply(&mut h, REGISTRY_CONFIG, json!({})).await;
+        let deployment = expect_apply(&mut h, DEPLOYMENT, json!({"status": {"readyReplicas": 3}})).await;
         assert_eq!(deployment["spec"]["replicas"], 3);
-        let (_, send) = expect(&mut h, Method::DELETE, "/apis/apps/v1/namespaces/cachalot/statefulsets/cachalot-hub").await;
-        not_found(send);
+        expect_delete_of_absent(&mut h, STATEFUL_SET).await;
         let service = expect_apply(
             &mut h,
-            "/api/v1/namespaces/cachalot/services/cachalot-hub",
+            SERVICE,
             json!({"spec": {"clusterIP": "10.96.0.12", "ports": [{"name": "http", "port": 5000, "nodePort": 31555}]}}),
         )
         .await;
         assert_eq!(service["spec"]["type"], "NodePort");
         // Three replicas: the PDB is applied now instead of deleted.
-        let pdb = expect_apply(
-            &mut h,
-            "/apis/policy/v1/namespaces/cachalot/poddisruptionbudgets/cachalot-hub",
-            json!({}),
-        )
-        .await;
+        let pdb = expect_apply(&mut h, PDB, json!({})).await;
         assert_eq!(pdb["spec"]["minAvailable"], 1);
-        let cm = expect_apply(&mut h, "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-agent", json!({})).await;
-        let desired: DesiredState = serde_json::from_str(cm["data"]["desired.json"].as_str().unwrap()).unwrap();
+        let desired = expect_desired_state(&mut h, &w).await;
         assert_eq!(
             desired.registries[0].endpoints,
             ["http://127.0.0.1:31555"],
             "NodePort nodes use the allocated port on loopback"
         );
-        *w.generation.lock().unwrap() = desired.generation.clone();
-        expect_apply(
-            &mut h,
-            "/apis/apps/v1/namespaces/cachalot/daemonsets/cachalot-hub-agent",
-            json!({"status": {"desiredNumberScheduled": 1, "currentNumberScheduled": 1, "numberMisscheduled": 0, "numberReady": 1}}),
-        )
-        .await;
-        let (_, send) = expect(&mut h, Method::GET, "/api/v1/namespaces/cachalot/pods").await;
-        respond(send, StatusCode::OK, &pod_list("cachalot-hub-0", "node-1", "10.0.0.9"));
-        let (_, send) = expect(&mut h, Method::GET, "/api/v1/namespaces/cachalot/pods").await;
-        respond(send, StatusCode::OK, &pod_list("agent-x", "node-1", "192.168.1.10"));
+        expect_agent_daemon_set_applied(&mut h).await;
+        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
+        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
         let status = expect_status(&mut h, &object).await;
         assert_eq!(status["endpoint"], "http://127.0.0.1:31555");
         assert_eq!(condition(&status, "Ready")["status"], "True");

@@ -1,16 +1,19 @@
 //! Pure status computation: conditions, numbers and their stability.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use cachalot_operator::api::{
     ConditionStatus, ConditionType, MirrorCondition, RegistryMirror, RegistryMirrorStatus,
 };
 use cachalot_operator::controller::observe::{
-    AgentObservation, Observations, RegistryPodObservation, RegistryStats, UpstreamBudget,
+    AgentObservation, Observations, RegistryPodObservation, RegistryStats,
 };
 use cachalot_operator::controller::status::{compute_status, hit_ratio, transitions, Outcome};
 use cachalot_operator::node_agent::protocol::{AgentStatus, ContainerdStatus, Problem, Reason};
+use common::registry_stats;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
@@ -51,22 +54,6 @@ fn agent(node: &str, ready: bool, problem: Option<Reason>) -> AgentObservation {
     }
 }
 
-fn stats(hits: u64, misses: u64, stale: u64, remaining: u64) -> RegistryStats {
-    RegistryStats {
-        hits,
-        misses,
-        stale,
-        upstreams: vec![UpstreamBudget {
-            registry: "docker.io".to_string(),
-            limit: Some(100),
-            remaining: Some(remaining),
-            window_seconds: Some(21600),
-            source: None,
-        }],
-        ..RegistryStats::default()
-    }
-}
-
 fn running(obs: Observations) -> Outcome {
     Outcome::Running {
         endpoint: Some("http://10.96.0.12:5000".to_string()),
@@ -98,7 +85,7 @@ fn pods(list: Vec<RegistryStats>) -> Vec<RegistryPodObservation> {
 #[test]
 fn partially_configured_nodes_report_n_of_m_with_the_dominant_node_reason() {
     let obs = Observations {
-        registry_pods: pods(vec![stats(1, 1, 0, 50)]),
+        registry_pods: pods(vec![registry_stats(1, 1, 0, 50)]),
         ready_replicas: 1,
         desired_nodes: 4,
         agents: vec![
@@ -138,7 +125,7 @@ fn an_agent_on_an_older_desired_state_is_pending_not_configured() {
         s.generation = "older".to_string();
     }
     let obs = Observations {
-        registry_pods: pods(vec![stats(0, 0, 0, 50)]),
+        registry_pods: pods(vec![registry_stats(0, 0, 0, 50)]),
         ready_replicas: 1,
         desired_nodes: 1,
         agents: vec![stale_agent],
@@ -158,7 +145,10 @@ fn an_agent_on_an_older_desired_state_is_pending_not_configured() {
 #[test]
 fn cache_counts_are_summed_over_pods_and_budget_is_the_lowest_remaining() {
     let obs = Observations {
-        registry_pods: pods(vec![stats(6, 1, 1, 40), stats(2, 1, 0, 35)]),
+        registry_pods: pods(vec![
+            registry_stats(6, 1, 1, 40),
+            registry_stats(2, 1, 0, 35),
+        ]),
         ready_replicas: 2,
         desired_nodes: 1,
         agents: vec![agent("node-1", true, None)],
@@ -182,7 +172,7 @@ fn cache_counts_are_summed_over_pods_and_budget_is_the_lowest_remaining() {
 fn exhausted_budget_is_rate_limited_and_low_budget_is_the_reserve() {
     let status_for = |remaining| {
         let obs = Observations {
-            registry_pods: pods(vec![stats(1, 0, 0, remaining)]),
+            registry_pods: pods(vec![registry_stats(1, 0, 0, remaining)]),
             ready_replicas: 1,
             desired_nodes: 0,
             agents: Vec::new(),
@@ -233,7 +223,7 @@ fn no_ready_registry_pod_means_proxy_unavailable_and_not_ready() {
 #[test]
 fn recomputing_an_unchanged_world_keeps_transition_times_and_a_flip_moves_only_that_one() {
     let obs = |ready_agent| Observations {
-        registry_pods: pods(vec![stats(5, 5, 0, 50)]),
+        registry_pods: pods(vec![registry_stats(5, 5, 0, 50)]),
         ready_replicas: 1,
         desired_nodes: 1,
         agents: vec![agent("node-1", ready_agent, None)],
