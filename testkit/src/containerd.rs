@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use crate::process::{LoggedChild, NotReady, SpawnLoggedError};
+use crate::process::{
+    private_dir, write_file, LoggedChild, NotReady, SetUpDirError, SpawnLoggedError,
+};
 
 /// Where Debian installs containerd.
 pub const DEFAULT_CONTAINERD: &str = "/usr/bin/containerd";
@@ -60,20 +62,9 @@ pub enum StartContainerdError {
         /// The path looked for.
         binary: PathBuf,
     },
-    /// The temp dir could not be created.
-    #[error("create temp dir for containerd")]
-    CreateTempDir {
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// A file in the temp dir could not be written.
-    #[error("write {path}")]
-    WriteFile {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
+    /// Its private directory could not be set up.
+    #[error(transparent)]
+    SetUpDir(#[from] SetUpDirError),
     /// The process could not be started.
     #[error(transparent)]
     Spawn(#[from] SpawnLoggedError),
@@ -185,17 +176,10 @@ impl Containerd {
                 });
             }
         }
-        // A short prefix: unix socket paths are limited to 108 bytes.
-        let dir = tempfile::Builder::new()
-            .prefix("ctrd-")
-            .tempdir()
-            .map_err(|source| StartContainerdError::CreateTempDir { source })?;
+        let dir = private_dir("ctrd-")?;
         let config_path = dir.path().join("config.toml");
         let config = render_config(dir.path(), options.cri_registry_config_path.as_deref());
-        std::fs::write(&config_path, config).map_err(|source| StartContainerdError::WriteFile {
-            path: config_path.clone(),
-            source,
-        })?;
+        write_file(&config_path, config)?;
         let mut command = Command::new(&options.containerd);
         command.arg("--config").arg(&config_path);
         let child = LoggedChild::spawn(&mut command, &dir.path().join("containerd.log"))?;

@@ -11,7 +11,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::client::{http_client, BuildClientError};
-use crate::process::{LoggedChild, NotReady, SpawnLoggedError};
+use crate::process::{
+    create_dir, private_dir, write_file, LoggedChild, NotReady, SetUpDirError, SpawnLoggedError,
+};
 use crate::wait::{free_port, FindFreePortError};
 
 /// Where Debian installs distribution.
@@ -55,20 +57,9 @@ pub enum StartDistributionError {
         /// The path that was looked for.
         binary: PathBuf,
     },
-    /// The private temp directory could not be created.
-    #[error("create temp dir for distribution")]
-    CreateTempDir {
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// A file in the temp dir could not be written.
-    #[error("write {path}")]
-    WriteFile {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
+    /// Its private directory could not be set up.
+    #[error(transparent)]
+    SetUpDir(#[from] SetUpDirError),
     /// No free port.
     #[error(transparent)]
     FindPort(#[from] FindFreePortError),
@@ -149,21 +140,12 @@ impl Distribution {
     }
 
     async fn try_start(options: &DistributionOptions) -> Result<Self, StartDistributionError> {
-        let dir = tempfile::Builder::new()
-            .prefix("cachalot-distribution-")
-            .tempdir()
-            .map_err(|source| StartDistributionError::CreateTempDir { source })?;
+        let dir = private_dir("cachalot-distribution-")?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
         let storage = dir.path().join("storage");
-        std::fs::create_dir_all(&storage).map_err(|source| StartDistributionError::WriteFile {
-            path: storage.clone(),
-            source,
-        })?;
         let config_path = dir.path().join("config.yml");
-        write_file(
-            &config_path,
-            render_config(addr, &storage, options).as_bytes(),
-        )?;
+        create_dir(&storage)?;
+        write_file(&config_path, render_config(addr, &storage, options))?;
         let mut command = Command::new(&options.binary);
         command.arg("serve").arg(&config_path);
         for (key, _) in std::env::vars_os() {
@@ -244,13 +226,6 @@ fn port_taken(error: &StartDistributionError) -> bool {
         StartDistributionError::NotReady { source: NotReady::Exited { .. }, log, .. }
             if log.contains("address already in use")
     )
-}
-
-fn write_file(path: &Path, contents: &[u8]) -> Result<(), StartDistributionError> {
-    std::fs::write(path, contents).map_err(|source| StartDistributionError::WriteFile {
-        path: path.to_owned(),
-        source,
-    })
 }
 
 /// Quotes a string as a YAML double-quoted scalar (JSON string syntax is valid YAML).

@@ -9,7 +9,8 @@
 //! - [`fault`]: `FaultProxy`, Docker Hub rate limits, token auth and network faults;
 //! - [`containerd`]: a private containerd driven with `ctr`, and hosts.toml helpers;
 //! - [`skopeo`]: skopeo copy and inspect;
-//! - [`process`]: child processes with a log file, a bounded start-up wait and kill on drop;
+//! - [`process`]: child processes with a private dir, a log file, a bounded start-up wait and
+//!   kill on drop;
 //! - [`wait`]: bounded polling and free ports; [`client`]: the loopback HTTP client.
 //!
 //! See `docs/testkit.md` for the behaviour observed in the real components.

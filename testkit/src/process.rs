@@ -1,6 +1,7 @@
 //! Long-running child processes started by the harness and by tests (distribution, containerd,
-//! the binaries under test): stdout and stderr go to one log file, start-up is awaited with a
-//! deadline while watching for an early exit, and the process is killed and reaped on drop.
+//! the binaries under test) and the private temp dir each one keeps its files in: stdout and
+//! stderr go to one log file, start-up is awaited with a deadline while watching for an early
+//! exit, and the process is killed and reaped on drop.
 //!
 //! Invariant: a [`LoggedChild`] is gone once its handle is dropped, so a temp dir holding its
 //! files can be removed right after it. In a struct, declare the child before the `TempDir`:
@@ -16,6 +17,59 @@ use crate::wait::wait_for;
 
 /// How much of the log [`LoggedChild::log_tail`] returns.
 const LOG_TAIL_BYTES: usize = 4096;
+
+/// Why a child's private directory could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetUpDirError {
+    /// The temp dir could not be created.
+    #[error("create a temp dir")]
+    CreateTempDir {
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file or directory in it could not be written.
+    #[error("write {path}")]
+    Write {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// A new private temp dir whose name starts with `prefix` (keep it short where unix sockets
+/// live in it: their paths are limited to 108 bytes).
+///
+/// # Errors
+/// [`SetUpDirError::CreateTempDir`].
+pub fn private_dir(prefix: &str) -> Result<tempfile::TempDir, SetUpDirError> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(|source| SetUpDirError::CreateTempDir { source })
+}
+
+/// Writes `contents` to the file `path`.
+///
+/// # Errors
+/// [`SetUpDirError::Write`].
+pub fn write_file(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), SetUpDirError> {
+    std::fs::write(path, contents).map_err(|source| SetUpDirError::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Creates the directory `path` and its parents.
+///
+/// # Errors
+/// [`SetUpDirError::Write`].
+pub fn create_dir(path: &Path) -> Result<(), SetUpDirError> {
+    std::fs::create_dir_all(path).map_err(|source| SetUpDirError::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
 
 /// Why a child process could not be started.
 #[derive(Debug, thiserror::Error)]
