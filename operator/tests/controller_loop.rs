@@ -10,6 +10,7 @@
 //! Needs Python 3 with `pip install -r tools/fake-apiserver/requirements.txt`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
 #[allow(dead_code)]
 #[path = "../../e2e/src/fake_apiserver.rs"]
 mod fake_apiserver;
@@ -21,10 +22,11 @@ use std::time::{Duration, Instant};
 use cachalot_operator::controller::build::{
     agent_name, registry_config_name, registry_name, selector_labels, DESIRED_KEY,
 };
-use cachalot_operator::controller::observe::{Probe, ProbeError, RegistryStats, UpstreamBudget};
+use cachalot_operator::controller::observe::{Probe, ProbeError, RegistryStats};
 use cachalot_operator::controller::{run_with, ControllerConfig};
 use cachalot_operator::metrics::Metrics;
 use cachalot_operator::node_agent::protocol::AgentStatus;
+use common::registry_stats;
 use fake_apiserver::FakeApiServer;
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -52,21 +54,7 @@ impl Probe for FakeProbe {
         &self,
         _base_url: String,
     ) -> BoxFuture<'static, Result<RegistryStats, ProbeError>> {
-        async {
-            Ok(RegistryStats {
-                hits: 3,
-                misses: 1,
-                upstreams: vec![UpstreamBudget {
-                    registry: "docker.io".into(),
-                    limit: Some(100),
-                    remaining: Some(97),
-                    window_seconds: Some(21600),
-                    source: None,
-                }],
-                ..RegistryStats::default()
-            })
-        }
-        .boxed()
+        async { Ok(registry_stats(3, 1, 0, 97)) }.boxed()
     }
 
     fn agent_status(
@@ -83,13 +71,72 @@ impl Probe for FakeProbe {
     }
 }
 
-fn mirrors_api(client: &kube::Client) -> Api<DynamicObject> {
+fn mirrors_api(client: &kube::Client, namespace: &str) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("cachalot.dev", "v1alpha1", "RegistryMirror");
     Api::namespaced_with(
         client.clone(),
-        NS,
+        namespace,
         &ApiResource::from_gvk_with_plural(&gvk, "registrymirrors"),
     )
+}
+
+/// Applies the RegistryMirror `name` with `spec`, as field manager `manager`.
+async fn apply_mirror(
+    mirrors: &Api<DynamicObject>,
+    name: &str,
+    spec: Value,
+    manager: &str,
+) -> DynamicObject {
+    let mirror = json!({"apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
+                        "metadata": {"name": name}, "spec": spec});
+    mirrors
+        .patch(
+            name,
+            &PatchParams::apply(manager).force(),
+            &Patch::Apply(&mirror),
+        )
+        .await
+        .unwrap()
+}
+
+/// `controller::run_with` on a task (no leader election), in the test namespace.
+struct RunningController {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningController {
+    fn start(
+        client: &kube::Client,
+        probe: Arc<dyn Probe>,
+        metrics: Arc<Metrics>,
+        requeue_after: Duration,
+    ) -> Self {
+        let mut config = ControllerConfig::new("ghcr.io/cachalot-dev/cachalot:test");
+        config.namespace = Some(NS.to_owned());
+        config.requeue_after = requeue_after;
+        config.cleanup_requeue_after = Duration::from_millis(100);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(run_with(
+            client.clone(),
+            config,
+            probe,
+            metrics,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Self { stop, task }
+    }
+
+    /// Shuts the controller down and checks that it stops in time.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(STEP, self.task)
+            .await
+            .expect("the controller stops on shutdown")
+            .unwrap();
+    }
 }
 
 /// With `FAKE_APISERVER_LOG_REQUESTS=1` the server logs every request; show that log.
@@ -122,6 +169,10 @@ where
     );
 }
 
+fn docker_hub() -> Value {
+    json!({"registries": [{"name": "docker.io"}]})
+}
+
 fn condition<'a>(mirror: &'a DynamicObject, type_: &str) -> Option<&'a Value> {
     mirror.data["status"]["conditions"]
         .as_array()?
@@ -138,35 +189,65 @@ async fn install_crd(client: &kube::Client) {
         .unwrap();
 }
 
-/// Plays the kubelet: a running, ready registry pod for the mirror, so the operator probes it.
-async fn run_registry_pod(client: &kube::Client) {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": format!("{}-0", registry_name(MIRROR)),
-                     "labels": selector_labels(MIRROR, "registry")},
-        "spec": {"nodeName": "node-1", "containers": [{"name": "registry", "image": "test"}]}
-    }))
-    .unwrap();
-    pods.create(&PostParams::default(), &pod).await.unwrap();
-    let status = json!({"status": {"phase": "Running", "podIP": "127.0.0.1",
-                                   "conditions": [{"type": "Ready", "status": "True"}]}});
-    pods.patch_status(
-        &pod.metadata.name.unwrap(),
-        &PatchParams::default(),
-        &Patch::Merge(&status),
-    )
-    .await
-    .unwrap();
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
-    let ready = json!({"status": {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1}});
-    deployments
+/// Merges `status` into the status of the `K` named `name`, as a kubelet or controller would.
+async fn patch_status<K>(client: &kube::Client, name: &str, status: Value)
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    Api::<K>::namespaced(client.clone(), NS)
         .patch_status(
-            &registry_name(MIRROR),
+            name,
             &PatchParams::default(),
-            &Patch::Merge(&ready),
+            &Patch::Merge(&json!({ "status": status })),
         )
         .await
         .unwrap();
+}
+
+/// Plays the kubelet: a pod `name` of the mirror's `component` on node-1, running as `status`.
+async fn run_pod(client: &kube::Client, name: &str, component: &str, status: Value) {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": selector_labels(MIRROR, component)},
+        "spec": {"nodeName": "node-1", "containers": [{"name": component, "image": "test"}]}
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(client.clone(), NS)
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+    patch_status::<Pod>(client, name, status).await;
+}
+
+/// Plays the kubelet: a running, ready registry pod for the mirror, so the operator probes it.
+async fn run_registry_pod(client: &kube::Client) {
+    let running = json!({"phase": "Running", "podIP": "127.0.0.1",
+                         "conditions": [{"type": "Ready", "status": "True"}]});
+    run_pod(
+        client,
+        &format!("{}-0", registry_name(MIRROR)),
+        "registry",
+        running,
+    )
+    .await;
+    let ready = json!({"replicas": 1, "readyReplicas": 1, "availableReplicas": 1});
+    patch_status::<Deployment>(client, &registry_name(MIRROR), ready).await;
+}
+
+/// Waits until the mirror is gone.
+async fn wait_gone(what: &str, server: &FakeApiServer, mirrors: &Api<DynamicObject>) {
+    eventually(what, server, || async {
+        mirrors
+            .get_opt(MIRROR)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
 }
 
 fn owned_by(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, uid: &str) -> bool {
@@ -202,36 +283,18 @@ async fn registry_mirror_goes_from_apply_to_owned_objects_and_status_then_follow
     install_crd(&client).await;
 
     let metrics = Arc::new(Metrics::new());
-    let mut config = ControllerConfig::new("ghcr.io/cachalot-dev/cachalot:test");
-    config.namespace = Some(NS.to_owned());
-    config.requeue_after = Duration::from_millis(300);
-    config.cleanup_requeue_after = Duration::from_millis(100);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let controller = tokio::spawn(run_with(
-        client.clone(),
-        config,
+    let controller = RunningController::start(
+        &client,
         Arc::new(FakeProbe),
         metrics.clone(),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+        Duration::from_millis(300),
+    );
 
     // 1. Apply a mirror: the operator adds its finalizer and applies every owned object.
-    let mirrors = mirrors_api(&client);
+    let mirrors = mirrors_api(&client, NS);
     let started = Instant::now();
-    let mirror = json!({"apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
-                        "metadata": {"name": MIRROR},
-                        "spec": {"registries": [{"name": "docker.io"}]}});
-    let applied = mirrors
-        .patch(
-            MIRROR,
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&mirror),
-        )
-        .await
-        .unwrap();
-    let uid = applied.metadata.uid.clone().unwrap();
+    let applied = apply_mirror(&mirrors, MIRROR, docker_hub(), "test").await;
+    let uid = applied.metadata.uid.unwrap();
 
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), NS);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
@@ -333,18 +396,9 @@ async fn registry_mirror_goes_from_apply_to_owned_objects_and_status_then_follow
     );
 
     // 3. Change the spec: a second registry and three replicas.
-    let changed = json!({"apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
-                         "metadata": {"name": MIRROR},
-                         "spec": {"replicas": 3,
-                                  "registries": [{"name": "docker.io"}, {"name": "ghcr.io"}]}});
-    mirrors
-        .patch(
-            MIRROR,
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&changed),
-        )
-        .await
-        .unwrap();
+    let changed =
+        json!({"replicas": 3, "registries": [{"name": "docker.io"}, {"name": "ghcr.io"}]});
+    apply_mirror(&mirrors, MIRROR, changed, "test").await;
     eventually(
         "the registry config to include ghcr.io",
         &server,
@@ -380,15 +434,7 @@ async fn registry_mirror_goes_from_apply_to_owned_objects_and_status_then_follow
         .delete(MIRROR, &DeleteParams::default())
         .await
         .unwrap();
-    eventually("the mirror to be gone", &server, || async {
-        mirrors
-            .get_opt(MIRROR)
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    wait_gone("the mirror to be gone", &server, &mirrors).await;
     assert!(cms
         .get_opt(&registry_config_name(MIRROR))
         .await
@@ -400,11 +446,7 @@ async fn registry_mirror_goes_from_apply_to_owned_objects_and_status_then_follow
         .unwrap()
         .is_none());
 
-    let _ = stop.send(());
-    tokio::time::timeout(STEP, controller)
-        .await
-        .expect("the controller stops on shutdown")
-        .unwrap();
+    controller.stop().await;
 
     dump_request_log(&server);
     if let Some((sum, count)) = mean_reconcile_seconds(&metrics) {
@@ -506,34 +548,18 @@ async fn measure_operator_memory_idle_and_with_100_mirrors() {
     .await;
     let idle = operator.rss_kib();
 
-    let api: Api<DynamicObject> = {
-        let gvk = GroupVersionKind::gvk("cachalot.dev", "v1alpha1", "RegistryMirror");
-        Api::namespaced_with(
-            client.clone(),
-            "load",
-            &ApiResource::from_gvk_with_plural(&gvk, "registrymirrors"),
-        )
-    };
-    let apply_mirror = |i: usize| {
+    let api = mirrors_api(&client, "load");
+    let apply_numbered = |i: usize| {
         let api = api.clone();
         async move {
-            let name = format!("m{i}");
-            let mirror = json!({"apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
-                                "metadata": {"name": name},
-                                "spec": {"registries": [{"name": format!("registry-{i}.test:5000"),
-                                                         "url": format!("http://127.0.0.1:{}", 20000 + i)}]}});
-            api.patch(
-                &name,
-                &PatchParams::apply("bench").force(),
-                &Patch::Apply(&mirror),
-            )
-            .await
-            .unwrap();
+            let spec = json!({"registries": [{"name": format!("registry-{i}.test:5000"),
+                                              "url": format!("http://127.0.0.1:{}", 20000 + i)}]});
+            apply_mirror(&api, &format!("m{i}"), spec, "bench").await;
         }
     };
 
     // One mirror alone first: the reconcile time of a single mirror, without queueing.
-    apply_mirror(0).await;
+    apply_numbered(0).await;
     eventually("the first mirror's status", &server, || async {
         let m = api.get("m0").await.unwrap();
         (m.data["status"]["observedGeneration"] == 1).then_some(())
@@ -544,7 +570,7 @@ async fn measure_operator_memory_idle_and_with_100_mirrors() {
 
     let started = Instant::now();
     for i in 1..MIRRORS {
-        apply_mirror(i).await;
+        apply_numbered(i).await;
     }
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut done = 0;
@@ -641,33 +667,12 @@ impl Probe for AgentProbe {
 
 /// Plays the kubelet for the DaemonSet: one running agent pod on `node-1`.
 async fn run_agent_pod(client: &kube::Client) {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": format!("{}-node-1", agent_name(MIRROR)),
-                     "labels": selector_labels(MIRROR, "node-agent")},
-        "spec": {"nodeName": "node-1", "containers": [{"name": "agent", "image": "test"}]}
-    }))
-    .unwrap();
-    pods.create(&PostParams::default(), &pod).await.unwrap();
-    let status = json!({"status": {"phase": "Running", "podIP": "127.0.0.2"}});
-    pods.patch_status(
-        &pod.metadata.name.unwrap(),
-        &PatchParams::default(),
-        &Patch::Merge(&status),
-    )
-    .await
-    .unwrap();
-    let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
-    let scheduled = json!({"status": {"desiredNumberScheduled": 1, "currentNumberScheduled": 1,
-                                      "numberReady": 1, "numberMisscheduled": 0}});
-    daemon_sets
-        .patch_status(
-            &agent_name(MIRROR),
-            &PatchParams::default(),
-            &Patch::Merge(&scheduled),
-        )
-        .await
-        .unwrap();
+    let running = json!({"phase": "Running", "podIP": "127.0.0.2"});
+    let name = format!("{}-node-1", agent_name(MIRROR));
+    run_pod(client, &name, "node-agent", running).await;
+    let scheduled = json!({"desiredNumberScheduled": 1, "currentNumberScheduled": 1,
+                           "numberReady": 1, "numberMisscheduled": 0});
+    patch_status::<DaemonSet>(client, &agent_name(MIRROR), scheduled).await;
 }
 
 #[tokio::test]
@@ -681,33 +686,15 @@ async fn a_mirror_with_a_serving_registry_and_a_configured_node_is_ready_and_del
         client: client.clone(),
         files_removed: files_removed.clone(),
     });
-    let mut config = ControllerConfig::new("ghcr.io/cachalot-dev/cachalot:test");
-    config.namespace = Some(NS.to_owned());
-    config.requeue_after = Duration::from_millis(200);
-    config.cleanup_requeue_after = Duration::from_millis(100);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let controller = tokio::spawn(run_with(
-        client.clone(),
-        config,
+    let controller = RunningController::start(
+        &client,
         probe,
         Arc::new(Metrics::new()),
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+        Duration::from_millis(200),
+    );
 
-    let mirrors = mirrors_api(&client);
-    let mirror = json!({"apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
-                        "metadata": {"name": MIRROR},
-                        "spec": {"registries": [{"name": "docker.io"}]}});
-    mirrors
-        .patch(
-            MIRROR,
-            &PatchParams::apply("test").force(),
-            &Patch::Apply(&mirror),
-        )
-        .await
-        .unwrap();
+    let mirrors = mirrors_api(&client, NS);
+    apply_mirror(&mirrors, MIRROR, docker_hub(), "test").await;
     let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
     eventually(
@@ -759,23 +746,12 @@ async fn a_mirror_with_a_serving_registry_and_a_configured_node_is_ready_and_del
     );
     // The agent saw `removing: true`; let it report its file gone.
     files_removed.store(true, std::sync::atomic::Ordering::SeqCst);
-    eventually(
+    wait_gone(
         "the mirror to be gone once node-1 is clean",
         &server,
-        || async {
-            mirrors
-                .get_opt(MIRROR)
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        },
+        &mirrors,
     )
     .await;
 
-    let _ = stop.send(());
-    tokio::time::timeout(STEP, controller)
-        .await
-        .expect("the controller stops on shutdown")
-        .unwrap();
+    controller.stop().await;
 }
