@@ -26,7 +26,7 @@ import json
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -537,63 +537,66 @@ def check_rbac_match(doc_path: str, paths: list[str], report: Report) -> None:
         report.error(",".join(paths), f"permission the operator does not use ({doc_path}): {fmt(r)}")
 
 
+def check_k8s(args: argparse.Namespace, report: Report) -> None:
+    docs = load_docs(args.files, report)
+    if not docs:
+        report.error(",".join(args.files), "no objects found")
+    check_builtin(docs, args.kube_version, report)
+
+
+def check_values_doc(args: argparse.Namespace, report: Report) -> None:
+    for path in args.files:
+        check_values_documented(path, report)
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    help: str
+    title: str  # what the summary line says was checked
+    run: Callable[[argparse.Namespace, Report], None]
+    options: tuple[str, ...] = ()  # required options given once
+    lists: tuple[str, ...] = ()  # required options that may be repeated
+    positional: str = "files"  # one or more of these
+
+
+SUBCOMMANDS = {
+    "k8s": Subcommand("validate built-in objects against the Kubernetes schemas", "kubernetes schemas",
+                      check_k8s, lists=("--kube-version",)),
+    "crs": Subcommand("validate custom resources against the CRD", "custom resources",
+                      lambda a, r: check_custom_resources(a.crd, a.files, a.kube_version, r),
+                      lists=("--crd", "--kube-version")),
+    "crd-match": Subcommand("compare the chart's rendered CRD with crds/", "chart CRD matches crds/",
+                            lambda a, r: check_crd_match(a.rendered, a.generated, r), lists=("--generated",),
+                            positional="rendered"),
+    "metrics": Subcommand("check metric names used by alerts and dashboards", "metric names",
+                          lambda a, r: check_metric_names(a.known, a.files, r), ("--known",)),
+    "metric-sources": Subcommand("check known metric names against the registry source",
+                                 "metric names registered by the registry",
+                                 lambda a, r: check_metric_sources(a.known, a.files, r), ("--known",)),
+    "rbac-match": Subcommand("compare chart RBAC with docs/operator.md", "chart RBAC equals docs/operator.md",
+                             lambda a, r: check_rbac_match(a.doc, a.files, r), ("--doc",)),
+    "cli-args": Subcommand("check the operator binary accepts the rendered args", "operator accepts the chart's args",
+                           lambda a, r: check_cli_args(a.binary, a.files, r), ("--binary",)),
+    "values-doc": Subcommand("check every chart value is documented", "documented values", check_values_doc),
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    k8s = sub.add_parser("k8s", help="validate built-in objects against the Kubernetes schemas")
-    k8s.add_argument("--kube-version", action="append", required=True)
-    k8s.add_argument("files", nargs="+")
-    crs = sub.add_parser("crs", help="validate custom resources against the CRD")
-    crs.add_argument("--crd", action="append", required=True)
-    crs.add_argument("--kube-version", action="append", required=True)
-    crs.add_argument("files", nargs="+")
-    match = sub.add_parser("crd-match", help="compare the chart's rendered CRD with crds/")
-    match.add_argument("--generated", action="append", required=True)
-    match.add_argument("rendered", nargs="+")
-    metrics = sub.add_parser("metrics", help="check metric names used by alerts and dashboards")
-    metrics.add_argument("--known", required=True)
-    metrics.add_argument("files", nargs="+")
-    sources = sub.add_parser("metric-sources", help="check known metric names against the registry source")
-    sources.add_argument("--known", required=True)
-    sources.add_argument("files", nargs="+")
-    rbac = sub.add_parser("rbac-match", help="compare chart RBAC with docs/operator.md")
-    rbac.add_argument("--doc", required=True)
-    rbac.add_argument("files", nargs="+")
-    cli = sub.add_parser("cli-args", help="check the operator binary accepts the rendered args")
-    cli.add_argument("--binary", required=True)
-    cli.add_argument("files", nargs="+")
-    values_doc = sub.add_parser("values-doc", help="check every chart value is documented")
-    values_doc.add_argument("files", nargs="+")
+    for name, subcommand in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=subcommand.help)
+        for option in subcommand.options:
+            p.add_argument(option, required=True)
+        for option in subcommand.lists:
+            p.add_argument(option, required=True, action="append")
+        p.add_argument(subcommand.positional, nargs="+")
     args = parser.parse_args()
 
     report = Report()
-    if args.command == "k8s":
-        docs = load_docs(args.files, report)
-        if not docs:
-            report.error(",".join(args.files), "no objects found")
-        check_builtin(docs, args.kube_version, report)
-        return report.finish("kubernetes schemas")
-    if args.command == "crs":
-        check_custom_resources(args.crd, args.files, args.kube_version, report)
-        return report.finish("custom resources")
-    if args.command == "crd-match":
-        check_crd_match(args.rendered, args.generated, report)
-        return report.finish("chart CRD matches crds/")
-    if args.command == "metric-sources":
-        check_metric_sources(args.known, args.files, report)
-        return report.finish("metric names registered by the registry")
-    if args.command == "rbac-match":
-        check_rbac_match(args.doc, args.files, report)
-        return report.finish("chart RBAC equals docs/operator.md")
-    if args.command == "cli-args":
-        check_cli_args(args.binary, args.files, report)
-        return report.finish("operator accepts the chart's args")
-    if args.command == "values-doc":
-        for path in args.files:
-            check_values_documented(path, report)
-        return report.finish("documented values")
-    check_metric_names(args.known, args.files, report)
-    return report.finish("metric names")
+    subcommand = SUBCOMMANDS[args.command]
+    subcommand.run(args, report)
+    return report.finish(subcommand.title)
 
 
 if __name__ == "__main__":
