@@ -237,6 +237,15 @@ async fn run_registry_pod(client: &kube::Client) {
     patch_status::<Deployment>(client, &registry_name(MIRROR), ready).await;
 }
 
+/// Waits until the `K` named `name` exists, and returns it.
+async fn wait_for_object<K>(server: &FakeApiServer, api: &Api<K>, name: &str) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let what = format!("{} {name}", std::any::type_name::<K>());
+    eventually(&what, server, || async { api.get_opt(name).await.unwrap() }).await
+}
+
 /// Waits until the mirror is gone.
 async fn wait_gone(what: &str, server: &FakeApiServer, mirrors: &Api<DynamicObject>) {
     eventually(what, server, || async {
@@ -302,22 +311,10 @@ async fn registry_mirror_goes_from_apply_to_owned_objects_and_status_then_follow
     let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), NS);
 
-    let config_map = eventually("the registry ConfigMap", &server, || async {
-        cms.get_opt(&registry_config_name(MIRROR)).await.unwrap()
-    })
-    .await;
-    let deployment = eventually("the registry Deployment", &server, || async {
-        deployments.get_opt(&registry_name(MIRROR)).await.unwrap()
-    })
-    .await;
-    let service = eventually("the registry Service", &server, || async {
-        services.get_opt(&registry_name(MIRROR)).await.unwrap()
-    })
-    .await;
-    let daemon_set = eventually("the node agent DaemonSet", &server, || async {
-        daemon_sets.get_opt(&agent_name(MIRROR)).await.unwrap()
-    })
-    .await;
+    let config_map = wait_for_object(&server, &cms, &registry_config_name(MIRROR)).await;
+    let deployment = wait_for_object(&server, &deployments, &registry_name(MIRROR)).await;
+    let service = wait_for_object(&server, &services, &registry_name(MIRROR)).await;
+    let daemon_set = wait_for_object(&server, &daemon_sets, &agent_name(MIRROR)).await;
     for meta in [
         &config_map.metadata,
         &deployment.metadata,
@@ -418,10 +415,8 @@ async fn registry_mirror_goes_from_apply_to_owned_objects_and_status_then_follow
         (d.spec.replicas == Some(3)).then_some(())
     })
     .await;
-    eventually("a PodDisruptionBudget for 3 replicas", &server, || async {
-        pdbs.get_opt(&registry_name(MIRROR)).await.unwrap()
-    })
-    .await;
+    // A PodDisruptionBudget for 3 replicas.
+    wait_for_object(&server, &pdbs, &registry_name(MIRROR)).await;
     eventually("status with observedGeneration 2", &server, || async {
         let m = mirrors.get(MIRROR).await.unwrap();
         (m.data["status"]["observedGeneration"] == 2).then_some(())

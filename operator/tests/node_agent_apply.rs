@@ -41,6 +41,14 @@ fn desired(registries: Vec<DesiredRegistry>) -> DesiredState {
     }
 }
 
+/// `state` as the operator writes it once the mirror is being deleted.
+fn removal(state: DesiredState) -> DesiredState {
+    DesiredState {
+        removing: true,
+        ..state
+    }
+}
+
 fn live() -> BTreeSet<String> {
     [EP.to_string()].into()
 }
@@ -80,6 +88,11 @@ impl Node {
     fn read(&self, rel: &str) -> String {
         fs::read_to_string(self.certs().join(rel)).unwrap()
     }
+    /// An administrator's own hosts.toml for `registry`, written before any agent round.
+    fn write_admin_hosts(&self, registry: &str, text: &str) {
+        fs::create_dir(self.certs().join(registry)).unwrap();
+        fs::write(self.certs().join(registry).join("hosts.toml"), text).unwrap();
+    }
 }
 
 fn state_of(plan: &Plan, registry: &str) -> RegistryStatus {
@@ -113,17 +126,14 @@ fn first_round_writes_marked_file_and_second_round_changes_nothing() {
 #[test]
 fn admin_file_without_marker_survives_and_is_reported() {
     let node = Node::new();
-    fs::create_dir(node.certs().join("docker.io")).unwrap();
-    fs::write(node.certs().join("docker.io/hosts.toml"), ADMIN).unwrap();
+    node.write_admin_hosts("docker.io", ADMIN);
     let plan = node.round(&desired(vec![registry("docker.io")]), &live());
     assert_eq!(node.read("docker.io/hosts.toml"), ADMIN);
     let status = state_of(&plan, "docker.io");
     assert_eq!(status.state, RegistryState::Blocked);
     assert_eq!(status.reason, Some(Reason::AdminFileExists));
     // Even when the mirror is deleted, the admin file stays.
-    let mut removing = desired(vec![registry("docker.io")]);
-    removing.removing = true;
-    node.round(&removing, &live());
+    node.round(&removal(desired(vec![registry("docker.io")])), &live());
     assert_eq!(node.read("docker.io/hosts.toml"), ADMIN);
 }
 
@@ -133,8 +143,7 @@ fn admin_file_written_between_scan_and_write_is_not_overwritten() {
     let d = desired(vec![registry("docker.io")]);
     let observed = scan(&node.roots, MIRROR).unwrap();
     let plan = reconcile_node(&d, &observed, &live());
-    fs::create_dir(node.certs().join("docker.io")).unwrap();
-    fs::write(node.certs().join("docker.io/hosts.toml"), ADMIN).unwrap();
+    node.write_admin_hosts("docker.io", ADMIN);
     let err = execute(&node.roots, &plan.actions[0]).unwrap_err();
     assert!(err.to_string().contains("changed since"), "{err}");
     assert_eq!(node.read("docker.io/hosts.toml"), ADMIN);
@@ -212,9 +221,7 @@ fn removing_state_deletes_our_files_but_keeps_directories_with_admin_content() {
     let d = desired(vec![registry("docker.io"), registry("quay.io")]);
     node.round(&d, &live());
     fs::write(node.certs().join("quay.io/ca.crt"), "admin cert").unwrap();
-    let mut removing = d.clone();
-    removing.removing = true;
-    let plan = node.round(&removing, &live());
+    let plan = node.round(&removal(d), &live());
     assert!(plan
         .registries
         .iter()
@@ -243,17 +250,14 @@ fn file_managed_by_another_mirror_is_neither_overwritten_nor_removed() {
         state_of(&plan, "docker.io").reason,
         Some(Reason::AdminFileExists)
     );
-    let mut removing = desired(vec![]);
-    removing.removing = true;
-    node.round(&removing, &live());
+    node.round(&removal(desired(vec![])), &live());
     assert_eq!(node.read("docker.io/hosts.toml"), theirs);
 }
 
 #[test]
 fn merge_mode_preserves_the_admin_original_and_restores_it_on_removal() {
     let node = Node::new();
-    fs::create_dir(node.certs().join("docker.io")).unwrap();
-    fs::write(node.certs().join("docker.io/hosts.toml"), ADMIN).unwrap();
+    node.write_admin_hosts("docker.io", ADMIN);
     let mut d = desired(vec![registry("docker.io")]);
     d.merge_with_admin_file = true;
     let plan = node.round(&d, &live());

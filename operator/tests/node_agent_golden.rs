@@ -56,24 +56,26 @@ fn all_live(reg: &DesiredRegistry) -> Vec<String> {
     reg.endpoints.clone()
 }
 
+/// Checks the hosts.toml of `reg`, with every endpoint live and no admin file, against `name`.
+fn assert_golden_hosts(name: &str, reg: &DesiredRegistry) {
+    assert_golden(
+        name,
+        &render_hosts_toml(MIRROR, reg, &all_live(reg), None).unwrap(),
+    );
+}
+
 const MIRROR: &str = "cachalot/docker-hub";
 
 #[test]
 fn docker_hub_routes_through_the_mirror_and_falls_back_to_registry_1() {
     let reg = registry("docker.io", &["http://10.96.0.12:5000"]);
-    assert_golden(
-        "docker-hub.hosts.toml",
-        &render_hosts_toml(MIRROR, &reg, &all_live(&reg), None).unwrap(),
-    );
+    assert_golden_hosts("docker-hub.hosts.toml", &reg);
 }
 
 #[test]
 fn registry_with_port_keeps_host_port_and_defaults_server_to_https_host_port() {
     let reg = registry("registry.local:5000", &["http://10.96.0.12:5000"]);
-    assert_golden(
-        "registry-with-port.hosts.toml",
-        &render_hosts_toml(MIRROR, &reg, &all_live(&reg), None).unwrap(),
-    );
+    assert_golden_hosts("registry-with-port.hosts.toml", &reg);
 }
 
 #[test]
@@ -88,10 +90,7 @@ fn several_endpoints_are_listed_in_order_with_tls_settings() {
     );
     reg.skip_verify = true;
     reg.ca_file = Some("/etc/cachalot/ca/mirror.pem".to_string());
-    assert_golden(
-        "several-endpoints.hosts.toml",
-        &render_hosts_toml(MIRROR, &reg, &all_live(&reg), None).unwrap(),
-    );
+    assert_golden_hosts("several-endpoints.hosts.toml", &reg);
 }
 
 #[test]
@@ -135,20 +134,14 @@ fn parent_mirror_endpoint_is_a_hub_url_with_override_path() {
     );
     reg.override_path = true;
     reg.ca_file = Some("/etc/cachalot/ca/hub.pem".to_string());
-    assert_golden(
-        "parent-mirror.hosts.toml",
-        &render_hosts_toml(MIRROR, &reg, &all_live(&reg), None).unwrap(),
-    );
+    assert_golden_hosts("parent-mirror.hosts.toml", &reg);
 }
 
 #[test]
 fn explicit_server_replaces_the_default_upstream() {
     let mut reg = registry("docker.io", &["http://127.0.0.1:5001"]);
     reg.server = Some("http://127.0.0.1:5002".to_string());
-    assert_golden(
-        "explicit-server.hosts.toml",
-        &render_hosts_toml(MIRROR, &reg, &all_live(&reg), None).unwrap(),
-    );
+    assert_golden_hosts("explicit-server.hosts.toml", &reg);
 }
 
 #[test]

@@ -9,7 +9,9 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cachalot_operator::node_agent::protocol::{DesiredRegistry, Reason, RegistryState};
+use cachalot_operator::node_agent::protocol::{
+    AgentStatus, DesiredRegistry, Reason, RegistryState,
+};
 use cachalot_operator::node_agent::{run_until, Args};
 use cachalot_testkit::distribution::Distribution;
 use cachalot_testkit::fault::FaultProxy;
@@ -86,6 +88,14 @@ async fn node_with_mirror(
     (node, config, upstream, mirror)
 }
 
+/// The agent says its desired state is missing or does not parse.
+fn reports_invalid_desired_state(status: &AgentStatus) -> bool {
+    status
+        .problems
+        .iter()
+        .any(|p| p.reason == Reason::DesiredStateInvalid)
+}
+
 const GOOD_CONTAINERD: &str =
     "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n";
 
@@ -139,11 +149,7 @@ async fn desired_file_changes_are_followed_and_invalid_content_keeps_the_last_go
 
     // No desired file yet: not ready, reported, nothing written.
     let s = agent
-        .wait("missing file reported", |s| {
-            s.problems
-                .iter()
-                .any(|p| p.reason == Reason::DesiredStateInvalid)
-        })
+        .wait("missing file reported", reports_invalid_desired_state)
         .await;
     assert!(!s.ready);
     assert_eq!(agent.get("/readyz").await.unwrap().0, 503);
@@ -169,11 +175,7 @@ async fn desired_file_changes_are_followed_and_invalid_content_keeps_the_last_go
 
     node.write_desired_bytes(b"{ not json");
     let s = agent
-        .wait("invalid file reported", |s| {
-            s.problems
-                .iter()
-                .any(|p| p.reason == Reason::DesiredStateInvalid)
-        })
+        .wait("invalid file reported", reports_invalid_desired_state)
         .await;
     assert_eq!(s.generation, "g2", "the last good state stays applied");
     assert!(certs.join("ghcr.io/hosts.toml").exists());
