@@ -17,13 +17,19 @@ async fn seeded_upstream(repo: &str, tag: &str, image: &TestImage) -> Distributi
     upstream
 }
 
+/// A private containerd and a hosts directory whose docker.io has `server` and `mirrors`.
+async fn containerd_with_hosts(server: &str, mirrors: &[&str]) -> (Containerd, tempfile::TempDir) {
+    let containerd = Containerd::start().await.unwrap();
+    let hosts = tempfile::tempdir().unwrap();
+    write_hosts_toml(hosts.path(), "docker.io", server, mirrors).unwrap();
+    (containerd, hosts)
+}
+
 #[tokio::test]
 async fn containerd_pulls_a_docker_io_image_from_distribution_as_the_server() {
     let img = docker_image(21, &[MIB, 2 * MIB]).unwrap();
     let upstream = seeded_upstream("library/alpha", "1.0", &img).await;
-    let containerd = Containerd::start().await.unwrap();
-    let hosts = tempfile::tempdir().unwrap();
-    write_hosts_toml(hosts.path(), "docker.io", &upstream.url(), &[]).unwrap();
+    let (containerd, hosts) = containerd_with_hosts(&upstream.url(), &[]).await;
 
     let pull = containerd
         .pull("docker.io/library/alpha:1.0", hosts.path())
@@ -46,14 +52,12 @@ async fn containerd_pulls_through_a_mirror_host_with_ns_docker_io_and_pulls_agai
     let img = docker_image(22, &[MIB]).unwrap();
     let upstream = seeded_upstream("library/beta", "2", &img).await;
     let proxy = FaultProxy::start(&upstream.url()).await.unwrap();
-    let containerd = Containerd::start().await.unwrap();
-    let hosts = tempfile::tempdir().unwrap();
     // The server is a closed port: the pull can only succeed through the mirror.
     let closed = format!(
         "http://127.0.0.1:{}",
         cachalot_testkit::wait::free_port().unwrap()
     );
-    write_hosts_toml(hosts.path(), "docker.io", &closed, &[&proxy.url()]).unwrap();
+    let (containerd, hosts) = containerd_with_hosts(&closed, &[&proxy.url()]).await;
 
     let reference = "docker.io/library/beta:2";
     let pull = containerd.pull(reference, hosts.path()).await.unwrap();
@@ -101,9 +105,7 @@ async fn containerd_falls_back_to_the_server_when_the_mirror_is_down() {
     let upstream = seeded_upstream("library/gamma", "latest", &img).await;
     let proxy = FaultProxy::start(&upstream.url()).await.unwrap();
     proxy.set_down(true);
-    let containerd = Containerd::start().await.unwrap();
-    let hosts = tempfile::tempdir().unwrap();
-    write_hosts_toml(hosts.path(), "docker.io", &upstream.url(), &[&proxy.url()]).unwrap();
+    let (containerd, hosts) = containerd_with_hosts(&upstream.url(), &[&proxy.url()]).await;
 
     let pull = containerd
         .pull("docker.io/library/gamma:latest", hosts.path())
@@ -126,9 +128,7 @@ async fn containerd_fetches_only_the_host_platform_of_an_oci_index() {
     let index = oci_index(24, &[200_000]).unwrap();
     let upstream = seeded_upstream("library/multi", "1", &index).await;
     let proxy = FaultProxy::start(&upstream.url()).await.unwrap();
-    let containerd = Containerd::start().await.unwrap();
-    let hosts = tempfile::tempdir().unwrap();
-    write_hosts_toml(hosts.path(), "docker.io", &upstream.url(), &[&proxy.url()]).unwrap();
+    let (containerd, hosts) = containerd_with_hosts(&upstream.url(), &[&proxy.url()]).await;
 
     let fetch = containerd
         .fetch("docker.io/library/multi:1", hosts.path())
@@ -150,9 +150,7 @@ async fn containerd_fetches_only_the_host_platform_of_an_oci_index() {
 #[tokio::test]
 async fn a_pull_of_a_missing_image_fails_with_a_non_zero_status() {
     let upstream = Distribution::start().await.unwrap();
-    let containerd = Containerd::start().await.unwrap();
-    let hosts = tempfile::tempdir().unwrap();
-    write_hosts_toml(hosts.path(), "docker.io", &upstream.url(), &[]).unwrap();
+    let (containerd, hosts) = containerd_with_hosts(&upstream.url(), &[]).await;
     let pull = containerd
         .pull("docker.io/library/absent:1", hosts.path())
         .await

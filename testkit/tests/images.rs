@@ -45,24 +45,26 @@ async fn assert_reads_back(registry: &Distribution, repo: &str, tag: &str, image
     }
 }
 
+/// Pushes `image` as `repo:tag` and checks that it reads back as pushed.
+async fn push_and_read_back(registry: &Distribution, repo: &str, tag: &str, image: &TestImage) {
+    image::push(&registry.url(), repo, tag, image)
+        .await
+        .unwrap();
+    assert_reads_back(registry, repo, tag, image).await;
+}
+
 #[tokio::test]
 async fn a_docker_schema2_image_with_three_layers_reads_back_as_pushed() {
     let registry = Distribution::start().await.unwrap();
     let img = docker_image(1, &[MIB, 2 * MIB, 4 * MIB]).unwrap();
-    image::push(&registry.url(), "library/alpha", "1.0", &img)
-        .await
-        .unwrap();
-    assert_reads_back(&registry, "library/alpha", "1.0", &img).await;
+    push_and_read_back(&registry, "library/alpha", "1.0", &img).await;
 }
 
 #[tokio::test]
 async fn an_oci_image_reads_back_as_pushed() {
     let registry = Distribution::start().await.unwrap();
     let img = oci_image(2, &[100_000, 200_000]).unwrap();
-    image::push(&registry.url(), "library/beta", "latest", &img)
-        .await
-        .unwrap();
-    assert_reads_back(&registry, "library/beta", "latest", &img).await;
+    push_and_read_back(&registry, "library/beta", "latest", &img).await;
 }
 
 #[tokio::test]
@@ -85,14 +87,8 @@ async fn pushing_the_same_tag_with_another_seed_moves_the_tag() {
     let registry = Distribution::start().await.unwrap();
     let first = docker_image(10, &[1000]).unwrap();
     let second = docker_image(11, &[1000]).unwrap();
-    image::push(&registry.url(), "library/moving", "stable", &first)
-        .await
-        .unwrap();
-    assert_reads_back(&registry, "library/moving", "stable", &first).await;
-    image::push(&registry.url(), "library/moving", "stable", &second)
-        .await
-        .unwrap();
-    assert_reads_back(&registry, "library/moving", "stable", &second).await;
+    push_and_read_back(&registry, "library/moving", "stable", &first).await;
+    push_and_read_back(&registry, "library/moving", "stable", &second).await;
     assert_ne!(first.manifest_digest, second.manifest_digest);
 }
 
