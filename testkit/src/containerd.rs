@@ -336,6 +336,20 @@ impl Containerd {
         self.ctr(&["images", "rm", "--sync", image_ref]).await
     }
 
+    /// Removes `image_ref` with its content ([`Self::remove`], which must succeed) and pulls it
+    /// again, so every blob is downloaded anew.
+    ///
+    /// # Errors
+    /// See [`RunCtrError`]; a failed pull is `Ok` with a non-zero status.
+    pub async fn pull_again(
+        &self,
+        image_ref: &str,
+        hosts_dir: &Path,
+    ) -> Result<CtrOutput, RunCtrError> {
+        self.remove(image_ref).await?.into_success()?;
+        self.pull(image_ref, hosts_dir).await
+    }
+
     /// The image names known to this namespace (`ctr images ls -q`).
     ///
     /// # Errors

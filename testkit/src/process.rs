@@ -218,21 +218,26 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
 
+    /// `/bin/sh -c script`, logging into `dir/sh.log`.
+    fn spawn_sh(dir: &Path, script: &str) -> LoggedChild {
+        let mut command = Command::new("/bin/sh");
+        command.args(["-c", script]);
+        LoggedChild::spawn(&mut command, &dir.join("sh.log")).unwrap()
+    }
+
+    /// Waits for a readiness that never comes.
+    async fn wait_never_ready(child: &mut LoggedChild, timeout: Duration) -> NotReady {
+        child
+            .wait_ready(timeout, Duration::from_millis(10), || async { false })
+            .await
+            .unwrap_err()
+    }
+
     #[tokio::test]
     async fn a_child_that_exits_during_start_up_is_reported_with_its_log() {
         let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("sh.log");
-        let mut command = Command::new("/bin/sh");
-        command.args(["-c", "echo going away; exit 3"]);
-        let mut child = LoggedChild::spawn(&mut command, &log).unwrap();
-        let err = child
-            .wait_ready(
-                Duration::from_secs(10),
-                Duration::from_millis(10),
-                || async { false },
-            )
-            .await
-            .unwrap_err();
+        let mut child = spawn_sh(dir.path(), "echo going away; exit 3");
+        let err = wait_never_ready(&mut child, Duration::from_secs(10)).await;
         assert!(
             matches!(err, NotReady::Exited { status } if status.code() == Some(3)),
             "{err}"
@@ -247,17 +252,8 @@ mod tests {
     #[tokio::test]
     async fn a_child_that_never_gets_ready_times_out_and_is_killed_on_drop() {
         let dir = tempfile::tempdir().unwrap();
-        let mut command = Command::new("/bin/sh");
-        command.args(["-c", "exec sleep 600"]);
-        let mut child = LoggedChild::spawn(&mut command, &dir.path().join("sh.log")).unwrap();
-        let err = child
-            .wait_ready(
-                Duration::from_millis(50),
-                Duration::from_millis(10),
-                || async { false },
-            )
-            .await
-            .unwrap_err();
+        let mut child = spawn_sh(dir.path(), "exec sleep 600");
+        let err = wait_never_ready(&mut child, Duration::from_millis(50)).await;
         assert!(matches!(err, NotReady::TimedOut { .. }), "{err}");
         let pid = child.id();
         drop(child);

@@ -84,13 +84,10 @@ async fn containerd_pulls_through_a_mirror_host_with_ns_docker_io_and_pulls_agai
         "containerd does not call /v2/ first"
     );
 
-    containerd
-        .remove(reference)
+    let pull = containerd
+        .pull_again(reference, hosts.path())
         .await
-        .unwrap()
-        .into_success()
         .unwrap();
-    let pull = containerd.pull(reference, hosts.path()).await.unwrap();
     assert!(pull.success(), "second pull failed: {}", pull.stderr);
     assert_eq!(
         proxy.counts().get("GET", Kind::Blob),
