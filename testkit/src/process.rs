@@ -148,16 +148,12 @@ impl LoggedChild {
     ///
     /// # Errors
     /// [`NotReady::Exited`] or [`NotReady::TimedOut`].
-    pub async fn wait_ready<F, Fut>(
+    pub async fn wait_ready<Fut: Future<Output = bool>>(
         &mut self,
         timeout: Duration,
         poll: Duration,
-        mut ready: F,
-    ) -> Result<(), NotReady>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = bool>,
-    {
+        mut ready: impl FnMut() -> Fut,
+    ) -> Result<(), NotReady> {
         let child = &mut self.child;
         let outcome = wait_for(timeout, poll, || {
             let exited = child.try_wait().ok().flatten();
