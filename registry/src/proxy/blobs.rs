@@ -52,6 +52,10 @@ pub struct FlightHeader {
 pub struct Progress {
     pub header: Option<FlightHeader>,
     pub written: u64,
+    /// Every byte the upstream sent has been hashed and matches the digest (and the length, when
+    /// announced). Lets the client that started the fetch have its final byte, which it holds in
+    /// memory, without waiting for the disk write; readers of the file wait for `verified`.
+    pub digest_matched: bool,
     /// All bytes are written and match the digest. Set before the (slow) fsync and rename, so
     /// readers can finish while the commit is still in progress: what they were sent is verified
     /// either way, and a failed commit only means the cache does not keep the blob.
@@ -78,6 +82,19 @@ impl Flight {
             return Err(e.clone());
         }
         Ok(p.header.clone().unwrap_or(FlightHeader { size: None }))
+    }
+
+    /// Waits until the digest of everything the upstream sent matched (or the fetch failed).
+    async fn digest_matched(&self) -> std::io::Result<()> {
+        let mut rx = self.progress.clone();
+        let p = rx
+            .wait_for(|p| p.digest_matched || p.outcome.is_some())
+            .await
+            .map_err(|_| std::io::Error::other("blob fetch ended without a result"))?;
+        match &p.outcome {
+            Some(Err(e)) if !p.digest_matched => Err(std::io::Error::other(e.to_string())),
+            _ => Ok(()),
+        }
     }
 
     /// Waits until the fetch is verified and committed (or failed).
@@ -186,21 +203,37 @@ pub fn open_or_fetch(
     })
 }
 
-/// Writes and hashes the body off the network path: the fetch loop hands chunks over and keeps
-/// reading the socket while this thread copies into the page cache. Publishes progress for the
-/// readers following the file. Returns the digest of what it wrote and how much that was.
-fn spawn_writer(
-    file: Arc<std::fs::File>,
+/// Hashes the body on its own thread: this is the only work between the last upstream byte and
+/// the leader's final byte, so it is kept apart from the disk write. Returns the digest and the
+/// wall time spent hashing (for the debug log: on a busy machine it shows the thread waiting for
+/// a core).
+fn spawn_hasher(
     algorithm: crate::oci::Algorithm,
-    tx: Arc<watch::Sender<Progress>>,
     mut chunks: mpsc::Receiver<Bytes>,
-) -> tokio::task::JoinHandle<std::io::Result<(Digest, u64)>> {
+) -> tokio::task::JoinHandle<(Digest, std::time::Duration)> {
     tokio::task::spawn_blocking(move || {
         let mut hasher = DigestHasher::new(algorithm);
+        let mut busy = std::time::Duration::ZERO;
+        while let Some(chunk) = chunks.blocking_recv() {
+            let started = std::time::Instant::now();
+            hasher.update(&chunk);
+            busy += started.elapsed();
+        }
+        (hasher.finish(), busy)
+    })
+}
+
+/// Writes the body into the temp file off the network path and publishes progress for the
+/// readers following the file. Returns how much it wrote.
+fn spawn_writer(
+    file: Arc<std::fs::File>,
+    tx: Arc<watch::Sender<Progress>>,
+    mut chunks: mpsc::Receiver<Bytes>,
+) -> tokio::task::JoinHandle<std::io::Result<u64>> {
+    tokio::task::spawn_blocking(move || {
         let mut written = 0u64;
         let mut published = 0u64;
         while let Some(chunk) = chunks.blocking_recv() {
-            hasher.update(&chunk);
             file.write_all_at(&chunk, written)?;
             written += chunk.len() as u64;
             if written - published >= PUBLISH_EVERY || chunks.is_empty() {
@@ -209,11 +242,12 @@ fn spawn_writer(
             }
         }
         tx.send_modify(|p| p.written = written);
-        Ok((hasher.finish(), written))
+        Ok(written)
     })
 }
 
-/// The flight body: upstream GET → writer thread (hash + temp file) → verify → commit.
+/// The flight body: upstream GET → hasher thread and writer thread (temp file) in parallel →
+/// verify → commit.
 async fn fetch(
     inner: &Arc<ProxyInner>,
     upstream: &Arc<Upstream>,
@@ -231,14 +265,14 @@ async fn fetch(
     let headers_after = started.elapsed();
     let size = response.content_length();
     tx.send_modify(|p| p.header = Some(FlightHeader { size }));
+    let (to_hasher, hasher_chunks) = mpsc::channel::<Bytes>(WRITER_DEPTH);
+    let hasher = spawn_hasher(digest.algorithm(), hasher_chunks);
     let (to_writer, chunks) = mpsc::channel::<Bytes>(WRITER_DEPTH);
-    let writer = spawn_writer(
-        Arc::clone(temp.file()),
-        digest.algorithm(),
-        Arc::clone(tx),
-        chunks,
-    );
+    let writer = spawn_writer(Arc::clone(temp.file()), Arc::clone(tx), chunks);
     let mut received: u64 = 0;
+    let mut chunks_seen: u64 = 0;
+    let mut queue_wait = std::time::Duration::ZERO;
+    let mut tee_dropped_at: Option<u64> = None;
     let idle = inner.body_idle_timeout;
     let body_error = |message: String| ProxyError::Body {
         registry: registry.clone(),
@@ -265,23 +299,27 @@ async fn fetch(
         if let Some(t) = &tee {
             if t.try_send(chunk.clone()).is_err() {
                 tee = None;
+                tee_dropped_at = Some(received);
             }
         }
-        if to_writer.send(chunk).await.is_err() {
+        chunks_seen += 1;
+        let wait_started = std::time::Instant::now();
+        // Either thread gone means it failed; its join result below says how.
+        if to_hasher.send(chunk.clone()).await.is_err() || to_writer.send(chunk).await.is_err() {
             break;
         }
+        queue_wait += wait_started.elapsed();
     }
-    drop(to_writer);
-    let (actual, written) = writer
+    drop((to_hasher, to_writer));
+    let (actual, hashing) = hasher
         .await
-        .map_err(|e| ProxyError::Internal(format!("writer task failed: {e}")))?
-        .map_err(|e| ProxyError::Internal(format!("cannot write cache temp file: {e}")))?;
+        .map_err(|e| ProxyError::Internal(format!("hasher task failed: {e}")))?;
     if let Some(expected) = size {
-        if received != expected || written != expected {
+        if received != expected {
             return Err(ProxyError::Truncated {
                 registry,
                 expected,
-                received: received.min(written),
+                received,
             });
         }
     }
@@ -292,7 +330,27 @@ async fn fetch(
             actual,
         });
     }
-    tracing::debug!(%digest, bytes = received, headers_ms = headers_after.as_millis() as u64, body_ms = started.elapsed().as_millis() as u64, "blob fetched and verified");
+    tx.send_modify(|p| p.digest_matched = true);
+    let written = writer
+        .await
+        .map_err(|e| ProxyError::Internal(format!("writer task failed: {e}")))?
+        .map_err(|e| ProxyError::Internal(format!("cannot write cache temp file: {e}")))?;
+    if written != received {
+        return Err(ProxyError::Internal(format!(
+            "cache temp file has {written} of {received} bytes"
+        )));
+    }
+    tracing::debug!(
+        %digest,
+        bytes = received,
+        chunks = chunks_seen,
+        headers_ms = headers_after.as_millis() as u64,
+        body_ms = started.elapsed().as_millis() as u64,
+        queue_wait_ms = queue_wait.as_millis() as u64,
+        hash_ms = hashing.as_millis() as u64,
+        tee_dropped_at,
+        "blob fetched and verified"
+    );
     tx.send_modify(|p| {
         if size.is_none() {
             p.header = Some(FlightHeader {
@@ -442,51 +500,84 @@ pub fn flight_stream(
     )
 }
 
+/// Where the leader's tee stands.
+struct Tee {
+    rx: Option<mpsc::Receiver<Bytes>>,
+    pos: u64,
+    /// The final byte, kept in memory until the digest matched.
+    held: Option<Bytes>,
+}
+
 /// Streams a blob to the client that started its fetch: chunks come straight from the upstream
 /// (no disk read-back) while the client keeps up; when the tee is dropped (client too slow) or
-/// ends, the rest follows the file like any other reader. The chunk holding the final byte is
-/// never passed on from the tee: that byte comes from the file once the digest is verified.
+/// ends early, the rest follows the file like any other reader. The final byte of a blob of known
+/// size is held back from the tee and released once the digest matched, without waiting for the
+/// disk write.
 pub fn leader_stream(
     flight: Arc<Flight>,
     tee: mpsc::Receiver<Bytes>,
     size: Option<u64>,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
     use futures::StreamExt as _;
-    let teed = futures::stream::unfold(
-        (Some(tee), 0u64, false),
-        move |(tee, pos, done)| async move {
-            let mut tee = tee?;
-            if done {
-                return None;
-            }
-            let chunk = tee.recv().await?;
-            let len = chunk.len() as u64;
-            match size {
-                // Stop before the final byte; the file stream below serves it after verification.
-                Some(total) if pos + len >= total => {
-                    let keep =
-                        usize::try_from(total.saturating_sub(1).saturating_sub(pos)).unwrap_or(0);
-                    Some((
-                        chunk.slice(..keep.min(chunk.len())),
-                        (Some(tee), pos + keep as u64, true),
-                    ))
-                }
-                _ => Some((chunk, (Some(tee), pos + len, false))),
-            }
-        },
-    );
-    // Track how far the tee got, then continue from there through the file.
     let position = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counter = Arc::clone(&position);
-    let teed = teed
-        .filter(|c| futures::future::ready(!c.is_empty()))
-        .map(move |c| {
+    let held_flight = Arc::clone(&flight);
+    let teed = futures::stream::try_unfold(
+        Tee {
+            rx: Some(tee),
+            pos: 0,
+            held: None,
+        },
+        move |mut state| {
+            let flight = Arc::clone(&held_flight);
+            async move {
+                if let Some(last) = state.held.take() {
+                    flight.digest_matched().await?;
+                    state.pos += last.len() as u64;
+                    state.rx = None;
+                    return Ok(Some((last, state)));
+                }
+                let Some(rx) = state.rx.as_mut() else {
+                    return Ok(None);
+                };
+                let Some(chunk) = rx.recv().await else {
+                    return Ok(None);
+                };
+                let len = chunk.len() as u64;
+                match size {
+                    // The chunk ending exactly at the announced size: keep its last byte back.
+                    Some(total) if state.pos + len == total => {
+                        let keep = chunk.len().saturating_sub(1);
+                        state.held = Some(chunk.slice(keep..));
+                        state.pos += keep as u64;
+                        Ok(Some((chunk.slice(..keep), state)))
+                    }
+                    // More than announced: the fetch fails; stop here and let the file reader
+                    // below report it.
+                    Some(total) if state.pos + len > total => Ok(None),
+                    _ => {
+                        state.pos += len;
+                        Ok(Some((chunk, state)))
+                    }
+                }
+            }
+        },
+    )
+    .filter(|c| futures::future::ready(!c.as_ref().is_ok_and(Bytes::is_empty)))
+    .map(move |c| {
+        if let Ok(c) = &c {
             counter.fetch_add(c.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            Ok(c)
-        });
+        }
+        c
+    });
+    // Continue from wherever the tee stopped through the file (nothing left when it delivered
+    // the whole blob).
     let rest = futures::stream::once(async move {
         let start = position.load(std::sync::atomic::Ordering::Relaxed);
-        flight_stream(flight, start, size)
+        // An empty blob has no final byte to hold: its response ends once the flight verified.
+        let finished = size.is_some_and(|total| total > 0 && start >= total);
+        let tail = (!finished).then(|| flight_stream(flight, start, size));
+        futures::stream::iter(tail).flatten()
     })
     .flatten();
     teed.chain(rest)
