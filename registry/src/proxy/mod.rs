@@ -211,14 +211,23 @@ pub struct ProxyInner {
 
 impl ProxyInner {
     /// Called after content is committed: keeps the cache under its bound and the gauge true.
+    /// An eviction pass deletes files and, with pins, reads tag files and manifests, so it runs
+    /// on the blocking pool; under the bound only the gauges move.
     pub fn after_commit(&self) {
-        let evicted = self.store.evict();
-        if evicted > 0 {
-            self.telemetry.add_evictions(evicted);
+        let (store, telemetry) = (Arc::clone(&self.store), Arc::clone(&self.telemetry));
+        let settle = move || {
+            let evicted = store.evict();
+            if evicted > 0 {
+                telemetry.add_evictions(evicted);
+            }
+            telemetry.set_cache_size(store.index().total_size());
+            telemetry.set_pinned_bytes(store.pinned_bytes());
+        };
+        if self.store.index().over_bound() {
+            drop(tokio::task::spawn_blocking(settle));
+        } else {
+            settle();
         }
-        self.telemetry
-            .set_cache_size(self.store.index().total_size());
-        self.telemetry.set_pinned_bytes(self.store.pinned_bytes());
     }
 }
 
