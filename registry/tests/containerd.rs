@@ -51,13 +51,10 @@ async fn containerd_pulls_through_cachalot_with_ns_docker_io_and_falls_back_when
     );
 
     // Pull again after removing the image: everything comes from the cache.
-    containerd
-        .remove(reference)
+    let pull = containerd
+        .pull_again(reference, hosts.path())
         .await
-        .unwrap()
-        .into_success()
         .unwrap();
-    let pull = containerd.pull(reference, hosts.path()).await.unwrap();
     assert!(pull.success(), "second pull failed: {}", pull.stderr);
     let upstream_after_second = rig.faults().counts();
     assert_eq!(
