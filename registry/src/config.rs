@@ -35,6 +35,11 @@ pub struct Config {
     /// `ghcr.io`, `registry.example:5000`). Requests for any other `ns` are refused.
     #[serde(default)]
     pub registries: BTreeMap<String, RegistryConfig>,
+    /// A YAML file mapping registry names to pin lists (the syntax of `registries.<name>.pin`),
+    /// re-read at every eviction pass. Missing means no extra pins; an invalid file keeps the
+    /// pins last read from it. The operator mounts the images of running Pods here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_file: Option<PathBuf>,
     #[serde(default)]
     pub upstream: UpstreamTuning,
     #[serde(default)]
@@ -81,9 +86,10 @@ pub struct RegistryConfig {
     /// served instead of spending a counted GET on a changed digest.
     #[serde(default)]
     pub budget_reserve: u64,
-    /// `REPOSITORY[:TAG]` patterns (globs `*` and `?`; no tag means every tag) whose cached
-    /// content eviction never removes: the tag's manifest, the cached children of an index, and
-    /// their config and layer blobs. On `docker.io` a one-component repository gets `library/`.
+    /// `REPOSITORY[:TAG]` patterns (globs `*` and `?`; no tag means every tag) or exact
+    /// `REPOSITORY@DIGEST` references whose cached content eviction never removes: the manifest,
+    /// the cached children of an index, and their config and layer blobs. On `docker.io` a
+    /// one-component repository gets `library/`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pin: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -213,6 +219,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             parent: None,
             registries: BTreeMap::new(),
+            pin_file: None,
             upstream: UpstreamTuning::default(),
             server: ServerTuning::default(),
             log: LogConfig::default(),

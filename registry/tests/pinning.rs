@@ -56,6 +56,16 @@ async fn pull(base: &str, repo: &str, tag: &str) -> Vec<String> {
     caches
 }
 
+/// Freshness that never revalidates a tag, so any upstream request is content that was evicted.
+fn tags_never_revalidate() -> Vec<FreshnessRule> {
+    vec![FreshnessRule {
+        pattern: "*".into(),
+        repository: None,
+        max_age: None,
+        immutable: true,
+    }]
+}
+
 fn blob_file(storage: &Path, digest: &str) -> std::path::PathBuf {
     let hex = digest.strip_prefix("sha256:").unwrap();
     storage.join("blobs/sha256").join(hex)
@@ -84,12 +94,7 @@ async fn pinned_image_survives_eviction_and_is_served_without_upstream_requests(
         // `pinned:stable` means.
         hub.pin = vec!["pinned:stable".into()];
         // Tags never revalidate here, so any upstream request below is content that was evicted.
-        hub.freshness = vec![FreshnessRule {
-            pattern: "*".into(),
-            repository: None,
-            max_age: None,
-            immutable: true,
-        }];
+        hub.freshness = tags_never_revalidate();
     })
     .await;
     let url = rig.cachalot.url();
@@ -161,5 +166,92 @@ async fn pinned_image_survives_eviction_and_is_served_without_upstream_requests(
             counts.get("GET", Kind::Blob)
         ),
         (1, 2)
+    );
+}
+
+/// Whether every blob of `img` is still in the cache.
+fn cached(storage: &Path, img: &TestImage) -> bool {
+    img.all_blobs()
+        .iter()
+        .all(|b| blob_file(storage, &b.digest).exists())
+}
+
+/// Pulls `repo:1`, waits for its blobs to be committed and, when the pull pushes the cache over
+/// its bound, for the eviction pass to have removed `evicts` (whose last blob is the last to go).
+async fn pull_and_settle(rig: &Rig, repo: &str, img: &TestImage, evicts: Option<&TestImage>) {
+    pull(&rig.cachalot.url(), repo, "1").await;
+    let storage = &rig.cachalot.storage;
+    committed(storage, img).await;
+    if let Some(gone) = evicts {
+        eventually(Duration::from_secs(10), "the eviction pass", || async {
+            gone.all_blobs()
+                .iter()
+                .all(|b| !blob_file(storage, &b.digest).exists())
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn the_pin_file_is_reread_at_each_eviction_pass_and_protection_follows_it() {
+    let images: Vec<TestImage> = (0..7)
+        .map(|i| docker_image(700 + i, &[MIB]).unwrap())
+        .collect();
+    let repos = [
+        "first", "next1", "next2", "next3", "next4", "next5", "next6",
+    ];
+    // Room for three and a half images: each pull from the fourth on evicts exactly one image.
+    let image_size = images.iter().map(TestImage::total_bytes).max().unwrap();
+    let bound = 3 * image_size + image_size / 2;
+
+    let pins = tempfile::tempdir().unwrap();
+    let pin_file = pins.path().join("pins.yaml");
+    // A tag, as the operator writes for a Pod's `image: first:1`.
+    std::fs::write(&pin_file, "docker.io:\n- library/first:1\n").unwrap();
+    let rig = Rig::start_with(|config| {
+        config.storage.max_size_bytes = Some(bound);
+        config.pin_file = Some(pin_file.clone());
+        config.registries.get_mut("docker.io").unwrap().freshness = tags_never_revalidate();
+    })
+    .await;
+    let storage = rig.cachalot.storage.clone();
+    for (repo, img) in repos.iter().zip(&images) {
+        rig.push(&format!("library/{repo}"), "1", img).await;
+    }
+
+    // first (pinned through the file), next1, next2, then next3 evicts next1, not the older first.
+    for i in 0..3 {
+        pull_and_settle(&rig, repos[i], &images[i], None).await;
+    }
+    pull_and_settle(&rig, repos[3], &images[3], Some(&images[1])).await;
+    assert!(cached(&storage, &images[0]), "pinned through the file");
+    assert!(cached(&storage, &images[2]) && cached(&storage, &images[3]));
+
+    // The file now pins next2 by digest (as the operator writes an imageID) and no longer first:
+    // next4 evicts first, now the oldest unpinned image, and next5 evicts next3, not the older
+    // next2.
+    std::fs::write(
+        &pin_file,
+        format!(
+            "docker.io:\n- library/next2@{}\n",
+            images[2].manifest_digest
+        ),
+    )
+    .unwrap();
+    pull_and_settle(&rig, repos[4], &images[4], Some(&images[0])).await;
+    pull_and_settle(&rig, repos[5], &images[5], Some(&images[3])).await;
+    assert!(
+        cached(&storage, &images[2]),
+        "pinned by digest through the file"
+    );
+
+    // A broken file keeps the last good pins: next6 evicts next4, and next2 stays.
+    std::fs::write(&pin_file, "docker.io: [library/next2@").unwrap();
+    pull_and_settle(&rig, repos[6], &images[6], Some(&images[4])).await;
+    assert!(cached(&storage, &images[2]), "the last good pins kept");
+    assert!(cached(&storage, &images[5]) && cached(&storage, &images[6]));
+    assert_eq!(
+        rig.cachalot.stats().await.pinned_bytes,
+        images[2].total_bytes()
     );
 }

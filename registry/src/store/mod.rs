@@ -12,13 +12,15 @@
 //! before they become path components, so no request can address a path outside the root.
 //!
 //! Eviction (with a size bound) removes least recently used content, never content being served
-//! ([`Pin`]) and never what configured pins reach ([`PinRules`]). The pinned set is recomputed at
-//! the start of every pass that has work to do, from the tag records and manifests on disk: one
-//! walk of `repositories/<registry>/` per registry with pins, one small read per tag file of a
-//! matching repository and one read per reachable cached manifest. Nothing is kept in memory
-//! between passes, so a pinned tag that moves protects its new content from the next pass on.
+//! ([`Pin`]) and never what configured pins or the pin file reach ([`PinRules`]). The pinned set
+//! is recomputed at the start of every pass that has work to do, from the pin file (re-read, see
+//! `pin_file`), the tag records and the manifests on disk: one walk of `repositories/<registry>/`
+//! per registry with pins, one small read per tag file of a matching repository and one read per
+//! reachable cached manifest. Nothing but the pin file's last good set is kept in memory between
+//! passes, so a pinned tag that moves protects its new content from the next pass on.
 
 mod index;
+pub mod pin_file;
 pub mod pinning;
 
 use std::collections::HashSet;
@@ -33,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, ConfigError};
 use crate::oci::{Digest, RepositoryName, Tag};
 pub use index::{EvictionPass, Index, Pin};
+pub use pin_file::PinFile;
 pub use pinning::{PinPattern, PinRules};
 
 /// A failed store operation.
@@ -114,6 +117,8 @@ pub struct Store {
     root: PathBuf,
     index: Index,
     pins: PinRules,
+    /// Pins re-read at every eviction pass (`pinFile`).
+    pin_file: Option<PinFile>,
     /// Bytes the pins protected at the last eviction pass.
     pinned_bytes: AtomicU64,
 }
@@ -173,15 +178,17 @@ impl Store {
             root: root.to_owned(),
             index,
             pins: PinRules::default(),
+            pin_file: None,
             pinned_bytes: AtomicU64::new(0),
         })
     }
 
-    /// Opens the store a validated config describes: its path, size bound and pins.
+    /// Opens the store a validated config describes: its path, size bound, pins and pin file.
     pub fn from_config(config: &Config) -> Result<Store, StoreError> {
         let pins = PinRules::from_config(config).map_err(StoreError::Pins)?;
         let mut store = Store::open(&config.storage.path, config.storage.max_size_bytes)?;
         store.pins = pins;
+        store.pin_file = config.pin_file.clone().map(PinFile::new);
         Ok(store)
     }
 
@@ -423,11 +430,11 @@ impl Store {
     /// The digests pinned tags point at: every cached tag of a registry with pins whose
     /// repository and tag match a pattern. Unreadable or corrupt tag records are skipped (they
     /// pin nothing, as an uncached tag would not).
-    fn pinned_roots(&self) -> Vec<Digest> {
-        let mut roots = Vec::new();
-        for registry in self.pins.registries() {
+    fn pinned_roots(&self, pins: &PinRules) -> Vec<Digest> {
+        let mut roots: Vec<Digest> = pins.digests().cloned().collect();
+        for registry in pins.registries() {
             for repository in self.repositories(registry) {
-                if !self.pins.covers_repository(registry, &repository) {
+                if !pins.covers_repository(registry, &repository) {
                     continue;
                 }
                 let Ok(name) = repository.parse::<RepositoryName>() else {
@@ -442,7 +449,7 @@ impl Store {
                     let Some(tag) = file_name.to_str().and_then(|f| f.strip_suffix(".json")) else {
                         continue;
                     };
-                    if !self.pins.is_pinned(registry, &repository, tag) {
+                    if !pins.is_pinned(registry, &repository, tag) {
                         continue;
                     }
                     let record = std::fs::read(entry.path())
@@ -465,13 +472,17 @@ impl Store {
         Some(pinning::ManifestBytes { media_type, bytes })
     }
 
-    /// The files configured pins protect right now.
+    /// The files configured pins and the pin file protect right now.
     fn protected_paths(&self) -> HashSet<PathBuf> {
-        if self.pins.is_empty() {
+        let mut pins = self.pins.clone();
+        if let Some(file) = &self.pin_file {
+            pins.merge(&file.current());
+        }
+        if pins.is_empty() {
             return HashSet::new();
         }
         let protected =
-            pinning::protected_content(self.pinned_roots(), |d| self.manifest_for_walk(d));
+            pinning::protected_content(self.pinned_roots(&pins), |d| self.manifest_for_walk(d));
         let manifests = protected.manifests.iter().map(|d| self.manifest_path(d));
         let blobs = protected.blobs.iter().map(|d| self.blob_path(d));
         manifests.chain(blobs).collect()

@@ -3,7 +3,9 @@
 //! A pattern globs over the repository and, after `:`, the tag (`library/nginx:stable`,
 //! `library/redis:*`, `myteam/*`; no tag means every tag). `*` matches any run of characters,
 //! `/` included, and `?` one character. On `docker.io` a one-component repository gets
-//! `library/` exactly as requested names do (`redis:7` pins `library/redis:7`).
+//! `library/` exactly as requested names do (`redis:7` pins `library/redis:7`). An exact
+//! `REPOSITORY@DIGEST` (no globs) pins that manifest whether or not a tag still points at it;
+//! manifests are stored by digest alone, so the repository part is checked but not matched.
 //!
 //! What a pin protects is computed at eviction time, from the store itself: every cached tag
 //! whose repository and tag match a pattern names a manifest; an image index or manifest list
@@ -12,7 +14,9 @@
 //! is a pure function of the tag records and a manifest reader ([`protected_content`]), so it is
 //! tested without a disk.
 //!
-//! Pins come from configuration only: this module does not know which images running Pods use.
+//! Pins come from configuration (`registries.<name>.pin`) and from the pin file (`pinFile`, see
+//! `pin_file`), which the operator fills with the images running Pods use; [`PinRules::merge`]
+//! joins the two at each eviction pass.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -42,6 +46,8 @@ pub enum ParsePinError {
         "`{0}`: a tag pattern has at most 128 letters, digits, `.`, `_`, `-` and the globs `*` and `?`"
     )]
     BadTag(String),
+    #[error("`{0}`: the part after `@` is not a digest (expected REPOSITORY@sha256:HEX)")]
+    BadDigest(String),
     #[error("`{pattern}`: {message}")]
     Glob { pattern: String, message: String },
 }
@@ -67,6 +73,44 @@ fn compile(pattern: &str, glob: &str) -> Result<GlobMatcher, ParsePinError> {
         })
 }
 
+/// Whether `repository` is a plausible repository pattern (globs only when `globs`).
+fn repository_ok(repository: &str, globs: bool) -> bool {
+    repository.bytes().all(|b| {
+        b.is_ascii_lowercase()
+            || b.is_ascii_digit()
+            || matches!(b, b'.' | b'_' | b'-' | b'/')
+            || (globs && is_glob(b))
+    }) && !repository.starts_with('/')
+        && !repository.ends_with('/')
+        && !repository.contains("//")
+}
+
+/// One entry of a pin list: a pattern over tags, or one manifest by digest.
+#[derive(Debug, Clone)]
+pub enum PinEntry {
+    Pattern(PinPattern),
+    Digest(Digest),
+}
+
+impl PinEntry {
+    /// Parses `REPOSITORY[:TAG]` (globs allowed) or `REPOSITORY@DIGEST` (no globs) of `registry`.
+    pub fn parse(text: &str, registry: &str) -> Result<PinEntry, ParsePinError> {
+        let Some((repository, digest)) = text.split_once('@') else {
+            return PinPattern::parse(text, registry).map(PinEntry::Pattern);
+        };
+        if repository.is_empty() {
+            return Err(ParsePinError::EmptyRepository(text.to_owned()));
+        }
+        if !repository_ok(repository, false) {
+            return Err(ParsePinError::BadRepository(text.to_owned()));
+        }
+        digest
+            .parse()
+            .map(PinEntry::Digest)
+            .map_err(|_| ParsePinError::BadDigest(text.to_owned()))
+    }
+}
+
 impl PinPattern {
     /// Parses a pattern of `registry`, normalising the repository as requests to it are.
     pub fn parse(text: &str, registry: &str) -> Result<PinPattern, ParsePinError> {
@@ -77,13 +121,7 @@ impl PinPattern {
         if repository.is_empty() {
             return Err(ParsePinError::EmptyRepository(text.to_owned()));
         }
-        let repo_ok = repository.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-' | b'/')
-        } || is_glob(b))
-            && !repository.starts_with('/')
-            && !repository.ends_with('/')
-            && !repository.contains("//");
-        if !repo_ok {
+        if !repository_ok(repository, true) {
             return Err(ParsePinError::BadRepository(text.to_owned()));
         }
         let tag = match tag {
@@ -124,39 +162,70 @@ impl PinPattern {
     }
 }
 
-/// The pin patterns of every registry.
+/// The pin patterns of every registry, and the manifests pinned by digest.
 #[derive(Debug, Clone, Default)]
 pub struct PinRules {
     by_registry: BTreeMap<String, Vec<PinPattern>>,
+    /// Manifests pinned by digest. The store keeps manifests by digest alone, so these are
+    /// roots of the protected-set walk whichever registry named them.
+    digests: BTreeSet<Digest>,
 }
 
 impl PinRules {
     /// Compiles the `pin` lists of a config; the error names the field
     /// (`registries.docker.io.pin[1]`) like every other config error.
     pub fn from_config(config: &Config) -> Result<PinRules, ConfigError> {
-        let mut by_registry = BTreeMap::new();
+        let mut rules = PinRules::default();
         for (name, registry) in &config.registries {
-            let patterns = registry
-                .pin
-                .iter()
-                .enumerate()
-                .map(|(i, text)| {
-                    PinPattern::parse(text, name).map_err(|e| ConfigError::Invalid {
-                        field: format!("registries.{name}.pin[{i}]"),
-                        message: e.to_string(),
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            if !patterns.is_empty() {
-                by_registry.insert(name.clone(), patterns);
+            for (i, text) in registry.pin.iter().enumerate() {
+                rules.add(name, text).map_err(|e| ConfigError::Invalid {
+                    field: format!("registries.{name}.pin[{i}]"),
+                    message: e.to_string(),
+                })?;
             }
         }
-        Ok(PinRules { by_registry })
+        Ok(rules)
+    }
+
+    /// Adds one pin list entry of `registry`.
+    pub fn add(&mut self, registry: &str, text: &str) -> Result<(), ParsePinError> {
+        match PinEntry::parse(text, registry)? {
+            PinEntry::Pattern(p) => self
+                .by_registry
+                .entry(registry.to_owned())
+                .or_default()
+                .push(p),
+            PinEntry::Digest(d) => {
+                self.digests.insert(d);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds every pin of `other` (configured pins and the pin file's, at one eviction pass).
+    pub fn merge(&mut self, other: &PinRules) {
+        for (registry, patterns) in &other.by_registry {
+            self.by_registry
+                .entry(registry.clone())
+                .or_default()
+                .extend(patterns.iter().cloned());
+        }
+        self.digests.extend(other.digests.iter().cloned());
     }
 
     /// True when nothing is pinned (eviction then skips the protected-set walk entirely).
     pub fn is_empty(&self) -> bool {
-        self.by_registry.is_empty()
+        self.by_registry.is_empty() && self.digests.is_empty()
+    }
+
+    /// Manifests pinned by digest.
+    pub fn digests(&self) -> impl Iterator<Item = &Digest> {
+        self.digests.iter()
+    }
+
+    /// How many entries the rules hold (patterns and digests).
+    pub fn len(&self) -> usize {
+        self.by_registry.values().map(Vec::len).sum::<usize>() + self.digests.len()
     }
 
     /// Registries with at least one pin.
@@ -331,6 +400,56 @@ mod tests {
             PinPattern::parse(&long, "docker.io"),
             Err(ParsePinError::BadTag(_))
         ));
+    }
+
+    #[test]
+    fn digest_entries_pin_one_manifest_and_refuse_globs_and_bad_digests() {
+        let digest = digest_of("m");
+        let mut rules = PinRules::default();
+        rules
+            .add("docker.io", &format!("library/nginx@{digest}"))
+            .unwrap();
+        assert_eq!(rules.digests().collect::<Vec<_>>(), [&digest]);
+        assert_eq!(rules.registries().count(), 0, "a digest is no tag pattern");
+        assert!(!rules.is_empty());
+        assert_eq!(rules.len(), 1);
+        for (bad, expected) in [
+            (
+                format!("library/*@{digest}"),
+                ParsePinError::BadRepository(format!("library/*@{digest}")),
+            ),
+            (
+                format!("@{digest}"),
+                ParsePinError::EmptyRepository(format!("@{digest}")),
+            ),
+            (
+                "nginx@sha256:00".to_owned(),
+                ParsePinError::BadDigest("nginx@sha256:00".into()),
+            ),
+            (
+                format!("nginx:1@{digest}"),
+                ParsePinError::BadRepository(format!("nginx:1@{digest}")),
+            ),
+        ] {
+            assert_eq!(rules.add("docker.io", &bad).unwrap_err(), expected, "{bad}");
+        }
+    }
+
+    #[test]
+    fn merged_rules_pin_what_either_side_pins() {
+        let mut configured = PinRules::default();
+        configured.add("docker.io", "nginx:stable").unwrap();
+        let mut file = PinRules::default();
+        file.add("docker.io", "redis:7").unwrap();
+        file.add("quay.io", "team/app:v1").unwrap();
+        file.add("quay.io", &format!("team/app@{}", digest_of("x")))
+            .unwrap();
+        configured.merge(&file);
+        assert!(configured.is_pinned("docker.io", "library/nginx", "stable"));
+        assert!(configured.is_pinned("docker.io", "library/redis", "7"));
+        assert!(configured.is_pinned("quay.io", "team/app", "v1"));
+        assert_eq!(configured.len(), 4);
+        assert_eq!(configured.digests().count(), 1);
     }
 
     #[test]
