@@ -304,9 +304,11 @@ async fn fetch(
         }
         chunks_seen += 1;
         let wait_started = std::time::Instant::now();
-        // Either thread gone means it failed; its join result below says how.
         if to_hasher.send(chunk.clone()).await.is_err() || to_writer.send(chunk).await.is_err() {
-            break;
+            // A thread stopped early, so it failed: report its error, not a short body.
+            drop((to_hasher, to_writer));
+            writer_result(writer.await)?;
+            return Err(ProxyError::Internal("blob hasher stopped early".into()));
         }
         queue_wait += wait_started.elapsed();
     }
@@ -331,10 +333,7 @@ async fn fetch(
         });
     }
     tx.send_modify(|p| p.digest_matched = true);
-    let written = writer
-        .await
-        .map_err(|e| ProxyError::Internal(format!("writer task failed: {e}")))?
-        .map_err(|e| ProxyError::Internal(format!("cannot write cache temp file: {e}")))?;
+    let written = writer_result(writer.await)?;
     if written != received {
         return Err(ProxyError::Internal(format!(
             "cache temp file has {written} of {received} bytes"
@@ -366,6 +365,15 @@ async fn fetch(
         .map_err(|e| ProxyError::Internal(format!("commit task failed: {e}")))??;
     inner.store.note_repository(&registry, repo)?;
     Ok(())
+}
+
+/// What the writer thread's join handle gave: bytes written, or why it stopped.
+fn writer_result(
+    joined: Result<std::io::Result<u64>, tokio::task::JoinError>,
+) -> Result<u64, ProxyError> {
+    joined
+        .map_err(|e| ProxyError::Internal(format!("writer task failed: {e}")))?
+        .map_err(|e| ProxyError::Internal(format!("cannot write cache temp file: {e}")))
 }
 
 /// Asks the upstream about a blob without fetching it (HEAD on a miss).
