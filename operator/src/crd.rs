@@ -65,7 +65,7 @@ mod tests {
     }
 
     #[test]
-    fn registry_pins_are_a_bounded_list_of_patterns() {
+    fn registry_pins_are_a_bounded_list_of_patterns_and_name_the_workload_flag() {
         let registry = &version_schema()["properties"]["spec"]["properties"]["registries"]["items"];
         let pin = &registry["properties"]["pin"];
         assert_eq!(pin["type"], "array");
@@ -74,6 +74,6 @@ mod tests {
         assert!(pin["description"]
             .as_str()
             .unwrap()
-            .contains("not pinned automatically"));
+            .contains("pinWorkloadImages"));
     }
 }

@@ -144,6 +144,13 @@ pub struct RegistryMirrorSpec {
     /// Which nodes use the mirror and how their container runtime is configured.
     #[serde(default)]
     pub nodes: NodeSettings,
+
+    /// Pin the images running Pods use: every reconcile pass (about once a minute) lists the
+    /// Pods and writes the images of this mirror's registries (tags, and digests from container
+    /// statuses; at most 2000 entries) into the registry's pin file, which it re-reads at each
+    /// eviction pass and never evicts. Adds to `registries[].pin`. Off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pin_workload_images: bool,
 }
 
 fn default_replicas() -> i32 {
@@ -193,8 +200,8 @@ pub struct MirroredRegistry {
     /// globs `*` and `?` (`library/nginx:stable`, `library/redis:*`, `myteam/*`; no tag means
     /// every tag). On docker.io a one-component repository means `library/<name>`, as in pulls.
     /// A pinned tag keeps its manifest, the cached platform manifests of an index, and their
-    /// config and layers, even if that exceeds `storage.maxSize`. Pins come from this list only;
-    /// the images of running Pods are not pinned automatically.
+    /// config and layers, even if that exceeds `storage.maxSize`. The images of running Pods are
+    /// pinned in addition when `pinWorkloadImages` is set.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(min = 1, max = 384), regex(pattern = PIN_PATTERN)))]
     pub pin: Vec<String>,

@@ -43,6 +43,11 @@ pub struct RegistryMirrorStatus {
     /// The lowest remaining budget as `remaining/limit` (the BUDGET column).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_summary: Option<String>,
+
+    /// Image references of running Pods written to the registry's pin file at the last pass
+    /// (tags and digests, at most 2000). Absent unless `spec.pinWorkloadImages`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned_images: Option<i32>,
 }
 
 /// The condition types of a RegistryMirror.

@@ -37,6 +37,7 @@ use kube::Resource;
 use sha2::{Digest, Sha256};
 
 use super::validate::{Exposure, Validated};
+use super::workload_pins::WorkloadPins;
 use crate::api::{CredentialsKind, FallbackPolicy, NodeRuntime, RegistryMirror, StorageKind};
 use crate::node_agent::protocol::{self, DesiredRegistry, DesiredState};
 
@@ -46,6 +47,10 @@ pub const REGISTRY_PORT: i32 = 5000;
 pub const AGENT_PORT: i32 = 9464;
 /// Key of the registry config in its ConfigMap.
 pub const CONFIG_KEY: &str = "config.yaml";
+/// Key of the workload pins in the registry config ConfigMap (`spec.pinWorkloadImages`).
+/// Deliberately left out of the config hash: pins change as Pods come and go, and the registry
+/// re-reads the file at each eviction pass, so they must not roll the registry Pods.
+pub const PINS_KEY: &str = "pins.yaml";
 /// Key of the agent's desired state in its ConfigMap.
 pub const DESIRED_KEY: &str = "desired.json";
 /// Label naming the owning mirror on every object and pod.
@@ -56,6 +61,9 @@ pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
 pub const CONFIG_HASH_ANNOTATION: &str = "cachalot.dev/config-hash";
 
 const CONFIG_DIR: &str = "/etc/cachalot/config";
+/// Where the registry finds [`PINS_KEY`]: the config volume (a whole-directory ConfigMap mount,
+/// which the kubelet updates in place; a `subPath` mount would never see an update).
+pub const PIN_FILE_PATH: &str = "/etc/cachalot/config/pins.yaml";
 const CREDENTIALS_DIR: &str = "/etc/cachalot/credentials";
 const STORAGE_DIR: &str = "/var/lib/cachalot";
 const AGENT_DESIRED_DIR: &str = "/etc/cachalot/agent";
@@ -272,6 +280,10 @@ pub fn registry_config(
             insecure_skip_verify: false,
         }),
         registries,
+        pin_file: mirror
+            .spec
+            .pin_workload_images
+            .then(|| PathBuf::from(PIN_FILE_PATH)),
         log: LogConfig {
             format: LogFormat::Json,
             level: None,
@@ -405,6 +417,40 @@ pub fn build_registry(
         service,
         pdb,
     }))
+}
+
+/// Renders the pin file: registry → pin list, `{}` when nothing is pinned.
+///
+/// # Errors
+/// [`BuildError::Serialize`] when YAML serialisation fails (a bug).
+pub fn render_pins(pins: &WorkloadPins) -> Result<String, BuildError> {
+    serde_yaml::to_string(&pins.by_registry).map_err(|e| BuildError::Serialize {
+        what: "workload pins",
+        message: e.to_string(),
+    })
+}
+
+/// [`build_registry`] with the workload pins added to the registry config ConfigMap under
+/// [`PINS_KEY`] (outside the config hash, so a change of pins rolls nothing).
+///
+/// # Errors
+/// [`BuildError`] when the registry config or the pins cannot be rendered.
+pub fn build_registry_with_pins(
+    mirror: &RegistryMirror,
+    v: &Validated,
+    cfg: &BuildConfig,
+    pins: Option<&WorkloadPins>,
+) -> Result<Option<RegistryObjects>, BuildError> {
+    let mut objects = build_registry(mirror, v, cfg)?;
+    if let (Some(objects), Some(pins)) = (objects.as_mut(), pins) {
+        let rendered = render_pins(pins)?;
+        objects
+            .config_map
+            .data
+            .get_or_insert_with(BTreeMap::new)
+            .insert(PINS_KEY.to_string(), rendered);
+    }
+    Ok(objects)
 }
 
 fn restricted_security_context(run_as_user: Option<i64>) -> SecurityContext {

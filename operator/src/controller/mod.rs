@@ -9,6 +9,10 @@
 //!   exponential backoff.
 //! - A conflicting mirror applies nothing. A mirror whose spec turns invalid keeps what it last
 //!   applied (nodes keep working) and says so in status.
+//! - Workload pins (`spec.pinWorkloadImages`): the Pods are listed at each pass, before anything
+//!   is applied, so a failed list applies nothing (the registry keeps its last pin file) instead
+//!   of applying a ConfigMap without pins. They refresh at the requeue cadence; see
+//!   [`workload_pins`] for why there is no Pod watch.
 //! - Deletion: the finalizer stays until every running node agent reports that it removed this
 //!   mirror's files (or no agent runs, or the `cachalot.dev/skip-node-cleanup: "true"` annotation
 //!   is set); owned objects then go by garbage collection through their owner references.
@@ -22,6 +26,7 @@ pub mod conflict;
 pub mod observe;
 pub mod status;
 pub mod validate;
+pub mod workload_pins;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -46,8 +51,8 @@ use crate::api::{RegistryMirror, CRD_NAME};
 use crate::metrics::Metrics;
 use apply::{apply, delete_if_exists, get_opt, has_finalizer, set_finalizer, ApplyError};
 use build::{
-    agent_name, build_agent, build_registry, node_endpoint, registry_config_name, registry_name,
-    selector_string, BuildConfig, BuildError, Workload, AGENT_PORT, REGISTRY_PORT,
+    agent_name, build_agent, build_registry_with_pins, node_endpoint, registry_config_name,
+    registry_name, selector_string, BuildConfig, BuildError, Workload, AGENT_PORT, REGISTRY_PORT,
 };
 use observe::{
     list_component_pods, probe_agents, probe_registries, HttpProbe, Observations, ObserveError,
@@ -55,6 +60,7 @@ use observe::{
 };
 use status::{compute_status, transitions, write_status, Outcome, StatusError};
 use validate::{validate, Exposure, Validated};
+use workload_pins::{list_workload_pods, workload_pins, ListWorkloadPodsError, WorkloadPins};
 
 /// Annotation that lets a stuck deletion proceed without node cleanup (nodes gone for good).
 pub const SKIP_CLEANUP_ANNOTATION: &str = "cachalot.dev/skip-node-cleanup";
@@ -105,6 +111,9 @@ pub enum ReconcileError {
     /// Listing pods failed.
     #[error(transparent)]
     Observe(#[from] ObserveError),
+    /// Listing the Pods whose images are pinned failed.
+    #[error(transparent)]
+    WorkloadPods(#[from] ListWorkloadPodsError),
     /// Writing status failed.
     #[error(transparent)]
     Status(#[from] StatusError),
@@ -121,6 +130,7 @@ impl ReconcileError {
             Self::Build(e) => e.category(),
             Self::Apply(e) => e.category(),
             Self::Observe(e) => e.category(),
+            Self::WorkloadPods(e) => e.category(),
             Self::Status(e) => e.category(),
             Self::MissingNamespace(_) => "MissingNamespace",
         }
@@ -373,8 +383,10 @@ async fn finish_status(
     api: &Api<RegistryMirror>,
     mirror: &RegistryMirror,
     outcome: &Outcome,
+    pins: Option<&WorkloadPins>,
 ) -> Result<(), ReconcileError> {
-    let next = compute_status(mirror, outcome, &now());
+    let mut next = compute_status(mirror, outcome, &now());
+    next.pinned_images = pins.map(|p| i32::try_from(p.len()).unwrap_or(i32::MAX));
     let events = transitions(mirror.status.as_ref(), &next);
     write_status(api, mirror, &next).await?;
     for t in events {
@@ -410,19 +422,20 @@ pub async fn reconcile_mirror(
             let outcome = Outcome::Invalid {
                 message: error.to_string(),
             };
-            finish_status(ctx, &api, &mirror, &outcome).await?;
+            finish_status(ctx, &api, &mirror, &outcome, None).await?;
             return Ok(Action::await_change());
         }
     };
     let others = ctx.mirrors.state();
     if let Some(conflict) = conflict::find_conflict(&mirror, others.iter().map(AsRef::as_ref)) {
         info!(mirror = %object_key(&mirror), winner = %conflict.winner, "conflict");
-        finish_status(ctx, &api, &mirror, &Outcome::Conflicting(conflict)).await?;
+        finish_status(ctx, &api, &mirror, &Outcome::Conflicting(conflict), None).await?;
         // The winner changing or going away does not trigger this object; look again later.
         return Ok(Action::requeue(ctx.config.requeue_after));
     }
 
-    let registry = build_registry(&mirror, &v, &ctx.build)?;
+    let pins = pins_of_workloads(ctx, &mirror, &v).await?;
+    let registry = build_registry_with_pins(&mirror, &v, &ctx.build, pins.as_ref())?;
     let external = registry.is_none();
     let (service, ready_replicas) = apply_registry(ctx, &namespace, &v, registry).await?;
     let endpoint = node_endpoint(&v, service.as_ref());
@@ -480,8 +493,32 @@ pub async fn reconcile_mirror(
             agents,
         },
     };
-    finish_status(ctx, &api, &mirror, &outcome).await?;
+    finish_status(ctx, &api, &mirror, &outcome, pins.as_ref()).await?;
     Ok(Action::requeue(ctx.config.requeue_after))
+}
+
+/// The workload pins of a mirror with `spec.pinWorkloadImages` and a registry in the cluster;
+/// `None` (and no Pod list) otherwise.
+async fn pins_of_workloads(
+    ctx: &Context,
+    mirror: &RegistryMirror,
+    v: &Validated,
+) -> Result<Option<WorkloadPins>, ReconcileError> {
+    if !mirror.spec.pin_workload_images || matches!(v.exposure, Exposure::External(_)) {
+        return Ok(None);
+    }
+    let pods = list_workload_pods(&api_for(&ctx.client, ctx.config.namespace.as_deref())).await?;
+    let registries: Vec<String> = v.registries.iter().map(|r| r.name.clone()).collect();
+    let pins = workload_pins(&pods, &registries);
+    if pins.dropped > 0 {
+        warn!(
+            mirror = %object_key(mirror),
+            pinned = pins.len(),
+            dropped = pins.dropped,
+            "more workload images than the pin file holds; the last in sort order are not pinned"
+        );
+    }
+    Ok(Some(pins))
 }
 
 /// Applies the registry side and removes what the spec no longer wants. Returns the applied
@@ -599,6 +636,13 @@ async fn cleanup(
         .await;
         return Ok(Action::await_change());
     }
-    finish_status(ctx, api, mirror, &Outcome::Removing { pending, total }).await?;
+    finish_status(
+        ctx,
+        api,
+        mirror,
+        &Outcome::Removing { pending, total },
+        None,
+    )
+    .await?;
     Ok(Action::requeue(ctx.config.cleanup_requeue_after))
 }
