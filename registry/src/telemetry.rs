@@ -121,7 +121,7 @@ pub struct StatsSnapshot {
     pub upstream_bytes: u64,
     pub cache_size_bytes: u64,
     pub evictions: u64,
-    /// Bytes configured pins protected from eviction at the last eviction pass. Absent in
+    /// Bytes pins (configured and the pin file) protected from eviction at the last eviction pass. Absent in
     /// documents of registries that predate pinning, hence the default.
     #[serde(default)]
     pub pinned_bytes: u64,
@@ -234,7 +234,7 @@ impl Telemetry {
         );
         registry.register(
             "pinned_bytes",
-            "Bytes of cached content that configured pins protect from eviction (at the last eviction pass)",
+            "Bytes of cached content that pins (configured and the pin file) protect from eviction (at the last eviction pass)",
             pinned_bytes.clone(),
         );
         let per_registry = registries

@@ -2,7 +2,7 @@
 //!
 //! Invariants: content being written lives in `tmp/` and is not indexed, so it is never evicted;
 //! content being served holds a [`Pin`] and is skipped by eviction; content in the protected set
-//! handed to [`Index::evict`] (what configured pins reach, see `pinning`) is skipped too, even
+//! handed to [`Index::evict`] (what configured pins and the pin file reach, see `pinning`) is skipped too, even
 //! when that leaves the cache over its bound. The index is rebuilt from the directory tree at
 //! startup (file modification time stands in for the last use).
 
