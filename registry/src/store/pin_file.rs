@@ -25,6 +25,9 @@ pub enum LoadPinFileError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// An empty file is what a half-written one looks like; "no pins" is written `{}`.
+    #[error("pin file {path} is empty (write `{{}}` to pin nothing)")]
+    Empty { path: PathBuf },
     #[error("pin file {path}: {source}")]
     Parse {
         path: PathBuf,
@@ -39,8 +42,14 @@ pub enum LoadPinFileError {
     },
 }
 
-/// Compiles the text of a pin file; an empty file pins nothing.
+/// Compiles the text of a pin file. An empty (or blank) file is refused, so a file caught while
+/// an editor rewrites it in place keeps the last good pins; `{}` pins nothing.
 pub fn parse(text: &str, path: &Path) -> Result<PinRules, LoadPinFileError> {
+    if text.trim().is_empty() {
+        return Err(LoadPinFileError::Empty {
+            path: path.to_owned(),
+        });
+    }
     let lists: Option<BTreeMap<String, Vec<String>>> =
         serde_yaml::from_str(text).map_err(|source| LoadPinFileError::Parse {
             path: path.to_owned(),
@@ -128,7 +137,10 @@ mod tests {
             rules.digests().map(ToString::to_string).collect::<Vec<_>>(),
             [DIGEST]
         );
-        assert!(parse("", Path::new("pins.yaml")).unwrap().is_empty());
+        assert!(matches!(
+            parse(" \n", Path::new("pins.yaml")),
+            Err(LoadPinFileError::Empty { .. })
+        ));
         assert!(parse("{}", Path::new("pins.yaml")).unwrap().is_empty());
     }
 
@@ -161,6 +173,13 @@ mod tests {
         assert!(file
             .current()
             .is_pinned("docker.io", "library/nginx", "stable"));
+
+        std::fs::write(&path, "").unwrap();
+        assert!(
+            file.current()
+                .is_pinned("docker.io", "library/nginx", "stable"),
+            "an empty (half-written) file keeps the last good pins"
+        );
 
         std::fs::write(&path, "docker.io: [redis]").unwrap();
         let rules = file.current();
