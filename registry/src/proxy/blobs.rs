@@ -510,6 +510,7 @@ pub fn flight_stream(
 
 /// Where the leader's tee stands.
 struct Tee {
+    flight: Arc<Flight>,
     rx: Option<mpsc::Receiver<Bytes>>,
     pos: u64,
     /// The final byte, kept in memory until the digest matched.
@@ -529,18 +530,17 @@ pub fn leader_stream(
     use futures::StreamExt as _;
     let position = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counter = Arc::clone(&position);
-    let held_flight = Arc::clone(&flight);
     let teed = futures::stream::try_unfold(
         Tee {
+            flight: Arc::clone(&flight),
             rx: Some(tee),
             pos: 0,
             held: None,
         },
         move |mut state| {
-            let flight = Arc::clone(&held_flight);
             async move {
                 if let Some(last) = state.held.take() {
-                    flight.digest_matched().await?;
+                    state.flight.digest_matched().await?;
                     state.pos += last.len() as u64;
                     state.rx = None;
                     return Ok(Some((last, state)));
