@@ -37,6 +37,12 @@ pub struct ContainerdOptions {
     /// for hosts.toml files has it. CRI stays disabled: this is for tools that read the config
     /// (the node agent's check), `ctr --hosts-dir` does not need it.
     pub cri_registry_config_path: Option<PathBuf>,
+    /// Run containerd inside this network namespace (`nsenter --net=/run/netns/NAME`), as a
+    /// test cluster's node does; `ctr` still reaches it through its unix socket.
+    pub netns: Option<String>,
+    /// Write the config here instead of into the private dir (a node's `/etc/containerd/config.toml`
+    /// under its node root, where the node agent reads it).
+    pub config_file: Option<PathBuf>,
 }
 
 impl Default for ContainerdOptions {
@@ -49,6 +55,8 @@ impl Default for ContainerdOptions {
             start_timeout: Duration::from_secs(20),
             command_timeout: Duration::from_secs(120),
             cri_registry_config_path: None,
+            netns: None,
+            config_file: None,
         }
     }
 }
@@ -177,10 +185,23 @@ impl Containerd {
             }
         }
         let dir = private_dir("ctrd-")?;
-        let config_path = dir.path().join("config.toml");
+        let config_path = options
+            .config_file
+            .clone()
+            .unwrap_or_else(|| dir.path().join("config.toml"));
         let config = render_config(dir.path(), options.cri_registry_config_path.as_deref());
         write_file(&config_path, config)?;
-        let mut command = Command::new(&options.containerd);
+        let mut command = match &options.netns {
+            Some(netns) => {
+                let mut command = Command::new("nsenter");
+                command
+                    .arg(format!("--net=/run/netns/{netns}"))
+                    .arg("--")
+                    .arg(&options.containerd);
+                command
+            }
+            None => Command::new(&options.containerd),
+        };
         command.arg("--config").arg(&config_path);
         let child = LoggedChild::spawn(&mut command, &dir.path().join("containerd.log"))?;
         let mut containerd = Self {
@@ -248,7 +269,10 @@ impl Containerd {
     /// Its config file.
     #[must_use]
     pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("config.toml")
+        self.options
+            .config_file
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("config.toml"))
     }
 
     /// Runs `ctr --address SOCK -n NS ARGS...` with the command timeout. A non-zero exit is

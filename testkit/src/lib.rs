@@ -11,6 +11,8 @@
 //! - [`skopeo`]: skopeo copy and inspect;
 //! - [`process`]: child processes with a private dir, a log file, a bounded start-up wait and
 //!   kill on drop;
+//! - [`cluster`]: a real Kubernetes control plane (built by `scripts/control-plane`) with fake
+//!   nodes (kubelet stand-ins, a real containerd each) in network namespaces of its own;
 //! - [`wait`]: bounded polling and free ports; [`client`]: the loopback HTTP client.
 //!
 //! See `docs/testkit.md` for the behaviour observed in the real components.
@@ -25,6 +27,7 @@
 //! ```
 
 pub mod client;
+pub mod cluster;
 pub mod containerd;
 pub mod distribution;
 pub mod fault;
