@@ -449,6 +449,54 @@ async fn bearer_token_upstream_is_pulled_with_tokens_cached_per_scope() {
     );
 }
 
+/// Writes `value` to `path` the way the kubelet updates a mounted Secret: a new file renamed
+/// over the old one, so a reader never sees a half-written file.
+fn rotate_file(path: &std::path::Path, value: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, value).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test]
+async fn rotated_credentials_files_are_used_for_the_next_token_without_a_restart() {
+    let secrets = tempfile::tempdir().unwrap();
+    let (user_file, password_file) = (
+        secrets.path().join("username"),
+        secrets.path().join("password"),
+    );
+    std::fs::write(&user_file, "puller\n").unwrap();
+    std::fs::write(&password_file, "first-password\n").unwrap();
+    let (u, p) = (user_file.clone(), password_file.clone());
+    let rig = Rig::start_with(move |config| {
+        let registry = config.registries.get_mut("docker.io").unwrap();
+        registry.credentials = Some(cachalot_registry::config::Credentials {
+            username_file: Some(u),
+            password_file: Some(p),
+            docker_config_file: None,
+        });
+    })
+    .await;
+    let img = docker_image(93, &[MIB]).unwrap();
+    rig.push("library/before", "1", &img).await;
+    rig.push("library/after", "1", &img).await;
+    let auth = |password: &str| TokenAuth {
+        credentials: Some(("puller".to_owned(), password.to_owned())),
+        ..TokenAuth::default()
+    };
+    rig.faults().enable_token_auth(auth("first-password"));
+    let url = rig.cachalot.url();
+    assert_eq!(
+        get_manifest(&url, "library/before", "1").await.status(),
+        200
+    );
+
+    // The token service now wants the new password; the old one is refused.
+    rig.faults().enable_token_auth(auth("second-password"));
+    rotate_file(&password_file, "second-password\n");
+    let m = get_manifest(&url, "library/after", "1").await;
+    assert_eq!(m.status(), 200, "{:?}", m.text().await);
+}
+
 #[tokio::test]
 async fn tags_list_passes_through_with_the_clients_pagination_parameters() {
     let rig = Rig::start().await;

@@ -1,6 +1,11 @@
 //! Upstream authentication: `WWW-Authenticate` challenge parsing (pure), credentials read from
 //! files (a mounted Secret: username/password files or a docker `config.json`), and a cache of
 //! bearer tokens per scope that keeps each token until shortly before it expires.
+//!
+//! Credentials follow their files: [`CredentialFiles`] looks at the files' identity (inode, size,
+//! modification time) whenever credentials are needed and reads them again when it changed, so a
+//! rotated Secret (the kubelet swaps the mounted files atomically) takes effect without a restart.
+//! A rotation that cannot be read (a torn or invalid file) keeps the last good credentials.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -189,6 +194,98 @@ pub fn load_credentials(
     Err(no_entry())
 }
 
+/// The identity of the credentials files at one moment: a change means they were rewritten.
+type FilesStamp = Vec<Option<(u64, u64, i64, i64)>>;
+
+fn stamp(paths: &[&Path]) -> FilesStamp {
+    use std::os::unix::fs::MetadataExt as _;
+    paths
+        .iter()
+        .map(|p| {
+            // `metadata` follows the kubelet's `..data` symlinks to the current file.
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+        })
+        .collect()
+}
+
+/// The configured credentials of one upstream, read from their files and re-read when the files
+/// change.
+#[derive(Debug)]
+pub struct CredentialFiles {
+    registry: String,
+    config: Option<config::Credentials>,
+    loaded: Mutex<(FilesStamp, Option<BasicCredentials>)>,
+}
+
+impl CredentialFiles {
+    /// Reads the credentials once; a missing or invalid file is an error at start-up.
+    ///
+    /// # Errors
+    /// [`LoadCredentialsError`].
+    pub fn load(
+        config: Option<&config::Credentials>,
+        registry: &str,
+    ) -> Result<Self, LoadCredentialsError> {
+        let files = Self {
+            registry: registry.to_owned(),
+            config: config.cloned(),
+            loaded: Mutex::new((Vec::new(), None)),
+        };
+        let stamp = files.stamp();
+        let credentials = load_credentials(files.config.as_ref(), registry)?;
+        *files.loaded.lock().unwrap_or_else(|e| e.into_inner()) = (stamp, credentials);
+        Ok(files)
+    }
+
+    fn stamp(&self) -> FilesStamp {
+        let Some(c) = &self.config else {
+            return Vec::new();
+        };
+        let paths: Vec<&Path> = [&c.username_file, &c.password_file, &c.docker_config_file]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path)
+            .collect();
+        stamp(&paths)
+    }
+
+    /// Whether any credentials are configured.
+    #[must_use]
+    pub fn configured(&self) -> bool {
+        self.config.is_some()
+    }
+
+    /// The current credentials and whether they changed since the last call that saw them.
+    pub fn current(&self) -> (Option<BasicCredentials>, bool) {
+        if self.config.is_none() {
+            return (None, false);
+        }
+        let now = self.stamp();
+        let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if loaded.0 == now {
+            return (loaded.1.clone(), false);
+        }
+        match load_credentials(self.config.as_ref(), &self.registry) {
+            Ok(fresh) => {
+                let changed = fresh != loaded.1;
+                *loaded = (now, fresh);
+                if changed {
+                    tracing::info!(registry = %self.registry, "upstream credentials changed on disk; using them from now on");
+                }
+                (loaded.1.clone(), changed)
+            }
+            Err(error) => {
+                // Keep the last good credentials; the stamp is not updated, so the next call
+                // tries again (the kubelet may be half-way through its swap).
+                tracing::warn!(registry = %self.registry, %error, "cannot re-read upstream credentials; keeping the previous ones");
+                (loaded.1.clone(), false)
+            }
+        }
+    }
+}
+
 /// Bearer tokens by scope, each kept until shortly before it expires.
 #[derive(Debug, Default)]
 pub struct TokenCache {
@@ -219,6 +316,14 @@ impl TokenCache {
             tokens.retain(|_, (_, exp)| now < *exp);
         }
         tokens.insert(scope.to_owned(), (token, now + lifetime));
+    }
+
+    /// Forgets every token (the credentials they were issued for changed).
+    pub fn clear(&self) {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 }
 

@@ -19,7 +19,7 @@ use rand::Rng as _;
 use crate::config::{Config, UpstreamTuning};
 use crate::oci::{media, Digest, Reference, RepositoryName};
 use crate::telemetry::{Budget, Telemetry};
-use auth::{BasicCredentials, Challenge, TokenCache, TokenResponse};
+use auth::{BasicCredentials, Challenge, CredentialFiles, TokenCache, TokenResponse};
 use circuit::{Admission, Circuit};
 
 /// Why the set of upstreams could not be built.
@@ -109,7 +109,7 @@ pub struct Upstream {
     /// `Some(registry)` when requests go through a parent cachalot, which needs `?ns=`.
     ns: Option<String>,
     client: reqwest::Client,
-    credentials: Option<BasicCredentials>,
+    credentials: CredentialFiles,
     tokens: TokenCache,
     prefers_basic: std::sync::atomic::AtomicBool,
     circuit: Circuit,
@@ -184,6 +184,15 @@ async fn error_message(response: reqwest::Response, limit: usize) -> String {
 }
 
 impl Upstream {
+    /// The credentials as their files say now; tokens issued for older ones are forgotten.
+    fn current_credentials(&self) -> Option<BasicCredentials> {
+        let (credentials, changed) = self.credentials.current();
+        if changed {
+            self.tokens.clear();
+        }
+        credentials
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -253,7 +262,7 @@ impl Upstream {
                         authenticated_once = true;
                         continue;
                     }
-                    Some(Challenge::Basic) if self.credentials.is_some() => {
+                    Some(Challenge::Basic) if self.credentials.configured() => {
                         self.prefers_basic
                             .store(true, std::sync::atomic::Ordering::Relaxed);
                         authenticated_once = true;
@@ -319,7 +328,7 @@ impl Upstream {
             }
             if let Some(token) = self.tokens.get(scope, Instant::now()) {
                 request = request.bearer_auth(token);
-            } else if let Some(c) = &self.credentials {
+            } else if let Some(c) = self.current_credentials() {
                 if self
                     .prefers_basic
                     .load(std::sync::atomic::Ordering::Relaxed)
@@ -421,7 +430,7 @@ impl Upstream {
             .map_err(|e| token_error(format!("bad realm {realm}: {e}")))?;
         url.query_pairs_mut().extend_pairs(query);
         let mut request = self.client.get(url);
-        if let Some(c) = &self.credentials {
+        if let Some(c) = self.current_credentials() {
             request = request.basic_auth(&c.username, Some(&c.password));
         }
         let response = tokio::time::timeout(self.tuning.response_timeout, request.send())
@@ -491,7 +500,7 @@ impl Upstreams {
                 ),
             };
             let credentials =
-                auth::load_credentials(registry.credentials.as_ref(), name).map_err(|source| {
+                CredentialFiles::load(registry.credentials.as_ref(), name).map_err(|source| {
                     BuildUpstreamError::Credentials {
                         registry: name.clone(),
                         source,
