@@ -36,6 +36,10 @@ pub struct Settings {
     /// containerd's config file on the nodes (`CACHALOT_E2E_CONTAINERD_CONFIG`, e.g. k3s's
     /// generated one); the RegistryMirror default when unset.
     pub containerd_config: Option<String>,
+    /// URL of docker.io's upstream in the mirrors the suite applies
+    /// (`CACHALOT_E2E_UPSTREAM_URL`); Docker Hub itself when unset. The local target points it at
+    /// its distribution registry.
+    pub upstream_url: Option<String>,
     /// Upper bound of each wait (`CACHALOT_E2E_TIMEOUT_SECS`, default 300).
     pub timeout: Duration,
 }
@@ -99,19 +103,26 @@ impl Settings {
         Ok(Self {
             kubeconfig: first,
             helm: or("CACHALOT_E2E_HELM", "helm"),
-            chart: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("..")
-                .join("charts")
-                .join("cachalot"),
+            chart: chart_dir(),
             release_namespace: or("CACHALOT_E2E_RELEASE_NAMESPACE", "cachalot-system"),
             image,
             pull_image: or("CACHALOT_E2E_PULL_IMAGE", "docker.io/library/busybox:1.36"),
             tools_image: or("CACHALOT_E2E_TOOLS_IMAGE", "docker.io/library/busybox:1.36"),
             certs_dir: or("CACHALOT_E2E_CERTS_DIR", "/etc/containerd/certs.d"),
             containerd_config: lookup("CACHALOT_E2E_CONTAINERD_CONFIG").filter(|v| !v.is_empty()),
+            upstream_url: lookup("CACHALOT_E2E_UPSTREAM_URL").filter(|v| !v.is_empty()),
             timeout,
         })
     }
+}
+
+/// The chart of this checkout.
+#[must_use]
+pub fn chart_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("charts")
+        .join("cachalot")
 }
 
 /// Splits `repo[:port]/path:tag` into repository and tag; `None` without a tag.

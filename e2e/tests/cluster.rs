@@ -1,314 +1,73 @@
-//! The real-cluster suite: install the chart with helm, apply a RegistryMirror, wait for Ready,
-//! pull with `imagePullPolicy: Always`, check through the registry's own `/stats` (read through
-//! the API server's pod proxy) that the pulls went through the mirror and the hit ratio rose, then
-//! delete the mirror and check that the node files are gone.
+//! The end-to-end suite, part one: what a user meets first. `helm install` the chart, `kubectl
+//! apply` a RegistryMirror, pull through it with containerd on every node, read
+//! `kubectl get registrymirrors`, delete it, and check that examples and known-bad mirrors are
+//! treated as documented, that the operator lives with only the chart's RBAC, and that its
+//! server-side applies leave other managers' fields alone.
 //!
-//! Runs only with `CACHALOT_E2E=1` and a `KUBECONFIG` (kind or k3d; see docs/testing.md);
-//! otherwise each test prints why it skipped and passes. Each test works in its own namespace
-//! labelled `cachalot.dev/e2e=true`, deleted at the end.
+//! Each test runs against the cluster that `KUBECONFIG` names with `CACHALOT_E2E=1` (kind, k3d),
+//! or else against a real control plane started on this machine for the test (see
+//! `cachalot_e2e::target` and docs/testing.md). Each test works in its own namespace labelled
+//! `cachalot.dev/e2e=true`, deleted at the end.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
-use std::process::Command;
-use std::time::Duration;
+use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
-use cachalot_e2e::cluster::{hit_counts, wait_until, Settings, CLEANUP_LABEL};
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
-use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, LogParams, Patch,
-    PatchParams, PostParams,
+use cachalot_e2e::cluster::wait_until;
+use cachalot_e2e::suite::{
+    apply_mirror, client, condition, get_registrymirrors, install_chart, kubectl, mirror_manifest,
+    mirrors, node_files, node_names, puller, registry_hits_misses, run, run_pod,
+    wait_for_condition, wait_for_mirror, wait_gone, TestNamespace, MANAGER, POLL,
 };
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use serde_json::{json, Value};
+use cachalot_e2e::target::{acquire, Target};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use serde_json::json;
 
-const POLL: Duration = Duration::from_secs(2);
-const MIRROR: &str = "e2e";
+/// The operator's status refresh in the suite: short, so cache figures show up quickly.
+const FAST_REQUEUE: &str = "operator.extraArgs={--requeue-after=5s}";
 
-fn settings_or_skip(test: &str) -> Option<Settings> {
-    match Settings::from_env() {
-        Ok(settings) => Some(settings),
-        Err(reason) => {
-            eprintln!("SKIPPED {test}: {reason}");
-            None
-        }
-    }
+async fn target_or_skip(test: &str, nodes: u8) -> Result<Option<Target>> {
+    Ok(acquire(test, nodes).await?)
 }
 
-async fn client(settings: &Settings) -> Result<kube::Client> {
-    let kubeconfig = Kubeconfig::read_from(&settings.kubeconfig)?;
-    let config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-    Ok(kube::Client::try_from(config)?)
-}
-
-/// `helm upgrade --install` of this checkout's chart; serialised across test processes with a
-/// lock directory, because two concurrent helm operations on one release fail.
-async fn install_chart(settings: &Settings) -> Result<()> {
-    let lock = std::env::temp_dir().join("cachalot-e2e-helm.lock");
-    wait_until("the helm lock", settings.timeout, Duration::from_millis(200), || {
-        let lock = lock.clone();
-        async move { std::fs::create_dir(&lock).map_err(|e| format!("{}: {e}", lock.display())) }
-    })
-    .await?;
-    let result = (|| {
-        let mut cmd = Command::new(&settings.helm);
-        cmd.env("KUBECONFIG", &settings.kubeconfig)
-            .args(["upgrade", "--install", "cachalot"])
-            .arg(&settings.chart)
-            .args([
-                "--namespace",
-                &settings.release_namespace,
-                "--create-namespace",
-                "--wait",
-            ])
-            .arg(format!("--timeout={}s", settings.timeout.as_secs()));
-        if let Some((repo, tag)) = &settings.image {
-            cmd.arg(format!("--set=image.repository={repo}"))
-                .arg(format!("--set=image.tag={tag}"));
-        }
-        let out = cmd
-            .output()
-            .with_context(|| format!("run {}", settings.helm))?;
-        if !out.status.success() {
-            bail!(
-                "helm upgrade --install failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
-    })();
-    let _ = std::fs::remove_dir(&lock);
-    result
-}
-
-/// A throwaway namespace, deleted on drop (also when the test fails).
-struct TestNamespace {
-    client: kube::Client,
-    name: String,
-}
-
-impl TestNamespace {
-    async fn create(client: &kube::Client, test: &str) -> Result<Self> {
-        let suffix = format!(
-            "{:x}",
-            std::process::id()
-                ^ (std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)?
-                    .subsec_nanos())
-        );
-        let name = format!("cachalot-e2e-{test}-{suffix}");
-        let ns: Namespace = serde_json::from_value(json!({
-            "metadata": {"name": name, "labels": {CLEANUP_LABEL.0: CLEANUP_LABEL.1}}
-        }))?;
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await?;
-        Ok(Self {
-            client: client.clone(),
-            name,
-        })
-    }
-}
-
-impl Drop for TestNamespace {
-    fn drop(&mut self) {
-        let api = Api::<Namespace>::all(self.client.clone());
-        let name = self.name.clone();
-        tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(async move {
-                let _ = api.delete(&name, &DeleteParams::background()).await;
-            });
-        });
-    }
-}
-
-fn mirrors(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
-    let gvk = GroupVersionKind::gvk("cachalot.dev", "v1alpha1", "RegistryMirror");
-    Api::namespaced_with(
-        client.clone(),
-        ns,
-        &ApiResource::from_gvk_with_plural(&gvk, "registrymirrors"),
-    )
-}
-
-fn condition<'a>(obj: &'a DynamicObject, type_: &str) -> Option<&'a Value> {
-    obj.data["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == type_)
-}
-
-async fn wait_for_condition(
-    settings: &Settings,
-    api: &Api<DynamicObject>,
-    name: &str,
-    type_: &str,
-    status: &str,
-) -> Result<DynamicObject> {
-    Ok(wait_until(
-        &format!("{name} {type_}={status}"),
-        settings.timeout,
-        POLL,
-        || async {
-            let obj = api.get(name).await.map_err(|e| e.to_string())?;
-            match condition(&obj, type_) {
-                Some(c) if c["status"] == status => Ok(obj),
-                other => Err(format!("{type_}: {other:?}")),
-            }
-        },
-    )
-    .await?)
-}
-
-/// Runs one pod to completion and returns its logs.
-async fn run_pod(
-    settings: &Settings,
-    client: &kube::Client,
-    ns: &str,
-    pod: Value,
-) -> Result<String> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let pod: Pod = serde_json::from_value(pod)?;
-    let name = pod.metadata.name.clone().context("pod name")?;
-    pods.create(&PostParams::default(), &pod).await?;
-    wait_until(
-        &format!("pod {name} to finish"),
-        settings.timeout,
-        POLL,
-        || async {
-            let p = pods.get(&name).await.map_err(|e| e.to_string())?;
-            let phase = p
-                .status
-                .as_ref()
-                .and_then(|s| s.phase.clone())
-                .unwrap_or_default();
-            match phase.as_str() {
-                "Succeeded" => Ok(()),
-                "Failed" => Ok(()), // reported below with its logs
-                _ => Err(format!(
-                    "phase {phase:?}, status {:?}",
-                    p.status.and_then(|s| s.container_statuses)
-                )),
-            }
-        },
-    )
-    .await?;
-    let logs = pods.logs(&name, &LogParams::default()).await?;
-    let phase = pods
-        .get(&name)
-        .await?
-        .status
-        .and_then(|s| s.phase)
-        .unwrap_or_default();
-    if phase != "Succeeded" {
-        bail!("pod {name} ended {phase}: {logs}");
-    }
-    Ok(logs)
-}
-
-/// `/stats` of every registry pod of the mirror, through the API server's pod proxy, summed.
-async fn registry_hits_misses(client: &kube::Client, ns: &str) -> Result<(u64, u64)> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let selector =
-        format!("app.kubernetes.io/instance={MIRROR},app.kubernetes.io/component=registry");
-    let (mut hits, mut misses) = (0, 0);
-    let listed = pods.list(&ListParams::default().labels(&selector)).await?;
-    if listed.items.is_empty() {
-        bail!("no registry pods match {selector}");
-    }
-    for pod in listed.items {
-        let name = pod.metadata.name.unwrap_or_default();
-        let path = format!("/api/v1/namespaces/{ns}/pods/{name}:5000/proxy/stats");
-        let request = http::Request::get(path).body(Vec::new())?;
-        let text = client
-            .request_text(request)
-            .await
-            .with_context(|| format!("GET /stats of {name}"))?;
-        let stats: Value =
-            serde_json::from_str(&text).with_context(|| format!("/stats of {name}: {text}"))?;
-        let (h, m) = hit_counts(&stats)
-            .with_context(|| format!("no hit counts in /stats of {name}: {text}"))?;
-        hits += h;
-        misses += m;
-    }
-    Ok((hits, misses))
-}
-
-fn puller(name: &str, image: &str) -> Value {
-    json!({"metadata": {"name": name},
-           "spec": {"restartPolicy": "Never",
-                    "containers": [{"name": "pull", "image": image, "imagePullPolicy": "Always",
-                                    "command": ["true"]}]}})
-}
-
-/// One pod per node that reports whether the mirror's hosts.toml for docker.io exists there.
-async fn node_files(
-    settings: &Settings,
-    client: &kube::Client,
-    ns: &str,
-    round: &str,
-) -> Result<BTreeMap<String, String>> {
-    let nodes = Api::<Node>::all(client.clone())
-        .list(&ListParams::default())
-        .await?;
-    let mut seen = BTreeMap::new();
-    for node in nodes.items {
-        let node_name = node.metadata.name.unwrap_or_default();
-        let pod = json!({"metadata": {"name": format!("files-{round}-{}", node_name.replace('.', "-"))},
-            "spec": {"restartPolicy": "Never", "nodeName": node_name,
-                     "tolerations": [{"operator": "Exists"}],
-                     "containers": [{"name": "look", "image": settings.tools_image,
-                                     "command": ["sh", "-c", "cat /host/certs.d/docker.io/hosts.toml 2>/dev/null || echo ABSENT"],
-                                     "volumeMounts": [{"name": "certs", "mountPath": "/host/certs.d", "readOnly": true}]}],
-                     "volumes": [{"name": "certs", "hostPath": {"path": settings.certs_dir, "type": "DirectoryOrCreate"}}]}});
-        let logs = run_pod(settings, client, ns, pod).await?;
-        seen.insert(node_name, logs);
-    }
-    Ok(seen)
+fn repo_path(relative: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(relative)
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn mirror_serves_pulls_raises_its_hit_ratio_and_removes_node_files_when_deleted() -> Result<()>
-{
-    let Some(settings) = settings_or_skip(
-        "mirror_serves_pulls_raises_its_hit_ratio_and_removes_node_files_when_deleted",
-    ) else {
+async fn a_mirror_serves_pulls_on_every_node_raises_its_hit_ratio_and_cleans_up_when_deleted(
+) -> Result<()> {
+    let Some(target) = target_or_skip("pulls_on_every_node", 2).await? else {
         return Ok(());
     };
-    let client = client(&settings).await?;
-    install_chart(&settings).await?;
-    let operator: Api<Deployment> = Api::namespaced(client.clone(), &settings.release_namespace);
-    let listed = operator.list(&ListParams::default()).await?;
-    assert!(
-        !listed.items.is_empty(),
-        "the chart created the operator Deployment"
-    );
+    let settings = target.settings();
+    let client = client(settings).await?;
+    install_chart(settings, &[FAST_REQUEUE]).await?;
 
     let ns = TestNamespace::create(&client, "pulls").await?;
     let api = mirrors(&client, &ns.name);
-    let mut nodes = json!({"certsDir": settings.certs_dir});
-    if let Some(config) = &settings.containerd_config {
-        nodes["containerdConfig"] = json!(config);
-    }
-    let mirror = json!({"apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
-                        "metadata": {"name": MIRROR},
-                        "spec": {"registries": [{"name": "docker.io"}], "nodes": nodes}});
-    api.patch(
-        MIRROR,
-        &PatchParams::apply("cachalot-e2e").force(),
-        &Patch::Apply(&mirror),
-    )
-    .await?;
-    let ready = wait_for_condition(&settings, &api, MIRROR, "Ready", "True").await?;
+    apply_mirror(&api, &mirror_manifest(settings, "e2e", &json!({}))).await?;
+    let ready = wait_for_condition(settings, &api, "e2e", "Ready", "True").await?;
     let endpoint = ready.data["status"]["endpoint"]
         .as_str()
         .unwrap_or_default()
         .to_owned();
     assert!(!endpoint.is_empty(), "a Ready mirror reports its endpoint");
+    let nodes = node_names(&client).await?;
+    let table = get_registrymirrors(settings, &ns.name)?;
+    assert_eq!(table.len(), 1, "{table:?}");
+    assert_eq!(table[0]["READY"], "True", "{table:?}");
+    assert_eq!(
+        table[0]["NODES"],
+        format!("{n}/{n}", n = nodes.len()),
+        "every node configured: {table:?}"
+    );
 
-    let files = node_files(&settings, &client, &ns.name, "present").await?;
+    let files = node_files(settings, &client, &ns.name, "present").await?;
     for (node, content) in &files {
         assert!(
             content.contains(&endpoint),
@@ -316,23 +75,30 @@ async fn mirror_serves_pulls_raises_its_hit_ratio_and_removes_node_files_when_de
         );
     }
 
-    let (hits0, misses0) = registry_hits_misses(&client, &ns.name).await?;
+    // Every node's containerd pulls the image twice with `imagePullPolicy: Always`.
+    let (hits0, misses0) = registry_hits_misses(&client, &ns.name, "e2e").await?;
     for round in 0..2 {
-        for i in 0..3 {
+        for (i, node) in nodes.iter().enumerate() {
             run_pod(
-                &settings,
+                settings,
                 &client,
                 &ns.name,
-                puller(&format!("pull-{round}-{i}"), &settings.pull_image),
+                puller(
+                    &format!("pull-{round}-{i}"),
+                    &settings.pull_image,
+                    Some(node),
+                ),
             )
-            .await?;
+            .await
+            .with_context(|| format!("pull on {node}, round {round}"))?;
         }
     }
-    let (hits1, misses1) = registry_hits_misses(&client, &ns.name).await?;
+    let (hits1, misses1) = registry_hits_misses(&client, &ns.name, "e2e").await?;
+    let pulls = 2 * nodes.len() as u64;
     let served = (hits1 + misses1) - (hits0 + misses0);
     assert!(
-        served >= 6,
-        "six Always pulls went through the mirror's registry: {served} requests counted"
+        served >= pulls,
+        "{pulls} Always pulls went through the mirror's registry: {served} requests counted"
     );
     assert!(
         hits1 > hits0,
@@ -351,65 +117,98 @@ async fn mirror_serves_pulls_raises_its_hit_ratio_and_removes_node_files_when_de
         ratio(hits0, misses0),
         ratio(hits1, misses1)
     );
-    let effective = wait_for_condition(&settings, &api, MIRROR, "CacheEffective", "True").await;
-    assert!(
-        effective.is_ok(),
-        "CacheEffective reports the hits: {effective:?}"
-    );
-
-    api.delete(MIRROR, &DeleteParams::default()).await?;
-    wait_until(
-        "the mirror to be finalized and gone",
+    wait_for_condition(settings, &api, "e2e", "CacheEffective", "True").await?;
+    // The printer columns show the figures once the operator has refreshed its status.
+    let row = wait_until(
+        "HIT-RATIO and BUDGET columns",
         settings.timeout,
         POLL,
         || async {
-            match api.get_opt(MIRROR).await {
-                Ok(None) => Ok(()),
-                Ok(Some(m)) => Err(format!("still there: {}", m.data["status"])),
-                Err(e) => Err(e.to_string()),
+            let rows = get_registrymirrors(settings, &ns.name).map_err(|e| e.to_string())?;
+            let row = rows.into_iter().next().ok_or("no rows")?;
+            let hit: f64 = row["HIT-RATIO"].parse().map_err(|_| format!("{row:?}"))?;
+            if hit > 0.0 && row["BUDGET"].contains('/') {
+                Ok(row)
+            } else {
+                Err(format!("{row:?}"))
             }
         },
     )
     .await?;
-    let after = node_files(&settings, &client, &ns.name, "absent").await?;
+    eprintln!("kubectl get registrymirrors: {row:?}");
+
+    api.delete("e2e", &DeleteParams::default()).await?;
+    wait_gone(settings, &api, "e2e").await?;
+    let after = node_files(settings, &client, &ns.name, "absent").await?;
     for (node, content) in &after {
         assert!(
             content.trim() == "ABSENT",
             "node {node} still has the mirror's hosts.toml: {content}"
         );
     }
+    // The owned objects go by owner-reference garbage collection.
+    let selector = "cachalot.dev/mirror=e2e";
+    wait_until(
+        "owned objects collected",
+        settings.timeout,
+        POLL,
+        || async {
+            let lp = ListParams::default().labels(selector);
+            let count = |n: usize, what: &str| {
+                if n == 0 {
+                    Ok(())
+                } else {
+                    Err(format!("{n} {what} left"))
+                }
+            };
+            let d = Api::<Deployment>::namespaced(client.clone(), &ns.name)
+                .list(&lp)
+                .await
+                .map_err(|e| e.to_string())?;
+            count(d.items.len(), "Deployments")?;
+            let ds = Api::<DaemonSet>::namespaced(client.clone(), &ns.name)
+                .list(&lp)
+                .await
+                .map_err(|e| e.to_string())?;
+            count(ds.items.len(), "DaemonSets")?;
+            let s = Api::<Service>::namespaced(client.clone(), &ns.name)
+                .list(&lp)
+                .await
+                .map_err(|e| e.to_string())?;
+            count(s.items.len(), "Services")?;
+            let c = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+                .list(&lp)
+                .await
+                .map_err(|e| e.to_string())?;
+            count(c.items.len(), "ConfigMaps")
+        },
+    )
+    .await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_invalid_mirror_is_not_ready_and_applies_no_registry() -> Result<()> {
-    let Some(settings) = settings_or_skip("an_invalid_mirror_is_not_ready_and_applies_no_registry")
-    else {
+    let Some(target) = target_or_skip("invalid_mirror", 1).await? else {
         return Ok(());
     };
-    let client = client(&settings).await?;
-    install_chart(&settings).await?;
+    let settings = target.settings();
+    let client = client(settings).await?;
+    install_chart(settings, &[FAST_REQUEUE]).await?;
     let ns = TestNamespace::create(&client, "invalid").await?;
     let api = mirrors(&client, &ns.name);
     // Passes the CRD schema (a valid URL shape) but names the same registry twice.
     let mirror = json!({"apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
                         "metadata": {"name": "twice"},
                         "spec": {"registries": [{"name": "docker.io"}, {"name": "docker.io"}]}});
-    match api
-        .patch(
-            "twice",
-            &PatchParams::apply("cachalot-e2e").force(),
-            &Patch::Apply(&mirror),
-        )
-        .await
-    {
+    match apply_mirror(&api, &mirror).await {
         // The CRD's own validation may already refuse it, which is just as good.
-        Err(kube::Error::Api(status)) if status.code == 422 => return Ok(()),
+        Err(e) if e.to_string().contains("may appear only once") => return Ok(()),
         other => {
             other?;
         }
     }
-    wait_for_condition(&settings, &api, "twice", "Ready", "False").await?;
+    wait_for_condition(settings, &api, "twice", "Ready", "False").await?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     assert!(
         deployments
@@ -419,5 +218,338 @@ async fn an_invalid_mirror_is_not_ready_and_applies_no_registry() -> Result<()> 
             .is_empty(),
         "no registry was deployed"
     );
+    Ok(())
+}
+
+/// The `# apiserver: REGEX` or `# operator: REASON REGEX` line of a known-bad fixture.
+enum Expectation {
+    Refused(String),
+    Reported { reason: String, message: String },
+}
+
+fn expectation(path: &Path) -> Result<Expectation> {
+    let text = std::fs::read_to_string(path)?;
+    for line in text.lines() {
+        if let Some(regex) = line.strip_prefix("# apiserver: ") {
+            return Ok(Expectation::Refused(regex.trim().to_owned()));
+        }
+        if let Some(rest) = line.strip_prefix("# operator: ") {
+            let (reason, message) = rest.trim().split_once(' ').unwrap_or((rest.trim(), ""));
+            return Ok(Expectation::Reported {
+                reason: reason.to_owned(),
+                message: message.to_owned(),
+            });
+        }
+    }
+    bail!(
+        "{} has no `# apiserver:` or `# operator:` line",
+        path.display()
+    )
+}
+
+/// Whether `text` contains `needle`, where `needle` is a plain substring (the fixtures' lines are
+/// substrings, not regular expressions, to keep this crate free of a regex engine).
+fn mentions(text: &str, needle: &str) -> bool {
+    text.contains(needle)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_example_is_accepted_and_every_known_bad_mirror_is_refused_or_reported() -> Result<()>
+{
+    let Some(target) = target_or_skip("examples_and_bad_fixtures", 1).await? else {
+        return Ok(());
+    };
+    let settings = target.settings();
+    let client = client(settings).await?;
+    install_chart(settings, &[FAST_REQUEUE]).await?;
+
+    let mut examples: Vec<_> = std::fs::read_dir(repo_path("examples"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    examples.sort();
+    assert!(examples.len() >= 4, "examples found: {examples:?}");
+    for example in &examples {
+        let out = run(kubectl(settings)
+            .args(["apply", "--dry-run=server", "--validate=strict", "-f"])
+            .arg(example))
+        .with_context(|| format!("the API server accepts {}", example.display()))?;
+        assert!(
+            out.contains("(server dry run)"),
+            "{}: {out}",
+            example.display()
+        );
+    }
+
+    let ns = TestNamespace::create(&client, "bad").await?;
+    let api = mirrors(&client, &ns.name);
+    let mut fixtures: Vec<_> = std::fs::read_dir(repo_path("tools/validate/bad"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("registrymirror-"))
+        })
+        .collect();
+    fixtures.sort();
+    assert!(fixtures.len() >= 10, "fixtures found: {fixtures:?}");
+    let mut refused = 0;
+    let mut reported = 0;
+    for fixture in &fixtures {
+        let expected = expectation(fixture)?;
+        // Fixtures name the chart's namespace; apply them into the test's own.
+        let text = std::fs::read_to_string(fixture)?.replace(
+            "namespace: cachalot-system",
+            &format!("namespace: {}", ns.name),
+        );
+        let file = tempfile::NamedTempFile::new()?;
+        std::fs::write(file.path(), text)?;
+        let out = kubectl(settings)
+            .args(["apply", "--validate=strict", "-f"])
+            .arg(file.path())
+            .output()?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        match expected {
+            Expectation::Refused(needle) => {
+                assert!(
+                    !out.status.success(),
+                    "{} was accepted by the API server: {said}",
+                    fixture.display()
+                );
+                assert!(
+                    mentions(&said, &needle),
+                    "{} refused, but without `{needle}`: {said}",
+                    fixture.display()
+                );
+                refused += 1;
+            }
+            Expectation::Reported { reason, message } => {
+                assert!(out.status.success(), "{}: {said}", fixture.display());
+                let name = said
+                    .lines()
+                    .find_map(|l| l.strip_prefix("registrymirror.cachalot.dev/"))
+                    .and_then(|l| l.split_whitespace().next())
+                    .with_context(|| format!("mirror name in {said}"))?
+                    .to_owned();
+                let mirror = wait_for_mirror(
+                    settings,
+                    &api,
+                    &name,
+                    &format!("{name} Ready=False {reason}"),
+                    |m| {
+                        condition(m, "Ready").is_some_and(|c| {
+                            c["status"] == "False"
+                                && c["reason"] == reason.as_str()
+                                && c["message"]
+                                    .as_str()
+                                    .is_some_and(|text| mentions(text, &message))
+                        })
+                    },
+                )
+                .await
+                .with_context(|| fixture.display().to_string())?;
+                eprintln!(
+                    "{}: reported {}",
+                    fixture.display(),
+                    condition(&mirror, "Ready")
+                        .map(ToString::to_string)
+                        .unwrap_or_default()
+                );
+                api.delete(&name, &DeleteParams::default()).await?;
+                reported += 1;
+            }
+        }
+    }
+    eprintln!("known-bad mirrors: {refused} refused by the API server, {reported} reported by the operator");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_runs_as_the_charts_service_account_with_only_its_rbac() -> Result<()> {
+    let Some(target) = target_or_skip("operator_rbac", 1).await? else {
+        return Ok(());
+    };
+    let settings = target.settings();
+    let client = client(settings).await?;
+    install_chart(settings, &[FAST_REQUEUE]).await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &settings.release_namespace);
+    let operator = pods
+        .list(
+            &ListParams::default()
+                .labels("app.kubernetes.io/name=cachalot,app.kubernetes.io/instance=cachalot"),
+        )
+        .await?
+        .items
+        .into_iter()
+        .find(|p| p.metadata.deletion_timestamp.is_none())
+        .context("the operator pod")?;
+    let account = operator
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        account, "cachalot",
+        "the operator pod runs as the chart's ServiceAccount"
+    );
+    let who = format!(
+        "--as=system:serviceaccount:{}:{account}",
+        settings.release_namespace
+    );
+    let can = |args: &[&str]| -> Result<bool> {
+        let out = kubectl(settings)
+            .args(["auth", "can-i"])
+            .args(args)
+            .arg(&who)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim() == "yes")
+    };
+    for allowed in [
+        ["watch", "registrymirrors.cachalot.dev"],
+        ["patch", "registrymirrors.cachalot.dev/status"],
+        ["patch", "deployments.apps"],
+        ["patch", "daemonsets.apps"],
+        ["list", "pods"],
+        ["get", "secrets"],
+        ["create", "events.events.k8s.io"],
+    ] {
+        assert!(can(&allowed)?, "the operator may {allowed:?}");
+    }
+    for denied in [
+        ["list", "secrets"],
+        ["watch", "secrets"],
+        ["delete", "nodes"],
+        ["create", "clusterroles.rbac.authorization.k8s.io"],
+        ["create", "pods"],
+        ["delete", "customresourcedefinitions.apiextensions.k8s.io"],
+    ] {
+        assert!(!can(&denied)?, "the operator must not {denied:?}");
+    }
+    // And it works with exactly that: a mirror gets a status written by it.
+    let ns = TestNamespace::create(&client, "rbac").await?;
+    let api = mirrors(&client, &ns.name);
+    apply_mirror(&api, &mirror_manifest(settings, "rbac", &json!({}))).await?;
+    wait_for_condition(settings, &api, "rbac", "Ready", "True").await?;
+    if let Some(local) = target.local() {
+        let sa = format!(
+            "system:serviceaccount:{}:cachalot",
+            settings.release_namespace
+        );
+        let writes: Vec<_> = local
+            .cluster
+            .audit_events()
+            .into_iter()
+            .filter(|e| {
+                e.is_write()
+                    && e.object_ref
+                        .as_ref()
+                        .is_some_and(|o| o.resource == "registrymirrors")
+            })
+            .collect();
+        assert!(
+            !writes.is_empty(),
+            "the audit log shows writes to the mirror"
+        );
+        let by_operator = writes.iter().filter(|e| e.user.username == sa).count();
+        let by_suite = writes.iter().filter(|e| e.user.username == "admin").count();
+        assert_eq!(
+            by_operator + by_suite,
+            writes.len(),
+            "every mirror write came from the operator's ServiceAccount or the suite"
+        );
+        assert!(by_operator > 0, "the operator wrote as {sa}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_side_apply_restores_the_operators_fields_and_keeps_other_managers_fields(
+) -> Result<()> {
+    let Some(target) = target_or_skip("server_side_apply", 1).await? else {
+        return Ok(());
+    };
+    let settings = target.settings();
+    let client = client(settings).await?;
+    install_chart(settings, &[FAST_REQUEUE]).await?;
+    let ns = TestNamespace::create(&client, "ssa").await?;
+    let api = mirrors(&client, &ns.name);
+    apply_mirror(&api, &mirror_manifest(settings, "ssa", &json!({}))).await?;
+    wait_for_condition(settings, &api, "ssa", "Ready", "True").await?;
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let config_name = "cachalot-ssa-config";
+    let original = config_maps.get(config_name).await?;
+    let original_config = original
+        .data
+        .as_ref()
+        .and_then(|d| d.get("config.yaml"))
+        .cloned()
+        .context("config.yaml in the registry ConfigMap")?;
+
+    // Another manager adds its own annotation to the Deployment, and takes over (force) a field
+    // the operator owns.
+    deployments
+        .patch(
+            "cachalot-ssa",
+            &PatchParams::apply("team-tooling"),
+            &Patch::Apply(json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                                 "metadata": {"name": "cachalot-ssa",
+                                              "annotations": {"team.example/owner": "platform"}}})),
+        )
+        .await?;
+    config_maps
+        .patch(
+            config_name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap",
+                                 "metadata": {"name": config_name},
+                                 "data": {"config.yaml": "listen: 0.0.0.0:5000\n"}})),
+        )
+        .await?;
+
+    wait_until(
+        "the operator restores its ConfigMap",
+        settings.timeout,
+        POLL,
+        || async {
+            let now = config_maps
+                .get(config_name)
+                .await
+                .map_err(|e| e.to_string())?;
+            let data = now
+                .data
+                .and_then(|d| d.get("config.yaml").cloned())
+                .unwrap_or_default();
+            if data == original_config {
+                Ok(())
+            } else {
+                Err(format!("config.yaml is {data:?}"))
+            }
+        },
+    )
+    .await?;
+    let deployment = deployments.get("cachalot-ssa").await?;
+    let annotations = deployment.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(
+        annotations.get("team.example/owner").map(String::as_str),
+        Some("platform"),
+        "another manager's annotation survives the operator's applies"
+    );
+    let managers: Vec<String> = deployment
+        .metadata
+        .managed_fields
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| m.manager)
+        .collect();
+    assert!(
+        managers.iter().any(|m| m == "cachalot-operator"),
+        "{managers:?}"
+    );
+    assert!(managers.iter().any(|m| m == "team-tooling"), "{managers:?}");
     Ok(())
 }
