@@ -1,6 +1,7 @@
 //! The RegistryMirror controller loop end to end against the kube-like fake API server
 //! (`tools/fake-apiserver`, started on 127.0.0.1 by the test): apply a mirror → owned objects →
-//! status → spec change → owned objects follow → delete → finalizer flow completes.
+//! status → spec change → owned objects follow → delete → finalizer flow completes; and a ready
+//! mirror's later passes make no write request (counted in the server's request log).
 //!
 //! No kubelet, scheduler or garbage collector runs: the test plays the kubelet where it matters (a
 //! running registry pod, answered by an in-process fake `Probe`), and no node agent pod exists, so
@@ -747,6 +748,81 @@ async fn a_mirror_with_a_serving_registry_and_a_configured_node_is_ready_and_del
         &mirrors,
     )
     .await;
+
+    controller.stop().await;
+}
+
+/// The write requests (create, update, patch, delete) in the fake server's request log, one per
+/// `METHOD PATH -> STATUS` line.
+fn write_requests(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| {
+            ["POST ", "PUT ", "PATCH ", "DELETE "]
+                .iter()
+                .any(|m| l.starts_with(m))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_ready_mirror_makes_no_write_request_in_later_passes() {
+    let server = FakeApiServer::start_with_args(&["--log-requests"])
+        .await
+        .expect("fake API server");
+    let client = server.client(NS).await.unwrap();
+    install_crd(&client).await;
+    let probe = Arc::new(AgentProbe {
+        client: client.clone(),
+        files_removed: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    });
+    let metrics = Arc::new(Metrics::new());
+    let controller =
+        RunningController::start(&client, probe, metrics.clone(), Duration::from_millis(100));
+
+    let mirrors = mirrors_api(&client, NS);
+    apply_mirror(&mirrors, MIRROR, docker_hub(), "test").await;
+    let daemon_sets: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
+    wait_for_object(&server, &daemon_sets, &agent_name(MIRROR)).await;
+    run_registry_pod(&client).await;
+    run_agent_pod(&client).await;
+    eventually("Ready=True", &server, || async {
+        let m = mirrors.get(MIRROR).await.unwrap();
+        condition(&m, "Ready")
+            .is_some_and(|c| c["status"] == "True")
+            .then_some(())
+    })
+    .await;
+    // The test writes nothing from here on. Let the pass triggered by the last status write end,
+    // then watch several requeued passes (every 100 ms).
+    let passes = |after: u64| {
+        let metrics = metrics.clone();
+        move || {
+            let done = metrics.reconciliations();
+            async move { (done >= after).then_some(()) }
+        }
+    };
+    let settled = metrics.reconciliations() + 2;
+    eventually("two more passes", &server, passes(settled)).await;
+    let before = server.stderr().lines().count();
+    let idle = metrics.reconciliations() + 5;
+    eventually("five idle passes", &server, passes(idle)).await;
+    let log = server.stderr();
+    let later: String = log.lines().skip(before).collect::<Vec<_>>().join("\n");
+    assert!(
+        later.lines().any(|l| l.starts_with("GET ")),
+        "the idle passes read (pod lists): {later}"
+    );
+    assert_eq!(
+        write_requests(&later),
+        Vec::<String>::new(),
+        "idle passes write nothing"
+    );
+    let text = metrics.encode().unwrap();
+    assert!(
+        text.contains("cachalot_operator_apply_skips_total"),
+        "{text}"
+    );
 
     controller.stop().await;
 }

@@ -1,6 +1,7 @@
 //! Reconcile scenarios against a mocked API server (`tower_test::mock::pair` behind a
 //! `kube::Client`): every call the operator makes is checked in order, and a scenario fails on a
-//! missing or an extra call. HTTP probes of pods are a fake [`Probe`].
+//! missing or an extra call. HTTP probes of pods are a fake [`Probe`]. The operator's caches of
+//! owned objects are fed by hand with what the API server answered, as its watches would.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -9,12 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cachalot_operator::api::{RegistryMirror, FINALIZER};
+use cachalot_operator::controller::drift::APPLIED_HASH_ANNOTATION;
 use cachalot_operator::controller::observe::{Probe, ProbeError, RegistryStats};
+use cachalot_operator::controller::owned::{OwnedStores, OwnedWriters};
 use cachalot_operator::controller::{reconcile_mirror, Context, ControllerConfig};
 use cachalot_operator::metrics::Metrics;
 use cachalot_operator::node_agent::protocol::{AgentStatus, ContainerdStatus, DesiredState};
 use common::mock_api::{expect, failure, not_found, play, respond, Handle};
-use common::registry_stats;
+use common::{hold, listed_caches, registry_stats};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use http::{Method, StatusCode};
@@ -36,6 +39,7 @@ const PDB: &str = "/apis/policy/v1/namespaces/cachalot/poddisruptionbudgets/cach
 const AGENT_CONFIG: &str = "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-agent";
 const AGENT_DAEMON_SET: &str = "/apis/apps/v1/namespaces/cachalot/daemonsets/cachalot-hub-agent";
 const PODS: &str = "/api/v1/namespaces/cachalot/pods";
+const SECRETS: &str = "/api/v1/namespaces/cachalot/secrets";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/cachalot/events";
 /// What the pod lists select on (URL-encoded label selectors).
 const REGISTRY_COMPONENT: &str = "app.kubernetes.io%2Fcomponent%3Dregistry";
@@ -114,25 +118,57 @@ fn docker_hub() -> Value {
     json!({"registries": [{"name": "docker.io"}]})
 }
 
-fn context(handle_client: Client, world: Arc<FakeWorld>, store: Store<RegistryMirror>) -> Context {
-    let mut config = ControllerConfig::new("ghcr.io/cachalot-dev/cachalot:test");
-    config.requeue_after = Duration::from_secs(60);
-    Context::new(
-        handle_client,
-        config,
-        Arc::new(FakeProbe(world)),
-        store,
-        Arc::new(Metrics::new()),
-    )
+/// What a pass runs against besides the API server: the fake pods, the mirrors the controller
+/// knows (for conflicts), the caches of owned objects and the metrics.
+struct Setup {
+    world: Arc<FakeWorld>,
+    mirrors: Store<RegistryMirror>,
+    owned: OwnedStores,
+    metrics: Arc<Metrics>,
 }
 
-fn empty_store() -> Store<RegistryMirror> {
-    let (store, _writer) = reflector::store();
-    store
+impl Setup {
+    /// Agents that apply what they are given and report ready; nothing cached yet.
+    fn new() -> (Self, OwnedWriters) {
+        let world = Arc::new(FakeWorld::default());
+        *world.agent_ready.lock().unwrap() = true;
+        let (owned, writers) = listed_caches();
+        let setup = Self {
+            world,
+            mirrors: reflector::store().0,
+            owned,
+            metrics: Arc::new(Metrics::new()),
+        };
+        (setup, writers)
+    }
+
+    fn with_world(world: Arc<FakeWorld>) -> Self {
+        let (setup, _writers) = Self::new();
+        Self { world, ..setup }
+    }
+
+    fn with_mirrors(mirrors: Store<RegistryMirror>) -> Self {
+        let (setup, _writers) = Self::new();
+        Self { mirrors, ..setup }
+    }
+
+    fn context(&self, client: Client) -> Context {
+        let mut config = ControllerConfig::new("ghcr.io/cachalot-dev/cachalot:test");
+        config.requeue_after = Duration::from_secs(60);
+        Context::new(
+            client,
+            config,
+            Arc::new(FakeProbe(self.world.clone())),
+            self.mirrors.clone(),
+            self.owned.clone(),
+            self.metrics.clone(),
+        )
+    }
 }
 
-/// Expects a server-side apply by the operator's field manager and echoes the body back,
-/// merged with `extra` (what the API server would add, e.g. a cluster IP).
+/// Expects a server-side apply by the operator's field manager, marked with the hash of what it
+/// applies, and answers with the body merged with `extra` (what the API server would add, e.g. a
+/// cluster IP). Returns that answer: the object as the API server holds it.
 async fn expect_apply(handle: &mut Handle, path: &str, extra: Value) -> Value {
     let (call, send) = expect(handle, Method::PATCH, path).await;
     assert!(
@@ -143,9 +179,14 @@ async fn expect_apply(handle: &mut Handle, path: &str, extra: Value) -> Value {
     assert!(call.query.contains("force=true"), "{}", call.query);
     let mut body = call.body.clone();
     assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "uid-hub");
+    assert!(
+        body["metadata"]["annotations"][APPLIED_HASH_ANNOTATION].is_string(),
+        "{}",
+        body["metadata"]
+    );
     merge(&mut body, &extra);
     respond(send, StatusCode::OK, &body);
-    call.body
+    body
 }
 
 fn merge(target: &mut Value, extra: &Value) {
@@ -159,10 +200,14 @@ fn merge(target: &mut Value, extra: &Value) {
     }
 }
 
-/// Expects a DELETE of an object the spec does not want, which does not exist.
-async fn expect_delete_of_absent(handle: &mut Handle, path: &str) {
+/// Expects a DELETE of an object the spec does not want, and answers that deletion started.
+async fn expect_delete(handle: &mut Handle, path: &str) {
     let (_, send) = expect(handle, Method::DELETE, path).await;
-    not_found(send);
+    respond(
+        send,
+        StatusCode::OK,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+    );
 }
 
 /// Expects the finalizers written as `finalizers`, guarded by the resourceVersion read, and
@@ -174,23 +219,32 @@ async fn expect_finalizers(handle: &mut Handle, finalizers: Value, updated: &Val
     respond(send, StatusCode::OK, updated);
 }
 
-/// Expects the agents' desired-state ConfigMap and lets the fake agents apply it.
-async fn expect_desired_state(handle: &mut Handle, world: &FakeWorld) -> DesiredState {
+/// Expects the agents' desired-state ConfigMap and lets the fake agents apply it. Returns the
+/// desired state and the ConfigMap as held.
+async fn expect_desired_state_applied(
+    handle: &mut Handle,
+    world: &FakeWorld,
+) -> (DesiredState, Value) {
     let cm = expect_apply(handle, AGENT_CONFIG, json!({})).await;
     let desired: DesiredState =
         serde_json::from_str(cm["data"]["desired.json"].as_str().unwrap()).unwrap();
     *world.generation.lock().unwrap() = desired.generation.clone();
-    desired
+    (desired, cm)
+}
+
+/// [`expect_desired_state_applied`] for the desired state alone.
+async fn expect_desired_state(handle: &mut Handle, world: &FakeWorld) -> DesiredState {
+    expect_desired_state_applied(handle, world).await.0
 }
 
 /// Expects the agent DaemonSet applied and answers that its one pod is scheduled and ready.
-async fn expect_agent_daemon_set_applied(handle: &mut Handle) {
+async fn expect_agent_daemon_set_applied(handle: &mut Handle) -> Value {
     expect_apply(
         handle,
         AGENT_DAEMON_SET,
         json!({"status": {"desiredNumberScheduled": 1, "currentNumberScheduled": 1, "numberMisscheduled": 0, "numberReady": 1}}),
     )
-    .await;
+    .await
 }
 
 /// Expects the agent DaemonSet read during a deletion; answers it, or 404 unless `exists`.
@@ -278,49 +332,90 @@ fn agent_pod() -> Value {
 }
 
 /// Runs `reconcile` against a scenario and checks that no call is left unanswered or extra.
-async fn run_scenario<S, F>(
-    mirror: RegistryMirror,
-    world: Arc<FakeWorld>,
-    store: Store<RegistryMirror>,
-    scenario: S,
-) -> Action
+async fn run_scenario<S, F>(mirror: RegistryMirror, setup: &Setup, scenario: S) -> Action
 where
     S: FnOnce(Handle) -> F,
     F: std::future::Future<Output = Handle> + Send + 'static,
 {
+    let ctx = |client| setup.context(client);
     play(NS, scenario, |client| async move {
-        reconcile_mirror(&mirror, &context(client, world, store))
+        reconcile_mirror(&mirror, &ctx(client))
             .await
             .expect("reconcile failed")
     })
     .await
 }
 
+/// The registry and node side of a Docker Hub mirror with one replica applied from nothing, in
+/// order, each answered as the API server holds it (one ready registry replica, a cluster IP, one
+/// scheduled agent). Returns the objects held, for the caches.
+async fn expect_docker_hub_objects_applied(handle: &mut Handle, world: &FakeWorld) -> Vec<Value> {
+    let config = expect_apply(handle, REGISTRY_CONFIG, json!({})).await;
+    let deployment = expect_apply(
+        handle,
+        DEPLOYMENT,
+        json!({"metadata": {"resourceVersion": "7"}, "status": {"readyReplicas": 1}}),
+    )
+    .await;
+    let service = expect_apply(
+        handle,
+        SERVICE,
+        json!({"spec": {"clusterIP": "10.96.0.12", "ports": [{"name": "http", "port": 5000, "protocol": "TCP", "targetPort": "http"}]}}),
+    )
+    .await;
+    let (_, agent_config) = expect_desired_state_applied(handle, world).await;
+    let daemon_set = expect_agent_daemon_set_applied(handle).await;
+    vec![config, deployment, service, agent_config, daemon_set]
+}
+
+/// A Docker Hub mirror after one full pass: the caches hold what that pass applied, and the mirror
+/// carries the status it wrote. Returns the mirror as the next pass sees it.
+async fn converged_docker_hub(setup: &Setup, writers: &mut OwnedWriters) -> RegistryMirror {
+    let m = mirror(docker_hub(), true, false);
+    let world = setup.world.clone();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let status = Arc::new(Mutex::new(Value::Null));
+    let (held_in, status_in) = (held.clone(), status.clone());
+    run_scenario(m, setup, move |mut h| async move {
+        *held_in.lock().unwrap() = expect_docker_hub_objects_applied(&mut h, &world).await;
+        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
+        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
+        let object = mirror_json(docker_hub(), true, false);
+        *status_in.lock().unwrap() = expect_status(&mut h, &object).await;
+        expect_event(&mut h, "MirrorReady").await;
+        h
+    })
+    .await;
+    for object in held.lock().unwrap().iter() {
+        hold(writers, object);
+    }
+    let mut converged = mirror_json(docker_hub(), true, false);
+    converged["status"] = status.lock().unwrap().clone();
+    serde_json::from_value(converged).unwrap()
+}
+
 #[tokio::test]
 async fn new_mirror_gets_finalizer_then_objects_applied_then_ready_status() {
-    let world = Arc::new(FakeWorld::default());
-    *world.agent_ready.lock().unwrap() = true;
+    let (setup, _writers) = Setup::new();
     let m = mirror(docker_hub(), false, false);
-    let w = world.clone();
-    let action = run_scenario(m, world.clone(), empty_store(), move |mut h| async move {
+    let w = setup.world.clone();
+    let action = run_scenario(m, &setup, move |mut h| async move {
         // 1. finalizer first, guarded by resourceVersion
         let with_finalizer = mirror_json(docker_hub(), true, false);
         expect_finalizers(&mut h, json!([FINALIZER]), &with_finalizer).await;
-        // 2. registry side
+        // 2. registry side; nothing is cached, so there is no StatefulSet or PDB to delete
         let cm = expect_apply(&mut h, REGISTRY_CONFIG, json!({})).await;
         assert!(cm["data"]["config.yaml"]
             .as_str()
             .unwrap()
             .contains("registry-1.docker.io"));
         expect_apply(&mut h, DEPLOYMENT, json!({"status": {"readyReplicas": 1}})).await;
-        expect_delete_of_absent(&mut h, STATEFUL_SET).await;
         expect_apply(
             &mut h,
             SERVICE,
             json!({"spec": {"clusterIP": "10.96.0.12"}}),
         )
         .await;
-        expect_delete_of_absent(&mut h, PDB).await;
         // 3. node side, pointed at the cluster IP read back from the Service
         let desired = expect_desired_state(&mut h, &w).await;
         assert_eq!(desired.registries[0].endpoints, ["http://10.96.0.12:5000"]);
@@ -354,7 +449,7 @@ async fn new_mirror_gets_finalizer_then_objects_applied_then_ready_status() {
     })
     .await;
     assert_eq!(action, Action::requeue(Duration::from_secs(60)));
-    let probed = world.probed.lock().unwrap().clone();
+    let probed = setup.world.probed.lock().unwrap().clone();
     assert_eq!(
         probed,
         [
@@ -362,33 +457,297 @@ async fn new_mirror_gets_finalizer_then_objects_applied_then_ready_status() {
             "http://192.168.1.10:9464/status"
         ]
     );
+    let metrics = setup.metrics.encode().unwrap();
+    assert!(
+        metrics.contains(r#"cachalot_operator_applies_total{kind="ConfigMap",reason="missing"} 2"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_second_pass_over_an_unchanged_world_makes_no_write() {
+    let (setup, mut writers) = Setup::new();
+    let converged = converged_docker_hub(&setup, &mut writers).await;
+    // Only reads: the component pods are listed and probed; no apply, delete, status or Event.
+    let action = run_scenario(converged, &setup, |mut h| async move {
+        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
+        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
+        h
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+    let metrics = setup.metrics.encode().unwrap();
+    for kind in ["ConfigMap", "Deployment", "Service", "DaemonSet"] {
+        let skipped = if kind == "ConfigMap" { 2 } else { 1 };
+        let line = format!(r#"cachalot_operator_apply_skips_total{{kind="{kind}"}} {skipped}"#);
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
+}
+
+#[tokio::test]
+async fn a_drifted_config_map_is_applied_again_and_nothing_else_is_written() {
+    let (setup, mut writers) = Setup::new();
+    let converged = converged_docker_hub(&setup, &mut writers).await;
+    // Someone edits the registry config; its hash annotation still says what the operator applied.
+    let held = setup
+        .owned
+        .config_maps
+        .state()
+        .into_iter()
+        .find(|cm| cm.metadata.name.as_deref() == Some("cachalot-hub-config"))
+        .unwrap();
+    let mut edited = serde_json::to_value(held.as_ref()).unwrap();
+    let original = edited["data"]["config.yaml"].clone();
+    edited["data"]["config.yaml"] = json!("defaultRegistry: evil.example\n");
+    hold(&mut writers, &edited);
+    let action = run_scenario(converged, &setup, move |mut h| async move {
+        let repaired = expect_apply(&mut h, REGISTRY_CONFIG, json!({})).await;
+        assert_eq!(repaired["data"]["config.yaml"], original);
+        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
+        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
+        h
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+    let metrics = setup.metrics.encode().unwrap();
+    assert!(
+        metrics.contains(r#"cachalot_operator_applies_total{kind="ConfigMap",reason="drifted"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn an_object_deleted_by_someone_is_applied_again() {
+    let (setup, mut writers) = Setup::new();
+    let converged = converged_docker_hub(&setup, &mut writers).await;
+    let gone = setup.owned.deployments.state().into_iter().next().unwrap();
+    writers
+        .deployments
+        .apply_watcher_event(&watcher::Event::Delete(gone.as_ref().clone()));
+    let action = run_scenario(converged, &setup, |mut h| async move {
+        expect_apply(&mut h, DEPLOYMENT, json!({"status": {"readyReplicas": 1}})).await;
+        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
+        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
+        h
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+}
+
+#[tokio::test]
+async fn spec_change_on_a_running_mirror_applies_only_what_changed() {
+    // The converged one-replica mirror is scaled to 3 replicas behind a NodePort.
+    let (setup, mut writers) = Setup::new();
+    let converged = converged_docker_hub(&setup, &mut writers).await;
+    let spec = json!({"registries": [{"name": "docker.io"}], "replicas": 3, "service": {"type": "NodePort"}});
+    let mut changed = serde_json::to_value(&converged).unwrap();
+    changed["spec"] = spec;
+    changed["metadata"]["generation"] = json!(3);
+    let m: RegistryMirror = serde_json::from_value(changed.clone()).unwrap();
+    let w = setup.world.clone();
+    let action = run_scenario(m, &setup, move |mut h| async move {
+        // The registry config is the same (skipped); the Deployment and Service changed.
+        let deployment = expect_apply(&mut h, DEPLOYMENT, json!({"status": {"readyReplicas": 3}})).await;
+        assert_eq!(deployment["spec"]["replicas"], 3);
+        let service = expect_apply(
+            &mut h,
+            SERVICE,
+            json!({"spec": {"clusterIP": "10.96.0.12", "ports": [{"name": "http", "port": 5000, "nodePort": 31555}]}}),
+        )
+        .await;
+        assert_eq!(service["spec"]["type"], "NodePort");
+        // Three replicas: the PDB is missing and applied.
+        let pdb = expect_apply(&mut h, PDB, json!({})).await;
+        assert_eq!(pdb["spec"]["minAvailable"], 1);
+        // The endpoint changed, so the desired state did; the DaemonSet did not (skipped).
+        let desired = expect_desired_state(&mut h, &w).await;
+        assert_eq!(
+            desired.registries[0].endpoints,
+            ["http://127.0.0.1:31555"],
+            "NodePort nodes use the allocated port on loopback"
+        );
+        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
+        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
+        // Status follows (endpoint, observedGeneration); Ready stays True, so no Event.
+        let status = expect_status(&mut h, &changed).await;
+        assert_eq!(status["endpoint"], "http://127.0.0.1:31555");
+        assert_eq!(status["observedGeneration"], 3);
+        assert_eq!(condition(&status, "Ready")["status"], "True");
+        h
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+    let metrics = setup.metrics.encode().unwrap();
+    for line in [
+        r#"cachalot_operator_applies_total{kind="Deployment",reason="changed"} 1"#,
+        r#"cachalot_operator_applies_total{kind="Service",reason="changed"} 1"#,
+        r#"cachalot_operator_applies_total{kind="PodDisruptionBudget",reason="missing"} 1"#,
+        r#"cachalot_operator_applies_total{kind="ConfigMap",reason="changed"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+}
+
+#[tokio::test]
+async fn an_unwanted_object_is_deleted_only_when_the_cache_holds_it() {
+    // A PodDisruptionBudget left from when the mirror had 3 replicas; it has 1 now.
+    let (setup, mut writers) = Setup::new();
+    let converged = converged_docker_hub(&setup, &mut writers).await;
+    hold(
+        &mut writers,
+        &json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                "metadata": {"name": "cachalot-hub", "namespace": NS},
+                "spec": {"minAvailable": 1}}),
+    );
+    let action = run_scenario(converged, &setup, |mut h| async move {
+        expect_delete(&mut h, PDB).await;
+        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
+        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
+        h
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+}
+
+#[tokio::test]
+async fn switching_to_pvc_storage_applies_a_stateful_set_and_deletes_the_cached_deployment() {
+    let (setup, mut writers) = Setup::new();
+    let converged = converged_docker_hub(&setup, &mut writers).await;
+    let mut changed = serde_json::to_value(&converged).unwrap();
+    changed["spec"]["storage"] = json!({"type": "PersistentVolumeClaim", "size": "20Gi"});
+    changed["metadata"]["generation"] = json!(3);
+    let m: RegistryMirror = serde_json::from_value(changed.clone()).unwrap();
+    let action = run_scenario(m, &setup, move |mut h| async move {
+        // The cache bound follows the volume size, so the registry config changed.
+        expect_apply(&mut h, REGISTRY_CONFIG, json!({})).await;
+        expect_apply(
+            &mut h,
+            STATEFUL_SET,
+            json!({"status": {"readyReplicas": 1}}),
+        )
+        .await;
+        expect_delete(&mut h, DEPLOYMENT).await;
+        // Service, agent ConfigMap and DaemonSet are unchanged: skipped.
+        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
+        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
+        let status = expect_status(&mut h, &changed).await;
+        assert_eq!(status["observedGeneration"], 3);
+        h
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+}
+
+fn with_credentials() -> Value {
+    json!({"registries": [
+        {"name": "quay.io", "credentialsSecret": {"name": "quay-creds"}},
+        {"name": "docker.io", "credentialsSecret": {"name": "hub-creds"}}
+    ]})
+}
+
+/// Expects a metadata-only read of the Secret `name` and answers it, or 404 unless `exists`.
+async fn expect_secret_metadata_read(handle: &mut Handle, name: &str, exists: bool) {
+    let (call, send) = expect(handle, Method::GET, &format!("{SECRETS}/{name}")).await;
+    assert!(
+        call.accept.contains("as=PartialObjectMetadata"),
+        "only the Secret's metadata is read: Accept {}",
+        call.accept
+    );
+    if exists {
+        respond(
+            send,
+            StatusCode::OK,
+            &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                    "metadata": {"name": name, "namespace": NS}}),
+        );
+    } else {
+        not_found(send);
+    }
+}
+
+#[tokio::test]
+async fn a_missing_credentials_secret_is_ready_false_naming_the_field_and_applies_nothing() {
+    let (setup, _writers) = Setup::new();
+    let object = mirror_json(with_credentials(), true, false);
+    let m: RegistryMirror = serde_json::from_value(object.clone()).unwrap();
+    let action = run_scenario(m, &setup, move |mut h| async move {
+        expect_secret_metadata_read(&mut h, "quay-creds", true).await;
+        expect_secret_metadata_read(&mut h, "hub-creds", false).await;
+        // No apply and no pod list: straight to status.
+        let status = expect_status(&mut h, &object).await;
+        let ready = condition(&status, "Ready");
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "CredentialsSecretMissing");
+        assert_eq!(
+            ready["message"],
+            r#"spec.registries[1].credentialsSecret.name: Secret "hub-creds" not found in namespace "cachalot""#
+        );
+        assert_eq!(
+            condition(&status, "ProxyAvailable")["reason"],
+            "CredentialsSecretMissing"
+        );
+        expect_event(&mut h, "CredentialsSecretMissing").await;
+        h
+    })
+    .await;
+    // No Secret watch: the mirror looks again at the normal period, not in a hot loop.
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+}
+
+#[tokio::test]
+async fn existing_credentials_secrets_are_checked_by_metadata_then_objects_are_applied() {
+    let (setup, _writers) = Setup::new();
+    let m = mirror(with_credentials(), true, false);
+    let w = setup.world.clone();
+    run_scenario(m, &setup, move |mut h| async move {
+        expect_secret_metadata_read(&mut h, "quay-creds", true).await;
+        expect_secret_metadata_read(&mut h, "hub-creds", true).await;
+        expect_apply(&mut h, REGISTRY_CONFIG, json!({})).await;
+        let deployment = expect_apply(&mut h, DEPLOYMENT, json!({})).await;
+        let volumes = deployment["spec"]["template"]["spec"]["volumes"].to_string();
+        assert!(
+            volumes.contains("hub-creds") && volumes.contains("quay-creds"),
+            "{volumes}"
+        );
+        expect_apply(
+            &mut h,
+            SERVICE,
+            json!({"spec": {"clusterIP": "10.96.0.12"}}),
+        )
+        .await;
+        expect_desired_state(&mut h, &w).await;
+        expect_agent_daemon_set_applied(&mut h).await;
+        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
+        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
+        let status = expect_status(&mut h, &mirror_json(with_credentials(), true, false)).await;
+        assert_eq!(condition(&status, "Ready")["status"], "True");
+        expect_event(&mut h, "MirrorReady").await;
+        h
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn invalid_spec_sets_ready_false_applies_nothing_and_waits_for_a_change() {
     let spec = json!({"registries": [{"name": "docker.io"}], "storage": {"type": "PersistentVolumeClaim"}});
     let m = mirror(spec.clone(), true, false);
-    let action = run_scenario(
-        m,
-        Arc::new(FakeWorld::default()),
-        empty_store(),
-        move |mut h| async move {
-            let status = expect_status(&mut h, &mirror_json(spec, true, false)).await;
-            let ready = condition(&status, "Ready");
-            assert_eq!(ready["status"], "False");
-            assert_eq!(ready["reason"], "InvalidSpec");
-            assert!(
-                ready["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("spec.storage.size"),
-                "{ready}"
-            );
-            assert!(status.get("endpoint").is_none());
-            expect_event(&mut h, "InvalidSpec").await;
-            h
-        },
-    )
+    let (setup, _writers) = Setup::new();
+    let action = run_scenario(m, &setup, move |mut h| async move {
+        let status = expect_status(&mut h, &mirror_json(spec, true, false)).await;
+        let ready = condition(&status, "Ready");
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "InvalidSpec");
+        assert!(
+            ready["message"]
+                .as_str()
+                .unwrap()
+                .contains("spec.storage.size"),
+            "{ready}"
+        );
+        assert!(status.get("endpoint").is_none());
+        expect_event(&mut h, "InvalidSpec").await;
+        h
+    })
     .await;
     assert_eq!(action, Action::await_change());
 }
@@ -411,13 +770,8 @@ async fn unchanged_invalid_status_is_not_rewritten() {
     let mut second = first.clone();
     second.status = Some(status);
     // No call at all: the status is already what it would write, and no transition means no Event.
-    let action = run_scenario(
-        second,
-        Arc::new(FakeWorld::default()),
-        empty_store(),
-        |h| async move { h },
-    )
-    .await;
+    let (setup, _writers) = Setup::new();
+    let action = run_scenario(second, &setup, |h| async move { h }).await;
     assert_eq!(action, Action::await_change());
 }
 
@@ -447,39 +801,35 @@ async fn later_mirror_claiming_the_same_registry_gets_conflict_and_applies_nothi
     writer.apply_watcher_event(&watcher::Event::Apply(unrelated));
     writer.apply_watcher_event(&watcher::Event::Apply(m.clone()));
     let object = serde_json::to_value(&m).unwrap();
-    let action = run_scenario(
-        m,
-        Arc::new(FakeWorld::default()),
-        store,
-        move |mut h| async move {
-            let status = expect_status(&mut h, &object).await;
-            let conflict = condition(&status, "Conflict");
-            assert_eq!(conflict["status"], "True");
-            let message = conflict["message"].as_str().unwrap();
-            assert!(
-                message.contains("other/first") && message.contains("docker.io"),
-                "{message}"
-            );
-            assert!(
-                !message.contains("other/gpu"),
-                "disjoint node selectors do not conflict: {message}"
-            );
-            assert_eq!(condition(&status, "Ready")["reason"], "Conflict");
-            expect_event(&mut h, "Conflict").await;
-            expect_event(&mut h, "ConflictDetected").await;
-            h
-        },
-    )
+    let setup = Setup::with_mirrors(store);
+    let action = run_scenario(m, &setup, move |mut h| async move {
+        let status = expect_status(&mut h, &object).await;
+        let conflict = condition(&status, "Conflict");
+        assert_eq!(conflict["status"], "True");
+        let message = conflict["message"].as_str().unwrap();
+        assert!(
+            message.contains("other/first") && message.contains("docker.io"),
+            "{message}"
+        );
+        assert!(
+            !message.contains("other/gpu"),
+            "disjoint node selectors do not conflict: {message}"
+        );
+        assert_eq!(condition(&status, "Ready")["reason"], "Conflict");
+        expect_event(&mut h, "Conflict").await;
+        expect_event(&mut h, "ConflictDetected").await;
+        h
+    })
     .await;
     assert_eq!(action, Action::requeue(Duration::from_secs(60)));
 }
 
 #[tokio::test]
 async fn deletion_sets_removing_and_drops_finalizer_once_agents_report_no_files() {
-    let world = Arc::new(FakeWorld::default());
+    let setup = Setup::with_world(Arc::new(FakeWorld::default()));
     let m = mirror(docker_hub(), true, true);
-    let w = world.clone();
-    let action = run_scenario(m, world, empty_store(), move |mut h| async move {
+    let w = setup.world.clone();
+    let action = run_scenario(m, &setup, move |mut h| async move {
         // The agent applies the removal at once and then holds no files any more.
         let desired = expect_removal_written_and_agents_listed(&mut h, &w).await;
         assert!(desired.removing);
@@ -497,9 +847,10 @@ async fn deletion_waits_while_an_agent_still_holds_files() {
     let world = Arc::new(FakeWorld::default());
     *world.agent_files.lock().unwrap() =
         vec!["/etc/containerd/certs.d/docker.io/hosts.toml".into()];
+    let setup = Setup::with_world(world);
     let m = mirror(docker_hub(), true, true);
-    let w = world.clone();
-    let action = run_scenario(m, world, empty_store(), move |mut h| async move {
+    let w = setup.world.clone();
+    let action = run_scenario(m, &setup, move |mut h| async move {
         let desired = expect_removal_written_and_agents_listed(&mut h, &w).await;
         assert!(desired.removing);
         let status = expect_status(&mut h, &mirror_json(docker_hub(), true, true)).await;
@@ -522,17 +873,13 @@ async fn deletion_waits_while_an_agent_still_holds_files() {
 #[tokio::test]
 async fn deletion_without_agents_removes_the_finalizer_at_once() {
     let m = mirror(docker_hub(), true, true);
-    let action = run_scenario(
-        m,
-        Arc::new(FakeWorld::default()),
-        empty_store(),
-        |mut h| async move {
-            expect_agent_daemon_set_read(&mut h, false).await;
-            expect_finalizers(&mut h, json!([]), &mirror_json(docker_hub(), false, true)).await;
-            expect_event(&mut h, "FinalizerRemoved").await;
-            h
-        },
-    )
+    let (setup, _writers) = Setup::new();
+    let action = run_scenario(m, &setup, |mut h| async move {
+        expect_agent_daemon_set_read(&mut h, false).await;
+        expect_finalizers(&mut h, json!([]), &mirror_json(docker_hub(), false, true)).await;
+        expect_event(&mut h, "FinalizerRemoved").await;
+        h
+    })
     .await;
     assert_eq!(action, Action::await_change());
 }
@@ -540,6 +887,7 @@ async fn deletion_without_agents_removes_the_finalizer_at_once() {
 #[tokio::test]
 async fn failed_apply_is_a_transient_error_with_a_static_category() {
     let m = mirror(docker_hub(), true, false);
+    let (setup, _writers) = Setup::new();
     let result = play(
         NS,
         |mut h| async move {
@@ -548,56 +896,10 @@ async fn failed_apply_is_a_transient_error_with_a_static_category() {
             respond(send, error, &failure(error, "InternalError", "etcd down"));
             h
         },
-        |client| async move {
-            let ctx = context(client, Arc::new(FakeWorld::default()), empty_store());
-            reconcile_mirror(&m, &ctx).await
-        },
+        |client| async move { reconcile_mirror(&m, &setup.context(client)).await },
     )
     .await;
     let error = result.unwrap_err();
     assert_eq!(error.category(), "ApplyFailed");
     assert!(error.to_string().contains("cachalot-hub-config"), "{error}");
-}
-
-#[tokio::test]
-async fn spec_change_on_a_running_mirror_reapplies_without_touching_the_finalizer() {
-    // An existing mirror (finalizer present, ready before) scaled to 3 replicas with NodePort.
-    let world = Arc::new(FakeWorld::default());
-    *world.agent_ready.lock().unwrap() = true;
-    let spec = json!({"registries": [{"name": "docker.io"}], "replicas": 3, "service": {"type": "NodePort"}});
-    let m = mirror(spec.clone(), true, false);
-    let w = world.clone();
-    let object = mirror_json(spec, true, false);
-    let action = run_scenario(m, world, empty_store(), move |mut h| async move {
-        expect_apply(&mut h, REGISTRY_CONFIG, json!({})).await;
-        let deployment = expect_apply(&mut h, DEPLOYMENT, json!({"status": {"readyReplicas": 3}})).await;
-        assert_eq!(deployment["spec"]["replicas"], 3);
-        expect_delete_of_absent(&mut h, STATEFUL_SET).await;
-        let service = expect_apply(
-            &mut h,
-            SERVICE,
-            json!({"spec": {"clusterIP": "10.96.0.12", "ports": [{"name": "http", "port": 5000, "nodePort": 31555}]}}),
-        )
-        .await;
-        assert_eq!(service["spec"]["type"], "NodePort");
-        // Three replicas: the PDB is applied now instead of deleted.
-        let pdb = expect_apply(&mut h, PDB, json!({})).await;
-        assert_eq!(pdb["spec"]["minAvailable"], 1);
-        let desired = expect_desired_state(&mut h, &w).await;
-        assert_eq!(
-            desired.registries[0].endpoints,
-            ["http://127.0.0.1:31555"],
-            "NodePort nodes use the allocated port on loopback"
-        );
-        expect_agent_daemon_set_applied(&mut h).await;
-        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
-        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
-        let status = expect_status(&mut h, &object).await;
-        assert_eq!(status["endpoint"], "http://127.0.0.1:31555");
-        assert_eq!(condition(&status, "Ready")["status"], "True");
-        expect_event(&mut h, "MirrorReady").await;
-        h
-    })
-    .await;
-    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
 }

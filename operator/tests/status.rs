@@ -269,3 +269,39 @@ fn hit_ratio_is_a_rounded_percentage_or_a_dash_without_traffic() {
     assert_eq!(hit_ratio(0, 0, 3), "100.0%");
     assert_eq!(hit_ratio(u64::MAX, u64::MAX, 0), "50.0%");
 }
+
+#[test]
+fn a_missing_credentials_secret_is_a_warning_transition_and_recomputes_to_the_same_status() {
+    let missing = Outcome::CredentialsMissing {
+        missing: vec![
+            r#"spec.registries[0].credentialsSecret.name: Secret "hub-creds" not found in namespace "ns""#
+                .to_string(),
+        ],
+    };
+    let first = compute_status(&mirror(), &missing, &at(10));
+    let ready = cond(&first, ConditionType::Ready);
+    assert_eq!(ready.status, ConditionStatus::False);
+    assert_eq!(ready.reason, "CredentialsSecretMissing");
+    assert!(
+        ready.message.contains(r#"Secret "hub-creds""#),
+        "{}",
+        ready.message
+    );
+    assert_eq!(
+        cond(&first, ConditionType::Conflict).status,
+        ConditionStatus::False
+    );
+    let events = transitions(None, &first);
+    assert!(
+        events
+            .iter()
+            .any(|t| t.warning && t.reason == "CredentialsSecretMissing"),
+        "{events:?}"
+    );
+    // The next pass, later, over the same world: the same status, so no write and no Event.
+    let mut again = mirror();
+    again.status = Some(first.clone());
+    let second = compute_status(&again, &missing, &at(70));
+    assert_eq!(second, first);
+    assert!(transitions(Some(&first), &second).is_empty());
+}

@@ -20,6 +20,7 @@ use cachalot_operator::controller::{reconcile_mirror, Context, ControllerConfig}
 use cachalot_operator::metrics::Metrics;
 use cachalot_operator::node_agent::protocol::AgentStatus;
 use cachalot_registry::config::Config as RegistryConfig;
+use common::listed_caches;
 use common::mock_api::{not_found, play, respond, Handle};
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -196,7 +197,7 @@ fn pod_page(images: &[&str], image_ids: &[&str], next: &str) -> Value {
 }
 
 /// Answers every call as the API server would for this mirror and records it: applies are
-/// echoed, deletes find nothing, component pod lists are empty, the cluster-wide Pod list comes
+/// echoed, deletes (none expected: the caches are empty) find nothing, component pod lists are empty, the cluster-wide Pod list comes
 /// in two pages, and the status write returns the mirror with that status.
 async fn answer_everything(mut handle: Handle, seen: Arc<Mutex<Vec<Seen>>>) -> Handle {
     // The client is dropped with the operator's future: then `next_request` ends the loop.
@@ -252,11 +253,13 @@ async fn reconcile_once(m: RegistryMirror) -> Vec<Seen> {
         move |handle| answer_everything(handle, recorded),
         |client| async move {
             let (store, _writer) = reflector::store();
+            let (owned, _writers) = listed_caches();
             let ctx = Context::new(
                 client,
                 ControllerConfig::new("ghcr.io/cachalot-dev/cachalot:test"),
                 Arc::new(NoProbe),
                 store,
+                owned,
                 Arc::new(Metrics::new()),
             );
             reconcile_mirror(&m, &ctx).await.expect("reconcile failed");

@@ -1,10 +1,15 @@
 //! Apply stage: server-side apply of the built objects with one field manager, removal of
 //! objects the spec no longer wants, and the finalizer patches.
 //!
-//! Invariants: every write uses field manager `cachalot-operator` with `force` (the operator owns
-//! these objects outright); deletes of absent objects are not errors; finalizer changes carry the
-//! object's `resourceVersion`, so a concurrent change makes them fail and retry instead of
-//! clobbering another writer's list.
+//! Invariants:
+//! - An owned object is written only when the apply decision ([`super::drift`]) says it is
+//!   missing from the cache, changed or drifted; otherwise the cached live object is used as the
+//!   result, so a pass over an unchanged world makes no write. An unwanted object is deleted only
+//!   when the cache holds it. Each decision is logged at debug level and counted in metrics.
+//! - Every write uses field manager `cachalot-operator` with `force` (the operator owns these
+//!   objects outright); deletes of absent objects are not errors; finalizer changes carry the
+//!   object's `resourceVersion`, so a concurrent change makes them fail and retry instead of
+//!   clobbering another writer's list.
 
 use std::fmt::Debug;
 
@@ -14,8 +19,12 @@ use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::json;
+use tracing::debug;
 
+use super::drift::{apply_reason, desired_hash, APPLIED_HASH_ANNOTATION};
+use super::owned::{cached, Owned, OwnedStores, ReadCacheError};
 use crate::api::{RegistryMirror, FINALIZER};
+use crate::metrics::Metrics;
 
 /// The one field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "cachalot-operator";
@@ -62,6 +71,9 @@ pub enum ApplyError {
         #[source]
         source: kube::Error,
     },
+    /// The cache of owned objects could not be read.
+    #[error(transparent)]
+    Cache(#[from] ReadCacheError),
     /// Adding or removing the finalizer failed.
     #[error("cannot update finalizers of {namespace}/{name}: {source}")]
     Finalizer {
@@ -83,6 +95,7 @@ impl ApplyError {
             Self::Apply { .. } => "ApplyFailed",
             Self::Delete { .. } => "DeleteFailed",
             Self::Get { .. } => "GetFailed",
+            Self::Cache(e) => e.category(),
             Self::Finalizer { .. } => "FinalizerFailed",
         }
     }
@@ -132,6 +145,99 @@ where
         name,
         source,
     })
+}
+
+/// What the store-aware writes need: the client, the caches of owned objects and the metrics.
+#[derive(Clone, Copy)]
+pub struct OwnedWrites<'a> {
+    /// Kubernetes client.
+    pub client: &'a Client,
+    /// Caches of owned objects.
+    pub owned: &'a OwnedStores,
+    /// Where applies and deletes are counted.
+    pub metrics: &'a Metrics,
+}
+
+impl std::fmt::Debug for OwnedWrites<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedWrites").finish_non_exhaustive()
+    }
+}
+
+fn encode_error<K: Resource<DynamicType = ()>>(
+    namespace: &str,
+    name: &str,
+    e: serde_json::Error,
+) -> ApplyError {
+    ApplyError::Apply {
+        kind: kind_of::<K>(),
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        source: kube::Error::SerdeError(e),
+    }
+}
+
+/// Applies `desired` (marked with the hash of its body in [`APPLIED_HASH_ANNOTATION`]) when the
+/// cached live object is missing, carries another hash or has drifted from it; otherwise returns
+/// the cached object without a request. Returns the object as the API server holds it.
+///
+/// # Errors
+/// [`ApplyError::Cache`] when the cache has not synced, [`ApplyError::Apply`] when the apply is
+/// refused.
+pub async fn apply_owned<K: Owned>(writer: OwnedWrites<'_>, desired: &K) -> Result<K, ApplyError> {
+    let namespace = desired.meta().namespace.clone().unwrap_or_default();
+    let name = desired.meta().name.clone().unwrap_or_default();
+    let kind = K::kind(&());
+    let hash = desired_hash(desired).map_err(|e| encode_error::<K>(&namespace, &name, e))?;
+    let mut marked = desired.clone();
+    marked
+        .meta_mut()
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(APPLIED_HASH_ANNOTATION.to_string(), hash.clone());
+    let live = cached::<K>(writer.owned, &namespace, &name).await?;
+    let body =
+        serde_json::to_value(&marked).map_err(|e| encode_error::<K>(&namespace, &name, e))?;
+    let live_body = live
+        .as_ref()
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(|e| encode_error::<K>(&namespace, &name, e))?;
+    match (apply_reason(&body, &hash, live_body.as_ref()), live) {
+        (None, Some(live)) => {
+            debug!(%kind, %namespace, %name, "apply skipped: unchanged");
+            writer.metrics.observe_apply_skipped(&kind);
+            Ok(live)
+        }
+        (reason, _) => {
+            let reason = reason.map_or("missing", |r| r.as_str());
+            debug!(%kind, %namespace, %name, reason, "applying");
+            writer.metrics.observe_apply(&kind, reason);
+            apply(writer.client, &marked).await
+        }
+    }
+}
+
+/// Deletes `name` when the cache holds it (and it is not already being deleted); an object the
+/// cache has not seen is left for the pass its watch event triggers.
+///
+/// # Errors
+/// [`ApplyError::Cache`] or [`ApplyError::Delete`].
+pub async fn delete_if_cached<K: Owned>(
+    writer: OwnedWrites<'_>,
+    namespace: &str,
+    name: &str,
+) -> Result<(), ApplyError> {
+    let Some(live) = cached::<K>(writer.owned, namespace, name).await? else {
+        return Ok(());
+    };
+    if live.meta().deletion_timestamp.is_some() {
+        return Ok(());
+    }
+    let kind = K::kind(&());
+    debug!(%kind, %namespace, %name, "deleting an object the spec no longer wants");
+    writer.metrics.observe_delete(&kind);
+    delete_if_exists::<K>(writer.client, namespace, name).await
 }
 
 /// Deletes `name` if it exists.

@@ -2,7 +2,8 @@
 //!
 //! Invariants:
 //! - Pure: no client, no clock, no randomness; the same input gives byte-identical objects, so
-//!   server-side apply of an unchanged mirror is a no-op.
+//!   their hash (the apply decision's `changed`, see `drift`) is stable and an unchanged mirror
+//!   causes no apply.
 //! - Every object carries the mirror's labels and a controller owner reference, so garbage
 //!   collection removes it with the mirror.
 //! - Credentials never enter a ConfigMap: the registry config holds only paths of files from

@@ -8,7 +8,13 @@
 //!   (`Action::await_change()`); transient ones return an error and are retried with a per-object
 //!   exponential backoff.
 //! - A conflicting mirror applies nothing. A mirror whose spec turns invalid keeps what it last
-//!   applied (nodes keep working) and says so in status.
+//!   applied (nodes keep working) and says so in status. So does a mirror whose credentials
+//!   Secret is missing (checked by metadata only, see [`credentials`]); it is looked at again
+//!   every requeue period.
+//! - A pass over an unchanged world writes nothing: owned objects are compared with the
+//!   operator's caches of them ([`owned`], fed by the same watches that trigger the controller)
+//!   and applied only when missing, changed or drifted ([`drift`]); unwanted objects are deleted
+//!   only when cached; the finalizer and status are written only when they differ.
 //! - Workload pins (`spec.pinWorkloadImages`): the Pods are listed at each pass, before anything
 //!   is applied, so a failed list applies nothing (the registry keeps its last pin file) instead
 //!   of applying a ConfigMap without pins. They refresh at the requeue cadence; see
@@ -23,7 +29,10 @@
 pub mod apply;
 pub mod build;
 pub mod conflict;
+pub mod credentials;
+pub mod drift;
 pub mod observe;
+pub mod owned;
 pub mod status;
 pub mod validate;
 pub mod workload_pins;
@@ -49,15 +58,19 @@ use tracing::{debug, info, warn};
 
 use crate::api::{RegistryMirror, CRD_NAME};
 use crate::metrics::Metrics;
-use apply::{apply, delete_if_exists, get_opt, has_finalizer, set_finalizer, ApplyError};
+use apply::{
+    apply_owned, delete_if_cached, get_opt, has_finalizer, set_finalizer, ApplyError, OwnedWrites,
+};
 use build::{
     agent_name, build_agent, build_registry_with_pins, node_endpoint, registry_config_name,
     registry_name, selector_string, BuildConfig, BuildError, Workload, AGENT_PORT, REGISTRY_PORT,
 };
+use credentials::{credentials_secrets, missing_secrets, CheckCredentialsError};
 use observe::{
     list_component_pods, probe_agents, probe_registries, HttpProbe, Observations, ObserveError,
     Probe,
 };
+use owned::{owned_stores, watch_owned, OwnedStores};
 use status::{compute_status, transitions, write_status, Outcome, StatusError};
 use validate::{validate, Exposure, Validated};
 use workload_pins::{list_workload_pods, workload_pins, ListWorkloadPodsError, WorkloadPins};
@@ -114,6 +127,9 @@ pub enum ReconcileError {
     /// Listing the Pods whose images are pinned failed.
     #[error(transparent)]
     WorkloadPods(#[from] ListWorkloadPodsError),
+    /// Checking that a credentials Secret exists failed.
+    #[error(transparent)]
+    Credentials(#[from] CheckCredentialsError),
     /// Writing status failed.
     #[error(transparent)]
     Status(#[from] StatusError),
@@ -131,6 +147,7 @@ impl ReconcileError {
             Self::Apply(e) => e.category(),
             Self::Observe(e) => e.category(),
             Self::WorkloadPods(e) => e.category(),
+            Self::Credentials(e) => e.category(),
             Self::Status(e) => e.category(),
             Self::MissingNamespace(_) => "MissingNamespace",
         }
@@ -167,6 +184,8 @@ pub struct Context {
     pub probe: Arc<dyn Probe>,
     /// Every RegistryMirror (the controller's reflector), for conflict detection.
     pub mirrors: Store<RegistryMirror>,
+    /// The caches of owned objects, for the apply decision.
+    pub owned: OwnedStores,
     /// Event publisher.
     pub recorder: Recorder,
     /// Metrics.
@@ -184,13 +203,15 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
-    /// A context; `mirrors` is the store conflicts are checked against.
+    /// A context; `mirrors` is the store conflicts are checked against, `owned` the caches
+    /// owned objects are compared with.
     #[must_use]
     pub fn new(
         client: Client,
         config: ControllerConfig,
         probe: Arc<dyn Probe>,
         mirrors: Store<RegistryMirror>,
+        owned: OwnedStores,
         metrics: Arc<Metrics>,
     ) -> Self {
         let recorder = Recorder::new(
@@ -208,9 +229,20 @@ impl Context {
             config,
             probe,
             mirrors,
+            owned,
             recorder,
             metrics,
             failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// What the store-aware writes of the apply stage need.
+    #[must_use]
+    pub fn writes(&self) -> OwnedWrites<'_> {
+        OwnedWrites {
+            client: &self.client,
+            owned: &self.owned,
+            metrics: &self.metrics,
         }
     }
 
@@ -297,23 +329,48 @@ pub async fn run_with(
 ) {
     let ns = config.namespace.clone();
     let mirrors: Api<RegistryMirror> = api_for(&client, ns.as_deref());
-    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=cachalot-operator");
     let controller = Controller::new(mirrors, watcher::Config::default().any_semantic());
     let store = controller.store();
-    let ctx = Arc::new(Context::new(client.clone(), config, probe, store, metrics));
+    let (owned, writers) = owned_stores();
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        config,
+        probe,
+        store,
+        owned,
+        metrics,
+    ));
     info!(
         namespace = ns.as_deref().unwrap_or("*"),
         "starting RegistryMirror controller"
     );
+    let ns = ns.as_deref();
+    // One watch per owned kind feeds its cache and triggers the owning mirror.
     controller
-        .owns(api_for::<Deployment>(&client, ns.as_deref()), owned.clone())
-        .owns(
-            api_for::<StatefulSet>(&client, ns.as_deref()),
-            owned.clone(),
-        )
-        .owns(api_for::<DaemonSet>(&client, ns.as_deref()), owned.clone())
-        .owns(api_for::<Service>(&client, ns.as_deref()), owned.clone())
-        .owns(api_for::<ConfigMap>(&client, ns.as_deref()), owned)
+        .owns_stream(watch_owned::<Deployment>(
+            api_for(&client, ns),
+            writers.deployments,
+        ))
+        .owns_stream(watch_owned::<StatefulSet>(
+            api_for(&client, ns),
+            writers.stateful_sets,
+        ))
+        .owns_stream(watch_owned::<DaemonSet>(
+            api_for(&client, ns),
+            writers.daemon_sets,
+        ))
+        .owns_stream(watch_owned::<Service>(
+            api_for(&client, ns),
+            writers.services,
+        ))
+        .owns_stream(watch_owned::<ConfigMap>(
+            api_for(&client, ns),
+            writers.config_maps,
+        ))
+        .owns_stream(watch_owned::<PodDisruptionBudget>(
+            api_for(&client, ns),
+            writers.pod_disruption_budgets,
+        ))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -433,6 +490,17 @@ pub async fn reconcile_mirror(
         // The winner changing or going away does not trigger this object; look again later.
         return Ok(Action::requeue(ctx.config.requeue_after));
     }
+    if !matches!(v.exposure, Exposure::External(_)) {
+        let missing =
+            missing_secrets(&ctx.client, &namespace, &credentials_secrets(&mirror)).await?;
+        if !missing.is_empty() {
+            info!(mirror = %object_key(&mirror), missing = %missing.join("; "), "credentials Secret missing");
+            let outcome = Outcome::CredentialsMissing { missing };
+            finish_status(ctx, &api, &mirror, &outcome, None).await?;
+            // No Secret watch: creating the Secret is noticed at the next requeue.
+            return Ok(Action::requeue(ctx.config.requeue_after));
+        }
+    }
 
     let pins = pins_of_workloads(ctx, &mirror, &v).await?;
     let registry = build_registry_with_pins(&mirror, &v, &ctx.build, pins.as_ref())?;
@@ -440,8 +508,8 @@ pub async fn reconcile_mirror(
     let (service, ready_replicas) = apply_registry(ctx, &namespace, &v, registry).await?;
     let endpoint = node_endpoint(&v, service.as_ref());
     let agent = build_agent(&mirror, &v, &ctx.build, endpoint.as_deref(), false)?;
-    apply(&ctx.client, &agent.config_map).await?;
-    let daemon_set = apply(&ctx.client, &agent.daemon_set).await?;
+    apply_owned(ctx.writes(), &agent.config_map).await?;
+    let daemon_set = apply_owned(ctx.writes(), &agent.daemon_set).await?;
     let desired_nodes = daemon_set
         .status
         .as_ref()
@@ -521,43 +589,43 @@ async fn pins_of_workloads(
     Ok(Some(pins))
 }
 
-/// Applies the registry side and removes what the spec no longer wants. Returns the applied
-/// Service (for the endpoint) and the ready replicas of the workload.
+/// Applies the registry side and removes what the spec no longer wants. Returns the Service
+/// (applied or cached, for the endpoint) and the ready replicas of the workload.
 async fn apply_registry(
     ctx: &Context,
     namespace: &str,
     v: &Validated,
     registry: Option<build::RegistryObjects>,
 ) -> Result<(Option<Service>, i32), ReconcileError> {
-    let client = &ctx.client;
+    let w = ctx.writes();
     let name = registry_name(&v.name);
     let Some(objects) = registry else {
-        delete_if_exists::<Deployment>(client, namespace, &name).await?;
-        delete_if_exists::<StatefulSet>(client, namespace, &name).await?;
-        delete_if_exists::<PodDisruptionBudget>(client, namespace, &name).await?;
-        delete_if_exists::<Service>(client, namespace, &name).await?;
-        delete_if_exists::<ConfigMap>(client, namespace, &registry_config_name(&v.name)).await?;
+        delete_if_cached::<Deployment>(w, namespace, &name).await?;
+        delete_if_cached::<StatefulSet>(w, namespace, &name).await?;
+        delete_if_cached::<PodDisruptionBudget>(w, namespace, &name).await?;
+        delete_if_cached::<Service>(w, namespace, &name).await?;
+        delete_if_cached::<ConfigMap>(w, namespace, &registry_config_name(&v.name)).await?;
         return Ok((None, 0));
     };
-    apply(client, &objects.config_map).await?;
+    apply_owned(w, &objects.config_map).await?;
     let ready = match &objects.workload {
         Workload::Deployment(d) => {
-            let applied = apply(client, d.as_ref()).await?;
-            delete_if_exists::<StatefulSet>(client, namespace, &name).await?;
+            let applied = apply_owned(w, d.as_ref()).await?;
+            delete_if_cached::<StatefulSet>(w, namespace, &name).await?;
             applied.status.and_then(|s| s.ready_replicas).unwrap_or(0)
         }
         Workload::StatefulSet(s) => {
-            let applied = apply(client, s.as_ref()).await?;
-            delete_if_exists::<Deployment>(client, namespace, &name).await?;
+            let applied = apply_owned(w, s.as_ref()).await?;
+            delete_if_cached::<Deployment>(w, namespace, &name).await?;
             applied.status.and_then(|s| s.ready_replicas).unwrap_or(0)
         }
     };
-    let service = apply(client, &objects.service).await?;
+    let service = apply_owned(w, &objects.service).await?;
     match &objects.pdb {
         Some(pdb) => {
-            apply(client, pdb).await?;
+            apply_owned(w, pdb).await?;
         }
-        None => delete_if_exists::<PodDisruptionBudget>(client, namespace, &name).await?,
+        None => delete_if_cached::<PodDisruptionBudget>(w, namespace, &name).await?,
     }
     Ok((Some(service), ready))
 }
@@ -604,7 +672,7 @@ async fn cleanup(
     }
     let v = identity(mirror, namespace);
     let agent = build_agent(mirror, &v, &ctx.build, None, true)?;
-    apply(&ctx.client, &agent.config_map).await?;
+    apply_owned(ctx.writes(), &agent.config_map).await?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let listed = list_component_pods(
         &pods,

@@ -68,6 +68,12 @@ pub enum Outcome {
     },
     /// Another mirror wins a registry on overlapping nodes; nothing was applied.
     Conflicting(Conflict),
+    /// A credentials Secret the spec names does not exist; nothing was applied or changed.
+    CredentialsMissing {
+        /// One `field: Secret "name" not found in namespace "ns"` per missing Secret, in spec
+        /// order.
+        missing: Vec<String>,
+    },
     /// Objects are applied; this is what runs.
     Running {
         /// The URL nodes use, when known.
@@ -465,6 +471,20 @@ pub fn compute_status(
                 "RegistryClaimed",
                 message,
             ));
+            c
+        }
+        Outcome::CredentialsMissing { missing } => {
+            let mut c = vec![condition(
+                ConditionType::Ready,
+                ConditionStatus::False,
+                "CredentialsSecretMissing",
+                missing.join("; "),
+            )];
+            c.extend(unknown_all(
+                "CredentialsSecretMissing",
+                "a credentials Secret is missing; nothing was applied or changed",
+            ));
+            c.push(no_conflict());
             c
         }
         Outcome::Removing { pending, total } => {

@@ -29,6 +29,9 @@ pub struct Call {
     pub method: Method,
     pub path: String,
     pub query: String,
+    /// The `Accept` header, empty when absent (e.g. a metadata-only GET asks for
+    /// `PartialObjectMetadata`).
+    pub accept: String,
     /// The JSON body, `Null` when empty.
     pub body: Value,
 }
@@ -73,6 +76,12 @@ pub async fn next_call(handle: &mut Handle) -> (Call, Responder) {
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let query = request.uri().query().unwrap_or_default().to_string();
+    let accept = request
+        .headers()
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     let bytes = request.into_body().collect_bytes().await.unwrap();
     let body = if bytes.is_empty() {
         Value::Null
@@ -84,6 +93,7 @@ pub async fn next_call(handle: &mut Handle) -> (Call, Responder) {
             method,
             path,
             query,
+            accept,
             body,
         },
         send,

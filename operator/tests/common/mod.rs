@@ -2,13 +2,45 @@
 //! `mod common;` and uses what it needs):
 //! - [`mock_api`]: a `kube::Client` whose API server is a scenario played by the test;
 //! - [`node`]: a node's directories, desired states and polling an agent's `/status`;
-//! - [`registry_stats`]: what a registry pod's `/stats` reports, for fake probes.
+//! - [`registry_stats`]: what a registry pod's `/stats` reports, for fake probes;
+//! - [`listed_caches`] and [`hold`]: the operator's caches of owned objects, fed by hand as the
+//!   watches would.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod mock_api;
 pub mod node;
 
 use cachalot_operator::controller::observe::{RegistryStats, UpstreamBudget};
+use cachalot_operator::controller::owned::{owned_stores, OwnedStores, OwnedWriters};
+use kube::runtime::watcher;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// Caches of owned objects whose watches have listed (nothing yet), and their writers.
+pub fn listed_caches() -> (OwnedStores, OwnedWriters) {
+    let (stores, mut writers) = owned_stores();
+    writers.mark_listed();
+    (stores, writers)
+}
+
+fn event<K: DeserializeOwned>(object: &Value) -> watcher::Event<K> {
+    watcher::Event::Apply(serde_json::from_value(object.clone()).unwrap())
+}
+
+/// Puts `object` (JSON naming its `kind`) into its cache, as its watch would deliver it.
+pub fn hold(writers: &mut OwnedWriters, object: &Value) {
+    match object["kind"].as_str().unwrap() {
+        "ConfigMap" => writers.config_maps.apply_watcher_event(&event(object)),
+        "Deployment" => writers.deployments.apply_watcher_event(&event(object)),
+        "StatefulSet" => writers.stateful_sets.apply_watcher_event(&event(object)),
+        "DaemonSet" => writers.daemon_sets.apply_watcher_event(&event(object)),
+        "Service" => writers.services.apply_watcher_event(&event(object)),
+        "PodDisruptionBudget" => writers
+            .pod_disruption_budgets
+            .apply_watcher_event(&event(object)),
+        other => panic!("not an owned kind: {other}"),
+    }
+}
 
 /// A registry pod's `/stats` with a Docker Hub pull budget of `remaining` out of 100 per 6 h.
 pub fn registry_stats(hits: u64, misses: u64, stale: u64, remaining: u64) -> RegistryStats {
