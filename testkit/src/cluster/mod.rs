@@ -280,16 +280,6 @@ impl Cluster {
         .await?;
         others.push(("etcd".into(), etcd));
 
-        write_file(&d.join("audit-policy.yaml"), audit::POLICY)?;
-        let mut apiserver = Network::command_in(&cp, bin.join("kube-apiserver"));
-        apiserver
-            .args(apiserver_args(&d, &pki))
-            .args(&options.apiserver_args);
-        others.push((
-            "kube-apiserver".into(),
-            LoggedChild::spawn(&mut apiserver, &d.join("kube-apiserver.log"))?,
-        ));
-
         // The bridge from the machine's loopback to the API server: host 127.0.0.1:<port> →
         // unix socket → forwarder inside the control-plane namespace → 127.0.0.1:6443 there.
         let api_sock = d.join("api.sock");
@@ -354,6 +344,36 @@ impl Cluster {
             ),
         )?;
 
+        write_file(&d.join("audit-policy.yaml"), audit::POLICY)?;
+        let mut apiserver = Network::command_in(&cp, bin.join("kube-apiserver"));
+        apiserver
+            .args(apiserver_args(&d, &pki))
+            .args(&options.apiserver_args);
+        let mut apiserver = LoggedChild::spawn(&mut apiserver, &d.join("kube-apiserver.log"))?;
+        let client = client_from(&admin_kubeconfig).await?;
+        let ready = apiserver
+            .wait_ready(remaining(deadline), POLL, || {
+                let client = client.clone();
+                async move {
+                    let Ok(request) = http::Request::get("/readyz").body(Vec::new()) else {
+                        return false;
+                    };
+                    client
+                        .request_text(request)
+                        .await
+                        .is_ok_and(|text| text.trim() == "ok")
+                }
+            })
+            .await;
+        if let Err(source) = ready {
+            return Err(StartClusterError::NotReady {
+                component: "kube-apiserver (/readyz)".into(),
+                source,
+                log: apiserver.log_tail(),
+            });
+        }
+        others.push(("kube-apiserver".into(), apiserver));
+
         let mut cluster = Self {
             kubelets: Vec::new(),
             nodes: Vec::new(),
@@ -365,7 +385,6 @@ impl Cluster {
             in_cluster_kubeconfig,
             dir,
         };
-        cluster.wait_api_ready(deadline).await?;
         cluster.start_controllers(&bin)?;
         cluster
             .start_proxy(&standin, &options.externals, deadline)
@@ -377,29 +396,6 @@ impl Cluster {
         }
         cluster.wait_cluster_settled(deadline).await?;
         Ok(cluster)
-    }
-
-    async fn wait_api_ready(&self, deadline: Instant) -> Result<(), StartClusterError> {
-        let client = self.client().await?;
-        let waited = wait_for(remaining(deadline), POLL, || {
-            let client = client.clone();
-            async move {
-                let request = http::Request::get("/readyz").body(Vec::new()).ok()?;
-                let text = client.request_text(request).await.ok()?;
-                (text.trim() == "ok").then_some(())
-            }
-        })
-        .await;
-        if waited.is_err() {
-            return Err(StartClusterError::NotReady {
-                component: "kube-apiserver (/readyz)".into(),
-                source: NotReady::TimedOut {
-                    timeout: remaining(deadline),
-                },
-                log: self.log_tail("kube-apiserver"),
-            });
-        }
-        Ok(())
     }
 
     fn start_controllers(&mut self, bin: &Path) -> Result<(), StartClusterError> {
@@ -819,7 +815,10 @@ pub fn apiserver_args(dir: &Path, pki: &Pki) -> Vec<String> {
         format!("--tls-private-key-file={}", p(&pki.apiserver_key)),
         format!("--client-ca-file={}", p(&pki.ca_cert)),
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-        format!("--service-account-key-file={}", p(&pki.service_account_key)),
+        format!(
+            "--service-account-key-file={}",
+            p(&pki.service_account_public_key)
+        ),
         format!(
             "--service-account-signing-key-file={}",
             p(&pki.service_account_key)

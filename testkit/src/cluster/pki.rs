@@ -49,8 +49,11 @@ pub struct Pki {
     pub admin_cert: PathBuf,
     /// Its key.
     pub admin_key: PathBuf,
-    /// Service-account token signing key (private; the API server derives the public half).
+    /// Service-account token signing key (private: the API server signs and the controller
+    /// manager's token controller signs with it).
     pub service_account_key: PathBuf,
+    /// Its public half (what the API server verifies tokens with).
+    pub service_account_public_key: PathBuf,
     /// The same PEM contents, for kubeconfigs that embed them.
     pub ca_pem: String,
     /// Admin certificate PEM.
@@ -142,6 +145,7 @@ pub fn generate_pki(dir: &Path, api_ips: &[Ipv4Addr]) -> Result<Pki, GeneratePki
         admin_cert: write(dir, "admin.crt", &admin_cert_pem)?,
         admin_key: write(dir, "admin.key", &admin_key_pem)?,
         service_account_key: write(dir, "sa.key", &sa_key.serialize_pem())?,
+        service_account_public_key: write(dir, "sa.pub", &sa_key.public_key_pem())?,
         ca_pem,
         admin_cert_pem,
         admin_key_pem,

@@ -1,0 +1,215 @@
+//! The cluster fixture against itself: a real control plane starts with Ready fake nodes, pods
+//! run and report readiness, a ClusterIP Service reaches them from a node's namespace, and two
+//! clusters run side by side and leave nothing behind.
+//!
+//! Needs root, `scripts/control-plane` and the workspace binaries; without them each test says
+//! why it skips, unless `CACHALOT_E2E_LOCAL=required` (CI), where that is a failure.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use cachalot_testkit::cluster::{netns, tools, Cluster, ClusterOptions};
+use cachalot_testkit::wait::wait_for;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::json;
+
+fn prerequisites_or_skip(test: &str) -> bool {
+    let missing = netns::require_root()
+        .err()
+        .map(|e| e.to_string())
+        .or_else(|| tools::control_plane_bin().err().map(|e| e.to_string()))
+        .or_else(|| {
+            tools::workspace_binary("cachalot-standin")
+                .err()
+                .map(|e| e.to_string())
+        })
+        .or_else(|| {
+            tools::workspace_binary("cachalot-registry")
+                .err()
+                .map(|e| e.to_string())
+        });
+    match missing {
+        None => true,
+        Some(reason) if std::env::var("CACHALOT_E2E_LOCAL").as_deref() == Ok("required") => {
+            panic!("{test}: the local cluster is required but cannot run: {reason}")
+        }
+        Some(reason) => {
+            eprintln!("SKIPPED {test}: {reason}");
+            false
+        }
+    }
+}
+
+/// A directory standing in for an image whose `/usr/local/bin` holds `cachalot-registry`.
+fn registry_image() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let binary = tools::workspace_binary("cachalot-registry").unwrap();
+    let target = dir.path().join("cachalot-registry");
+    if std::fs::hard_link(&binary, &target).is_err() {
+        std::fs::copy(&binary, &target).unwrap();
+    }
+    dir
+}
+
+const WAIT: Duration = Duration::from_secs(120);
+const POLL: Duration = Duration::from_millis(200);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deployment_runs_on_fake_nodes_and_its_cluster_ip_reaches_it_from_a_node() {
+    if !prerequisites_or_skip("a_deployment_runs_on_fake_nodes") {
+        return;
+    }
+    let image = registry_image();
+    let cluster = Cluster::start_with(ClusterOptions {
+        nodes: 2,
+        images: vec![("test.local/registry:1".into(), image.path().to_owned())],
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let client = cluster.client().await.unwrap();
+    let nodes = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert_eq!(nodes.items.len(), 2);
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                   "spec": {"securityContext": {"runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532},
+                            "containers": [{"name": "registry", "image": "test.local/registry:1",
+                              "command": ["/usr/local/bin/cachalot-registry"],
+                              "args": ["serve", "--listen", "0.0.0.0:5000", "--storage", "/var/lib/cachalot"],
+                              "ports": [{"name": "http", "containerPort": 5000}],
+                              "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 1},
+                              "securityContext": {"readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false,
+                                                  "capabilities": {"drop": ["ALL"]}},
+                              "volumeMounts": [{"name": "cache", "mountPath": "/var/lib/cachalot"}]}],
+                            "volumes": [{"name": "cache", "emptyDir": {}}]}}}
+    }))
+    .unwrap();
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let services: Api<Service> = Api::namespaced(client.clone(), "default");
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 5000, "targetPort": "http"}]}
+    }))
+    .unwrap();
+    let service = services
+        .create(&PostParams::default(), &service)
+        .await
+        .unwrap();
+    let cluster_ip = service.spec.unwrap().cluster_ip.unwrap();
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let ready = wait_for(WAIT, POLL, || {
+        let pods = pods.clone();
+        async move {
+            let list = pods
+                .list(&ListParams::default().labels("app=web"))
+                .await
+                .ok()?;
+            let ready: Vec<Pod> = list
+                .items
+                .into_iter()
+                .filter(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                })
+                .collect();
+            (ready.len() == 2).then_some(ready)
+        }
+    })
+    .await;
+    let ready = ready.unwrap_or_else(|_| {
+        panic!(
+            "two Ready pods; node-1's kubelet stand-in says:\n{}",
+            cluster.log_tail("node-1")
+        )
+    });
+    for pod in &ready {
+        let ip = pod.status.as_ref().unwrap().pod_ip.clone().unwrap();
+        assert!(
+            ip.starts_with("10.240."),
+            "pod IP from a node's pod CIDR: {ip}"
+        );
+    }
+
+    // From node-2's namespace (where its containerd lives) the ClusterIP answers like the pods.
+    let node = &cluster.nodes()[1];
+    let url = format!("http://{cluster_ip}:5000/v2/");
+    let answered = wait_for(WAIT, POLL, || {
+        let mut curl = cluster.command_in(&node.netns, "curl");
+        curl.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-m",
+            "2",
+            &url,
+        ]);
+        async move {
+            let out = curl.output().ok()?;
+            let code = String::from_utf8_lossy(&out.stdout).into_owned();
+            (code == "200").then_some(code)
+        }
+    })
+    .await;
+    assert!(
+        answered.is_ok(),
+        "GET {url} from {}: proxy log:\n{}",
+        node.name,
+        cluster.log_tail("proxy")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_clusters_run_side_by_side_and_leave_no_namespaces_behind() {
+    if !prerequisites_or_skip("two_clusters_side_by_side") {
+        return;
+    }
+    let (a, b) = tokio::join!(
+        Cluster::start_with(ClusterOptions {
+            nodes: 1,
+            ..ClusterOptions::default()
+        }),
+        Cluster::start_with(ClusterOptions {
+            nodes: 1,
+            ..ClusterOptions::default()
+        })
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_ne!(a.api_url(), b.api_url());
+    assert_ne!(a.network().prefix(), b.network().prefix());
+    for cluster in [&a, &b] {
+        let client = cluster.client().await.unwrap();
+        let nodes = Api::<Node>::all(client)
+            .list(&ListParams::default())
+            .await
+            .unwrap();
+        assert_eq!(nodes.items.len(), 1);
+    }
+    let prefixes = [
+        format!("{}-", a.network().prefix()),
+        format!("{}-", b.network().prefix()),
+    ];
+    drop(a);
+    drop(b);
+    let left: Vec<String> = netns::list_netns()
+        .into_iter()
+        .filter(|ns| prefixes.iter().any(|p| ns.starts_with(p.as_str())))
+        .collect();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+}
