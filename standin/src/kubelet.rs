@@ -157,6 +157,22 @@ const REGISTER_ATTEMPTS: u32 = 30;
 
 /// Runs the kubelet until `cancel`.
 pub async fn run(args: KubeletArgs, cancel: CancellationToken) -> Result<(), KubeletError> {
+    // Start-up (registration retries, watch sync) gives way to a signal at once.
+    let (rt, pods_changed) = tokio::select! {
+        _ = cancel.cancelled() => return Ok(()),
+        started = start(&args, cancel.clone()) => started?,
+    };
+    manager::run(rt, pods_changed, cancel).await;
+    // Let the last log lines out.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(())
+}
+
+/// Everything up to the ready file: returns the runtime and the pod-change notifier.
+async fn start(
+    args: &KubeletArgs,
+    cancel: CancellationToken,
+) -> Result<(Arc<NodeRuntime>, Arc<Notify>), KubeletError> {
     let client = api_client::from_kubeconfig(&args.kubeconfig).await?;
     for dir in [&args.run_dir, &args.node_root] {
         std::fs::create_dir_all(dir).map_err(|source| KubeletError::CreateDir {
@@ -288,10 +304,7 @@ pub async fn run(args: KubeletArgs, cancel: CancellationToken) -> Result<(), Kub
         })?;
     }
     info!(node = %args.node, "kubelet ready");
-    manager::run(rt, pods_changed, cancel).await;
-    // Let the last log lines out.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    Ok(())
+    Ok((rt, pods_changed))
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Pod network namespaces: names, and the `ip` commands that create and remove them.
 //!
 //! A pod's namespace is `<prefix>-p<12 hex of its uid>`; its veth pair has `eth0` (the pod IP,
-//! the bridge network's prefix length, `lo` up, default route via the gateway) inside, and
+//! the bridge network's prefix length, `lo` up, default route via the gateway,
+//! a MAC derived from the IP, see [`mac_address`]) inside, and
 //! `v<8 hex of the pod IP>` attached to `br0` in the bridge namespace (≤ 15 characters, and
 //! unique on the bridge because pod IPs are unique in the cluster).
 //!
@@ -61,6 +62,15 @@ pub fn veth_name(ip: Ipv4Addr) -> String {
     format!("v{:08x}", u32::from(ip))
 }
 
+/// The MAC address of a pod's `eth0`: `02:42` and the four bytes of its IP (as Docker does).
+/// Deterministic, so a namespace recreated for the same IP (a restarted stand-in) keeps the
+/// address its neighbours have cached; a fresh random MAC would leave them sending to the old
+/// one until their ARP entries go stale (about 30 s of timeouts).
+pub fn mac_address(ip: Ipv4Addr) -> String {
+    let [a, b, c, d] = ip.octets();
+    format!("02:42:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+}
+
 /// The file `nsenter --net=` takes for `netns`.
 pub fn netns_path(netns: &str) -> PathBuf {
     PathBuf::from("/run/netns").join(netns)
@@ -84,6 +94,7 @@ fn args(words: &[&str]) -> Vec<String> {
 /// The `ip` argument lists that create `net` (pure).
 pub fn setup_commands(net: &PodNetwork, wiring: &Wiring) -> Vec<Vec<String>> {
     let address = format!("{}/{}", net.ip, wiring.prefix_len);
+    let mac = mac_address(net.ip);
     let gateway = wiring.gateway.to_string();
     vec![
         args(&["netns", "add", &net.netns]),
@@ -98,6 +109,8 @@ pub fn setup_commands(net: &PodNetwork, wiring: &Wiring) -> Vec<Vec<String>> {
             "peer",
             "name",
             "eth0",
+            "address",
+            &mac,
             "netns",
             &net.netns,
         ]),
@@ -202,7 +215,7 @@ mod tests {
             lines,
             [
                 "netns add ck1-pabcdef012345",
-                "-n ck1-net link add v0af00102 type veth peer name eth0 netns ck1-pabcdef012345",
+                "-n ck1-net link add v0af00102 type veth peer name eth0 address 02:42:0a:f0:01:02 netns ck1-pabcdef012345",
                 "-n ck1-net link set v0af00102 master br0 up",
                 "-n ck1-pabcdef012345 link set lo up",
                 "-n ck1-pabcdef012345 addr add 10.240.1.2/16 dev eth0",

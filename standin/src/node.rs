@@ -18,7 +18,7 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
     DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeSpec, NodeStatus,
-    NodeSystemInfo,
+    NodeSystemInfo, Taint,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference, Time};
@@ -46,6 +46,25 @@ pub const KUBELET_VERSION: &str = "v1.36.3";
 pub const RUNTIME_VERSION: &str = "containerd://1.6.20";
 /// The kubelet API port.
 pub const KUBELET_PORT: i32 = 10250;
+
+/// Taints the node lifecycle controller would remove from a Ready node. The API server's
+/// `TaintNodesByCondition` admission adds `not-ready` to every new Node; test clusters run no
+/// node lifecycle controller, so the stand-in removes them itself.
+pub const READINESS_TAINTS: [&str; 2] = [
+    "node.kubernetes.io/not-ready",
+    "node.kubernetes.io/unreachable",
+];
+
+/// The taints of `node` without [`READINESS_TAINTS`], when it has any of them (pure).
+pub fn taints_to_keep(node: &Node) -> Option<Vec<Taint>> {
+    let taints = node.spec.as_ref()?.taints.as_ref()?;
+    let keep: Vec<Taint> = taints
+        .iter()
+        .filter(|t| !READINESS_TAINTS.contains(&t.key.as_str()))
+        .cloned()
+        .collect();
+    (keep.len() != taints.len()).then_some(keep)
+}
 
 /// What identifies this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,7 +127,7 @@ fn condition(
     }
 }
 
-/// The Node's status at `now`, registered at `since` (pure).
+/// The Node's status at `now`, registered at `since` (pure but for the kernel version read).
 pub fn node_status(id: &NodeIdentity, since: Timestamp, now: Timestamp) -> NodeStatus {
     NodeStatus {
         addresses: Some(vec![
@@ -164,7 +183,9 @@ pub fn node_status(id: &NodeIdentity, since: Timestamp, now: Timestamp) -> NodeS
             architecture: "amd64".to_owned(),
             boot_id: format!("standin-{}", id.name),
             container_runtime_version: RUNTIME_VERSION.to_owned(),
-            kernel_version: "standin".to_owned(),
+            kernel_version: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default(),
             kube_proxy_version: String::new(),
             kubelet_version: KUBELET_VERSION.to_owned(),
             machine_id: format!("standin-{}", id.name),
@@ -217,6 +238,14 @@ pub enum RegisterNodeError {
     /// The status patch failed.
     #[error("patch status of node {name}: {source}")]
     Status {
+        /// Node name.
+        name: String,
+        /// Why.
+        source: kube::Error,
+    },
+    /// Removing the readiness taints failed.
+    #[error("remove readiness taints of node {name}: {source}")]
+    Untaint {
         /// Node name.
         name: String,
         /// Why.
@@ -278,7 +307,47 @@ pub async fn register(
     })
     .await?;
     patch_status(client, id, since, Timestamp::now()).await?;
+    untaint(client, &name).await?;
     Ok(applied.metadata.uid)
+}
+
+/// Removes [`READINESS_TAINTS`] from the node `name` if it has any (guarded by its
+/// resourceVersion; a conflict is retried by the next heartbeat).
+pub async fn untaint(client: &Client, name: &str) -> Result<(), RegisterNodeError> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let name = name.to_owned();
+    let node = bounded("read", &name, async {
+        nodes
+            .get(&name)
+            .await
+            .map_err(|source| RegisterNodeError::Untaint {
+                name: name.clone(),
+                source,
+            })
+    })
+    .await?;
+    let Some(keep) = taints_to_keep(&node) else {
+        return Ok(());
+    };
+    let patch = serde_json::json!({
+        "metadata": { "resourceVersion": node.metadata.resource_version },
+        "spec": { "taints": if keep.is_empty() { serde_json::Value::Null } else { serde_json::json!(keep) } },
+    });
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..Default::default()
+    };
+    bounded("untaint", &name, async {
+        nodes
+            .patch(&name, &params, &Patch::Merge(&patch))
+            .await
+            .map(|_| info!(node = %name, "readiness taints removed"))
+            .map_err(|source| RegisterNodeError::Untaint {
+                name: name.clone(),
+                source,
+            })
+    })
+    .await
 }
 
 /// Writes the node status with heartbeat `now`.
@@ -350,6 +419,9 @@ pub async fn heartbeat(
         }
         if let Err(error) = patch_status(&client, &id, since, Timestamp::now()).await {
             warn!(%error, "node heartbeat failed");
+        }
+        if let Err(error) = untaint(&client, &id.name).await {
+            warn!(%error, "readiness taints not removed");
         }
     }
 }
@@ -441,6 +513,24 @@ mod tests {
             10250
         );
         assert_eq!(status.node_info.unwrap().kubelet_version, "v1.36.3");
+    }
+
+    #[test]
+    fn only_readiness_taints_are_removed() {
+        let taint = |key: &str| Taint {
+            key: key.into(),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        };
+        let mut node = node_object(&id());
+        assert_eq!(taints_to_keep(&node), None);
+        node.spec.as_mut().unwrap().taints = Some(vec![
+            taint("node.kubernetes.io/not-ready"),
+            taint("example.com/keep"),
+        ]);
+        assert_eq!(taints_to_keep(&node), Some(vec![taint("example.com/keep")]));
+        node.spec.as_mut().unwrap().taints = Some(vec![taint("example.com/keep")]);
+        assert_eq!(taints_to_keep(&node), None);
     }
 
     #[test]

@@ -291,7 +291,7 @@ pub fn script(plan: &LaunchPlan) -> String {
     exec.push_str(" --");
     if !plan.working_dir.is_empty() && plan.working_dir != "/" {
         exec.push_str(&format!(
-            " /bin/sh -c {} standin-cd {}",
+            " /bin/sh -c {} {}",
             quote("cd -- \"$0\" && exec \"$@\""),
             quote(&plan.working_dir)
         ));
@@ -644,7 +644,7 @@ mod tests {
         let exec = lines.last().unwrap();
         assert_eq!(
             *exec,
-            "exec /usr/sbin/chroot '/run/s/pods/u/c/rootfs' /usr/bin/setpriv --reuid=65532 --regid=65532 --groups=65532 --no-new-privs --inh-caps=-all --bounding-set=-all -- /bin/sh -c 'cd -- \"$0\" && exec \"$@\"' standin-cd '/data' \"$@\""
+            "exec /usr/sbin/chroot '/run/s/pods/u/c/rootfs' /usr/bin/setpriv --reuid=65532 --regid=65532 --groups=65532 --no-new-privs --inh-caps=-all --bounding-set=-all -- /bin/sh -c 'cd -- \"$0\" && exec \"$@\"' '/data' \"$@\""
         );
         let root = LaunchPlan {
             identity: Identity {
