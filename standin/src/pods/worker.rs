@@ -835,12 +835,7 @@ impl PodWorker {
             spec.and_then(|s| s.hostname.clone())
                 .unwrap_or_else(|| self.name.clone())
         };
-        let grace = Duration::from_secs(
-            spec.and_then(|s| s.termination_grace_period_seconds)
-                .and_then(|g| u64::try_from(g).ok())
-                .unwrap_or(30),
-        )
-        .min(MAX_GRACE);
+        let grace = termination_grace(pod);
         let cx = StartContext {
             rt: &self.rt,
             pod,
@@ -1023,6 +1018,17 @@ impl PodWorker {
     }
 }
 
+fn termination_grace(pod: &Pod) -> Duration {
+    Duration::from_secs(
+        pod.spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .and_then(|g| u64::try_from(g).ok())
+            .unwrap_or(30),
+    )
+    .min(MAX_GRACE)
+}
+
 fn deletion_grace(pod: &Pod) -> Duration {
     Duration::from_secs(
         pod.metadata
@@ -1066,7 +1072,7 @@ async fn run_pod(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => {
-                let grace = SHUTDOWN_GRACE.min(deletion_grace(&first));
+                let grace = SHUTDOWN_GRACE.min(termination_grace(&first));
                 worker.tear_down(grace, false).await;
                 return;
             }
