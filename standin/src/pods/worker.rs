@@ -70,6 +70,8 @@ pub const MAX_GRACE: Duration = Duration::from_secs(30);
 pub const VANISHED_GRACE: Duration = Duration::from_secs(2);
 /// Grace period on stand-in shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long a status the API server refused as invalid is not sent again.
+pub const REFUSED_RETRY: Duration = Duration::from_secs(30);
 /// The field manager of status patches.
 pub const FIELD_MANAGER: &str = "cachalot-standin";
 
@@ -705,6 +707,11 @@ struct PodWorker {
     start_time: Timestamp,
     conditions: Vec<PodCondition>,
     last_status: Option<PodStatus>,
+    /// A status the API server refused, and when: not sent again for [`REFUSED_RETRY`].
+    refused: Option<(PodStatus, Instant)>,
+    /// The pod was already terminal when this worker started: its status is left alone (the
+    /// API server refuses to move terminated containers back to waiting).
+    adopted_terminal: bool,
     terminal: Option<Phase>,
 }
 
@@ -743,6 +750,8 @@ impl PodWorker {
             start_time: status.start_time.map_or_else(now_ts, |t| t.0),
             conditions: status.conditions.unwrap_or_default(),
             last_status: None,
+            refused: None,
+            adopted_terminal: terminal.is_some(),
             terminal,
             pod_dir,
             rt,
@@ -794,7 +803,9 @@ impl PodWorker {
             self.run_containers(pod).await;
         }
         self.publish_logs();
-        self.write_status(pod).await;
+        if !self.adopted_terminal {
+            self.write_status(pod).await;
+        }
     }
 
     async fn run_containers(&mut self, pod: &Pod) {
@@ -917,6 +928,11 @@ impl PodWorker {
         if self.last_status.as_ref() == Some(&status) {
             return;
         }
+        if let Some((refused, at)) = &self.refused {
+            if refused == &status && at.elapsed() < REFUSED_RETRY {
+                return;
+            }
+        }
         let api: Api<Pod> = Api::namespaced(self.rt.client.clone(), &self.namespace);
         let patch = serde_json::json!({ "status": status });
         let params = PatchParams {
@@ -930,6 +946,10 @@ impl PodWorker {
             Ok(_) => {
                 self.conditions = status.conditions.clone().unwrap_or_default();
                 self.last_status = Some(status);
+            }
+            Err(kube::Error::Api(refusal)) if refusal.code == 422 => {
+                warn!(error = %refusal, "status refused; not retrying it for {REFUSED_RETRY:?}");
+                self.refused = Some((status, Instant::now()));
             }
             Err(error) => warn!(%error, "status patch failed; retrying next pass"),
         }
