@@ -179,7 +179,9 @@ pub struct MirroredRegistry {
     pub url: Option<String>,
 
     /// A Secret in the mirror's namespace with upstream credentials. It is mounted as files into
-    /// the registry pods; credentials are never copied into the registry's ConfigMap.
+    /// the registry pods; credentials are never copied into the registry's ConfigMap. While it
+    /// does not exist, the mirror is not Ready (reason `CredentialsSecretMissing`) and nothing is
+    /// applied; its keys are checked by the registry, not the operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<CredentialsSecretRef>,
 
