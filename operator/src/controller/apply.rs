@@ -21,7 +21,7 @@ use serde::Serialize;
 use serde_json::json;
 use tracing::debug;
 
-use super::drift::{apply_reason, desired_hash, APPLIED_HASH_ANNOTATION};
+use super::drift::{apply_reason, desired_hash, ApplyReason, APPLIED_HASH_ANNOTATION};
 use super::owned::{cached, Owned, OwnedStores, ReadCacheError};
 use crate::api::{RegistryMirror, FINALIZER};
 use crate::metrics::Metrics;
@@ -210,7 +210,8 @@ pub async fn apply_owned<K: Owned>(writer: OwnedWrites<'_>, desired: &K) -> Resu
             Ok(live)
         }
         (reason, _) => {
-            let reason = reason.map_or("missing", |r| r.as_str());
+            // `None` with nothing cached cannot happen (absent is `Missing`); counted as such.
+            let reason = reason.unwrap_or(ApplyReason::Missing).as_str();
             debug!(%kind, %namespace, %name, reason, "applying");
             writer.metrics.observe_apply(&kind, reason);
             apply(writer.client, &marked).await
