@@ -40,6 +40,9 @@ pub struct Settings {
     /// (`CACHALOT_E2E_UPSTREAM_URL`); Docker Hub itself when unset. The local target points it at
     /// its distribution registry.
     pub upstream_url: Option<String>,
+    /// A CA the upstream's certificate needs, as (ConfigMap name, PEM): the suite creates the
+    /// ConfigMap in each test namespace and references it from the mirror (`caConfigMap`).
+    pub upstream_ca: Option<(String, String)>,
     /// Upper bound of each wait (`CACHALOT_E2E_TIMEOUT_SECS`, default 300).
     pub timeout: Duration,
 }
@@ -111,6 +114,7 @@ impl Settings {
             certs_dir: or("CACHALOT_E2E_CERTS_DIR", "/etc/containerd/certs.d"),
             containerd_config: lookup("CACHALOT_E2E_CONTAINERD_CONFIG").filter(|v| !v.is_empty()),
             upstream_url: lookup("CACHALOT_E2E_UPSTREAM_URL").filter(|v| !v.is_empty()),
+            upstream_ca: None,
             timeout,
         })
     }

@@ -6,8 +6,10 @@
 //! installs exists on every node without a pull (like `kind load`), and the mirror's docker.io
 //! upstream is the local distribution registry at an in-cluster address
 //! ([`UPSTREAM_IN_CLUSTER`]) that the proxy stand-in pipes to the host's loopback. Between the two
-//! sits the testkit's fault proxy acting as Docker Hub: bearer-token auth and `ratelimit-*`
-//! headers (a 100-pull window), so the mirror's budget is real too. The suite's steps are the
+//! sits the testkit's fault proxy acting as Docker Hub: HTTPS with a certificate from a test CA
+//! (which the mirrors trust through a `caConfigMap`; docker.io must be reached over https),
+//! bearer-token auth and `ratelimit-*` headers (a 100-pull window), so the mirror's budget is
+//! real too. The suite's steps are the
 //! same for both targets.
 //!
 //! Invariants: the upstream holds the images the suite pulls before the cluster starts; nothing
@@ -20,16 +22,19 @@ use std::time::Duration;
 
 use cachalot_testkit::cluster::{self, tools, Cluster, ClusterOptions};
 use cachalot_testkit::distribution::Distribution;
-use cachalot_testkit::fault::{FaultProxy, RateLimit, TokenAuth};
+use cachalot_testkit::cluster::pki::server_identity;
+use cachalot_testkit::fault::{FaultProxy, FaultProxyOptions, RateLimit, TokenAuth};
 use cachalot_testkit::image;
 
 use crate::cluster::Settings;
 
 /// The image reference the chart installs in the local target (present on every node).
 pub const LOCAL_IMAGE: (&str, &str) = ("cachalot.test/cachalot", "e2e");
-/// Where pods reach the upstream registry (the local distribution) from inside the cluster.
+/// Where pods reach Docker Hub's stand-in (HTTPS, its own CA) from inside the cluster.
 pub const UPSTREAM_IN_CLUSTER: SocketAddrV4 =
-    SocketAddrV4::new(Ipv4Addr::new(10, 250, 0, 10), 5000);
+    SocketAddrV4::new(Ipv4Addr::new(10, 250, 0, 10), 443);
+/// The ConfigMap (key `ca.crt`) the suite creates in its namespaces with the upstream's CA.
+pub const UPSTREAM_CA_CONFIG_MAP: &str = "upstream-ca";
 /// The image the suite pulls through the mirror (generated, pushed to the local upstream).
 pub const PULL_IMAGE: &str = "docker.io/library/alpine:3.19";
 /// The image of helper pods that look at node files (generated too; its command runs with the
@@ -83,6 +88,8 @@ pub struct LocalCluster {
     pub hub: FaultProxy,
     /// The upstream registry.
     pub upstream: Distribution,
+    /// The CA that signed the hub's certificate.
+    pub upstream_ca_pem: String,
     image_dir: tempfile::TempDir,
 }
 
@@ -124,9 +131,17 @@ impl LocalCluster {
                 .await
                 .map_err(|e| StartLocalError::Upstream(e.to_string()))?;
         }
-        let hub = FaultProxy::start(&upstream.url())
-            .await
+        let identity = server_identity("docker-hub-stand-in", &[*UPSTREAM_IN_CLUSTER.ip()])
             .map_err(|e| StartLocalError::Upstream(e.to_string()))?;
+        let hub = FaultProxy::start_with(
+            &upstream.url(),
+            FaultProxyOptions {
+                tls: Some((identity.cert_pem.clone(), identity.key_pem.clone())),
+                public_url: Some(format!("https://{}", UPSTREAM_IN_CLUSTER.ip())),
+            },
+        )
+        .await
+        .map_err(|e| StartLocalError::Upstream(e.to_string()))?;
         hub.handle().enable_token_auth(TokenAuth::default());
         hub.handle().set_rate_limit(Some(RateLimit {
             limit: 100,
@@ -154,6 +169,7 @@ impl LocalCluster {
             cluster,
             hub,
             upstream,
+            upstream_ca_pem: identity.ca_pem,
             image_dir,
         })
     }
@@ -174,7 +190,11 @@ impl LocalCluster {
             tools_image: TOOLS_IMAGE.to_owned(),
             certs_dir: cluster::NODE_CERTS_DIR.to_owned(),
             containerd_config: None,
-            upstream_url: Some(format!("http://{UPSTREAM_IN_CLUSTER}")),
+            upstream_url: Some(format!("https://{}", UPSTREAM_IN_CLUSTER.ip())),
+            upstream_ca: Some((
+                UPSTREAM_CA_CONFIG_MAP.to_owned(),
+                self.upstream_ca_pem.clone(),
+            )),
             timeout: Duration::from_secs(180),
         })
     }

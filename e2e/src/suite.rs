@@ -125,11 +125,12 @@ pub struct TestNamespace {
 }
 
 impl TestNamespace {
-    /// Creates `cachalot-e2e-<test>-<suffix>` with the cleanup label.
+    /// Creates `cachalot-e2e-<test>-<suffix>` with the cleanup label, and the upstream's CA
+    /// ConfigMap in it when the target has one.
     ///
     /// # Errors
     /// When the API refuses.
-    pub async fn create(client: &kube::Client, test: &str) -> Result<Self> {
+    pub async fn create(settings: &Settings, client: &kube::Client, test: &str) -> Result<Self> {
         let suffix = format!(
             "{:x}",
             std::process::id()
@@ -144,10 +145,12 @@ impl TestNamespace {
         Api::<Namespace>::all(client.clone())
             .create(&PostParams::default(), &ns)
             .await?;
-        Ok(Self {
+        let created = Self {
             client: client.clone(),
             name,
-        })
+        };
+        create_upstream_ca(settings, client, &created.name).await?;
+        Ok(created)
     }
 }
 
@@ -172,6 +175,25 @@ impl Drop for TestNamespace {
     }
 }
 
+/// Creates the upstream's CA ConfigMap in `ns` when the target has one (see
+/// [`Settings::upstream_ca`]).
+///
+/// # Errors
+/// When the API refuses.
+pub async fn create_upstream_ca(settings: &Settings, client: &kube::Client, ns: &str) -> Result<()> {
+    let Some((name, pem)) = &settings.upstream_ca else {
+        return Ok(());
+    };
+    let config_map: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "data": {"ca.crt": pem}
+    }))?;
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &config_map)
+        .await?;
+    Ok(())
+}
+
 /// The RegistryMirror API of a namespace.
 #[must_use]
 pub fn mirrors(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
@@ -194,6 +216,9 @@ pub fn mirror_manifest(settings: &Settings, name: &str, spec: &Value) -> Value {
     let mut registry = json!({"name": "docker.io"});
     if let Some(url) = &settings.upstream_url {
         registry["url"] = json!(url);
+    }
+    if let Some((config_map, _)) = &settings.upstream_ca {
+        registry["caConfigMap"] = json!({"name": config_map});
     }
     let mut manifest = json!({"apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
                               "metadata": {"name": name},
@@ -537,6 +562,7 @@ mod tests {
             certs_dir: "/etc/containerd/certs.d".into(),
             containerd_config: None,
             upstream_url: Some("http://10.250.0.10:5000".into()),
+            upstream_ca: Some(("upstream-ca".into(), "PEM".into())),
             timeout: Duration::from_secs(1),
         };
         let m = mirror_manifest(
@@ -545,6 +571,7 @@ mod tests {
             &json!({"replicas": 2, "nodes": {"fallback": "Never"}}),
         );
         assert_eq!(m["spec"]["registries"][0]["url"], "http://10.250.0.10:5000");
+        assert_eq!(m["spec"]["registries"][0]["caConfigMap"]["name"], "upstream-ca");
         assert_eq!(m["spec"]["replicas"], 2);
         assert_eq!(m["spec"]["nodes"]["fallback"], "Never");
         assert_eq!(m["spec"]["nodes"]["certsDir"], "/etc/containerd/certs.d");

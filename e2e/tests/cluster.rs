@@ -48,7 +48,7 @@ async fn a_mirror_serves_pulls_on_every_node_raises_its_hit_ratio_and_cleans_up_
     let client = client(settings).await?;
     install_chart(settings, &[FAST_REQUEUE]).await?;
 
-    let ns = TestNamespace::create(&client, "pulls").await?;
+    let ns = TestNamespace::create(settings, &client, "pulls").await?;
     let api = mirrors(&client, &ns.name);
     apply_mirror(&api, &mirror_manifest(settings, "e2e", &json!({}))).await?;
     let ready = wait_for_condition(settings, &api, "e2e", "Ready", "True").await?;
@@ -195,7 +195,7 @@ async fn an_invalid_mirror_is_not_ready_and_applies_no_registry() -> Result<()> 
     let settings = target.settings();
     let client = client(settings).await?;
     install_chart(settings, &[FAST_REQUEUE]).await?;
-    let ns = TestNamespace::create(&client, "invalid").await?;
+    let ns = TestNamespace::create(settings, &client, "invalid").await?;
     let api = mirrors(&client, &ns.name);
     // Passes the CRD schema (a valid URL shape) but names the same registry twice.
     let mirror = json!({"apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
@@ -281,7 +281,7 @@ async fn every_example_is_accepted_and_every_known_bad_mirror_is_refused_or_repo
         );
     }
 
-    let ns = TestNamespace::create(&client, "bad").await?;
+    let ns = TestNamespace::create(settings, &client, "bad").await?;
     let api = mirrors(&client, &ns.name);
     let mut fixtures: Vec<_> = std::fs::read_dir(repo_path("tools/validate/bad"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -429,7 +429,7 @@ async fn the_operator_runs_as_the_charts_service_account_with_only_its_rbac() ->
         assert!(!can(&denied)?, "the operator must not {denied:?}");
     }
     // And it works with exactly that: a mirror gets a status written by it.
-    let ns = TestNamespace::create(&client, "rbac").await?;
+    let ns = TestNamespace::create(settings, &client, "rbac").await?;
     let api = mirrors(&client, &ns.name);
     apply_mirror(&api, &mirror_manifest(settings, "rbac", &json!({}))).await?;
     wait_for_condition(settings, &api, "rbac", "Ready", "True").await?;
@@ -474,7 +474,7 @@ async fn server_side_apply_restores_the_operators_fields_and_keeps_other_manager
     let settings = target.settings();
     let client = client(settings).await?;
     install_chart(settings, &[FAST_REQUEUE]).await?;
-    let ns = TestNamespace::create(&client, "ssa").await?;
+    let ns = TestNamespace::create(settings, &client, "ssa").await?;
     let api = mirrors(&client, &ns.name);
     apply_mirror(&api, &mirror_manifest(settings, "ssa", &json!({}))).await?;
     wait_for_condition(settings, &api, "ssa", "Ready", "True").await?;

@@ -15,6 +15,10 @@
 //! Hub); every manifest GET/HEAD response carries `ratelimit-*` headers while a limit is set;
 //! truncation keeps the upstream's `Content-Length` and closes early; corruption keeps the length.
 //! Every request is counted by (method, kind, status), status `None` meaning "no response".
+//!
+//! [`FaultProxy::start_with`] can serve HTTPS (a certificate given as PEM) and name a public URL
+//! for its token realm, so that clients inside a test cluster, which reach it at another address,
+//! are sent to a realm they can reach.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -312,6 +316,10 @@ struct Stats {
 #[derive(Debug)]
 struct Shared {
     addr: SocketAddr,
+    /// The base URL clients use (token realms point there).
+    public_url: String,
+    /// `https` or `http`.
+    scheme: &'static str,
     upstream: String,
     client: reqwest::Client,
     settings: Mutex<Settings>,
@@ -416,8 +424,18 @@ impl FaultHandle {
     /// The proxy's URL.
     #[must_use]
     pub fn url(&self) -> String {
-        format!("http://{}", self.shared.addr)
+        format!("{}://{}", self.shared.scheme, self.shared.addr)
     }
+}
+
+/// How a [`FaultProxy`] serves.
+#[derive(Debug, Clone, Default)]
+pub struct FaultProxyOptions {
+    /// Serve HTTPS with this certificate chain and key (PEM) instead of plain HTTP.
+    pub tls: Option<(String, String)>,
+    /// The base URL clients reach the proxy at (`https://10.250.0.10`), used in token realms;
+    /// [`FaultHandle::url`] when unset.
+    pub public_url: Option<String>,
 }
 
 /// Why a [`FaultProxy`] could not start.
@@ -432,6 +450,9 @@ pub enum StartFaultProxyError {
     /// The forwarding client could not be built.
     #[error(transparent)]
     BuildClient(#[from] BuildClientError),
+    /// The TLS certificate or key was not usable.
+    #[error("fault proxy TLS: {0}")]
+    Tls(String),
 }
 
 /// A running fault-injecting proxy; stops (and drops every connection) when dropped.
@@ -448,20 +469,44 @@ impl FaultProxy {
     /// # Errors
     /// See [`StartFaultProxyError`].
     pub async fn start(upstream_url: &str) -> Result<Self, StartFaultProxyError> {
+        Self::start_with(upstream_url, FaultProxyOptions::default()).await
+    }
+
+    /// [`FaultProxy::start`] with options (HTTPS, a public URL for token realms).
+    ///
+    /// # Errors
+    /// See [`StartFaultProxyError`].
+    pub async fn start_with(
+        upstream_url: &str,
+        options: FaultProxyOptions,
+    ) -> Result<Self, StartFaultProxyError> {
         let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
             .await
             .map_err(|source| StartFaultProxyError::Bind { source })?;
         let addr = listener
             .local_addr()
             .map_err(|source| StartFaultProxyError::Bind { source })?;
+        let acceptor = options
+            .tls
+            .as_ref()
+            .map(|(cert, key)| tls_acceptor(cert, key))
+            .transpose()?;
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
         let shared = Arc::new(Shared {
             addr,
+            public_url: options
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("{scheme}://{addr}"))
+                .trim_end_matches('/')
+                .to_owned(),
+            scheme,
             upstream: upstream_url.trim_end_matches('/').to_owned(),
             client: http_client()?,
             settings: Mutex::new(Settings::default()),
             stats: Mutex::new(Stats::default()),
         });
-        let task = tokio::spawn(accept_loop(listener, shared.clone()));
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), acceptor));
         Ok(Self {
             handle: FaultHandle { shared },
             task,
@@ -501,7 +546,43 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+fn tls_acceptor(cert_pem: &str, key_pem: &str) -> Result<tokio_rustls::TlsAcceptor, StartFaultProxyError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let tls = |e: String| StartFaultProxyError::Tls(e);
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls(format!("certificate: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| tls(format!("key: {e}")))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| tls(e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn serve_connection<S>(shared: Arc<Shared>, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request| handle(shared.clone(), request));
+    // An Err from the service (a reset fault) makes hyper close without responding.
+    let _ = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+) {
     let mut connections = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -514,14 +595,19 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             continue;
         }
         let shared = shared.clone();
+        let acceptor = acceptor.clone();
         connections.spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request| handle(shared.clone(), request));
-            // An Err from the service (a reset fault) makes hyper close without responding.
-            let _ = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            match acceptor {
+                Some(acceptor) => {
+                    // A handshake that fails or hangs ends the connection, bounded.
+                    if let Ok(Ok(tls)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
+                    {
+                        serve_connection(shared, tls).await;
+                    }
+                }
+                None => serve_connection(shared, stream).await,
+            }
         });
     }
 }
@@ -981,8 +1067,8 @@ fn check_token(
         return None;
     }
     let mut challenge = format!(
-        "Bearer realm=\"http://{}/token\",service=\"{}\"",
-        shared.addr, auth.service
+        "Bearer realm=\"{}/token\",service=\"{}\"",
+        shared.public_url, auth.service
     );
     if let Some(scope) = &required {
         challenge.push_str(&format!(",scope=\"{scope}\""));

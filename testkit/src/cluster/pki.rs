@@ -151,3 +151,51 @@ pub fn generate_pki(dir: &Path, api_ips: &[Ipv4Addr]) -> Result<Pki, GeneratePki
         admin_key_pem,
     })
 }
+
+/// A CA and a serving certificate it signed, as PEM: for test servers that clients inside a test
+/// cluster reach by IP (for example the upstream registry at its in-cluster address).
+#[derive(Debug, Clone)]
+pub struct ServerIdentity {
+    /// The CA certificate clients trust.
+    pub ca_pem: String,
+    /// The serving certificate.
+    pub cert_pem: String,
+    /// Its key.
+    pub key_pem: String,
+}
+
+/// Makes a fresh CA and a serving certificate for `ips` (and `localhost`/127.0.0.1).
+///
+/// # Errors
+/// [`GeneratePkiError::Generate`].
+pub fn server_identity(common_name: &str, ips: &[Ipv4Addr]) -> Result<ServerIdentity, GeneratePkiError> {
+    let ca_key = KeyPair::generate().map_err(generate("CA key"))?;
+    let mut ca_params = CertificateParams::default();
+    ca_params.distinguished_name = name(&format!("{common_name} test CA"), None);
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca_params, ca_key).map_err(generate("CA certificate"))?;
+    let key = KeyPair::generate().map_err(generate("server key"))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(common_name, None);
+    params.subject_alt_names = vec![
+        SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        SanType::DnsName("localhost".try_into().map_err(generate("SAN localhost"))?),
+    ];
+    params
+        .subject_alt_names
+        .extend(ips.iter().map(|ip| SanType::IpAddress(IpAddr::V4(*ip))));
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = params
+        .signed_by(&key, &ca)
+        .map_err(generate("server certificate"))?;
+    Ok(ServerIdentity {
+        ca_pem: ca.pem(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
