@@ -359,6 +359,8 @@ async fn every_example_is_accepted_and_every_known_bad_mirror_is_refused_or_repo
                         .unwrap_or_default()
                 );
                 api.delete(&name, &DeleteParams::default()).await?;
+                // Fixtures share names; the next one must not land on this one's deletion.
+                wait_gone(settings, &api, &name).await?;
                 reported += 1;
             }
         }

@@ -574,11 +574,19 @@ fn should_restart(is_init: bool, restart_policy: &str, code: i32) -> bool {
 
 fn on_exit(slot: &mut Slot, run: Run, status: ExitStatus, restart_policy: &str, pod_name: &str) {
     let (code, signal) = exit_code(status);
+    // `FallbackToLogsOnError`: a failed container's message is the tail of its log (the
+    // termination-log file itself is not emulated, so `File` reports nothing).
+    let message = (code != 0
+        && slot.spec.termination_message_policy.as_deref() == Some("FallbackToLogsOnError"))
+    .then(|| std::fs::read(&slot.log).ok())
+    .flatten()
+    .map(|log| termination_message_from_log(&log))
+    .filter(|m| !m.is_empty());
     let termination = Termination {
         exit_code: code,
         signal,
         reason: if code == 0 { "Completed" } else { "Error" }.to_owned(),
-        message: None,
+        message,
         started_at: Some(run.started_at),
         finished_at: now_ts(),
         container_id: Some(run.container_id.clone()),
@@ -605,6 +613,23 @@ fn on_exit(slot: &mut Slot, run: Run, status: ExitStatus, restart_policy: &str, 
         slot.view.state = RunState::Terminated(termination);
         slot.finished = true;
     }
+}
+
+/// The kubelet's `FallbackToLogsOnError` message: the last 80 lines of the log, at most the last
+/// 2048 bytes of them. Pure.
+fn termination_message_from_log(log: &[u8]) -> String {
+    const MAX_LINES: usize = 80;
+    const MAX_BYTES: usize = 2048;
+    let text = String::from_utf8_lossy(log);
+    let trimmed = text.trim_end_matches('\n');
+    let lines: Vec<&str> = trimmed.lines().collect();
+    let tail = lines[lines.len().saturating_sub(MAX_LINES)..].join("\n");
+    let start = tail.len().saturating_sub(MAX_BYTES);
+    // Cut at a character boundary.
+    let start = (start..=tail.len())
+        .find(|i| tail.is_char_boundary(*i))
+        .unwrap_or(tail.len());
+    tail[start..].to_owned()
 }
 
 /// Advances one container: exit, probes, kill deadlines, or a (re)start when due.
@@ -1119,5 +1144,22 @@ async fn run_pod(
             return;
         }
         worker.sync(&pod).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn a_failed_containers_message_is_the_tail_of_its_log() {
+        let log: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        let message = termination_message_from_log(log.as_bytes());
+        assert!(message.starts_with("line 20\n"), "{message}");
+        assert!(message.ends_with("line 99"), "{message}");
+        let long = "x".repeat(5000);
+        assert_eq!(termination_message_from_log(long.as_bytes()).len(), 2048);
+        assert_eq!(termination_message_from_log(b""), "");
     }
 }
