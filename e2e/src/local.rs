@@ -20,9 +20,9 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cachalot_testkit::cluster::pki::server_identity;
 use cachalot_testkit::cluster::{self, tools, Cluster, ClusterOptions};
 use cachalot_testkit::distribution::Distribution;
-use cachalot_testkit::cluster::pki::server_identity;
 use cachalot_testkit::fault::{FaultProxy, FaultProxyOptions, RateLimit, TokenAuth};
 use cachalot_testkit::image;
 
@@ -31,8 +31,7 @@ use crate::cluster::Settings;
 /// The image reference the chart installs in the local target (present on every node).
 pub const LOCAL_IMAGE: (&str, &str) = ("cachalot.test/cachalot", "e2e");
 /// Where pods reach Docker Hub's stand-in (HTTPS, its own CA) from inside the cluster.
-pub const UPSTREAM_IN_CLUSTER: SocketAddrV4 =
-    SocketAddrV4::new(Ipv4Addr::new(10, 250, 0, 10), 443);
+pub const UPSTREAM_IN_CLUSTER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 250, 0, 10), 443);
 /// The ConfigMap (key `ca.crt`) the suite creates in its namespaces with the upstream's CA.
 pub const UPSTREAM_CA_CONFIG_MAP: &str = "upstream-ca";
 /// The image the suite pulls through the mirror (generated, pushed to the local upstream).

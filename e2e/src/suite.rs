@@ -180,7 +180,11 @@ impl Drop for TestNamespace {
 ///
 /// # Errors
 /// When the API refuses.
-pub async fn create_upstream_ca(settings: &Settings, client: &kube::Client, ns: &str) -> Result<()> {
+pub async fn create_upstream_ca(
+    settings: &Settings,
+    client: &kube::Client,
+    ns: &str,
+) -> Result<()> {
     let Some((name, pem)) = &settings.upstream_ca else {
         return Ok(());
     };
@@ -571,7 +575,10 @@ mod tests {
             &json!({"replicas": 2, "nodes": {"fallback": "Never"}}),
         );
         assert_eq!(m["spec"]["registries"][0]["url"], "http://10.250.0.10:5000");
-        assert_eq!(m["spec"]["registries"][0]["caConfigMap"]["name"], "upstream-ca");
+        assert_eq!(
+            m["spec"]["registries"][0]["caConfigMap"]["name"],
+            "upstream-ca"
+        );
         assert_eq!(m["spec"]["replicas"], 2);
         assert_eq!(m["spec"]["nodes"]["fallback"], "Never");
         assert_eq!(m["spec"]["nodes"]["certsDir"], "/etc/containerd/certs.d");

@@ -546,15 +546,18 @@ impl Drop for FaultProxy {
     }
 }
 
-fn tls_acceptor(cert_pem: &str, key_pem: &str) -> Result<tokio_rustls::TlsAcceptor, StartFaultProxyError> {
+fn tls_acceptor(
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<tokio_rustls::TlsAcceptor, StartFaultProxyError> {
     use rustls::pki_types::pem::PemObject as _;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let tls = |e: String| StartFaultProxyError::Tls(e);
     let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| tls(format!("certificate: {e}")))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| tls(format!("key: {e}")))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| tls(format!("key: {e}")))?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

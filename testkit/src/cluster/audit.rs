@@ -34,6 +34,13 @@ pub struct AuditEvent {
     pub response_status: Option<ResponseStatus>,
     /// `ResponseComplete` or `Panic`.
     pub stage: String,
+    /// Client addresses (a pod's IP for requests from pods).
+    #[serde(default, rename = "sourceIPs")]
+    pub source_ips: Vec<String>,
+    /// When the answer was complete, RFC 3339 with microseconds (`2026-12-06T08:11:26.519354Z`);
+    /// fixed width, so strings compare in time order.
+    #[serde(default)]
+    pub stage_timestamp: String,
 }
 
 /// The authenticated user of a request.
@@ -109,5 +116,6 @@ mod tests {
         assert_eq!(events[0].response_status.as_ref().unwrap().code, 200);
         assert!(!events[1].is_write());
         assert!(events[1].object_ref.is_none());
+        assert!(events[1].source_ips.is_empty());
     }
 }

@@ -743,6 +743,23 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// Processes on this machine whose environment has `key=value` (for example the containers
+    /// of a pod, by `HOSTNAME=<pod>`, which the kubelet stand-in sets), as pids.
+    #[must_use]
+    pub fn processes_with_env(&self, key: &str, value: &str) -> Vec<u32> {
+        let wanted = format!("{key}={value}");
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == wanted.as_bytes()))
+            })
+            .collect()
+    }
+
     /// A command that runs `program` inside one of this cluster's network namespaces (for
     /// example a node's, to reach a ClusterIP as that node's containerd would).
     #[must_use]

@@ -168,7 +168,10 @@ pub struct ServerIdentity {
 ///
 /// # Errors
 /// [`GeneratePkiError::Generate`].
-pub fn server_identity(common_name: &str, ips: &[Ipv4Addr]) -> Result<ServerIdentity, GeneratePkiError> {
+pub fn server_identity(
+    common_name: &str,
+    ips: &[Ipv4Addr],
+) -> Result<ServerIdentity, GeneratePkiError> {
     let ca_key = KeyPair::generate().map_err(generate("CA key"))?;
     let mut ca_params = CertificateParams::default();
     ca_params.distinguished_name = name(&format!("{common_name} test CA"), None);
