@@ -388,6 +388,223 @@ fn parent_mirror_is_rendered_as_the_registry_parent() {
     );
 }
 
+/// The registry pod's ConfigMap volumes other than its own config: volume name → (ConfigMap,
+/// projected items as `key=path`, mount path, read-only).
+fn ca_mounts(objs: &RegistryObjects) -> BTreeMap<String, (String, Vec<String>, String, bool)> {
+    let pod = pod_spec(objs);
+    let mounts = pod.containers[0].volume_mounts.as_ref().unwrap();
+    pod.volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter(|v| v.name != "config")
+        .filter_map(|v| {
+            let cm = v.config_map.as_ref()?;
+            let items = cm
+                .items
+                .iter()
+                .flatten()
+                .map(|i| format!("{}={}", i.key, i.path))
+                .collect();
+            let mount = mounts.iter().find(|m| m.name == v.name).unwrap();
+            Some((
+                v.name.clone(),
+                (
+                    cm.name.clone(),
+                    items,
+                    mount.mount_path.clone(),
+                    mount.read_only == Some(true),
+                ),
+            ))
+        })
+        .collect()
+}
+
+fn config_hash(objs: &RegistryObjects) -> String {
+    let Workload::Deployment(d) = &objs.workload else {
+        panic!("expected a Deployment")
+    };
+    d.spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .annotations
+        .as_ref()
+        .unwrap()[CONFIG_HASH_ANNOTATION]
+        .clone()
+}
+
+#[test]
+fn a_registry_ca_config_map_key_is_mounted_read_only_and_named_as_its_ca_file() {
+    let m = mirror(serde_json::json!({"registries": [
+        {"name": "docker.io"},
+        {"name": "registry.corp.example:5000", "url": "https://registry.corp.example:5000",
+         "caConfigMap": {"name": "corp-ca"}},
+        {"name": "ghcr.io", "caConfigMap": {"name": "gh-ca", "key": "bundle.pem"}}
+    ]}));
+    let (_, objs) = build(&m);
+    let objs = objs.unwrap();
+    let config = rendered_config(&objs);
+    assert_eq!(config.registries["docker.io"].ca_file, None);
+    assert_eq!(
+        config.registries["registry.corp.example:5000"]
+            .ca_file
+            .as_deref()
+            .and_then(|p| p.to_str()),
+        Some("/etc/cachalot/ca/registry.corp.example_5000/ca.crt"),
+        "the key defaults to ca.crt and `:` of the port becomes `_`"
+    );
+    assert_eq!(
+        config.registries["ghcr.io"]
+            .ca_file
+            .as_deref()
+            .and_then(|p| p.to_str()),
+        Some("/etc/cachalot/ca/ghcr.io/bundle.pem")
+    );
+    assert!(config.parent.is_none());
+    assert_eq!(
+        ca_mounts(&objs),
+        BTreeMap::from([
+            (
+                "ca-1".to_string(),
+                (
+                    "corp-ca".to_string(),
+                    vec!["ca.crt=ca.crt".to_string()],
+                    "/etc/cachalot/ca/registry.corp.example_5000".to_string(),
+                    true
+                )
+            ),
+            (
+                "ca-2".to_string(),
+                (
+                    "gh-ca".to_string(),
+                    vec!["bundle.pem=bundle.pem".to_string()],
+                    "/etc/cachalot/ca/ghcr.io".to_string(),
+                    true
+                )
+            ),
+        ])
+    );
+    // A directory mount (no subPath), so the kubelet keeps the file current.
+    let pod = pod_spec(&objs);
+    assert!(pod.containers[0]
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .all(|m| m.sub_path.is_none()));
+    // Nothing of the CA content or the ConfigMap names enters the registry config.
+    let text = &objs.config_map.data.as_ref().unwrap()[CONFIG_KEY];
+    assert!(
+        !text.contains("corp-ca") && !text.contains("gh-ca"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_parent_ca_config_map_is_mounted_apart_from_registries_and_named_as_the_parent_ca_file() {
+    let m = mirror(serde_json::json!({
+        "registries": [{"name": "docker.io"}, {"name": "parent", "caConfigMap": {"name": "p-ca"}}],
+        "parent": {"url": "https://hub.corp.example:30500",
+                   "caConfigMap": {"name": "hub-ca", "key": "hub.pem"}}
+    }));
+    let (_, objs) = build(&m);
+    let objs = objs.unwrap();
+    let config = rendered_config(&objs);
+    let parent = config.parent.as_ref().unwrap();
+    assert_eq!(parent.url, "https://hub.corp.example:30500");
+    assert_eq!(
+        parent.ca_file.as_deref().and_then(|p| p.to_str()),
+        Some("/etc/cachalot/parent-ca/hub.pem")
+    );
+    assert!(!parent.insecure_skip_verify);
+    let mounts = ca_mounts(&objs);
+    assert_eq!(
+        mounts["parent-ca"],
+        (
+            "hub-ca".to_string(),
+            vec!["hub.pem=hub.pem".to_string()],
+            "/etc/cachalot/parent-ca".to_string(),
+            true
+        )
+    );
+    // A registry may be called `parent`: its CA directory does not collide with the hub's.
+    assert_eq!(mounts["ca-1"].2, "/etc/cachalot/ca/parent");
+    let paths: std::collections::BTreeSet<&str> = pod_spec(&objs).containers[0]
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert_eq!(
+        paths.len(),
+        pod_spec(&objs).containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .len(),
+        "mount paths are unique"
+    );
+}
+
+#[test]
+fn changing_a_ca_config_map_reference_rolls_the_pods_and_building_it_twice_does_not() {
+    let with_ca = |ca: serde_json::Value| {
+        let (_, objs) = build(&mirror(serde_json::json!({"registries": [
+            {"name": "docker.io"},
+            {"name": "registry.corp.example", "caConfigMap": ca}
+        ]})));
+        objs.unwrap()
+    };
+    let without = {
+        let (_, objs) = build(&mirror(serde_json::json!({"registries": [
+            {"name": "docker.io"}, {"name": "registry.corp.example"}
+        ]})));
+        objs.unwrap()
+    };
+    let a = with_ca(serde_json::json!({"name": "corp-ca"}));
+    assert_eq!(a, with_ca(serde_json::json!({"name": "corp-ca"})));
+    // The key is spelled out or defaulted: the same object.
+    assert_eq!(
+        config_hash(&a),
+        config_hash(&with_ca(
+            serde_json::json!({"name": "corp-ca", "key": "ca.crt"})
+        ))
+    );
+    let renamed = with_ca(serde_json::json!({"name": "corp-ca-2025"}));
+    let other_key = with_ca(serde_json::json!({"name": "corp-ca", "key": "other.pem"}));
+    let hashes = [
+        config_hash(&without),
+        config_hash(&a),
+        config_hash(&renamed),
+        config_hash(&other_key),
+    ];
+    let distinct: std::collections::BTreeSet<&String> = hashes.iter().collect();
+    assert_eq!(distinct.len(), 4, "{hashes:?}");
+    // A renamed ConfigMap leaves the registry config alone: only the reference moved the hash.
+    assert_eq!(
+        a.config_map.data.as_ref().unwrap()[CONFIG_KEY],
+        renamed.config_map.data.as_ref().unwrap()[CONFIG_KEY]
+    );
+}
+
+#[test]
+fn mirrors_without_ca_config_maps_keep_their_config_hash() {
+    // The CA references are appended to the hash input only when there are some, so an upgrade
+    // rolls no existing registry pods. This is the hash of this spec before CA support.
+    let (_, objs) = build(&mirror(
+        serde_json::json!({"registries": [{"name": "docker.io"}]}),
+    ));
+    let objs = objs.unwrap();
+    let text = &objs.config_map.data.as_ref().unwrap()[CONFIG_KEY];
+    let mut input = text.clone().into_bytes();
+    input.extend(IMAGE.as_bytes());
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(&input);
+    assert_eq!(config_hash(&objs), hex::encode(&digest[..8]));
+}
+
 #[test]
 fn agent_daemonset_has_no_api_access_and_mounts_only_node_paths_it_needs() {
     let m = mirror(serde_json::json!({
@@ -561,6 +778,44 @@ fn invalid_specs_are_refused_naming_the_field() {
     assert_eq!(
         invalid(json!({"registries": [{"name": "docker.io"}], "replicas": 0})),
         "spec.replicas"
+    );
+}
+
+#[test]
+fn malformed_ca_config_map_references_are_refused_naming_the_field() {
+    use serde_json::json;
+    for (ca, field) in [
+        (json!({"name": "Corp_CA"}), "name"),
+        (json!({"name": "-corp"}), "name"),
+        (json!({"name": ""}), "name"),
+        (json!({"name": "corp-ca", "key": "ca/crt"}), "key"),
+        (json!({"name": "corp-ca", "key": ".."}), "key"),
+        (json!({"name": "corp-ca", "key": "..data"}), "key"),
+        (json!({"name": "corp-ca", "key": ""}), "key"),
+    ] {
+        assert_eq!(
+            invalid(
+                json!({"registries": [{"name": "docker.io"}, {"name": "quay.io", "caConfigMap": ca}]})
+            ),
+            format!("spec.registries[1].caConfigMap.{field}"),
+            "{ca}"
+        );
+        assert_eq!(
+            invalid(json!({"registries": [{"name": "docker.io"}],
+                           "parent": {"url": "https://hub.example:5000", "caConfigMap": ca}})),
+            format!("spec.parent.caConfigMap.{field}"),
+            "{ca}"
+        );
+    }
+    let message = validate(&mirror(json!({"registries": [
+        {"name": "docker.io", "caConfigMap": {"name": "corp-ca", "key": "a b"}}
+    ]})))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        message
+            .starts_with("spec.registries[0].caConfigMap.key: `a b` is not a valid ConfigMap key"),
+        "{message}"
     );
 }
 

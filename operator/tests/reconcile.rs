@@ -40,6 +40,7 @@ const AGENT_CONFIG: &str = "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-
 const AGENT_DAEMON_SET: &str = "/apis/apps/v1/namespaces/cachalot/daemonsets/cachalot-hub-agent";
 const PODS: &str = "/api/v1/namespaces/cachalot/pods";
 const SECRETS: &str = "/api/v1/namespaces/cachalot/secrets";
+const CONFIG_MAPS: &str = "/api/v1/namespaces/cachalot/configmaps";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/cachalot/events";
 /// What the pod lists select on (URL-encoded label selectors).
 const REGISTRY_COMPONENT: &str = "app.kubernetes.io%2Fcomponent%3Dregistry";
@@ -727,6 +728,146 @@ async fn existing_credentials_secrets_are_checked_by_metadata_then_objects_are_a
     .await;
 }
 
+/// A private registry reached with the CA of `corp-ca` (and credentials), and a hub parent whose
+/// CA is `hub-ca`.
+fn with_ca_config_maps() -> Value {
+    json!({
+        "registries": [
+            {"name": "registry.corp.example", "credentialsSecret": {"name": "corp-creds"},
+             "caConfigMap": {"name": "corp-ca"}},
+            {"name": "docker.io"}
+        ],
+        "parent": {"url": "https://hub.corp.example:30500", "caConfigMap": {"name": "hub-ca", "key": "hub.pem"}}
+    })
+}
+
+/// Expects a metadata-only read of the ConfigMap `name` and answers it, or 404 unless `exists`.
+async fn expect_config_map_metadata_read(handle: &mut Handle, name: &str, exists: bool) {
+    let (call, send) = expect(handle, Method::GET, &format!("{CONFIG_MAPS}/{name}")).await;
+    assert!(
+        call.accept.contains("as=PartialObjectMetadata"),
+        "only the ConfigMap's metadata is read: Accept {}",
+        call.accept
+    );
+    if exists {
+        respond(
+            send,
+            StatusCode::OK,
+            &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                    "metadata": {"name": name, "namespace": NS}}),
+        );
+    } else {
+        not_found(send);
+    }
+}
+
+#[tokio::test]
+async fn a_missing_ca_config_map_is_ready_false_naming_the_field_and_applies_nothing() {
+    let (setup, _writers) = Setup::new();
+    let object = mirror_json(with_ca_config_maps(), true, false);
+    let m: RegistryMirror = serde_json::from_value(object.clone()).unwrap();
+    let action = run_scenario(m, &setup, move |mut h| async move {
+        // Every reference is read, in field order, before anything is decided.
+        expect_secret_metadata_read(&mut h, "corp-creds", true).await;
+        expect_config_map_metadata_read(&mut h, "corp-ca", false).await;
+        expect_config_map_metadata_read(&mut h, "hub-ca", true).await;
+        // No apply and no pod list: straight to status.
+        let status = expect_status(&mut h, &object).await;
+        let ready = condition(&status, "Ready");
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "CaConfigMapMissing");
+        assert_eq!(
+            ready["message"],
+            r#"spec.registries[0].caConfigMap.name: ConfigMap "corp-ca" not found in namespace "cachalot""#
+        );
+        for other in ["ProxyAvailable", "NodesConfigured", "CacheEffective", "UpstreamBudget"] {
+            assert_eq!(condition(&status, other)["status"], "Unknown");
+            assert_eq!(condition(&status, other)["reason"], "CaConfigMapMissing");
+        }
+        expect_event(&mut h, "CaConfigMapMissing").await;
+        h
+    })
+    .await;
+    // No ConfigMap watch: the mirror looks again at the normal period, not in a hot loop.
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+}
+
+#[tokio::test]
+async fn a_missing_parent_ca_config_map_is_named_by_its_field() {
+    let (setup, _writers) = Setup::new();
+    let object = mirror_json(with_ca_config_maps(), true, false);
+    let m: RegistryMirror = serde_json::from_value(object.clone()).unwrap();
+    run_scenario(m, &setup, move |mut h| async move {
+        expect_secret_metadata_read(&mut h, "corp-creds", false).await;
+        expect_config_map_metadata_read(&mut h, "corp-ca", true).await;
+        expect_config_map_metadata_read(&mut h, "hub-ca", false).await;
+        let status = expect_status(&mut h, &object).await;
+        let ready = condition(&status, "Ready");
+        // The first missing reference in field order names the reason; all are listed.
+        assert_eq!(ready["reason"], "CredentialsSecretMissing");
+        assert_eq!(
+            ready["message"],
+            r#"spec.registries[0].credentialsSecret.name: Secret "corp-creds" not found in namespace "cachalot"; spec.parent.caConfigMap.name: ConfigMap "hub-ca" not found in namespace "cachalot""#
+        );
+        expect_event(&mut h, "CredentialsSecretMissing").await;
+        h
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn existing_ca_config_maps_are_checked_by_metadata_then_mounted_and_named_in_the_config() {
+    let (setup, _writers) = Setup::new();
+    let m = mirror(with_ca_config_maps(), true, false);
+    let w = setup.world.clone();
+    run_scenario(m, &setup, move |mut h| async move {
+        expect_secret_metadata_read(&mut h, "corp-creds", true).await;
+        expect_config_map_metadata_read(&mut h, "corp-ca", true).await;
+        expect_config_map_metadata_read(&mut h, "hub-ca", true).await;
+        let config = expect_apply(&mut h, REGISTRY_CONFIG, json!({})).await;
+        let text = config["data"]["config.yaml"].as_str().unwrap();
+        assert!(
+            text.contains("caFile: /etc/cachalot/ca/registry.corp.example/ca.crt")
+                && text.contains("caFile: /etc/cachalot/parent-ca/hub.pem"),
+            "{text}"
+        );
+        let deployment = expect_apply(&mut h, DEPLOYMENT, json!({})).await;
+        let volumes = &deployment["spec"]["template"]["spec"]["volumes"];
+        let ca = |name: &str| {
+            volumes
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["configMap"]["name"] == name)
+                .unwrap_or_else(|| panic!("no volume of {name} in {volumes}"))
+                .clone()
+        };
+        assert_eq!(
+            ca("corp-ca")["configMap"]["items"],
+            json!([{"key": "ca.crt", "path": "ca.crt"}])
+        );
+        assert_eq!(
+            ca("hub-ca")["configMap"]["items"],
+            json!([{"key": "hub.pem", "path": "hub.pem"}])
+        );
+        expect_apply(
+            &mut h,
+            SERVICE,
+            json!({"spec": {"clusterIP": "10.96.0.12"}}),
+        )
+        .await;
+        expect_desired_state(&mut h, &w).await;
+        expect_agent_daemon_set_applied(&mut h).await;
+        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
+        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
+        let status = expect_status(&mut h, &mirror_json(with_ca_config_maps(), true, false)).await;
+        assert_eq!(condition(&status, "Ready")["status"], "True");
+        expect_event(&mut h, "MirrorReady").await;
+        h
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn invalid_spec_sets_ready_false_applies_nothing_and_waits_for_a_change() {
     let spec = json!({"registries": [{"name": "docker.io"}], "storage": {"type": "PersistentVolumeClaim"}});
@@ -902,4 +1043,38 @@ async fn failed_apply_is_a_transient_error_with_a_static_category() {
     let error = result.unwrap_err();
     assert_eq!(error.category(), "ApplyFailed");
     assert!(error.to_string().contains("cachalot-hub-config"), "{error}");
+}
+
+#[tokio::test]
+async fn a_failed_ca_config_map_check_is_a_transient_error_that_applies_nothing() {
+    let m = mirror(
+        json!({"registries": [{"name": "docker.io", "caConfigMap": {"name": "corp-ca"}}]}),
+        true,
+        false,
+    );
+    let (setup, _writers) = Setup::new();
+    let result = play(
+        NS,
+        |mut h| async move {
+            let (_, send) = expect(&mut h, Method::GET, &format!("{CONFIG_MAPS}/corp-ca")).await;
+            let error = StatusCode::FORBIDDEN;
+            respond(
+                send,
+                error,
+                &failure(error, "Forbidden", "cannot get configmaps"),
+            );
+            h
+        },
+        |client| async move { reconcile_mirror(&m, &setup.context(client)).await },
+    )
+    .await;
+    let error = result.unwrap_err();
+    assert_eq!(error.category(), "CaConfigMapCheckFailed");
+    let message = error.to_string();
+    assert!(
+        message.starts_with(
+            "cannot check spec.registries[0].caConfigMap.name: reading ConfigMap cachalot/corp-ca:"
+        ),
+        "{message}"
+    );
 }

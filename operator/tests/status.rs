@@ -11,6 +11,7 @@ use cachalot_operator::api::{
 use cachalot_operator::controller::observe::{
     AgentObservation, Observations, RegistryPodObservation, RegistryStats,
 };
+use cachalot_operator::controller::references::{MissingObject, Referenced};
 use cachalot_operator::controller::status::{compute_status, hit_ratio, transitions, Outcome};
 use cachalot_operator::node_agent::protocol::{AgentStatus, ContainerdStatus, Problem, Reason};
 use common::registry_stats;
@@ -272,11 +273,12 @@ fn hit_ratio_is_a_rounded_percentage_or_a_dash_without_traffic() {
 
 #[test]
 fn a_missing_credentials_secret_is_a_warning_transition_and_recomputes_to_the_same_status() {
-    let missing = Outcome::CredentialsMissing {
-        missing: vec![
-            r#"spec.registries[0].credentialsSecret.name: Secret "hub-creds" not found in namespace "ns""#
+    let missing = Outcome::ReferencesMissing {
+        missing: vec![MissingObject {
+            referenced: Referenced::CredentialsSecret,
+            message: r#"spec.registries[0].credentialsSecret.name: Secret "hub-creds" not found in namespace "ns""#
                 .to_string(),
-        ],
+        }],
     };
     let first = compute_status(&mirror(), &missing, &at(10));
     let ready = cond(&first, ConditionType::Ready);
@@ -304,4 +306,76 @@ fn a_missing_credentials_secret_is_a_warning_transition_and_recomputes_to_the_sa
     let second = compute_status(&again, &missing, &at(70));
     assert_eq!(second, first);
     assert!(transitions(Some(&first), &second).is_empty());
+}
+
+#[test]
+fn a_missing_ca_config_map_is_a_warning_transition_naming_the_field_and_recomputes_to_the_same_status(
+) {
+    let missing = Outcome::ReferencesMissing {
+        missing: vec![MissingObject {
+            referenced: Referenced::CaConfigMap,
+            message: r#"spec.registries[0].caConfigMap.name: ConfigMap "corp-ca" not found in namespace "ns""#
+                .to_string(),
+        }],
+    };
+    let first = compute_status(&mirror(), &missing, &at(10));
+    let ready = cond(&first, ConditionType::Ready);
+    assert_eq!(ready.status, ConditionStatus::False);
+    assert_eq!(ready.reason, "CaConfigMapMissing");
+    assert_eq!(
+        ready.message,
+        r#"spec.registries[0].caConfigMap.name: ConfigMap "corp-ca" not found in namespace "ns""#
+    );
+    for t in [
+        ConditionType::ProxyAvailable,
+        ConditionType::NodesConfigured,
+        ConditionType::CacheEffective,
+        ConditionType::UpstreamBudget,
+    ] {
+        let c = cond(&first, t);
+        assert_eq!(
+            (c.status, c.reason.as_str()),
+            (ConditionStatus::Unknown, "CaConfigMapMissing")
+        );
+        assert!(c.message.contains("CA ConfigMap"), "{}", c.message);
+    }
+    assert!(first.endpoint.is_none() && first.nodes.is_none());
+    let events = transitions(None, &first);
+    assert!(
+        events
+            .iter()
+            .any(|t| t.warning && t.reason == "CaConfigMapMissing"),
+        "{events:?}"
+    );
+    let mut again = mirror();
+    again.status = Some(first.clone());
+    let second = compute_status(&again, &missing, &at(70));
+    assert_eq!(second, first);
+    assert!(transitions(Some(&first), &second).is_empty());
+}
+
+#[test]
+fn with_a_secret_and_a_ca_config_map_missing_the_first_in_field_order_names_the_reason_and_both_are_listed(
+) {
+    let missing = Outcome::ReferencesMissing {
+        missing: vec![
+            MissingObject {
+                referenced: Referenced::CaConfigMap,
+                message: r#"spec.registries[0].caConfigMap.name: ConfigMap "corp-ca" not found in namespace "ns""#
+                    .to_string(),
+            },
+            MissingObject {
+                referenced: Referenced::CredentialsSecret,
+                message: r#"spec.registries[1].credentialsSecret.name: Secret "hub-creds" not found in namespace "ns""#
+                    .to_string(),
+            },
+        ],
+    };
+    let status = compute_status(&mirror(), &missing, &at(10));
+    let ready = cond(&status, ConditionType::Ready);
+    assert_eq!(ready.reason, "CaConfigMapMissing");
+    assert_eq!(
+        ready.message,
+        r#"spec.registries[0].caConfigMap.name: ConfigMap "corp-ca" not found in namespace "ns"; spec.registries[1].credentialsSecret.name: Secret "hub-creds" not found in namespace "ns""#
+    );
 }

@@ -31,6 +31,11 @@ pub const NODE_PATH_PATTERN: &str = r"^/[A-Za-z0-9._/-]*$";
 /// `library/redis:*`, `myteam/*`). The registry's parser checks the rest (no `//`, no leading or
 /// trailing `/`).
 pub const PIN_PATTERN: &str = r"^[a-z0-9._/*?-]+(:[A-Za-z0-9._*?-]{1,128})?$";
+/// A Kubernetes object name that is a DNS subdomain (Secrets, ConfigMaps).
+pub const OBJECT_NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$";
+/// A ConfigMap key (`kubectl create configmap --from-file` names); `.`, `..` and a leading `..`
+/// are refused by a CEL rule, as the API server refuses them.
+pub const CONFIG_MAP_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
 
 /// Desired state of a cachalot pull-through mirror: a caching registry for one or more upstream
 /// registries, and the containerd configuration that makes the selected nodes pull through it
@@ -185,6 +190,17 @@ pub struct MirroredRegistry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<CredentialsSecretRef>,
 
+    /// A ConfigMap in the mirror's namespace whose key holds PEM CA certificates the registry
+    /// trusts for this upstream's https URL, in addition to the default roots (an internal
+    /// registry with a private CA). Only that key is mounted read-only into the registry pods,
+    /// under `/etc/cachalot/ca/<name>/` (`:` of a port becomes `_`). While the ConfigMap does
+    /// not exist, the mirror is not Ready (reason `CaConfigMapMissing`) and nothing is applied.
+    /// The registry reads the certificates when it starts: after changing the ConfigMap's
+    /// content, restart the registry pods (`kubectl rollout restart`). Unused while
+    /// `spec.parent` is set (the hub reaches the upstream; see `parent.caConfigMap`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_config_map: Option<CaConfigMapRef>,
+
     /// How long a tag may be served from the cache before it is revalidated upstream (with a HEAD,
     /// which does not count against Docker Hub's pull limit). First matching rule wins; tags that
     /// match no rule use the registry's default. Digest references never go upstream once cached.
@@ -214,10 +230,7 @@ pub struct MirroredRegistry {
 #[serde(rename_all = "camelCase")]
 pub struct CredentialsSecretRef {
     /// Name of the Secret, in the RegistryMirror's namespace.
-    #[schemars(
-        length(min = 1, max = 253),
-        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
     pub name: String,
 
     /// The Secret's layout: `Basic` reads the keys `username` and `password`
@@ -235,6 +248,33 @@ pub enum CredentialsKind {
     Basic,
     /// Key `.dockerconfigjson`.
     DockerConfigJson,
+}
+
+/// Reference to a key of a ConfigMap holding PEM CA certificates (one or more `-----BEGIN
+/// CERTIFICATE-----` blocks).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.key) || (self.key != '.' && !self.key.startsWith('..'))",
+        "message": "caConfigMap.key must not be '.' or start with '..'"
+    }
+]))]
+pub struct CaConfigMapRef {
+    /// Name of the ConfigMap, in the RegistryMirror's namespace.
+    #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
+    pub name: String,
+
+    /// The key whose value is the PEM bundle; it becomes the file name in the registry pods.
+    /// Other keys of the ConfigMap are not mounted.
+    #[serde(default = "default_ca_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = CONFIG_MAP_KEY_PATTERN))]
+    pub key: String,
+}
+
+/// The key `kubectl create configmap NAME --from-file=ca.crt` writes.
+fn default_ca_key() -> String {
+    "ca.crt".to_string()
 }
 
 /// A freshness rule for tags matching a glob pattern.
@@ -269,6 +309,16 @@ pub struct ParentMirror {
     /// Base URL of the parent mirror's registry API, e.g. `http://hub.example.internal:5000`.
     #[schemars(length(max = 2048), regex(pattern = URL_PATTERN))]
     pub url: String,
+
+    /// A ConfigMap in the mirror's namespace whose key holds PEM CA certificates the registry
+    /// trusts for an https `url`, in addition to the default roots (a hub serving TLS with an
+    /// internal CA). Only that key is mounted read-only into the registry pods, under
+    /// `/etc/cachalot/parent-ca/`. While the ConfigMap does not exist, the mirror is not Ready
+    /// (reason `CaConfigMapMissing`) and nothing is applied. The registry reads the certificates
+    /// when it starts: after changing the ConfigMap's content, restart the registry pods
+    /// (`kubectl rollout restart`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_config_map: Option<CaConfigMapRef>,
 }
 
 /// Cache storage.

@@ -8,6 +8,10 @@
 //!   collection removes it with the mirror.
 //! - Credentials never enter a ConfigMap: the registry config holds only paths of files from
 //!   mounted Secrets.
+//! - CA ConfigMaps (`caConfigMap`) are mounted key by key and named in the registry config by
+//!   path only; their content never enters the build, so a content change rolls nothing (the
+//!   registry reads the file at start, so that needs a restart), while a change of the reference
+//!   (name or key) changes the config hash and the pod template, and rolls the pods.
 //! - Registry pods run non-root, read-only root filesystem, no capabilities, seccomp
 //!   RuntimeDefault, writable volumes only for the cache and `/tmp`.
 
@@ -25,7 +29,7 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector,
+    EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec,
     Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Service,
     ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
@@ -39,7 +43,9 @@ use sha2::{Digest, Sha256};
 
 use super::validate::{Exposure, Validated};
 use super::workload_pins::WorkloadPins;
-use crate::api::{CredentialsKind, FallbackPolicy, NodeRuntime, RegistryMirror, StorageKind};
+use crate::api::{
+    CaConfigMapRef, CredentialsKind, FallbackPolicy, NodeRuntime, RegistryMirror, StorageKind,
+};
 use crate::node_agent::protocol::{self, DesiredRegistry, DesiredState};
 
 /// Port the registry listens on inside its pod and on its Service.
@@ -66,6 +72,10 @@ const CONFIG_DIR: &str = "/etc/cachalot/config";
 /// which the kubelet updates in place; a `subPath` mount would never see an update).
 pub const PIN_FILE_PATH: &str = "/etc/cachalot/config/pins.yaml";
 const CREDENTIALS_DIR: &str = "/etc/cachalot/credentials";
+const CA_DIR: &str = "/etc/cachalot/ca";
+/// Where `spec.parent.caConfigMap` is mounted: outside [`CA_DIR`], because `parent` is also a
+/// valid registry name.
+pub const PARENT_CA_DIR: &str = "/etc/cachalot/parent-ca";
 const STORAGE_DIR: &str = "/var/lib/cachalot";
 const AGENT_DESIRED_DIR: &str = "/etc/cachalot/agent";
 const HOST_CERTS_DIR: &str = "/host/certs.d";
@@ -218,6 +228,70 @@ pub fn credentials_dir(registry: &str) -> String {
     format!("{CREDENTIALS_DIR}/{}", registry.replace(':', "_"))
 }
 
+/// Directory under which one registry's CA ConfigMap key is mounted (`:` of a port is kept out
+/// of paths, as for credentials).
+#[must_use]
+pub fn ca_dir(registry: &str) -> String {
+    format!("{CA_DIR}/{}", registry.replace(':', "_"))
+}
+
+/// The CA file the registry reads: the ConfigMap's key, mounted in `dir` under its own name.
+fn ca_file(dir: &str, ca: &CaConfigMapRef) -> PathBuf {
+    PathBuf::from(format!("{dir}/{}", ca.key))
+}
+
+/// A read-only ConfigMap volume with the CA key alone (other keys of the ConfigMap are not
+/// projected), and its mount at `dir`. Not a `subPath` mount, so the kubelet keeps the file up
+/// to date (the registry still reads it only when it starts).
+fn ca_volume(volume: String, ca: &CaConfigMapRef, dir: String) -> (Volume, VolumeMount) {
+    (
+        Volume {
+            name: volume.clone(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: ca.name.clone(),
+                items: Some(vec![KeyToPath {
+                    key: ca.key.clone(),
+                    path: ca.key.clone(),
+                    ..KeyToPath::default()
+                }]),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        VolumeMount {
+            name: volume,
+            mount_path: dir,
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    )
+}
+
+/// The CA ConfigMap references of a mirror, one line each in spec order (empty without any),
+/// for the config hash: the config names the mounted file, not the ConfigMap it comes from.
+fn ca_references(mirror: &RegistryMirror) -> String {
+    let registries = mirror
+        .spec
+        .registries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            r.ca_config_map
+                .as_ref()
+                .map(|ca| (format!("spec.registries[{i}]"), ca))
+        });
+    let parent = mirror
+        .spec
+        .parent
+        .as_ref()
+        .and_then(|p| p.ca_config_map.as_ref())
+        .map(|ca| ("spec.parent".to_string(), ca));
+    registries
+        .chain(parent)
+        .map(|(field, ca)| format!("\n{field}.caConfigMap {}/{}", ca.name, ca.key))
+        .collect()
+}
+
 /// Renders the registry configuration for a validated mirror.
 ///
 /// # Errors
@@ -260,6 +334,10 @@ pub fn registry_config(
                 credentials,
                 freshness,
                 pin: valid.pin.clone(),
+                ca_file: spec_reg
+                    .ca_config_map
+                    .as_ref()
+                    .map(|ca| ca_file(&ca_dir(&valid.name), ca)),
                 budget_reserve: spec_reg
                     .budget_reserve
                     .and_then(|r| u64::try_from(r).ok())
@@ -277,7 +355,10 @@ pub fn registry_config(
         },
         parent: mirror.spec.parent.as_ref().map(|p| ParentConfig {
             url: p.url.trim_end_matches('/').to_string(),
-            ca_file: None,
+            ca_file: p
+                .ca_config_map
+                .as_ref()
+                .map(|ca| ca_file(PARENT_CA_DIR, ca)),
             insecure_skip_verify: false,
         }),
         registries,
@@ -325,6 +406,8 @@ pub fn build_registry(
     let image = spec.image.clone().unwrap_or_else(|| cfg.image.clone());
     let mut hash_input = config_yaml.into_bytes();
     hash_input.extend(image.as_bytes());
+    // Empty without CA ConfigMaps, so the hash of such mirrors is what it was before.
+    hash_input.extend(ca_references(mirror).as_bytes());
     let pod_template = registry_pod_template(mirror, v, image, &short_hash(&hash_input));
     let selector = LabelSelector {
         match_labels: Some(selector_labels(&v.name, "registry")),
@@ -574,6 +657,16 @@ fn registry_pod_template(
                 ..VolumeMount::default()
             });
         }
+        if let Some(ca) = &registry.ca_config_map {
+            let (volume, mount) = ca_volume(format!("ca-{i}"), ca, ca_dir(&registry.name));
+            volumes.push(volume);
+            mounts.push(mount);
+        }
+    }
+    if let Some(ca) = spec.parent.as_ref().and_then(|p| p.ca_config_map.as_ref()) {
+        let (volume, mount) = ca_volume("parent-ca".to_string(), ca, PARENT_CA_DIR.to_string());
+        volumes.push(volume);
+        mounts.push(mount);
     }
     PodTemplateSpec {
         metadata: Some(ObjectMeta {

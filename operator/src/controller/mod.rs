@@ -9,8 +9,8 @@
 //!   exponential backoff.
 //! - A conflicting mirror applies nothing. A mirror whose spec turns invalid keeps what it last
 //!   applied (nodes keep working) and says so in status. So does a mirror whose credentials
-//!   Secret is missing (checked by metadata only, see [`credentials`]); it is looked at again
-//!   every requeue period.
+//!   Secret or CA ConfigMap is missing (checked by metadata only, see [`references`]); it is
+//!   looked at again every requeue period.
 //! - A pass over an unchanged world writes nothing: owned objects are compared with the
 //!   operator's caches of them ([`owned`], fed by the same watches that trigger the controller)
 //!   and applied only when missing, changed or drifted ([`drift`]); unwanted objects are deleted
@@ -29,10 +29,10 @@
 pub mod apply;
 pub mod build;
 pub mod conflict;
-pub mod credentials;
 pub mod drift;
 pub mod observe;
 pub mod owned;
+pub mod references;
 pub mod status;
 pub mod validate;
 pub mod workload_pins;
@@ -65,12 +65,12 @@ use build::{
     agent_name, build_agent, build_registry_with_pins, node_endpoint, registry_config_name,
     registry_name, selector_string, BuildConfig, BuildError, Workload, AGENT_PORT, REGISTRY_PORT,
 };
-use credentials::{credentials_secrets, missing_secrets, CheckCredentialsError};
 use observe::{
     list_component_pods, probe_agents, probe_registries, HttpProbe, Observations, ObserveError,
     Probe,
 };
 use owned::{owned_stores, watch_owned, OwnedStores};
+use references::{missing_objects, referenced_objects, CheckReferencesError};
 use status::{compute_status, transitions, write_status, Outcome, StatusError};
 use validate::{validate, Exposure, Validated};
 use workload_pins::{list_workload_pods, workload_pins, ListWorkloadPodsError, WorkloadPins};
@@ -127,9 +127,9 @@ pub enum ReconcileError {
     /// Listing the Pods whose images are pinned failed.
     #[error(transparent)]
     WorkloadPods(#[from] ListWorkloadPodsError),
-    /// Checking that a credentials Secret exists failed.
+    /// Checking that a referenced Secret or ConfigMap exists failed.
     #[error(transparent)]
-    Credentials(#[from] CheckCredentialsError),
+    References(#[from] CheckReferencesError),
     /// Writing status failed.
     #[error(transparent)]
     Status(#[from] StatusError),
@@ -147,7 +147,7 @@ impl ReconcileError {
             Self::Apply(e) => e.category(),
             Self::Observe(e) => e.category(),
             Self::WorkloadPods(e) => e.category(),
-            Self::Credentials(e) => e.category(),
+            Self::References(e) => e.category(),
             Self::Status(e) => e.category(),
             Self::MissingNamespace(_) => "MissingNamespace",
         }
@@ -492,12 +492,13 @@ pub async fn reconcile_mirror(
     }
     if !matches!(v.exposure, Exposure::External(_)) {
         let missing =
-            missing_secrets(&ctx.client, &namespace, &credentials_secrets(&mirror)).await?;
+            missing_objects(&ctx.client, &namespace, &referenced_objects(&mirror)).await?;
         if !missing.is_empty() {
-            info!(mirror = %object_key(&mirror), missing = %missing.join("; "), "credentials Secret missing");
-            let outcome = Outcome::CredentialsMissing { missing };
+            let listed: Vec<&str> = missing.iter().map(|m| m.message.as_str()).collect();
+            info!(mirror = %object_key(&mirror), missing = %listed.join("; "), "referenced object missing");
+            let outcome = Outcome::ReferencesMissing { missing };
             finish_status(ctx, &api, &mirror, &outcome, None).await?;
-            // No Secret watch: creating the Secret is noticed at the next requeue.
+            // No Secret or ConfigMap watch: creating the object is noticed at the next requeue.
             return Ok(Action::requeue(ctx.config.requeue_after));
         }
     }

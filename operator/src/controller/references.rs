@@ -1,33 +1,38 @@
-//! Credentials check: every Secret named by `spec.registries[].credentialsSecret.name` must exist
-//! in the mirror's namespace before registry objects are applied, because a registry pod that
-//! mounts a missing Secret hangs in `ContainerCreating` and says nothing useful.
+//! Reference check: every object a mirror's registry pods mount by name must exist in the
+//! mirror's namespace before registry objects are applied, because a pod that mounts a missing
+//! Secret or ConfigMap hangs in `ContainerCreating` and says nothing useful. The references are
+//! the credentials Secrets (`spec.registries[].credentialsSecret.name`) and the CA ConfigMaps
+//! (`spec.registries[].caConfigMap.name`, `spec.parent.caConfigMap.name`).
 //!
 //! Invariants:
-//! - Only the Secret's metadata is read (a `PartialObjectMetadata` GET): the operator never sees
-//!   credentials, and needs `get` on Secrets, no `list` or `watch`.
-//! - Existence is all that is checked: whether the Secret's keys match `type` (`username` and
-//!   `password`, or `.dockerconfigjson`) cannot be seen from metadata and is left to the registry.
-//! - There is no Secret watch: a mirror waiting for its Secret is looked at again every requeue
-//!   period, so creating the Secret is noticed within that period.
-//! - The list of Secrets to check and the messages are pure functions.
+//! - Only metadata is read (a `PartialObjectMetadata` GET): the operator never sees credentials
+//!   or CA bundles, and needs `get` on Secrets and ConfigMaps, no `list` or `watch`.
+//! - Existence is all that is checked: whether a Secret's keys match its `type`, or a ConfigMap
+//!   holds the named key with valid PEM, cannot be seen from metadata and is left to the kubelet
+//!   (a missing key keeps the pod in `ContainerCreating` with an Event) and the registry.
+//! - There is no watch of these objects: a mirror waiting for one is looked at again every
+//!   requeue period, so creating it is noticed within that period.
+//! - The list of references (in spec field order) and the messages are pure functions.
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::Api;
 use kube::Client;
 
 use crate::api::RegistryMirror;
 
-/// Failure to check a credentials Secret (a transient reconcile error).
+/// Failure to check that a referenced object exists (a transient reconcile error).
 #[derive(Debug, thiserror::Error)]
-pub enum CheckCredentialsError {
-    /// Reading the Secret's metadata failed for another reason than absence.
-    #[error("cannot check {field}: reading Secret {namespace}/{name}: {source}")]
+pub enum CheckReferencesError {
+    /// Reading the object's metadata failed for another reason than absence.
+    #[error("cannot check {field}: reading {kind} {namespace}/{name}: {source}", kind = .reference.object_kind())]
     Read {
-        /// JSON path of the field naming the Secret.
+        /// What the object is for.
+        reference: Referenced,
+        /// JSON path of the field naming the object.
         field: String,
-        /// Namespace of the Secret.
+        /// Namespace of the object.
         namespace: String,
-        /// Name of the Secret.
+        /// Name of the object.
         name: String,
         /// API error.
         #[source]
@@ -35,72 +40,157 @@ pub enum CheckCredentialsError {
     },
 }
 
-impl CheckCredentialsError {
+impl CheckReferencesError {
     /// The static category used in metrics labels and Event reasons.
     #[must_use]
     pub fn category(&self) -> &'static str {
-        "CredentialsCheckFailed"
+        match self {
+            Self::Read { reference, .. } => reference.check_category(),
+        }
     }
 }
 
-/// One Secret a mirror's registries need.
+/// What a referenced object is for, which decides its kind and the reasons reported about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Referenced {
+    /// A Secret with upstream credentials.
+    CredentialsSecret,
+    /// A ConfigMap with PEM CA certificates.
+    CaConfigMap,
+}
+
+impl Referenced {
+    /// The Kubernetes kind of the object.
+    #[must_use]
+    pub fn object_kind(self) -> &'static str {
+        match self {
+            Self::CredentialsSecret => "Secret",
+            Self::CaConfigMap => "ConfigMap",
+        }
+    }
+
+    /// The `Ready` reason while such an object is missing.
+    #[must_use]
+    pub fn missing_reason(self) -> &'static str {
+        match self {
+            Self::CredentialsSecret => "CredentialsSecretMissing",
+            Self::CaConfigMap => "CaConfigMapMissing",
+        }
+    }
+
+    /// The failure category when the check itself fails.
+    #[must_use]
+    pub fn check_category(self) -> &'static str {
+        match self {
+            Self::CredentialsSecret => "CredentialsCheckFailed",
+            Self::CaConfigMap => "CaConfigMapCheckFailed",
+        }
+    }
+}
+
+/// One object a mirror's registry pods need.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SecretRef {
+pub struct ObjectRef {
+    /// What it is for.
+    pub referenced: Referenced,
     /// JSON path of the field naming it, e.g. `spec.registries[1].credentialsSecret.name`.
     pub field: String,
-    /// Name of the Secret.
+    /// Name of the object.
     pub name: String,
 }
 
-/// The Secrets named by the mirror's registries, in spec order.
-#[must_use]
-pub fn credentials_secrets(mirror: &RegistryMirror) -> Vec<SecretRef> {
-    mirror
-        .spec
-        .registries
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| {
-            r.credentials_secret.as_ref().map(|s| SecretRef {
-                field: format!("spec.registries[{i}].credentialsSecret.name"),
-                name: s.name.clone(),
-            })
-        })
-        .collect()
+/// A referenced object that does not exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingObject {
+    /// What it is for.
+    pub referenced: Referenced,
+    /// `field: Kind "name" not found in namespace "ns"`.
+    pub message: String,
 }
 
-/// What status says about a missing Secret.
+/// The objects named by the mirror, in spec field order: per registry its credentials Secret,
+/// then its CA ConfigMap; then the parent's CA ConfigMap.
 #[must_use]
-pub fn missing_message(secret: &SecretRef, namespace: &str) -> String {
+pub fn referenced_objects(mirror: &RegistryMirror) -> Vec<ObjectRef> {
+    let mut refs = Vec::new();
+    for (i, r) in mirror.spec.registries.iter().enumerate() {
+        if let Some(secret) = &r.credentials_secret {
+            refs.push(ObjectRef {
+                referenced: Referenced::CredentialsSecret,
+                field: format!("spec.registries[{i}].credentialsSecret.name"),
+                name: secret.name.clone(),
+            });
+        }
+        if let Some(ca) = &r.ca_config_map {
+            refs.push(ObjectRef {
+                referenced: Referenced::CaConfigMap,
+                field: format!("spec.registries[{i}].caConfigMap.name"),
+                name: ca.name.clone(),
+            });
+        }
+    }
+    if let Some(ca) = mirror
+        .spec
+        .parent
+        .as_ref()
+        .and_then(|p| p.ca_config_map.as_ref())
+    {
+        refs.push(ObjectRef {
+            referenced: Referenced::CaConfigMap,
+            field: "spec.parent.caConfigMap.name".to_string(),
+            name: ca.name.clone(),
+        });
+    }
+    refs
+}
+
+/// What status says about a missing object.
+#[must_use]
+pub fn missing_message(object: &ObjectRef, namespace: &str) -> String {
     format!(
-        "{}: Secret {:?} not found in namespace {namespace:?}",
-        secret.field, secret.name
+        "{}: {} {:?} not found in namespace {namespace:?}",
+        object.field,
+        object.referenced.object_kind(),
+        object.name
     )
 }
 
-/// The messages for the Secrets in `secrets` that do not exist in `namespace`, in spec order
-/// (empty when all exist). Reads each Secret's metadata once.
+/// The objects in `refs` that do not exist in `namespace`, in the order given (empty when all
+/// exist). Reads each object's metadata once.
 ///
 /// # Errors
-/// [`CheckCredentialsError::Read`] when the API refuses or fails (other than 404).
-pub async fn missing_secrets(
+/// [`CheckReferencesError::Read`] when the API refuses or fails (other than 404).
+pub async fn missing_objects(
     client: &Client,
     namespace: &str,
-    secrets: &[SecretRef],
-) -> Result<Vec<String>, CheckCredentialsError> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    refs: &[ObjectRef],
+) -> Result<Vec<MissingObject>, CheckReferencesError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let mut missing = Vec::new();
-    for secret in secrets {
-        let found = api.get_metadata_opt(&secret.name).await.map_err(|source| {
-            CheckCredentialsError::Read {
-                field: secret.field.clone(),
-                namespace: namespace.to_string(),
-                name: secret.name.clone(),
-                source,
-            }
+    for object in refs {
+        let found = match object.referenced {
+            Referenced::CredentialsSecret => secrets
+                .get_metadata_opt(&object.name)
+                .await
+                .map(|found| found.is_some()),
+            Referenced::CaConfigMap => config_maps
+                .get_metadata_opt(&object.name)
+                .await
+                .map(|found| found.is_some()),
+        }
+        .map_err(|source| CheckReferencesError::Read {
+            reference: object.referenced,
+            field: object.field.clone(),
+            namespace: namespace.to_string(),
+            name: object.name.clone(),
+            source,
         })?;
-        if found.is_none() {
-            missing.push(missing_message(secret, namespace));
+        if !found {
+            missing.push(MissingObject {
+                referenced: object.referenced,
+                message: missing_message(object, namespace),
+            });
         }
     }
     Ok(missing)
@@ -112,47 +202,106 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn mirror(registries: serde_json::Value) -> RegistryMirror {
+    fn mirror(spec: serde_json::Value) -> RegistryMirror {
         serde_json::from_value(json!({
             "apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
             "metadata": {"name": "hub", "namespace": "team-a"},
-            "spec": {"registries": registries}
+            "spec": spec
         }))
         .unwrap()
     }
 
-    #[test]
-    fn only_registries_with_credentials_name_a_secret_with_their_field() {
-        let m = mirror(json!([
-            {"name": "quay.io"},
-            {"name": "docker.io", "credentialsSecret": {"name": "hub-creds"}},
-            {"name": "ghcr.io", "credentialsSecret": {"name": "gh", "type": "DockerConfigJson"}}
-        ]));
-        assert_eq!(
-            credentials_secrets(&m),
-            [
-                SecretRef {
-                    field: "spec.registries[1].credentialsSecret.name".into(),
-                    name: "hub-creds".into()
-                },
-                SecretRef {
-                    field: "spec.registries[2].credentialsSecret.name".into(),
-                    name: "gh".into()
-                },
-            ]
-        );
-        assert!(credentials_secrets(&mirror(json!([{"name": "docker.io"}]))).is_empty());
+    fn secret(field: &str, name: &str) -> ObjectRef {
+        ObjectRef {
+            referenced: Referenced::CredentialsSecret,
+            field: field.into(),
+            name: name.into(),
+        }
+    }
+
+    fn config_map(field: &str, name: &str) -> ObjectRef {
+        ObjectRef {
+            referenced: Referenced::CaConfigMap,
+            field: field.into(),
+            name: name.into(),
+        }
     }
 
     #[test]
-    fn the_missing_message_names_the_field_the_secret_and_the_namespace() {
-        let secret = SecretRef {
-            field: "spec.registries[1].credentialsSecret.name".into(),
-            name: "hub-creds".into(),
-        };
+    fn only_registries_with_credentials_name_a_secret_with_their_field() {
+        let m = mirror(json!({"registries": [
+            {"name": "quay.io"},
+            {"name": "docker.io", "credentialsSecret": {"name": "hub-creds"}},
+            {"name": "ghcr.io", "credentialsSecret": {"name": "gh", "type": "DockerConfigJson"}}
+        ]}));
         assert_eq!(
-            missing_message(&secret, "team-a"),
+            referenced_objects(&m),
+            [
+                secret("spec.registries[1].credentialsSecret.name", "hub-creds"),
+                secret("spec.registries[2].credentialsSecret.name", "gh"),
+            ]
+        );
+        assert!(
+            referenced_objects(&mirror(json!({"registries": [{"name": "docker.io"}]}))).is_empty()
+        );
+    }
+
+    #[test]
+    fn ca_config_maps_of_registries_and_parent_are_referenced_in_field_order() {
+        let m = mirror(json!({
+            "registries": [
+                {"name": "registry.corp.example", "caConfigMap": {"name": "corp-ca"},
+                 "credentialsSecret": {"name": "corp-creds"}},
+                {"name": "docker.io"}
+            ],
+            "parent": {"url": "https://hub.corp.example:30500",
+                       "caConfigMap": {"name": "hub-ca", "key": "bundle.pem"}}
+        }));
+        assert_eq!(
+            referenced_objects(&m),
+            [
+                secret("spec.registries[0].credentialsSecret.name", "corp-creds"),
+                config_map("spec.registries[0].caConfigMap.name", "corp-ca"),
+                config_map("spec.parent.caConfigMap.name", "hub-ca"),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_missing_message_names_the_field_the_kind_the_object_and_the_namespace() {
+        assert_eq!(
+            missing_message(
+                &secret("spec.registries[1].credentialsSecret.name", "hub-creds"),
+                "team-a"
+            ),
             r#"spec.registries[1].credentialsSecret.name: Secret "hub-creds" not found in namespace "team-a""#
+        );
+        assert_eq!(
+            missing_message(
+                &config_map("spec.registries[0].caConfigMap.name", "corp-ca"),
+                "team-a"
+            ),
+            r#"spec.registries[0].caConfigMap.name: ConfigMap "corp-ca" not found in namespace "team-a""#
+        );
+    }
+
+    #[test]
+    fn each_kind_of_reference_has_its_own_reason_and_failure_category() {
+        assert_eq!(
+            Referenced::CredentialsSecret.missing_reason(),
+            "CredentialsSecretMissing"
+        );
+        assert_eq!(
+            Referenced::CaConfigMap.missing_reason(),
+            "CaConfigMapMissing"
+        );
+        assert_eq!(
+            Referenced::CredentialsSecret.check_category(),
+            "CredentialsCheckFailed"
+        );
+        assert_eq!(
+            Referenced::CaConfigMap.check_category(),
+            "CaConfigMapCheckFailed"
         );
     }
 }

@@ -15,6 +15,7 @@ use serde_json::json;
 
 use super::conflict::Conflict;
 use super::observe::Observations;
+use super::references::{MissingObject, Referenced};
 use crate::api::{
     CacheStatus, ConditionStatus, ConditionType, MirrorCondition, NodeProblem, NodesStatus,
     RegistryMirror, RegistryMirrorStatus, UpstreamBudgetStatus,
@@ -68,11 +69,11 @@ pub enum Outcome {
     },
     /// Another mirror wins a registry on overlapping nodes; nothing was applied.
     Conflicting(Conflict),
-    /// A credentials Secret the spec names does not exist; nothing was applied or changed.
-    CredentialsMissing {
-        /// One `field: Secret "name" not found in namespace "ns"` per missing Secret, in spec
-        /// order.
-        missing: Vec<String>,
+    /// A Secret or ConfigMap the spec names does not exist; nothing was applied or changed.
+    ReferencesMissing {
+        /// One entry (`field: Kind "name" not found in namespace "ns"`) per missing object, in
+        /// spec field order; the first one's reason names the `Ready` condition.
+        missing: Vec<MissingObject>,
     },
     /// Objects are applied; this is what runs.
     Running {
@@ -473,17 +474,31 @@ pub fn compute_status(
             ));
             c
         }
-        Outcome::CredentialsMissing { missing } => {
+        Outcome::ReferencesMissing { missing } => {
+            let referenced = missing
+                .first()
+                .map_or(Referenced::CredentialsSecret, |m| m.referenced);
+            let reason = referenced.missing_reason();
+            let message = missing
+                .iter()
+                .map(|m| m.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
             let mut c = vec![condition(
                 ConditionType::Ready,
                 ConditionStatus::False,
-                "CredentialsSecretMissing",
-                missing.join("; "),
+                reason,
+                message,
             )];
-            c.extend(unknown_all(
-                "CredentialsSecretMissing",
-                "a credentials Secret is missing; nothing was applied or changed",
-            ));
+            let what = match referenced {
+                Referenced::CredentialsSecret => {
+                    "a credentials Secret is missing; nothing was applied or changed"
+                }
+                Referenced::CaConfigMap => {
+                    "a CA ConfigMap is missing; nothing was applied or changed"
+                }
+            };
+            c.extend(unknown_all(reason, what));
             c.push(no_conflict());
             c
         }

@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use crate::api::{
-    FreshnessRule, NodeSettings, RegistryMirror, RegistryMirrorSpec, ServiceKind, StorageKind,
+    CaConfigMapRef, FreshnessRule, NodeSettings, RegistryMirror, RegistryMirrorSpec, ServiceKind,
+    StorageKind,
 };
 
 /// Longest mirror name: derived object names (`cachalot-<name>-agent`, StatefulSet pod names with
@@ -161,6 +162,9 @@ pub fn validate(mirror: &RegistryMirror) -> Result<Validated, ValidateError> {
     let exposure = validate_exposure(spec)?;
     if let Some(parent) = &spec.parent {
         check_url(&parent.url).map_err(|m| invalid("spec.parent.url", m))?;
+        if let Some(ca) = &parent.ca_config_map {
+            validate_ca_config_map(ca, "spec.parent.caConfigMap")?;
+        }
         if matches!(exposure, Exposure::External(_)) {
             return Err(invalid(
                 "spec.parent",
@@ -219,6 +223,9 @@ fn validate_registries(spec: &RegistryMirrorSpec) -> Result<Vec<ValidRegistry>, 
                 ));
             }
         }
+        if let Some(ca) = &r.ca_config_map {
+            validate_ca_config_map(ca, &format!("{field}.caConfigMap"))?;
+        }
         if let Some(reserve) = r.budget_reserve {
             if reserve < 0 {
                 return Err(invalid(
@@ -245,6 +252,25 @@ fn validate_registries(spec: &RegistryMirrorSpec) -> Result<Vec<ValidRegistry>, 
         });
     }
     Ok(out)
+}
+
+fn validate_ca_config_map(ca: &CaConfigMapRef, field: &str) -> Result<(), ValidateError> {
+    if !is_dns_subdomain(&ca.name) {
+        return Err(invalid(
+            format!("{field}.name"),
+            format!("`{}` is not a valid ConfigMap name", ca.name),
+        ));
+    }
+    if !is_config_map_key(&ca.key) {
+        return Err(invalid(
+            format!("{field}.key"),
+            format!(
+                "`{}` is not a valid ConfigMap key (at most 253 of `-._a-zA-Z0-9`, not `.` and not starting with `..`)",
+                ca.key
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn validate_freshness(rule: &FreshnessRule, field: &str) -> Result<ValidFreshness, ValidateError> {
@@ -409,6 +435,18 @@ fn is_dns_subdomain(name: &str) -> bool {
         && name.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
+/// A ConfigMap key as the API server accepts it (`IsConfigMapKey`). It is also used as a file
+/// name in the registry pod, which the `.`/`..` rules keep inside the mount directory.
+fn is_config_map_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 253
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        && key != "."
+        && !key.starts_with("..")
+}
+
 /// Parses a Go-style duration (`500ms`, `3s`, `1m30s`, `6h`); a sign, fractions and `us`/`ns` are
 /// refused because neither containerd's users nor the registry need them.
 ///
@@ -538,6 +576,26 @@ mod tests {
                 parse_quantity_bytes(bad).is_err(),
                 "{bad} should be refused"
             );
+        }
+    }
+
+    #[test]
+    fn config_map_keys_follow_the_api_server_rules() {
+        for good in ["ca.crt", "ca-bundle.pem", "CA_1", ".hidden", "a..b"] {
+            assert!(is_config_map_key(good), "{good} should be accepted");
+        }
+        let long = "k".repeat(254);
+        for bad in [
+            "",
+            ".",
+            "..",
+            "..data",
+            "ca/crt",
+            "ca crt",
+            "ca:crt",
+            long.as_str(),
+        ] {
+            assert!(!is_config_map_key(bad), "{bad} should be refused");
         }
     }
 
