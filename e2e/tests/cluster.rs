@@ -85,15 +85,26 @@ async fn a_mirror_serves_pulls_on_every_node_raises_its_hit_ratio_and_cleans_up_
                 settings,
                 &client,
                 &ns.name,
-                puller(&format!("pull-{round}-{i}"), &settings.pull_image, Some(node)),
+                puller(
+                    &format!("pull-{round}-{i}"),
+                    &settings.pull_image,
+                    Some(node),
+                ),
             )
             .await
             .with_context(|| format!("pull on {node}, round {round}"))?;
         }
         let (hits, misses) = registry_hits_misses(&client, &ns.name, "e2e").await?;
-        wait_for_mirror(settings, &api, "e2e", "status with the registry's counts", |m| {
-            m.data["status"]["cache"]["hits"] == hits && m.data["status"]["cache"]["misses"] == misses
-        })
+        wait_for_mirror(
+            settings,
+            &api,
+            "e2e",
+            "status with the registry's counts",
+            |m| {
+                m.data["status"]["cache"]["hits"] == hits
+                    && m.data["status"]["cache"]["misses"] == misses
+            },
+        )
         .await?;
         let rows = get_registrymirrors(settings, &ns.name)?;
         let row = rows.into_iter().next().context("a row")?;
@@ -108,7 +119,10 @@ async fn a_mirror_serves_pulls_on_every_node_raises_its_hit_ratio_and_cleans_up_
         "{pulls} Always pulls went through the mirror's registry: {served} requests counted"
     );
     let ratio = |row: &std::collections::BTreeMap<String, String>| -> f64 {
-        row["HIT-RATIO"].trim_end_matches('%').parse().unwrap_or(-1.0)
+        row["HIT-RATIO"]
+            .trim_end_matches('%')
+            .parse()
+            .unwrap_or(-1.0)
     };
     assert!(
         ratio(&columns[1]) > ratio(&columns[0]),
