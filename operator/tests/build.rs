@@ -665,6 +665,31 @@ fn agent_daemonset_has_no_api_access_and_mounts_only_node_paths_it_needs() {
 }
 
 #[test]
+fn registry_and_agent_containers_put_their_last_log_lines_in_the_termination_message() {
+    for spec in [
+        serde_json::json!({"registries": [{"name": "docker.io"}]}),
+        serde_json::json!({"registries": [{"name": "docker.io"}],
+                           "storage": {"type": "PersistentVolumeClaim", "size": "10Gi"}}),
+    ] {
+        let m = mirror(spec);
+        let (v, objs) = build(&m);
+        let pod = pod_spec(objs.as_ref().unwrap());
+        assert_eq!(
+            pod.containers[0].termination_message_policy.as_deref(),
+            Some("FallbackToLogsOnError")
+        );
+        let agent = build_agent(&m, &v, &cfg(), None, false).unwrap();
+        let agent_pod = agent.daemon_set.spec.template.spec.unwrap();
+        assert_eq!(
+            agent_pod.containers[0]
+                .termination_message_policy
+                .as_deref(),
+            Some("FallbackToLogsOnError")
+        );
+    }
+}
+
+#[test]
 fn building_twice_is_identical_and_a_config_change_rolls_the_pods() {
     let m = mirror(serde_json::json!({"registries": [{"name": "docker.io"}]}));
     let (_, a) = build(&m);

@@ -9,12 +9,13 @@ use cachalot_operator::api::{
     ConditionStatus, ConditionType, MirrorCondition, RegistryMirror, RegistryMirrorStatus,
 };
 use cachalot_operator::controller::observe::{
-    AgentObservation, Observations, RegistryPodObservation, RegistryStats,
+    not_ready_pods, AgentObservation, Observations, RegistryPodObservation, RegistryStats,
 };
 use cachalot_operator::controller::references::{MissingObject, Referenced};
 use cachalot_operator::controller::status::{compute_status, hit_ratio, transitions, Outcome};
 use cachalot_operator::node_agent::protocol::{AgentStatus, ContainerdStatus, Problem, Reason};
 use common::registry_stats;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
@@ -87,6 +88,7 @@ fn pods(list: Vec<RegistryStats>) -> Vec<RegistryPodObservation> {
 fn partially_configured_nodes_report_n_of_m_with_the_dominant_node_reason() {
     let obs = Observations {
         registry_pods: pods(vec![registry_stats(1, 1, 0, 50)]),
+        registry_pods_not_ready: Vec::new(),
         ready_replicas: 1,
         desired_nodes: 4,
         agents: vec![
@@ -127,6 +129,7 @@ fn an_agent_on_an_older_desired_state_is_pending_not_configured() {
     }
     let obs = Observations {
         registry_pods: pods(vec![registry_stats(0, 0, 0, 50)]),
+        registry_pods_not_ready: Vec::new(),
         ready_replicas: 1,
         desired_nodes: 1,
         agents: vec![stale_agent],
@@ -150,6 +153,7 @@ fn cache_counts_are_summed_over_pods_and_budget_is_the_lowest_remaining() {
             registry_stats(6, 1, 1, 40),
             registry_stats(2, 1, 0, 35),
         ]),
+        registry_pods_not_ready: Vec::new(),
         ready_replicas: 2,
         desired_nodes: 1,
         agents: vec![agent("node-1", true, None)],
@@ -174,6 +178,7 @@ fn exhausted_budget_is_rate_limited_and_low_budget_is_the_reserve() {
     let status_for = |remaining| {
         let obs = Observations {
             registry_pods: pods(vec![registry_stats(1, 0, 0, remaining)]),
+            registry_pods_not_ready: Vec::new(),
             ready_replicas: 1,
             desired_nodes: 0,
             agents: Vec::new(),
@@ -200,6 +205,7 @@ fn no_ready_registry_pod_means_proxy_unavailable_and_not_ready() {
             pod: "p0".to_string(),
             stats: Err("timeout".to_string()),
         }],
+        registry_pods_not_ready: Vec::new(),
         ready_replicas: 0,
         desired_nodes: 1,
         agents: vec![agent("node-1", true, None)],
@@ -225,6 +231,7 @@ fn no_ready_registry_pod_means_proxy_unavailable_and_not_ready() {
 fn recomputing_an_unchanged_world_keeps_transition_times_and_a_flip_moves_only_that_one() {
     let obs = |ready_agent| Observations {
         registry_pods: pods(vec![registry_stats(5, 5, 0, 50)]),
+        registry_pods_not_ready: Vec::new(),
         ready_replicas: 1,
         desired_nodes: 1,
         agents: vec![agent("node-1", ready_agent, None)],
@@ -377,5 +384,146 @@ fn with_a_secret_and_a_ca_config_map_missing_the_first_in_field_order_names_the_
     assert_eq!(
         ready.message,
         r#"spec.registries[0].caConfigMap.name: ConfigMap "corp-ca" not found in namespace "ns"; spec.registries[1].credentialsSecret.name: Secret "hub-creds" not found in namespace "ns""#
+    );
+}
+
+const CREDENTIALS_LOG: &str = "cachalot-registry: registries.docker.io.credentials: cannot read credentials file /etc/cachalot/credentials/docker.io/username: No such file or directory";
+
+/// A registry pod of a mirror whose Basic Secret lacks `username`, at one instant of its crash
+/// loop: `state` is the container's current state, `restarts` its restart count.
+fn credentials_crash(state: serde_json::Value, restarts: i32) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "cachalot-hub-7d9f8-abcde", "namespace": "ns"},
+        "spec": {"containers": [{"name": "registry"}]},
+        "status": {
+            "phase": "Running", "podIP": "10.0.0.7",
+            "conditions": [{"type": "PodScheduled", "status": "True"},
+                           {"type": "Ready", "status": "False", "reason": "ContainersNotReady"}],
+            "containerStatuses": [{
+                "name": "registry", "ready": false, "restartCount": restarts,
+                "image": "cachalot:dev", "imageID": "", "state": state,
+                "lastState": {"terminated": {
+                    "exitCode": 1, "reason": "Error",
+                    "finishedAt": format!("2026-01-02T00:00:{:02}Z", restarts * 7),
+                    "message": format!("{CREDENTIALS_LOG}\n"),
+                }},
+            }],
+        },
+    }))
+    .unwrap()
+}
+
+fn not_ready_world(pods: &[Pod]) -> Observations {
+    Observations {
+        registry_pods: Vec::new(),
+        registry_pods_not_ready: not_ready_pods(pods),
+        ready_replicas: 0,
+        desired_nodes: 1,
+        agents: vec![agent("node-1", true, None)],
+    }
+}
+
+#[test]
+fn a_registry_pod_that_cannot_read_its_credentials_names_the_cause_in_proxy_available_and_ready() {
+    let pod = credentials_crash(
+        serde_json::json!({"waiting": {"reason": "CrashLoopBackOff",
+            "message": "back-off 10s restarting failed container=registry pod=cachalot-hub-7d9f8-abcde"}}),
+        1,
+    );
+    let status = compute_status(&mirror(), &running(not_ready_world(&[pod])), &at(0));
+    let expected = format!(
+        "registry pod cachalot-hub-7d9f8-abcde: CrashLoopBackOff; last exit 1: {CREDENTIALS_LOG}"
+    );
+    let proxy = cond(&status, ConditionType::ProxyAvailable);
+    assert_eq!(
+        (proxy.status, proxy.reason.as_str(), proxy.message.as_str()),
+        (ConditionStatus::False, "RegistryFailing", expected.as_str())
+    );
+    let ready = cond(&status, ConditionType::Ready);
+    assert_eq!(
+        (ready.status, ready.reason.as_str(), ready.message.as_str()),
+        (
+            ConditionStatus::False,
+            "ProxyUnavailable",
+            expected.as_str()
+        )
+    );
+    let events = transitions(None, &status);
+    assert!(
+        events
+            .iter()
+            .any(|t| t.warning && t.reason == "RegistryFailing" && t.note == expected),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_crash_loop_observed_at_later_restarts_recomputes_to_the_same_status_and_no_event() {
+    let first_pod = credentials_crash(
+        serde_json::json!({"waiting": {"reason": "CrashLoopBackOff",
+            "message": "back-off 10s restarting failed container=registry pod=cachalot-hub-7d9f8-abcde"}}),
+        1,
+    );
+    let mut m = mirror();
+    let first = compute_status(&m, &running(not_ready_world(&[first_pod])), &at(100));
+    m.status = Some(first.clone());
+    for (state, restarts) in [
+        (
+            serde_json::json!({"waiting": {"reason": "CrashLoopBackOff",
+                "message": "back-off 2m40s restarting failed container=registry pod=cachalot-hub-7d9f8-abcde"}}),
+            5,
+        ),
+        (
+            serde_json::json!({"running": {"startedAt": "2026-01-02T00:09:00Z"}}),
+            6,
+        ),
+        (
+            serde_json::json!({"terminated": {"exitCode": 1, "reason": "Error",
+                "finishedAt": "2026-01-02T00:09:01Z", "message": format!("{CREDENTIALS_LOG}\n")}}),
+            6,
+        ),
+    ] {
+        let later = credentials_crash(state, restarts);
+        let again = compute_status(&m, &running(not_ready_world(&[later])), &at(200));
+        assert_eq!(again, first, "restart {restarts}");
+        assert!(transitions(Some(&first), &again).is_empty());
+    }
+}
+
+#[test]
+fn a_registry_pod_waiting_for_a_volume_is_pending_and_the_starting_case_keeps_no_ready_pods() {
+    let pod = |waiting: serde_json::Value| -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cachalot-hub-0", "namespace": "ns"},
+            "spec": {"containers": [{"name": "registry"}]},
+            "status": {"phase": "Pending", "containerStatuses": [{
+                "name": "registry", "ready": false, "restartCount": 0, "image": "i",
+                "imageID": "", "state": {"waiting": waiting}}]},
+        }))
+        .unwrap()
+    };
+    let mount = pod(serde_json::json!({"reason": "ContainerCreating",
+        "message": "MountVolume.SetUp failed for volume \"ca-0\" : configmap references non-existent config key: ca.crt"}));
+    let status = compute_status(&mirror(), &running(not_ready_world(&[mount])), &at(0));
+    let proxy = cond(&status, ConditionType::ProxyAvailable);
+    assert_eq!(proxy.reason, "RegistryPending");
+    assert_eq!(
+        proxy.message,
+        "registry pod cachalot-hub-0: ContainerCreating: MountVolume.SetUp failed for volume \"ca-0\" : configmap references non-existent config key: ca.crt"
+    );
+    assert_eq!(cond(&status, ConditionType::Ready).message, proxy.message);
+    assert!(
+        transitions(None, &status)
+            .iter()
+            .all(|t| t.reason != "RegistryFailing"),
+        "pending is not a failure"
+    );
+
+    let creating = pod(serde_json::json!({"reason": "ContainerCreating"}));
+    let status = compute_status(&mirror(), &running(not_ready_world(&[creating])), &at(0));
+    let proxy = cond(&status, ConditionType::ProxyAvailable);
+    assert_eq!(
+        (proxy.reason.as_str(), proxy.message.as_str()),
+        ("NoReadyPods", "no registry pod is ready yet")
     );
 }

@@ -14,6 +14,9 @@
 //!   (name or key) changes the config hash and the pod template, and rolls the pods.
 //! - Registry pods run non-root, read-only root filesystem, no capabilities, seccomp
 //!   RuntimeDefault, writable volumes only for the cache and `/tmp`.
+//! - Registry and agent containers use `terminationMessagePolicy: FallbackToLogsOnError`, so
+//!   the reason a container exited (its last log lines) reaches the pod status and from there
+//!   the mirror's `ProxyAvailable` condition.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -83,6 +86,10 @@ const HOST_CONTAINERD_DIR: &str = "/host/containerd";
 const HOST_REGISTRIES_CONF_DIR: &str = "/host/registries.conf.d";
 /// UID/GID of the registry process (the image's non-root user).
 const REGISTRY_UID: i64 = 65532;
+/// `terminationMessagePolicy` of the registry and agent containers: a container that fails
+/// gets the tail of its log as `lastState.terminated.message`, which the status shows (the
+/// binaries write no termination-log file, and their start-up errors go to the log).
+pub const TERMINATION_MESSAGE_POLICY: &str = "FallbackToLogsOnError";
 
 /// Failure to build the owned objects: the spec passed validation yet produced something the
 /// registry or the API would refuse, which is a bug or a gap in validation.
@@ -717,6 +724,7 @@ fn registry_pod_template(
                         .unwrap_or_else(default_registry_resources),
                 ),
                 security_context: Some(restricted_security_context(Some(REGISTRY_UID))),
+                termination_message_policy: Some(TERMINATION_MESSAGE_POLICY.to_string()),
                 volume_mounts: Some(mounts),
                 ..Container::default()
             }],
@@ -959,6 +967,7 @@ pub fn build_agent(
                         }),
                         // Root only to write root-owned host directories; no capabilities.
                         security_context: Some(restricted_security_context(Some(0))),
+                        termination_message_policy: Some(TERMINATION_MESSAGE_POLICY.to_string()),
                         volume_mounts: Some(mounts),
                         ..Container::default()
                     }],

@@ -66,8 +66,8 @@ use build::{
     registry_name, selector_string, BuildConfig, BuildError, Workload, AGENT_PORT, REGISTRY_PORT,
 };
 use observe::{
-    list_component_pods, probe_agents, probe_registries, HttpProbe, Observations, ObserveError,
-    Probe,
+    list_component_pods, not_ready_pods, probe_agents, probe_registries, running_pods, HttpProbe,
+    Observations, ObserveError, Probe,
 };
 use owned::{owned_stores, watch_owned, OwnedStores};
 use references::{missing_objects, referenced_objects, CheckReferencesError};
@@ -517,8 +517,8 @@ pub async fn reconcile_mirror(
         .map_or(0, |s| s.desired_number_scheduled);
 
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let registry_pods = if external {
-        Vec::new()
+    let (registry_pods, registry_pods_not_ready) = if external {
+        (Vec::new(), Vec::new())
     } else {
         let listed = list_component_pods(
             &pods,
@@ -527,7 +527,8 @@ pub async fn reconcile_mirror(
             "registry",
         )
         .await?;
-        probe_registries(&ctx.probe, listed, REGISTRY_PORT).await
+        let probed = probe_registries(&ctx.probe, running_pods(&listed), REGISTRY_PORT).await;
+        (probed, not_ready_pods(&listed))
     };
     let agent_pods = list_component_pods(
         &pods,
@@ -536,7 +537,7 @@ pub async fn reconcile_mirror(
         "node-agent",
     )
     .await?;
-    let agents = probe_agents(&ctx.probe, agent_pods, AGENT_PORT).await;
+    let agents = probe_agents(&ctx.probe, running_pods(&agent_pods), AGENT_PORT).await;
     let reserves: BTreeMap<String, u64> = mirror
         .spec
         .registries
@@ -557,6 +558,7 @@ pub async fn reconcile_mirror(
         reserves,
         observations: Observations {
             registry_pods,
+            registry_pods_not_ready,
             ready_replicas,
             desired_nodes,
             agents,
@@ -682,7 +684,7 @@ async fn cleanup(
         "node-agent",
     )
     .await?;
-    let agents = probe_agents(&ctx.probe, listed, AGENT_PORT).await;
+    let agents = probe_agents(&ctx.probe, running_pods(&listed), AGENT_PORT).await;
     let total = agents.len();
     let pending: Vec<String> = agents
         .into_iter()

@@ -1,16 +1,21 @@
-//! Observation stage: what the registry pods and node agents report, fetched over HTTP.
+//! Observation stage: what the registry pods and node agents report, fetched over HTTP, and why
+//! registry pods that are not ready are not (from the listed Pods' status, no extra call).
 //!
 //! Invariants: every fetch has a short timeout and a failure becomes data (`Err(message)` in the
 //! observation), never a reconcile error, so one dead node cannot stall a mirror's status. The
 //! HTTP calls sit behind the [`Probe`] trait so tests inject fakes; pod listing goes through the
 //! Kubernetes client. Results are sorted (by node or pod name) so status is deterministic.
+//! [`not_ready_pods`] is a pure function of the Pod list that keeps only what is stable across a
+//! crash loop (waiting reason and message, exit code and the last line of the termination
+//! message), never restart counts, back-off delays or timestamps, and caps every message at
+//! [`MAX_DETAIL_CHARS`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodStatus};
 use kube::api::{Api, ListParams};
 use serde::{Deserialize, Serialize};
 
@@ -245,6 +250,8 @@ pub struct AgentObservation {
 pub struct Observations {
     /// Registry pods that are running, sorted by name.
     pub registry_pods: Vec<RegistryPodObservation>,
+    /// Registry pods that are not ready and why, sorted by name (see [`not_ready_pods`]).
+    pub registry_pods_not_ready: Vec<NotReadyPod>,
     /// Ready replicas of the registry workload, from its status.
     pub ready_replicas: i32,
     /// Nodes the agent DaemonSet should run on (its `desiredNumberScheduled`).
@@ -253,25 +260,229 @@ pub struct Observations {
     pub agents: Vec<AgentObservation>,
 }
 
-fn running_pods(pods: Vec<Pod>) -> Vec<(String, String, String)> {
+/// The running pods `(name, node, ip)` of a list, sorted: those worth probing. Pure.
+#[must_use]
+pub fn running_pods(pods: &[Pod]) -> Vec<(String, String, String)> {
     let mut out: Vec<(String, String, String)> = pods
-        .into_iter()
+        .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter_map(|p| {
-            let status = p.status?;
+            let status = p.status.as_ref()?;
             if status.phase.as_deref() != Some("Running") {
                 return None;
             }
-            let ip = status.pod_ip.filter(|ip| !ip.is_empty())?;
-            let name = p.metadata.name.unwrap_or_default();
+            let ip = status.pod_ip.clone().filter(|ip| !ip.is_empty())?;
+            let name = p.metadata.name.clone().unwrap_or_default();
             let node = p
                 .spec
-                .and_then(|s| s.node_name)
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
                 .unwrap_or_else(|| name.clone());
             Some((name, node, ip))
         })
         .collect();
     out.sort();
+    out
+}
+
+/// At most this many characters of a waiting or termination message are kept (the end of it,
+/// where an error chain names its cause), so status stays small.
+pub const MAX_DETAIL_CHARS: usize = 300;
+
+/// Why one registry pod is not ready, as its status says, reduced to what stays the same from
+/// one restart to the next.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NotReadyPod {
+    /// Pod name.
+    pub pod: String,
+    /// The scheduler's message (or reason) when `PodScheduled` is `False`.
+    pub unschedulable: Option<String>,
+    /// Its containers that are not ready, sorted by name.
+    pub containers: Vec<ContainerSummary>,
+}
+
+/// One container that is not ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerSummary {
+    /// Container name.
+    pub name: String,
+    /// Its current state.
+    pub state: ContainerState,
+    /// Its most recent termination: `state.terminated` while terminated, else
+    /// `lastState.terminated`.
+    pub last_termination: Option<Termination>,
+}
+
+/// A container's current state, without timestamps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerState {
+    /// `state.waiting`: its reason (`ContainerCreating`, `CrashLoopBackOff`, `ErrImagePull`, ...)
+    /// and message (empty when none), compacted.
+    Waiting {
+        /// `state.waiting.reason`.
+        reason: String,
+        /// `state.waiting.message`, compacted.
+        message: String,
+    },
+    /// `state.running` (started, not ready).
+    Running,
+    /// `state.terminated` (see [`ContainerSummary::last_termination`]).
+    Terminated,
+    /// No state reported yet.
+    Unknown,
+}
+
+/// How a container last ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Termination {
+    /// Exit code.
+    pub exit_code: i32,
+    /// `Error`, `OOMKilled`, `Completed`, ... (empty when none).
+    pub reason: String,
+    /// The last meaningful line of the termination message (with `FallbackToLogsOnError`, the
+    /// last line the container logged), compacted; empty when none.
+    pub message: String,
+}
+
+/// Keeps the last [`MAX_DETAIL_CHARS`] characters of a one-line text, marking a cut with `…`.
+fn cap(text: &str) -> String {
+    let count = text.chars().count();
+    if count <= MAX_DETAIL_CHARS {
+        return text.to_string();
+    }
+    let tail: String = text.chars().skip(count - (MAX_DETAIL_CHARS - 1)).collect();
+    format!("…{tail}")
+}
+
+/// A message on one line, whitespace runs collapsed, capped. Pure.
+#[must_use]
+pub fn compact_message(text: &str) -> String {
+    cap(&text.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+/// What a JSON log line says, without its timestamp: `fields.message` (tracing) or `message` /
+/// `msg`, followed by `: error` when an `error` field is present. `None` for other lines.
+fn json_log_message(line: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    let object = value.as_object()?;
+    let fields = object.get("fields").and_then(|f| f.as_object());
+    let text = |key: &str| {
+        fields
+            .and_then(|f| f.get(key))
+            .or_else(|| object.get(key))
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty())
+    };
+    let message = text("message").or_else(|| text("msg"))?;
+    Some(match text("error") {
+        Some(error) => format!("{message}: {error}"),
+        None => message.to_string(),
+    })
+}
+
+/// The part of a termination message worth showing: its last meaningful line (a JSON log line
+/// reduced to its message, since its timestamp would change at every restart; Rust's backtrace
+/// hint after a panic skipped), compacted. Pure.
+#[must_use]
+pub fn termination_summary(message: &str) -> String {
+    let line = message
+        .lines()
+        .map(str::trim)
+        .rev()
+        .find(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+        .unwrap_or_default();
+    compact_message(&json_log_message(line).unwrap_or_else(|| line.to_string()))
+}
+
+fn termination(t: &k8s_openapi::api::core::v1::ContainerStateTerminated) -> Termination {
+    Termination {
+        exit_code: t.exit_code,
+        reason: t.reason.clone().unwrap_or_default(),
+        message: termination_summary(t.message.as_deref().unwrap_or_default()),
+    }
+}
+
+fn container_summary(c: &ContainerStatus) -> ContainerSummary {
+    let current = c.state.as_ref();
+    let state = match current {
+        Some(s) if s.waiting.is_some() => {
+            let w = s.waiting.as_ref();
+            let reason = w.and_then(|w| w.reason.clone()).unwrap_or_default();
+            // A back-off's message is the kubelet's delay, which grows at every restart.
+            let message = if reason == "CrashLoopBackOff" {
+                String::new()
+            } else {
+                compact_message(w.and_then(|w| w.message.as_deref()).unwrap_or_default())
+            };
+            ContainerState::Waiting { reason, message }
+        }
+        Some(s) if s.running.is_some() => ContainerState::Running,
+        Some(s) if s.terminated.is_some() => ContainerState::Terminated,
+        _ => ContainerState::Unknown,
+    };
+    let last_termination = current
+        .and_then(|s| s.terminated.as_ref())
+        .or_else(|| c.last_state.as_ref().and_then(|s| s.terminated.as_ref()))
+        .map(termination);
+    ContainerSummary {
+        name: c.name.clone(),
+        state,
+        last_termination,
+    }
+}
+
+fn is_ready(status: &PodStatus) -> bool {
+    status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// Why each pod of a list that is not ready is not: pods that are not deleting, not finished
+/// (`Succeeded`/`Failed`: replaced by their controller) and not `Ready`, sorted by name, with
+/// their unready containers sorted by name. Pure.
+#[must_use]
+pub fn not_ready_pods(pods: &[Pod]) -> Vec<NotReadyPod> {
+    let mut out: Vec<NotReadyPod> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| {
+            let status = p.status.clone().unwrap_or_default();
+            if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) || is_ready(&status)
+            {
+                return None;
+            }
+            let unschedulable = status
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+                .map(|c| {
+                    let text = c
+                        .message
+                        .as_deref()
+                        .filter(|m| !m.is_empty())
+                        .or(c.reason.as_deref())
+                        .unwrap_or("not scheduled");
+                    compact_message(text)
+                });
+            let mut containers: Vec<ContainerSummary> = status
+                .container_statuses
+                .iter()
+                .flatten()
+                .filter(|c| !c.ready)
+                .map(container_summary)
+                .collect();
+            containers.sort_by(|a, b| a.name.cmp(&b.name));
+            Some(NotReadyPod {
+                pod: p.metadata.name.clone().unwrap_or_default(),
+                unschedulable,
+                containers,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.pod.cmp(&b.pod));
     out
 }
 
@@ -283,7 +494,7 @@ fn base_url(ip: &str, port: i32) -> String {
     }
 }
 
-/// Lists the running pods of one component of a mirror.
+/// Lists the pods of one component of a mirror (see [`running_pods`] and [`not_ready_pods`]).
 ///
 /// # Errors
 /// [`ObserveError::ListPods`] when the list call fails.
@@ -292,7 +503,7 @@ pub async fn list_component_pods(
     namespace: &str,
     selector: &str,
     component: &'static str,
-) -> Result<Vec<(String, String, String)>, ObserveError> {
+) -> Result<Vec<Pod>, ObserveError> {
     let list = pods
         .list(&ListParams::default().labels(selector))
         .await
@@ -301,7 +512,7 @@ pub async fn list_component_pods(
             namespace: namespace.to_string(),
             source,
         })?;
-    Ok(running_pods(list.items))
+    Ok(list.items)
 }
 
 /// Probes the registry pods `(name, node, ip)` concurrently.
@@ -348,4 +559,219 @@ pub async fn probe_agents(
         .await;
     out.sort_by(|a, b| a.node.cmp(&b.node));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use serde_json::json;
+
+    const CREDENTIALS_ERROR: &str = "cachalot-registry: registries.docker.io.credentials: cannot read credentials file /etc/cachalot/credentials/docker.io/username: No such file or directory";
+
+    fn pod(name: &str, status: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"nodeName": "node-1", "containers": [{"name": "registry"}]},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn crash_looping(name: &str, restarts: i32, back_off: &str) -> Pod {
+        pod(
+            name,
+            json!({
+                "phase": "Running", "podIP": "10.0.0.7",
+                "conditions": [{"type": "Ready", "status": "False"}],
+                "containerStatuses": [{
+                    "name": "registry", "ready": false, "restartCount": restarts,
+                    "image": "cachalot:dev", "imageID": "",
+                    "state": {"waiting": {"reason": "CrashLoopBackOff",
+                        "message": format!("back-off {back_off} restarting failed container=registry pod={name}")}},
+                    "lastState": {"terminated": {
+                        "exitCode": 1, "reason": "Error",
+                        "startedAt": format!("2026-01-02T00:0{restarts}:00Z"),
+                        "finishedAt": format!("2026-01-02T00:0{restarts}:01Z"),
+                        "message": format!("{{\"timestamp\":\"2026-01-02T00:0{restarts}:00Z\",\"level\":\"INFO\",\"fields\":{{\"message\":\"starting\"}}}}\n{CREDENTIALS_ERROR}\n"),
+                    }},
+                }],
+            }),
+        )
+    }
+
+    #[test]
+    fn a_crash_looping_pod_keeps_its_exit_code_and_last_log_line_but_no_back_off_or_times() {
+        let summary = not_ready_pods(&[crash_looping("cachalot-m-1", 3, "40s")]);
+        assert_eq!(
+            summary,
+            vec![NotReadyPod {
+                pod: "cachalot-m-1".to_string(),
+                unschedulable: None,
+                containers: vec![ContainerSummary {
+                    name: "registry".to_string(),
+                    state: ContainerState::Waiting {
+                        reason: "CrashLoopBackOff".to_string(),
+                        message: String::new(),
+                    },
+                    last_termination: Some(Termination {
+                        exit_code: 1,
+                        reason: "Error".to_string(),
+                        message: CREDENTIALS_ERROR.to_string(),
+                    }),
+                }],
+            }]
+        );
+        assert_eq!(
+            summary,
+            not_ready_pods(&[crash_looping("cachalot-m-1", 5, "2m40s")]),
+            "restarts, back-off and timestamps leave the summary alone"
+        );
+    }
+
+    #[test]
+    fn a_terminated_container_reports_its_own_termination() {
+        let p = pod(
+            "p",
+            json!({"phase": "Running", "containerStatuses": [{
+                "name": "registry", "ready": false, "restartCount": 1, "image": "i", "imageID": "",
+                "state": {"terminated": {"exitCode": 2, "reason": "Error", "message": "bad config\n"}},
+                "lastState": {"terminated": {"exitCode": 1, "message": "older"}},
+            }]}),
+        );
+        let summary = not_ready_pods(&[p]);
+        let c = &summary[0].containers[0];
+        assert_eq!(c.state, ContainerState::Terminated);
+        assert_eq!(
+            c.last_termination,
+            Some(Termination {
+                exit_code: 2,
+                reason: "Error".to_string(),
+                message: "bad config".to_string()
+            })
+        );
+    }
+
+    #[test]
+    fn an_image_pull_failure_keeps_the_waiting_reason_and_message() {
+        let p = pod(
+            "p",
+            json!({"phase": "Pending", "containerStatuses": [{
+                "name": "registry", "ready": false, "restartCount": 0, "image": "i", "imageID": "",
+                "state": {"waiting": {"reason": "ImagePullBackOff",
+                    "message": "Back-off pulling image \"ghcr.io/x/cachalot:nope\": not found"}},
+            }]}),
+        );
+        assert_eq!(
+            not_ready_pods(&[p])[0].containers[0].state,
+            ContainerState::Waiting {
+                reason: "ImagePullBackOff".to_string(),
+                message: "Back-off pulling image \"ghcr.io/x/cachalot:nope\": not found"
+                    .to_string(),
+            }
+        );
+    }
+
+    #[test]
+    fn an_unschedulable_pod_keeps_the_schedulers_message() {
+        let p = pod(
+            "p",
+            json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/3 nodes are available: 3 Insufficient memory."}]}),
+        );
+        assert_eq!(
+            not_ready_pods(&[p]),
+            vec![NotReadyPod {
+                pod: "p".to_string(),
+                unschedulable: Some("0/3 nodes are available: 3 Insufficient memory.".to_string()),
+                containers: Vec::new(),
+            }]
+        );
+    }
+
+    #[test]
+    fn ready_deleting_and_finished_pods_are_left_out_and_the_rest_is_sorted() {
+        let ready = pod(
+            "a-ready",
+            json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}),
+        );
+        let mut deleting = pod("b-deleting", json!({"phase": "Running"}));
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        let evicted = pod("c-evicted", json!({"phase": "Failed", "reason": "Evicted"}));
+        let names: Vec<String> = not_ready_pods(&[
+            pod("z-new", json!({})),
+            ready,
+            deleting,
+            evicted,
+            pod("m-running", json!({"phase": "Running"})),
+        ])
+        .into_iter()
+        .map(|p| p.pod)
+        .collect();
+        assert_eq!(names, ["m-running", "z-new"]);
+    }
+
+    #[test]
+    fn long_messages_keep_their_end_and_fit_the_cap() {
+        let long = format!("{}: the cause", "context ".repeat(100));
+        let kept = compact_message(&long);
+        assert_eq!(kept.chars().count(), MAX_DETAIL_CHARS);
+        assert!(
+            kept.starts_with('…') && kept.ends_with("context : the cause"),
+            "{kept}"
+        );
+        assert_eq!(compact_message("a\n  b\tc "), "a b c");
+    }
+
+    #[test]
+    fn a_termination_message_is_reduced_to_its_last_meaningful_line() {
+        assert_eq!(termination_summary(""), "");
+        assert_eq!(
+            termination_summary("line one\nCA file /x holds no usable PEM certificate\n\n"),
+            "CA file /x holds no usable PEM certificate"
+        );
+        assert_eq!(
+            termination_summary(
+                "thread 'main' panicked at src/main.rs:3:5:\nboom\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n"
+            ),
+            "boom"
+        );
+        assert_eq!(
+            termination_summary(
+                r#"{"timestamp":"2026-01-02T00:00:00.123Z","level":"ERROR","fields":{"message":"cannot bind","error":"address in use"},"target":"x"}"#
+            ),
+            "cannot bind: address in use"
+        );
+        assert_eq!(termination_summary(r#"{"ts":1.5,"msg":"fatal"}"#), "fatal");
+    }
+
+    #[test]
+    fn running_pods_are_those_with_an_ip_sorted_by_name() {
+        let running = |name: &str, ip: &str| pod(name, json!({"phase": "Running", "podIP": ip}));
+        assert_eq!(
+            running_pods(&[
+                running("b", "10.0.0.2"),
+                running("a", "10.0.0.1"),
+                running("c", ""),
+                pod("d", json!({"phase": "Pending"})),
+            ]),
+            vec![
+                (
+                    "a".to_string(),
+                    "node-1".to_string(),
+                    "10.0.0.1".to_string()
+                ),
+                (
+                    "b".to_string(),
+                    "node-1".to_string(),
+                    "10.0.0.2".to_string()
+                ),
+            ]
+        );
+    }
 }

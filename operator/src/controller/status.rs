@@ -6,6 +6,10 @@
 //!   `lastTransitionTime` of a condition whose status changed, so an unchanged world yields an
 //!   identical status and no write.
 //! - Lists are sorted, numbers are summed over pods in a fixed order.
+//! - When no registry pod is ready, `ProxyAvailable` says why from the pods' own status
+//!   ([`proxy_unavailable`]): never a restart count, back-off delay or timestamp, and a crash
+//!   loop reads the same whichever phase of it was observed, so a pod failing the same way at
+//!   every restart causes no status write after the first.
 
 use std::collections::BTreeMap;
 
@@ -14,7 +18,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use super::conflict::Conflict;
-use super::observe::Observations;
+use super::observe::{ContainerState, ContainerSummary, NotReadyPod, Observations, Termination};
 use super::references::{MissingObject, Referenced};
 use crate::api::{
     CacheStatus, ConditionStatus, ConditionType, MirrorCondition, NodeProblem, NodesStatus,
@@ -24,6 +28,9 @@ use crate::node_agent::protocol::{AgentStatus, RegistryState};
 
 /// How many not-configured nodes are listed in status.
 const MAX_NODE_PROBLEMS: usize = 10;
+/// `ProxyAvailable` reason when a registry pod fails (crash loop, image pull, ...); also the
+/// reason of the Warning Event sent when it starts.
+pub const REGISTRY_FAILING: &str = "RegistryFailing";
 
 /// Failure to write status.
 #[derive(Debug, thiserror::Error)]
@@ -400,6 +407,165 @@ fn summarize_budget(
     (budget, summary, cond)
 }
 
+/// What a registry pod that is not ready is doing, as shown in `ProxyAvailable`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodDiagnosis {
+    /// It fails: a crash loop, an image that cannot be pulled, a container that cannot be
+    /// created. The detail names the cause.
+    Failing(String),
+    /// It waits with something to say: unschedulable, or being created with a message.
+    Pending(String),
+    /// Nothing wrong reported: it is starting (scheduled, pulling, waiting for its probes).
+    Starting,
+}
+
+/// `; last exit N (Reason): message` of a termination; `Error` is the default and left out.
+fn last_exit(termination: Option<&Termination>) -> String {
+    let Some(t) = termination else {
+        return String::new();
+    };
+    let mut out = format!("; last exit {}", t.exit_code);
+    if !t.reason.is_empty() && t.reason != "Error" {
+        out.push_str(&format!(" ({})", t.reason));
+    }
+    if !t.message.is_empty() {
+        out.push_str(&format!(": {}", t.message));
+    }
+    out
+}
+
+fn failed_exit(c: &ContainerSummary) -> bool {
+    c.last_termination
+        .as_ref()
+        .is_some_and(|t| t.exit_code != 0)
+}
+
+fn with_message(reason: &str, message: &str) -> String {
+    if message.is_empty() {
+        reason.to_string()
+    } else {
+        format!("{reason}: {message}")
+    }
+}
+
+fn diagnose_container(c: &ContainerSummary) -> PodDiagnosis {
+    // A crash loop passes through waiting (CrashLoopBackOff), running and terminated; all three
+    // read the same, so the message does not change with the instant the pod was looked at.
+    let crash_loop = || {
+        PodDiagnosis::Failing(format!(
+            "CrashLoopBackOff{}",
+            last_exit(c.last_termination.as_ref())
+        ))
+    };
+    match &c.state {
+        ContainerState::Waiting { reason, .. } if reason == "CrashLoopBackOff" => crash_loop(),
+        // The kubelet alternates the two while it backs off; the back-off message carries the
+        // pull error after `Back-off pulling image "…": `, the other one is that error.
+        ContainerState::Waiting { reason, message }
+            if reason == "ErrImagePull" || reason == "ImagePullBackOff" =>
+        {
+            let error = message
+                .strip_prefix("Back-off pulling image ")
+                .and_then(|rest| rest.split_once("\": ").map(|(_, error)| error))
+                .unwrap_or(message);
+            PodDiagnosis::Failing(with_message("ImagePullBackOff", error))
+        }
+        ContainerState::Waiting { reason, message }
+            if reason == "ContainerCreating"
+                || reason == "PodInitializing"
+                || reason.is_empty() =>
+        {
+            if failed_exit(c) {
+                crash_loop()
+            } else if message.is_empty() {
+                PodDiagnosis::Starting
+            } else {
+                PodDiagnosis::Pending(with_message(reason, message))
+            }
+        }
+        ContainerState::Waiting { reason, message } => {
+            PodDiagnosis::Failing(with_message(reason, message))
+        }
+        ContainerState::Running | ContainerState::Terminated | ContainerState::Unknown => {
+            if failed_exit(c) {
+                crash_loop()
+            } else {
+                PodDiagnosis::Starting
+            }
+        }
+    }
+}
+
+/// Why one registry pod is not ready: its first failing container (by name), else its
+/// scheduling problem, else its first container waiting with a message, else starting. Pure.
+#[must_use]
+pub fn diagnose(pod: &NotReadyPod) -> PodDiagnosis {
+    let diagnoses: Vec<PodDiagnosis> = pod.containers.iter().map(diagnose_container).collect();
+    if let Some(failing) = diagnoses
+        .iter()
+        .find(|d| matches!(d, PodDiagnosis::Failing(_)))
+    {
+        return failing.clone();
+    }
+    if let Some(message) = &pod.unschedulable {
+        return PodDiagnosis::Pending(format!("unschedulable: {message}"));
+    }
+    diagnoses
+        .into_iter()
+        .find(|d| matches!(d, PodDiagnosis::Pending(_)))
+        .unwrap_or(PodDiagnosis::Starting)
+}
+
+/// `ProxyAvailable=False` when no registry pod is ready: `RegistryFailing` naming the first
+/// failing pod (by name), else `RegistryPending` naming the first pending one, else
+/// `NoReadyPods`. One pod's detail plus how many others are not ready. Pure.
+#[must_use]
+pub fn proxy_unavailable(not_ready: &[NotReadyPod]) -> MirrorCondition {
+    let diagnosed: Vec<(&str, PodDiagnosis)> = not_ready
+        .iter()
+        .map(|p| (p.pod.as_str(), diagnose(p)))
+        .collect();
+    let describe = |pod: &str, detail: &str| {
+        let mut message = format!("registry pod {pod}: {detail}");
+        match not_ready.len().saturating_sub(1) {
+            0 => {}
+            1 => message.push_str("; and 1 more registry pod not ready"),
+            n => message.push_str(&format!("; and {n} more registry pods not ready")),
+        }
+        message
+    };
+    let failing = diagnosed.iter().find_map(|(pod, d)| match d {
+        PodDiagnosis::Failing(detail) => Some((*pod, detail)),
+        _ => None,
+    });
+    if let Some((pod, detail)) = failing {
+        return condition(
+            ConditionType::ProxyAvailable,
+            ConditionStatus::False,
+            REGISTRY_FAILING,
+            describe(pod, detail),
+        );
+    }
+    let pending = diagnosed.iter().find_map(|(pod, d)| match d {
+        PodDiagnosis::Pending(detail) => Some((*pod, detail)),
+        _ => None,
+    });
+    if let Some((pod, detail)) = pending {
+        return condition(
+            ConditionType::ProxyAvailable,
+            ConditionStatus::False,
+            "RegistryPending",
+            describe(pod, detail),
+        );
+    }
+    condition(
+        ConditionType::ProxyAvailable,
+        ConditionStatus::False,
+        "NoReadyPods",
+        "no registry pod is ready yet",
+    )
+}
+
 fn unknown_all(reason: &str, message: &str) -> Vec<MirrorCondition> {
     [
         ConditionType::ProxyAvailable,
@@ -580,12 +746,7 @@ pub fn compute_status(
                     ),
                 )
             } else {
-                condition(
-                    ConditionType::ProxyAvailable,
-                    ConditionStatus::False,
-                    "NoReadyPods",
-                    "no registry pod is ready yet",
-                )
+                proxy_unavailable(&obs.registry_pods_not_ready)
             };
             let nodes = summarize_nodes(&key, endpoint.as_deref(), desired_generation, obs);
             let (cache, cache_cond) = summarize_cache(obs);
@@ -663,7 +824,9 @@ fn find(status: Option<&RegistryMirrorStatus>, t: ConditionType) -> Option<&Mirr
     status?.conditions.iter().find(|c| c.type_ == t)
 }
 
-/// Events for changes between two statuses: Ready changing status or reason, a new conflict.
+/// Events for changes between two statuses: Ready changing status or reason, `ProxyAvailable`
+/// becoming `RegistryFailing` (Ready's reason stays `ProxyUnavailable` then, only its message
+/// names the cause), a new conflict.
 #[must_use]
 pub fn transitions(
     previous: Option<&RegistryMirrorStatus>,
@@ -682,6 +845,16 @@ pub fn transitions(
                     ),
                 reason: ready.reason.clone(),
                 note: ready.message.clone(),
+            });
+        }
+    }
+    if let Some(proxy) = find(Some(next), ConditionType::ProxyAvailable) {
+        let before = find(previous, ConditionType::ProxyAvailable);
+        if proxy.reason == REGISTRY_FAILING && before.is_none_or(|b| b.reason != REGISTRY_FAILING) {
+            out.push(Transition {
+                warning: true,
+                reason: REGISTRY_FAILING.to_string(),
+                note: proxy.message.clone(),
             });
         }
     }
@@ -730,4 +903,247 @@ pub async fn write_status(
             source,
         })?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    const CREDENTIALS_ERROR: &str = "registries.docker.io.credentials: cannot read credentials file /etc/cachalot/credentials/docker.io/username: No such file or directory";
+
+    fn waiting(reason: &str, message: &str) -> ContainerState {
+        ContainerState::Waiting {
+            reason: reason.to_string(),
+            message: message.to_string(),
+        }
+    }
+
+    fn exit(code: i32, message: &str) -> Option<Termination> {
+        Some(Termination {
+            exit_code: code,
+            reason: if code == 0 { "Completed" } else { "Error" }.to_string(),
+            message: message.to_string(),
+        })
+    }
+
+    fn pod(name: &str, state: ContainerState, last: Option<Termination>) -> NotReadyPod {
+        NotReadyPod {
+            pod: name.to_string(),
+            unschedulable: None,
+            containers: vec![ContainerSummary {
+                name: "registry".to_string(),
+                state,
+                last_termination: last,
+            }],
+        }
+    }
+
+    fn reason_and_message(pods: &[NotReadyPod]) -> (String, String) {
+        let c = proxy_unavailable(pods);
+        assert_eq!(c.status, ConditionStatus::False);
+        (c.reason, c.message)
+    }
+
+    #[test]
+    fn a_crash_looping_pod_is_failing_with_its_last_exit_and_message() {
+        let crashing = pod(
+            "cachalot-m-7d9f-abcde",
+            waiting("CrashLoopBackOff", ""),
+            exit(1, CREDENTIALS_ERROR),
+        );
+        assert_eq!(
+            reason_and_message(&[crashing]),
+            (
+                "RegistryFailing".to_string(),
+                format!("registry pod cachalot-m-7d9f-abcde: CrashLoopBackOff; last exit 1: {CREDENTIALS_ERROR}")
+            )
+        );
+    }
+
+    #[test]
+    fn every_phase_of_a_crash_loop_reads_the_same() {
+        let phases = [
+            pod("p", waiting("CrashLoopBackOff", ""), exit(1, "bad CA")),
+            pod("p", ContainerState::Running, exit(1, "bad CA")),
+            pod("p", ContainerState::Terminated, exit(1, "bad CA")),
+            pod("p", waiting("ContainerCreating", ""), exit(1, "bad CA")),
+        ];
+        for phase in &phases {
+            assert_eq!(
+                diagnose(phase),
+                PodDiagnosis::Failing("CrashLoopBackOff; last exit 1: bad CA".to_string()),
+                "{phase:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_oom_kill_names_its_reason_and_a_clean_exit_loop_its_code() {
+        let oom = pod(
+            "p",
+            waiting("CrashLoopBackOff", ""),
+            Some(Termination {
+                exit_code: 137,
+                reason: "OOMKilled".to_string(),
+                message: String::new(),
+            }),
+        );
+        assert_eq!(
+            diagnose(&oom),
+            PodDiagnosis::Failing("CrashLoopBackOff; last exit 137 (OOMKilled)".to_string())
+        );
+        let clean = pod("p", waiting("CrashLoopBackOff", ""), exit(0, ""));
+        assert_eq!(
+            diagnose(&clean),
+            PodDiagnosis::Failing("CrashLoopBackOff; last exit 0 (Completed)".to_string())
+        );
+    }
+
+    #[test]
+    fn an_image_pull_failure_reads_the_same_while_the_kubelet_backs_off() {
+        let error = "rpc error: code = NotFound desc = ghcr.io/x/cachalot:nope: not found";
+        let pulling = pod("p", waiting("ErrImagePull", error), None);
+        let backing_off = pod(
+            "p",
+            waiting(
+                "ImagePullBackOff",
+                &format!("Back-off pulling image \"ghcr.io/x/cachalot:nope\": {error}"),
+            ),
+            None,
+        );
+        let expected = (
+            "RegistryFailing".to_string(),
+            format!("registry pod p: ImagePullBackOff: {error}"),
+        );
+        assert_eq!(reason_and_message(&[pulling]), expected);
+        assert_eq!(reason_and_message(&[backing_off]), expected);
+    }
+
+    #[test]
+    fn a_container_that_cannot_be_created_is_failing_with_the_kubelets_message() {
+        let p = pod(
+            "p",
+            waiting("CreateContainerConfigError", "secret \"creds\" not found"),
+            None,
+        );
+        assert_eq!(
+            diagnose(&p),
+            PodDiagnosis::Failing(
+                "CreateContainerConfigError: secret \"creds\" not found".to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn a_pod_creating_with_a_mount_message_is_pending() {
+        let mount = "MountVolume.SetUp failed for volume \"ca-0\" : configmap references non-existent config key: ca.crt";
+        let p = pod("p", waiting("ContainerCreating", mount), None);
+        assert_eq!(
+            reason_and_message(&[p]),
+            (
+                "RegistryPending".to_string(),
+                format!("registry pod p: ContainerCreating: {mount}")
+            )
+        );
+    }
+
+    #[test]
+    fn an_unschedulable_pod_is_pending_with_the_schedulers_message() {
+        let p = NotReadyPod {
+            pod: "p".to_string(),
+            unschedulable: Some("0/3 nodes are available: 3 Insufficient memory.".to_string()),
+            containers: Vec::new(),
+        };
+        assert_eq!(
+            reason_and_message(&[p]),
+            (
+                "RegistryPending".to_string(),
+                "registry pod p: unschedulable: 0/3 nodes are available: 3 Insufficient memory."
+                    .to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn pods_that_are_only_starting_keep_no_ready_pods() {
+        let starting = [
+            pod("a", waiting("ContainerCreating", ""), None),
+            pod("b", ContainerState::Running, None),
+            pod("c", ContainerState::Running, exit(0, "")),
+            NotReadyPod {
+                pod: "d".to_string(),
+                ..NotReadyPod::default()
+            },
+        ];
+        assert_eq!(
+            reason_and_message(&starting),
+            (
+                "NoReadyPods".to_string(),
+                "no registry pod is ready yet".to_string()
+            )
+        );
+        assert_eq!(reason_and_message(&[]).0, "NoReadyPods");
+    }
+
+    #[test]
+    fn in_a_mix_a_failing_pod_wins_over_pending_and_starting_ones_and_the_others_are_counted() {
+        let mix = [
+            pod("a", ContainerState::Running, None),
+            pod("b", waiting("ContainerCreating", "mounting"), None),
+            pod("c", waiting("CrashLoopBackOff", ""), exit(1, "bad CA")),
+            pod("d", waiting("ErrImagePull", "not found"), None),
+        ];
+        assert_eq!(
+            reason_and_message(&mix),
+            (
+                "RegistryFailing".to_string(),
+                "registry pod c: CrashLoopBackOff; last exit 1: bad CA; and 3 more registry pods not ready"
+                    .to_string()
+            )
+        );
+        assert_eq!(
+            reason_and_message(&mix[..2]).1,
+            "registry pod b: ContainerCreating: mounting; and 1 more registry pod not ready"
+        );
+    }
+
+    fn status_with_proxy(reason: &str, message: &str) -> RegistryMirrorStatus {
+        RegistryMirrorStatus {
+            conditions: vec![
+                condition(
+                    ConditionType::Ready,
+                    ConditionStatus::False,
+                    "ProxyUnavailable",
+                    message,
+                ),
+                condition(
+                    ConditionType::ProxyAvailable,
+                    ConditionStatus::False,
+                    reason,
+                    message,
+                ),
+            ],
+            ..RegistryMirrorStatus::default()
+        }
+    }
+
+    #[test]
+    fn becoming_registry_failing_is_one_warning_event_even_when_ready_keeps_its_reason() {
+        let starting = status_with_proxy("NoReadyPods", "no registry pod is ready yet");
+        let failing = status_with_proxy("RegistryFailing", "registry pod p: CrashLoopBackOff");
+        let events = transitions(Some(&starting), &failing);
+        assert_eq!(
+            events,
+            vec![Transition {
+                warning: true,
+                reason: "RegistryFailing".to_string(),
+                note: "registry pod p: CrashLoopBackOff".to_string(),
+            }]
+        );
+        let other_cause = status_with_proxy("RegistryFailing", "registry pod q: ImagePullBackOff");
+        assert!(transitions(Some(&failing), &other_cause).is_empty());
+        assert!(transitions(Some(&failing), &failing).is_empty());
+    }
 }
