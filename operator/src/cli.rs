@@ -112,6 +112,32 @@ fn default_identity() -> String {
         .unwrap_or_else(|| format!("cachalot-operator-{}", std::process::id()))
 }
 
+/// The `User-Agent` of every API request: the version and this replica's identity, so the API
+/// server's audit log tells the replicas apart (their requests may share a source address).
+#[must_use]
+pub fn user_agent(identity: &str) -> String {
+    let printable: String = identity
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(253)
+        .collect();
+    format!(
+        "cachalot-operator/{} ({printable})",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// A client from the in-cluster config or `KUBECONFIG`, sending [`user_agent`].
+async fn client_for(identity: &str) -> Result<kube::Client, RunOperatorError> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(|e| RunOperatorError::Client(kube::Error::InferConfig(e)))?;
+    if let Ok(value) = http::HeaderValue::from_str(&user_agent(identity)) {
+        config.headers.push((http::header::USER_AGENT, value));
+    }
+    kube::Client::try_from(config).map_err(RunOperatorError::Client)
+}
+
 /// Runs the operator until SIGTERM/Ctrl-C (or loss of leadership).
 ///
 /// # Errors
@@ -119,9 +145,8 @@ fn default_identity() -> String {
 pub async fn run_operator(args: RunArgs) -> Result<(), RunOperatorError> {
     telemetry::init(args.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = kube::Client::try_default()
-        .await
-        .map_err(RunOperatorError::Client)?;
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let client = client_for(&identity).await?;
     let metrics = Arc::new(Metrics::new());
     let health = Health {
         metrics: metrics.clone(),
@@ -150,7 +175,6 @@ pub async fn run_operator(args: RunArgs) -> Result<(), RunOperatorError> {
         let _ = rx.wait_for(|v| *v).await;
     };
 
-    let identity = args.identity.clone().unwrap_or_else(default_identity);
     let probe: Arc<dyn controller::observe::Probe> = Arc::new(
         controller::observe::HttpProbe::new(args.probe_timeout)
             .map_err(controller::RunError::ProbeClient)?,
@@ -188,12 +212,13 @@ pub async fn run_operator(args: RunArgs) -> Result<(), RunOperatorError> {
                 () = stopped(lost_flag_rx) => {}
             }
         };
-        let controller_task = tokio::spawn(controller::run_with(
+        let controller_task = tokio::spawn(controller::run_leading(
             client.clone(),
             config,
             probe,
             metrics.clone(),
             shutdown,
+            Some(elector.guard()),
         ));
         let outcome = tokio::select! {
             lost = lost_rx => {
@@ -220,4 +245,24 @@ pub async fn run_operator(args: RunArgs) -> Result<(), RunOperatorError> {
     };
     serving.abort();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    #[test]
+    fn the_user_agent_names_the_version_and_the_replica() {
+        assert_eq!(
+            user_agent("cachalot-7d9f-abcde"),
+            format!(
+                "cachalot-operator/{} (cachalot-7d9f-abcde)",
+                env!("CARGO_PKG_VERSION")
+            )
+        );
+        // Whatever the identity, the header value stays valid.
+        let odd = user_agent("a b\u{e9}\n");
+        assert!(http::HeaderValue::from_str(&odd).is_ok(), "{odd}");
+    }
 }

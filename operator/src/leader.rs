@@ -9,6 +9,14 @@
 //! Invariants: [`decide`] is pure (the clock is a parameter); a holder that cannot renew within
 //! `renew_deadline` reports the loss and the caller stops reconciling (the binary exits, so a
 //! fresh process re-enters the election).
+//!
+//! Fencing: the loop that renews may learn of a loss too late (a process frozen for longer than
+//! the lease wakes up with reconciles in flight, as a hung node or a stopped container does). So
+//! the holder also keeps a [`LeaseGuard`]: the monotonic instant of its last successful renewal.
+//! Every write of the controller asks the guard first, and the guard says "held" only within
+//! `renew_deadline` of that instant, which is shorter than the `lease_duration` a standby waits
+//! before taking over. A woken process therefore stops writing before its first write, without
+//! waiting for its renewal loop to notice.
 
 use std::time::Duration;
 
@@ -54,6 +62,53 @@ pub enum LeaseError {
         /// The renew deadline.
         deadline: Duration,
     },
+}
+
+/// The holder's own view of how long its lease is still safely held, shared with the controller.
+#[derive(Debug, Clone)]
+pub struct LeaseGuard {
+    renewed: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    valid_for: Duration,
+}
+
+/// Whether a lease renewed at `renewed` is still held at `now`, renewals counting for
+/// `valid_for`. Pure.
+#[must_use]
+pub fn still_held(
+    renewed: Option<std::time::Instant>,
+    valid_for: Duration,
+    now: std::time::Instant,
+) -> bool {
+    renewed.is_some_and(|at| now.saturating_duration_since(at) < valid_for)
+}
+
+impl LeaseGuard {
+    /// A guard that counts each renewal for `valid_for` (the renew deadline).
+    #[must_use]
+    pub fn new(valid_for: Duration) -> Self {
+        Self {
+            renewed: std::sync::Arc::new(std::sync::Mutex::new(None)),
+            valid_for,
+        }
+    }
+
+    /// Records a successful renewal that was sent at `at`.
+    pub fn renewed_at(&self, at: std::time::Instant) {
+        let mut renewed = self.renewed.lock().unwrap_or_else(|e| e.into_inner());
+        *renewed = Some(renewed.map_or(at, |before| before.max(at)));
+    }
+
+    /// Forgets the lease (released or lost).
+    pub fn clear(&self) {
+        *self.renewed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Whether writes are allowed now.
+    #[must_use]
+    pub fn held(&self) -> bool {
+        let renewed = *self.renewed.lock().unwrap_or_else(|e| e.into_inner());
+        still_held(renewed, self.valid_for, std::time::Instant::now())
+    }
 }
 
 /// Election settings.
@@ -149,6 +204,7 @@ fn is_conflict(e: &kube::Error) -> bool {
 pub struct Elector {
     api: Api<Lease>,
     config: LeaderConfig,
+    guard: LeaseGuard,
 }
 
 impl std::fmt::Debug for Elector {
@@ -165,8 +221,15 @@ impl Elector {
     pub fn new(client: Client, config: LeaderConfig) -> Self {
         Self {
             api: Api::namespaced(client, &config.namespace),
+            guard: LeaseGuard::new(config.renew_deadline),
             config,
         }
+    }
+
+    /// The guard the controller checks before each write.
+    #[must_use]
+    pub fn guard(&self) -> LeaseGuard {
+        self.guard.clone()
     }
 
     fn read_err(&self, source: kube::Error) -> LeaseError {
@@ -189,6 +252,8 @@ impl Elector {
     /// # Errors
     /// [`LeaseError`] for API failures other than losing a race.
     pub async fn try_acquire_or_renew(&self) -> Result<bool, LeaseError> {
+        // Taken before the request: the lease counts from no later than this.
+        let sent = std::time::Instant::now();
         let now = Timestamp::now();
         let current = self
             .api
@@ -240,7 +305,10 @@ impl Elector {
             (_, None) => return Ok(false),
         };
         match result {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                self.guard.renewed_at(sent);
+                Ok(true)
+            }
             Err(e) if is_conflict(&e) => Ok(false),
             Err(e) => Err(self.write_err(e)),
         }
@@ -271,15 +339,17 @@ impl Elector {
             match self.try_acquire_or_renew().await {
                 Ok(true) => last_renewed = tokio::time::Instant::now(),
                 Ok(false) => {
+                    self.guard.clear();
                     return LeaseError::Lost {
                         namespace: self.config.namespace.clone(),
                         name: self.config.name.clone(),
                         deadline: self.config.renew_deadline,
-                    }
+                    };
                 }
                 Err(error) => warn!(%error, "lease renewal failed"),
             }
             if last_renewed.elapsed() > self.config.renew_deadline {
+                self.guard.clear();
                 return LeaseError::Lost {
                     namespace: self.config.namespace.clone(),
                     name: self.config.name.clone(),
@@ -294,6 +364,7 @@ impl Elector {
     /// # Errors
     /// [`LeaseError`] when the lease cannot be read or written.
     pub async fn release(&self) -> Result<(), LeaseError> {
+        self.guard.clear();
         let Some(mut lease) = self
             .api
             .get_opt(&self.config.name)
@@ -322,6 +393,40 @@ impl Elector {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+
+    #[test]
+    fn a_lease_is_held_only_within_the_renew_deadline_of_the_last_renewal() {
+        let t0 = std::time::Instant::now();
+        let deadline = Duration::from_secs(10);
+        assert!(!still_held(None, deadline, t0), "never renewed");
+        assert!(still_held(Some(t0), deadline, t0 + Duration::from_secs(9)));
+        assert!(!still_held(
+            Some(t0),
+            deadline,
+            t0 + Duration::from_secs(10)
+        ));
+        // A process frozen for a minute wakes up without the right to write.
+        assert!(!still_held(
+            Some(t0),
+            deadline,
+            t0 + Duration::from_secs(60)
+        ));
+    }
+
+    #[test]
+    fn a_guard_keeps_the_latest_renewal_and_forgets_on_clear() {
+        let guard = LeaseGuard::new(Duration::from_secs(10));
+        assert!(!guard.held());
+        let now = std::time::Instant::now();
+        guard.renewed_at(now);
+        guard.renewed_at(now.checked_sub(Duration::from_secs(30)).unwrap_or(now));
+        assert!(
+            guard.held(),
+            "an older renewal reported late does not shorten the lease"
+        );
+        guard.clear();
+        assert!(!guard.held());
+    }
 
     fn spec(holder: &str, renewed_secs_ago: i64, now: Timestamp) -> LeaseSpec {
         LeaseSpec {

@@ -24,6 +24,7 @@ use tracing::debug;
 use super::drift::{apply_reason, desired_hash, ApplyReason, APPLIED_HASH_ANNOTATION};
 use super::owned::{cached, Owned, OwnedStores, ReadCacheError};
 use crate::api::{RegistryMirror, FINALIZER};
+use crate::leader::LeaseGuard;
 use crate::metrics::Metrics;
 
 /// The one field manager of every write the operator makes.
@@ -85,6 +86,9 @@ pub enum ApplyError {
         #[source]
         source: kube::Error,
     },
+    /// This replica's leader lease is not safely held: nothing was written.
+    #[error("not writing: the leader lease is not held (renewal overdue)")]
+    NotLeader,
 }
 
 impl ApplyError {
@@ -97,6 +101,7 @@ impl ApplyError {
             Self::Get { .. } => "GetFailed",
             Self::Cache(e) => e.category(),
             Self::Finalizer { .. } => "FinalizerFailed",
+            Self::NotLeader => "NotLeader",
         }
     }
 }
@@ -156,6 +161,18 @@ pub struct OwnedWrites<'a> {
     pub owned: &'a OwnedStores,
     /// Where applies and deletes are counted.
     pub metrics: &'a Metrics,
+    /// The leader lease writes happen under (`None` without leader election).
+    pub lease: Option<&'a LeaseGuard>,
+}
+
+impl OwnedWrites<'_> {
+    /// Fails with [`ApplyError::NotLeader`] when the lease is not safely held.
+    fn ensure_leader(&self) -> Result<(), ApplyError> {
+        match self.lease {
+            Some(lease) if !lease.held() => Err(ApplyError::NotLeader),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl std::fmt::Debug for OwnedWrites<'_> {
@@ -212,6 +229,7 @@ pub async fn apply_owned<K: Owned>(writer: OwnedWrites<'_>, desired: &K) -> Resu
         (reason, _) => {
             // `None` with nothing cached cannot happen (absent is `Missing`); counted as such.
             let reason = reason.unwrap_or(ApplyReason::Missing).as_str();
+            writer.ensure_leader()?;
             debug!(%kind, %namespace, %name, reason, "applying");
             writer.metrics.observe_apply(&kind, reason);
             apply(writer.client, &marked).await
@@ -235,6 +253,7 @@ pub async fn delete_if_cached<K: Owned>(
     if live.meta().deletion_timestamp.is_some() {
         return Ok(());
     }
+    writer.ensure_leader()?;
     let kind = K::kind(&());
     debug!(%kind, %namespace, %name, "deleting an object the spec no longer wants");
     writer.metrics.observe_delete(&kind);

@@ -57,6 +57,7 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
 use crate::api::{RegistryMirror, CRD_NAME};
+use crate::leader::LeaseGuard;
 use crate::metrics::Metrics;
 use apply::{
     apply_owned, delete_if_cached, get_opt, has_finalizer, set_finalizer, ApplyError, OwnedWrites,
@@ -136,6 +137,9 @@ pub enum ReconcileError {
     /// The object has no namespace (it is namespaced, so the API never sends that).
     #[error("RegistryMirror {0} has no namespace")]
     MissingNamespace(String),
+    /// This replica's leader lease is not (or no longer) safely held: nothing is written.
+    #[error("not writing: the leader lease is not held (renewal overdue)")]
+    NotLeader,
 }
 
 impl ReconcileError {
@@ -150,6 +154,7 @@ impl ReconcileError {
             Self::References(e) => e.category(),
             Self::Status(e) => e.category(),
             Self::MissingNamespace(_) => "MissingNamespace",
+            Self::NotLeader => "NotLeader",
         }
     }
 }
@@ -190,6 +195,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The leader lease this replica writes under (`None` without leader election).
+    pub lease: Option<LeaseGuard>,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -232,7 +239,26 @@ impl Context {
             owned,
             recorder,
             metrics,
+            lease: None,
             failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The same context, writing only while `lease` is held.
+    #[must_use]
+    pub fn with_lease(mut self, lease: LeaseGuard) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
+    /// Fails with [`ReconcileError::NotLeader`] when this replica may not write now.
+    ///
+    /// # Errors
+    /// [`ReconcileError::NotLeader`].
+    pub fn ensure_leader(&self) -> Result<(), ReconcileError> {
+        match &self.lease {
+            Some(lease) if !lease.held() => Err(ReconcileError::NotLeader),
+            _ => Ok(()),
         }
     }
 
@@ -243,6 +269,7 @@ impl Context {
             client: &self.client,
             owned: &self.owned,
             metrics: &self.metrics,
+            lease: self.lease.as_ref(),
         }
     }
 
@@ -319,7 +346,8 @@ where
     }
 }
 
-/// Like [`run`], with the probe and metrics supplied by the caller.
+/// Like [`run`], with the probe and metrics supplied by the caller (no leader lease: every
+/// pass may write).
 pub async fn run_with(
     client: Client,
     config: ControllerConfig,
@@ -327,19 +355,28 @@ pub async fn run_with(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
+    run_leading(client, config, probe, metrics, shutdown, None).await;
+}
+
+/// Like [`run_with`], writing only while `lease` is held (see [`LeaseGuard`]).
+pub async fn run_leading(
+    client: Client,
+    config: ControllerConfig,
+    probe: Arc<dyn Probe>,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+    lease: Option<LeaseGuard>,
+) {
     let ns = config.namespace.clone();
     let mirrors: Api<RegistryMirror> = api_for(&client, ns.as_deref());
     let controller = Controller::new(mirrors, watcher::Config::default().any_semantic());
     let store = controller.store();
     let (owned, writers) = owned_stores();
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        config,
-        probe,
-        store,
-        owned,
-        metrics,
-    ));
+    let mut ctx = Context::new(client.clone(), config, probe, store, owned, metrics);
+    if let Some(lease) = lease {
+        ctx = ctx.with_lease(lease);
+    }
+    let ctx = Arc::new(ctx);
     info!(
         namespace = ns.as_deref().unwrap_or("*"),
         "starting RegistryMirror controller"
@@ -445,6 +482,9 @@ async fn finish_status(
     let mut next = compute_status(mirror, outcome, &now());
     next.pinned_images = pins.map(|p| i32::try_from(p.len()).unwrap_or(i32::MAX));
     let events = transitions(mirror.status.as_ref(), &next);
+    if mirror.status.as_ref() != Some(&next) {
+        ctx.ensure_leader()?;
+    }
     write_status(api, mirror, &next).await?;
     for t in events {
         publish(ctx, mirror, t.warning, &t.reason, t.note).await;
@@ -464,12 +504,15 @@ pub async fn reconcile_mirror(
         .namespace()
         .ok_or_else(|| ReconcileError::MissingNamespace(mirror.name_any()))?;
     let api: Api<RegistryMirror> = Api::namespaced(ctx.client.clone(), &namespace);
+    // A replica that is not sure of its lease does not even start a pass.
+    ctx.ensure_leader()?;
     if mirror.metadata.deletion_timestamp.is_some() {
         return cleanup(mirror, ctx, &api, &namespace).await;
     }
     let mirror = if has_finalizer(mirror) {
         mirror.clone()
     } else {
+        ctx.ensure_leader()?;
         set_finalizer(&api, mirror, true).await?
     };
     let v = match validate(&mirror) {
@@ -668,6 +711,7 @@ async fn cleanup(
         } else {
             "no node agent runs for this mirror".to_string()
         };
+        ctx.ensure_leader()?;
         set_finalizer(api, mirror, false).await?;
         info!(mirror = %key, reason = %why, "finalizer removed");
         publish(ctx, mirror, skip, "FinalizerRemoved", why).await;
@@ -695,6 +739,7 @@ async fn cleanup(
         .map(|a| a.node)
         .collect();
     if pending.is_empty() {
+        ctx.ensure_leader()?;
         set_finalizer(api, mirror, false).await?;
         info!(mirror = %key, nodes = total, "node files removed; finalizer removed");
         publish(

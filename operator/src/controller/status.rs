@@ -888,8 +888,13 @@ pub async fn write_status(
     }
     let name = mirror.metadata.name.clone().unwrap_or_default();
     let namespace = mirror.metadata.namespace.clone().unwrap_or_default();
-    let patch =
-        serde_json::from_value(json!([{ "op": "add", "path": "/status", "value": status }]))
+    // The status was computed from this version of the object: if it changed since (a new spec,
+    // or another writer's status), the `test` fails and nothing is written; the next pass
+    // recomputes from the current object.
+    let patch = serde_json::from_value(json!([
+        { "op": "test", "path": "/metadata/resourceVersion", "value": mirror.metadata.resource_version },
+        { "op": "add", "path": "/status", "value": status },
+    ]))
             .map_err(|e| StatusError::Encode {
                 namespace: namespace.clone(),
                 name: name.clone(),

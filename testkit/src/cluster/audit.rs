@@ -34,9 +34,13 @@ pub struct AuditEvent {
     pub response_status: Option<ResponseStatus>,
     /// `ResponseComplete` or `Panic`.
     pub stage: String,
-    /// Client addresses (a pod's IP for requests from pods).
+    /// Client addresses. Requests from pods come through the proxy stand-in, so they show its
+    /// address, not the pod's: tell clients apart by [`AuditEvent::user_agent`].
     #[serde(default, rename = "sourceIPs")]
     pub source_ips: Vec<String>,
+    /// The client's `User-Agent`.
+    #[serde(default)]
+    pub user_agent: String,
     /// When the answer was complete, RFC 3339 with microseconds (`2026-12-06T08:11:26.519354Z`);
     /// fixed width, so strings compare in time order.
     #[serde(default)]

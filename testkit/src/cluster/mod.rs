@@ -1,7 +1,8 @@
 //! A real Kubernetes control plane for tests: etcd, kube-apiserver (TLS, RBAC, audit log),
 //! kube-controller-manager and kube-scheduler, built from source by `scripts/control-plane`, plus
 //! fake nodes whose kubelet and kube-proxy are `cachalot-standin` processes and whose container
-//! runtime is a real containerd per node.
+//! runtime is a real containerd per node, and optionally idle nodes that run nothing (Node
+//! objects only, like kwok's; see [`ClusterOptions::idle_nodes`]).
 //!
 //! Everything of one cluster lives in network namespaces of its own (see [`netns`]): the machine's
 //! namespace only sees `127.0.0.1:<port>`, where a forwarder bridges (through a unix socket) to the
@@ -28,7 +29,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
-use kube::api::Api;
+use kube::api::{Api, Patch};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::containerd::{Containerd, ContainerdOptions, StartContainerdError};
@@ -60,11 +61,20 @@ endpointslice-mirroring-controller,clusterrole-aggregation-controller,\
 root-ca-certificate-publisher-controller,disruption-controller,ttl-after-finished-controller,\
 job-controller";
 
+/// Label and `NoSchedule` taint (key, value) of the idle nodes ([`ClusterOptions::idle_nodes`]):
+/// only pods that tolerate it are placed there.
+pub const IDLE_NODE_TAINT: (&str, &str) = ("cachalot.test/idle-node", "true");
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
     /// Number of fake nodes (`node-1` …).
     pub nodes: u8,
+    /// Number of idle nodes (`idle-node-1` …): Node objects registered `Ready` with a fake
+    /// node's capacity and no kubelet, labelled and tainted (`NoSchedule`) with
+    /// [`IDLE_NODE_TAINT`], like kwok's nodes. Pods that tolerate the taint are bound there and
+    /// stay `Pending`; they cost no process. For measuring what scales with the node count.
+    pub idle_nodes: u16,
     /// Images that exist on every node without a pull (like `kind load`): reference → directory of
     /// executables that a container of that image sees at `/usr/local/bin`.
     pub images: Vec<(String, PathBuf)>,
@@ -81,6 +91,7 @@ impl Default for ClusterOptions {
     fn default() -> Self {
         Self {
             nodes: 2,
+            idle_nodes: 0,
             images: Vec::new(),
             externals: Vec::new(),
             start_timeout: Duration::from_secs(180),
@@ -197,6 +208,7 @@ pub struct Cluster {
     // child is killed, then the namespaces go, then the directory.
     kubelets: Vec<LoggedChild>,
     nodes: Vec<FakeNode>,
+    idle_nodes: Vec<String>,
     others: Vec<(String, LoggedChild)>,
     network: Network,
     pki: Pki,
@@ -377,6 +389,7 @@ impl Cluster {
         let mut cluster = Self {
             kubelets: Vec::new(),
             nodes: Vec::new(),
+            idle_nodes: Vec::new(),
             others,
             network,
             pki,
@@ -394,8 +407,63 @@ impl Cluster {
                 .start_node(index, &standin, &options.images, deadline)
                 .await?;
         }
+        cluster.register_idle_nodes(options.idle_nodes).await?;
         cluster.wait_cluster_settled(deadline).await?;
         Ok(cluster)
+    }
+
+    /// Registers `count` idle nodes (see [`ClusterOptions::idle_nodes`]): create the Node, report
+    /// it `Ready`, then drop the `not-ready` taint that admission adds to every new Node (no node
+    /// lifecycle controller runs to do it), keeping only [`IDLE_NODE_TAINT`].
+    async fn register_idle_nodes(&mut self, count: u16) -> Result<(), StartClusterError> {
+        let nodes: Api<Node> = Api::all(self.client().await?);
+        let (key, value) = IDLE_NODE_TAINT;
+        let taints = serde_json::json!([{"key": key, "value": value, "effect": "NoSchedule"}]);
+        let resources = serde_json::json!({"cpu": "4", "memory": "8Gi", "pods": "110",
+                                           "ephemeral-storage": "100Gi"});
+        for index in 1..=count {
+            let name = format!("idle-node-{index}");
+            let failed = |call: &str, e: kube::Error| StartClusterError::Client {
+                path: self.admin_kubeconfig.clone(),
+                message: format!("{call} idle node {name}: {e}"),
+            };
+            let node: Node = serde_json::from_value(serde_json::json!({
+                "metadata": {"name": name, "labels": {
+                    "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64", key: value}},
+                "spec": {"taints": taints}
+            }))
+            .map_err(|e| StartClusterError::Client {
+                path: self.admin_kubeconfig.clone(),
+                message: format!("idle node {name}: {e}"),
+            })?;
+            nodes
+                .create(&Default::default(), &node)
+                .await
+                .map_err(|e| failed("create", e))?;
+            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            let status = serde_json::json!({"status": {
+                "capacity": resources, "allocatable": resources,
+                "conditions": [{"type": "Ready", "status": "True", "reason": "IdleNode",
+                                "message": "registered by the test fixture; no kubelet runs",
+                                "lastHeartbeatTime": now, "lastTransitionTime": now}],
+                "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux",
+                             "kubeletVersion": KUBERNETES_VERSION, "osImage": "idle node"}}});
+            nodes
+                .patch_status(&name, &Default::default(), &Patch::Merge(&status))
+                .await
+                .map_err(|e| failed("report status of", e))?;
+            nodes
+                .patch(
+                    &name,
+                    &Default::default(),
+                    &Patch::Merge(&serde_json::json!({"spec": {"taints": taints}})),
+                )
+                .await
+                .map_err(|e| failed("set the taints of", e))?;
+            self.idle_nodes.push(name);
+        }
+        Ok(())
     }
 
     fn start_controllers(&mut self, bin: &Path) -> Result<(), StartClusterError> {
@@ -567,7 +635,7 @@ impl Cluster {
     async fn wait_cluster_settled(&self, deadline: Instant) -> Result<(), StartClusterError> {
         let client = self.client().await?;
         let nodes: Api<Node> = Api::all(client.clone());
-        let want = self.nodes.len();
+        let want = self.nodes.len() + self.idle_nodes.len();
         wait_for(remaining(deadline), POLL, || {
             let nodes = nodes.clone();
             async move {
@@ -617,6 +685,12 @@ impl Cluster {
     #[must_use]
     pub fn nodes(&self) -> &[FakeNode] {
         &self.nodes
+    }
+
+    /// The idle nodes' names (registered only; see [`ClusterOptions::idle_nodes`]).
+    #[must_use]
+    pub fn idle_nodes(&self) -> &[String] {
+        &self.idle_nodes
     }
 
     /// The cluster's working directory (certificates, logs, node roots).
