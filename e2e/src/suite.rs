@@ -534,6 +534,72 @@ pub async fn wait_gone(settings: &Settings, api: &Api<DynamicObject>, name: &str
     Ok(())
 }
 
+/// The operator's status refresh in the suite: short, so cache figures show up quickly.
+pub const FAST_REQUEUE: &str = "operator.extraArgs={--requeue-after=5s}";
+
+/// What most tests start from: a target cluster with the chart installed and a fresh namespace.
+/// Drops the namespace, then the target (and the local cluster with it).
+pub struct Scene {
+    /// The mirrors of [`Scene::ns`].
+    pub api: Api<DynamicObject>,
+    /// The test's namespace.
+    pub ns: TestNamespace,
+    /// An admin client.
+    pub client: kube::Client,
+    /// The cluster.
+    pub target: crate::target::Target,
+}
+
+impl std::fmt::Debug for Scene {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scene")
+            .field("ns", &self.ns)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Scene {
+    /// Acquires a target with `nodes` nodes for `test`, installs the chart with `sets` (and the
+    /// fast requeue), and creates the namespace; `Ok(None)` when the test skips.
+    ///
+    /// # Errors
+    /// When the target, the chart or the namespace fails.
+    pub async fn set_up(test: &str, nodes: u8, sets: &[&str]) -> Result<Option<Self>> {
+        let Some(target) = crate::target::acquire(test, nodes).await? else {
+            return Ok(None);
+        };
+        let settings = target.settings();
+        let client = client(settings).await?;
+        let mut all = vec![FAST_REQUEUE];
+        all.extend_from_slice(sets);
+        install_chart(settings, &all).await?;
+        let ns = TestNamespace::create(settings, &client, &test.replace('_', "-")).await?;
+        let api = mirrors(&client, &ns.name);
+        Ok(Some(Self {
+            api,
+            ns,
+            client,
+            target,
+        }))
+    }
+
+    /// The target's settings.
+    #[must_use]
+    pub fn settings(&self) -> &Settings {
+        self.target.settings()
+    }
+
+    /// Applies a docker.io mirror named `name` (with `spec` merged, see [`mirror_manifest`]) and
+    /// waits until it is Ready.
+    ///
+    /// # Errors
+    /// When the apply is refused or the mirror does not become Ready in time.
+    pub async fn ready_mirror(&self, name: &str, spec: &Value) -> Result<DynamicObject> {
+        apply_mirror(&self.api, &mirror_manifest(self.settings(), name, spec)).await?;
+        wait_for_condition(self.settings(), &self.api, name, "Ready", "True").await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

@@ -15,22 +15,14 @@ use std::path::Path;
 use anyhow::{bail, Context as _, Result};
 use cachalot_e2e::cluster::wait_until;
 use cachalot_e2e::suite::{
-    apply_mirror, client, condition, get_registrymirrors, install_chart, kubectl, mirror_manifest,
-    mirrors, node_files, node_names, puller, registry_hits_misses, run, run_pod,
-    wait_for_condition, wait_for_mirror, wait_gone, TestNamespace, MANAGER, POLL,
+    apply_mirror, condition, get_registrymirrors, kubectl, mirror_manifest, node_files, node_names,
+    puller, registry_hits_misses, run, run_pod, wait_for_condition, wait_for_mirror, wait_gone,
+    Scene, MANAGER, POLL,
 };
-use cachalot_e2e::target::{acquire, Target};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use serde_json::json;
-
-/// The operator's status refresh in the suite: short, so cache figures show up quickly.
-const FAST_REQUEUE: &str = "operator.extraArgs={--requeue-after=5s}";
-
-async fn target_or_skip(test: &str, nodes: u8) -> Result<Option<Target>> {
-    Ok(acquire(test, nodes).await?)
-}
 
 fn repo_path(relative: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -41,23 +33,19 @@ fn repo_path(relative: &str) -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_mirror_serves_pulls_on_every_node_raises_its_hit_ratio_and_cleans_up_when_deleted(
 ) -> Result<()> {
-    let Some(target) = target_or_skip("pulls_on_every_node", 2).await? else {
+    let Some(scene) = Scene::set_up("pulls_on_every_node", 2, &[]).await? else {
         return Ok(());
     };
-    let settings = target.settings();
-    let client = client(settings).await?;
-    install_chart(settings, &[FAST_REQUEUE]).await?;
+    let (settings, client, ns, api) = (scene.settings(), &scene.client, &scene.ns, &scene.api);
 
-    let ns = TestNamespace::create(settings, &client, "pulls").await?;
-    let api = mirrors(&client, &ns.name);
-    apply_mirror(&api, &mirror_manifest(settings, "e2e", &json!({}))).await?;
-    let ready = wait_for_condition(settings, &api, "e2e", "Ready", "True").await?;
+    apply_mirror(api, &mirror_manifest(settings, "e2e", &json!({}))).await?;
+    let ready = wait_for_condition(settings, api, "e2e", "Ready", "True").await?;
     let endpoint = ready.data["status"]["endpoint"]
         .as_str()
         .unwrap_or_default()
         .to_owned();
     assert!(!endpoint.is_empty(), "a Ready mirror reports its endpoint");
-    let nodes = node_names(&client).await?;
+    let nodes = node_names(client).await?;
     let table = get_registrymirrors(settings, &ns.name)?;
     assert_eq!(table.len(), 1, "{table:?}");
     assert_eq!(table[0]["READY"], "True", "{table:?}");
@@ -67,7 +55,7 @@ async fn a_mirror_serves_pulls_on_every_node_raises_its_hit_ratio_and_cleans_up_
         "every node configured: {table:?}"
     );
 
-    let files = node_files(settings, &client, &ns.name, "present").await?;
+    let files = node_files(settings, client, &ns.name, "present").await?;
     for (node, content) in &files {
         assert!(
             content.contains(&endpoint),
@@ -77,13 +65,13 @@ async fn a_mirror_serves_pulls_on_every_node_raises_its_hit_ratio_and_cleans_up_
 
     // Every node's containerd pulls the image twice with `imagePullPolicy: Always`; after each
     // round the status catches up with the registry's own counts, and the HIT-RATIO column rises.
-    let (hits0, misses0) = registry_hits_misses(&client, &ns.name, "e2e").await?;
+    let (hits0, misses0) = registry_hits_misses(client, &ns.name, "e2e").await?;
     let mut columns = Vec::new();
     for round in 0..2 {
         for (i, node) in nodes.iter().enumerate() {
             run_pod(
                 settings,
-                &client,
+                client,
                 &ns.name,
                 puller(
                     &format!("pull-{round}-{i}"),
@@ -94,10 +82,10 @@ async fn a_mirror_serves_pulls_on_every_node_raises_its_hit_ratio_and_cleans_up_
             .await
             .with_context(|| format!("pull on {node}, round {round}"))?;
         }
-        let (hits, misses) = registry_hits_misses(&client, &ns.name, "e2e").await?;
+        let (hits, misses) = registry_hits_misses(client, &ns.name, "e2e").await?;
         wait_for_mirror(
             settings,
-            &api,
+            api,
             "e2e",
             "status with the registry's counts",
             |m| {
@@ -111,7 +99,7 @@ async fn a_mirror_serves_pulls_on_every_node_raises_its_hit_ratio_and_cleans_up_
         eprintln!("after pull round {round} (/stats hits {hits}, misses {misses}): {row:?}");
         columns.push(row);
     }
-    let (hits1, misses1) = registry_hits_misses(&client, &ns.name, "e2e").await?;
+    let (hits1, misses1) = registry_hits_misses(client, &ns.name, "e2e").await?;
     let pulls = 2 * nodes.len() as u64;
     let served = (hits1 + misses1) - (hits0 + misses0);
     assert!(
@@ -135,11 +123,11 @@ async fn a_mirror_serves_pulls_on_every_node_raises_its_hit_ratio_and_cleans_up_
         "BUDGET shows remaining/limit: {:?}",
         columns[1]
     );
-    wait_for_condition(settings, &api, "e2e", "CacheEffective", "True").await?;
+    wait_for_condition(settings, api, "e2e", "CacheEffective", "True").await?;
 
     api.delete("e2e", &DeleteParams::default()).await?;
-    wait_gone(settings, &api, "e2e").await?;
-    let after = node_files(settings, &client, &ns.name, "absent").await?;
+    wait_gone(settings, api, "e2e").await?;
+    let after = node_files(settings, client, &ns.name, "absent").await?;
     for (node, content) in &after {
         assert!(
             content.trim() == "ABSENT",
@@ -189,26 +177,22 @@ async fn a_mirror_serves_pulls_on_every_node_raises_its_hit_ratio_and_cleans_up_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_invalid_mirror_is_not_ready_and_applies_no_registry() -> Result<()> {
-    let Some(target) = target_or_skip("invalid_mirror", 1).await? else {
+    let Some(scene) = Scene::set_up("invalid_mirror", 1, &[]).await? else {
         return Ok(());
     };
-    let settings = target.settings();
-    let client = client(settings).await?;
-    install_chart(settings, &[FAST_REQUEUE]).await?;
-    let ns = TestNamespace::create(settings, &client, "invalid").await?;
-    let api = mirrors(&client, &ns.name);
+    let (settings, client, ns, api) = (scene.settings(), &scene.client, &scene.ns, &scene.api);
     // Passes the CRD schema (a valid URL shape) but names the same registry twice.
     let mirror = json!({"apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
                         "metadata": {"name": "twice"},
                         "spec": {"registries": [{"name": "docker.io"}, {"name": "docker.io"}]}});
-    match apply_mirror(&api, &mirror).await {
+    match apply_mirror(api, &mirror).await {
         // The CRD's own validation may already refuse it, which is just as good.
         Err(e) if e.to_string().contains("may appear only once") => return Ok(()),
         other => {
             other?;
         }
     }
-    wait_for_condition(settings, &api, "twice", "Ready", "False").await?;
+    wait_for_condition(settings, api, "twice", "Ready", "False").await?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     assert!(
         deployments
@@ -256,12 +240,10 @@ fn mentions(text: &str, needle: &str) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn every_example_is_accepted_and_every_known_bad_mirror_is_refused_or_reported() -> Result<()>
 {
-    let Some(target) = target_or_skip("examples_and_bad_fixtures", 1).await? else {
+    let Some(scene) = Scene::set_up("examples_and_bad_fixtures", 1, &[]).await? else {
         return Ok(());
     };
-    let settings = target.settings();
-    let client = client(settings).await?;
-    install_chart(settings, &[FAST_REQUEUE]).await?;
+    let (settings, ns, api) = (scene.settings(), &scene.ns, &scene.api);
 
     let mut examples: Vec<_> = std::fs::read_dir(repo_path("examples"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -281,8 +263,6 @@ async fn every_example_is_accepted_and_every_known_bad_mirror_is_refused_or_repo
         );
     }
 
-    let ns = TestNamespace::create(settings, &client, "bad").await?;
-    let api = mirrors(&client, &ns.name);
     let mut fixtures: Vec<_> = std::fs::read_dir(repo_path("tools/validate/bad"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
@@ -336,7 +316,7 @@ async fn every_example_is_accepted_and_every_known_bad_mirror_is_refused_or_repo
                     .to_owned();
                 let mirror = wait_for_mirror(
                     settings,
-                    &api,
+                    api,
                     &name,
                     &format!("{name} Ready=False {reason}"),
                     |m| {
@@ -360,7 +340,7 @@ async fn every_example_is_accepted_and_every_known_bad_mirror_is_refused_or_repo
                 );
                 api.delete(&name, &DeleteParams::default()).await?;
                 // Fixtures share names; the next one must not land on this one's deletion.
-                wait_gone(settings, &api, &name).await?;
+                wait_gone(settings, api, &name).await?;
                 reported += 1;
             }
         }
@@ -371,12 +351,10 @@ async fn every_example_is_accepted_and_every_known_bad_mirror_is_refused_or_repo
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_operator_runs_as_the_charts_service_account_with_only_its_rbac() -> Result<()> {
-    let Some(target) = target_or_skip("operator_rbac", 1).await? else {
+    let Some(scene) = Scene::set_up("operator_rbac", 1, &[]).await? else {
         return Ok(());
     };
-    let settings = target.settings();
-    let client = client(settings).await?;
-    install_chart(settings, &[FAST_REQUEUE]).await?;
+    let (settings, client) = (scene.settings(), &scene.client);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &settings.release_namespace);
     let operator = pods
         .list(
@@ -431,11 +409,8 @@ async fn the_operator_runs_as_the_charts_service_account_with_only_its_rbac() ->
         assert!(!can(&denied)?, "the operator must not {denied:?}");
     }
     // And it works with exactly that: a mirror gets a status written by it.
-    let ns = TestNamespace::create(settings, &client, "rbac").await?;
-    let api = mirrors(&client, &ns.name);
-    apply_mirror(&api, &mirror_manifest(settings, "rbac", &json!({}))).await?;
-    wait_for_condition(settings, &api, "rbac", "Ready", "True").await?;
-    if let Some(local) = target.local() {
+    scene.ready_mirror("rbac", &json!({})).await?;
+    if let Some(local) = scene.target.local() {
         let sa = format!(
             "system:serviceaccount:{}:cachalot",
             settings.release_namespace
@@ -470,16 +445,11 @@ async fn the_operator_runs_as_the_charts_service_account_with_only_its_rbac() ->
 #[tokio::test(flavor = "multi_thread")]
 async fn server_side_apply_restores_the_operators_fields_and_keeps_other_managers_fields(
 ) -> Result<()> {
-    let Some(target) = target_or_skip("server_side_apply", 1).await? else {
+    let Some(scene) = Scene::set_up("server_side_apply", 1, &[]).await? else {
         return Ok(());
     };
-    let settings = target.settings();
-    let client = client(settings).await?;
-    install_chart(settings, &[FAST_REQUEUE]).await?;
-    let ns = TestNamespace::create(settings, &client, "ssa").await?;
-    let api = mirrors(&client, &ns.name);
-    apply_mirror(&api, &mirror_manifest(settings, "ssa", &json!({}))).await?;
-    wait_for_condition(settings, &api, "ssa", "Ready", "True").await?;
+    let (settings, client, ns, _api) = (scene.settings(), &scene.client, &scene.ns, &scene.api);
+    scene.ready_mirror("ssa", &json!({})).await?;
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);

@@ -15,10 +15,10 @@ use anyhow::{bail, Context as _, Result};
 use cachalot_e2e::cluster::wait_until;
 use cachalot_e2e::local::LocalCluster;
 use cachalot_e2e::suite::{
-    apply_mirror, client, condition, install_chart, mirror_manifest, mirrors, node_names, puller,
-    run_pod, wait_for_condition, wait_for_mirror, TestNamespace, POLL,
+    apply_mirror, condition, mirror_manifest, mirrors, node_names, puller, run_pod,
+    wait_for_condition, wait_for_mirror, Scene, POLL,
 };
-use cachalot_e2e::target::{acquire, Target};
+use cachalot_e2e::target::Target;
 use cachalot_testkit::cluster::audit::AuditEvent;
 use cachalot_testkit::fault::TokenAuth;
 use cachalot_testkit::image;
@@ -28,7 +28,6 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
-const FAST_REQUEUE: &str = "operator.extraArgs={--requeue-after=5s}";
 const OPERATOR_SA: &str = "system:serviceaccount:cachalot-system:cachalot";
 
 fn local_or_skip<'a>(target: &'a Target, test: &str) -> Option<&'a LocalCluster> {
@@ -102,28 +101,24 @@ fn signal_pod(local: &LocalCluster, pod: &str, signal: &str) -> Result<usize> {
 #[tokio::test(flavor = "multi_thread")]
 async fn when_the_leader_stops_the_standby_takes_over_and_the_old_leader_never_writes_again(
 ) -> Result<()> {
-    let Some(target) = acquire("leader_failover", 1).await? else {
+    let Some(scene) = Scene::set_up("leader_failover", 1, &["operator.replicaCount=2"]).await?
+    else {
         return Ok(());
     };
-    let settings = target.settings();
-    let client = client(settings).await?;
-    install_chart(settings, &[FAST_REQUEUE, "operator.replicaCount=2"]).await?;
-    let ns = TestNamespace::create(settings, &client, "leader").await?;
-    let api = mirrors(&client, &ns.name);
-    apply_mirror(&api, &mirror_manifest(settings, "m", &json!({}))).await?;
-    wait_for_condition(settings, &api, "m", "Ready", "True").await?;
+    let (settings, client, _ns, api) = (scene.settings(), &scene.client, &scene.ns, &scene.api);
+    scene.ready_mirror("m", &json!({})).await?;
 
     let release = &settings.release_namespace;
-    let pods = operator_pods(&client, release).await?;
+    let pods = operator_pods(client, release).await?;
     assert_eq!(pods.len(), 2, "two operator replicas run");
-    let leader = lease_holder(&client, release)
+    let leader = lease_holder(client, release)
         .await?
         .context("a Lease holder")?;
     // Replicas are told apart by their User-Agent, which names the pod.
     let from = |e: &AuditEvent, pod: &str| e.user_agent.contains(&format!("({pod})"));
 
     let stopped_at = Instant::now();
-    match target.local() {
+    match scene.target.local() {
         Some(local) => {
             assert!(
                 signal_pod(local, &leader, "-STOP")? > 0,
@@ -141,7 +136,7 @@ async fn when_the_leader_stops_the_standby_takes_over_and_the_old_leader_never_w
         settings.timeout,
         POLL,
         || async {
-            match lease_holder(&client, release).await {
+            match lease_holder(client, release).await {
                 Ok(Some(h)) if h != leader => Ok(h),
                 other => Err(format!("holder {other:?}")),
             }
@@ -153,16 +148,16 @@ async fn when_the_leader_stops_the_standby_takes_over_and_the_old_leader_never_w
 
     // The new leader reconciles: a spec change is observed.
     apply_mirror(
-        &api,
+        api,
         &mirror_manifest(settings, "m", &json!({"storage": {"maxSize": "2Gi"}})),
     )
     .await?;
-    wait_for_mirror(settings, &api, "m", "observedGeneration 2", |m| {
+    wait_for_mirror(settings, api, "m", "observedGeneration 2", |m| {
         m.data["status"]["observedGeneration"] == 2
     })
     .await?;
 
-    let Some(local) = target.local() else {
+    let Some(local) = scene.target.local() else {
         return Ok(());
     };
     // Wake the old leader: it holds stale state and a lapsed Lease.
@@ -229,16 +224,11 @@ async fn when_the_leader_stops_the_standby_takes_over_and_the_old_leader_never_w
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_spec_change_rolls_the_registry_to_the_new_config() -> Result<()> {
-    let Some(target) = acquire("spec_change_rolls", 1).await? else {
+    let Some(scene) = Scene::set_up("spec_change_rolls", 1, &[]).await? else {
         return Ok(());
     };
-    let settings = target.settings();
-    let client = client(settings).await?;
-    install_chart(settings, &[FAST_REQUEUE]).await?;
-    let ns = TestNamespace::create(settings, &client, "roll").await?;
-    let api = mirrors(&client, &ns.name);
-    apply_mirror(&api, &mirror_manifest(settings, "roll", &json!({}))).await?;
-    wait_for_condition(settings, &api, "roll", "Ready", "True").await?;
+    let (settings, client, ns, api) = (scene.settings(), &scene.client, &scene.ns, &scene.api);
+    scene.ready_mirror("roll", &json!({})).await?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let hash = |d: &Deployment| {
         d.spec
@@ -261,7 +251,7 @@ async fn a_spec_change_rolls_the_registry_to_the_new_config() -> Result<()> {
         .collect();
 
     apply_mirror(
-        &api,
+        api,
         &mirror_manifest(
             settings,
             "roll",
@@ -337,7 +327,7 @@ async fn a_spec_change_rolls_the_registry_to_the_new_config() -> Result<()> {
         text.contains("latest"),
         "the new freshness rule is in the config: {text}"
     );
-    wait_for_mirror(settings, &api, "roll", "Ready at generation 2", |m| {
+    wait_for_mirror(settings, api, "roll", "Ready at generation 2", |m| {
         m.data["status"]["observedGeneration"] == 2
             && condition(m, "Ready").is_some_and(|c| c["status"] == "True")
     })
@@ -347,16 +337,13 @@ async fn a_spec_change_rolls_the_registry_to_the_new_config() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rotated_credentials_secret_reaches_the_running_registry() -> Result<()> {
-    let Some(target) = acquire("secret_rotation", 1).await? else {
+    let Some(scene) = Scene::set_up("secret_rotation", 1, &[]).await? else {
         return Ok(());
     };
-    let Some(local) = local_or_skip(&target, "secret_rotation") else {
+    let Some(local) = local_or_skip(&scene.target, "secret_rotation") else {
         return Ok(());
     };
-    let settings = target.settings();
-    let client = client(settings).await?;
-    install_chart(settings, &[FAST_REQUEUE]).await?;
-    let ns = TestNamespace::create(settings, &client, "rotate").await?;
+    let (settings, client, ns) = (scene.settings(), &scene.client, &scene.ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
     let secret = |password: &str| -> Secret {
         serde_json::from_value(json!({
@@ -380,7 +367,7 @@ async fn a_rotated_credentials_secret_reaches_the_running_registry() -> Result<(
         let img = image::docker_image(seed, &[256 * 1024])?;
         image::push(&local.upstream.url(), repo, "1", &img).await?;
     }
-    let api = mirrors(&client, &ns.name);
+    let api = mirrors(client, &ns.name);
     let mut registry = json!({"name": "docker.io", "url": settings.upstream_url,
                               "credentialsSecret": {"name": "hub-credentials", "type": "Basic"}});
     if let Some((name, _)) = &settings.upstream_ca {
@@ -392,10 +379,10 @@ async fn a_rotated_credentials_secret_reaches_the_running_registry() -> Result<(
     )
     .await?;
     wait_for_condition(settings, &api, "rotate", "Ready", "True").await?;
-    let node = node_names(&client).await?.remove(0);
+    let node = node_names(client).await?.remove(0);
     run_pod(
         settings,
-        &client,
+        client,
         &ns.name,
         puller("pull-first", "docker.io/library/first:1", Some(&node)),
     )
@@ -473,19 +460,14 @@ async fn a_rotated_credentials_secret_reaches_the_running_registry() -> Result<(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restarted_operator_adopts_what_exists_without_writing() -> Result<()> {
-    let Some(target) = acquire("restart_adopts", 2).await? else {
+    let Some(scene) = Scene::set_up("restart_adopts", 2, &[]).await? else {
         return Ok(());
     };
-    let Some(local) = local_or_skip(&target, "restart_adopts") else {
+    let Some(local) = local_or_skip(&scene.target, "restart_adopts") else {
         return Ok(());
     };
-    let settings = target.settings();
-    let client = client(settings).await?;
-    install_chart(settings, &[FAST_REQUEUE]).await?;
-    let ns = TestNamespace::create(settings, &client, "adopt").await?;
-    let api = mirrors(&client, &ns.name);
-    apply_mirror(&api, &mirror_manifest(settings, "adopt", &json!({}))).await?;
-    wait_for_condition(settings, &api, "adopt", "Ready", "True").await?;
+    let (settings, client, _ns, api) = (scene.settings(), &scene.client, &scene.ns, &scene.api);
+    scene.ready_mirror("adopt", &json!({})).await?;
     // Let the status settle (node figures, cache figures) before counting.
     let quiet = Duration::from_secs(20);
     let settled = wait_until(
@@ -516,7 +498,7 @@ async fn a_restarted_operator_adopts_what_exists_without_writing() -> Result<()>
     settled.context("an idle operator writes nothing (requeue every 5 s)")?;
 
     let release = &settings.release_namespace;
-    let operator = operator_pods(&client, release).await?;
+    let operator = operator_pods(client, release).await?;
     let name = operator[0].metadata.name.clone().unwrap_or_default();
     let restarts = |p: &Pod| -> i32 {
         p.status
@@ -541,7 +523,7 @@ async fn a_restarted_operator_adopts_what_exists_without_writing() -> Result<()>
         settings.timeout,
         POLL,
         || async {
-            let pods = operator_pods(&client, release)
+            let pods = operator_pods(client, release)
                 .await
                 .map_err(|e| e.to_string())?;
             let p = pods.first().ok_or("no operator pod")?;
@@ -589,14 +571,10 @@ async fn a_restarted_operator_adopts_what_exists_without_writing() -> Result<()>
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_reported_in_conditions_without_a_crash_or_a_hot_loop() -> Result<()> {
-    let Some(target) = acquire("bad_input", 2).await? else {
+    let Some(scene) = Scene::set_up("bad_input", 2, &[]).await? else {
         return Ok(());
     };
-    let settings = target.settings();
-    let client = client(settings).await?;
-    install_chart(settings, &[FAST_REQUEUE]).await?;
-    let ns = TestNamespace::create(settings, &client, "badinput").await?;
-    let api = mirrors(&client, &ns.name);
+    let (settings, client, _ns, api) = (scene.settings(), &scene.client, &scene.ns, &scene.api);
 
     // A missing credentials Secret.
     let mut registry = json!({"name": "docker.io", "url": settings.upstream_url,
@@ -605,17 +583,13 @@ async fn bad_input_is_reported_in_conditions_without_a_crash_or_a_hot_loop() -> 
         registry["caConfigMap"] = json!({"name": name});
     }
     apply_mirror(
-        &api,
+        api,
         &mirror_manifest(settings, "nosecret", &json!({"registries": [registry]})),
     )
     .await?;
-    let missing = wait_for_mirror(
-        settings,
-        &api,
-        "nosecret",
-        "CredentialsSecretMissing",
-        |m| condition(m, "Ready").is_some_and(|c| c["reason"] == "CredentialsSecretMissing"),
-    )
+    let missing = wait_for_mirror(settings, api, "nosecret", "CredentialsSecretMissing", |m| {
+        condition(m, "Ready").is_some_and(|c| c["reason"] == "CredentialsSecretMissing")
+    })
     .await?;
     let message = condition(&missing, "Ready").unwrap()["message"].to_string();
     assert!(
@@ -626,10 +600,9 @@ async fn bad_input_is_reported_in_conditions_without_a_crash_or_a_hot_loop() -> 
     api.delete("nosecret", &DeleteParams::default()).await?;
 
     // Two mirrors for docker.io: the second is refused by name.
-    apply_mirror(&api, &mirror_manifest(settings, "first", &json!({}))).await?;
-    wait_for_condition(settings, &api, "first", "Ready", "True").await?;
-    apply_mirror(&api, &mirror_manifest(settings, "second", &json!({}))).await?;
-    let second = wait_for_condition(settings, &api, "second", "Ready", "False").await?;
+    scene.ready_mirror("first", &json!({})).await?;
+    apply_mirror(api, &mirror_manifest(settings, "second", &json!({}))).await?;
+    let second = wait_for_condition(settings, api, "second", "Ready", "False").await?;
     let ready = condition(&second, "Ready").unwrap();
     assert!(
         ready["message"]
@@ -640,7 +613,7 @@ async fn bad_input_is_reported_in_conditions_without_a_crash_or_a_hot_loop() -> 
     );
 
     // A node whose containerd has no config_path (local: rewrite node-2's config).
-    if let Some(local) = target.local() {
+    if let Some(local) = scene.target.local() {
         let node = &local.cluster.nodes()[1];
         let config = node.path("/etc/containerd/config.toml");
         let text = std::fs::read_to_string(&config)?;
@@ -652,7 +625,7 @@ async fn bad_input_is_reported_in_conditions_without_a_crash_or_a_hot_loop() -> 
         std::fs::write(&config, without)?;
         let first = wait_for_mirror(
             settings,
-            &api,
+            api,
             "first",
             "node-2 reported without config_path",
             |m| {
@@ -670,7 +643,7 @@ async fn bad_input_is_reported_in_conditions_without_a_crash_or_a_hot_loop() -> 
             condition(&first, "NodesConfigured").unwrap()
         );
         std::fs::write(&config, text)?;
-        wait_for_mirror(settings, &api, "first", "node-2 configured again", |m| {
+        wait_for_mirror(settings, api, "first", "node-2 configured again", |m| {
             condition(m, "NodesConfigured").is_some_and(|c| c["status"] == "True")
         })
         .await?;
@@ -701,7 +674,7 @@ async fn bad_input_is_reported_in_conditions_without_a_crash_or_a_hot_loop() -> 
             "{requests} operator requests in 20 s: a hot loop"
         );
     }
-    for pod in operator_pods(&client, &settings.release_namespace).await? {
+    for pod in operator_pods(client, &settings.release_namespace).await? {
         let restarts: i32 = pod
             .status
             .and_then(|s| s.container_statuses)
