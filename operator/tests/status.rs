@@ -491,7 +491,8 @@ fn a_crash_loop_observed_at_later_restarts_recomputes_to_the_same_status_and_no_
 }
 
 #[test]
-fn a_registry_pod_waiting_for_a_volume_is_pending_and_the_starting_case_keeps_no_ready_pods() {
+fn a_registry_pod_being_created_is_pending_with_the_kubelets_message_and_one_waiting_for_its_probe_is_starting(
+) {
     let pod = |waiting: serde_json::Value| -> Pod {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": "cachalot-hub-0", "namespace": "ns"},
@@ -519,8 +520,29 @@ fn a_registry_pod_waiting_for_a_volume_is_pending_and_the_starting_case_keeps_no
         "pending is not a failure"
     );
 
+    // A real kubelet reports a mount failure only as an Event: the pod is just being created.
     let creating = pod(serde_json::json!({"reason": "ContainerCreating"}));
     let status = compute_status(&mirror(), &running(not_ready_world(&[creating])), &at(0));
+    let proxy = cond(&status, ConditionType::ProxyAvailable);
+    assert_eq!(
+        (proxy.reason.as_str(), proxy.message.as_str()),
+        (
+            "RegistryPending",
+            "registry pod cachalot-hub-0: ContainerCreating"
+        )
+    );
+
+    // Running and waiting for its readiness probe: plain starting.
+    let probing: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "cachalot-hub-0", "namespace": "ns"},
+        "spec": {"containers": [{"name": "registry"}]},
+        "status": {"phase": "Running", "podIP": "10.0.0.7",
+            "conditions": [{"type": "Ready", "status": "False"}],
+            "containerStatuses": [{"name": "registry", "ready": false, "restartCount": 0,
+                "image": "i", "imageID": "", "state": {"running": {}}}]},
+    }))
+    .unwrap();
+    let status = compute_status(&mirror(), &running(not_ready_world(&[probing])), &at(0));
     let proxy = cond(&status, ConditionType::ProxyAvailable);
     assert_eq!(
         (proxy.reason.as_str(), proxy.message.as_str()),

@@ -413,9 +413,11 @@ pub enum PodDiagnosis {
     /// It fails: a crash loop, an image that cannot be pulled, a container that cannot be
     /// created. The detail names the cause.
     Failing(String),
-    /// It waits with something to say: unschedulable, or being created with a message.
+    /// It waits before its containers run: unschedulable, or its containers being created
+    /// (`ContainerCreating`, `PodInitializing`, with the kubelet's message when there is one).
     Pending(String),
-    /// Nothing wrong reported: it is starting (scheduled, pulling, waiting for its probes).
+    /// Nothing wrong reported: its containers run and wait for their readiness probe, or the
+    /// kubelet has not reported them yet.
     Starting,
 }
 
@@ -470,17 +472,22 @@ fn diagnose_container(c: &ContainerSummary) -> PodDiagnosis {
                 .unwrap_or(message);
             PodDiagnosis::Failing(with_message("ImagePullBackOff", error))
         }
+        // Still being created: a pod stuck here (a volume that cannot be mounted) looks the same
+        // as one starting normally, except for the kubelet's message when it gives one.
         ContainerState::Waiting { reason, message }
-            if reason == "ContainerCreating"
-                || reason == "PodInitializing"
-                || reason.is_empty() =>
+            if reason == "ContainerCreating" || reason == "PodInitializing" =>
         {
             if failed_exit(c) {
                 crash_loop()
-            } else if message.is_empty() {
-                PodDiagnosis::Starting
             } else {
                 PodDiagnosis::Pending(with_message(reason, message))
+            }
+        }
+        ContainerState::Waiting { reason, .. } if reason.is_empty() => {
+            if failed_exit(c) {
+                crash_loop()
+            } else {
+                PodDiagnosis::Starting
             }
         }
         ContainerState::Waiting { reason, message } => {
@@ -497,7 +504,7 @@ fn diagnose_container(c: &ContainerSummary) -> PodDiagnosis {
 }
 
 /// Why one registry pod is not ready: its first failing container (by name), else its
-/// scheduling problem, else its first container waiting with a message, else starting. Pure.
+/// scheduling problem, else its first container being created, else starting. Pure.
 #[must_use]
 pub fn diagnose(pod: &NotReadyPod) -> PodDiagnosis {
     let diagnoses: Vec<PodDiagnosis> = pod.containers.iter().map(diagnose_container).collect();
@@ -1072,9 +1079,21 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_being_created_without_a_message_is_pending_all_the_same() {
+        let p = pod("p", waiting("ContainerCreating", ""), None);
+        assert_eq!(
+            reason_and_message(&[p]),
+            (
+                "RegistryPending".to_string(),
+                "registry pod p: ContainerCreating".to_string()
+            )
+        );
+    }
+
+    #[test]
     fn pods_that_are_only_starting_keep_no_ready_pods() {
         let starting = [
-            pod("a", waiting("ContainerCreating", ""), None),
+            pod("a", waiting("", ""), None),
             pod("b", ContainerState::Running, None),
             pod("c", ContainerState::Running, exit(0, "")),
             NotReadyPod {
