@@ -70,10 +70,11 @@ pub const IDLE_NODE_TAINT: (&str, &str) = ("cachalot.test/idle-node", "true");
 pub struct ClusterOptions {
     /// Number of fake nodes (`node-1` …).
     pub nodes: u8,
-    /// Number of idle nodes (`idle-node-1` …): Node objects registered `Ready` with a fake
-    /// node's capacity and no kubelet, labelled and tainted (`NoSchedule`) with
-    /// [`IDLE_NODE_TAINT`], like kwok's nodes. Pods that tolerate the taint are bound there and
-    /// stay `Pending`; they cost no process. For measuring what scales with the node count.
+    /// Number of idle nodes (`idle-node-1` …): Node objects registered `Ready` and no kubelet,
+    /// labelled and tainted (`NoSchedule`) with [`IDLE_NODE_TAINT`], like kwok's nodes; a fake
+    /// node's CPU and memory, room for 250 pods (a DaemonSet pod each of a few hundred
+    /// DaemonSets). Pods that tolerate the taint are bound there and stay `Pending`; they cost no
+    /// process. For measuring what scales with the node count.
     pub idle_nodes: u16,
     /// Images that exist on every node without a pull (like `kind load`): reference → directory of
     /// executables that a container of that image sees at `/usr/local/bin`.
@@ -85,6 +86,9 @@ pub struct ClusterOptions {
     pub start_timeout: Duration,
     /// Extra kube-apiserver flags (for example feature gates).
     pub apiserver_args: Vec<String>,
+    /// Extra kube-controller-manager flags (for example `--kube-api-qps=200` when a test makes
+    /// thousands of pods).
+    pub controller_manager_args: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -96,6 +100,7 @@ impl Default for ClusterOptions {
             externals: Vec::new(),
             start_timeout: Duration::from_secs(180),
             apiserver_args: Vec::new(),
+            controller_manager_args: Vec::new(),
         }
     }
 }
@@ -398,7 +403,7 @@ impl Cluster {
             in_cluster_kubeconfig,
             dir,
         };
-        cluster.start_controllers(&bin)?;
+        cluster.start_controllers(&bin, &options.controller_manager_args)?;
         cluster
             .start_proxy(&standin, &options.externals, deadline)
             .await?;
@@ -419,7 +424,7 @@ impl Cluster {
         let nodes: Api<Node> = Api::all(self.client().await?);
         let (key, value) = IDLE_NODE_TAINT;
         let taints = serde_json::json!([{"key": key, "value": value, "effect": "NoSchedule"}]);
-        let resources = serde_json::json!({"cpu": "4", "memory": "8Gi", "pods": "110",
+        let resources = serde_json::json!({"cpu": "4", "memory": "8Gi", "pods": "250",
                                            "ephemeral-storage": "100Gi"});
         for index in 1..=count {
             let name = format!("idle-node-{index}");
@@ -466,7 +471,11 @@ impl Cluster {
         Ok(())
     }
 
-    fn start_controllers(&mut self, bin: &Path) -> Result<(), StartClusterError> {
+    fn start_controllers(
+        &mut self,
+        bin: &Path,
+        controller_manager_args: &[String],
+    ) -> Result<(), StartClusterError> {
         let d = self.dir.path().to_owned();
         let cp = self.network.control_plane();
         let kubeconfig = self.in_cluster_kubeconfig.clone();
@@ -484,7 +493,8 @@ impl Cluster {
                 "--service-account-private-key-file={}",
                 self.pki.service_account_key.display()
             ))
-            .arg(format!("--root-ca-file={}", self.pki.ca_cert.display()));
+            .arg(format!("--root-ca-file={}", self.pki.ca_cert.display()))
+            .args(controller_manager_args);
         self.others.push((
             "kube-controller-manager".into(),
             LoggedChild::spawn(&mut kcm, &d.join("kube-controller-manager.log"))?,
