@@ -1,6 +1,7 @@
 //! The cluster fixture against itself: a real control plane starts with Ready fake nodes, pods
-//! run and report readiness, a ClusterIP Service reaches them from a node's namespace, and two
-//! clusters run side by side and leave nothing behind.
+//! run and report readiness, a ClusterIP Service reaches them from a node's namespace, two
+//! clusters run side by side and leave nothing behind, and idle nodes take pods that tolerate
+//! them without running them.
 //!
 //! Needs root, `scripts/control-plane` and the workspace binaries; without them each test says
 //! why it skips, unless `CACHALOT_E2E_LOCAL=required` (CI), where that is a failure.
@@ -8,7 +9,7 @@
 
 use std::time::Duration;
 
-use cachalot_testkit::cluster::{netns, tools, Cluster, ClusterOptions};
+use cachalot_testkit::cluster::{netns, tools, Cluster, ClusterOptions, IDLE_NODE_TAINT};
 use cachalot_testkit::wait::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
@@ -212,4 +213,62 @@ async fn two_clusters_run_side_by_side_and_leave_no_namespaces_behind() {
         .filter(|ns| prefixes.iter().any(|p| ns.starts_with(p.as_str())))
         .collect();
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_nodes_are_ready_and_tainted_and_a_pod_that_tolerates_them_is_bound_and_stays_pending()
+{
+    if !prerequisites_or_skip("idle_nodes_are_ready_and_tainted") {
+        return;
+    }
+    let cluster = Cluster::start_with(ClusterOptions {
+        nodes: 1,
+        idle_nodes: 2,
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(cluster.idle_nodes(), ["idle-node-1", "idle-node-2"]);
+    let client = cluster.client().await.unwrap();
+    let (key, value) = IDLE_NODE_TAINT;
+    let nodes = Api::<Node>::all(client.clone());
+    for name in cluster.idle_nodes() {
+        let node = nodes.get(name).await.unwrap();
+        let taints = node.spec.unwrap().taints.unwrap_or_default();
+        assert_eq!(
+            taints
+                .iter()
+                .map(|t| (t.key.as_str(), t.value.as_deref(), t.effect.as_str()))
+                .collect::<Vec<_>>(),
+            [(key, Some(value), "NoSchedule")],
+            "only the idle taint (admission's not-ready taint removed)"
+        );
+        assert_eq!(node.metadata.labels.unwrap()[key], value);
+    }
+
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "on-idle"},
+        "spec": {"nodeSelector": {key: value},
+                 "tolerations": [{"key": key, "operator": "Equal", "value": value, "effect": "NoSchedule"}],
+                 "containers": [{"name": "c", "image": "test.local/none:1"}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let bound = wait_for(WAIT, POLL, || {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get("on-idle").await.ok()?;
+            pod.spec?.node_name
+        }
+    })
+    .await
+    .unwrap();
+    assert!(bound.starts_with("idle-node-"), "bound to {bound}");
+    let pod = pods.get("on-idle").await.unwrap();
+    assert_eq!(
+        pod.status.and_then(|s| s.phase).as_deref(),
+        Some("Pending"),
+        "no kubelet runs it"
+    );
 }
