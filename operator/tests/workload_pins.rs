@@ -21,7 +21,7 @@ use cachalot_operator::metrics::Metrics;
 use cachalot_operator::node_agent::protocol::AgentStatus;
 use cachalot_registry::config::Config as RegistryConfig;
 use common::listed_caches;
-use common::mock_api::{not_found, play, respond, Handle};
+use common::mock_api::{not_found, play, respond, written_status, Handle};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use http::{Method, StatusCode};
@@ -214,7 +214,7 @@ async fn answer_everything(mut handle: Handle, seen: Arc<Mutex<Vec<Seen>>>) -> H
         match (call.method.clone(), call.path.as_str()) {
             (Method::PATCH, MIRROR_STATUS) => {
                 let mut updated = mirror_json(true);
-                updated["status"] = call.body[0]["value"].clone();
+                updated["status"] = written_status(&call.body).clone();
                 respond(send, StatusCode::OK, &updated);
             }
             (Method::PATCH, _) | (Method::POST, _) => respond(send, StatusCode::OK, &call.body),
@@ -312,7 +312,7 @@ async fn an_enabled_mirror_lists_every_pod_page_before_applying_and_writes_their
             ("ghcr.io".to_string(), vec!["org/app:v2".to_string()]),
         ])
     );
-    let status = &find(&calls, Method::PATCH, MIRROR_STATUS).body[0]["value"];
+    let status = written_status(&find(&calls, Method::PATCH, MIRROR_STATUS).body);
     assert_eq!(status["pinnedImages"], 3);
 }
 
@@ -326,6 +326,6 @@ async fn a_mirror_without_the_flag_never_lists_the_clusters_pods() {
     );
     let config_map = &find(&calls, Method::PATCH, REGISTRY_CONFIG).body;
     assert!(config_map["data"].get(PINS_KEY).is_none());
-    let status = &find(&calls, Method::PATCH, MIRROR_STATUS).body[0]["value"];
+    let status = written_status(&find(&calls, Method::PATCH, MIRROR_STATUS).body);
     assert!(status.get("pinnedImages").is_none());
 }

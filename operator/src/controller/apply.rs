@@ -166,12 +166,9 @@ pub struct OwnedWrites<'a> {
 }
 
 impl OwnedWrites<'_> {
-    /// Fails with [`ApplyError::NotLeader`] when the lease is not safely held.
-    fn ensure_leader(&self) -> Result<(), ApplyError> {
-        match self.lease {
-            Some(lease) if !lease.held() => Err(ApplyError::NotLeader),
-            _ => Ok(()),
-        }
+    /// Whether writes must stop: there is a lease and it is not safely held.
+    fn lease_lapsed(&self) -> bool {
+        self.lease.is_some_and(|lease| !lease.held())
     }
 }
 
@@ -229,7 +226,9 @@ pub async fn apply_owned<K: Owned>(writer: OwnedWrites<'_>, desired: &K) -> Resu
         (reason, _) => {
             // `None` with nothing cached cannot happen (absent is `Missing`); counted as such.
             let reason = reason.unwrap_or(ApplyReason::Missing).as_str();
-            writer.ensure_leader()?;
+            if writer.lease_lapsed() {
+                return Err(ApplyError::NotLeader);
+            }
             debug!(%kind, %namespace, %name, reason, "applying");
             writer.metrics.observe_apply(&kind, reason);
             apply(writer.client, &marked).await
@@ -253,7 +252,9 @@ pub async fn delete_if_cached<K: Owned>(
     if live.meta().deletion_timestamp.is_some() {
         return Ok(());
     }
-    writer.ensure_leader()?;
+    if writer.lease_lapsed() {
+        return Err(ApplyError::NotLeader);
+    }
     let kind = K::kind(&());
     debug!(%kind, %namespace, %name, "deleting an object the spec no longer wants");
     writer.metrics.observe_delete(&kind);

@@ -251,15 +251,11 @@ impl Context {
         self
     }
 
-    /// Fails with [`ReconcileError::NotLeader`] when this replica may not write now.
-    ///
-    /// # Errors
-    /// [`ReconcileError::NotLeader`].
-    pub fn ensure_leader(&self) -> Result<(), ReconcileError> {
-        match &self.lease {
-            Some(lease) if !lease.held() => Err(ReconcileError::NotLeader),
-            _ => Ok(()),
-        }
+    /// Whether this replica must not write now: it elects a leader and its lease is not safely
+    /// held (see [`LeaseGuard`]).
+    #[must_use]
+    pub fn lease_lapsed(&self) -> bool {
+        self.lease.as_ref().is_some_and(|lease| !lease.held())
     }
 
     /// What the store-aware writes of the apply stage need.
@@ -482,8 +478,8 @@ async fn finish_status(
     let mut next = compute_status(mirror, outcome, &now());
     next.pinned_images = pins.map(|p| i32::try_from(p.len()).unwrap_or(i32::MAX));
     let events = transitions(mirror.status.as_ref(), &next);
-    if mirror.status.as_ref() != Some(&next) {
-        ctx.ensure_leader()?;
+    if mirror.status.as_ref() != Some(&next) && ctx.lease_lapsed() {
+        return Err(ReconcileError::NotLeader);
     }
     write_status(api, mirror, &next).await?;
     for t in events {
@@ -505,14 +501,18 @@ pub async fn reconcile_mirror(
         .ok_or_else(|| ReconcileError::MissingNamespace(mirror.name_any()))?;
     let api: Api<RegistryMirror> = Api::namespaced(ctx.client.clone(), &namespace);
     // A replica that is not sure of its lease does not even start a pass.
-    ctx.ensure_leader()?;
+    if ctx.lease_lapsed() {
+        return Err(ReconcileError::NotLeader);
+    }
     if mirror.metadata.deletion_timestamp.is_some() {
         return cleanup(mirror, ctx, &api, &namespace).await;
     }
     let mirror = if has_finalizer(mirror) {
         mirror.clone()
     } else {
-        ctx.ensure_leader()?;
+        if ctx.lease_lapsed() {
+            return Err(ReconcileError::NotLeader);
+        }
         set_finalizer(&api, mirror, true).await?
     };
     let v = match validate(&mirror) {
@@ -711,7 +711,9 @@ async fn cleanup(
         } else {
             "no node agent runs for this mirror".to_string()
         };
-        ctx.ensure_leader()?;
+        if ctx.lease_lapsed() {
+            return Err(ReconcileError::NotLeader);
+        }
         set_finalizer(api, mirror, false).await?;
         info!(mirror = %key, reason = %why, "finalizer removed");
         publish(ctx, mirror, skip, "FinalizerRemoved", why).await;
@@ -739,7 +741,9 @@ async fn cleanup(
         .map(|a| a.node)
         .collect();
     if pending.is_empty() {
-        ctx.ensure_leader()?;
+        if ctx.lease_lapsed() {
+            return Err(ReconcileError::NotLeader);
+        }
         set_finalizer(api, mirror, false).await?;
         info!(mirror = %key, nodes = total, "node files removed; finalizer removed");
         publish(

@@ -138,3 +138,17 @@ pub fn not_found(send: Responder) {
         &failure(StatusCode::NOT_FOUND, "NotFound", "not found"),
     );
 }
+
+/// The status a status write sets: the operator writes a JSON patch `[test resourceVersion,
+/// add /status]`, so the status is written only over the version it was computed from.
+/// Panics when the body has another shape.
+pub fn written_status(body: &Value) -> &Value {
+    assert_eq!(body[0]["op"], "test", "status patch: {body}");
+    assert_eq!(
+        body[0]["path"], "/metadata/resourceVersion",
+        "status patch: {body}"
+    );
+    assert_eq!(body[1]["op"], "add", "status patch: {body}");
+    assert_eq!(body[1]["path"], "/status", "status patch: {body}");
+    &body[1]["value"]
+}
