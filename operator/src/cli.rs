@@ -77,6 +77,10 @@ pub struct RunArgs {
     /// Status refresh period of a healthy mirror (Go duration).
     #[arg(long, env = "CACHALOT_REQUEUE_AFTER", default_value = "60s", value_parser = duration_arg)]
     pub requeue_after: Duration,
+    /// Status refresh period of a running mirror that is not Ready yet, e.g. while its node
+    /// agents first check the registry (Go duration; capped by `--requeue-after`).
+    #[arg(long, env = "CACHALOT_CONVERGING_REQUEUE_AFTER", default_value = "5s", value_parser = duration_arg)]
+    pub converging_requeue_after: Duration,
     /// Timeout of each `/stats` and `/status` probe (Go duration).
     #[arg(long, env = "CACHALOT_PROBE_TIMEOUT", default_value = "2s", value_parser = duration_arg)]
     pub probe_timeout: Duration,
@@ -181,6 +185,7 @@ pub async fn run_operator(args: RunArgs) -> Result<(), RunOperatorError> {
     );
     let mut config = ControllerConfig::new(args.image.clone());
     config.requeue_after = args.requeue_after;
+    config.converging_requeue_after = args.converging_requeue_after;
     config.probe_timeout = args.probe_timeout;
     config.namespace = args.watch_namespace.clone();
     config.instance = Some(identity.clone());

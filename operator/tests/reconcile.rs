@@ -156,6 +156,7 @@ impl Setup {
     fn context(&self, client: Client) -> Context {
         let mut config = ControllerConfig::new("ghcr.io/cachalot-dev/cachalot:test");
         config.requeue_after = Duration::from_secs(60);
+        config.converging_requeue_after = Duration::from_secs(5);
         Context::new(
             client,
             config,
@@ -483,6 +484,25 @@ async fn a_second_pass_over_an_unchanged_world_makes_no_write() {
         let line = format!(r#"cachalot_operator_apply_skips_total{{kind="{kind}"}} {skipped}"#);
         assert!(metrics.contains(&line), "{line} in {metrics}");
     }
+}
+
+#[tokio::test]
+async fn a_mirror_that_is_not_ready_is_looked_at_again_sooner_than_a_ready_one() {
+    let (setup, mut writers) = Setup::new();
+    let converged = converged_docker_hub(&setup, &mut writers).await;
+    // The node's agent pod is not running yet: the node is not configured, so the mirror is not
+    // Ready, and what it waits for (agents, registry pods) is probed rather than watched.
+    let action = run_scenario(converged.clone(), &setup, move |mut h| async move {
+        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
+        expect_pod_list(&mut h, AGENT_COMPONENT, json!({"items": []})).await;
+        let object = serde_json::to_value(&converged).unwrap();
+        let status = expect_status(&mut h, &object).await;
+        assert_eq!(condition(&status, "Ready")["status"], "False");
+        expect_event(&mut h, "AgentsStarting").await;
+        h
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
 }
 
 #[tokio::test]

@@ -95,6 +95,16 @@ impl ConditionType {
     }
 }
 
+impl RegistryMirrorStatus {
+    /// Whether the `Ready` condition is `True`. Pure.
+    #[must_use]
+    pub fn is_ready(&self) -> bool {
+        self.conditions
+            .iter()
+            .any(|c| c.type_ == ConditionType::Ready && c.status == ConditionStatus::True)
+    }
+}
+
 /// A condition's truth value.
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
 pub enum ConditionStatus {

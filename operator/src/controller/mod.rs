@@ -56,7 +56,7 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use crate::api::{RegistryMirror, CRD_NAME};
+use crate::api::{RegistryMirror, RegistryMirrorStatus, CRD_NAME};
 use crate::leader::LeaseGuard;
 use crate::metrics::Metrics;
 use apply::{
@@ -88,6 +88,10 @@ pub struct ControllerConfig {
     pub image: String,
     /// Period of the status refresh (stats, nodes) for a healthy mirror.
     pub requeue_after: Duration,
+    /// Period of the status refresh while a running mirror is not Ready yet (nodes and registry
+    /// pods are probed, not watched, so this bounds how late Ready shows); capped by
+    /// `requeue_after`.
+    pub converging_requeue_after: Duration,
     /// Period while waiting for nodes to clean up on deletion.
     pub cleanup_requeue_after: Duration,
     /// Timeout of each `/stats` and `/status` probe.
@@ -105,6 +109,7 @@ impl ControllerConfig {
         Self {
             image: image.into(),
             requeue_after: Duration::from_secs(60),
+            converging_requeue_after: Duration::from_secs(5),
             cleanup_requeue_after: Duration::from_secs(5),
             probe_timeout: Duration::from_secs(2),
             namespace: None,
@@ -474,7 +479,7 @@ async fn finish_status(
     mirror: &RegistryMirror,
     outcome: &Outcome,
     pins: Option<&WorkloadPins>,
-) -> Result<(), ReconcileError> {
+) -> Result<RegistryMirrorStatus, ReconcileError> {
     let mut next = compute_status(mirror, outcome, &now());
     next.pinned_images = pins.map(|p| i32::try_from(p.len()).unwrap_or(i32::MAX));
     let events = transitions(mirror.status.as_ref(), &next);
@@ -485,7 +490,18 @@ async fn finish_status(
     for t in events {
         publish(ctx, mirror, t.warning, &t.reason, t.note).await;
     }
-    Ok(())
+    Ok(next)
+}
+
+/// When a running mirror is looked at again: every `requeue_after` once Ready, sooner while it
+/// converges (what it waits for, registry pods and node agents, is probed, not watched). Pure.
+#[must_use]
+pub fn running_requeue(status: &RegistryMirrorStatus, config: &ControllerConfig) -> Duration {
+    if status.is_ready() {
+        config.requeue_after
+    } else {
+        config.converging_requeue_after.min(config.requeue_after)
+    }
 }
 
 /// One reconcile pass for one mirror.
@@ -607,8 +623,8 @@ pub async fn reconcile_mirror(
             agents,
         },
     };
-    finish_status(ctx, &api, &mirror, &outcome, pins.as_ref()).await?;
-    Ok(Action::requeue(ctx.config.requeue_after))
+    let status = finish_status(ctx, &api, &mirror, &outcome, pins.as_ref()).await?;
+    Ok(Action::requeue(running_requeue(&status, &ctx.config)))
 }
 
 /// The workload pins of a mirror with `spec.pinWorkloadImages` and a registry in the cluster;
@@ -765,4 +781,48 @@ async fn cleanup(
     )
     .await?;
     Ok(Action::requeue(ctx.config.cleanup_requeue_after))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ConditionStatus, ConditionType, MirrorCondition};
+
+    fn status_with_ready(ready: ConditionStatus) -> RegistryMirrorStatus {
+        RegistryMirrorStatus {
+            conditions: vec![MirrorCondition {
+                type_: ConditionType::Ready,
+                status: ready,
+                reason: "Test".into(),
+                message: String::new(),
+                observed_generation: None,
+                last_transition_time: None,
+            }],
+            ..RegistryMirrorStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_ready_mirror_waits_the_full_period_and_a_converging_one_is_looked_at_sooner() {
+        let mut config = ControllerConfig::new("image");
+        config.requeue_after = Duration::from_secs(60);
+        config.converging_requeue_after = Duration::from_secs(5);
+        let ready = status_with_ready(ConditionStatus::True);
+        assert_eq!(running_requeue(&ready, &config), Duration::from_secs(60));
+        for not_ready in [ConditionStatus::False, ConditionStatus::Unknown] {
+            let status = status_with_ready(not_ready);
+            assert_eq!(running_requeue(&status, &config), Duration::from_secs(5));
+        }
+        assert_eq!(
+            running_requeue(&RegistryMirrorStatus::default(), &config),
+            Duration::from_secs(5),
+            "no conditions yet is not Ready"
+        );
+        // The converging period never exceeds the normal one.
+        config.requeue_after = Duration::from_secs(2);
+        assert_eq!(
+            running_requeue(&status_with_ready(ConditionStatus::False), &config),
+            Duration::from_secs(2)
+        );
+    }
 }
