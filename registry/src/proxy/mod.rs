@@ -457,7 +457,7 @@ impl Proxy {
                 cache: CacheResult::Hit,
             });
         }
-        let key = NotFound::Digest(upstream.name().to_owned(), repo.clone(), digest.clone());
+        let key = NotFound::Manifest(upstream.name().to_owned(), repo.clone(), digest.clone());
         if let Some(e) = self.remembered_not_found(&key) {
             return Err(e);
         }
@@ -507,7 +507,7 @@ impl Proxy {
                 .and_then(|p| p.not_found_for(repo.as_str(), tag.as_str()))
                 .unwrap_or(tag_age),
             NotFound::TagsList(..) => tag_age,
-            NotFound::Digest(..) => digest_age,
+            NotFound::Manifest(..) | NotFound::Blob(..) => digest_age,
         };
         self.inner.negative.put(key, e, ttl, Instant::now());
     }
@@ -519,7 +519,10 @@ impl Proxy {
         repo: &RepositoryName,
         digest: &Digest,
     ) -> Option<ProxyError> {
-        let key = NotFound::Digest(registry.to_owned(), repo.clone(), digest.clone());
+        let key = NotFound::Blob(registry.to_owned(), repo.clone(), digest.clone());
+        // The common case, no entry, costs one map lookup; the store is asked only when there is
+        // an entry, since content cached meanwhile (through another repository) wins.
+        self.inner.negative.get(&key, Instant::now())?;
         if self.inner.store.blob_size(digest).is_some() {
             return None;
         }
@@ -534,7 +537,7 @@ impl Proxy {
         digest: &Digest,
         error: &ProxyError,
     ) {
-        let key = NotFound::Digest(registry.to_owned(), repo.clone(), digest.clone());
+        let key = NotFound::Blob(registry.to_owned(), repo.clone(), digest.clone());
         self.remember_not_found(key, error);
     }
 

@@ -25,8 +25,10 @@ pub const MAX_MESSAGE_CHARS: usize = 256;
 pub enum NotFound {
     /// A manifest by tag.
     Tag(String, RepositoryName, Tag),
-    /// A manifest or blob by digest, in one repository.
-    Digest(String, RepositoryName, Digest),
+    /// A manifest by digest, in one repository.
+    Manifest(String, RepositoryName, Digest),
+    /// A blob, in one repository (a digest unknown as a manifest may well be a blob).
+    Blob(String, RepositoryName, Digest),
     /// A repository's `tags/list`.
     TagsList(String, RepositoryName),
 }
@@ -35,7 +37,10 @@ impl NotFound {
     /// The registry the entry belongs to.
     pub fn registry(&self) -> &str {
         match self {
-            NotFound::Tag(r, ..) | NotFound::Digest(r, ..) | NotFound::TagsList(r, ..) => r,
+            NotFound::Tag(r, ..)
+            | NotFound::Manifest(r, ..)
+            | NotFound::Blob(r, ..)
+            | NotFound::TagsList(r, ..) => r,
         }
     }
 
@@ -43,7 +48,7 @@ impl NotFound {
     pub fn kind(&self) -> &'static str {
         match self {
             NotFound::Tag(..) => "tag",
-            NotFound::Digest(..) => "digest",
+            NotFound::Manifest(..) | NotFound::Blob(..) => "digest",
             NotFound::TagsList(..) => "tags",
         }
     }
