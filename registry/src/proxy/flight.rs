@@ -41,9 +41,12 @@ pub struct Joined<T, E> {
     pub started: Instant,
 }
 
+/// The flights under way, each with its start.
+type InFlight<K, T, E> = Arc<Mutex<HashMap<K, (Flight<T, E>, Instant)>>>;
+
 /// Coalesces concurrent work by key.
 pub struct SingleFlight<K, T: Clone, E: Clone = ProxyError> {
-    inflight: Arc<Mutex<HashMap<K, (Flight<T, E>, Instant)>>>,
+    inflight: InFlight<K, T, E>,
 }
 
 impl<K, T: Clone, E: Clone> std::fmt::Debug for SingleFlight<K, T, E> {

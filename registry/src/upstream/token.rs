@@ -100,7 +100,7 @@ pub fn check_realm(
     }
     let realm_host = realm.host_str().unwrap_or("").to_ascii_lowercase();
     let own_host = registry.host_str().unwrap_or("").to_ascii_lowercase();
-    let allowed = realm_host == own_host || token_hosts.iter().any(|h| *h == realm_host);
+    let allowed = realm_host == own_host || token_hosts.contains(&realm_host);
     if !allowed {
         return Err(refused(format!(
             "the token realm is on {realm_host}, not on the registry's host {own_host}; \
