@@ -346,14 +346,26 @@ async fn upstream_404s_are_remembered_and_answered_with_the_same_error() {
 }
 
 #[tokio::test]
-async fn a_remembered_404_expires_and_the_tag_is_then_pulled() {
+async fn remembered_404s_expire_however_often_they_are_asked_for() {
     let rig = Rig::start_with(|c| {
-        c.registries.get_mut("docker.io").unwrap().not_found_max_age = Some(Duration::from_secs(1));
+        let registry = c.registries.get_mut("docker.io").unwrap();
+        registry.not_found_max_age = Some(Duration::from_secs(1));
+        registry.digest_not_found_max_age = Some(Duration::from_secs(1));
     })
     .await;
     let url = rig.cachalot.url();
-    assert_eq!(get_manifest(&url, "library/late", "1").await.status(), 404);
     let img = docker_image(331, &[1024]).unwrap();
+    let layer = img.layers()[0].digest.clone();
+    let blob = |url: String, layer: String| async move {
+        client()
+            .get(format!("{url}/v2/library/late/blobs/{layer}"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(get_manifest(&url, "library/late", "1").await.status(), 404);
+    assert_eq!(blob(url.clone(), layer.clone()).await, 404);
     rig.push("library/late", "1", &img).await;
     rig.faults().reset_counts();
     assert_eq!(
@@ -361,9 +373,22 @@ async fn a_remembered_404_expires_and_the_tag_is_then_pulled() {
         404,
         "still remembered"
     );
+    assert_eq!(
+        blob(url.clone(), layer.clone()).await,
+        404,
+        "still remembered"
+    );
     assert_eq!(rig.faults().counts().total(), 0);
-    eventually(Duration::from_secs(10), "the 404 to expire", || async {
-        get_manifest(&url, "library/late", "1").await.status() == 200
+    // Asked for again and again, the answers still expire.
+    eventually(
+        Duration::from_secs(10),
+        "the tag's 404 to expire",
+        || async { get_manifest(&url, "library/late", "1").await.status() == 200 },
+    )
+    .await;
+    eventually(Duration::from_secs(10), "the blob's 404 to expire", || {
+        let (url, layer) = (url.clone(), layer.clone());
+        async move { blob(url, layer).await == 200 }
     })
     .await;
 }

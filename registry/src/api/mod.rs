@@ -198,14 +198,20 @@ async fn handle(
             let name = normalise(name);
             let result = match state.proxy.blob_not_found(upstream.name(), &name, &digest) {
                 Some(remembered) => Err(BlobError::Proxy(remembered)),
-                None if head => blob_head(state, upstream, &name, &digest).await,
-                None => blob_get(state, upstream, &name, &digest, headers).await,
+                None => {
+                    let result = if head {
+                        blob_head(state, upstream, &name, &digest).await
+                    } else {
+                        blob_get(state, upstream, &name, &digest, headers).await
+                    };
+                    if let Err(BlobError::Proxy(e)) = &result {
+                        state
+                            .proxy
+                            .note_blob_failure(upstream.name(), &name, &digest, e);
+                    }
+                    result
+                }
             };
-            if let Err(BlobError::Proxy(e)) = &result {
-                state
-                    .proxy
-                    .note_blob_failure(upstream.name(), &name, &digest, e);
-            }
             match result {
                 Ok((response, cache)) => {
                     state
