@@ -132,7 +132,7 @@ pub struct Upstream {
     ns: Option<String>,
     client: reqwest::Client,
     credentials: CredentialFiles,
-    tokens: TokenCache,
+    tokens: Arc<TokenCache>,
     prefers_basic: std::sync::atomic::AtomicBool,
     circuit: Arc<Circuit>,
     /// Hosts besides the upstream's own that may see credentials as token realms (lower case).
@@ -289,10 +289,10 @@ impl Upstream {
         if bearer.is_none() {
             let known = self.bearer.lock().ok().and_then(|b| b.clone());
             if let Some((realm, service)) = known {
-                let (token, lifetime) = self.token(&realm, service.as_deref(), &scope).await?;
-                self.tokens
-                    .put(&scope, token.clone(), lifetime, Instant::now());
-                bearer = Some(token);
+                bearer = Some(
+                    self.token(&realm, service.as_deref(), &scope, &scope)
+                        .await?,
+                );
             }
         }
         let mut authenticated_once = false;
@@ -323,11 +323,10 @@ impl Upstream {
                             continue;
                         }
                         let wanted = challenge_scope.unwrap_or_else(|| scope.clone());
-                        let (token, lifetime) =
-                            self.token(&realm, service.as_deref(), &wanted).await?;
-                        self.tokens
-                            .put(&scope, token.clone(), lifetime, Instant::now());
-                        bearer = Some(token);
+                        bearer = Some(
+                            self.token(&realm, service.as_deref(), &wanted, &scope)
+                                .await?,
+                        );
                         continue;
                     }
                     Some(Challenge::Basic) if self.credentials.configured() => {
@@ -480,14 +479,18 @@ impl Upstream {
         }
     }
 
-    /// A token for `scope` from `realm`: one request per (realm, service, scope, credentials)
-    /// at a time, whoever asks; the realm is checked before credentials go anywhere.
+    /// A token for `scope` from `realm`, cached under `cache_scope` (the request's own scope,
+    /// which a challenge may name differently): one request per (realm, service, scope,
+    /// credentials) at a time, whoever asks; the realm is checked before credentials go
+    /// anywhere. The flight caches the token before it ends, so a request that meets a 401 just
+    /// after finds it instead of asking again; each waiter caches it under its own scope too.
     async fn token(
         &self,
         realm: &str,
         service: Option<&str>,
         scope: &str,
-    ) -> Result<(String, Duration), UpstreamError> {
+        cache_scope: &str,
+    ) -> Result<String, UpstreamError> {
         let mut url = reqwest::Url::parse(realm).map_err(|e| UpstreamError::Token {
             registry: self.name.clone(),
             realm: realm.chars().take(128).collect(),
@@ -531,15 +534,20 @@ impl Upstream {
             credentials,
             timeout: self.tuning.response_timeout,
         };
-        let (name, telemetry, circuit) = (
+        let (name, telemetry, circuit, tokens) = (
             self.name.clone(),
             Arc::clone(&self.telemetry),
             Arc::clone(&self.circuit),
+            Arc::clone(&self.tokens),
         );
-        let (result, _) = self
+        let flight_scope = cache_scope.to_owned();
+        let (result, leader) = self
             .token_flights
             .run(key, move || async move {
                 let result = token::request_token(request).await;
+                if let Ok((token, lifetime)) = &result {
+                    tokens.put(&flight_scope, token.clone(), *lifetime, Instant::now());
+                }
                 if let Some(label) = token::status_label(&result) {
                     telemetry.record_upstream(&name, "token", &label);
                 }
@@ -558,7 +566,13 @@ impl Upstream {
                 })
             })
             .await;
-        result
+        let (token, lifetime) = result?;
+        if !leader {
+            // A waiter that joined someone else's flight may ask for another scope.
+            self.tokens
+                .put(cache_scope, token.clone(), lifetime, Instant::now());
+        }
+        Ok(token)
     }
 }
 
@@ -621,7 +635,7 @@ impl Upstreams {
                     ns,
                     client,
                     credentials,
-                    tokens: TokenCache::default(),
+                    tokens: Arc::default(),
                     prefers_basic: std::sync::atomic::AtomicBool::new(false),
                     circuit: Arc::new(Circuit::new(
                         config.upstream.circuit_failure_threshold,
@@ -683,4 +697,61 @@ pub fn content_digest(response: &reqwest::Response) -> Option<Digest> {
 /// A header value that can be copied onto a client response.
 pub fn header_value(s: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(s).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use futures::FutureExt as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A token service on 127.0.0.1 that counts the tokens it issues.
+    async fn token_service() -> (String, Arc<AtomicUsize>) {
+        let issued = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&issued);
+        let app = axum::Router::new().route(
+            "/token",
+            axum::routing::get(move || {
+                let counter = Arc::clone(&counter);
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    axum::Json(serde_json::json!({"token": "t1", "expires_in": 300}))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}/token"), issued)
+    }
+
+    #[tokio::test]
+    async fn a_token_flight_caches_its_token_before_it_ends_under_every_waiters_scope() {
+        let (realm, issued) = token_service().await;
+        let mut config = Config::default();
+        config
+            .registries
+            .insert("r.example".into(), crate::config::RegistryConfig::default());
+        let telemetry = Arc::new(Telemetry::new(["r.example"]));
+        let upstreams = Upstreams::new(&config, telemetry).unwrap();
+        let upstream = upstreams.get("r.example").unwrap();
+        let (a, b) = ("repository:a:pull", "repository:b:pull");
+        // The first caller starts the flight (its first poll) and goes away; the second joins
+        // that flight (this runtime has one thread, so the token service has not answered yet)
+        // for another request scope, as when a challenge names the scope.
+        assert!(upstream
+            .token(&realm, None, "challenged", a)
+            .now_or_never()
+            .is_none());
+        assert_eq!(upstream.token_flights.len(), 1);
+        let token = upstream.token(&realm, None, "challenged", b).await.unwrap();
+        assert_eq!(token, "t1");
+        assert_eq!(issued.load(Ordering::SeqCst), 1);
+        assert!(upstream.token_flights.is_empty());
+        // The flight cached the token for the caller that left; the waiter cached its own.
+        let now = Instant::now();
+        assert_eq!(upstream.tokens.get(a, now).as_deref(), Some("t1"));
+        assert_eq!(upstream.tokens.get(b, now).as_deref(), Some("t1"));
+    }
 }
