@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use cachalot_testkit::distribution::{Distribution, DistributionOptions};
-use cachalot_testkit::fault::{FaultProxy, Kind, RateLimit};
+use cachalot_testkit::fault::{Fault, FaultProxy, FaultRule, Kind, RateLimit, TokenAuth};
 use cachalot_testkit::image::{self, TestImage};
 use clap::Parser;
 
@@ -91,6 +91,21 @@ impl Cachalot {
 
     fn pid(&self) -> u32 {
         self.child.id().unwrap_or(0)
+    }
+
+    /// Makes a cached tag look last checked long ago, so the next request revalidates it.
+    fn age_tag(&self, repo: &str, tag: &str) -> Result<()> {
+        let path = self
+            ._dir
+            .path()
+            .join("cache/repositories/docker.io")
+            .join(repo)
+            .join("_tags")
+            .join(format!("{tag}.json"));
+        let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        record["checkedAt"] = serde_json::json!(0);
+        std::fs::write(&path, serde_json::to_vec(&record)?)?;
+        Ok(())
     }
 }
 
@@ -343,6 +358,86 @@ async fn start_distribution_proxy(upstream: &str) -> Result<Distribution> {
     .await?)
 }
 
+/// How long the upstream holds manifest requests in the held-HEAD measurement.
+const HELD_FOR: Duration = Duration::from_secs(15);
+
+/// Answer times of `clients` concurrent GETs of a cached tag whose revalidation the upstream
+/// holds for [`HELD_FOR`] (distribution's proxy asks the upstream about every tag request;
+/// cachalot's tag is aged past its maxAge first). Returns the slowest answer and how many
+/// failed; each request gives up after `HELD_FOR` + 10 s.
+async fn held_head_answer_time(
+    base: &str,
+    fault: &FaultProxy,
+    repo: &str,
+    clients: usize,
+) -> Result<(Duration, usize)> {
+    let held = fault.handle().add_fault(
+        FaultRule::new(Fault::Delay(HELD_FOR))
+            .kind(Kind::Manifest)
+            .path_contains(repo),
+    );
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let target = format!("{base}/v2/{repo}/manifests/latest");
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let answer = reqwest::Client::new()
+                    .get(target)
+                    .header("accept", ACCEPT)
+                    .timeout(HELD_FOR + Duration::from_secs(10))
+                    .send()
+                    .await
+                    .and_then(reqwest::Response::error_for_status);
+                let ok = match answer {
+                    Ok(r) => r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                (started.elapsed(), ok)
+            })
+        })
+        .collect();
+    let mut slowest = Duration::ZERO;
+    let mut failed = 0;
+    for t in tasks {
+        let (elapsed, ok) = t.await?;
+        slowest = slowest.max(elapsed);
+        failed += usize::from(!ok);
+    }
+    fault.handle().remove_fault(held);
+    Ok((slowest, failed))
+}
+
+/// `clients` concurrent cold GETs of distinct tags of one repository behind token auth: the
+/// token requests the upstream's token service saw, and the failed GETs.
+async fn cold_token_requests(
+    base: &str,
+    fault: &FaultProxy,
+    tags: &[String],
+) -> Result<(u64, usize)> {
+    fault.handle().reset_counts();
+    let tasks: Vec<_> = tags
+        .iter()
+        .map(|tag| {
+            let target = format!("{base}/v2/library/crowd/manifests/{tag}");
+            tokio::spawn(async move {
+                reqwest::Client::new()
+                    .get(target)
+                    .header("accept", ACCEPT)
+                    .timeout(Duration::from_secs(60))
+                    .send()
+                    .await
+                    .and_then(reqwest::Response::error_for_status)
+                    .is_ok()
+            })
+        })
+        .collect();
+    let mut failed = 0;
+    for t in tasks {
+        failed += usize::from(!t.await?);
+    }
+    Ok((fault.handle().token_requests().values().sum(), failed))
+}
+
 /// The seed scenario against a proxy: 36 clients × 3 mutable tags, the upstream limited to 100
 /// counted manifest GETs. Returns (failed pulls, counted GETs, HEADs) seen upstream.
 async fn seed_scenario(
@@ -568,6 +663,81 @@ async fn main() -> Result<()> {
         ratio: "-".into(),
         target: "0 failed, GETs <= 3",
     });
+    // A cached tag while the upstream holds every manifest request for 15 s.
+    let mut held = Vec::new();
+    for which in ["distribution", "cachalot"] {
+        let fault = FaultProxy::start(&upstream.url()).await?;
+        let mut keep_dist = None;
+        let mut keep_cach = None;
+        let base = if which == "distribution" {
+            let d = start_distribution_proxy(&fault.url()).await?;
+            let url = d.url();
+            keep_dist = Some(d);
+            url
+        } else {
+            let k = Cachalot::start(&args.cachalot, &fault.url()).await?;
+            let url = k.url.clone();
+            keep_cach = Some(k);
+            url
+        };
+        pull(&c, &base, "library/small", "latest", &small).await?;
+        if let Some(k) = &keep_cach {
+            k.age_tag("library/small", "latest")?;
+        }
+        held.push(held_head_answer_time(&base, &fault, "library/small", 10).await?);
+        drop((keep_dist, keep_cach));
+    }
+    let secs = |(d, failed): (Duration, usize)| {
+        if failed > 0 {
+            format!("{:.2} s ({failed} failed)", d.as_secs_f64())
+        } else {
+            format!("{:.2} s", d.as_secs_f64())
+        }
+    };
+    rows.push(Row {
+        what: format!(
+            "cached tag, upstream HEAD held {} s: slowest of 10 answers",
+            HELD_FOR.as_secs()
+        ),
+        distribution: secs(held[0]),
+        cachalot: secs(held[1]),
+        ratio: "-".into(),
+        target: "cachalot <= revalidateWait (1 s)",
+    });
+
+    // 50 cold requests of one repository behind token auth: token requests.
+    let crowd: Vec<String> = (0..50).map(|i| format!("t{i}")).collect();
+    for tag in &crowd {
+        image::push(&upstream.url(), "library/crowd", tag, &small).await?;
+    }
+    let mut tokens = Vec::new();
+    for which in ["distribution", "cachalot"] {
+        let fault = FaultProxy::start(&upstream.url()).await?;
+        fault.handle().enable_token_auth(TokenAuth::default());
+        let result = if which == "distribution" {
+            let d = start_distribution_proxy(&fault.url()).await?;
+            cold_token_requests(&d.url(), &fault, &crowd).await?
+        } else {
+            let k = Cachalot::start(&args.cachalot, &fault.url()).await?;
+            cold_token_requests(&k.url, &fault, &crowd).await?
+        };
+        tokens.push(result);
+    }
+    let token_cell = |(n, failed): (u64, usize)| {
+        if failed > 0 {
+            format!("{n} ({failed} failed)")
+        } else {
+            n.to_string()
+        }
+    };
+    rows.push(Row {
+        what: "50 concurrent cold requests, one repository: token requests".into(),
+        distribution: token_cell(tokens[0]),
+        cachalot: token_cell(tokens[1]),
+        ratio: "-".into(),
+        target: "cachalot = 1",
+    });
+
     rows.push(row("RSS idle", dist_idle_rss, idle_rss, "MiB", "<= 20 MiB"));
     rows.push(row(
         "RSS peak (8 parallel blob GETs)",

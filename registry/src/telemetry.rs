@@ -71,6 +71,13 @@ struct RegistryLabel {
     registry: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NegativeCacheLabels {
+    registry: String,
+    /// `tag`, `digest` or `tags`.
+    kind: &'static str,
+}
+
 /// The upstream's pull budget as last reported by its `ratelimit-*` headers.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -171,6 +178,7 @@ pub struct Telemetry {
     upstream_rows: Mutex<BTreeMap<(String, &'static str, String), u64>>,
     budgets: Mutex<BTreeMap<String, Budget>>,
     circuits: Mutex<BTreeMap<String, bool>>,
+    negative_cache_hits: Family<NegativeCacheLabels, Counter>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -237,6 +245,12 @@ impl Telemetry {
             "Bytes of cached content that pins (configured and the pin file) protect from eviction (at the last eviction pass)",
             pinned_bytes.clone(),
         );
+        let negative_cache_hits = Family::<NegativeCacheLabels, Counter>::default();
+        registry.register(
+            "negative_cache_hits",
+            "Requests answered with a remembered upstream 404 instead of asking the upstream again, by kind (tag, digest, tags)",
+            negative_cache_hits.clone(),
+        );
         let per_registry = registries
             .into_iter()
             .map(|r| (r.to_owned(), RegistryCounters::default()))
@@ -256,7 +270,18 @@ impl Telemetry {
             upstream_rows: Mutex::new(BTreeMap::new()),
             budgets: Mutex::new(BTreeMap::new()),
             circuits: Mutex::new(BTreeMap::new()),
+            negative_cache_hits,
         }
+    }
+
+    /// Counts one request answered from the negative cache; `kind` is `tag`, `digest` or `tags`.
+    pub fn record_negative_hit(&self, registry: &str, kind: &'static str) {
+        self.negative_cache_hits
+            .get_or_create(&NegativeCacheLabels {
+                registry: registry.to_owned(),
+                kind,
+            })
+            .inc();
     }
 
     /// Counts one client request for content of `registry` (a configured name).
@@ -428,6 +453,20 @@ mod tests {
             r#"cachalot_registry_requests_total{registry="docker.io",kind="manifest",result="hit"} 1"#
         ), "{text}");
         assert!(text.contains(r#"cachalot_registry_ratelimit_remaining{registry="docker.io"} 42"#));
+    }
+
+    #[test]
+    fn negative_cache_hits_are_counted_by_registry_and_kind() {
+        let t = Telemetry::new(["docker.io"]);
+        t.record_negative_hit("docker.io", "tag");
+        t.record_negative_hit("docker.io", "tag");
+        let text = t.encode();
+        assert!(
+            text.contains(
+                r#"cachalot_registry_negative_cache_hits_total{registry="docker.io",kind="tag"} 2"#
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -63,6 +63,7 @@ fn tags_never_revalidate() -> Vec<FreshnessRule> {
         repository: None,
         max_age: None,
         immutable: true,
+        not_found_max_age: None,
     }]
 }
 

@@ -100,6 +100,7 @@ async fn moved_tag_is_served_fresh_once_max_age_has_passed() {
             repository: None,
             max_age: Some(Duration::from_secs(3600)),
             immutable: false,
+            not_found_max_age: None,
         }];
     })
     .await;
@@ -139,6 +140,7 @@ async fn immutable_tags_and_digests_never_go_upstream_once_cached() {
             repository: None,
             max_age: None,
             immutable: true,
+            not_found_max_age: None,
         }];
     })
     .await;

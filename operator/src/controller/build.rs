@@ -332,6 +332,7 @@ pub fn registry_config(
                 repository: None,
                 max_age: f.max_age,
                 immutable: f.immutable,
+                not_found_max_age: None,
             })
             .collect();
         registries.insert(
