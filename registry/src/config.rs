@@ -57,6 +57,14 @@ pub struct StorageConfig {
     /// Size bound of the cache; least recently used content is evicted beyond it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_size_bytes: Option<u64>,
+    /// How often the last use of cached content (the LRU order) is written to disk, in one batch;
+    /// also written at shutdown. A crash loses at most this much of the order (never content).
+    #[serde(
+        default = "default_last_use_flush_interval",
+        with = "humantime_serde",
+        skip_serializing_if = "is_default_last_use_flush_interval"
+    )]
+    pub last_use_flush_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -210,6 +218,12 @@ fn default_circuit_open_for() -> Duration {
 fn default_header_read_timeout() -> Duration {
     Duration::from_secs(10)
 }
+fn default_last_use_flush_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn is_default_last_use_flush_interval(d: &Duration) -> bool {
+    *d == default_last_use_flush_interval()
+}
 
 impl Default for Config {
     fn default() -> Self {
@@ -232,6 +246,7 @@ impl Default for StorageConfig {
         StorageConfig {
             path: default_storage_path(),
             max_size_bytes: None,
+            last_use_flush_interval: default_last_use_flush_interval(),
         }
     }
 }
@@ -423,6 +438,10 @@ impl Config {
         crate::store::PinRules::from_config(self)?;
         if let Some(parent) = &self.parent {
             validate_url(&parent.url).map_err(|m| invalid("parent.url", m))?;
+        }
+        let flush = self.storage.last_use_flush_interval;
+        if flush < Duration::from_secs(1) || flush > Duration::from_secs(3600) {
+            return Err(invalid("storage.lastUseFlushInterval", "between 1s and 1h"));
         }
         if self.upstream.connect_timeout.is_zero() {
             return Err(invalid("upstream.connectTimeout", "must be positive"));

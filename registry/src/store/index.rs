@@ -3,18 +3,28 @@
 //! Invariants: content being written lives in `tmp/` and is not indexed, so it is never evicted;
 //! content being served holds a [`Pin`] and is skipped by eviction; content in the protected set
 //! handed to [`Index::evict`] (what configured pins and the pin file reach, see `pinning`) is skipped too, even
-//! when that leaves the cache over its bound. The index is rebuilt from the directory tree at
-//! startup (file modification time stands in for the last use).
+//! when that leaves the cache over its bound.
+//!
+//! Durable LRU order: a content file's modification time is its last use. A hit only notes the
+//! time in memory ([`Index::touch_and_pin`], no I/O); [`Index::flush_last_use`] writes the noted
+//! times as modification times in one batch (one `open` and `futimens` per file used since the
+//! last flush), which the server runs periodically and at shutdown. The index is rebuilt at
+//! startup ordered by modification time, so after a restart the LRU order is the one of the last
+//! flush: uses newer than it (at most one flush interval, or none after a clean shutdown) are
+//! lost on a crash, and those files rank by their previous last use.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 #[derive(Debug)]
 struct Entry {
     size: u64,
     last_use: u64,
     pins: u32,
+    /// When it was last used, if that is not yet written to its modification time.
+    unflushed_use: Option<SystemTime>,
 }
 
 #[derive(Debug, Default)]
@@ -40,6 +50,15 @@ pub struct EvictionPass {
     pub protected_bytes: u64,
     /// Bytes indexed after the pass.
     pub total: u64,
+}
+
+/// What one [`Index::flush_last_use`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LastUseFlush {
+    /// Files whose modification time now says when they were last used.
+    pub written: u64,
+    /// Files that could not be updated (gone files are not counted: they were evicted).
+    pub failed: u64,
 }
 
 /// Keeps a file from being evicted while it is being served.
@@ -100,6 +119,7 @@ impl Index {
                     size,
                     last_use,
                     pins: 0,
+                    unflushed_use: None,
                 },
             );
         }
@@ -134,6 +154,8 @@ impl Index {
                 size,
                 last_use: clock,
                 pins: 0,
+                // Just written: its modification time is this use.
+                unflushed_use: None,
             },
         ) {
             inner.total -= old.size;
@@ -142,6 +164,7 @@ impl Index {
     }
 
     pub(super) fn touch_and_pin(&self, path: &Path, size: u64) -> Pin {
+        let used_at = SystemTime::now();
         let mut inner = lock(&self.inner);
         inner.clock += 1;
         let clock = inner.clock;
@@ -149,6 +172,7 @@ impl Index {
             Some(e) => {
                 e.last_use = clock;
                 e.pins += 1;
+                e.unflushed_use = Some(used_at);
             }
             None => {
                 inner.entries.insert(
@@ -157,6 +181,7 @@ impl Index {
                         size,
                         last_use: clock,
                         pins: 1,
+                        unflushed_use: Some(used_at),
                     },
                 );
                 inner.total += size;
@@ -166,6 +191,32 @@ impl Index {
             inner: Arc::clone(&self.inner),
             path: path.to_owned(),
         }
+    }
+
+    /// Writes the last uses noted since the previous flush as the files' modification times. The
+    /// list is taken under the lock (no I/O there); the files are updated after releasing it, so
+    /// hits never wait for the disk. A file evicted meanwhile is skipped.
+    pub fn flush_last_use(&self) -> LastUseFlush {
+        let pending: Vec<(PathBuf, SystemTime)> = {
+            let mut inner = lock(&self.inner);
+            inner
+                .entries
+                .iter_mut()
+                .filter_map(|(path, e)| e.unflushed_use.take().map(|t| (path.clone(), t)))
+                .collect()
+        };
+        let mut flush = LastUseFlush::default();
+        for (path, used_at) in pending {
+            match std::fs::File::open(&path).and_then(|f| f.set_modified(used_at)) {
+                Ok(()) => flush.written += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    flush.failed += 1;
+                    tracing::debug!(path = %path.display(), error = %e, "cannot record last use");
+                }
+            }
+        }
+        flush
     }
 
     /// Removes least recently used files that are neither being served nor `protected` until the
@@ -242,6 +293,45 @@ mod tests {
         assert!(paths[0].exists() && paths[1].exists());
         assert!(!paths[2].exists() && !paths[3].exists());
         assert_eq!(index.total_size(), 20);
+    }
+
+    #[test]
+    fn last_use_written_by_a_flush_orders_the_index_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let paths: Vec<PathBuf> = (0..4).map(|i| blobs.join(format!("{i}"))).collect();
+        // Written long ago, in order 0..4.
+        let long_ago = SystemTime::now() - std::time::Duration::from_secs(3600);
+        for (i, p) in paths.iter().enumerate() {
+            std::fs::write(p, [0u8; 10]).unwrap();
+            let written = long_ago + std::time::Duration::from_secs(i as u64);
+            std::fs::File::open(p)
+                .unwrap()
+                .set_modified(written)
+                .unwrap();
+        }
+        let index = Index::scan(dir.path(), Some(25));
+        // 0 is used again: the hit itself writes nothing...
+        drop(index.touch_and_pin(&paths[0], 10));
+        let before = std::fs::metadata(&paths[0]).unwrap().modified().unwrap();
+        assert_eq!(before, long_ago, "a hit does no I/O");
+        // ...the flush does, once per file used since the last flush.
+        assert_eq!(
+            index.flush_last_use(),
+            LastUseFlush {
+                written: 1,
+                failed: 0
+            }
+        );
+        assert_eq!(index.flush_last_use(), LastUseFlush::default());
+
+        // After a restart the index is rebuilt from the files: 0 is now the most recent, so 1
+        // and 2 are the least recently used.
+        let restarted = Index::scan(dir.path(), Some(25));
+        assert_eq!(restarted.evict(&HashSet::new()).evicted, 2);
+        assert!(paths[0].exists() && paths[3].exists());
+        assert!(!paths[1].exists() && !paths[2].exists());
     }
 
     #[test]

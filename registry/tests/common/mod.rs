@@ -187,3 +187,141 @@ where
         delay = (delay * 2).min(Duration::from_millis(200));
     }
 }
+
+/// The real `cachalot-registry` binary running as a child process (for tests that kill it).
+pub struct Process {
+    child: cachalot_testkit::process::LoggedChild,
+    pub addr: SocketAddr,
+    pub storage: PathBuf,
+    /// Holds the config file and the log; declared after `child` so the child is gone first.
+    dir: tempfile::TempDir,
+}
+
+impl Process {
+    /// Starts the binary on `storage` with `docker.io` at `upstream_url` and `tweak` applied to
+    /// the config, and waits (bounded) until `/readyz` answers.
+    pub async fn start(
+        storage: &std::path::Path,
+        upstream_url: &str,
+        tweak: impl Fn(&mut Config),
+    ) -> Process {
+        let dir = tempfile::Builder::new()
+            .prefix("cachalot-proc")
+            .tempdir()
+            .unwrap();
+        // A port from the kernel may be taken again before the child binds it: retry.
+        for attempt in 0..3 {
+            let port = cachalot_testkit::wait::free_port().unwrap();
+            let mut config = Config {
+                listen: SocketAddr::from(([127, 0, 0, 1], port)),
+                ..Config::default()
+            };
+            config.storage.path = storage.to_owned();
+            config.registries.insert(
+                "docker.io".into(),
+                RegistryConfig {
+                    url: Some(upstream_url.to_owned()),
+                    ..RegistryConfig::default()
+                },
+            );
+            config.upstream.connect_timeout = Duration::from_secs(2);
+            config.upstream.response_timeout = Duration::from_secs(5);
+            config.upstream.body_idle_timeout = Duration::from_secs(5);
+            tweak(&mut config);
+            let config_path = dir.path().join("config.yaml");
+            std::fs::write(&config_path, serde_yaml::to_string(&config).unwrap()).unwrap();
+            let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cachalot-registry"));
+            command
+                .args(["serve", "--config"])
+                .arg(&config_path)
+                .env("RUST_LOG", "info");
+            let log = dir.path().join(format!("registry-{attempt}.log"));
+            let mut child =
+                cachalot_testkit::process::LoggedChild::spawn(&mut command, &log).unwrap();
+            let url = format!("http://127.0.0.1:{port}/readyz");
+            let probe = client();
+            let ready = child
+                .wait_ready(Duration::from_secs(20), Duration::from_millis(10), || {
+                    let request = probe.get(url.clone()).send();
+                    async move { request.await.is_ok_and(|r| r.status() == 200) }
+                })
+                .await;
+            match ready {
+                Ok(()) => {
+                    return Process {
+                        child,
+                        addr: config.listen,
+                        storage: storage.to_owned(),
+                        dir,
+                    }
+                }
+                Err(e) if attempt < 2 && child.log_tail().contains("cannot listen") => {
+                    eprintln!("port {port} taken ({e}); retrying");
+                }
+                Err(e) => panic!("cachalot-registry did not start: {e}\n{}", child.log_tail()),
+            }
+        }
+        unreachable!("the last attempt panics or returns")
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.child.log_tail()
+    }
+
+    /// `kill -9`: no shutdown, no flush, no cleanup.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        drop(self.dir);
+    }
+
+    /// `kill -TERM` and a bounded wait for the graceful shutdown to finish.
+    pub async fn terminate(mut self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let child = &mut self.child;
+        cachalot_testkit::wait::wait_until(
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            || {
+                let exited = child.try_wait().unwrap().is_some();
+                async move { exited }
+            },
+        )
+        .await
+        .expect("cachalot-registry exits within 30s of SIGTERM");
+    }
+}
+
+/// Every regular file under `root` (relative path → size), for comparing stores.
+pub fn files_under(root: &std::path::Path) -> std::collections::BTreeMap<PathBuf, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_owned()];
+    // Store trees are shallow (repository names have at most 128 components): bounded.
+    let mut dirs_seen = 0;
+    while let Some(dir) = stack.pop() {
+        dirs_seen += 1;
+        assert!(
+            dirs_seen < 100_000,
+            "walked too many directories under {root:?}"
+        );
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                out.insert(
+                    entry.path().strip_prefix(root).unwrap().to_owned(),
+                    meta.len(),
+                );
+            }
+        }
+    }
+    out
+}
