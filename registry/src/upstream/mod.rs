@@ -4,6 +4,10 @@
 //! Invariants: only configured registries exist here (the `ns` allowlist is this map), so no
 //! request can make the proxy contact an arbitrary host. Retries happen only for idempotent
 //! requests that got no HTTP answer at all; an HTTP error, and above all a 429, is never retried.
+//!
+//! The budget record keeps when each figure was observed; a figure older than its window is no
+//! budget at all ([`Upstream::budget`] is `None`), and [`Upstream::refresh_expired_budget`] lets a
+//! caller spend one free HEAD (at most one a minute) to learn the current one.
 
 pub mod auth;
 pub mod circuit;
@@ -18,7 +22,7 @@ use rand::Rng as _;
 
 use crate::config::{Config, UpstreamTuning};
 use crate::oci::{media, Digest, Reference, RepositoryName};
-use crate::telemetry::{Budget, Telemetry};
+use crate::telemetry::{Budget, RateLimited, Telemetry};
 use auth::{BasicCredentials, Challenge, CredentialFiles, TokenCache, TokenResponse};
 use circuit::{Admission, Circuit};
 
@@ -116,6 +120,8 @@ pub struct Upstream {
     tuning: UpstreamTuning,
     telemetry: Arc<Telemetry>,
     budget: Mutex<Option<Budget>>,
+    /// Unix seconds of the last budget refresh started (0: never).
+    budget_refreshed_at: std::sync::atomic::AtomicU64,
 }
 
 fn method_label(method: &Method) -> &'static str {
@@ -197,9 +203,55 @@ impl Upstream {
         &self.name
     }
 
-    /// The last budget reported by the upstream.
+    /// The last budget reported by the upstream, unless it is older than its window (then the
+    /// budget is unknown, not low).
     pub fn budget(&self) -> Option<Budget> {
-        self.budget.lock().ok().and_then(|b| b.clone())
+        let now = crate::store::now_secs();
+        self.budget
+            .lock()
+            .ok()
+            .and_then(|b| b.clone())
+            .filter(|b| !b.expired_at(now))
+    }
+
+    /// When the last figure has expired, sends one HEAD for `reference` in the background (free
+    /// of the pull limit) so its `ratelimit-*` headers renew the figure; at most one such HEAD a
+    /// minute (see [`ratelimit::refresh_due`]). Returns whether it sent one.
+    pub fn refresh_expired_budget(
+        self: &Arc<Self>,
+        repo: &RepositoryName,
+        reference: &Reference,
+    ) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = crate::store::now_secs();
+        let last = self.budget_refreshed_at.load(Ordering::Relaxed);
+        let figure = self.budget.lock().ok().and_then(|b| b.clone());
+        if !ratelimit::refresh_due(figure.as_ref(), last, now) {
+            return false;
+        }
+        // Claim the slot: of concurrent callers, one sends the HEAD.
+        if self
+            .budget_refreshed_at
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        let (upstream, repo, reference) = (Arc::clone(self), repo.clone(), reference.clone());
+        tokio::spawn(async move {
+            let outcome = upstream
+                .send(Method::HEAD, &repo, Target::Manifest(&reference))
+                .await;
+            match outcome {
+                Ok(_) => {
+                    tracing::debug!(registry = upstream.name(), "budget refreshed with a HEAD")
+                }
+                Err(e) => {
+                    tracing::info!(registry = upstream.name(), error = %e, "budget refresh HEAD failed")
+                }
+            }
+        });
+        true
     }
 
     fn url(&self, repo: &RepositoryName, target: Target<'_>) -> String {
@@ -348,12 +400,14 @@ impl Upstream {
                     if status.is_server_error() {
                         self.note_failure();
                     } else if status == StatusCode::TOO_MANY_REQUESTS {
-                        let wait = response
-                            .headers()
-                            .get(header::RETRY_AFTER)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.trim().parse::<u64>().ok())
-                            .map(Duration::from_secs);
+                        let retry_after = ratelimit::retry_after_secs(response.headers());
+                        // Both of Docker Hub's 429s: the pull limit (with `ratelimit-*`
+                        // headers, recorded above) and the abuse limit (a bare 429).
+                        self.telemetry.record_rate_limited(
+                            &self.name,
+                            RateLimited::new(crate::store::now_secs(), retry_after),
+                        );
+                        let wait = retry_after.map(Duration::from_secs);
                         self.circuit.rate_limited(Instant::now(), wait);
                     } else {
                         self.circuit.success();
@@ -404,7 +458,7 @@ impl Upstream {
     }
 
     fn note_budget(&self, headers: &http::HeaderMap) {
-        if let Some(budget) = ratelimit::budget_from_headers(headers) {
+        if let Some(budget) = ratelimit::budget_from_headers(headers, crate::store::now_secs()) {
             self.telemetry.record_budget(&self.name, &budget);
             if let Ok(mut b) = self.budget.lock() {
                 *b = Some(budget);
@@ -524,6 +578,7 @@ impl Upstreams {
                     tuning: config.upstream.clone(),
                     telemetry: Arc::clone(&telemetry),
                     budget: Mutex::new(None),
+                    budget_refreshed_at: std::sync::atomic::AtomicU64::new(0),
                 }),
             );
         }
