@@ -37,9 +37,42 @@ use crate::upstream::{self, Target, Upstream};
 /// Size of each read from disk and each write to it.
 const CHUNK: usize = 1024 * 1024;
 
-/// Size of each read of a committed blob. Smaller than [`CHUNK`]: with many parallel readers the
+/// Largest read of a committed blob. Smaller than [`CHUNK`]: with many parallel readers the
 /// buffers queued in each connection dominate memory (8 readers at 1 MiB peaked at 50 MiB RSS).
 const CACHED_CHUNK: u64 = 256 * 1024;
+
+/// Smallest read of a committed blob, however many readers there are.
+const MIN_CACHED_CHUNK: u64 = 16 * 1024;
+
+/// Read buffers all readers of committed blobs hold at once, at most (beyond
+/// [`MIN_CACHED_CHUNK`] each): each connection holds about one read while the socket takes it,
+/// so with many connections each reads less at a time (1000 connections: 32 KiB reads).
+const CACHED_READ_BUDGET: u64 = 32 * 1024 * 1024;
+
+/// Readers of committed blobs streaming right now (process-wide).
+static CACHED_READERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts one reader of a committed blob while it lives.
+struct CachedReader;
+
+impl CachedReader {
+    fn new() -> CachedReader {
+        CACHED_READERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        CachedReader
+    }
+}
+
+impl Drop for CachedReader {
+    fn drop(&mut self) {
+        CACHED_READERS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The read size for committed blobs when `readers` stream at once: the budget shared out,
+/// between [`MIN_CACHED_CHUNK`] and [`CACHED_CHUNK`]. Pure.
+fn cached_chunk(readers: u64) -> u64 {
+    (CACHED_READ_BUDGET / readers.max(1)).clamp(MIN_CACHED_CHUNK, CACHED_CHUNK)
+}
 
 /// Upstream chunks buffered for the leader's client before it falls back to reading the file.
 const TEE_DEPTH: usize = 64;
@@ -523,15 +556,17 @@ async fn read_at(
 
 /// Streams `[start, end)` of a committed file, keeping it pinned until the stream ends. The file
 /// is this stream's own handle, so it reads sequentially (no shared offset) into buffers that
-/// need no zeroing first.
+/// need no zeroing first. Each read is [`cached_chunk`] of the readers streaming at that moment,
+/// so many connections together hold a bounded amount of read buffers.
 pub fn file_stream(
     file: std::fs::File,
     pin: Pin,
     start: u64,
     end: u64,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
+    let reader = CachedReader::new();
     futures::stream::try_unfold(
-        (Some(file), pin, start, false),
+        (Some(file), (pin, reader), start, false),
         move |(file, pin, pos, positioned)| async move {
             let Some(file) = file else {
                 return Ok(None);
@@ -539,7 +574,8 @@ pub fn file_stream(
             if pos >= end {
                 return Ok(None);
             }
-            let len = (end - pos).min(CACHED_CHUNK);
+            let readers = CACHED_READERS.load(std::sync::atomic::Ordering::Relaxed);
+            let len = (end - pos).min(cached_chunk(readers));
             let (file, bytes) = tokio::task::spawn_blocking(move || {
                 use std::io::{Read as _, Seek as _};
                 let mut file = file;
@@ -770,7 +806,9 @@ fn direct_stream(
                         ..usize::try_from(hi - chunk_start).unwrap_or(0),
                 );
                 // Keep one byte back: release the previously held one with all but the last.
-                let keep = part.len() - 1;
+                let Some(keep) = part.len().checked_sub(1) else {
+                    continue;
+                };
                 let mut out = BytesMut::new();
                 if let Some(prev) = st.held.take() {
                     out.extend_from_slice(&prev);
@@ -871,4 +909,20 @@ pub fn leader_stream(
     })
     .flatten();
     teed.chain(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn many_readers_of_cached_blobs_share_a_bounded_read_budget() {
+        assert_eq!(cached_chunk(0), CACHED_CHUNK);
+        assert_eq!(cached_chunk(8), CACHED_CHUNK);
+        assert_eq!(cached_chunk(1000), CACHED_READ_BUDGET / 1000);
+        assert_eq!(cached_chunk(1_000_000), MIN_CACHED_CHUNK);
+        for readers in [1, 10, 100, 1000, 5000] {
+            assert!(readers * cached_chunk(readers) <= CACHED_READ_BUDGET.max(readers * MIN_CACHED_CHUNK));
+        }
+    }
 }
