@@ -922,7 +922,10 @@ mod tests {
         assert_eq!(cached_chunk(1000), CACHED_READ_BUDGET / 1000);
         assert_eq!(cached_chunk(1_000_000), MIN_CACHED_CHUNK);
         for readers in [1, 10, 100, 1000, 5000] {
-            assert!(readers * cached_chunk(readers) <= CACHED_READ_BUDGET.max(readers * MIN_CACHED_CHUNK));
+            assert!(
+                readers * cached_chunk(readers)
+                    <= CACHED_READ_BUDGET.max(readers * MIN_CACHED_CHUNK)
+            );
         }
     }
 }
