@@ -576,6 +576,28 @@ mod tests {
     }
 
     #[test]
+    fn last_use_flush_interval_defaults_to_30s_is_bounded_and_rendered_only_when_set() {
+        let c = load_yaml("{}").unwrap();
+        assert_eq!(c.storage.last_use_flush_interval, Duration::from_secs(30));
+        assert!(!serde_yaml::to_string(&c)
+            .unwrap()
+            .contains("lastUseFlushInterval"));
+        let c = load_yaml("storage: { lastUseFlushInterval: 5s }\n").unwrap();
+        assert_eq!(c.storage.last_use_flush_interval, Duration::from_secs(5));
+        assert!(serde_yaml::to_string(&c)
+            .unwrap()
+            .contains("lastUseFlushInterval: 5s"));
+        for bad in ["0s", "500ms", "2h"] {
+            let err =
+                load_yaml(&format!("storage: {{ lastUseFlushInterval: {bad} }}\n")).unwrap_err();
+            assert!(
+                err.to_string().starts_with("storage.lastUseFlushInterval"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn upstream_flags_override_and_add_registries() {
         let overrides = Overrides {
             upstreams: vec![
