@@ -12,6 +12,11 @@
 //! startup ordered by modification time, so after a restart the LRU order is the one of the last
 //! flush: uses newer than it (at most one flush interval, or none after a clean shutdown) are
 //! lost on a crash, and those files rank by their previous last use.
+//!
+//! Memory: entries are keyed by a [`Key`], the file's place relative to the root; the common
+//! case (a sha256 blob or manifest) is 33 bytes inline and allocates nothing, so an entry costs
+//! about 100 bytes with the map's slack (paths are rebuilt only to touch the disk, and the
+//! start-up scan collects keys, not paths, since the allocator keeps what it used).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -27,9 +32,56 @@ struct Entry {
     unflushed_use: Option<SystemTime>,
 }
 
+/// A content file, relative to the storage root.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    /// `blobs/sha256/<hex>` or (`manifest`) `manifests/sha256/<hex>`.
+    Sha256 { manifest: bool, digest: [u8; 32] },
+    /// Any other file (another algorithm): its path relative to the root, byte for byte.
+    Other(Box<Path>),
+}
+
+impl Key {
+    /// The key of `path` under `root`. Pure.
+    fn of(root: &Path, path: &Path) -> Key {
+        let relative = path.strip_prefix(root).unwrap_or(path);
+        let mut parts = relative.iter().map(|p| p.to_str());
+        let sha256 = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(Some(top)), Some(Some("sha256")), Some(Some(hex)), None) => {
+                let mut digest = [0u8; 32];
+                let manifest = match top {
+                    "blobs" => Some(false),
+                    "manifests" => Some(true),
+                    _ => None,
+                };
+                manifest
+                    .filter(|_| {
+                        // Lower-case only: the path must round-trip exactly.
+                        hex.bytes().all(|b| !b.is_ascii_uppercase())
+                            && hex::decode_to_slice(hex, &mut digest).is_ok()
+                    })
+                    .map(|manifest| Key::Sha256 { manifest, digest })
+            }
+            _ => None,
+        };
+        sha256.unwrap_or_else(|| Key::Other(relative.into()))
+    }
+
+    /// The file's path under `root`. Pure.
+    fn path(&self, root: &Path) -> PathBuf {
+        match self {
+            Key::Sha256 { manifest, digest } => root
+                .join(if *manifest { "manifests" } else { "blobs" })
+                .join("sha256")
+                .join(hex::encode(digest)),
+            Key::Other(relative) => root.join(&**relative),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
-    entries: HashMap<PathBuf, Entry>,
+    entries: HashMap<Key, Entry>,
     total: u64,
     clock: u64,
 }
@@ -39,6 +91,7 @@ struct Inner {
 pub struct Index {
     inner: Arc<Mutex<Inner>>,
     max_size: Option<u64>,
+    root: PathBuf,
 }
 
 /// What one eviction pass did.
@@ -65,13 +118,13 @@ pub struct LastUseFlush {
 #[derive(Debug)]
 pub struct Pin {
     inner: Arc<Mutex<Inner>>,
-    path: PathBuf,
+    key: Key,
 }
 
 impl Drop for Pin {
     fn drop(&mut self) {
         let mut inner = lock(&self.inner);
-        if let Some(e) = inner.entries.get_mut(&self.path) {
+        if let Some(e) = inner.entries.get_mut(&self.key) {
             e.pins = e.pins.saturating_sub(1);
         }
     }
@@ -86,7 +139,7 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 impl Index {
     /// Builds the index from the files under `root/blobs` and `root/manifests`.
     pub fn scan(root: &Path, max_size: Option<u64>) -> Index {
-        let mut files: Vec<(PathBuf, u64, std::time::SystemTime)> = Vec::new();
+        let mut files: Vec<(Key, u64, std::time::SystemTime)> = Vec::new();
         for top in ["blobs", "manifests"] {
             let Ok(algs) = std::fs::read_dir(root.join(top)) else {
                 continue;
@@ -102,19 +155,22 @@ impl Index {
                     }
                     if let Ok(meta) = entry.metadata() {
                         let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
-                        files.push((path, meta.len(), mtime));
+                        files.push((Key::of(root, &path), meta.len(), mtime));
                     }
                 }
             }
         }
         files.sort_by_key(|(_, _, mtime)| *mtime);
-        let mut inner = Inner::default();
-        for (path, size, _) in files {
+        let mut inner = Inner {
+            entries: HashMap::with_capacity(files.len()),
+            ..Inner::default()
+        };
+        for (key, size, _) in files {
             inner.clock += 1;
             inner.total += size;
             let last_use = inner.clock;
             inner.entries.insert(
-                path,
+                key,
                 Entry {
                     size,
                     last_use,
@@ -126,6 +182,7 @@ impl Index {
         Index {
             inner: Arc::new(Mutex::new(inner)),
             max_size,
+            root: root.to_owned(),
         }
     }
 
@@ -145,11 +202,12 @@ impl Index {
     }
 
     pub(super) fn insert(&self, path: &Path, size: u64) {
+        let key = Key::of(&self.root, path);
         let mut inner = lock(&self.inner);
         inner.clock += 1;
         let clock = inner.clock;
         if let Some(old) = inner.entries.insert(
-            path.to_owned(),
+            key,
             Entry {
                 size,
                 last_use: clock,
@@ -165,10 +223,11 @@ impl Index {
 
     pub(super) fn touch_and_pin(&self, path: &Path, size: u64) -> Pin {
         let used_at = SystemTime::now();
+        let key = Key::of(&self.root, path);
         let mut inner = lock(&self.inner);
         inner.clock += 1;
         let clock = inner.clock;
-        match inner.entries.get_mut(path) {
+        match inner.entries.get_mut(&key) {
             Some(e) => {
                 e.last_use = clock;
                 e.pins += 1;
@@ -176,7 +235,7 @@ impl Index {
             }
             None => {
                 inner.entries.insert(
-                    path.to_owned(),
+                    key.clone(),
                     Entry {
                         size,
                         last_use: clock,
@@ -189,7 +248,7 @@ impl Index {
         }
         Pin {
             inner: Arc::clone(&self.inner),
-            path: path.to_owned(),
+            key,
         }
     }
 
@@ -197,16 +256,17 @@ impl Index {
     /// list is taken under the lock (no I/O there); the files are updated after releasing it, so
     /// hits never wait for the disk. A file evicted meanwhile is skipped.
     pub fn flush_last_use(&self) -> LastUseFlush {
-        let pending: Vec<(PathBuf, SystemTime)> = {
+        let pending: Vec<(Key, SystemTime)> = {
             let mut inner = lock(&self.inner);
             inner
                 .entries
                 .iter_mut()
-                .filter_map(|(path, e)| e.unflushed_use.take().map(|t| (path.clone(), t)))
+                .filter_map(|(key, e)| e.unflushed_use.take().map(|t| (key.clone(), t)))
                 .collect()
         };
         let mut flush = LastUseFlush::default();
-        for (path, used_at) in pending {
+        for (key, used_at) in pending {
+            let path = key.path(&self.root);
             match std::fs::File::open(&path).and_then(|f| f.set_modified(used_at)) {
                 Ok(()) => flush.written += 1,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -222,10 +282,11 @@ impl Index {
     /// Removes least recently used files that are neither being served nor `protected` until the
     /// total is within the bound.
     pub(super) fn evict(&self, protected: &HashSet<PathBuf>) -> EvictionPass {
+        let protected: HashSet<Key> = protected.iter().map(|p| Key::of(&self.root, p)).collect();
         let mut inner = lock(&self.inner);
         let protected_bytes = protected
             .iter()
-            .filter_map(|p| inner.entries.get(p))
+            .filter_map(|k| inner.entries.get(k))
             .map(|e| e.size)
             .sum();
         let mut pass = EvictionPass {
@@ -239,21 +300,23 @@ impl Index {
         if inner.total <= max {
             return pass;
         }
-        let mut candidates: Vec<(u64, PathBuf)> = inner
+        let mut candidates: Vec<(u64, Key)> = inner
             .entries
             .iter()
-            .filter(|(p, e)| e.pins == 0 && !protected.contains(*p))
-            .map(|(p, e)| (e.last_use, p.clone()))
+            .filter(|(k, e)| e.pins == 0 && !protected.contains(*k))
+            .map(|(k, e)| (e.last_use, k.clone()))
             .collect();
-        candidates.sort();
-        for (_, path) in candidates {
+        // Last uses are distinct clock values, so the order never looks at the keys.
+        candidates.sort_by_key(|(last_use, _)| *last_use);
+        for (_, key) in candidates {
             if inner.total <= max {
                 break;
             }
+            let path = key.path(&self.root);
             // A manifest's media type file goes with it; a missing one is harmless.
             let _ = std::fs::remove_file(path.with_extension("type"));
             if std::fs::remove_file(&path).is_ok() || !path.exists() {
-                if let Some(e) = inner.entries.remove(&path) {
+                if let Some(e) = inner.entries.remove(&key) {
                     inner.total -= e.size;
                     pass.evicted += 1;
                 }
@@ -281,6 +344,30 @@ mod tests {
             index.insert(p, 10);
         }
         (dir, index, paths)
+    }
+
+    #[test]
+    fn keys_of_sha256_content_are_inline_and_every_key_gives_its_path_back() {
+        use std::os::unix::ffi::OsStrExt as _;
+        let root = Path::new("/var/lib/cachalot");
+        let hex = "ab".repeat(32);
+        for relative in [
+            format!("blobs/sha256/{hex}"),
+            format!("manifests/sha256/{hex}"),
+            format!("blobs/sha512/{}", "cd".repeat(64)),
+            format!("blobs/sha256/{}", "AB".repeat(32)),
+            "blobs/sha256/short".to_string(),
+        ] {
+            let path = root.join(&relative);
+            let key = Key::of(root, &path);
+            assert_eq!(key.path(root), path, "{relative}");
+            let inline = matches!(key, Key::Sha256 { .. });
+            assert_eq!(inline, relative.ends_with(&hex), "{relative}");
+        }
+        // A name that is not UTF-8 still gives its own path back.
+        let odd = root.join(std::ffi::OsStr::from_bytes(b"blobs/sha256/\xff"));
+        assert_eq!(Key::of(root, &odd).path(root), odd);
+        assert!(std::mem::size_of::<Key>() <= 40);
     }
 
     #[test]
