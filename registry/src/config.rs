@@ -57,6 +57,14 @@ pub struct StorageConfig {
     /// Size bound of the cache; least recently used content is evicted beyond it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_size_bytes: Option<u64>,
+    /// How often the last use of cached content (the LRU order) is written to disk, in one batch;
+    /// also written at shutdown. A crash loses at most this much of the order (never content).
+    #[serde(
+        default = "default_last_use_flush_interval",
+        with = "humantime_serde",
+        skip_serializing_if = "is_default_last_use_flush_interval"
+    )]
+    pub last_use_flush_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -248,6 +256,12 @@ fn default_revalidate_wait() -> Duration {
 fn default_header_read_timeout() -> Duration {
     Duration::from_secs(10)
 }
+fn default_last_use_flush_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn is_default_last_use_flush_interval(d: &Duration) -> bool {
+    *d == default_last_use_flush_interval()
+}
 
 impl Default for Config {
     fn default() -> Self {
@@ -270,6 +284,7 @@ impl Default for StorageConfig {
         StorageConfig {
             path: default_storage_path(),
             max_size_bytes: None,
+            last_use_flush_interval: default_last_use_flush_interval(),
         }
     }
 }
@@ -479,6 +494,10 @@ impl Config {
         if let Some(parent) = &self.parent {
             validate_url(&parent.url).map_err(|m| invalid("parent.url", m))?;
         }
+        let flush = self.storage.last_use_flush_interval;
+        if flush < Duration::from_secs(1) || flush > Duration::from_secs(3600) {
+            return Err(invalid("storage.lastUseFlushInterval", "between 1s and 1h"));
+        }
         if self.upstream.connect_timeout.is_zero() {
             return Err(invalid("upstream.connectTimeout", "must be positive"));
         }
@@ -646,6 +665,28 @@ mod tests {
         ] {
             let err = load_yaml(yaml).unwrap_err();
             assert!(err.to_string().starts_with(field), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn last_use_flush_interval_defaults_to_30s_is_bounded_and_rendered_only_when_set() {
+        let c = load_yaml("{}").unwrap();
+        assert_eq!(c.storage.last_use_flush_interval, Duration::from_secs(30));
+        assert!(!serde_yaml::to_string(&c)
+            .unwrap()
+            .contains("lastUseFlushInterval"));
+        let c = load_yaml("storage: { lastUseFlushInterval: 5s }\n").unwrap();
+        assert_eq!(c.storage.last_use_flush_interval, Duration::from_secs(5));
+        assert!(serde_yaml::to_string(&c)
+            .unwrap()
+            .contains("lastUseFlushInterval: 5s"));
+        for bad in ["0s", "500ms", "2h"] {
+            let err =
+                load_yaml(&format!("storage: {{ lastUseFlushInterval: {bad} }}\n")).unwrap_err();
+            assert!(
+                err.to_string().starts_with("storage.lastUseFlushInterval"),
+                "{bad}: {err}"
+            );
         }
     }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cachalot_registry::config::{Config, Credentials, FreshnessRule};
 use cachalot_testkit::fault::{Fault, FaultRule, Kind, TokenAuth};
 use cachalot_testkit::image::{docker_image, TestImage};
-use common::{client, eventually, get_manifest, Cachalot, Rig};
+use common::{client, eventually, fresh_for, get_manifest, Cachalot, Rig};
 use http::Method;
 
 /// Makes a cached tag look as if it was last checked long ago (what passing time would do).
@@ -55,16 +55,6 @@ async fn oci_error(response: reqwest::Response) -> (u16, String, String) {
         body["errors"][0]["code"].as_str().unwrap().to_owned(),
         body["errors"][0]["message"].as_str().unwrap().to_owned(),
     )
-}
-
-fn rule(pattern: &str, max_age: Duration) -> FreshnessRule {
-    FreshnessRule {
-        pattern: pattern.into(),
-        repository: None,
-        max_age: Some(max_age),
-        immutable: false,
-        not_found_max_age: None,
-    }
 }
 
 fn token_rule(fault: Fault) -> FaultRule {
@@ -130,6 +120,7 @@ async fn token_service_outages_serve_cached_tags_stale_and_fail_uncached_ones_in
             "UPSTREAM_UNAVAILABLE",
         ),
     ];
+    let mut limited_since_429 = false;
     for (what, fault, realm, status, code) in cases {
         rig.faults().clear_faults();
         // Every token cachalot holds is refused from now on, so it must ask for a new one.
@@ -155,6 +146,14 @@ async fn token_service_outages_serve_cached_tags_stale_and_fail_uncached_ones_in
             "{what}: {message}"
         );
         assert!(message.contains("token"), "{what}: {message}");
+        // A token 429 is reported like the registry's own, for a minute without Retry-After.
+        limited_since_429 |= what == "429";
+        let rate_limited = rig.cachalot.stats().await.registries["docker.io"].rate_limited;
+        assert_eq!(
+            rate_limited.is_some(),
+            limited_since_429,
+            "{what}: {rate_limited:?}"
+        );
     }
     // A refusal of the credentials is an answer, not an outage: no stale copy hides it.
     rig.faults().clear_faults();
@@ -203,7 +202,7 @@ async fn a_cached_tag_is_answered_within_the_revalidate_wait_while_its_head_hang
     let rig = Rig::start_with(|c| {
         c.upstream.revalidate_wait = Duration::from_millis(200);
         c.registries.get_mut("docker.io").unwrap().freshness =
-            vec![rule("stable", Duration::from_secs(3600))];
+            vec![fresh_for("stable", Duration::from_secs(3600))];
     })
     .await;
     let old = docker_image(321, &[1024]).unwrap();
@@ -274,7 +273,7 @@ async fn upstream_404s_are_remembered_and_answered_with_the_same_error() {
     let rig = Rig::start_with(|c| {
         c.registries.get_mut("docker.io").unwrap().freshness = vec![FreshnessRule {
             not_found_max_age: Some(Duration::ZERO),
-            ..rule("volatile-*", Duration::from_secs(60))
+            ..fresh_for("volatile-*", Duration::from_secs(60))
         }];
     })
     .await;
@@ -398,7 +397,7 @@ async fn tags_list_is_cached_single_flighted_paginated_and_served_stale() {
     let rig = Rig::start_with(|c| {
         // The list is trusted for the shortest maxAge of the rules: here one second.
         c.registries.get_mut("docker.io").unwrap().freshness =
-            vec![rule("nightly-*", Duration::from_secs(1))];
+            vec![fresh_for("nightly-*", Duration::from_secs(1))];
     })
     .await;
     let img = docker_image(341, &[1024]).unwrap();

@@ -305,6 +305,8 @@ const MAX_RECORDS: usize = 100_000;
 #[derive(Debug, Default)]
 struct Settings {
     rate_limit: Option<RateLimit>,
+    /// `w=` advertised instead of [`RATE_LIMIT_WINDOW_SECS`].
+    rate_limit_window: Option<u64>,
     counted_gets: u64,
     abuse_limit: bool,
     down: bool,
@@ -394,6 +396,12 @@ impl FaultHandle {
         let mut settings = lock(&self.shared.settings);
         settings.rate_limit = limit;
         settings.counted_gets = 0;
+    }
+    /// Advertises `w=SECONDS` in the `ratelimit-*` headers instead of Docker Hub's six hours (or
+    /// with `None` goes back to that), so tests can see a figure outlive its window. The counting
+    /// itself is unchanged: the window is only what the headers say.
+    pub fn set_rate_limit_window(&self, seconds: Option<u64>) {
+        lock(&self.shared.settings).rate_limit_window = seconds;
     }
     /// Remaining counted manifest GETs, if a limit is set.
     #[must_use]
@@ -766,7 +774,8 @@ async fn respond(
         if let Some(limit) = settings.rate_limit.clone() {
             if manifest_read && method == Method::GET {
                 if counted_gets >= limit.limit {
-                    let headers = rate_limit_headers(&limit, 0, shared.addr);
+                    let window = settings.rate_limit_window;
+                    let headers = rate_limit_headers(&limit, 0, window, shared.addr);
                     let mut all = vec![
                         ("retry-after", limit.retry_after_secs.to_string()),
                         ("content-type", "application/json".to_owned()),
@@ -782,7 +791,12 @@ async fn respond(
             }
             if manifest_read {
                 let remaining = limit.limit.saturating_sub(settings.counted_gets);
-                ratelimit_headers = Some(rate_limit_headers(&limit, remaining, shared.addr));
+                ratelimit_headers = Some(rate_limit_headers(
+                    &limit,
+                    remaining,
+                    settings.rate_limit_window,
+                    shared.addr,
+                ));
             }
         }
     }
@@ -900,17 +914,13 @@ fn note_token_request(shared: &Shared, query: Option<&str>) {
 fn rate_limit_headers(
     limit: &RateLimit,
     remaining: u64,
+    window: Option<u64>,
     addr: SocketAddr,
 ) -> Vec<(&'static str, String)> {
+    let window = window.unwrap_or(RATE_LIMIT_WINDOW_SECS);
     vec![
-        (
-            "ratelimit-limit",
-            format!("{};w={RATE_LIMIT_WINDOW_SECS}", limit.limit),
-        ),
-        (
-            "ratelimit-remaining",
-            format!("{remaining};w={RATE_LIMIT_WINDOW_SECS}"),
-        ),
+        ("ratelimit-limit", format!("{};w={window}", limit.limit)),
+        ("ratelimit-remaining", format!("{remaining};w={window}")),
         ("docker-ratelimit-source", addr.ip().to_string()),
     ]
 }

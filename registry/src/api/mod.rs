@@ -418,17 +418,27 @@ async fn blob_get(
             ))
         }
         (Some(r), None) => {
-            // Size unknown until the fetch ends (chunked upstream): serve the range from the cache.
+            // Size unknown until the fetch ends (chunked upstream): serve the range from the cache,
+            // or, when the cache could not keep it, following the flight (which continues from
+            // the upstream past what its file holds).
             flight.done().await?;
-            let Some((file, size, pin)) =
+            if let Some((file, size, pin)) =
                 inner.store.open_blob(digest).map_err(ProxyError::from)?
-            else {
-                return Err(BlobError::Proxy(ProxyError::Internal(
-                    "committed blob vanished".into(),
-                )));
-            };
+            {
+                let (start, end) = range::resolve(r, size).map_err(range_error)?;
+                let body = blobs::file_stream(file, pin, start, end).boxed();
+                return Ok((
+                    stream_response(state, body, digest, cache, size, Some((start, end))),
+                    cache,
+                ));
+            }
+            let size = flight.size().ok_or_else(|| {
+                BlobError::Proxy(ProxyError::Internal(
+                    "blob fetch ended without a size".into(),
+                ))
+            })?;
             let (start, end) = range::resolve(r, size).map_err(range_error)?;
-            let body = blobs::file_stream(file, pin, start, end).boxed();
+            let body = blobs::flight_stream(flight, start, Some(end)).boxed();
             Ok((
                 stream_response(state, body, digest, cache, size, Some((start, end))),
                 cache,

@@ -258,6 +258,40 @@ pub struct ProxyInner {
 }
 
 impl ProxyInner {
+    /// A cache write that failed (full disk, any I/O error): the client is served anyway, so this
+    /// is only counted (`cache_write_failures_total{registry}`) and logged. `what` says which
+    /// kind of content (`blob`, `manifest`, `tag`).
+    pub fn note_cache_write_failure(
+        &self,
+        registry: &str,
+        what: &'static str,
+        error: &dyn std::fmt::Display,
+    ) {
+        self.telemetry.add_cache_write_failure(registry);
+        tracing::warn!(
+            registry,
+            content = what,
+            error = %error,
+            "cache write failed; serving from the upstream without caching (caching resumes once the storage accepts writes)"
+        );
+    }
+
+    /// Records that `repo` has cached content (for the catalog); a failure only costs the
+    /// catalog entry, so it is noted, not raised.
+    pub fn note_repository(&self, registry: &str, repo: &RepositoryName) {
+        if let Err(e) = self.store.note_repository(registry, repo) {
+            self.note_cache_write_failure(registry, "repository", &e);
+        }
+    }
+
+    /// Records what a tag points at; a failure only costs a revalidation later, so it is noted,
+    /// not raised.
+    fn cache_tag(&self, registry: &str, repo: &RepositoryName, tag: &Tag, record: &TagRecord) {
+        if let Err(e) = self.store.write_tag(registry, repo, tag, record) {
+            self.note_cache_write_failure(registry, "tag", &e);
+        }
+    }
+
     /// Called after content is committed: keeps the cache under its bound and the gauge true.
     /// An eviction pass deletes files and, with pins, reads tag files and manifests, so it runs
     /// on the blocking pool; under the bound only the gauges move.
@@ -586,6 +620,9 @@ impl Proxy {
             .freshness(registry, repo, tag)
             .is_fresh(record.checked_at, now_secs())
         {
+            // Served without asking the upstream: if the budget figure has expired, one free
+            // HEAD in the background renews it (at most once a minute).
+            upstream.refresh_expired_budget(repo, &crate::oci::Reference::Tag(tag.clone()));
             return self
                 .serve_record(upstream, repo, &record, head, CacheResult::Hit)
                 .await;
@@ -695,7 +732,10 @@ impl Proxy {
                 .inner
                 .store
                 .write_tag(registry, &repo, &tag, &moved)
-                .map_err(ProxyError::from),
+                .map_err(|e| {
+                    self.inner.note_cache_write_failure(registry, "tag", &e);
+                    ProxyError::from(e)
+                }),
             Ok(None) => self.get_tag(&upstream, &repo, &tag).await.map(drop),
             Err(e) => Err(ProxyError::from(e)),
         };
@@ -789,10 +829,8 @@ impl Proxy {
         if head {
             let record = head_tag(upstream, repo, tag).await?;
             if let Some(record) = record {
-                self.inner
-                    .store
-                    .write_tag(upstream.name(), repo, tag, &record)?;
-                self.inner.store.note_repository(upstream.name(), repo)?;
+                self.inner.cache_tag(upstream.name(), repo, tag, &record);
+                self.inner.note_repository(upstream.name(), repo);
                 return Ok(ManifestReply {
                     digest: record.digest,
                     media_type: record.media_type,
@@ -829,9 +867,7 @@ impl Proxy {
                     size: fetched.bytes.len() as u64,
                     checked_at: now_secs(),
                 };
-                inner
-                    .store
-                    .write_tag(task_upstream.name(), &task_repo, &task_tag, &record)?;
+                inner.cache_tag(task_upstream.name(), &task_repo, &task_tag, &record);
                 Ok(fetched)
             })
             .await;
@@ -920,9 +956,7 @@ async fn revalidate(
             checked_at: current.checked_at,
             ..cached.clone()
         };
-        inner
-            .store
-            .write_tag(upstream.name(), repo, tag, &touched)?;
+        inner.cache_tag(upstream.name(), repo, tag, &touched);
         return Ok(touched);
     }
     Ok(current)
@@ -965,10 +999,19 @@ async fn fetch_manifest(
     };
     let store = Arc::clone(&inner.store);
     let (d, t, b) = (digest.clone(), media_type.clone(), bytes.clone());
-    tokio::task::spawn_blocking(move || store.write_manifest(&d, &t, &b))
+    let written = tokio::task::spawn_blocking(move || store.write_manifest(&d, &t, &b))
         .await
-        .map_err(|e| ProxyError::Internal(format!("manifest write task failed: {e}")))??;
-    inner.store.note_repository(&registry, repo)?;
+        .map_err(|e| ProxyError::Internal(format!("manifest write task failed: {e}")))?;
+    // The verified manifest is served whether or not the cache could keep it.
+    if let Err(e) = written {
+        inner.note_cache_write_failure(&registry, "manifest", &e);
+        return Ok(Fetched {
+            digest,
+            media_type,
+            bytes,
+        });
+    }
+    inner.note_repository(&registry, repo);
     inner.after_commit();
     Ok(Fetched {
         digest,

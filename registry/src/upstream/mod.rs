@@ -8,6 +8,10 @@
 //! all a 429, is never retried. One token request per (realm, service, scope, credentials) is in
 //! flight at a time, shared by every request that needs it; a failing token service counts
 //! against the upstream's circuit like the registry itself.
+//!
+//! The budget record keeps when each figure was observed; a figure older than its window is no
+//! budget at all ([`Upstream::budget`] is `None`), and [`Upstream::refresh_expired_budget`] lets a
+//! caller spend one free HEAD (at most one a minute) to learn the current one.
 
 pub mod auth;
 pub mod circuit;
@@ -24,7 +28,7 @@ use rand::Rng as _;
 use crate::config::{Config, UpstreamTuning};
 use crate::oci::{media, Digest, Reference, RepositoryName};
 use crate::proxy::flight::{FlightError, SingleFlight};
-use crate::telemetry::{Budget, Telemetry};
+use crate::telemetry::{Budget, RateLimited, Telemetry};
 use auth::{BasicCredentials, Challenge, CredentialFiles, TokenCache};
 use circuit::{Admission, Circuit};
 use token::{FetchTokenError, TokenRequest};
@@ -144,6 +148,8 @@ pub struct Upstream {
     tuning: UpstreamTuning,
     telemetry: Arc<Telemetry>,
     budget: Mutex<Option<Budget>>,
+    /// Unix seconds of the last budget refresh started (0: never).
+    budget_refreshed_at: std::sync::atomic::AtomicU64,
 }
 
 /// What makes two token requests the same: one is in flight at a time per key.
@@ -245,9 +251,55 @@ impl Upstream {
         &self.name
     }
 
-    /// The last budget reported by the upstream.
+    /// The last budget reported by the upstream, unless it is older than its window (then the
+    /// budget is unknown, not low).
     pub fn budget(&self) -> Option<Budget> {
-        self.budget.lock().ok().and_then(|b| b.clone())
+        let now = crate::store::now_secs();
+        self.budget
+            .lock()
+            .ok()
+            .and_then(|b| b.clone())
+            .filter(|b| !b.expired_at(now))
+    }
+
+    /// When the last figure has expired, sends one HEAD for `reference` in the background (free
+    /// of the pull limit) so its `ratelimit-*` headers renew the figure; at most one such HEAD a
+    /// minute (see [`ratelimit::refresh_due`]). Returns whether it sent one.
+    pub fn refresh_expired_budget(
+        self: &Arc<Self>,
+        repo: &RepositoryName,
+        reference: &Reference,
+    ) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = crate::store::now_secs();
+        let last = self.budget_refreshed_at.load(Ordering::Relaxed);
+        let figure = self.budget.lock().ok().and_then(|b| b.clone());
+        if !ratelimit::refresh_due(figure.as_ref(), last, now) {
+            return false;
+        }
+        // Claim the slot: of concurrent callers, one sends the HEAD.
+        if self
+            .budget_refreshed_at
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        let (upstream, repo, reference) = (Arc::clone(self), repo.clone(), reference.clone());
+        tokio::spawn(async move {
+            let outcome = upstream
+                .send(Method::HEAD, &repo, Target::Manifest(&reference))
+                .await;
+            match outcome {
+                Ok(_) => {
+                    tracing::debug!(registry = upstream.name(), "budget refreshed with a HEAD")
+                }
+                Err(e) => {
+                    tracing::info!(registry = upstream.name(), error = %e, "budget refresh HEAD failed")
+                }
+            }
+        });
+        true
     }
 
     fn url(&self, repo: &RepositoryName, target: Target<'_>) -> String {
@@ -415,12 +467,14 @@ impl Upstream {
                     if status.is_server_error() {
                         self.note_failure();
                     } else if status == StatusCode::TOO_MANY_REQUESTS {
-                        let wait = response
-                            .headers()
-                            .get(header::RETRY_AFTER)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.trim().parse::<u64>().ok())
-                            .map(Duration::from_secs);
+                        let retry_after = ratelimit::retry_after_secs(response.headers());
+                        // Both of Docker Hub's 429s: the pull limit (with `ratelimit-*`
+                        // headers, recorded above) and the abuse limit (a bare 429).
+                        self.telemetry.record_rate_limited(
+                            &self.name,
+                            RateLimited::new(crate::store::now_secs(), retry_after),
+                        );
+                        let wait = retry_after.map(Duration::from_secs);
                         self.circuit.rate_limited(Instant::now(), wait);
                     } else {
                         self.circuit.success();
@@ -471,7 +525,7 @@ impl Upstream {
     }
 
     fn note_budget(&self, headers: &http::HeaderMap) {
-        if let Some(budget) = ratelimit::budget_from_headers(headers) {
+        if let Some(budget) = ratelimit::budget_from_headers(headers, crate::store::now_secs()) {
             self.telemetry.record_budget(&self.name, &budget);
             if let Ok(mut b) = self.budget.lock() {
                 *b = Some(budget);
@@ -557,6 +611,14 @@ impl Upstream {
                     }
                     if let Some(wait) = source.retry_after() {
                         circuit.rate_limited(Instant::now(), Some(wait));
+                    }
+                    if source.is_rate_limit() {
+                        // Reported like the registry's own 429s (`rateLimited` in /stats).
+                        let retry_after = source.retry_after().map(|wait| wait.as_secs());
+                        telemetry.record_rate_limited(
+                            &name,
+                            RateLimited::new(crate::store::now_secs(), retry_after),
+                        );
                     }
                 }
                 result.map_err(|source| UpstreamError::Token {
@@ -651,6 +713,7 @@ impl Upstreams {
                     tuning: config.upstream.clone(),
                     telemetry: Arc::clone(&telemetry),
                     budget: Mutex::new(None),
+                    budget_refreshed_at: std::sync::atomic::AtomicU64::new(0),
                 }),
             );
         }

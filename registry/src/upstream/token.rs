@@ -54,6 +54,11 @@ impl FetchTokenError {
         }
     }
 
+    /// Whether the token service answered 429: the upstream is rate-limiting us.
+    pub fn is_rate_limit(&self) -> bool {
+        matches!(self, FetchTokenError::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS)
+    }
+
     /// The `Retry-After` seconds of a 429, if any.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -315,6 +320,7 @@ mod tests {
         assert!(status(503).is_outage() && !status(503).is_denial());
         assert!(status(401).is_denial() && status(403).is_denial());
         assert!(!status(429).is_outage());
+        assert!(status(429).is_rate_limit() && !status(503).is_rate_limit());
         assert_eq!(status(429).retry_after(), Some(Duration::from_secs(7)));
         assert_eq!(status(503).retry_after(), None);
         assert!(FetchTokenError::Timeout {
