@@ -3,6 +3,12 @@
 //! and prints figures and ratios. Every loop is bounded by a request count; nothing here asserts
 //! timings: the table is for people (and the docs), not for pass/fail.
 //!
+//! Scale rows: start-up with `--objects` cached objects (time until a cached blob is served, and
+//! index memory per object from the RSS against an empty store; distribution builds no index, so
+//! it has no figure there), and `--connections` concurrent client connections each reading a
+//! cached 1 MiB blob (errors, time, peak RSS of each proxy). The objects are written to
+//! `/dev/shm` when it exists (no disk), and the bench checks its open-files limit first.
+//!
 //! Run: `cargo build --release -p cachalot-registry -p cachalot-bench && target/release/cachalot-bench`
 
 use std::path::{Path, PathBuf};
@@ -12,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use cachalot_testkit::distribution::{Distribution, DistributionOptions};
-use cachalot_testkit::fault::{FaultProxy, Kind, RateLimit};
+use cachalot_testkit::fault::{Fault, FaultProxy, FaultRule, Kind, RateLimit, TokenAuth};
 use cachalot_testkit::image::{self, TestImage};
 use clap::Parser;
 
@@ -38,6 +44,15 @@ struct Args {
     /// the median (a single cold pull on 2 shared cores varies by ±50 %).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     cold_runs: u32,
+    /// Cached objects in the store for the start-up row.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    objects: u64,
+    /// Concurrent client connections on a cached blob.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=5000))]
+    connections: u64,
+    /// Only the scale rows (start-up with many objects, many connections).
+    #[arg(long)]
+    scale_only: bool,
 }
 
 /// A cachalot-registry child process.
@@ -50,40 +65,12 @@ struct Cachalot {
 impl Cachalot {
     async fn start(binary: &Path, upstream: &str) -> Result<Cachalot> {
         let dir = tempfile::tempdir()?;
-        let port = cachalot_testkit::wait::free_port()?;
-        let child = tokio::process::Command::new(binary)
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--storage",
-            ])
-            .arg(dir.path().join("cache"))
-            .arg("--upstream")
-            .arg(format!("docker.io={upstream}"))
-            // CACHALOT_BENCH_LOG=debug shows the registry's logs while tuning.
-            .env(
-                "RUST_LOG",
-                std::env::var("CACHALOT_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stderr(Stdio::null())
-            .stdout(if std::env::var_os("CACHALOT_BENCH_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "start {} (build it with cargo build --release -p cachalot-registry)",
-                    binary.display()
-                )
-            })?;
-        let url = format!("http://127.0.0.1:{port}");
+        let storage = dir.path().join("cache");
+        let child = spawn_cachalot(binary, upstream, &storage)?;
+        let url = child.1;
         wait_ready(&url).await?;
         Ok(Cachalot {
-            child,
+            child: child.0,
             url,
             _dir: dir,
         })
@@ -92,6 +79,60 @@ impl Cachalot {
     fn pid(&self) -> u32 {
         self.child.id().unwrap_or(0)
     }
+
+    /// Makes a cached tag look last checked long ago, so the next request revalidates it.
+    fn age_tag(&self, repo: &str, tag: &str) -> Result<()> {
+        let path = self
+            ._dir
+            .path()
+            .join("cache/repositories/docker.io")
+            .join(repo)
+            .join("_tags")
+            .join(format!("{tag}.json"));
+        let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        record["checkedAt"] = serde_json::json!(0);
+        std::fs::write(&path, serde_json::to_vec(&record)?)?;
+        Ok(())
+    }
+}
+
+/// Starts cachalot-registry on `storage` (not waiting for it) and returns it with its URL.
+fn spawn_cachalot(
+    binary: &Path,
+    upstream: &str,
+    storage: &Path,
+) -> Result<(tokio::process::Child, String)> {
+    let port = cachalot_testkit::wait::free_port()?;
+    let child = tokio::process::Command::new(binary)
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--storage",
+        ])
+        .arg(storage)
+        .arg("--upstream")
+        .arg(format!("docker.io={upstream}"))
+        // CACHALOT_BENCH_LOG=debug shows the registry's logs while tuning.
+        .env(
+            "RUST_LOG",
+            std::env::var("CACHALOT_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stderr(Stdio::null())
+        .stdout(if std::env::var_os("CACHALOT_BENCH_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| {
+            format!(
+                "start {} (build it with cargo build --release -p cachalot-registry)",
+                binary.display()
+            )
+        })?;
+    Ok((child, format!("http://127.0.0.1:{port}")))
 }
 
 async fn wait_ready(url: &str) -> Result<()> {
@@ -265,6 +306,214 @@ async fn blob_throughput(
     Ok((size * clients as u64) as f64 / started.elapsed().as_secs_f64() / 1e9)
 }
 
+/// Where the start-up row's objects go: `/dev/shm` when it exists, so 100 000 files cost no disk.
+fn objects_dir() -> Result<tempfile::TempDir> {
+    let shm = Path::new("/dev/shm");
+    let builder = tempfile::Builder::new().prefix("cachalot-bench").clone();
+    Ok(if shm.is_dir() {
+        builder.tempdir_in(shm)?
+    } else {
+        builder.tempdir()?
+    })
+}
+
+/// Fills `storage` with `n` small verified blobs laid out as cachalot stores them; returns the
+/// digest of the first one.
+fn fill_store(storage: &Path, n: u64) -> Result<String> {
+    use sha2::Digest as _;
+    let blobs = storage.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    let mut first = None;
+    for i in 0..n {
+        let body = format!("cachalot bench object {i}\n");
+        let hex = hex::encode(sha2::Sha256::digest(body.as_bytes()));
+        std::fs::write(blobs.join(&hex), body)?;
+        first.get_or_insert(hex);
+    }
+    Ok(format!("sha256:{}", first.context("at least one object")?))
+}
+
+/// Starts cachalot on `storage` and returns (seconds until `digest` was served from the cache,
+/// RSS in MiB once it was), then stops it.
+async fn startup_to_first_hit(
+    binary: &Path,
+    upstream: &str,
+    storage: &Path,
+    digest: &str,
+) -> Result<(f64, f64)> {
+    let started = Instant::now();
+    let (mut child, url) = spawn_cachalot(binary, upstream, storage)?;
+    let c = client();
+    let blob = format!("{url}/v2/library/any/blobs/{digest}");
+    let deadline = started + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = c.get(&blob).send().await {
+            if r.status().is_success() && r.headers().get("x-cache").is_some_and(|v| v == "HIT") {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{url} served no cached blob within 60s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (rss, _) = memory_mib(child.id().unwrap_or(0));
+    child.kill().await?;
+    Ok((elapsed, rss))
+}
+
+/// The soft open-files limit of this process (children inherit it).
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// `n` clients, each on its own connection, read a cached blob at once. Returns (failed reads,
+/// seconds until all finished).
+async fn connection_burst(base: &str, repo: &str, digest: &str, size: u64, n: u64) -> (u64, f64) {
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap_or_default();
+    let barrier = Arc::new(tokio::sync::Barrier::new(usize::try_from(n).unwrap_or(1)));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (c, barrier) = (c.clone(), Arc::clone(&barrier));
+            let url = format!("{base}/v2/{repo}/blobs/{digest}");
+            tokio::spawn(async move {
+                barrier.wait().await;
+                let read = async {
+                    let mut r = c.get(&url).send().await?.error_for_status()?;
+                    let mut got = 0u64;
+                    while let Some(chunk) = r.chunk().await? {
+                        got += chunk.len() as u64;
+                    }
+                    anyhow::Ok(got)
+                };
+                matches!(tokio::time::timeout(Duration::from_secs(120), read).await, Ok(Ok(got)) if got == size)
+            })
+        })
+        .collect();
+    let mut failed = 0;
+    for t in tasks {
+        if !matches!(t.await, Ok(true)) {
+            failed += 1;
+        }
+    }
+    (failed, started.elapsed().as_secs_f64())
+}
+
+/// The scale rows (see the module header).
+async fn scale_rows(args: &Args, upstream: &str, small: &TestImage) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    // Start-up with many cached objects, against an empty store.
+    eprintln!("writing {} cached objects...", args.objects);
+    let dir = objects_dir()?;
+    let full = dir.path().join("full");
+    let first = fill_store(&full, args.objects)?;
+    let empty = dir.path().join("empty");
+    let empty_digest = fill_store(&empty, 1)?;
+    let (_, rss_empty) =
+        startup_to_first_hit(&args.cachalot, upstream, &empty, &empty_digest).await?;
+    let (secs, rss_full) = startup_to_first_hit(&args.cachalot, upstream, &full, &first).await?;
+    let per_object = (rss_full - rss_empty).max(0.0) * 1024.0 * 1024.0 / args.objects as f64;
+    rows.push(Row {
+        what: format!(
+            "start-up to first cached blob served, {} objects",
+            args.objects
+        ),
+        distribution: "n/a (no index)".into(),
+        cachalot: format!("{secs:.2} s"),
+        ratio: "-".into(),
+        target: "<= 2 s",
+    });
+    rows.push(Row {
+        what: format!(
+            "RSS after start-up, {} objects (empty store {rss_empty:.1} MiB)",
+            args.objects
+        ),
+        distribution: "n/a".into(),
+        cachalot: format!("{rss_full:.1} MiB, {per_object:.0} B/object"),
+        ratio: "-".into(),
+        target: "",
+    });
+    drop(dir);
+
+    // Many connections on a cached blob, each proxy freshly started (so the peak is this burst).
+    let mut connections = args.connections;
+    if let Some(limit) = open_files_limit() {
+        // Client and server sockets share the limit (children inherit it), plus some slack.
+        let fits = limit.saturating_sub(256) / 2;
+        if fits < connections {
+            eprintln!("open-files limit {limit} allows {fits} connections, not {connections}");
+            connections = fits.max(1);
+        }
+    }
+    let layer = &small.layers()[0];
+    let dist = start_distribution_proxy(upstream).await?;
+    let cach = Cachalot::start(&args.cachalot, upstream).await?;
+    let c = client();
+    pull(&c, &dist.url(), "library/small", "latest", small).await?;
+    pull(&c, &cach.url, "library/small", "latest", small).await?;
+    let (d_rss_before, _) = memory_mib(dist.pid());
+    let (c_rss_before, _) = memory_mib(cach.pid());
+    let (d_failed, d_secs) = connection_burst(
+        &dist.url(),
+        "library/small",
+        &layer.digest,
+        layer.size,
+        connections,
+    )
+    .await;
+    let (c_failed, c_secs) = connection_burst(
+        &cach.url,
+        "library/small",
+        &layer.digest,
+        layer.size,
+        connections,
+    )
+    .await;
+    let (d_after, d_peak) = memory_mib(dist.pid());
+    let (c_after, c_peak) = memory_mib(cach.pid());
+    rows.push(Row {
+        what: format!("{connections} connections x cached 1 MiB blob: failed, seconds"),
+        distribution: format!("{d_failed}, {d_secs:.2} s"),
+        cachalot: format!("{c_failed}, {c_secs:.2} s"),
+        ratio: if d_secs > 0.0 {
+            format!("{:.2}x", c_secs / d_secs)
+        } else {
+            "-".into()
+        },
+        target: "0 failed",
+    });
+    rows.push(Row {
+        what: format!("RSS before / peak / after, {connections} connections"),
+        distribution: format!("{d_rss_before:.1} / {d_peak:.1} / {d_after:.1} MiB"),
+        cachalot: format!("{c_rss_before:.1} / {c_peak:.1} / {c_after:.1} MiB"),
+        ratio: if d_peak > 0.0 {
+            format!("{:.2}x", c_peak / d_peak)
+        } else {
+            "-".into()
+        },
+        target: "bounded",
+    });
+    Ok(rows)
+}
+
+fn print_table(rows: &[Row]) {
+    println!("\n| measurement | distribution proxy | cachalot | cachalot/distribution | target |");
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.what, r.distribution, r.cachalot, r.ratio, r.target
+        );
+    }
+}
+
 struct Row {
     what: String,
     distribution: String,
@@ -343,6 +592,86 @@ async fn start_distribution_proxy(upstream: &str) -> Result<Distribution> {
     .await?)
 }
 
+/// How long the upstream holds manifest requests in the held-HEAD measurement.
+const HELD_FOR: Duration = Duration::from_secs(15);
+
+/// Answer times of `clients` concurrent GETs of a cached tag whose revalidation the upstream
+/// holds for [`HELD_FOR`] (distribution's proxy asks the upstream about every tag request;
+/// cachalot's tag is aged past its maxAge first). Returns the slowest answer and how many
+/// failed; each request gives up after `HELD_FOR` + 10 s.
+async fn held_head_answer_time(
+    base: &str,
+    fault: &FaultProxy,
+    repo: &str,
+    clients: usize,
+) -> Result<(Duration, usize)> {
+    let held = fault.handle().add_fault(
+        FaultRule::new(Fault::Delay(HELD_FOR))
+            .kind(Kind::Manifest)
+            .path_contains(repo),
+    );
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let target = format!("{base}/v2/{repo}/manifests/latest");
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let answer = reqwest::Client::new()
+                    .get(target)
+                    .header("accept", ACCEPT)
+                    .timeout(HELD_FOR + Duration::from_secs(10))
+                    .send()
+                    .await
+                    .and_then(reqwest::Response::error_for_status);
+                let ok = match answer {
+                    Ok(r) => r.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                (started.elapsed(), ok)
+            })
+        })
+        .collect();
+    let mut slowest = Duration::ZERO;
+    let mut failed = 0;
+    for t in tasks {
+        let (elapsed, ok) = t.await?;
+        slowest = slowest.max(elapsed);
+        failed += usize::from(!ok);
+    }
+    fault.handle().remove_fault(held);
+    Ok((slowest, failed))
+}
+
+/// `clients` concurrent cold GETs of distinct tags of one repository behind token auth: the
+/// token requests the upstream's token service saw, and the failed GETs.
+async fn cold_token_requests(
+    base: &str,
+    fault: &FaultProxy,
+    tags: &[String],
+) -> Result<(u64, usize)> {
+    fault.handle().reset_counts();
+    let tasks: Vec<_> = tags
+        .iter()
+        .map(|tag| {
+            let target = format!("{base}/v2/library/crowd/manifests/{tag}");
+            tokio::spawn(async move {
+                reqwest::Client::new()
+                    .get(target)
+                    .header("accept", ACCEPT)
+                    .timeout(Duration::from_secs(60))
+                    .send()
+                    .await
+                    .and_then(reqwest::Response::error_for_status)
+                    .is_ok()
+            })
+        })
+        .collect();
+    let mut failed = 0;
+    for t in tasks {
+        failed += usize::from(!t.await?);
+    }
+    Ok((fault.handle().token_requests().values().sum(), failed))
+}
+
 /// The seed scenario against a proxy: 36 clients × 3 mutable tags, the upstream limited to 100
 /// counted manifest GETs. Returns (failed pulls, counted GETs, HEADs) seen upstream.
 async fn seed_scenario(
@@ -402,6 +731,10 @@ async fn main() -> Result<()> {
     let layer = big.layers()[0].clone();
     let image_bytes = big.total_bytes() + big.manifest_bytes.len() as u64;
     let mut rows = Vec::new();
+    if args.scale_only {
+        print_table(&scale_rows(&args, &upstream.url(), &small).await?);
+        return Ok(());
+    }
 
     // Cold pull: direct vs each proxy (fresh proxies, empty caches), `cold_runs` times.
     let c = client();
@@ -568,6 +901,81 @@ async fn main() -> Result<()> {
         ratio: "-".into(),
         target: "0 failed, GETs <= 3",
     });
+    // A cached tag while the upstream holds every manifest request for 15 s.
+    let mut held = Vec::new();
+    for which in ["distribution", "cachalot"] {
+        let fault = FaultProxy::start(&upstream.url()).await?;
+        let mut keep_dist = None;
+        let mut keep_cach = None;
+        let base = if which == "distribution" {
+            let d = start_distribution_proxy(&fault.url()).await?;
+            let url = d.url();
+            keep_dist = Some(d);
+            url
+        } else {
+            let k = Cachalot::start(&args.cachalot, &fault.url()).await?;
+            let url = k.url.clone();
+            keep_cach = Some(k);
+            url
+        };
+        pull(&c, &base, "library/small", "latest", &small).await?;
+        if let Some(k) = &keep_cach {
+            k.age_tag("library/small", "latest")?;
+        }
+        held.push(held_head_answer_time(&base, &fault, "library/small", 10).await?);
+        drop((keep_dist, keep_cach));
+    }
+    let secs = |(d, failed): (Duration, usize)| {
+        if failed > 0 {
+            format!("{:.2} s ({failed} failed)", d.as_secs_f64())
+        } else {
+            format!("{:.2} s", d.as_secs_f64())
+        }
+    };
+    rows.push(Row {
+        what: format!(
+            "cached tag, upstream HEAD held {} s: slowest of 10 answers",
+            HELD_FOR.as_secs()
+        ),
+        distribution: secs(held[0]),
+        cachalot: secs(held[1]),
+        ratio: "-".into(),
+        target: "cachalot <= revalidateWait (1 s)",
+    });
+
+    // 50 cold requests of one repository behind token auth: token requests.
+    let crowd: Vec<String> = (0..50).map(|i| format!("t{i}")).collect();
+    for tag in &crowd {
+        image::push(&upstream.url(), "library/crowd", tag, &small).await?;
+    }
+    let mut tokens = Vec::new();
+    for which in ["distribution", "cachalot"] {
+        let fault = FaultProxy::start(&upstream.url()).await?;
+        fault.handle().enable_token_auth(TokenAuth::default());
+        let result = if which == "distribution" {
+            let d = start_distribution_proxy(&fault.url()).await?;
+            cold_token_requests(&d.url(), &fault, &crowd).await?
+        } else {
+            let k = Cachalot::start(&args.cachalot, &fault.url()).await?;
+            cold_token_requests(&k.url, &fault, &crowd).await?
+        };
+        tokens.push(result);
+    }
+    let token_cell = |(n, failed): (u64, usize)| {
+        if failed > 0 {
+            format!("{n} ({failed} failed)")
+        } else {
+            n.to_string()
+        }
+    };
+    rows.push(Row {
+        what: "50 concurrent cold requests, one repository: token requests".into(),
+        distribution: token_cell(tokens[0]),
+        cachalot: token_cell(tokens[1]),
+        ratio: "-".into(),
+        target: "cachalot = 1",
+    });
+
     rows.push(row("RSS idle", dist_idle_rss, idle_rss, "MiB", "<= 20 MiB"));
     rows.push(row(
         "RSS peak (8 parallel blob GETs)",
@@ -577,14 +985,7 @@ async fn main() -> Result<()> {
         "<= 48 MiB",
     ));
 
-    let arc_rows = Arc::new(rows);
-    println!("\n| measurement | distribution proxy | cachalot | cachalot/distribution | target |");
-    println!("|---|---|---|---|---|");
-    for r in arc_rows.iter() {
-        println!(
-            "| {} | {} | {} | {} | {} |",
-            r.what, r.distribution, r.cachalot, r.ratio, r.target
-        );
-    }
+    rows.extend(scale_rows(&args, &upstream.url(), &small).await?);
+    print_table(&rows);
     Ok(())
 }

@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use cachalot_operator::controller::observe::{HttpProbe, Probe};
 use cachalot_operator::node_agent::protocol::{AgentStatus, ContainerdStatus};
 use cachalot_registry::telemetry::{
-    Budget, RegistryStats as WireRegistryStats, StatsSnapshot, UpstreamRequestCount,
+    Budget, RateLimited, RegistryStats as WireRegistryStats, StatsSnapshot, UpstreamRequestCount,
 };
 
 async fn serve(app: Router) -> String {
@@ -54,11 +54,24 @@ async fn registry_stats_are_read_from_the_registry_wire_type() {
                         remaining: 61,
                         window_seconds: Some(21600),
                         source: None,
+                        observed_at: 1_700_000_000,
+                        expired: false,
                     }),
                     ..WireRegistryStats::default()
                 },
             ),
             ("quay.io".to_string(), WireRegistryStats::default()),
+            (
+                "ghcr.io".to_string(),
+                WireRegistryStats {
+                    // A bare 429 (the abuse limit): no figures, only the wait.
+                    rate_limited: Some(RateLimited {
+                        observed_at: 1_700_000_100,
+                        until: 1_700_000_160,
+                    }),
+                    ..WireRegistryStats::default()
+                },
+            ),
         ]),
         ..StatsSnapshot::default()
     };
@@ -76,12 +89,22 @@ async fn registry_stats_are_read_from_the_registry_wire_type() {
     assert_eq!(stats.upstream_requests, 8);
     assert_eq!(
         stats.upstreams.len(),
-        1,
-        "registries without budget headers carry no budget"
+        2,
+        "registries without budget headers or a 429 carry no budget"
     );
     assert_eq!(stats.upstreams[0].registry, "docker.io");
     assert_eq!(stats.upstreams[0].remaining, Some(61));
     assert_eq!(stats.upstreams[0].limit, Some(100));
+    assert_eq!(stats.upstreams[0].observed_at, Some(1_700_000_000));
+    assert_eq!(stats.upstreams[0].rate_limited, None);
+    assert_eq!(stats.upstreams[1].registry, "ghcr.io");
+    assert_eq!(stats.upstreams[1].remaining, None);
+    assert_eq!(
+        stats.upstreams[1]
+            .rate_limited
+            .map(|r| (r.observed_at, r.until)),
+        Some((1_700_000_100, 1_700_000_160))
+    );
 }
 
 #[tokio::test]

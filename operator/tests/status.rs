@@ -6,10 +6,12 @@ mod common;
 use std::collections::BTreeMap;
 
 use cachalot_operator::api::{
-    ConditionStatus, ConditionType, MirrorCondition, RegistryMirror, RegistryMirrorStatus,
+    BudgetState, ConditionStatus, ConditionType, MirrorCondition, RegistryMirror,
+    RegistryMirrorStatus,
 };
 use cachalot_operator::controller::observe::{
-    not_ready_pods, AgentObservation, Observations, RegistryPodObservation, RegistryStats,
+    not_ready_pods, AgentObservation, Observations, RateLimitedSpell, RegistryPodObservation,
+    RegistryStats,
 };
 use cachalot_operator::controller::references::{MissingObject, Referenced};
 use cachalot_operator::controller::status::{compute_status, hit_ratio, transitions, Outcome};
@@ -163,7 +165,8 @@ fn cache_counts_are_summed_over_pods_and_budget_is_the_lowest_remaining() {
     assert_eq!((cache.hits, cache.misses, cache.stale), (8, 2, 1));
     assert_eq!(cache.hit_ratio, "81.8%");
     assert_eq!(cache.pods_reporting, 2);
-    assert_eq!(status.budget[0].remaining, 35);
+    assert_eq!(status.budget[0].remaining, Some(35));
+    assert_eq!(status.budget[0].state, BudgetState::Current);
     assert_eq!(status.budget_summary.as_deref(), Some("35/100"));
     let budget = cond(&status, ConditionType::UpstreamBudget);
     assert_eq!(
@@ -195,6 +198,156 @@ fn exhausted_budget_is_rate_limited_and_low_budget_is_the_reserve() {
     assert_eq!(
         cond(&low, ConditionType::UpstreamBudget).reason,
         "BudgetReserve"
+    );
+}
+
+/// When the budget figures below were observed: 2026-01-02T03:04:05Z.
+const OBSERVED: u64 = 1_767_323_045;
+
+/// Observations of one registry pod reporting `upstream` for docker.io.
+fn budget_observations(
+    upstream: cachalot_operator::controller::observe::UpstreamBudget,
+) -> Observations {
+    let mut stats = registry_stats(1, 0, 0, 0);
+    stats.upstreams = vec![upstream];
+    Observations {
+        registry_pods: pods(vec![stats]),
+        registry_pods_not_ready: Vec::new(),
+        ready_replicas: 1,
+        desired_nodes: 0,
+        agents: Vec::new(),
+    }
+}
+
+/// A docker.io figure of `remaining`/100 per 6 h observed at [`OBSERVED`].
+fn figure(remaining: u64) -> cachalot_operator::controller::observe::UpstreamBudget {
+    let mut stats = registry_stats(0, 0, 0, remaining);
+    let mut upstream = stats.upstreams.remove(0);
+    upstream.observed_at = Some(OBSERVED);
+    upstream
+}
+
+fn budget_at(obs: &Observations, now: u64) -> RegistryMirrorStatus {
+    compute_status(&mirror(), &running(obs.clone()), &at(now as i64))
+}
+
+/// What status says about the budget (the condition without its transition time).
+fn budget_view(
+    status: &RegistryMirrorStatus,
+) -> (
+    Vec<cachalot_operator::api::UpstreamBudgetStatus>,
+    Option<String>,
+    (ConditionStatus, String, String),
+) {
+    let c = cond(status, ConditionType::UpstreamBudget);
+    (
+        status.budget.clone(),
+        status.budget_summary.clone(),
+        (c.status, c.reason.clone(), c.message.clone()),
+    )
+}
+
+#[test]
+fn an_exhausted_figure_is_rate_limited_only_within_its_window_then_expired() {
+    let obs = budget_observations(figure(0));
+    let within = budget_at(&obs, OBSERVED + 100);
+    let c = cond(&within, ConditionType::UpstreamBudget);
+    assert_eq!(
+        (c.status, c.reason.as_str(), c.message.as_str()),
+        (
+            ConditionStatus::False,
+            "RateLimited",
+            "docker.io 0/100 per 21600s at 2026-01-02T03:04:05Z"
+        )
+    );
+    assert_eq!(within.budget_summary.as_deref(), Some("0/100"));
+    assert_eq!(within.budget[0].state, BudgetState::RateLimited);
+    assert_eq!(
+        within.budget[0].observed_at.as_deref(),
+        Some("2026-01-02T03:04:05Z")
+    );
+    // Time passing inside the window changes nothing: no status write per pass.
+    assert_eq!(
+        budget_view(&within),
+        budget_view(&budget_at(&obs, OBSERVED + 21_599))
+    );
+
+    let after = budget_at(&obs, OBSERVED + 21_600);
+    let c = cond(&after, ConditionType::UpstreamBudget);
+    assert_eq!(
+        (c.status, c.reason.as_str()),
+        (ConditionStatus::Unknown, "BudgetExpired")
+    );
+    assert!(
+        c.message.contains("at 2026-01-02T03:04:05Z, expired"),
+        "{}",
+        c.message
+    );
+    assert_eq!(after.budget_summary.as_deref(), Some("Expired"));
+    assert_eq!(after.budget[0].state, BudgetState::Expired);
+    assert_eq!(after.budget[0].remaining, Some(0), "kept for reference");
+    assert_eq!(
+        budget_view(&after),
+        budget_view(&budget_at(&obs, OBSERVED + 90_000))
+    );
+}
+
+#[test]
+fn a_bare_429_is_rate_limited_until_its_retry_after_and_then_unknown() {
+    let mut upstream = figure(0);
+    (upstream.limit, upstream.remaining, upstream.window_seconds) = (None, None, None);
+    upstream.observed_at = None;
+    upstream.rate_limited = Some(RateLimitedSpell {
+        observed_at: OBSERVED,
+        until: OBSERVED + 60,
+    });
+    let obs = budget_observations(upstream);
+    let limited = budget_at(&obs, OBSERVED + 10);
+    let c = cond(&limited, ConditionType::UpstreamBudget);
+    assert_eq!(
+        (c.status, c.reason.as_str(), c.message.as_str()),
+        (
+            ConditionStatus::False,
+            "RateLimited",
+            "docker.io answered 429 at 2026-01-02T03:04:05Z; waiting until 2026-01-02T03:05:05Z"
+        )
+    );
+    assert_eq!(limited.budget_summary.as_deref(), Some("RateLimited"));
+    assert_eq!(
+        limited.budget[0].rate_limited_until.as_deref(),
+        Some("2026-01-02T03:05:05Z")
+    );
+    let over = budget_at(&obs, OBSERVED + 60);
+    assert_eq!(
+        cond(&over, ConditionType::UpstreamBudget).reason,
+        "NoRateLimitHeaders"
+    );
+    assert!(over.budget.is_empty() && over.budget_summary.is_none());
+}
+
+#[test]
+fn a_current_figure_of_one_pod_wins_over_an_expired_lower_one_of_another() {
+    let mut old = figure(3);
+    old.observed_at = Some(OBSERVED - 30_000);
+    let mut stats = vec![registry_stats(1, 0, 0, 0), registry_stats(1, 0, 0, 0)];
+    stats[0].upstreams = vec![old];
+    stats[1].upstreams = vec![figure(97)];
+    let obs = Observations {
+        registry_pods: pods(stats),
+        registry_pods_not_ready: Vec::new(),
+        ready_replicas: 2,
+        desired_nodes: 0,
+        agents: Vec::new(),
+    };
+    let status = budget_at(&obs, OBSERVED + 5);
+    assert_eq!(status.budget_summary.as_deref(), Some("97/100"));
+    let c = cond(&status, ConditionType::UpstreamBudget);
+    assert_eq!(
+        (c.reason.as_str(), c.message.as_str()),
+        (
+            "BudgetAvailable",
+            "docker.io 97/100 per 21600s at 2026-01-02T03:04:05Z"
+        )
     );
 }
 

@@ -57,6 +57,14 @@ pub struct StorageConfig {
     /// Size bound of the cache; least recently used content is evicted beyond it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_size_bytes: Option<u64>,
+    /// How often the last use of cached content (the LRU order) is written to disk, in one batch;
+    /// also written at shutdown. A crash loses at most this much of the order (never content).
+    #[serde(
+        default = "default_last_use_flush_interval",
+        with = "humantime_serde",
+        skip_serializing_if = "is_default_last_use_flush_interval"
+    )]
+    pub last_use_flush_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +104,28 @@ pub struct RegistryConfig {
     pub ca_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_skip_verify: bool,
+    /// Hosts besides the registry's own that may receive the credentials when the registry's
+    /// Bearer challenge names a token realm there (host names, no port). Built in:
+    /// `auth.docker.io` for `docker.io`, `gitlab.com` for `registry.gitlab.com`. Anonymous token
+    /// requests may go to any realm.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_hosts: Vec<String>,
+    /// How long an upstream 404 for a tag (or for the repository's `tags/list`) is remembered
+    /// and answered without asking again; default 30 s, `0s` turns it off. A freshness rule's
+    /// `notFoundMaxAge` overrides it for its tags.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub not_found_max_age: Option<Duration>,
+    /// The same for an upstream 404 for a digest (manifest or blob); default 10 s.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub digest_not_found_max_age: Option<Duration>,
 }
 
 /// Files holding upstream credentials (a mounted Secret). Either a username/password pair or a
@@ -130,6 +160,14 @@ pub struct FreshnessRule {
     /// Never revalidate tags matching this rule.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub immutable: bool,
+    /// How long an upstream 404 for a matching tag is remembered (overrides the registry's
+    /// `notFoundMaxAge`; `0s` turns it off for these tags).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub not_found_max_age: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,6 +190,11 @@ pub struct UpstreamTuning {
     /// How long an open circuit waits before letting one probe request through.
     #[serde(default = "default_circuit_open_for", with = "humantime_serde")]
     pub circuit_open_for: Duration,
+    /// How long a request for a cached tag past its `maxAge` waits for the revalidation `HEAD`
+    /// (counted from when that HEAD started). After that it is answered from the cache
+    /// (`X-Cache: STALE`) while the HEAD finishes in the background. `0s` never waits.
+    #[serde(default = "default_revalidate_wait", with = "humantime_serde")]
+    pub revalidate_wait: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -207,8 +250,17 @@ fn default_circuit_threshold() -> u32 {
 fn default_circuit_open_for() -> Duration {
     Duration::from_secs(15)
 }
+fn default_revalidate_wait() -> Duration {
+    Duration::from_secs(1)
+}
 fn default_header_read_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_last_use_flush_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn is_default_last_use_flush_interval(d: &Duration) -> bool {
+    *d == default_last_use_flush_interval()
 }
 
 impl Default for Config {
@@ -232,6 +284,7 @@ impl Default for StorageConfig {
         StorageConfig {
             path: default_storage_path(),
             max_size_bytes: None,
+            last_use_flush_interval: default_last_use_flush_interval(),
         }
     }
 }
@@ -245,6 +298,7 @@ impl Default for UpstreamTuning {
             retries: default_retries(),
             circuit_failure_threshold: default_circuit_threshold(),
             circuit_open_for: default_circuit_open_for(),
+            revalidate_wait: default_revalidate_wait(),
         }
     }
 }
@@ -418,11 +472,31 @@ impl Config {
                     (false, None) => return Err(invalid(rf, "needs maxAge or immutable: true")),
                     _ => {}
                 }
+                validate_not_found_max_age(
+                    &format!("{rf}.notFoundMaxAge"),
+                    rule.not_found_max_age,
+                )?;
             }
+            for (i, host) in registry.token_hosts.iter().enumerate() {
+                validate_token_host(host)
+                    .map_err(|m| invalid(format!("{field}.tokenHosts[{i}]"), m))?;
+            }
+            validate_not_found_max_age(
+                &format!("{field}.notFoundMaxAge"),
+                registry.not_found_max_age,
+            )?;
+            validate_not_found_max_age(
+                &format!("{field}.digestNotFoundMaxAge"),
+                registry.digest_not_found_max_age,
+            )?;
         }
         crate::store::PinRules::from_config(self)?;
         if let Some(parent) = &self.parent {
             validate_url(&parent.url).map_err(|m| invalid("parent.url", m))?;
+        }
+        let flush = self.storage.last_use_flush_interval;
+        if flush < Duration::from_secs(1) || flush > Duration::from_secs(3600) {
+            return Err(invalid("storage.lastUseFlushInterval", "between 1s and 1h"));
         }
         if self.upstream.connect_timeout.is_zero() {
             return Err(invalid("upstream.connectTimeout", "must be positive"));
@@ -433,6 +507,9 @@ impl Config {
         if self.upstream.retries > 10 {
             return Err(invalid("upstream.retries", "at most 10"));
         }
+        if self.upstream.revalidate_wait > MAX_REVALIDATE_WAIT {
+            return Err(invalid("upstream.revalidateWait", "at most 1m"));
+        }
         if self.upstream.circuit_failure_threshold == 0 {
             return Err(invalid(
                 "upstream.circuitFailureThreshold",
@@ -441,6 +518,28 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Upper bound of `upstream.revalidateWait`.
+const MAX_REVALIDATE_WAIT: Duration = Duration::from_secs(60);
+/// Upper bound of the `notFoundMaxAge` settings: a 404 is never remembered longer.
+pub const MAX_NOT_FOUND_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+fn validate_not_found_max_age(field: &str, value: Option<Duration>) -> Result<(), ConfigError> {
+    match value {
+        Some(v) if v > MAX_NOT_FOUND_MAX_AGE => Err(invalid(field, "at most 24h")),
+        _ => Ok(()),
+    }
+}
+
+/// A token host is a host name without port or scheme.
+fn validate_token_host(host: &str) -> Result<(), String> {
+    if host.contains(':') || host.contains('/') {
+        return Err(format!(
+            "`{host}` must be a host name only (no scheme, port or path)"
+        ));
+    }
+    validate_registry_name(host).map_err(|_| format!("`{host}` is not a host name"))
 }
 
 /// The upstream URL a registry name means when none is configured.
@@ -550,9 +649,44 @@ mod tests {
                 "registries:\n  docker.io:\n    pin: [\"redis:\"]\n",
                 "registries.docker.io.pin[0]",
             ),
+            (
+                "registries:\n  docker.io:\n    tokenHosts: [auth.docker.io, \"https://x\"]\n",
+                "registries.docker.io.tokenHosts[1]",
+            ),
+            (
+                "registries:\n  docker.io:\n    notFoundMaxAge: 2d\n",
+                "registries.docker.io.notFoundMaxAge",
+            ),
+            (
+                "registries:\n  docker.io:\n    freshness:\n    - { pattern: x, maxAge: 1m, notFoundMaxAge: 30h }\n",
+                "registries.docker.io.freshness[0].notFoundMaxAge",
+            ),
+            ("upstream: { revalidateWait: 2m }\n", "upstream.revalidateWait"),
         ] {
             let err = load_yaml(yaml).unwrap_err();
             assert!(err.to_string().starts_with(field), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn last_use_flush_interval_defaults_to_30s_is_bounded_and_rendered_only_when_set() {
+        let c = load_yaml("{}").unwrap();
+        assert_eq!(c.storage.last_use_flush_interval, Duration::from_secs(30));
+        assert!(!serde_yaml::to_string(&c)
+            .unwrap()
+            .contains("lastUseFlushInterval"));
+        let c = load_yaml("storage: { lastUseFlushInterval: 5s }\n").unwrap();
+        assert_eq!(c.storage.last_use_flush_interval, Duration::from_secs(5));
+        assert!(serde_yaml::to_string(&c)
+            .unwrap()
+            .contains("lastUseFlushInterval: 5s"));
+        for bad in ["0s", "500ms", "2h"] {
+            let err =
+                load_yaml(&format!("storage: {{ lastUseFlushInterval: {bad} }}\n")).unwrap_err();
+            assert!(
+                err.to_string().starts_with("storage.lastUseFlushInterval"),
+                "{bad}: {err}"
+            );
         }
     }
 
@@ -596,17 +730,26 @@ registries:
     credentials: { usernameFile: /s/u, passwordFile: /s/p }
     freshness:
       - { pattern: latest, maxAge: 1m }
-      - { pattern: "v*", immutable: true }
+      - { pattern: "v*", immutable: true, notFoundMaxAge: 5m }
     budgetReserve: 10
     pin: ["nginx:stable", "library/redis:*", "myteam/*"]
+    tokenHosts: [auth.example.com]
+    notFoundMaxAge: 1m
+    digestNotFoundMaxAge: 0s
   registry.example:5000:
     url: http://registry.example:5000
-upstream: { connectTimeout: 2s, retries: 1 }
+upstream: { connectTimeout: 2s, retries: 1, revalidateWait: 250ms }
 log: { format: json }
 "#;
         let c = load_yaml(text).unwrap();
         assert_eq!(c.registries["docker.io"].budget_reserve, 10);
         assert_eq!(c.registries["docker.io"].pin.len(), 3);
+        assert_eq!(c.registries["docker.io"].token_hosts, ["auth.example.com"]);
+        assert_eq!(
+            c.registries["docker.io"].digest_not_found_max_age,
+            Some(Duration::ZERO)
+        );
+        assert_eq!(c.upstream.revalidate_wait, Duration::from_millis(250));
         assert_eq!(
             c.registries["docker.io"].freshness[0].max_age,
             Some(Duration::from_secs(60))

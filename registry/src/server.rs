@@ -1,5 +1,6 @@
 //! Process wiring: logging, building the proxy from the config, the accept loop with header
-//! read timeouts, and graceful shutdown on SIGTERM/SIGINT.
+//! read timeouts, the periodic flush of the cache's last-use times, and graceful shutdown on
+//! SIGTERM/SIGINT (which flushes them once more after the last fetch committed).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +44,21 @@ pub struct Server {
     listener: TcpListener,
     state: Arc<AppState>,
     header_read_timeout: Duration,
+    last_use_flush_interval: Duration,
+}
+
+/// Writes the cache's last-use times (on the blocking pool: it opens files), logging failures.
+async fn flush_last_use(store: Arc<crate::store::Store>) {
+    let flushed = tokio::task::spawn_blocking(move || store.flush_last_use()).await;
+    match flushed {
+        Ok(flush) if flush.failed > 0 => tracing::warn!(
+            written = flush.written,
+            failed = flush.failed,
+            "cannot record the last use of some cached files; their LRU position after a restart is older"
+        ),
+        Ok(flush) => tracing::debug!(written = flush.written, "last use recorded"),
+        Err(e) => tracing::warn!(error = %e, "last-use flush task failed"),
+    }
 }
 
 impl Server {
@@ -65,6 +81,7 @@ impl Server {
                 default_registry: config.default_registry.clone(),
             }),
             header_read_timeout: config.server.header_read_timeout,
+            last_use_flush_interval: config.storage.last_use_flush_interval,
         })
     }
 
@@ -76,6 +93,16 @@ impl Server {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         let app = api::router(Arc::clone(&self.state));
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let store = Arc::clone(&self.state.proxy.inner().store);
+        let period = self.last_use_flush_interval;
+        let flusher = tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                flush_last_use(Arc::clone(&store)).await;
+            }
+        });
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -118,6 +145,8 @@ impl Server {
         if !self.state.proxy.wait_idle(Duration::from_secs(30)).await {
             tracing::warn!("fetches still running after 30s; their temp files are discarded");
         }
+        flusher.abort();
+        flush_last_use(Arc::clone(&self.state.proxy.inner().store)).await;
     }
 }
 

@@ -71,7 +71,14 @@ struct RegistryLabel {
     registry: String,
 }
 
-/// The upstream's pull budget as last reported by its `ratelimit-*` headers.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NegativeCacheLabels {
+    registry: String,
+    /// `tag`, `digest` or `tags`.
+    kind: &'static str,
+}
+
+/// The upstream's pull budget as last reported by its `ratelimit-*` headers, and when.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Budget {
@@ -82,6 +89,63 @@ pub struct Budget {
     pub window_seconds: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// Unix seconds when the upstream sent these figures; 0 in documents of registries that
+    /// predate it (their figures are then taken as current, as before).
+    #[serde(default)]
+    pub observed_at: u64,
+    /// In `/stats`: the figures are older than their window (see [`Budget::expired_at`]), so
+    /// they no longer say anything about the budget. Not part of what is recorded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expired: bool,
+}
+
+impl Budget {
+    /// Whether the figures are older than their window at `now` (unix seconds): every pull they
+    /// counted has left the window since, so the budget is unknown until the upstream is asked
+    /// again. Figures without a window or without an observation time never expire. Pure.
+    pub fn expired_at(&self, now: u64) -> bool {
+        match self.window_seconds {
+            Some(window) if self.observed_at > 0 => {
+                now >= self.observed_at.saturating_add(window.max(1))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The upstream answered 429 (the pull limit, or Docker Hub's abuse limit, a bare 429 without
+/// `ratelimit-*` headers): when, and until when its `Retry-After` asked us to wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimited {
+    /// Unix seconds of the 429.
+    pub observed_at: u64,
+    /// Unix seconds until which the upstream asked not to be asked again: `Retry-After` (at most
+    /// an hour), or a minute when it sent none.
+    pub until: u64,
+}
+
+impl RateLimited {
+    /// Longest wait taken from a `Retry-After` (as the circuit does).
+    pub const MAX_WAIT_SECS: u64 = 3600;
+    /// Wait assumed when a 429 carries no `Retry-After`.
+    pub const DEFAULT_WAIT_SECS: u64 = 60;
+
+    /// A 429 seen at `now` with the given `Retry-After` seconds. Pure.
+    pub fn new(now: u64, retry_after_secs: Option<u64>) -> RateLimited {
+        let wait = retry_after_secs
+            .unwrap_or(Self::DEFAULT_WAIT_SECS)
+            .min(Self::MAX_WAIT_SECS);
+        RateLimited {
+            observed_at: now,
+            until: now.saturating_add(wait),
+        }
+    }
+
+    /// Whether the wait is still in force at `now`.
+    pub fn in_force_at(&self, now: u64) -> bool {
+        now < self.until
+    }
 }
 
 /// Per-registry counters in the stats document.
@@ -97,6 +161,9 @@ pub struct RegistryStats {
     /// Whether requests to this upstream currently fail fast (circuit open).
     #[serde(default)]
     pub circuit_open: bool,
+    /// The upstream's last 429, while its wait is in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limited: Option<RateLimited>,
 }
 
 /// One row of upstream request counts.
@@ -162,15 +229,19 @@ pub struct Telemetry {
     upstream_requests: Family<UpstreamLabels, Counter>,
     ratelimit_remaining: Family<RegistryLabel, Gauge>,
     ratelimit_limit: Family<RegistryLabel, Gauge>,
+    ratelimit_observed: Family<RegistryLabel, Gauge>,
     served_bytes: Counter,
     upstream_bytes: Counter,
     cache_size: Gauge,
     evictions: Counter,
     pinned_bytes: Gauge,
+    cache_write_failures: Family<RegistryLabel, Counter>,
     per_registry: BTreeMap<String, RegistryCounters>,
     upstream_rows: Mutex<BTreeMap<(String, &'static str, String), u64>>,
     budgets: Mutex<BTreeMap<String, Budget>>,
+    rate_limits: Mutex<BTreeMap<String, RateLimited>>,
     circuits: Mutex<BTreeMap<String, bool>>,
+    negative_cache_hits: Family<NegativeCacheLabels, Counter>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -187,11 +258,13 @@ impl Telemetry {
         let upstream_requests = Family::<UpstreamLabels, Counter>::default();
         let ratelimit_remaining = Family::<RegistryLabel, Gauge>::default();
         let ratelimit_limit = Family::<RegistryLabel, Gauge>::default();
+        let ratelimit_observed = Family::<RegistryLabel, Gauge>::default();
         let served_bytes = Counter::default();
         let upstream_bytes = Counter::default();
         let cache_size = Gauge::default();
         let evictions = Counter::default();
         let pinned_bytes = Gauge::default();
+        let cache_write_failures = Family::<RegistryLabel, Counter>::default();
         registry.register(
             "requests",
             "Client requests by registry, content kind and cache result",
@@ -211,6 +284,11 @@ impl Telemetry {
             "ratelimit_limit",
             "Upstream pull limit from the last ratelimit-limit header",
             ratelimit_limit.clone(),
+        );
+        registry.register(
+            "ratelimit_observed_timestamp_seconds",
+            "When the upstream last sent ratelimit headers (unix seconds); the remaining and limit gauges are dropped once their window has passed",
+            ratelimit_observed.clone(),
         );
         registry.register(
             "served_bytes",
@@ -237,6 +315,17 @@ impl Telemetry {
             "Bytes of cached content that pins (configured and the pin file) protect from eviction (at the last eviction pass)",
             pinned_bytes.clone(),
         );
+        let negative_cache_hits = Family::<NegativeCacheLabels, Counter>::default();
+        registry.register(
+            "negative_cache_hits",
+            "Requests answered with a remembered upstream 404 instead of asking the upstream again, by kind (tag, digest, tags)",
+            negative_cache_hits.clone(),
+        );
+        registry.register(
+            "cache_write_failures",
+            "Cache writes that failed (full disk or another I/O error); the client was served from the upstream",
+            cache_write_failures.clone(),
+        );
         let per_registry = registries
             .into_iter()
             .map(|r| (r.to_owned(), RegistryCounters::default()))
@@ -247,16 +336,30 @@ impl Telemetry {
             upstream_requests,
             ratelimit_remaining,
             ratelimit_limit,
+            ratelimit_observed,
             served_bytes,
             upstream_bytes,
             cache_size,
             evictions,
             pinned_bytes,
+            cache_write_failures,
             per_registry,
             upstream_rows: Mutex::new(BTreeMap::new()),
             budgets: Mutex::new(BTreeMap::new()),
+            rate_limits: Mutex::new(BTreeMap::new()),
             circuits: Mutex::new(BTreeMap::new()),
+            negative_cache_hits,
         }
+    }
+
+    /// Counts one request answered from the negative cache; `kind` is `tag`, `digest` or `tags`.
+    pub fn record_negative_hit(&self, registry: &str, kind: &'static str) {
+        self.negative_cache_hits
+            .get_or_create(&NegativeCacheLabels {
+                registry: registry.to_owned(),
+                kind,
+            })
+            .inc();
     }
 
     /// Counts one client request for content of `registry` (a configured name).
@@ -307,8 +410,31 @@ impl Telemetry {
                 .get_or_create(&label)
                 .set(i64::try_from(limit).unwrap_or(i64::MAX));
         }
+        self.ratelimit_observed
+            .get_or_create(&label)
+            .set(i64::try_from(budget.observed_at).unwrap_or(i64::MAX));
         if let Ok(mut b) = self.budgets.lock() {
             b.insert(registry.to_owned(), budget.clone());
+        }
+    }
+
+    /// Records a 429 from `registry`.
+    pub fn record_rate_limited(&self, registry: &str, rate_limited: RateLimited) {
+        if let Ok(mut r) = self.rate_limits.lock() {
+            r.insert(registry.to_owned(), rate_limited);
+        }
+    }
+
+    /// Drops the `ratelimit_remaining` and `ratelimit_limit` series of figures older than their
+    /// window at `now`: a stale low figure must not keep an alert firing after the window reset.
+    fn drop_expired_budget_gauges(&self, now: u64) {
+        let budgets = self.budgets.lock().map(|b| b.clone()).unwrap_or_default();
+        for (registry, budget) in budgets {
+            if budget.expired_at(now) {
+                let label = RegistryLabel { registry };
+                self.ratelimit_remaining.remove(&label);
+                self.ratelimit_limit.remove(&label);
+            }
         }
     }
 
@@ -335,6 +461,15 @@ impl Telemetry {
         self.evictions.inc_by(n);
     }
 
+    /// Counts one failed cache write for `registry` (a configured name).
+    pub fn add_cache_write_failure(&self, registry: &str) {
+        self.cache_write_failures
+            .get_or_create(&RegistryLabel {
+                registry: registry.to_owned(),
+            })
+            .inc();
+    }
+
     pub fn set_pinned_bytes(&self, bytes: u64) {
         self.pinned_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
@@ -342,6 +477,7 @@ impl Telemetry {
 
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
+        self.drop_expired_budget_gauges(crate::store::now_secs());
         let mut out = String::new();
         // Encoding into a String cannot fail (fmt::Write for String is infallible).
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -350,7 +486,18 @@ impl Telemetry {
 
     /// The stats document.
     pub fn snapshot(&self) -> StatsSnapshot {
+        self.snapshot_at(crate::store::now_secs())
+    }
+
+    /// The stats document as of `now` (unix seconds): which budget figures have expired and which
+    /// 429 waits are still in force.
+    pub fn snapshot_at(&self, now: u64) -> StatsSnapshot {
         let budgets = self.budgets.lock().map(|b| b.clone()).unwrap_or_default();
+        let rate_limits = self
+            .rate_limits
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default();
         let circuits = self.circuits.lock().map(|c| c.clone()).unwrap_or_default();
         let mut snap = StatsSnapshot {
             served_bytes: self.served_bytes.get(),
@@ -366,8 +513,15 @@ impl Telemetry {
                 misses: c.misses.load(Ordering::Relaxed),
                 stale: c.stale.load(Ordering::Relaxed),
                 errors: c.errors.load(Ordering::Relaxed),
-                budget: budgets.get(name).cloned(),
+                budget: budgets.get(name).cloned().map(|mut b| {
+                    b.expired = b.expired_at(now);
+                    b
+                }),
                 circuit_open: circuits.get(name).copied().unwrap_or(false),
+                rate_limited: rate_limits
+                    .get(name)
+                    .copied()
+                    .filter(|r| r.in_force_at(now)),
             };
             snap.hits += r.hits;
             snap.misses += r.misses;
@@ -409,6 +563,8 @@ mod tests {
                 remaining: 42,
                 window_seconds: Some(21600),
                 source: None,
+                observed_at: crate::store::now_secs(),
+                expired: false,
             },
         );
         let snap = t.snapshot();
@@ -428,6 +584,85 @@ mod tests {
             r#"cachalot_registry_requests_total{registry="docker.io",kind="manifest",result="hit"} 1"#
         ), "{text}");
         assert!(text.contains(r#"cachalot_registry_ratelimit_remaining{registry="docker.io"} 42"#));
+    }
+
+    #[test]
+    fn negative_cache_hits_are_counted_by_registry_and_kind() {
+        let t = Telemetry::new(["docker.io"]);
+        t.record_negative_hit("docker.io", "tag");
+        t.record_negative_hit("docker.io", "tag");
+        let text = t.encode();
+        assert!(
+            text.contains(
+                r#"cachalot_registry_negative_cache_hits_total{registry="docker.io",kind="tag"} 2"#
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_budget_figure_expires_once_its_window_has_passed() {
+        let figure = Budget {
+            limit: Some(100),
+            remaining: 3,
+            window_seconds: Some(600),
+            observed_at: 1_000,
+            ..Budget::default()
+        };
+        assert!(!figure.expired_at(1_599));
+        assert!(figure.expired_at(1_600));
+        let no_window = Budget {
+            window_seconds: None,
+            ..figure.clone()
+        };
+        assert!(!no_window.expired_at(u64::MAX));
+        let from_an_older_registry = Budget {
+            observed_at: 0,
+            ..figure.clone()
+        };
+        assert!(!from_an_older_registry.expired_at(u64::MAX));
+
+        let t = Telemetry::new(["docker.io"]);
+        t.record_budget("docker.io", &figure);
+        let at = |now| {
+            t.snapshot_at(now).registries["docker.io"]
+                .budget
+                .clone()
+                .unwrap()
+        };
+        assert!(!at(1_599).expired);
+        assert!(at(1_600).expired);
+        assert_eq!(at(1_600).observed_at, 1_000, "observedAt is stable");
+        // Long expired by now: the series go, the observation time stays for alerts on age.
+        let text = t.encode();
+        assert!(
+            text.contains(
+                r#"cachalot_registry_ratelimit_observed_timestamp_seconds{registry="docker.io"} 1000"#
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("cachalot_registry_ratelimit_remaining{"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_429_is_reported_rate_limited_until_its_retry_after_has_passed() {
+        assert_eq!(
+            RateLimited::new(1_000, Some(30)),
+            RateLimited {
+                observed_at: 1_000,
+                until: 1_030
+            }
+        );
+        assert_eq!(RateLimited::new(1_000, None).until, 1_060);
+        assert_eq!(RateLimited::new(1_000, Some(86_400)).until, 4_600);
+        let t = Telemetry::new(["docker.io"]);
+        t.record_rate_limited("docker.io", RateLimited::new(1_000, Some(30)));
+        let at = |now| t.snapshot_at(now).registries["docker.io"].rate_limited;
+        assert_eq!(at(1_029).map(|r| r.until), Some(1_030));
+        assert_eq!(at(1_030), None);
     }
 
     #[test]

@@ -8,10 +8,11 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use cachalot_registry::config::FreshnessRule;
 use cachalot_testkit::fault::Kind;
 use cachalot_testkit::image::{docker_image, oci_index, sha256_digest, TestImage};
-use common::{client, eventually, get_manifest, Rig, MIB};
+use common::{
+    blob_file, client, committed, eventually, get_manifest, tags_never_revalidate, Rig, MIB,
+};
 
 /// The cache bound: room for the pinned image and about two unpinned ones.
 const BOUND: u64 = 3 * MIB;
@@ -54,35 +55,6 @@ async fn pull(base: &str, repo: &str, tag: &str) -> Vec<String> {
         caches.push(cache);
     }
     caches
-}
-
-/// Freshness that never revalidates a tag, so any upstream request is content that was evicted.
-fn tags_never_revalidate() -> Vec<FreshnessRule> {
-    vec![FreshnessRule {
-        pattern: "*".into(),
-        repository: None,
-        max_age: None,
-        immutable: true,
-    }]
-}
-
-fn blob_file(storage: &Path, digest: &str) -> std::path::PathBuf {
-    let hex = digest.strip_prefix("sha256:").unwrap();
-    storage.join("blobs/sha256").join(hex)
-}
-
-/// Waits until every blob of `img` is committed to the store.
-async fn committed(storage: &Path, img: &TestImage) {
-    eventually(
-        Duration::from_secs(10),
-        "the image's blobs committed",
-        || async {
-            img.all_blobs()
-                .iter()
-                .all(|b| blob_file(storage, &b.digest).exists())
-        },
-    )
-    .await;
 }
 
 #[tokio::test]

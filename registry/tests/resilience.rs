@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cachalot_registry::config::{Config, FreshnessRule, ParentConfig};
 use cachalot_testkit::fault::{FaultProxy, Kind, RateLimit};
 use cachalot_testkit::image::{self, docker_image, fetch_blob};
-use common::{client, get_manifest, Cachalot, Rig, MIB};
+use common::{client, fresh_for, get_manifest, Cachalot, Rig, MIB};
 
 /// Makes a cached tag look as if it was last checked long ago (what passing time would do),
 /// so freshness tests need no sleeping.
@@ -95,12 +95,8 @@ async fn unchanged_tag_is_revalidated_with_one_head_and_no_get() {
 #[tokio::test]
 async fn moved_tag_is_served_fresh_once_max_age_has_passed() {
     let rig = Rig::start_with(|c| {
-        c.registries.get_mut("docker.io").unwrap().freshness = vec![FreshnessRule {
-            pattern: "stable".into(),
-            repository: None,
-            max_age: Some(Duration::from_secs(3600)),
-            immutable: false,
-        }];
+        c.registries.get_mut("docker.io").unwrap().freshness =
+            vec![fresh_for("stable", Duration::from_secs(3600))];
     })
     .await;
     let old = docker_image(211, &[MIB]).unwrap();
@@ -139,6 +135,7 @@ async fn immutable_tags_and_digests_never_go_upstream_once_cached() {
             repository: None,
             max_age: None,
             immutable: true,
+            not_found_max_age: None,
         }];
     })
     .await;

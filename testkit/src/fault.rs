@@ -4,7 +4,8 @@
 //! Per request, in this order:
 //! 1. "down" mode drops the connection without a response;
 //! 2. the `ns` query value is recorded (what a mirror forwarded);
-//! 3. `/token` is answered locally when token auth is on;
+//! 3. `/token` is answered locally when token auth is on, after the fault rules that name
+//!    [`Kind::Token`] (a token service that fails, hangs or answers garbage);
 //! 4. token auth: a missing, expired or out-of-scope Bearer token gets 401 with a challenge;
 //! 5. the abuse limit answers a bare 429 to everything;
 //! 6. the pull limit answers 429 with Docker Hub's JSON body once N counted manifest GETs passed;
@@ -121,6 +122,22 @@ pub enum Fault {
     Corrupt {
         /// Body offset of the flipped byte.
         at: u64,
+    },
+    /// Answer this response without forwarding (an HTML login page, JSON without the expected
+    /// field, garbage).
+    Respond {
+        /// Status code.
+        status: u16,
+        /// `Content-Type` header.
+        content_type: String,
+        /// The whole body.
+        body: String,
+    },
+    /// Answer 200 with a body that never ends (chunked, no `Content-Length`): what a reader
+    /// without a size bound would read forever.
+    EndlessBody {
+        /// `Content-Type` header.
+        content_type: String,
     },
 }
 
@@ -288,12 +305,16 @@ const MAX_RECORDS: usize = 100_000;
 #[derive(Debug, Default)]
 struct Settings {
     rate_limit: Option<RateLimit>,
+    /// `w=` advertised instead of [`RATE_LIMIT_WINDOW_SECS`].
+    rate_limit_window: Option<u64>,
     counted_gets: u64,
     abuse_limit: bool,
     down: bool,
     rules: Vec<(FaultId, FaultRule)>,
     next_rule: u64,
     auth: Option<TokenAuth>,
+    /// The realm named in challenges instead of `<public url>/token`.
+    token_realm: Option<String>,
     tokens: HashMap<String, IssuedToken>,
     issued: u64,
 }
@@ -376,6 +397,12 @@ impl FaultHandle {
         settings.rate_limit = limit;
         settings.counted_gets = 0;
     }
+    /// Advertises `w=SECONDS` in the `ratelimit-*` headers instead of Docker Hub's six hours (or
+    /// with `None` goes back to that), so tests can see a figure outlive its window. The counting
+    /// itself is unchanged: the window is only what the headers say.
+    pub fn set_rate_limit_window(&self, seconds: Option<u64>) {
+        lock(&self.shared.settings).rate_limit_window = seconds;
+    }
     /// Remaining counted manifest GETs, if a limit is set.
     #[must_use]
     pub fn rate_limit_remaining(&self) -> Option<u64> {
@@ -420,6 +447,13 @@ impl FaultHandle {
     /// Invalidates every issued token, as if they had all expired.
     pub fn revoke_tokens(&self) {
         lock(&self.shared.settings).tokens.clear();
+    }
+    /// Names this URL as the realm in challenges (`None`: the proxy's own `<public url>/token`).
+    /// Tokens are still issued by this proxy's `/token` when the realm leads back to it, for
+    /// example through another host name (`http://localhost:PORT/token`); a realm elsewhere (a
+    /// closed port) makes token requests fail as that address does.
+    pub fn set_token_realm(&self, realm: Option<String>) {
+        lock(&self.shared.settings).token_realm = realm;
     }
     /// The proxy's URL.
     #[must_use]
@@ -701,7 +735,17 @@ async fn respond(
     };
     if let Some(auth) = &auth {
         if kind == Kind::Token {
-            return Ok(issue_token(shared, auth, request.headers(), query));
+            note_token_request(shared, query);
+            let (delay, terminal) = take_faults(shared, method, kind, path, true);
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let body_fault = match canned_response(terminal)? {
+                Canned::Response(response) => return Ok(response),
+                Canned::Forward(body_fault) => body_fault,
+            };
+            let issued = issue_token(shared, auth, request.headers(), query);
+            return Ok(apply_body_fault(issued, body_fault));
         }
         if let Some(challenge) = check_token(
             shared,
@@ -730,7 +774,8 @@ async fn respond(
         if let Some(limit) = settings.rate_limit.clone() {
             if manifest_read && method == Method::GET {
                 if counted_gets >= limit.limit {
-                    let headers = rate_limit_headers(&limit, 0, shared.addr);
+                    let window = settings.rate_limit_window;
+                    let headers = rate_limit_headers(&limit, 0, window, shared.addr);
                     let mut all = vec![
                         ("retry-after", limit.retry_after_secs.to_string()),
                         ("content-type", "application/json".to_owned()),
@@ -746,47 +791,23 @@ async fn respond(
             }
             if manifest_read {
                 let remaining = limit.limit.saturating_sub(settings.counted_gets);
-                ratelimit_headers = Some(rate_limit_headers(&limit, remaining, shared.addr));
+                ratelimit_headers = Some(rate_limit_headers(
+                    &limit,
+                    remaining,
+                    settings.rate_limit_window,
+                    shared.addr,
+                ));
             }
         }
     }
 
-    let (delay, terminal) = {
-        let mut settings = lock(&shared.settings);
-        let mut delay = Duration::ZERO;
-        let mut terminal = None;
-        for (_, rule) in &mut settings.rules {
-            if !rule.matches(method, kind, path) {
-                continue;
-            }
-            match &rule.fault {
-                Fault::Delay(d) => delay += *d,
-                other if terminal.is_none() => terminal = Some(other.clone()),
-                _ => continue,
-            }
-            if let Some(times) = &mut rule.times {
-                *times -= 1;
-            }
-        }
-        settings.rules.retain(|(_, rule)| rule.times != Some(0));
-        (delay, terminal)
-    };
+    let (delay, terminal) = take_faults(shared, method, kind, path, false);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let body_fault = match terminal {
-        Some(Fault::Status(code)) => {
-            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return Ok(simple(
-                status,
-                &[("content-type", "text/plain".to_owned())],
-                Bytes::from_static(b"injected fault\n"),
-            ));
-        }
-        Some(Fault::Reset) => return Err(ResetConnection),
-        Some(Fault::Truncate { after }) => BodyFault::Truncate(after),
-        Some(Fault::Corrupt { at }) => BodyFault::Corrupt(at),
-        Some(Fault::Delay(_)) | None => BodyFault::None,
+    let body_fault = match canned_response(terminal)? {
+        Canned::Response(response) => return Ok(response),
+        Canned::Forward(body_fault) => body_fault,
     };
 
     let mut response = forward(shared, request, path, query, auth.is_some()).await;
@@ -800,20 +821,106 @@ async fn respond(
     Ok(apply_body_fault(response, body_fault))
 }
 
+/// Sums the delays of the matching rules and picks the first terminal fault, counting down
+/// `times`. With `explicit_kind`, only rules that name the request's kind match (how `/token`
+/// faults are chosen, so that kind-less rules keep applying to registry requests only).
+fn take_faults(
+    shared: &Shared,
+    method: &Method,
+    kind: Kind,
+    path: &str,
+    explicit_kind: bool,
+) -> (Duration, Option<Fault>) {
+    let mut settings = lock(&shared.settings);
+    let mut delay = Duration::ZERO;
+    let mut terminal = None;
+    for (_, rule) in &mut settings.rules {
+        if !rule.matches(method, kind, path) || (explicit_kind && rule.kind != Some(kind)) {
+            continue;
+        }
+        match &rule.fault {
+            Fault::Delay(d) => delay += *d,
+            other if terminal.is_none() => terminal = Some(other.clone()),
+            _ => continue,
+        }
+        if let Some(times) = &mut rule.times {
+            *times -= 1;
+        }
+    }
+    settings.rules.retain(|(_, rule)| rule.times != Some(0));
+    (delay, terminal)
+}
+
+/// What a terminal fault makes of a request: a response of its own, or the real answer with a
+/// body fault.
+enum Canned {
+    Response(Response<ProxyBody>),
+    Forward(BodyFault),
+}
+
+fn canned_response(terminal: Option<Fault>) -> Result<Canned, ResetConnection> {
+    Ok(match terminal {
+        Some(Fault::Status(code)) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Canned::Response(simple(
+                status,
+                &[("content-type", "text/plain".to_owned())],
+                Bytes::from_static(b"injected fault\n"),
+            ))
+        }
+        Some(Fault::Respond {
+            status,
+            content_type,
+            body,
+        }) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Canned::Response(simple(
+                status,
+                &[("content-type", content_type)],
+                Bytes::from(body),
+            ))
+        }
+        Some(Fault::EndlessBody { content_type }) => Canned::Response(endless(&content_type)),
+        Some(Fault::Reset) => return Err(ResetConnection),
+        Some(Fault::Truncate { after }) => Canned::Forward(BodyFault::Truncate(after)),
+        Some(Fault::Corrupt { at }) => Canned::Forward(BodyFault::Corrupt(at)),
+        Some(Fault::Delay(_)) | None => Canned::Forward(BodyFault::None),
+    })
+}
+
+/// A 200 whose chunked body repeats 64 KiB of `x` until the client hangs up.
+fn endless(content_type: &str) -> Response<ProxyBody> {
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    let stream = futures::stream::repeat(chunk).map(|c| Ok::<_, BoxError>(Frame::data(c)));
+    let mut response = Response::new(BodyExt::boxed_unsync(StreamBody::new(stream)));
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    response
+}
+
+fn note_token_request(shared: &Shared, query: Option<&str>) {
+    let scopes: Vec<String> = query_values(query, "scope")
+        .iter()
+        .flat_map(|s| s.split(' ').map(str::to_owned).collect::<Vec<_>>())
+        .filter(|s| !s.is_empty())
+        .collect();
+    *lock(&shared.stats)
+        .token_requests
+        .entry(scopes.join(" "))
+        .or_insert(0) += 1;
+}
+
 fn rate_limit_headers(
     limit: &RateLimit,
     remaining: u64,
+    window: Option<u64>,
     addr: SocketAddr,
 ) -> Vec<(&'static str, String)> {
+    let window = window.unwrap_or(RATE_LIMIT_WINDOW_SECS);
     vec![
-        (
-            "ratelimit-limit",
-            format!("{};w={RATE_LIMIT_WINDOW_SECS}", limit.limit),
-        ),
-        (
-            "ratelimit-remaining",
-            format!("{remaining};w={RATE_LIMIT_WINDOW_SECS}"),
-        ),
+        ("ratelimit-limit", format!("{};w={window}", limit.limit)),
+        ("ratelimit-remaining", format!("{remaining};w={window}")),
         ("docker-ratelimit-source", addr.ip().to_string()),
     ]
 }
@@ -1069,10 +1176,11 @@ fn check_token(
     if valid {
         return None;
     }
-    let mut challenge = format!(
-        "Bearer realm=\"{}/token\",service=\"{}\"",
-        shared.public_url, auth.service
-    );
+    let realm = lock(&shared.settings)
+        .token_realm
+        .clone()
+        .unwrap_or_else(|| format!("{}/token", shared.public_url));
+    let mut challenge = format!("Bearer realm=\"{realm}\",service=\"{}\"", auth.service);
     if let Some(scope) = &required {
         challenge.push_str(&format!(",scope=\"{scope}\""));
     }
@@ -1098,10 +1206,6 @@ fn issue_token(
         .flat_map(|s| s.split(' ').map(str::to_owned).collect::<Vec<_>>())
         .filter(|s| !s.is_empty())
         .collect();
-    *lock(&shared.stats)
-        .token_requests
-        .entry(scopes.join(" "))
-        .or_insert(0) += 1;
     if let Some((user, password)) = &auth.credentials {
         let expected = format!(
             "Basic {}",

@@ -193,6 +193,15 @@ impl LoggedChild {
         self.child.id()
     }
 
+    /// Kills it with SIGKILL (what `kill -9` does: no chance to clean up) and reaps it.
+    ///
+    /// # Errors
+    /// The I/O error of `kill` or `waitpid`.
+    pub fn kill(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.kill()?;
+        self.child.wait()
+    }
+
     /// Its exit status if it has exited, without blocking.
     ///
     /// # Errors

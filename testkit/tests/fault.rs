@@ -383,6 +383,61 @@ async fn the_token_endpoint_requires_the_configured_basic_credentials() {
 }
 
 #[tokio::test]
+async fn token_faults_apply_to_the_token_endpoint_and_the_realm_can_name_another_host() {
+    let s = setup().await;
+    s.proxy.enable_token_auth(TokenAuth::default());
+    let scope = format!("repository:{REPO}:pull");
+    // A kind-less rule keeps applying to registry requests only.
+    s.proxy
+        .add_fault(FaultRule::new(Fault::Status(500)).kind(Kind::Base).times(1));
+    s.proxy.add_fault(
+        FaultRule::new(Fault::Status(503))
+            .kind(Kind::Token)
+            .times(1),
+    );
+    s.proxy.add_fault(
+        FaultRule::new(Fault::Respond {
+            status: 200,
+            content_type: "text/html".to_owned(),
+            body: "<html>sign in</html>".to_owned(),
+        })
+        .kind(Kind::Token)
+        .times(1),
+    );
+    s.proxy.add_fault(
+        FaultRule::new(Fault::EndlessBody {
+            content_type: "application/json".to_owned(),
+        })
+        .kind(Kind::Token)
+        .times(1),
+    );
+    assert_eq!(fetch_token(&s, &scope, None).await.status(), 503);
+    let html = fetch_token(&s, &scope, None).await;
+    assert_eq!(header(&html, "content-type"), "text/html");
+    assert_eq!(html.text().await.unwrap(), "<html>sign in</html>");
+    let mut endless = fetch_token(&s, &scope, None).await;
+    assert_eq!(endless.status(), 200);
+    assert!(endless.headers().get("content-length").is_none());
+    let mut read = 0;
+    while read < 1024 * 1024 {
+        read += endless.chunk().await.unwrap().unwrap().len();
+    }
+    drop(endless);
+    // The faults are used up: tokens are issued again, and every request was counted.
+    assert_eq!(fetch_token(&s, &scope, None).await.status(), 200);
+    assert_eq!(s.proxy.token_requests().get(&scope), Some(&4));
+
+    let realm = format!("http://localhost:{}/token", s.proxy.addr().port());
+    s.proxy.set_token_realm(Some(realm.clone()));
+    let denied = s.get_manifest().await;
+    assert!(
+        header(&denied, "www-authenticate").starts_with(&format!("Bearer realm=\"{realm}\"")),
+        "{:?}",
+        denied.headers()
+    );
+}
+
+#[tokio::test]
 async fn an_expired_token_is_refused() {
     let s = setup().await;
     s.proxy.enable_token_auth(TokenAuth {

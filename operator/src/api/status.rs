@@ -40,7 +40,8 @@ pub struct RegistryMirrorStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub budget: Vec<UpstreamBudgetStatus>,
 
-    /// The lowest remaining budget as `remaining/limit` (the BUDGET column).
+    /// The BUDGET column: the lowest current budget as `remaining/limit`; `RateLimited` while an
+    /// upstream's 429 wait is in force; `Expired` when every figure is older than its window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_summary: Option<String>,
 
@@ -190,17 +191,45 @@ pub struct CacheStatus {
     pub pods_reporting: i32,
 }
 
-/// Rate-limit budget of one upstream registry (the minimum over pods).
+/// Rate-limit budget of one upstream registry: the lowest current figure over pods (else the
+/// most recent expired one), and a 429 wait in force at any pod.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UpstreamBudgetStatus {
     /// Registry name, e.g. `docker.io`.
     pub registry: String,
-    /// Requests allowed per window, from `ratelimit-limit`.
-    pub limit: i64,
-    /// Requests left in the window, from `ratelimit-remaining`.
-    pub remaining: i64,
+    /// Requests allowed per window, from `ratelimit-limit` (absent when only a 429 was seen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+    /// Requests left in the window, from `ratelimit-remaining` (absent when only a 429 was seen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<i64>,
     /// Window length in seconds (`w=`), when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_seconds: Option<i64>,
+    /// When the registry received these figures (RFC 3339). It moves only when the upstream
+    /// sends a new figure, never with time alone; absent from registries that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_at: Option<String>,
+    /// `Current` (within its window), `Expired` (older than its window: the budget is unknown
+    /// until the upstream is asked again; the old figures stay for reference) or `RateLimited`
+    /// (the upstream answered 429 and its `Retry-After` has not passed, or a current figure has
+    /// nothing left).
+    #[serde(default)]
+    pub state: BudgetState,
+    /// While rate-limited by a 429: until when the upstream asked to wait (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limited_until: Option<String>,
+}
+
+/// What an upstream budget figure is worth now.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+pub enum BudgetState {
+    /// Observed within its window.
+    #[default]
+    Current,
+    /// Older than its window.
+    Expired,
+    /// A 429 wait in force, or nothing left in a current window.
+    RateLimited,
 }

@@ -332,6 +332,7 @@ pub fn registry_config(
                 repository: None,
                 max_age: f.max_age,
                 immutable: f.immutable,
+                not_found_max_age: None,
             })
             .collect();
         registries.insert(
@@ -359,6 +360,7 @@ pub fn registry_config(
         storage: StorageConfig {
             path: PathBuf::from(STORAGE_DIR),
             max_size_bytes: Some(v.max_size_bytes),
+            ..StorageConfig::default()
         },
         parent: mirror.spec.parent.as_ref().map(|p| ParentConfig {
             url: p.url.trim_end_matches('/').to_string(),

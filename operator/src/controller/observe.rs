@@ -111,15 +111,21 @@ impl From<StatsSnapshot> for RegistryStats {
             upstreams: s
                 .registries
                 .into_iter()
-                .filter_map(|(registry, r)| {
-                    let b = r.budget?;
-                    Some(UpstreamBudget {
+                .filter(|(_, r)| r.budget.is_some() || r.rate_limited.is_some())
+                .map(|(registry, r)| {
+                    let b = r.budget;
+                    UpstreamBudget {
                         registry,
-                        limit: b.limit,
-                        remaining: Some(b.remaining),
-                        window_seconds: b.window_seconds,
-                        source: b.source,
-                    })
+                        limit: b.as_ref().and_then(|b| b.limit),
+                        remaining: b.as_ref().map(|b| b.remaining),
+                        window_seconds: b.as_ref().and_then(|b| b.window_seconds),
+                        source: b.as_ref().and_then(|b| b.source.clone()),
+                        observed_at: b.as_ref().map(|b| b.observed_at).filter(|t| *t > 0),
+                        rate_limited: r.rate_limited.map(|l| RateLimitedSpell {
+                            observed_at: l.observed_at,
+                            until: l.until,
+                        }),
+                    }
                 })
                 .collect(),
         }
@@ -140,6 +146,21 @@ pub struct UpstreamBudget {
     pub window_seconds: Option<u64>,
     /// `docker-ratelimit-source`.
     pub source: Option<String>,
+    /// Unix seconds when the registry received these figures (`None` from registries that
+    /// predate it: the figures are then taken as current).
+    pub observed_at: Option<u64>,
+    /// The upstream's last 429, while its `Retry-After` wait was in force at the registry.
+    pub rate_limited: Option<RateLimitedSpell>,
+}
+
+/// A 429 from the upstream and how long it asked the registry to wait (unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct RateLimitedSpell {
+    /// When the 429 came.
+    pub observed_at: u64,
+    /// Until when the upstream asked not to be asked again.
+    pub until: u64,
 }
 
 /// HTTP access to registry pods and node agents.

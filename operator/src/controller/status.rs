@@ -2,9 +2,11 @@
 //! writes it only when it changed.
 //!
 //! Invariants:
-//! - [`compute_status`] is pure; the only clock input is `now`, used solely as the
-//!   `lastTransitionTime` of a condition whose status changed, so an unchanged world yields an
-//!   identical status and no write.
+//! - [`compute_status`] is pure; the only clock input is `now`, used as the
+//!   `lastTransitionTime` of a condition whose status changed, and to tell whether an upstream
+//!   budget figure is past its window or a 429 wait past its end: status changes when a window
+//!   or wait ends, once, never with every pass, so an unchanged world yields an identical status
+//!   and no write. Budget times are shown as when they were observed, never as an age.
 //! - Lists are sorted, numbers are summed over pods in a fixed order.
 //! - When no registry pod is ready, `ProxyAvailable` says why from the pods' own status
 //!   ([`proxy_unavailable`]): never a restart count, back-off delay or timestamp, and a crash
@@ -21,8 +23,8 @@ use super::conflict::Conflict;
 use super::observe::{ContainerState, ContainerSummary, NotReadyPod, Observations, Termination};
 use super::references::{MissingObject, Referenced};
 use crate::api::{
-    CacheStatus, ConditionStatus, ConditionType, MirrorCondition, NodeProblem, NodesStatus,
-    RegistryMirror, RegistryMirrorStatus, UpstreamBudgetStatus,
+    BudgetState, CacheStatus, ConditionStatus, ConditionType, MirrorCondition, NodeProblem,
+    NodesStatus, RegistryMirror, RegistryMirrorStatus, UpstreamBudgetStatus,
 };
 use crate::node_agent::protocol::{AgentStatus, RegistryState};
 
@@ -327,50 +329,161 @@ fn summarize_cache(obs: &Observations) -> (Option<CacheStatus>, MirrorCondition)
     (Some(cache), cond)
 }
 
+/// One pod's figure for one registry, as merged over pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Figure {
+    limit: u64,
+    remaining: u64,
+    window_seconds: Option<u64>,
+    observed_at: Option<u64>,
+}
+
+impl Figure {
+    /// Older than its window at `now`: every pull it counted has left the window since. A figure
+    /// without a window or an observation time (older registries) never expires.
+    fn expired_at(&self, now: u64) -> bool {
+        match (self.window_seconds, self.observed_at) {
+            (Some(window), Some(at)) => now >= at.saturating_add(window.max(1)),
+            _ => false,
+        }
+    }
+}
+
+/// A registry's budget over all pods: the lowest current figure, the most recent expired one,
+/// and the 429 wait ending last that is still in force.
+#[derive(Debug, Default)]
+struct Merged {
+    current: Option<Figure>,
+    expired: Option<Figure>,
+    rate_limited: Option<super::observe::RateLimitedSpell>,
+}
+
+/// RFC 3339 of unix seconds (`-` for a time out of range).
+fn rfc3339(secs: u64) -> String {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| k8s_openapi::jiff::Timestamp::from_second(s).ok())
+        .map_or_else(|| "-".to_string(), |t| t.to_string())
+}
+
+/// `docker.io 97/100 per 21600s at 2026-01-02T03:04:05Z`.
+fn describe_figure(registry: &str, f: &Figure) -> String {
+    let mut text = format!("{registry} {}/{}", f.remaining, f.limit);
+    if let Some(w) = f.window_seconds {
+        text.push_str(&format!(" per {w}s"));
+    }
+    if let Some(at) = f.observed_at {
+        text.push_str(&format!(" at {}", rfc3339(at)));
+    }
+    text
+}
+
+/// Merges the budgets the pods reported into one entry per registry, as of `now` (unix
+/// seconds), and derives the BUDGET column and the `UpstreamBudget` condition. Pure: `now` only
+/// decides whether a figure is past its window and a 429 wait past its end, so the result
+/// changes when a new figure arrives or a window or wait ends, not with every pass.
 fn summarize_budget(
     obs: &Observations,
     reserves: &BTreeMap<String, u64>,
+    now: u64,
 ) -> (Vec<UpstreamBudgetStatus>, Option<String>, MirrorCondition) {
-    // Minimum remaining per registry over pods: each pod spends the same NAT budget.
-    let mut per_registry: BTreeMap<String, UpstreamBudgetStatus> = BTreeMap::new();
+    let mut merged: BTreeMap<String, Merged> = BTreeMap::new();
     for stats in obs
         .registry_pods
         .iter()
         .filter_map(|p| p.stats.as_ref().ok())
     {
         for b in &stats.upstreams {
+            let m = merged.entry(b.registry.clone()).or_default();
+            if let Some(spell) = b.rate_limited.filter(|r| now < r.until) {
+                if m.rate_limited.is_none_or(|old| spell.until > old.until) {
+                    m.rate_limited = Some(spell);
+                }
+            }
             let (Some(limit), Some(remaining)) = (b.limit, b.remaining) else {
                 continue;
             };
-            let entry = UpstreamBudgetStatus {
-                registry: b.registry.clone(),
-                limit: to_i64(limit),
-                remaining: to_i64(remaining),
-                window_seconds: b.window_seconds.map(to_i64),
+            let figure = Figure {
+                limit,
+                remaining,
+                window_seconds: b.window_seconds,
+                observed_at: b.observed_at,
             };
-            per_registry
-                .entry(b.registry.clone())
-                .and_modify(|e| {
-                    if entry.remaining < e.remaining {
-                        *e = entry.clone();
-                    }
-                })
-                .or_insert(entry);
+            // Each pod spends the same NAT budget: the lowest current figure is the truth; of
+            // expired ones, the most recent says the most.
+            if figure.expired_at(now) {
+                if m.expired
+                    .is_none_or(|old| figure.observed_at > old.observed_at)
+                {
+                    m.expired = Some(figure);
+                }
+            } else if m.current.is_none_or(|old| {
+                (figure.remaining, std::cmp::Reverse(figure.observed_at))
+                    < (old.remaining, std::cmp::Reverse(old.observed_at))
+            }) {
+                m.current = Some(figure);
+            }
         }
     }
-    let budget: Vec<UpstreamBudgetStatus> = per_registry.into_values().collect();
-    let lowest = budget.iter().min_by(|a, b| {
-        // Compare remaining/limit without floats: a.r * b.l vs b.r * a.l.
-        (i128::from(a.remaining) * i128::from(b.limit.max(1)))
-            .cmp(&(i128::from(b.remaining) * i128::from(a.limit.max(1))))
-            .then(a.registry.cmp(&b.registry))
-    });
-    let summary = lowest.map(|b| format!("{}/{}", b.remaining, b.limit));
-    let describe = |b: &UpstreamBudgetStatus| match b.window_seconds {
-        Some(w) => format!("{} {}/{} per {w}s", b.registry, b.remaining, b.limit),
-        None => format!("{} {}/{}", b.registry, b.remaining, b.limit),
+    let mut budget = Vec::new();
+    let mut messages = Vec::new();
+    for (registry, m) in &merged {
+        let exhausted = m.current.is_some_and(|f| f.remaining == 0);
+        let (state, figure) = match (m.current, m.expired) {
+            _ if m.rate_limited.is_some() || exhausted => {
+                (BudgetState::RateLimited, m.current.or(m.expired))
+            }
+            (Some(current), _) => (BudgetState::Current, Some(current)),
+            (None, Some(expired)) => (BudgetState::Expired, Some(expired)),
+            (None, None) => continue,
+        };
+        let mut message = match (&figure, m.rate_limited) {
+            (Some(f), None) => describe_figure(registry, f),
+            (_, Some(spell)) => format!(
+                "{registry} answered 429 at {}; waiting until {}",
+                rfc3339(spell.observed_at),
+                rfc3339(spell.until)
+            ),
+            (None, None) => registry.clone(),
+        };
+        if let (Some(f), Some(_)) = (&figure, m.rate_limited) {
+            message.push_str(&format!("; last figure {}", describe_figure("", f).trim()));
+        }
+        if state == BudgetState::Expired {
+            message.push_str(", expired (older than its window; unknown until asked again)");
+        }
+        messages.push(message);
+        budget.push(UpstreamBudgetStatus {
+            registry: registry.clone(),
+            limit: figure.map(|f| to_i64(f.limit)),
+            remaining: figure.map(|f| to_i64(f.remaining)),
+            window_seconds: figure.and_then(|f| f.window_seconds).map(to_i64),
+            observed_at: figure.and_then(|f| f.observed_at).map(rfc3339),
+            state,
+            rate_limited_until: m.rate_limited.map(|r| rfc3339(r.until)),
+        });
+    }
+    let current = |b: &&UpstreamBudgetStatus| b.state != BudgetState::Expired;
+    let lowest = budget
+        .iter()
+        .filter(current)
+        .filter_map(|b| Some((b, b.remaining?, b.limit?)))
+        .min_by(|(a, ar, al), (b, br, bl)| {
+            // Compare remaining/limit without floats: a.r * b.l vs b.r * a.l.
+            (i128::from(*ar) * i128::from((*bl).max(1)))
+                .cmp(&(i128::from(*br) * i128::from((*al).max(1))))
+                .then(a.registry.cmp(&b.registry))
+        });
+    let summary = if budget.iter().any(|b| b.rate_limited_until.is_some()) {
+        Some("RateLimited".to_string())
+    } else if let Some((_, remaining, limit)) = lowest {
+        Some(format!("{remaining}/{limit}"))
+    } else if budget.is_empty() {
+        None
+    } else {
+        Some("Expired".to_string())
     };
-    let message = budget.iter().map(describe).collect::<Vec<_>>().join(", ");
+    let message = messages.join(", ");
     let cond = if budget.is_empty() {
         condition(
             ConditionType::UpstreamBudget,
@@ -378,7 +491,7 @@ fn summarize_budget(
             "NoRateLimitHeaders",
             "no upstream has sent rate-limit headers yet",
         )
-    } else if budget.iter().any(|b| b.remaining <= 0) {
+    } else if budget.iter().any(|b| b.state == BudgetState::RateLimited) {
         condition(
             ConditionType::UpstreamBudget,
             ConditionStatus::False,
@@ -386,9 +499,10 @@ fn summarize_budget(
             message,
         )
     } else if budget.iter().any(|b| {
-        reserves
-            .get(&b.registry)
-            .is_some_and(|reserve| b.remaining <= to_i64(*reserve))
+        b.state == BudgetState::Current
+            && reserves
+                .get(&b.registry)
+                .is_some_and(|reserve| b.remaining.unwrap_or(0) <= to_i64(*reserve))
     }) {
         condition(
             ConditionType::UpstreamBudget,
@@ -396,11 +510,18 @@ fn summarize_budget(
             "BudgetReserve",
             message,
         )
-    } else {
+    } else if budget.iter().any(|b| b.state == BudgetState::Current) {
         condition(
             ConditionType::UpstreamBudget,
             ConditionStatus::True,
             "BudgetAvailable",
+            message,
+        )
+    } else {
+        condition(
+            ConditionType::UpstreamBudget,
+            ConditionStatus::Unknown,
+            "BudgetExpired",
             message,
         )
     };
@@ -757,7 +878,8 @@ pub fn compute_status(
             };
             let nodes = summarize_nodes(&key, endpoint.as_deref(), desired_generation, obs);
             let (cache, cache_cond) = summarize_cache(obs);
-            let (budget, budget_summary, budget_cond) = summarize_budget(obs, reserves);
+            let now_secs = u64::try_from(now.0.as_second()).unwrap_or(0);
+            let (budget, budget_summary, budget_cond) = summarize_budget(obs, reserves, now_secs);
             let ready = if proxy.status != ConditionStatus::True {
                 condition(
                     ConditionType::Ready,

@@ -56,6 +56,8 @@ pub fn registry_stats(hits: u64, misses: u64, stale: u64, remaining: u64) -> Reg
             remaining: Some(remaining),
             window_seconds: Some(21600),
             source: None,
+            observed_at: None,
+            rate_limited: None,
         }],
         ..RegistryStats::default()
     }

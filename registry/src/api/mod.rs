@@ -21,9 +21,9 @@ use tracing::Instrument as _;
 
 use crate::oci::{Digest, ErrorCode, Kind, OciError, Reference, RepositoryName, Route};
 use crate::proxy::blobs::{self, Source};
-use crate::proxy::{ManifestReply, Proxy, ProxyError};
+use crate::proxy::{self, ManifestReply, Proxy, ProxyError};
 use crate::telemetry::{CacheResult, Telemetry};
-use crate::upstream::{self, Target, Upstream};
+use crate::upstream::{self, Upstream};
 
 /// Shared state of the HTTP handlers.
 #[derive(Debug)]
@@ -177,7 +177,7 @@ async fn handle(
     match route {
         Route::Base => Ok(([(header::CONTENT_TYPE, "application/json")], "{}").into_response()),
         Route::Catalog => Ok(catalog(state, upstream.name(), query)),
-        Route::Tags { name } => tags(upstream, &normalise(name), query).await,
+        Route::Tags { name } => tags(state, upstream, &name, query).await,
         Route::Manifest { name, reference } => {
             let name = normalise(name);
             let result = match &reference {
@@ -196,10 +196,21 @@ async fn handle(
         }
         Route::Blob { name, digest } => {
             let name = normalise(name);
-            let result = if head {
-                blob_head(state, upstream, &name, &digest).await
-            } else {
-                blob_get(state, upstream, &name, &digest, headers).await
+            let result = match state.proxy.blob_not_found(upstream.name(), &name, &digest) {
+                Some(remembered) => Err(BlobError::Proxy(remembered)),
+                None => {
+                    let result = if head {
+                        blob_head(state, upstream, &name, &digest).await
+                    } else {
+                        blob_get(state, upstream, &name, &digest, headers).await
+                    };
+                    if let Err(BlobError::Proxy(e)) = &result {
+                        state
+                            .proxy
+                            .note_blob_failure(upstream.name(), &name, &digest, e);
+                    }
+                    result
+                }
             };
             match result {
                 Ok((response, cache)) => {
@@ -407,17 +418,27 @@ async fn blob_get(
             ))
         }
         (Some(r), None) => {
-            // Size unknown until the fetch ends (chunked upstream): serve the range from the cache.
+            // Size unknown until the fetch ends (chunked upstream): serve the range from the cache,
+            // or, when the cache could not keep it, following the flight (which continues from
+            // the upstream past what its file holds).
             flight.done().await?;
-            let Some((file, size, pin)) =
+            if let Some((file, size, pin)) =
                 inner.store.open_blob(digest).map_err(ProxyError::from)?
-            else {
-                return Err(BlobError::Proxy(ProxyError::Internal(
-                    "committed blob vanished".into(),
-                )));
-            };
+            {
+                let (start, end) = range::resolve(r, size).map_err(range_error)?;
+                let body = blobs::file_stream(file, pin, start, end).boxed();
+                return Ok((
+                    stream_response(state, body, digest, cache, size, Some((start, end))),
+                    cache,
+                ));
+            }
+            let size = flight.size().ok_or_else(|| {
+                BlobError::Proxy(ProxyError::Internal(
+                    "blob fetch ended without a size".into(),
+                ))
+            })?;
             let (start, end) = range::resolve(r, size).map_err(range_error)?;
-            let body = blobs::file_stream(file, pin, start, end).boxed();
+            let body = blobs::flight_stream(flight, start, Some(end)).boxed();
             Ok((
                 stream_response(state, body, digest, cache, size, Some((start, end))),
                 cache,
@@ -467,32 +488,59 @@ fn stream_response(
     response
 }
 
+/// `tags/list` from the cached full list, paginated by the client's `n` and `last`.
 async fn tags(
-    upstream: &Upstream,
-    name: &RepositoryName,
+    state: &AppState,
+    upstream: &Arc<Upstream>,
+    requested: &RepositoryName,
     query: &Query,
 ) -> Result<Response, OciError> {
-    let target = Target::Tags {
-        n: query.n.as_deref(),
-        last: query.last.as_deref(),
+    let n = match query.n.as_deref() {
+        None => None,
+        Some(n) => Some(n.parse::<usize>().map_err(|_| {
+            OciError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::PaginationNumberInvalid,
+                format!(
+                    "n must be a non-negative integer, not `{}`",
+                    n.chars().take(32).collect::<String>()
+                ),
+            )
+        })?),
     };
-    let response = upstream
-        .send(Method::GET, name, target)
-        .await
-        .map_err(|e| {
-            let mut err = ProxyError::from(e).to_oci(Kind::Manifest);
-            if err.code == ErrorCode::ManifestUnknown {
-                err.code = ErrorCode::NameUnknown;
-            }
-            err
-        })?;
-    let copied: Vec<(header::HeaderName, HeaderValue)> = [header::CONTENT_TYPE, header::LINK]
-        .into_iter()
-        .filter_map(|h| response.headers().get(&h).cloned().map(|v| (h, v)))
-        .collect();
-    let mut out = Response::new(Body::from_stream(response.bytes_stream()));
-    out.headers_mut().extend(copied);
-    Ok(out)
+    let name = requested.normalised_for(upstream.name());
+    let (list, cache) = state.proxy.tags_list(upstream, &name).await.map_err(|e| {
+        let mut err = e.to_oci(Kind::Manifest);
+        if err.code == ErrorCode::ManifestUnknown {
+            err.code = ErrorCode::NameUnknown;
+        }
+        err
+    })?;
+    let (page, more) = proxy::tags::page(&list.tags, n, query.last.as_deref());
+    let mut response = Response::new(Body::from(
+        serde_json::json!({ "name": list.name, "tags": page }).to_string(),
+    ));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    if let (true, Some(n), Some(last)) = (more, n, page.last()) {
+        let mut next = form_urlencoded::Serializer::new(String::new());
+        next.append_pair("n", &n.to_string());
+        next.append_pair("last", last);
+        if let Some(ns) = &query.ns {
+            next.append_pair("ns", ns);
+        }
+        let link = format!(
+            "</v2/{requested}/tags/list?{}>; rel=\"next\"",
+            next.finish()
+        );
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            response.headers_mut().insert(header::LINK, v);
+        }
+    }
+    cache_headers(&mut response, cache);
+    Ok(response)
 }
 
 fn catalog(state: &AppState, registry: &str, query: &Query) -> Response {

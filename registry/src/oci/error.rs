@@ -18,6 +18,8 @@ pub enum ErrorCode {
     Unsupported,
     TooManyRequests,
     RangeInvalid,
+    /// `n` of a paginated list is not a non-negative integer.
+    PaginationNumberInvalid,
     /// Not in the spec: the upstream could not be reached or answered with a server error.
     UpstreamUnavailable,
     /// Not in the spec: the upstream answered with content that failed verification.
@@ -39,6 +41,7 @@ impl ErrorCode {
             ErrorCode::Unsupported => "UNSUPPORTED",
             ErrorCode::TooManyRequests => "TOOMANYREQUESTS",
             ErrorCode::RangeInvalid => "RANGE_INVALID",
+            ErrorCode::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
             ErrorCode::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
             ErrorCode::UpstreamInvalid => "UPSTREAM_INVALID",
             ErrorCode::Unknown => "UNKNOWN",

@@ -9,6 +9,16 @@
 //! body can never complete as a successful response; the reader fails instead and the client sees
 //! a broken transfer. The flight runs in its own task: a client disconnect does not stop the cache
 //! write.
+//!
+//! A failed cache write (a full disk, any I/O error, or no temp file at all) does not fail the
+//! clients: the flight keeps reading, hashing and teeing the upstream body, the writer stops
+//! (`cache_failed`, the file frozen at what was written), nothing is committed and the temp file
+//! is removed when the flight ends. A reader that reaches the frozen end of the file continues
+//! from its own upstream GET ([`direct_stream`]): it hashes that whole body and skips what it
+//! already sent; its final byte waits for both that body and the flight's body to match the
+//! digest, since its first bytes came from the flight. The failure is counted
+//! (`cache_write_failures_total`) and logged once per flight; the next fetch tries the disk
+//! again, so caching resumes by itself once there is space.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt as _;
@@ -27,9 +37,42 @@ use crate::upstream::{self, Target, Upstream};
 /// Size of each read from disk and each write to it.
 const CHUNK: usize = 1024 * 1024;
 
-/// Size of each read of a committed blob. Smaller than [`CHUNK`]: with many parallel readers the
+/// Largest read of a committed blob. Smaller than [`CHUNK`]: with many parallel readers the
 /// buffers queued in each connection dominate memory (8 readers at 1 MiB peaked at 50 MiB RSS).
 const CACHED_CHUNK: u64 = 256 * 1024;
+
+/// Smallest read of a committed blob, however many readers there are.
+const MIN_CACHED_CHUNK: u64 = 16 * 1024;
+
+/// Read buffers all readers of committed blobs hold at once, at most (beyond
+/// [`MIN_CACHED_CHUNK`] each): each connection holds about one read while the socket takes it,
+/// so with many connections each reads less at a time (1000 connections: 32 KiB reads).
+const CACHED_READ_BUDGET: u64 = 32 * 1024 * 1024;
+
+/// Readers of committed blobs streaming right now (process-wide).
+static CACHED_READERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts one reader of a committed blob while it lives.
+struct CachedReader;
+
+impl CachedReader {
+    fn new() -> CachedReader {
+        CACHED_READERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        CachedReader
+    }
+}
+
+impl Drop for CachedReader {
+    fn drop(&mut self) {
+        CACHED_READERS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The read size for committed blobs when `readers` stream at once: the budget shared out,
+/// between [`MIN_CACHED_CHUNK`] and [`CACHED_CHUNK`]. Pure.
+fn cached_chunk(readers: u64) -> u64 {
+    (CACHED_READ_BUDGET / readers.max(1)).clamp(MIN_CACHED_CHUNK, CACHED_CHUNK)
+}
 
 /// Upstream chunks buffered for the leader's client before it falls back to reading the file.
 const TEE_DEPTH: usize = 64;
@@ -58,16 +101,41 @@ pub struct Progress {
     pub digest_matched: bool,
     /// All bytes are written and match the digest. Set before the (slow) fsync and rename, so
     /// readers can finish while the commit is still in progress: what they were sent is verified
-    /// either way, and a failed commit only means the cache does not keep the blob.
+    /// either way, and a failed commit only means the cache does not keep the blob. With
+    /// `cache_failed`, only the first `written` bytes are in the file.
     pub verified: bool,
+    /// The cache write failed (or no temp file could be created): `written` no longer grows, and
+    /// readers continue past it from the upstream ([`direct_stream`]).
+    pub cache_failed: bool,
     pub outcome: Option<Result<(), ProxyError>>,
+}
+
+/// What a reader needs to fetch the blob itself when the flight's cache write failed.
+struct DirectSource {
+    inner: Arc<ProxyInner>,
+    upstream: Arc<Upstream>,
+    repo: RepositoryName,
+    digest: Digest,
+}
+
+impl std::fmt::Debug for DirectSource {
+    // Not derived: the proxy state holds the flights, which hold it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectSource")
+            .field("registry", &self.upstream.name())
+            .field("repo", &self.repo)
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A fetch in flight.
 #[derive(Debug)]
 pub struct Flight {
-    file: Arc<std::fs::File>,
+    /// The temp file being written; `None` when none could be created (the disk is full).
+    file: Option<Arc<std::fs::File>>,
     progress: watch::Receiver<Progress>,
+    direct: DirectSource,
 }
 
 impl Flight {
@@ -97,7 +165,13 @@ impl Flight {
         }
     }
 
-    /// Waits until the fetch is verified and committed (or failed).
+    /// The blob's size, once the upstream announced it or the body ended.
+    pub fn size(&self) -> Option<u64> {
+        self.progress.borrow().header.as_ref().and_then(|h| h.size)
+    }
+
+    /// Waits until the fetch is verified and committed (or failed). A blob whose cache write
+    /// failed is verified but not committed: the result is `Ok` and the store does not have it.
     pub async fn done(&self) -> Result<(), ProxyError> {
         let mut rx = self.progress.clone();
         let p = rx
@@ -164,12 +238,28 @@ pub fn open_or_fetch(
     if let Some((file, size, pin)) = inner.store.open_blob(digest)? {
         return Ok(Source::Cached(file, size, pin));
     }
-    let temp = inner.store.create_temp()?;
-    let (tx, rx) = watch::channel(Progress::default());
+    // No temp file (a full disk, typically) still serves the clients, from the upstream only.
+    let temp = match inner.store.create_temp() {
+        Ok(temp) => Some(temp),
+        Err(e) => {
+            inner.note_cache_write_failure(upstream.name(), "blob", &e);
+            None
+        }
+    };
+    let (tx, rx) = watch::channel(Progress {
+        cache_failed: temp.is_none(),
+        ..Progress::default()
+    });
     let tx = Arc::new(tx);
     let flight = Arc::new(Flight {
-        file: Arc::clone(temp.file()),
+        file: temp.as_ref().map(|t| Arc::clone(t.file())),
         progress: rx,
+        direct: DirectSource {
+            inner: Arc::clone(inner),
+            upstream: Arc::clone(upstream),
+            repo: repo.clone(),
+            digest: digest.clone(),
+        },
     });
     map.insert(digest.clone(), Arc::clone(&flight));
     drop(map);
@@ -223,26 +313,53 @@ fn spawn_hasher(
     })
 }
 
+/// What the writer thread did: bytes written, and the error that stopped it, if any.
+#[derive(Debug)]
+struct Written {
+    bytes: u64,
+    error: Option<std::io::Error>,
+}
+
 /// Writes the body into the temp file off the network path and publishes progress for the
-/// readers following the file. Returns how much it wrote.
+/// readers following the file. A write error freezes the file at what was written and publishes
+/// `cache_failed`; the writer then drains the rest without writing, so the fetch (and every
+/// client) goes on. Without a file it only drains.
 fn spawn_writer(
-    file: Arc<std::fs::File>,
+    file: Option<Arc<std::fs::File>>,
     tx: Arc<watch::Sender<Progress>>,
     mut chunks: mpsc::Receiver<Bytes>,
-) -> tokio::task::JoinHandle<std::io::Result<u64>> {
+) -> tokio::task::JoinHandle<Written> {
     tokio::task::spawn_blocking(move || {
         let mut written = 0u64;
         let mut published = 0u64;
+        let mut error = None;
+        let mut file = file;
         while let Some(chunk) = chunks.blocking_recv() {
-            file.write_all_at(&chunk, written)?;
+            let Some(f) = &file else {
+                continue;
+            };
+            if let Err(e) = f.write_all_at(&chunk, written) {
+                error = Some(e);
+                file = None;
+                tx.send_modify(|p| {
+                    p.written = written;
+                    p.cache_failed = true;
+                });
+                continue;
+            }
             written += chunk.len() as u64;
             if written - published >= PUBLISH_EVERY || chunks.is_empty() {
                 published = written;
                 tx.send_modify(|p| p.written = written);
             }
         }
-        tx.send_modify(|p| p.written = written);
-        Ok(written)
+        if file.is_some() {
+            tx.send_modify(|p| p.written = written);
+        }
+        Written {
+            bytes: written,
+            error,
+        }
     })
 }
 
@@ -253,7 +370,7 @@ async fn fetch(
     upstream: &Arc<Upstream>,
     repo: &RepositoryName,
     digest: &Digest,
-    temp: TempFile,
+    temp: Option<TempFile>,
     tx: &Arc<watch::Sender<Progress>>,
     mut tee: Option<mpsc::Sender<Bytes>>,
 ) -> Result<(), ProxyError> {
@@ -268,7 +385,11 @@ async fn fetch(
     let (to_hasher, hasher_chunks) = mpsc::channel::<Bytes>(WRITER_DEPTH);
     let hasher = spawn_hasher(digest.algorithm(), hasher_chunks);
     let (to_writer, chunks) = mpsc::channel::<Bytes>(WRITER_DEPTH);
-    let writer = spawn_writer(Arc::clone(temp.file()), Arc::clone(tx), chunks);
+    let writer = spawn_writer(
+        temp.as_ref().map(|t| Arc::clone(t.file())),
+        Arc::clone(tx),
+        chunks,
+    );
     let mut received: u64 = 0;
     let mut chunks_seen: u64 = 0;
     let mut queue_wait = std::time::Duration::ZERO;
@@ -305,10 +426,12 @@ async fn fetch(
         chunks_seen += 1;
         let wait_started = std::time::Instant::now();
         if to_hasher.send(chunk.clone()).await.is_err() || to_writer.send(chunk).await.is_err() {
-            // A thread stopped early, so it failed: report its error, not a short body.
+            // Neither thread stops before its channel closes unless it panicked.
             drop((to_hasher, to_writer));
-            writer_result(writer.await)?;
-            return Err(ProxyError::Internal("blob hasher stopped early".into()));
+            let _ = writer.await;
+            return Err(ProxyError::Internal(
+                "blob hasher or writer stopped early".into(),
+            ));
         }
         queue_wait += wait_started.elapsed();
     }
@@ -333,12 +456,23 @@ async fn fetch(
         });
     }
     tx.send_modify(|p| p.digest_matched = true);
-    let written = writer_result(writer.await)?;
-    if written != received {
-        return Err(ProxyError::Internal(format!(
-            "cache temp file has {written} of {received} bytes"
-        )));
-    }
+    let written = writer
+        .await
+        .map_err(|e| ProxyError::Internal(format!("writer task failed: {e}")))?;
+    let temp = match (temp, written.error) {
+        (Some(temp), None) if written.bytes == received => Some(temp),
+        (Some(_), None) => {
+            return Err(ProxyError::Internal(format!(
+                "cache temp file has {} of {received} bytes",
+                written.bytes
+            )))
+        }
+        (_, Some(e)) => {
+            inner.note_cache_write_failure(&registry, "blob", &e);
+            None
+        }
+        (None, None) => None,
+    };
     tracing::debug!(
         %digest,
         bytes = received,
@@ -358,22 +492,24 @@ async fn fetch(
         }
         p.verified = true;
     });
+    // Not cached (the write failed): dropping nothing here; the temp file went with `temp`.
+    let Some(temp) = temp else {
+        return Ok(());
+    };
     let store = Arc::clone(&inner.store);
     let commit_digest = digest.clone();
-    tokio::task::spawn_blocking(move || store.commit_blob(temp, &commit_digest, received))
-        .await
-        .map_err(|e| ProxyError::Internal(format!("commit task failed: {e}")))??;
-    inner.store.note_repository(&registry, repo)?;
+    let committed =
+        tokio::task::spawn_blocking(move || store.commit_blob(temp, &commit_digest, received))
+            .await
+            .map_err(|e| ProxyError::Internal(format!("commit task failed: {e}")))?;
+    // Every reader was already given verified bytes: a failed commit (ENOSPC surfacing at fsync
+    // on a delayed-allocation file system) only means the cache does not keep the blob.
+    if let Err(e) = committed {
+        inner.note_cache_write_failure(&registry, "blob", &e);
+        return Ok(());
+    }
+    inner.note_repository(&registry, repo);
     Ok(())
-}
-
-/// What the writer thread's join handle gave: bytes written, or why it stopped.
-fn writer_result(
-    joined: Result<std::io::Result<u64>, tokio::task::JoinError>,
-) -> Result<u64, ProxyError> {
-    joined
-        .map_err(|e| ProxyError::Internal(format!("writer task failed: {e}")))?
-        .map_err(|e| ProxyError::Internal(format!("cannot write cache temp file: {e}")))
 }
 
 /// Asks the upstream about a blob without fetching it (HEAD on a miss).
@@ -391,8 +527,14 @@ pub async fn head_upstream(
     ))
 }
 
-async fn read_at(file: &Arc<std::fs::File>, offset: u64, len: usize) -> std::io::Result<Bytes> {
-    let file = Arc::clone(file);
+async fn read_at(
+    file: Option<&Arc<std::fs::File>>,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<Bytes> {
+    let file = Arc::clone(file.ok_or_else(|| {
+        std::io::Error::other("blob fetch has no cache file to read (its creation failed)")
+    })?);
     tokio::task::spawn_blocking(move || {
         let mut buf = BytesMut::zeroed(len);
         let mut filled = 0;
@@ -414,15 +556,17 @@ async fn read_at(file: &Arc<std::fs::File>, offset: u64, len: usize) -> std::io:
 
 /// Streams `[start, end)` of a committed file, keeping it pinned until the stream ends. The file
 /// is this stream's own handle, so it reads sequentially (no shared offset) into buffers that
-/// need no zeroing first.
+/// need no zeroing first. Each read is [`cached_chunk`] of the readers streaming at that moment,
+/// so many connections together hold a bounded amount of read buffers.
 pub fn file_stream(
     file: std::fs::File,
     pin: Pin,
     start: u64,
     end: u64,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
+    let reader = CachedReader::new();
     futures::stream::try_unfold(
-        (Some(file), pin, start, false),
+        (Some(file), (pin, reader), start, false),
         move |(file, pin, pos, positioned)| async move {
             let Some(file) = file else {
                 return Ok(None);
@@ -430,7 +574,8 @@ pub fn file_stream(
             if pos >= end {
                 return Ok(None);
             }
-            let len = (end - pos).min(CACHED_CHUNK);
+            let readers = CACHED_READERS.load(std::sync::atomic::Ordering::Relaxed);
+            let len = (end - pos).min(cached_chunk(readers));
             let (file, bytes) = tokio::task::spawn_blocking(move || {
                 use std::io::{Read as _, Seek as _};
                 let mut file = file;
@@ -454,19 +599,54 @@ pub fn file_stream(
     )
 }
 
+/// Where a reader following a flight stands.
+enum Follow {
+    /// Reading the flight's file at `pos`.
+    File {
+        flight: Arc<Flight>,
+        rx: watch::Receiver<Progress>,
+        pos: u64,
+    },
+    /// Past the frozen end of a file whose write failed: the reader's own upstream GET.
+    Direct(futures::stream::BoxStream<'static, std::io::Result<Bytes>>),
+}
+
+/// The next chunk of a direct stream, keeping the state for the one after.
+async fn next_direct(
+    mut direct: futures::stream::BoxStream<'static, std::io::Result<Bytes>>,
+) -> std::io::Result<Option<(Bytes, Follow)>> {
+    use futures::StreamExt as _;
+    match direct.next().await {
+        Some(Ok(bytes)) => Ok(Some((bytes, Follow::Direct(direct)))),
+        Some(Err(e)) => Err(e),
+        None => Ok(None),
+    }
+}
+
 /// Streams `[start, end)` of a blob that is still being fetched, following the writer. `end` is
-/// the blob size when known; `None` streams to whatever length the fetch turns out to have.
+/// the blob size when known; `None` streams to whatever length the fetch turns out to have. When
+/// the flight's cache write failed, the part past what was written comes from a
+/// [`direct_stream`].
 pub fn flight_stream(
     flight: Arc<Flight>,
     start: u64,
     end: Option<u64>,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
+    use futures::StreamExt as _;
     let rx = flight.progress.clone();
     futures::stream::try_unfold(
-        (flight, rx, start),
-        move |(flight, mut rx, pos)| async move {
+        Follow::File {
+            flight,
+            rx,
+            pos: start,
+        },
+        move |state| async move {
+            let (flight, mut rx, pos) = match state {
+                Follow::Direct(direct) => return next_direct(direct).await,
+                Follow::File { flight, rx, pos } => (flight, rx, pos),
+            };
             loop {
-                let (written, verified, failure, total) = {
+                let (written, verified, failure, total, cache_failed) = {
                     let p = rx.borrow_and_update();
                     (
                         p.written,
@@ -476,13 +656,14 @@ pub fn flight_stream(
                             _ => None,
                         },
                         p.header.as_ref().and_then(|h| h.size),
+                        p.cache_failed,
                     )
                 };
                 let target = end.or(total);
                 if let Some(message) = failure {
                     return Err(std::io::Error::other(message));
                 }
-                if verified && target.is_none_or(|t| pos >= t) && pos >= written {
+                if target.is_some_and(|t| pos >= t) && verified {
                     return Ok(None);
                 }
                 // Until verification, hold back the last byte of the response.
@@ -494,8 +675,20 @@ pub fn flight_stream(
                 };
                 if pos < limit {
                     let len = usize::try_from((limit - pos).min(CHUNK as u64)).unwrap_or(CHUNK);
-                    let bytes = read_at(&flight.file, pos, len).await?;
-                    return Ok(Some((bytes, (flight, rx, pos + len as u64))));
+                    let bytes = read_at(flight.file.as_ref(), pos, len).await?;
+                    return Ok(Some((
+                        bytes,
+                        Follow::File {
+                            flight,
+                            rx,
+                            pos: pos + len as u64,
+                        },
+                    )));
+                }
+                if cache_failed && target.is_none_or(|t| written < t) {
+                    // The file will not grow: the rest comes from the upstream.
+                    let direct = direct_stream(flight, pos, target).boxed();
+                    return next_direct(direct).await;
                 }
                 if verified {
                     return Ok(None);
@@ -506,6 +699,133 @@ pub fn flight_stream(
             }
         },
     )
+}
+
+/// Where a direct stream stands.
+struct Direct {
+    flight: Arc<Flight>,
+    response: Option<reqwest::Response>,
+    hasher: DigestHasher,
+    /// Upstream body bytes seen (hashed).
+    seen: u64,
+    from: u64,
+    end: Option<u64>,
+    /// The response's final byte, held until both bodies matched the digest.
+    held: Option<Bytes>,
+    done: bool,
+}
+
+/// `[from, end)` of a blob from a fresh upstream GET, for a reader of a flight whose cache write
+/// failed: the whole body is hashed (the bytes before `from` too, which the reader already got
+/// from the flight's file, are only hashed), and the final byte of the range is released only
+/// once this body matched the digest and its length and the flight's own body matched too (the
+/// first part of the response came from it). Nothing is cached. `end` of `None` means to the end
+/// of the body.
+fn direct_stream(
+    flight: Arc<Flight>,
+    from: u64,
+    end: Option<u64>,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
+    let algorithm = flight.direct.digest.algorithm();
+    futures::stream::try_unfold(
+        Direct {
+            flight,
+            response: None,
+            hasher: DigestHasher::new(algorithm),
+            seen: 0,
+            from,
+            end,
+            held: None,
+            done: false,
+        },
+        move |mut st| async move {
+            if st.done {
+                return Ok(None);
+            }
+            if st.response.is_none() {
+                let source = &st.flight.direct;
+                let response = source
+                    .upstream
+                    .send(Method::GET, &source.repo, Target::Blob(&source.digest))
+                    .await
+                    .map_err(std::io::Error::other)?;
+                tracing::debug!(digest = %source.digest, from = st.from, "blob cache write failed; reader continues from the upstream");
+                st.response = Some(response);
+            }
+            loop {
+                let idle = st.flight.direct.inner.body_idle_timeout;
+                let Some(response) = st.response.as_mut() else {
+                    return Ok(None);
+                };
+                let chunk = match tokio::time::timeout(idle, response.chunk()).await {
+                    Ok(Ok(chunk)) => chunk,
+                    Ok(Err(e)) => return Err(std::io::Error::other(e)),
+                    Err(_) => {
+                        return Err(std::io::Error::other(format!(
+                            "upstream sent no data for {}s",
+                            idle.as_secs()
+                        )))
+                    }
+                };
+                let Some(chunk) = chunk else {
+                    // The whole body is in: verify it, then the flight's, then release the end.
+                    let actual =
+                        std::mem::replace(&mut st.hasher, DigestHasher::new(algorithm)).finish();
+                    let source = &st.flight.direct;
+                    if actual != source.digest {
+                        return Err(std::io::Error::other(format!(
+                            "upstream sent content with digest {actual}, expected {}",
+                            source.digest
+                        )));
+                    }
+                    if st.end.is_some_and(|e| st.seen < e) {
+                        return Err(std::io::Error::other(format!(
+                            "upstream body ended after {} bytes",
+                            st.seen
+                        )));
+                    }
+                    st.flight.digest_matched().await?;
+                    st.done = true;
+                    return match st.held.take() {
+                        Some(last) => Ok(Some((last, st))),
+                        None => Ok(None),
+                    };
+                };
+                st.hasher.update(&chunk);
+                source_bytes(&st.flight.direct.inner, chunk.len());
+                let chunk_start = st.seen;
+                st.seen += chunk.len() as u64;
+                // The part of this chunk inside [from, end).
+                let lo = st.from.max(chunk_start);
+                let hi = st.end.map_or(st.seen, |e| e.min(st.seen));
+                if lo >= hi {
+                    continue;
+                }
+                let part = chunk.slice(
+                    usize::try_from(lo - chunk_start).unwrap_or(0)
+                        ..usize::try_from(hi - chunk_start).unwrap_or(0),
+                );
+                // Keep one byte back: release the previously held one with all but the last.
+                let Some(keep) = part.len().checked_sub(1) else {
+                    continue;
+                };
+                let mut out = BytesMut::new();
+                if let Some(prev) = st.held.take() {
+                    out.extend_from_slice(&prev);
+                }
+                out.extend_from_slice(&part[..keep]);
+                st.held = Some(part.slice(keep..));
+                if !out.is_empty() {
+                    return Ok(Some((out.freeze(), st)));
+                }
+            }
+        },
+    )
+}
+
+/// Counts upstream body bytes of a direct stream.
+fn source_bytes(inner: &ProxyInner, n: usize) {
+    inner.telemetry.add_upstream_bytes(n as u64);
 }
 
 /// Where the leader's tee stands.
@@ -589,4 +909,23 @@ pub fn leader_stream(
     })
     .flatten();
     teed.chain(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn many_readers_of_cached_blobs_share_a_bounded_read_budget() {
+        assert_eq!(cached_chunk(0), CACHED_CHUNK);
+        assert_eq!(cached_chunk(8), CACHED_CHUNK);
+        assert_eq!(cached_chunk(1000), CACHED_READ_BUDGET / 1000);
+        assert_eq!(cached_chunk(1_000_000), MIN_CACHED_CHUNK);
+        for readers in [1, 10, 100, 1000, 5000] {
+            assert!(
+                readers * cached_chunk(readers)
+                    <= CACHED_READ_BUDGET.max(readers * MIN_CACHED_CHUNK)
+            );
+        }
+    }
 }

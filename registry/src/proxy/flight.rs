@@ -1,32 +1,61 @@
 //! Single-flight: concurrent callers with the same key share one execution of the work.
 //!
 //! The work runs in its own task, so it finishes (and fills the cache) even when every caller has
-//! gone away. The key is removed when the work completes, before waiters see the result, so a
-//! caller that arrives later starts afresh and finds the cache already filled.
+//! gone away, or stopped waiting for it. The key is removed when the work completes, before
+//! waiters see the result, so a caller that arrives later starts afresh and finds the cache
+//! already filled. Each flight remembers when it started, so callers can bound their wait from
+//! that moment rather than from their own arrival.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 
 use super::ProxyError;
 
-type SharedResult<T> = Shared<BoxFuture<'static, Result<T, ProxyError>>>;
-
-/// Coalesces concurrent work by key.
-pub struct SingleFlight<K, T: Clone> {
-    inflight: Arc<Mutex<HashMap<K, SharedResult<T>>>>,
+/// The error every waiter of a flight gets when its task ended without a result (it panicked
+/// or the runtime is shutting down).
+pub trait FlightError: Clone + Send + Sync + 'static {
+    fn task_failed(message: String) -> Self;
 }
 
-impl<K, T: Clone> std::fmt::Debug for SingleFlight<K, T> {
+impl FlightError for ProxyError {
+    fn task_failed(message: String) -> Self {
+        ProxyError::Internal(format!("fetch task failed: {message}"))
+    }
+}
+
+/// The shared result of one execution.
+pub type Flight<T, E> = Shared<BoxFuture<'static, Result<T, E>>>;
+
+/// A caller's handle on a flight.
+pub struct Joined<T, E> {
+    /// Resolves to the work's result; may be awaited (cloned) by any number of callers.
+    pub flight: Flight<T, E>,
+    /// Whether this caller started the work.
+    pub leader: bool,
+    /// When the work started.
+    pub started: Instant,
+}
+
+/// The flights under way, each with its start.
+type InFlight<K, T, E> = Arc<Mutex<HashMap<K, (Flight<T, E>, Instant)>>>;
+
+/// Coalesces concurrent work by key.
+pub struct SingleFlight<K, T: Clone, E: Clone = ProxyError> {
+    inflight: InFlight<K, T, E>,
+}
+
+impl<K, T: Clone, E: Clone> std::fmt::Debug for SingleFlight<K, T, E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("SingleFlight")
     }
 }
 
-impl<K, T: Clone> Default for SingleFlight<K, T> {
+impl<K, T: Clone, E: Clone> Default for SingleFlight<K, T, E> {
     fn default() -> Self {
         SingleFlight {
             inflight: Arc::new(Mutex::new(HashMap::new())),
@@ -39,45 +68,60 @@ fn lock<K, V>(m: &Mutex<HashMap<K, V>>) -> MutexGuard<'_, HashMap<K, V>> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl<K, T> SingleFlight<K, T>
+impl<K, T, E> SingleFlight<K, T, E>
 where
     K: Hash + Eq + Clone + Send + 'static,
     T: Clone + Send + Sync + 'static,
+    E: FlightError,
 {
     /// Runs `make()` unless work for `key` is already in flight, and returns its result and
     /// whether this caller started it.
-    pub async fn run<F>(&self, key: K, make: impl FnOnce() -> F) -> (Result<T, ProxyError>, bool)
+    pub async fn run<F>(&self, key: K, make: impl FnOnce() -> F) -> (Result<T, E>, bool)
     where
-        F: Future<Output = Result<T, ProxyError>> + Send + 'static,
+        F: Future<Output = Result<T, E>> + Send + 'static,
     {
-        let (shared, leader) = {
-            let mut map = lock(&self.inflight);
-            match map.get(&key) {
-                Some(existing) => (existing.clone(), false),
-                None => {
-                    let inflight = Arc::clone(&self.inflight);
-                    let task_key = key.clone();
-                    let work = make();
-                    // The map lock is held until the entry is inserted, so the task's removal
-                    // below always happens after the insert.
-                    let handle = tokio::spawn(async move {
-                        let out = work.await;
-                        lock(&inflight).remove(&task_key);
-                        out
-                    });
-                    let shared = async move {
-                        handle.await.unwrap_or_else(|e| {
-                            Err(ProxyError::Internal(format!("fetch task failed: {e}")))
-                        })
-                    }
-                    .boxed()
-                    .shared();
-                    map.insert(key, shared.clone());
-                    (shared, true)
-                }
-            }
-        };
-        (shared.await, leader)
+        let joined = self.join(key, make);
+        (joined.flight.await, joined.leader)
+    }
+
+    /// Starts `make()` in its own task unless work for `key` is already in flight, and returns
+    /// a handle on that work without waiting for it.
+    pub fn join<F>(&self, key: K, make: impl FnOnce() -> F) -> Joined<T, E>
+    where
+        F: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let mut map = lock(&self.inflight);
+        if let Some((existing, started)) = map.get(&key) {
+            return Joined {
+                flight: existing.clone(),
+                leader: false,
+                started: *started,
+            };
+        }
+        let inflight = Arc::clone(&self.inflight);
+        let task_key = key.clone();
+        let work = make();
+        // The map lock is held until the entry is inserted, so the task's removal below always
+        // happens after the insert.
+        let handle = tokio::spawn(async move {
+            let out = work.await;
+            lock(&inflight).remove(&task_key);
+            out
+        });
+        let shared = async move {
+            handle
+                .await
+                .unwrap_or_else(|e| Err(E::task_failed(e.to_string())))
+        }
+        .boxed()
+        .shared();
+        let started = Instant::now();
+        map.insert(key, (shared.clone(), started));
+        Joined {
+            flight: shared,
+            leader: true,
+            started,
+        }
     }
 
     /// Number of keys in flight (for tests and diagnostics).

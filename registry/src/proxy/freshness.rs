@@ -2,6 +2,11 @@
 //! (and optionally repository) glob. First matching rule wins; the built-in defaults come last:
 //! `latest` 1 minute, version-like tags (`1.25`, `v2.3.1`, `3.19-alpine`) 5 minutes, any other
 //! tag 1 minute. Digest references are immutable by nature and never consult this policy.
+//!
+//! The same rules say how long a 404 for a tag is remembered (a rule's `notFoundMaxAge`, else the
+//! registry's), and how long a repository's `tags/list` is trusted: the shortest `maxAge` of the
+//! rules that can apply to the repository, so a new or moved tag shows in the list no later than
+//! it would be seen by a pull.
 
 use std::time::Duration;
 
@@ -33,6 +38,7 @@ struct Rule {
     tag: GlobMatcher,
     repository: Option<GlobMatcher>,
     freshness: Freshness,
+    not_found: Option<Duration>,
 }
 
 /// A compiled list of rules.
@@ -61,6 +67,7 @@ impl FreshnessPolicy {
                     (false, Some(age)) => Freshness::MaxAge(age),
                     (false, None) => Freshness::MaxAge(Duration::from_secs(60)),
                 },
+                not_found: r.not_found_max_age,
             });
         }
         for (pattern, secs) in DEFAULTS {
@@ -68,20 +75,42 @@ impl FreshnessPolicy {
                 tag: Glob::new(pattern)?.compile_matcher(),
                 repository: None,
                 freshness: Freshness::MaxAge(Duration::from_secs(secs)),
+                not_found: None,
             });
         }
         Ok(FreshnessPolicy { rules })
     }
 
+    fn rule_for(&self, repository: &str, tag: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| {
+            r.tag.is_match(tag) && r.repository.as_ref().is_none_or(|m| m.is_match(repository))
+        })
+    }
+
     /// The freshness of `repository:tag`.
     pub fn lookup(&self, repository: &str, tag: &str) -> Freshness {
-        self.rules
-            .iter()
-            .find(|r| {
-                r.tag.is_match(tag) && r.repository.as_ref().is_none_or(|m| m.is_match(repository))
-            })
+        self.rule_for(repository, tag)
             .map(|r| r.freshness)
             .unwrap_or(Freshness::MaxAge(Duration::from_secs(60)))
+    }
+
+    /// How long a 404 for `repository:tag` is remembered, when the first matching rule says.
+    pub fn not_found_for(&self, repository: &str, tag: &str) -> Option<Duration> {
+        self.rule_for(repository, tag).and_then(|r| r.not_found)
+    }
+
+    /// How long the repository's `tags/list` is trusted: the shortest `maxAge` among the rules
+    /// that can apply to it (immutable rules never revalidate, so they do not count).
+    pub fn tags_list_max_age(&self, repository: &str) -> Duration {
+        self.rules
+            .iter()
+            .filter(|r| r.repository.as_ref().is_none_or(|m| m.is_match(repository)))
+            .filter_map(|r| match r.freshness {
+                Freshness::MaxAge(age) => Some(age),
+                Freshness::Immutable => None,
+            })
+            .min()
+            .unwrap_or(Duration::from_secs(60))
     }
 }
 
@@ -109,12 +138,14 @@ mod tests {
                 repository: Some("myorg/*".into()),
                 max_age: None,
                 immutable: true,
+                not_found_max_age: None,
             },
             FreshnessRule {
                 pattern: "stable".into(),
                 repository: None,
                 max_age: Some(Duration::from_secs(10)),
                 immutable: false,
+                not_found_max_age: None,
             },
         ];
         let p = FreshnessPolicy::new(&rules).unwrap();
@@ -124,6 +155,38 @@ mod tests {
             p.lookup("x", "stable"),
             Freshness::MaxAge(Duration::from_secs(10))
         );
+    }
+
+    #[test]
+    fn not_found_ages_and_the_tags_list_age_follow_the_rules() {
+        let rules = vec![
+            FreshnessRule {
+                pattern: "nightly".into(),
+                repository: Some("myorg/*".into()),
+                max_age: Some(Duration::from_secs(10)),
+                immutable: false,
+                not_found_max_age: Some(Duration::ZERO),
+            },
+            FreshnessRule {
+                pattern: "v*".into(),
+                repository: None,
+                max_age: None,
+                immutable: true,
+                not_found_max_age: Some(Duration::from_secs(300)),
+            },
+        ];
+        let p = FreshnessPolicy::new(&rules).unwrap();
+        assert_eq!(
+            p.not_found_for("myorg/app", "nightly"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            p.not_found_for("myorg/app", "v1"),
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(p.not_found_for("myorg/app", "latest"), None);
+        assert_eq!(p.tags_list_max_age("myorg/app"), Duration::from_secs(10));
+        assert_eq!(p.tags_list_max_age("other/app"), Duration::from_secs(60));
     }
 
     #[test]

@@ -6,15 +6,20 @@
 //! rule allows; a GET is spent only when the digest moved or the tag was never cached. Concurrent
 //! work on the same tag, manifest or blob is coalesced into one upstream request. When the
 //! upstream is down, failing, slow or rate-limiting, or its budget is at the configured reserve,
-//! a cached tag is served and counted as stale.
+//! a cached tag is served and counted as stale. A request for a cached tag waits for its
+//! revalidation at most `upstream.revalidateWait` (counted from the HEAD's start), then is served
+//! stale while the HEAD finishes in the background. Upstream 404s are remembered for a while
+//! (the negative cache), and `tags/list` is cached whole and paginated here.
 
 pub mod blobs;
 pub mod flight;
 pub mod freshness;
+pub mod negative;
+pub mod tags;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -27,6 +32,13 @@ use crate::upstream::{self, Target, Upstream, UpstreamError, Upstreams};
 use blobs::BlobFlights;
 use flight::SingleFlight;
 use freshness::{Freshness, FreshnessPolicy};
+use negative::{NegativeCache, NotFound};
+use tags::{TagList, TagListCache};
+
+/// How long an upstream 404 for a tag is remembered unless configured.
+pub const DEFAULT_NOT_FOUND_MAX_AGE: Duration = Duration::from_secs(30);
+/// How long an upstream 404 for a digest is remembered unless configured.
+pub const DEFAULT_DIGEST_NOT_FOUND_MAX_AGE: Duration = Duration::from_secs(10);
 
 /// A failed pull-through operation. Cloneable: coalesced waiters share one failure.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -58,6 +70,8 @@ pub enum ProxyError {
     Body { registry: String, message: String },
     #[error("upstream {registry} answered without a usable digest for {reference}")]
     NoDigest { registry: String, reference: String },
+    #[error("upstream {registry} sent an unusable tag list: {message}")]
+    TagsListInvalid { registry: String, message: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -121,7 +135,35 @@ impl ProxyError {
                 )
                 .with_retry_after(Some(retry_in.as_secs().max(1).to_string()))
             }
-            ProxyError::Upstream(UpstreamError::Token { .. })
+            ProxyError::Upstream(UpstreamError::Token { source, .. }) => {
+                use crate::upstream::token::FetchTokenError;
+                let (status, code) = match source {
+                    _ if source.is_denial() => (StatusCode::FORBIDDEN, ErrorCode::Denied),
+                    FetchTokenError::Status { status, .. }
+                        if *status == StatusCode::TOO_MANY_REQUESTS =>
+                    {
+                        (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests)
+                    }
+                    FetchTokenError::Status { .. } | FetchTokenError::Connect { .. } => {
+                        (StatusCode::BAD_GATEWAY, ErrorCode::UpstreamUnavailable)
+                    }
+                    FetchTokenError::Timeout { .. } => {
+                        (StatusCode::GATEWAY_TIMEOUT, ErrorCode::UpstreamUnavailable)
+                    }
+                    FetchTokenError::Invalid { .. } | FetchTokenError::RealmRefused { .. } => {
+                        (StatusCode::BAD_GATEWAY, ErrorCode::UpstreamInvalid)
+                    }
+                };
+                let retry_after = match source {
+                    FetchTokenError::Status { retry_after, .. } => retry_after.clone(),
+                    _ => None,
+                };
+                OciError::new(status, code, msg).with_retry_after(retry_after)
+            }
+            ProxyError::Upstream(UpstreamError::Aborted { .. }) => {
+                OciError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown, msg)
+            }
+            ProxyError::TagsListInvalid { .. }
             | ProxyError::DigestMismatch { .. }
             | ProxyError::Truncated { .. }
             | ProxyError::ManifestTooLarge { .. }
@@ -207,9 +249,49 @@ pub struct ProxyInner {
     policies: HashMap<String, FreshnessPolicy>,
     reserves: HashMap<String, u64>,
     pub body_idle_timeout: Duration,
+    /// Upstream 404s, and how long each registry remembers them: (tag, digest).
+    negative: NegativeCache,
+    not_found_ages: HashMap<String, (Duration, Duration)>,
+    revalidate_wait: Duration,
+    tag_lists: TagListCache,
+    tag_list_flights: SingleFlight<(String, RepositoryName), Arc<TagList>>,
 }
 
 impl ProxyInner {
+    /// A cache write that failed (full disk, any I/O error): the client is served anyway, so this
+    /// is only counted (`cache_write_failures_total{registry}`) and logged. `what` says which
+    /// kind of content (`blob`, `manifest`, `tag`).
+    pub fn note_cache_write_failure(
+        &self,
+        registry: &str,
+        what: &'static str,
+        error: &dyn std::fmt::Display,
+    ) {
+        self.telemetry.add_cache_write_failure(registry);
+        tracing::warn!(
+            registry,
+            content = what,
+            error = %error,
+            "cache write failed; serving from the upstream without caching (caching resumes once the storage accepts writes)"
+        );
+    }
+
+    /// Records that `repo` has cached content (for the catalog); a failure only costs the
+    /// catalog entry, so it is noted, not raised.
+    pub fn note_repository(&self, registry: &str, repo: &RepositoryName) {
+        if let Err(e) = self.store.note_repository(registry, repo) {
+            self.note_cache_write_failure(registry, "repository", &e);
+        }
+    }
+
+    /// Records what a tag points at; a failure only costs a revalidation later, so it is noted,
+    /// not raised.
+    fn cache_tag(&self, registry: &str, repo: &RepositoryName, tag: &Tag, record: &TagRecord) {
+        if let Err(e) = self.store.write_tag(registry, repo, tag, record) {
+            self.note_cache_write_failure(registry, "tag", &e);
+        }
+    }
+
     /// Called after content is committed: keeps the cache under its bound and the gauge true.
     /// An eviction pass deletes files and, with pins, reads tag files and manifests, so it runs
     /// on the blocking pool; under the bound only the gauges move.
@@ -237,30 +319,42 @@ pub struct Proxy {
     inner: Arc<ProxyInner>,
 }
 
-fn ensure_manifest_size(registry: &str, len: u64) -> Result<(), ProxyError> {
-    if len > media::MAX_MANIFEST_BYTES {
-        return Err(ProxyError::ManifestTooLarge {
-            registry: registry.to_owned(),
-        });
-    }
-    Ok(())
-}
-
 /// Reads a manifest body with the size limit enforced while streaming.
 async fn read_manifest_body(
     registry: &str,
-    mut response: reqwest::Response,
+    response: reqwest::Response,
     idle: Duration,
 ) -> Result<Bytes, ProxyError> {
-    if let Some(len) = response.content_length() {
-        ensure_manifest_size(registry, len)?;
+    let too_large = ProxyError::ManifestTooLarge {
+        registry: registry.to_owned(),
+    };
+    let limit = usize::try_from(media::MAX_MANIFEST_BYTES).unwrap_or(usize::MAX);
+    read_bounded_body(registry, response, limit, idle, too_large).await
+}
+
+/// Reads a body of at most `limit` bytes (`too_large` beyond), with at most `idle` between
+/// chunks.
+pub(crate) async fn read_bounded_body(
+    registry: &str,
+    mut response: reqwest::Response,
+    limit: usize,
+    idle: Duration,
+    too_large: ProxyError,
+) -> Result<Bytes, ProxyError> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > limit as u64)
+    {
+        return Err(too_large);
     }
     let mut body = Vec::new();
     loop {
         match tokio::time::timeout(idle, response.chunk()).await {
             Ok(Ok(Some(chunk))) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(too_large);
+                }
                 body.extend_from_slice(&chunk);
-                ensure_manifest_size(registry, body.len() as u64)?;
             }
             Ok(Ok(None)) => break,
             Ok(Err(e)) => {
@@ -287,7 +381,19 @@ impl Proxy {
         let upstreams = Upstreams::new(config, Arc::clone(&telemetry))?;
         let mut policies = HashMap::new();
         let mut reserves = HashMap::new();
+        let mut not_found_ages = HashMap::new();
         for (name, registry) in &config.registries {
+            not_found_ages.insert(
+                name.clone(),
+                (
+                    registry
+                        .not_found_max_age
+                        .unwrap_or(DEFAULT_NOT_FOUND_MAX_AGE),
+                    registry
+                        .digest_not_found_max_age
+                        .unwrap_or(DEFAULT_DIGEST_NOT_FOUND_MAX_AGE),
+                ),
+            );
             let policy = FreshnessPolicy::new(&registry.freshness).map_err(|source| {
                 BuildProxyError::Freshness {
                     registry: name.clone(),
@@ -310,6 +416,11 @@ impl Proxy {
                 policies,
                 reserves,
                 body_idle_timeout: config.upstream.body_idle_timeout,
+                negative: NegativeCache::default(),
+                not_found_ages,
+                revalidate_wait: config.upstream.revalidate_wait,
+                tag_lists: TagListCache::default(),
+                tag_list_flights: SingleFlight::default(),
             }),
         })
     }
@@ -326,7 +437,8 @@ impl Proxy {
             let idle = self.inner.blob_flights.is_empty()
                 && self.inner.manifest_flights.is_empty()
                 && self.inner.tag_get_flights.is_empty()
-                && self.inner.tag_flights.is_empty();
+                && self.inner.tag_flights.is_empty()
+                && self.inner.tag_list_flights.is_empty();
             if idle {
                 return true;
             }
@@ -379,8 +491,88 @@ impl Proxy {
                 cache: CacheResult::Hit,
             });
         }
+        let key = NotFound::Manifest(upstream.name().to_owned(), repo.clone(), digest.clone());
+        if let Some(e) = self.remembered_not_found(&key) {
+            return Err(e);
+        }
         let (fetched, leader) = self.fetch_by_digest(upstream, repo, digest).await;
-        Ok(fetched?.into_reply(head, leader))
+        match fetched {
+            Ok(fetched) => Ok(fetched.into_reply(head, leader)),
+            Err(e) => {
+                self.remember_not_found(key, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// The remembered upstream 404 for `key`, if any (counted as a negative-cache hit).
+    fn remembered_not_found(&self, key: &NotFound) -> Option<ProxyError> {
+        let error = self.inner.negative.get(key, Instant::now())?;
+        self.inner
+            .telemetry
+            .record_negative_hit(key.registry(), key.kind());
+        tracing::debug!(
+            registry = key.registry(),
+            kind = key.kind(),
+            "answered from the negative cache"
+        );
+        Some(ProxyError::Upstream(error))
+    }
+
+    /// Remembers `error` for `key` if it is an upstream 404.
+    fn remember_not_found(&self, key: NotFound, error: &ProxyError) {
+        let ProxyError::Upstream(e @ UpstreamError::Status { status, .. }) = error else {
+            return;
+        };
+        if *status != StatusCode::NOT_FOUND {
+            return;
+        }
+        let (tag_age, digest_age) = self
+            .inner
+            .not_found_ages
+            .get(key.registry())
+            .copied()
+            .unwrap_or((DEFAULT_NOT_FOUND_MAX_AGE, DEFAULT_DIGEST_NOT_FOUND_MAX_AGE));
+        let ttl = match &key {
+            NotFound::Tag(registry, repo, tag) => self
+                .inner
+                .policies
+                .get(registry)
+                .and_then(|p| p.not_found_for(repo.as_str(), tag.as_str()))
+                .unwrap_or(tag_age),
+            NotFound::TagsList(..) => tag_age,
+            NotFound::Manifest(..) | NotFound::Blob(..) => digest_age,
+        };
+        self.inner.negative.put(key, e, ttl, Instant::now());
+    }
+
+    /// A remembered upstream 404 for a blob the cache does not hold (cached content wins).
+    pub fn blob_not_found(
+        &self,
+        registry: &str,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> Option<ProxyError> {
+        let key = NotFound::Blob(registry.to_owned(), repo.clone(), digest.clone());
+        // The common case, no entry, costs one map lookup; the store is asked only when there is
+        // an entry, since content cached meanwhile (through another repository) wins.
+        self.inner.negative.get(&key, Instant::now())?;
+        if self.inner.store.blob_size(digest).is_some() {
+            return None;
+        }
+        self.remembered_not_found(&key)
+    }
+
+    /// Remembers a blob request's failure if it was an upstream 404.
+    pub fn note_blob_failure(
+        &self,
+        registry: &str,
+        repo: &RepositoryName,
+        digest: &Digest,
+        error: &ProxyError,
+    ) {
+        let key = NotFound::Blob(registry.to_owned(), repo.clone(), digest.clone());
+        self.remember_not_found(key, error);
     }
 
     async fn fetch_by_digest(
@@ -413,28 +605,60 @@ impl Proxy {
     ) -> Result<ManifestReply, ProxyError> {
         let registry = upstream.name();
         let cached = self.inner.store.read_tag(registry, repo, tag)?;
+        let not_found = NotFound::Tag(registry.to_owned(), repo.clone(), tag.clone());
         let Some(record) = cached else {
-            return self.uncached_tag(upstream, repo, tag, head).await;
+            if let Some(e) = self.remembered_not_found(&not_found) {
+                return Err(e);
+            }
+            let result = self.uncached_tag(upstream, repo, tag, head).await;
+            if let Err(e) = &result {
+                self.remember_not_found(not_found, e);
+            }
+            return result;
         };
         if self
             .freshness(registry, repo, tag)
             .is_fresh(record.checked_at, now_secs())
         {
+            // Served without asking the upstream: if the budget figure has expired, one free
+            // HEAD in the background renews it (at most once a minute).
+            upstream.refresh_expired_budget(repo, &crate::oci::Reference::Tag(tag.clone()));
             return self
                 .serve_record(upstream, repo, &record, head, CacheResult::Hit)
                 .await;
+        }
+        if let Some(e) = self.remembered_not_found(&not_found) {
+            return Err(e);
         }
         let key = TagKey::Revalidate(registry.to_owned(), repo.clone(), tag.clone());
         let inner = Arc::clone(&self.inner);
         let task_upstream = Arc::clone(upstream);
         let (task_repo, task_tag, task_record) = (repo.clone(), tag.clone(), record.clone());
-        let (outcome, _) = self
-            .inner
-            .tag_flights
-            .run(key, move || async move {
-                revalidate(&inner, &task_upstream, &task_repo, &task_tag, &task_record).await
-            })
-            .await;
+        let joined = self.inner.tag_flights.join(key, move || async move {
+            revalidate(&inner, &task_upstream, &task_repo, &task_tag, &task_record).await
+        });
+        // The wait counts from the HEAD's start: a request joining a HEAD that is already slow
+        // is answered at once.
+        let deadline = tokio::time::Instant::from_std(joined.started + self.inner.revalidate_wait);
+        let outcome = match tokio::time::timeout_at(deadline, joined.flight.clone()).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                if joined.leader {
+                    let continuation = self.clone().finish_revalidation(
+                        Arc::clone(upstream),
+                        repo.clone(),
+                        tag.clone(),
+                        record.clone(),
+                        joined.flight,
+                    );
+                    drop(tokio::spawn(continuation));
+                }
+                tracing::info!(registry, repository = %repo, %tag, "revalidation still running; serving the cached tag meanwhile");
+                return self
+                    .serve_record(upstream, repo, &record, head, CacheResult::Stale)
+                    .await;
+            }
+        };
         match outcome {
             Ok(current) if current.digest == record.digest => {
                 self.serve_record(upstream, repo, &current, head, CacheResult::Hit)
@@ -468,7 +692,129 @@ impl Proxy {
                 self.serve_record(upstream, repo, &record, head, CacheResult::Stale)
                     .await
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                self.remember_not_found(not_found, &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Finishes, in the background, what a request served stale before its revalidation ended:
+    /// a moved tag gets its new manifest (one GET, unless cached or the budget is at its
+    /// reserve), so the next request is answered from the cache with the new digest.
+    async fn finish_revalidation(
+        self,
+        upstream: Arc<Upstream>,
+        repo: RepositoryName,
+        tag: Tag,
+        record: TagRecord,
+        flight: flight::Flight<TagRecord, ProxyError>,
+    ) {
+        let registry = upstream.name();
+        let moved = match flight.await {
+            Ok(current) if current.digest != record.digest => current,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::info!(registry, repository = %repo, %tag, error = %e, "background revalidation failed; the cached tag stays");
+                self.remember_not_found(
+                    NotFound::Tag(registry.to_owned(), repo.clone(), tag.clone()),
+                    &e,
+                );
+                return;
+            }
+        };
+        if self.budget_low(&upstream) {
+            tracing::info!(registry, repository = %repo, %tag, "tag moved, but the upstream budget is at its reserve; keeping the cached tag");
+            return;
+        }
+        let applied = match self.inner.store.read_manifest(&moved.digest) {
+            Ok(Some(_)) => self
+                .inner
+                .store
+                .write_tag(registry, &repo, &tag, &moved)
+                .map_err(|e| {
+                    self.inner.note_cache_write_failure(registry, "tag", &e);
+                    ProxyError::from(e)
+                }),
+            Ok(None) => self.get_tag(&upstream, &repo, &tag).await.map(drop),
+            Err(e) => Err(ProxyError::from(e)),
+        };
+        match applied {
+            Ok(()) => {
+                tracing::info!(registry, repository = %repo, %tag, digest = %moved.digest, "tag moved; cached its new manifest in the background");
+            }
+            Err(e) => {
+                tracing::info!(registry, repository = %repo, %tag, error = %e, "tag moved, but its new manifest could not be cached");
+            }
+        }
+    }
+
+    /// A repository's `tags/list`: the cached full list while fresh (see
+    /// [`FreshnessPolicy::tags_list_max_age`]), else fetched once for every waiting request, and
+    /// the cached list again (stale) when the upstream fails.
+    pub async fn tags_list(
+        &self,
+        upstream: &Arc<Upstream>,
+        repo: &RepositoryName,
+    ) -> Result<(Arc<TagList>, CacheResult), ProxyError> {
+        let registry = upstream.name();
+        let cached = self.inner.tag_lists.get(registry, repo);
+        let max_age = self
+            .inner
+            .policies
+            .get(registry)
+            .map_or(Duration::from_secs(60), |p| {
+                p.tags_list_max_age(repo.as_str())
+            });
+        if let Some((list, fetched)) = &cached {
+            if fetched.elapsed() < max_age {
+                return Ok((Arc::clone(list), CacheResult::Hit));
+            }
+        }
+        let not_found = NotFound::TagsList(registry.to_owned(), repo.clone());
+        if let Some(e) = self.remembered_not_found(&not_found) {
+            return Err(e);
+        }
+        let inner = Arc::clone(&self.inner);
+        let task_upstream = Arc::clone(upstream);
+        let task_repo = repo.clone();
+        let (result, leader) = self
+            .inner
+            .tag_list_flights
+            .run((registry.to_owned(), repo.clone()), move || async move {
+                let list = Arc::new(
+                    tags::fetch_all(&task_upstream, &task_repo, inner.body_idle_timeout).await?,
+                );
+                inner.tag_lists.put(
+                    task_upstream.name(),
+                    &task_repo,
+                    Arc::clone(&list),
+                    Instant::now(),
+                );
+                Ok(list)
+            })
+            .await;
+        match (result, cached) {
+            (Ok(list), _) => {
+                self.inner.negative.remove(&not_found);
+                let cache = if leader {
+                    CacheResult::Miss
+                } else {
+                    CacheResult::Hit
+                };
+                Ok((list, cache))
+            }
+            (Err(e), Some((list, _)))
+                if matches!(&e, ProxyError::Upstream(u) if u.allows_stale())
+                    || matches!(e, ProxyError::TagsListInvalid { .. }) =>
+            {
+                tracing::info!(registry, repository = %repo, error = %e, "serving stale tag list");
+                Ok((list, CacheResult::Stale))
+            }
+            (Err(e), _) => {
+                self.remember_not_found(not_found, &e);
+                Err(e)
+            }
         }
     }
 
@@ -483,10 +829,8 @@ impl Proxy {
         if head {
             let record = head_tag(upstream, repo, tag).await?;
             if let Some(record) = record {
-                self.inner
-                    .store
-                    .write_tag(upstream.name(), repo, tag, &record)?;
-                self.inner.store.note_repository(upstream.name(), repo)?;
+                self.inner.cache_tag(upstream.name(), repo, tag, &record);
+                self.inner.note_repository(upstream.name(), repo);
                 return Ok(ManifestReply {
                     digest: record.digest,
                     media_type: record.media_type,
@@ -523,9 +867,7 @@ impl Proxy {
                     size: fetched.bytes.len() as u64,
                     checked_at: now_secs(),
                 };
-                inner
-                    .store
-                    .write_tag(task_upstream.name(), &task_repo, &task_tag, &record)?;
+                inner.cache_tag(task_upstream.name(), &task_repo, &task_tag, &record);
                 Ok(fetched)
             })
             .await;
@@ -614,9 +956,7 @@ async fn revalidate(
             checked_at: current.checked_at,
             ..cached.clone()
         };
-        inner
-            .store
-            .write_tag(upstream.name(), repo, tag, &touched)?;
+        inner.cache_tag(upstream.name(), repo, tag, &touched);
         return Ok(touched);
     }
     Ok(current)
@@ -659,10 +999,19 @@ async fn fetch_manifest(
     };
     let store = Arc::clone(&inner.store);
     let (d, t, b) = (digest.clone(), media_type.clone(), bytes.clone());
-    tokio::task::spawn_blocking(move || store.write_manifest(&d, &t, &b))
+    let written = tokio::task::spawn_blocking(move || store.write_manifest(&d, &t, &b))
         .await
-        .map_err(|e| ProxyError::Internal(format!("manifest write task failed: {e}")))??;
-    inner.store.note_repository(&registry, repo)?;
+        .map_err(|e| ProxyError::Internal(format!("manifest write task failed: {e}")))?;
+    // The verified manifest is served whether or not the cache could keep it.
+    if let Err(e) = written {
+        inner.note_cache_write_failure(&registry, "manifest", &e);
+        return Ok(Fetched {
+            digest,
+            media_type,
+            bytes,
+        });
+    }
+    inner.note_repository(&registry, repo);
     inner.after_commit();
     Ok(Fetched {
         digest,

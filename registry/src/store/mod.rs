@@ -11,6 +11,15 @@
 //! whole verified file or nothing. Digests, registry names and repository names are validated types
 //! before they become path components, so no request can address a path outside the root.
 //!
+//! Crash recovery happens in [`Store::open`], before anything is served: `tmp/` is emptied (what
+//! a killed process was writing), and a manifest whose `.type` companion is missing, or a `.type`
+//! whose manifest is missing (a crash between the two renames of a write or the two removals of
+//! an eviction), is removed; neither half is servable alone. So the store after a crash holds
+//! exactly complete, verified content and nothing else.
+//!
+//! Last use (the LRU order) is kept in memory and written in batches as the content files'
+//! modification times ([`Store::flush_last_use`], see `index`).
+//!
 //! Eviction (with a size bound) removes least recently used content, never content being served
 //! ([`Pin`]) and never what configured pins or the pin file reach ([`PinRules`]). The pinned set
 //! is recomputed at the start of every pass that has work to do, from the pin file (re-read, see
@@ -34,7 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ConfigError};
 use crate::oci::{Digest, RepositoryName, Tag};
-pub use index::{EvictionPass, Index, Pin};
+pub use index::{EvictionPass, Index, LastUseFlush, Pin};
 pub use pin_file::PinFile;
 pub use pinning::{PinPattern, PinRules};
 
@@ -123,6 +132,49 @@ pub struct Store {
     pinned_bytes: AtomicU64,
 }
 
+/// What [`Store::open`] cleaned up after the previous process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Files left in `tmp/` (fetches and writes the previous process did not finish).
+    pub temp_files: u64,
+    /// Halves of manifest pairs (a manifest without its `.type`, or the reverse).
+    pub incomplete_manifests: u64,
+}
+
+/// Empties `tmp/` and removes incomplete manifest pairs (see the module header).
+fn recover(root: &Path) -> Recovery {
+    let mut recovery = Recovery::default();
+    if let Ok(entries) = std::fs::read_dir(root.join("tmp")) {
+        for entry in entries.flatten() {
+            if std::fs::remove_file(entry.path()).is_ok() {
+                recovery.temp_files += 1;
+            }
+        }
+    }
+    let Ok(algorithms) = std::fs::read_dir(root.join("manifests")) else {
+        return recovery;
+    };
+    for algorithm in algorithms.flatten() {
+        let Ok(entries) = std::fs::read_dir(algorithm.path()) else {
+            continue;
+        };
+        let names: HashSet<std::ffi::OsString> = entries.flatten().map(|e| e.file_name()).collect();
+        for name in &names {
+            let text = name.to_string_lossy();
+            let companion = match text.strip_suffix(".type") {
+                Some(manifest) => manifest.to_owned(),
+                None => format!("{text}.type"),
+            };
+            if !names.contains(std::ffi::OsStr::new(&companion))
+                && std::fs::remove_file(algorithm.path().join(name)).is_ok()
+            {
+                recovery.incomplete_manifests += 1;
+            }
+        }
+    }
+    recovery
+}
+
 /// Unix seconds now.
 pub fn now_secs() -> u64 {
     SystemTime::now()
@@ -162,16 +214,19 @@ fn write_atomically(
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `root`, empties `tmp/` and indexes what is cached.
+    /// Opens (creating if needed) the store at `root`, recovers from a crash of the previous
+    /// process (see the module header) and indexes what is cached.
     pub fn open(root: &Path, max_size: Option<u64>) -> Result<Store, StoreError> {
         for dir in ["blobs", "manifests", "repositories", "tmp"] {
             create_dir(&root.join(dir))?;
         }
-        let tmp = root.join("tmp");
-        if let Ok(entries) = std::fs::read_dir(&tmp) {
-            for entry in entries.flatten() {
-                let _ = std::fs::remove_file(entry.path());
-            }
+        let recovery = recover(root);
+        if recovery != Recovery::default() {
+            tracing::info!(
+                temp_files = recovery.temp_files,
+                incomplete_manifests = recovery.incomplete_manifests,
+                "removed what an interrupted previous run left unfinished"
+            );
         }
         let index = Index::scan(root, max_size);
         Ok(Store {
@@ -249,6 +304,11 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(StoreError::Read { path, source }),
         }
+    }
+
+    /// Writes the last uses noted since the previous flush to disk (see `index`).
+    pub fn flush_last_use(&self) -> LastUseFlush {
+        self.index.flush_last_use()
     }
 
     /// The size of a cached blob, if cached.
@@ -541,6 +601,45 @@ mod tests {
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0
         );
+    }
+
+    #[test]
+    fn opening_after_a_crash_removes_temp_files_and_half_written_manifest_pairs() {
+        let dir = tempfile::tempdir().unwrap();
+        let whole = br#"{"schemaVersion":2,"n":1}"#;
+        let typeless = br#"{"schemaVersion":2,"n":2}"#;
+        let (whole_digest, typeless_digest) =
+            (Digest::sha256_of(whole), Digest::sha256_of(typeless));
+        let manifests = dir.path().join("manifests/sha256");
+        {
+            let store = Store::open(dir.path(), None).unwrap();
+            store
+                .write_manifest(&whole_digest, "application/x-test", whole)
+                .unwrap();
+            store
+                .write_manifest(&typeless_digest, "application/x-test", typeless)
+                .unwrap();
+            // What a kill leaves: a fetch's temp file, a manifest whose .type is gone (between
+            // the removals of an eviction) and a .type whose manifest never arrived (between the
+            // renames of a write).
+            std::mem::forget(store.create_temp().unwrap());
+            std::fs::remove_file(manifests.join(format!("{}.type", typeless_digest.hex())))
+                .unwrap();
+            std::fs::write(manifests.join(format!("{}.type", "ab".repeat(32))), "x").unwrap();
+        }
+        let store = Store::open(dir.path(), None).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        let mut left: Vec<String> = std::fs::read_dir(&manifests)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let hex = whole_digest.hex().to_owned();
+        assert_eq!(left, vec![hex.clone(), format!("{hex}.type")]);
+        assert_eq!(store.index().total_size(), whole.len() as u64);
     }
 
     #[test]

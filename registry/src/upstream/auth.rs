@@ -327,6 +327,9 @@ impl TokenCache {
     }
 }
 
+/// Token lifetimes beyond this are not believed (and `Instant` arithmetic stays in range).
+const MAX_TOKEN_LIFETIME_SECS: u64 = 24 * 3600;
+
 /// The JSON a token endpoint answers with.
 #[derive(Debug, serde::Deserialize)]
 pub struct TokenResponse {
@@ -339,10 +342,15 @@ pub struct TokenResponse {
 }
 
 impl TokenResponse {
-    /// The token and its lifetime (60 s when unstated, as the token spec says).
+    /// The token and its lifetime (60 s when unstated, as the token spec says; at most a day,
+    /// whatever the answer claims). An empty token is no token.
     pub fn into_token(self) -> Option<(String, Duration)> {
-        let token = self.token.or(self.access_token)?;
-        Some((token, Duration::from_secs(self.expires_in.unwrap_or(60))))
+        let token = self
+            .token
+            .filter(|t| !t.is_empty())
+            .or(self.access_token.filter(|t| !t.is_empty()))?;
+        let expires_in = self.expires_in.unwrap_or(60).min(MAX_TOKEN_LIFETIME_SECS);
+        Some((token, Duration::from_secs(expires_in)))
     }
 }
 
@@ -432,5 +440,14 @@ mod tests {
             cache.get("repository:a:pull", t0 + Duration::from_secs(295)),
             None
         );
+    }
+
+    #[test]
+    fn absurd_token_lifetimes_are_capped_at_a_day() {
+        let response: TokenResponse =
+            serde_json::from_str(r#"{"token":"t","expires_in":18446744073709551615}"#).unwrap();
+        let (_, lifetime) = response.into_token().unwrap();
+        assert_eq!(lifetime, Duration::from_secs(24 * 3600));
+        TokenCache::default().put("s", "t".into(), lifetime, Instant::now());
     }
 }

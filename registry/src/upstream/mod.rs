@@ -2,12 +2,21 @@
 //! client settings, credentials, bearer-token cache, circuit breaker and pull-budget record.
 //!
 //! Invariants: only configured registries exist here (the `ns` allowlist is this map), so no
-//! request can make the proxy contact an arbitrary host. Retries happen only for idempotent
-//! requests that got no HTTP answer at all; an HTTP error, and above all a 429, is never retried.
+//! request can make the proxy contact an arbitrary host; the one host an upstream can name is its
+//! token realm, and credentials go there only when [`token::check_realm`] allows it. Retries
+//! happen only for idempotent requests that got no HTTP answer at all; an HTTP error, and above
+//! all a 429, is never retried. One token request per (realm, service, scope, credentials) is in
+//! flight at a time, shared by every request that needs it; a failing token service counts
+//! against the upstream's circuit like the registry itself.
+//!
+//! The budget record keeps when each figure was observed; a figure older than its window is no
+//! budget at all ([`Upstream::budget`] is `None`), and [`Upstream::refresh_expired_budget`] lets a
+//! caller spend one free HEAD (at most one a minute) to learn the current one.
 
 pub mod auth;
 pub mod circuit;
 pub mod ratelimit;
+pub mod token;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -18,9 +27,11 @@ use rand::Rng as _;
 
 use crate::config::{Config, UpstreamTuning};
 use crate::oci::{media, Digest, Reference, RepositoryName};
-use crate::telemetry::{Budget, Telemetry};
-use auth::{BasicCredentials, Challenge, CredentialFiles, TokenCache, TokenResponse};
+use crate::proxy::flight::{FlightError, SingleFlight};
+use crate::telemetry::{Budget, RateLimited, Telemetry};
+use auth::{BasicCredentials, Challenge, CredentialFiles, TokenCache};
 use circuit::{Admission, Circuit};
+use token::{FetchTokenError, TokenRequest};
 
 /// Why the set of upstreams could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -71,8 +82,21 @@ pub enum UpstreamError {
         registry: String,
         retry_in: Duration,
     },
-    #[error("cannot get a token for upstream {registry}: {message}")]
-    Token { registry: String, message: String },
+    #[error("cannot get a token for upstream {registry} from {realm}: {source}")]
+    Token {
+        registry: String,
+        /// The realm's host (or the realm as given, when it is not a URL).
+        realm: String,
+        source: FetchTokenError,
+    },
+    #[error("internal error talking to upstream: {message}")]
+    Aborted { message: String },
+}
+
+impl FlightError for UpstreamError {
+    fn task_failed(message: String) -> Self {
+        UpstreamError::Aborted { message }
+    }
 }
 
 impl UpstreamError {
@@ -83,7 +107,9 @@ impl UpstreamError {
             UpstreamError::Status { status, .. } => {
                 status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
             }
-            UpstreamError::Token { .. } => false,
+            // The token service failing is the upstream failing; only a refusal of the
+            // credentials is an answer.
+            UpstreamError::Token { source, .. } => !source.is_denial(),
             _ => true,
         }
     }
@@ -110,12 +136,40 @@ pub struct Upstream {
     ns: Option<String>,
     client: reqwest::Client,
     credentials: CredentialFiles,
-    tokens: TokenCache,
+    tokens: Arc<TokenCache>,
     prefers_basic: std::sync::atomic::AtomicBool,
-    circuit: Circuit,
+    circuit: Arc<Circuit>,
+    /// Hosts besides the upstream's own that may see credentials as token realms (lower case).
+    token_hosts: Vec<String>,
+    token_flights: SingleFlight<TokenKey, (String, Duration), UpstreamError>,
+    /// The realm and service of the last Bearer challenge: requests without a token for their
+    /// scope fetch one before they are sent, instead of each collecting a 401 first.
+    bearer: Mutex<Option<(String, Option<String>)>>,
     tuning: UpstreamTuning,
     telemetry: Arc<Telemetry>,
     budget: Mutex<Option<Budget>>,
+    /// Unix seconds of the last budget refresh started (0: never).
+    budget_refreshed_at: std::sync::atomic::AtomicU64,
+}
+
+/// What makes two token requests the same: one is in flight at a time per key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TokenKey {
+    realm: String,
+    service: Option<String>,
+    scope: String,
+    /// A hash of the credentials (never the credentials themselves), so a rotation mid-flight
+    /// does not hand out a token issued for the old ones.
+    credentials: Option<u64>,
+}
+
+fn credentials_fingerprint(credentials: Option<&BasicCredentials>) -> Option<u64> {
+    use std::hash::{Hash as _, Hasher as _};
+    credentials.map(|c| {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (&c.username, &c.password).hash(&mut hasher);
+        hasher.finish()
+    })
 }
 
 fn method_label(method: &Method) -> &'static str {
@@ -197,9 +251,55 @@ impl Upstream {
         &self.name
     }
 
-    /// The last budget reported by the upstream.
+    /// The last budget reported by the upstream, unless it is older than its window (then the
+    /// budget is unknown, not low).
     pub fn budget(&self) -> Option<Budget> {
-        self.budget.lock().ok().and_then(|b| b.clone())
+        let now = crate::store::now_secs();
+        self.budget
+            .lock()
+            .ok()
+            .and_then(|b| b.clone())
+            .filter(|b| !b.expired_at(now))
+    }
+
+    /// When the last figure has expired, sends one HEAD for `reference` in the background (free
+    /// of the pull limit) so its `ratelimit-*` headers renew the figure; at most one such HEAD a
+    /// minute (see [`ratelimit::refresh_due`]). Returns whether it sent one.
+    pub fn refresh_expired_budget(
+        self: &Arc<Self>,
+        repo: &RepositoryName,
+        reference: &Reference,
+    ) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = crate::store::now_secs();
+        let last = self.budget_refreshed_at.load(Ordering::Relaxed);
+        let figure = self.budget.lock().ok().and_then(|b| b.clone());
+        if !ratelimit::refresh_due(figure.as_ref(), last, now) {
+            return false;
+        }
+        // Claim the slot: of concurrent callers, one sends the HEAD.
+        if self
+            .budget_refreshed_at
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        let (upstream, repo, reference) = (Arc::clone(self), repo.clone(), reference.clone());
+        tokio::spawn(async move {
+            let outcome = upstream
+                .send(Method::HEAD, &repo, Target::Manifest(&reference))
+                .await;
+            match outcome {
+                Ok(_) => {
+                    tracing::debug!(registry = upstream.name(), "budget refreshed with a HEAD")
+                }
+                Err(e) => {
+                    tracing::info!(registry = upstream.name(), error = %e, "budget refresh HEAD failed")
+                }
+            }
+        });
+        true
     }
 
     fn url(&self, repo: &RepositoryName, target: Target<'_>) -> String {
@@ -237,10 +337,20 @@ impl Upstream {
     ) -> Result<reqwest::Response, UpstreamError> {
         let url = self.url(repo, target);
         let scope = format!("repository:{repo}:pull");
+        let mut bearer = self.tokens.get(&scope, Instant::now());
+        if bearer.is_none() {
+            let known = self.bearer.lock().ok().and_then(|b| b.clone());
+            if let Some((realm, service)) = known {
+                bearer = Some(
+                    self.token(&realm, service.as_deref(), &scope, &scope)
+                        .await?,
+                );
+            }
+        }
         let mut authenticated_once = false;
         loop {
             let response = self
-                .send_with_retries(&method, &url, &scope, target)
+                .send_with_retries(&method, &url, bearer.as_deref(), target)
                 .await?;
             if response.status() == StatusCode::UNAUTHORIZED && !authenticated_once {
                 let challenge = response
@@ -254,12 +364,21 @@ impl Upstream {
                         service,
                         scope: challenge_scope,
                     }) => {
-                        let wanted = challenge_scope.unwrap_or_else(|| scope.clone());
-                        let token = self
-                            .fetch_token(&realm, service.as_deref(), &wanted)
-                            .await?;
-                        self.tokens.put(&scope, token.0, token.1, Instant::now());
                         authenticated_once = true;
+                        if let Ok(mut known) = self.bearer.lock() {
+                            *known = Some((realm.clone(), service.clone()));
+                        }
+                        // Another request may have fetched this scope's token meanwhile.
+                        let cached = self.tokens.get(&scope, Instant::now());
+                        if cached.is_some() && cached != bearer {
+                            bearer = cached;
+                            continue;
+                        }
+                        let wanted = challenge_scope.unwrap_or_else(|| scope.clone());
+                        bearer = Some(
+                            self.token(&realm, service.as_deref(), &wanted, &scope)
+                                .await?,
+                        );
                         continue;
                     }
                     Some(Challenge::Basic) if self.credentials.configured() => {
@@ -301,7 +420,7 @@ impl Upstream {
         &self,
         method: &Method,
         url: &str,
-        scope: &str,
+        bearer: Option<&str>,
         target: Target<'_>,
     ) -> Result<reqwest::Response, UpstreamError> {
         let label = method_label(method);
@@ -326,7 +445,7 @@ impl Upstream {
             if matches!(target, Target::Manifest(_)) {
                 request = request.header(header::ACCEPT, media::MANIFEST_ACCEPT);
             }
-            if let Some(token) = self.tokens.get(scope, Instant::now()) {
+            if let Some(token) = bearer {
                 request = request.bearer_auth(token);
             } else if let Some(c) = self.current_credentials() {
                 if self
@@ -348,12 +467,14 @@ impl Upstream {
                     if status.is_server_error() {
                         self.note_failure();
                     } else if status == StatusCode::TOO_MANY_REQUESTS {
-                        let wait = response
-                            .headers()
-                            .get(header::RETRY_AFTER)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.trim().parse::<u64>().ok())
-                            .map(Duration::from_secs);
+                        let retry_after = ratelimit::retry_after_secs(response.headers());
+                        // Both of Docker Hub's 429s: the pull limit (with `ratelimit-*`
+                        // headers, recorded above) and the abuse limit (a bare 429).
+                        self.telemetry.record_rate_limited(
+                            &self.name,
+                            RateLimited::new(crate::store::now_secs(), retry_after),
+                        );
+                        let wait = retry_after.map(Duration::from_secs);
                         self.circuit.rate_limited(Instant::now(), wait);
                     } else {
                         self.circuit.success();
@@ -404,7 +525,7 @@ impl Upstream {
     }
 
     fn note_budget(&self, headers: &http::HeaderMap) {
-        if let Some(budget) = ratelimit::budget_from_headers(headers) {
+        if let Some(budget) = ratelimit::budget_from_headers(headers, crate::store::now_secs()) {
             self.telemetry.record_budget(&self.name, &budget);
             if let Ok(mut b) = self.budget.lock() {
                 *b = Some(budget);
@@ -412,47 +533,108 @@ impl Upstream {
         }
     }
 
-    async fn fetch_token(
+    /// A token for `scope` from `realm`, cached under `cache_scope` (the request's own scope,
+    /// which a challenge may name differently): one request per (realm, service, scope,
+    /// credentials) at a time, whoever asks; the realm is checked before credentials go
+    /// anywhere. The flight caches the token before it ends, so a request that meets a 401 just
+    /// after finds it instead of asking again; each waiter caches it under its own scope too.
+    async fn token(
         &self,
         realm: &str,
         service: Option<&str>,
         scope: &str,
-    ) -> Result<(String, Duration), UpstreamError> {
-        let token_error = |message: String| UpstreamError::Token {
+        cache_scope: &str,
+    ) -> Result<String, UpstreamError> {
+        let mut url = reqwest::Url::parse(realm).map_err(|e| UpstreamError::Token {
             registry: self.name.clone(),
-            message,
+            realm: realm.chars().take(128).collect(),
+            source: FetchTokenError::Invalid {
+                message: format!("the token realm is not a URL: {e}"),
+            },
+        })?;
+        let realm_host = url.host_str().unwrap_or("").to_owned();
+        let token_error = |source| UpstreamError::Token {
+            registry: self.name.clone(),
+            realm: realm_host.clone(),
+            source,
         };
-        let mut query: Vec<(&str, &str)> = vec![("scope", scope)];
+        let credentials = self.current_credentials();
+        let registry_url = reqwest::Url::parse(&self.base).map_err(|e| {
+            token_error(FetchTokenError::Invalid {
+                message: format!("the registry URL {} is not a URL: {e}", self.base),
+            })
+        })?;
+        token::check_realm(
+            &self.name,
+            &url,
+            &registry_url,
+            &self.token_hosts,
+            credentials.is_some(),
+        )
+        .map_err(token_error)?;
+        url.query_pairs_mut().append_pair("scope", scope);
         if let Some(service) = service {
-            query.push(("service", service));
+            url.query_pairs_mut().append_pair("service", service);
         }
-        let mut url = reqwest::Url::parse(realm)
-            .map_err(|e| token_error(format!("bad realm {realm}: {e}")))?;
-        url.query_pairs_mut().extend_pairs(query);
-        let mut request = self.client.get(url);
-        if let Some(c) = self.current_credentials() {
-            request = request.basic_auth(&c.username, Some(&c.password));
+        let key = TokenKey {
+            realm: realm.to_owned(),
+            service: service.map(str::to_owned),
+            scope: scope.to_owned(),
+            credentials: credentials_fingerprint(credentials.as_ref()),
+        };
+        let request = TokenRequest {
+            client: self.client.clone(),
+            url,
+            credentials,
+            timeout: self.tuning.response_timeout,
+        };
+        let (name, telemetry, circuit, tokens) = (
+            self.name.clone(),
+            Arc::clone(&self.telemetry),
+            Arc::clone(&self.circuit),
+            Arc::clone(&self.tokens),
+        );
+        let flight_scope = cache_scope.to_owned();
+        let (result, leader) = self
+            .token_flights
+            .run(key, move || async move {
+                let result = token::request_token(request).await;
+                if let Ok((token, lifetime)) = &result {
+                    tokens.put(&flight_scope, token.clone(), *lifetime, Instant::now());
+                }
+                if let Some(label) = token::status_label(&result) {
+                    telemetry.record_upstream(&name, "token", &label);
+                }
+                if let Err(source) = &result {
+                    if source.is_outage() && circuit.failure(Instant::now()) {
+                        telemetry.record_circuit(&name, true);
+                    }
+                    if let Some(wait) = source.retry_after() {
+                        circuit.rate_limited(Instant::now(), Some(wait));
+                    }
+                    if source.is_rate_limit() {
+                        // Reported like the registry's own 429s (`rateLimited` in /stats).
+                        let retry_after = source.retry_after().map(|wait| wait.as_secs());
+                        telemetry.record_rate_limited(
+                            &name,
+                            RateLimited::new(crate::store::now_secs(), retry_after),
+                        );
+                    }
+                }
+                result.map_err(|source| UpstreamError::Token {
+                    registry: name,
+                    realm: realm_host,
+                    source,
+                })
+            })
+            .await;
+        let (token, lifetime) = result?;
+        if !leader {
+            // A waiter that joined someone else's flight may ask for another scope.
+            self.tokens
+                .put(cache_scope, token.clone(), lifetime, Instant::now());
         }
-        let response = tokio::time::timeout(self.tuning.response_timeout, request.send())
-            .await
-            .map_err(|_| token_error("token endpoint timed out".into()))?
-            .map_err(|e| token_error(error_chain(&e)))?;
-        self.telemetry
-            .record_upstream(&self.name, "token", response.status().as_str());
-        if !response.status().is_success() {
-            return Err(token_error(format!(
-                "token endpoint answered {}",
-                response.status()
-            )));
-        }
-        let bytes = tokio::time::timeout(self.tuning.response_timeout, response.bytes())
-            .await
-            .map_err(|_| token_error("token body timed out".into()))?
-            .map_err(|e| token_error(format!("token body: {e}")))?;
-        let body: TokenResponse = serde_json::from_slice(&bytes)
-            .map_err(|e| token_error(format!("token body is not JSON: {e}")))?;
-        body.into_token()
-            .ok_or_else(|| token_error("token response has no token".into()))
+        Ok(token)
     }
 }
 
@@ -515,15 +697,23 @@ impl Upstreams {
                     ns,
                     client,
                     credentials,
-                    tokens: TokenCache::default(),
+                    tokens: Arc::default(),
                     prefers_basic: std::sync::atomic::AtomicBool::new(false),
-                    circuit: Circuit::new(
+                    circuit: Arc::new(Circuit::new(
                         config.upstream.circuit_failure_threshold,
                         config.upstream.circuit_open_for,
-                    ),
+                    )),
+                    token_hosts: token::builtin_token_hosts(name)
+                        .iter()
+                        .map(|h| (*h).to_owned())
+                        .chain(registry.token_hosts.iter().map(|h| h.to_ascii_lowercase()))
+                        .collect(),
+                    token_flights: SingleFlight::default(),
+                    bearer: Mutex::new(None),
                     tuning: config.upstream.clone(),
                     telemetry: Arc::clone(&telemetry),
                     budget: Mutex::new(None),
+                    budget_refreshed_at: std::sync::atomic::AtomicU64::new(0),
                 }),
             );
         }
@@ -570,4 +760,61 @@ pub fn content_digest(response: &reqwest::Response) -> Option<Digest> {
 /// A header value that can be copied onto a client response.
 pub fn header_value(s: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(s).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use futures::FutureExt as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A token service on 127.0.0.1 that counts the tokens it issues.
+    async fn token_service() -> (String, Arc<AtomicUsize>) {
+        let issued = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&issued);
+        let app = axum::Router::new().route(
+            "/token",
+            axum::routing::get(move || {
+                let counter = Arc::clone(&counter);
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    axum::Json(serde_json::json!({"token": "t1", "expires_in": 300}))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://{addr}/token"), issued)
+    }
+
+    #[tokio::test]
+    async fn a_token_flight_caches_its_token_before_it_ends_under_every_waiters_scope() {
+        let (realm, issued) = token_service().await;
+        let mut config = Config::default();
+        config
+            .registries
+            .insert("r.example".into(), crate::config::RegistryConfig::default());
+        let telemetry = Arc::new(Telemetry::new(["r.example"]));
+        let upstreams = Upstreams::new(&config, telemetry).unwrap();
+        let upstream = upstreams.get("r.example").unwrap();
+        let (a, b) = ("repository:a:pull", "repository:b:pull");
+        // The first caller starts the flight (its first poll) and goes away; the second joins
+        // that flight (this runtime has one thread, so the token service has not answered yet)
+        // for another request scope, as when a challenge names the scope.
+        assert!(upstream
+            .token(&realm, None, "challenged", a)
+            .now_or_never()
+            .is_none());
+        assert_eq!(upstream.token_flights.len(), 1);
+        let token = upstream.token(&realm, None, "challenged", b).await.unwrap();
+        assert_eq!(token, "t1");
+        assert_eq!(issued.load(Ordering::SeqCst), 1);
+        assert!(upstream.token_flights.is_empty());
+        // The flight cached the token for the caller that left; the waiter cached its own.
+        let now = Instant::now();
+        assert_eq!(upstream.tokens.get(a, now).as_deref(), Some("t1"));
+        assert_eq!(upstream.tokens.get(b, now).as_deref(), Some("t1"));
+    }
 }

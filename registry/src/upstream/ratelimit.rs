@@ -1,5 +1,6 @@
 //! Parsing of the upstream's pull-budget headers (`ratelimit-limit`, `ratelimit-remaining`,
-//! `docker-ratelimit-source`). Pure: headers in, [`Budget`] out.
+//! `docker-ratelimit-source`) and `Retry-After`, and when a free HEAD should refresh an expired
+//! figure. Pure: headers and times in, values out.
 
 use http::HeaderMap;
 
@@ -17,8 +18,29 @@ pub fn parse_quota(value: &str) -> Option<(u64, Option<u64>)> {
     Some((n, window))
 }
 
-/// The budget described by a response's headers, if it carries `ratelimit-remaining`.
-pub fn budget_from_headers(headers: &HeaderMap) -> Option<Budget> {
+/// Shortest pause between two refreshes of an expired figure, whatever they found: an upstream
+/// that stopped sending the headers is asked at most this often.
+pub const REFRESH_RETRY_SECS: u64 = 60;
+
+/// Whether a free HEAD should refresh the budget at `now` (unix seconds): the last figure is
+/// older than its window, and no refresh started in the last [`REFRESH_RETRY_SECS`]
+/// (`last_refresh` 0: never). A registry that never sent a figure is not asked.
+pub fn refresh_due(budget: Option<&Budget>, last_refresh: u64, now: u64) -> bool {
+    budget.is_some_and(|b| b.expired_at(now))
+        && (last_refresh == 0 || now >= last_refresh.saturating_add(REFRESH_RETRY_SECS))
+}
+
+/// `Retry-After` in seconds (the delta-seconds form; an HTTP date is not used by registries).
+pub fn retry_after_secs(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The budget described by a response's headers received at `now` (unix seconds), if it
+/// carries `ratelimit-remaining`.
+pub fn budget_from_headers(headers: &HeaderMap, now: u64) -> Option<Budget> {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let (remaining, remaining_window) = parse_quota(get("ratelimit-remaining")?)?;
     let limit = get("ratelimit-limit").and_then(parse_quota);
@@ -27,6 +49,8 @@ pub fn budget_from_headers(headers: &HeaderMap) -> Option<Budget> {
         remaining,
         window_seconds: remaining_window.or(limit.and_then(|(_, w)| w)),
         source: get("docker-ratelimit-source").map(str::to_owned),
+        observed_at: now,
+        expired: false,
     })
 }
 
@@ -41,19 +65,43 @@ mod tests {
         h.insert("ratelimit-limit", "100;w=21600".parse().unwrap());
         h.insert("ratelimit-remaining", "76;w=21600".parse().unwrap());
         h.insert("docker-ratelimit-source", "192.0.2.1".parse().unwrap());
-        let b = budget_from_headers(&h).unwrap();
+        let b = budget_from_headers(&h, 1_000).unwrap();
         assert_eq!(b.limit, Some(100));
         assert_eq!(b.remaining, 76);
         assert_eq!(b.window_seconds, Some(21600));
         assert_eq!(b.source.as_deref(), Some("192.0.2.1"));
+        assert_eq!(b.observed_at, 1_000);
+    }
+
+    #[test]
+    fn an_expired_figure_is_refreshed_at_most_once_a_minute_and_a_missing_one_never() {
+        let figure = Budget {
+            remaining: 5,
+            window_seconds: Some(100),
+            observed_at: 1_000,
+            ..Budget::default()
+        };
+        assert!(!refresh_due(Some(&figure), 0, 1_099), "still current");
+        assert!(refresh_due(Some(&figure), 0, 1_100));
+        assert!(
+            !refresh_due(Some(&figure), 1_100, 1_159),
+            "a refresh just started"
+        );
+        assert!(refresh_due(Some(&figure), 1_100, 1_160));
+        assert!(
+            !refresh_due(None, 0, 5_000),
+            "no figure, nothing to refresh"
+        );
     }
 
     #[test]
     fn missing_or_garbled_headers_give_no_budget() {
-        assert!(budget_from_headers(&HeaderMap::new()).is_none());
+        assert!(budget_from_headers(&HeaderMap::new(), 1).is_none());
         let mut h = HeaderMap::new();
         h.insert("ratelimit-remaining", "lots".parse().unwrap());
-        assert!(budget_from_headers(&h).is_none());
+        assert!(budget_from_headers(&h, 1).is_none());
+        h.insert("retry-after", " 30 ".parse().unwrap());
+        assert_eq!(retry_after_secs(&h), Some(30));
         assert_eq!(parse_quota("5"), Some((5, None)));
         assert_eq!(parse_quota(" 7 ; w=60"), Some((7, Some(60))));
     }

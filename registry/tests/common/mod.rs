@@ -3,17 +3,39 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cachalot_registry::config::{Config, RegistryConfig};
+use cachalot_registry::config::{Config, FreshnessRule, RegistryConfig};
 use cachalot_registry::server::Server;
 use cachalot_registry::telemetry::StatsSnapshot;
 use cachalot_testkit::distribution::Distribution;
 use cachalot_testkit::fault::{FaultHandle, FaultProxy};
+use cachalot_testkit::image::{sha256_digest, TestImage};
 use tokio::sync::oneshot;
 
 pub const MIB: u64 = 1024 * 1024;
+
+/// The tests' registry configuration: `docker.io` is `upstream_url`, the cache is `storage`, and
+/// failure paths are quick (short timeouts).
+fn test_config(listen: SocketAddr, storage: &Path, upstream_url: &str) -> Config {
+    let mut config = Config {
+        listen,
+        ..Config::default()
+    };
+    config.storage.path = storage.to_owned();
+    config.registries.insert(
+        "docker.io".into(),
+        RegistryConfig {
+            url: Some(upstream_url.to_owned()),
+            ..RegistryConfig::default()
+        },
+    );
+    config.upstream.connect_timeout = Duration::from_secs(2);
+    config.upstream.response_timeout = Duration::from_secs(5);
+    config.upstream.body_idle_timeout = Duration::from_secs(5);
+    config
+}
 
 /// A cachalot-registry running in this process.
 pub struct Cachalot {
@@ -30,22 +52,7 @@ impl Cachalot {
         upstream_url: &str,
         tweak: impl FnOnce(&mut Config),
     ) -> Cachalot {
-        let mut config = Config {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ..Config::default()
-        };
-        config.storage.path = storage.clone();
-        config.registries.insert(
-            "docker.io".into(),
-            RegistryConfig {
-                url: Some(upstream_url.to_owned()),
-                ..RegistryConfig::default()
-            },
-        );
-        // Tests exercise failure paths quickly: short timeouts, fast circuit.
-        config.upstream.connect_timeout = Duration::from_secs(2);
-        config.upstream.response_timeout = Duration::from_secs(5);
-        config.upstream.body_idle_timeout = Duration::from_secs(5);
+        let mut config = test_config("127.0.0.1:0".parse().unwrap(), &storage, upstream_url);
         tweak(&mut config);
         config.normalise();
         config.validate().unwrap();
@@ -150,6 +157,73 @@ impl Rig {
 }
 
 /// A plain HTTP client for talking to cachalot directly.
+/// Where the store keeps the sha256 blob `digest` (`sha256:<hex>`).
+pub fn blob_file(storage: &Path, digest: &str) -> PathBuf {
+    storage
+        .join("blobs/sha256")
+        .join(digest.strip_prefix("sha256:").unwrap())
+}
+
+/// Waits until every blob of `img` is committed to the store.
+pub async fn committed(storage: &Path, img: &TestImage) {
+    eventually(
+        Duration::from_secs(10),
+        "the image's blobs committed",
+        || async {
+            img.all_blobs()
+                .iter()
+                .all(|b| blob_file(storage, &b.digest).exists())
+        },
+    )
+    .await;
+}
+
+/// Pulls `repo:1` and checks every digest and length; returns the `X-Cache` of each response.
+pub async fn pull_verified(base: &str, repo: &str, img: &TestImage) -> Vec<String> {
+    let m = get_manifest(base, repo, "1").await;
+    assert_eq!(m.status(), 200, "{repo}");
+    let mut caches = vec![m.headers()["x-cache"].to_str().unwrap().to_owned()];
+    assert_eq!(
+        sha256_digest(&m.bytes().await.unwrap()),
+        img.manifest_digest
+    );
+    for blob in img.all_blobs() {
+        let r = client()
+            .get(format!("{base}/v2/{repo}/blobs/{}", blob.digest))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{repo} {}", blob.digest);
+        caches.push(r.headers()["x-cache"].to_str().unwrap().to_owned());
+        let body = r.bytes().await.unwrap();
+        assert_eq!(body.len() as u64, blob.size);
+        assert_eq!(sha256_digest(&body), blob.digest);
+    }
+    caches
+}
+
+/// A freshness rule trusting tags matching `pattern` for `max_age`.
+pub fn fresh_for(pattern: &str, max_age: Duration) -> FreshnessRule {
+    FreshnessRule {
+        pattern: pattern.into(),
+        repository: None,
+        max_age: Some(max_age),
+        immutable: false,
+        not_found_max_age: None,
+    }
+}
+
+/// Freshness that never revalidates a tag: upstream requests are then content fetches only.
+pub fn tags_never_revalidate() -> Vec<FreshnessRule> {
+    vec![FreshnessRule {
+        pattern: "*".into(),
+        repository: None,
+        max_age: None,
+        immutable: true,
+        not_found_max_age: None,
+    }]
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
@@ -186,4 +260,129 @@ where
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_millis(200));
     }
+}
+
+/// The real `cachalot-registry` binary running as a child process (for tests that kill it).
+pub struct Process {
+    child: cachalot_testkit::process::LoggedChild,
+    pub addr: SocketAddr,
+    pub storage: PathBuf,
+    /// Holds the config file and the log; declared after `child` so the child is gone first.
+    dir: tempfile::TempDir,
+}
+
+impl Process {
+    /// Starts the binary on `storage` with `docker.io` at `upstream_url` and `tweak` applied to
+    /// the config, and waits (bounded) until `/readyz` answers.
+    pub async fn start(
+        storage: &std::path::Path,
+        upstream_url: &str,
+        tweak: impl Fn(&mut Config),
+    ) -> Process {
+        let dir = tempfile::Builder::new()
+            .prefix("cachalot-proc")
+            .tempdir()
+            .unwrap();
+        // A port from the kernel may be taken again before the child binds it: retry.
+        for attempt in 0..3 {
+            let port = cachalot_testkit::wait::free_port().unwrap();
+            let listen = SocketAddr::from(([127, 0, 0, 1], port));
+            let mut config = test_config(listen, storage, upstream_url);
+            tweak(&mut config);
+            let config_path = dir.path().join("config.yaml");
+            std::fs::write(&config_path, serde_yaml::to_string(&config).unwrap()).unwrap();
+            let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cachalot-registry"));
+            command
+                .args(["serve", "--config"])
+                .arg(&config_path)
+                .env("RUST_LOG", "info");
+            let log = dir.path().join(format!("registry-{attempt}.log"));
+            let mut child =
+                cachalot_testkit::process::LoggedChild::spawn(&mut command, &log).unwrap();
+            let url = format!("http://127.0.0.1:{port}/readyz");
+            let probe = client();
+            let ready = child
+                .wait_ready(Duration::from_secs(20), Duration::from_millis(10), || {
+                    let request = probe.get(url.clone()).send();
+                    async move { request.await.is_ok_and(|r| r.status() == 200) }
+                })
+                .await;
+            match ready {
+                Ok(()) => {
+                    return Process {
+                        child,
+                        addr: config.listen,
+                        storage: storage.to_owned(),
+                        dir,
+                    }
+                }
+                Err(e) if attempt < 2 && child.log_tail().contains("cannot listen") => {
+                    eprintln!("port {port} taken ({e}); retrying");
+                }
+                Err(e) => panic!("cachalot-registry did not start: {e}\n{}", child.log_tail()),
+            }
+        }
+        unreachable!("the last attempt panics or returns")
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.child.log_tail()
+    }
+
+    /// `kill -9`: no shutdown, no flush, no cleanup.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        drop(self.dir);
+    }
+
+    /// `kill -TERM` and a bounded wait for the graceful shutdown to finish.
+    pub async fn terminate(mut self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let child = &mut self.child;
+        cachalot_testkit::wait::wait_until(
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            || {
+                let exited = child.try_wait().unwrap().is_some();
+                async move { exited }
+            },
+        )
+        .await
+        .expect("cachalot-registry exits within 30s of SIGTERM");
+    }
+}
+
+/// Every regular file under `root` (relative path → size), for comparing stores.
+pub fn files_under(root: &std::path::Path) -> std::collections::BTreeMap<PathBuf, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_owned()];
+    // Store trees are shallow (repository names have at most 128 components): bounded.
+    let mut dirs_seen = 0;
+    while let Some(dir) = stack.pop() {
+        dirs_seen += 1;
+        assert!(
+            dirs_seen < 100_000,
+            "walked too many directories under {root:?}"
+        );
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                out.insert(
+                    entry.path().strip_prefix(root).unwrap().to_owned(),
+                    meta.len(),
+                );
+            }
+        }
+    }
+    out
 }
