@@ -651,11 +651,11 @@ async fn measure_the_operator_against_a_real_api_server() {
     let rows: Vec<(String, String, &str)> = vec![
         (
             format!(
-                "kubectl apply → Ready=True, {REAL_NODES} fake nodes, default requeue 60 s \
-                 (median of {READY_RUNS_DEFAULT})"
+                "kubectl apply → Ready=True, {REAL_NODES} fake nodes, default requeue (60 s \
+                 once Ready, 5 s before) (median of {READY_RUNS_DEFAULT})"
             ),
             format!(
-                "{} (first status {}; delete → gone {}); NodesConfigured was {} until the requeue",
+                "{} (first status {}; delete → gone {}); NodesConfigured before: {}",
                 seconds(slow.0),
                 seconds(slow.1),
                 seconds(slow.2),
