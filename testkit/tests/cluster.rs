@@ -1,7 +1,8 @@
 //! The cluster fixture against itself: a real control plane starts with Ready fake nodes, pods
 //! run and report readiness, a ClusterIP Service reaches them from a node's namespace, two
-//! clusters run side by side and leave nothing behind, and idle nodes take pods that tolerate
-//! them without running them.
+//! clusters run side by side and leave nothing behind, idle nodes take pods that tolerate
+//! them without running them, and a pod sees its ConfigMap change in place and leaves nothing
+//! behind when deleted (the kubelet stand-in's own behaviour, through the fixture).
 //!
 //! Needs root, `scripts/control-plane` and the workspace binaries; without them each test says
 //! why it skips, unless `CACHALOT_E2E_LOCAL=required` (CI), where that is a failure.
@@ -12,8 +13,8 @@ use std::time::Duration;
 use cachalot_testkit::cluster::{netns, tools, Cluster, ClusterOptions, IDLE_NODE_TAINT};
 use cachalot_testkit::wait::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
-use kube::api::{Api, ListParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 fn prerequisites_or_skip(test: &str) -> bool {
@@ -271,4 +272,121 @@ async fn idle_nodes_are_ready_and_tainted_and_a_pod_that_tolerates_them_is_bound
         Some("Pending"),
         "no kubelet runs it"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_sees_its_config_map_change_in_place_and_a_plain_delete_leaves_nothing_behind() {
+    if !prerequisites_or_skip("a_pod_sees_its_config_map_change_in_place") {
+        return;
+    }
+    // The container runs the host's python3 (an image here is a directory, and a container sees
+    // the host's files besides its volumes).
+    let image = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start_with(ClusterOptions {
+        nodes: 1,
+        images: vec![("test.local/python:1".into(), image.path().to_owned())],
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let client = cluster.client().await.unwrap();
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let config_map: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "cfg"}, "data": {"greeting": "hello"}}))
+            .unwrap();
+    config_maps
+        .create(&PostParams::default(), &config_map)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"terminationGracePeriodSeconds": 5,
+                 "containers": [{"name": "web", "image": "test.local/python:1",
+                   "command": ["python3", "-m", "http.server", "8080", "--directory", "/cfg"],
+                   "ports": [{"name": "http", "containerPort": 8080}],
+                   "readinessProbe": {"httpGet": {"path": "/greeting", "port": "http"}, "periodSeconds": 1},
+                   "volumeMounts": [{"name": "cfg", "mountPath": "/cfg", "readOnly": true}]}],
+                 "volumes": [{"name": "cfg", "configMap": {"name": "cfg"}}]}
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let ready = wait_for(WAIT, POLL, || {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get("web").await.ok()?;
+            let status = pod.status?;
+            let ready = status
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            ready.then(|| (pod.metadata.uid.unwrap(), status.pod_ip.unwrap()))
+        }
+    })
+    .await;
+    let (uid, ip) = ready.unwrap_or_else(|_| {
+        panic!(
+            "the pod Ready; node-1's kubelet stand-in says:\n{}",
+            cluster.log_tail("node-1")
+        )
+    });
+    let node = &cluster.nodes()[0];
+    let get = |url: String| {
+        let mut curl = cluster.command_in(&node.netns, "curl");
+        curl.args(["-s", "-m", "2", &url]);
+        async move {
+            let out = curl.output().ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    };
+    assert_eq!(
+        get(format!("http://{ip}:8080/greeting")).await.as_deref(),
+        Some("hello")
+    );
+
+    // The update reaches the mounted file in place (the kubelet's atomic writer), and the
+    // running server serves it.
+    config_maps
+        .patch(
+            "cfg",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"greeting": "bonjour"}})),
+        )
+        .await
+        .unwrap();
+    let pod_dir = node.run_dir.join("pods").join(&uid);
+    let file = pod_dir.join("volumes/cfg/greeting");
+    wait_for(WAIT, POLL, || {
+        let file = file.clone();
+        async move { (std::fs::read_to_string(&file).ok()? == "bonjour").then_some(()) }
+    })
+    .await
+    .expect("the ConfigMap update on disk");
+    wait_for(WAIT, POLL, || {
+        let answer = get(format!("http://{ip}:8080/greeting"));
+        async move { answer.await.filter(|body| body == "bonjour") }
+    })
+    .await
+    .expect("the pod serves the new file");
+
+    // A plain delete (no force): the stand-in stops the process, removes the pod's network
+    // namespace and its files, and only then does the pod object go.
+    pods.delete("web", &DeleteParams::default()).await.unwrap();
+    wait_for(WAIT, POLL, || {
+        let pods = pods.clone();
+        async move { pods.get_opt("web").await.ok()?.is_none().then_some(()) }
+    })
+    .await
+    .expect("the pod gone");
+    let pod_namespaces: Vec<String> = netns::list_netns()
+        .into_iter()
+        .filter(|ns| ns.starts_with(&format!("{}-p", cluster.network().prefix())))
+        .collect();
+    assert!(
+        pod_namespaces.is_empty(),
+        "pod namespaces left behind: {pod_namespaces:?}"
+    );
+    assert!(!pod_dir.exists(), "{} left behind", pod_dir.display());
 }

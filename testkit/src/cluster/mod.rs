@@ -188,6 +188,8 @@ pub struct FakeNode {
     pub netns: String,
     /// Its root directory: a hostPath `/x` of its pods is `<root>/x`.
     pub root: PathBuf,
+    /// The kubelet stand-in's directory: a pod's volume `v` is under `pods/<uid>/volumes/v`.
+    pub run_dir: PathBuf,
     /// Its containerd (real, in the node's namespace).
     pub containerd: Containerd,
 }
@@ -635,6 +637,7 @@ impl Cluster {
             ip,
             netns: node_netns,
             root,
+            run_dir,
             containerd,
         });
         Ok(())
