@@ -9,6 +9,7 @@
 //! - [`fault`]: `FaultProxy`, Docker Hub rate limits, token auth and network faults;
 //! - [`containerd`]: a private containerd driven with `ctr`, and hosts.toml helpers;
 //! - [`skopeo`]: skopeo copy and inspect;
+//! - [`s3`]: a real S3-compatible object store (Garage, built by `scripts/s3-server`);
 //! - [`process`]: child processes with a private dir, a log file, a bounded start-up wait and
 //!   kill on drop;
 //! - [`cluster`]: a real Kubernetes control plane (built by `scripts/control-plane`) with fake
@@ -33,5 +34,6 @@ pub mod distribution;
 pub mod fault;
 pub mod image;
 pub mod process;
+pub mod s3;
 pub mod skopeo;
 pub mod wait;
