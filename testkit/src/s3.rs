@@ -22,7 +22,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::client::{http_client, BuildClientError};
-use crate::process::{create_dir, private_dir, LoggedChild, NotReady, SetUpDirError, SpawnLoggedError};
+use crate::process::{
+    create_dir, private_dir, LoggedChild, NotReady, SetUpDirError, SpawnLoggedError,
+};
 use crate::wait::{free_port, wait_for, FindFreePortError};
 
 /// Environment variable naming the directory that holds the `garage` executable (what
@@ -122,7 +124,11 @@ pub fn garage_binary() -> Result<PathBuf, StartGarageError> {
 
 /// `scripts/s3-server dir`, computed without running it.
 fn default_bin_dir() -> PathBuf {
-    let env_dir = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env_dir = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     let cache = env_dir("CACHALOT_CACHE_DIR").unwrap_or_else(|| {
         env_dir("XDG_CACHE_HOME")
             .or_else(|| env_dir("HOME").map(|home| home.join(".cache")))
@@ -436,8 +442,14 @@ mod tests {
             "127.0.0.1:3901".parse().unwrap(),
             "ab",
         );
-        assert!(config.contains("api_bind_addr = \"127.0.0.1:3900\""), "{config}");
-        assert!(config.contains("rpc_public_addr = \"127.0.0.1:3901\""), "{config}");
+        assert!(
+            config.contains("api_bind_addr = \"127.0.0.1:3900\""),
+            "{config}"
+        );
+        assert!(
+            config.contains("rpc_public_addr = \"127.0.0.1:3901\""),
+            "{config}"
+        );
         assert!(config.contains("db_engine = \"sqlite\""), "{config}");
         assert!(config.contains("data_dir = \"/tmp/g/data\""), "{config}");
     }

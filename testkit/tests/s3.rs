@@ -88,7 +88,10 @@ async fn objects_put_get_range_and_list() {
         .await
         .unwrap();
     store
-        .put(&Path::from("blobs/sha256/bb/two"), PutPayload::from(bytes(2, 10)))
+        .put(
+            &Path::from("blobs/sha256/bb/two"),
+            PutPayload::from(bytes(2, 10)),
+        )
         .await
         .unwrap();
     store
@@ -190,8 +193,5 @@ async fn objects_survive_a_restart() {
 
     garage.stop().await.unwrap();
     assert!(store.head(&kept).await.is_err(), "stopped Garage answered");
-    assert!(
-        garage.data_dir().is_dir(),
-        "the data dir outlives a stop"
-    );
+    assert!(garage.data_dir().is_dir(), "the data dir outlives a stop");
 }
