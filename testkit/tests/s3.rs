@@ -192,6 +192,10 @@ async fn objects_survive_a_restart() {
     assert_eq!(list(&store, "kept").await, ["kept/object"]);
 
     garage.stop().await.unwrap();
-    assert!(store.head(&kept).await.is_err(), "stopped Garage answered");
+    assert_eq!(garage.pid(), None);
+    assert!(
+        std::net::TcpStream::connect(garage.s3_addr()).is_err(),
+        "a stopped Garage still listens"
+    );
     assert!(garage.data_dir().is_dir(), "the data dir outlives a stop");
 }
