@@ -14,7 +14,8 @@
 //!   kill on drop;
 //! - [`cluster`]: a real Kubernetes control plane (built by `scripts/control-plane`) with fake
 //!   nodes (kubelet stand-ins, a real containerd each) in network namespaces of its own;
-//! - [`wait`]: bounded polling and free ports; [`client`]: the loopback HTTP client.
+//! - [`wait`]: bounded polling and free ports; [`client`]: the loopback HTTP client;
+//! - [`prerequisites`]: skip a test whose real components are missing, or fail under CI.
 //!
 //! See `docs/testkit.md` for the behaviour observed in the real components.
 //!
@@ -33,6 +34,7 @@ pub mod containerd;
 pub mod distribution;
 pub mod fault;
 pub mod image;
+pub mod prerequisites;
 pub mod process;
 pub mod s3;
 pub mod skopeo;

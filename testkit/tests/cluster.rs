@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use cachalot_testkit::cluster::{netns, tools, Cluster, ClusterOptions, IDLE_NODE_TAINT};
+use cachalot_testkit::prerequisites;
 use cachalot_testkit::wait::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Service};
@@ -23,25 +24,11 @@ fn prerequisites_or_skip(test: &str) -> bool {
         .map(|e| e.to_string())
         .or_else(|| tools::control_plane_bin().err().map(|e| e.to_string()))
         .or_else(|| {
-            tools::workspace_binary("cachalot-standin")
-                .err()
-                .map(|e| e.to_string())
-        })
-        .or_else(|| {
-            tools::workspace_binary("cachalot-registry")
-                .err()
-                .map(|e| e.to_string())
+            ["cachalot-standin", "cachalot-registry"]
+                .into_iter()
+                .find_map(|b| tools::workspace_binary(b).err().map(|e| e.to_string()))
         });
-    match missing {
-        None => true,
-        Some(reason) if std::env::var("CACHALOT_E2E_LOCAL").as_deref() == Ok("required") => {
-            panic!("{test}: the local cluster is required but cannot run: {reason}")
-        }
-        Some(reason) => {
-            eprintln!("SKIPPED {test}: {reason}");
-            false
-        }
-    }
+    prerequisites::run_or_skip(test, missing)
 }
 
 /// A directory standing in for an image whose `/usr/local/bin` holds `cachalot-registry`.

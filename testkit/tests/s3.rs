@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use cachalot_testkit::prerequisites;
 use cachalot_testkit::s3::{garage_binary, Garage};
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
@@ -15,16 +16,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
 /// Whether the Garage binary is there; otherwise skip, or fail when the suite is required.
 fn prerequisites_or_skip(test: &str) -> bool {
-    match garage_binary() {
-        Ok(_) => true,
-        Err(reason) if std::env::var("CACHALOT_E2E_LOCAL").as_deref() == Ok("required") => {
-            panic!("{test}: the S3 server is required but cannot run: {reason}")
-        }
-        Err(reason) => {
-            eprintln!("SKIPPED {test}: {reason}");
-            false
-        }
-    }
+    prerequisites::run_or_skip(test, garage_binary().err().map(|e| e.to_string()))
 }
 
 /// A started Garage, reporting how long the start took.

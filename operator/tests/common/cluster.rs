@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use cachalot_testkit::cluster::{netns, tools, Cluster, ClusterOptions};
+use cachalot_testkit::prerequisites;
 use cachalot_testkit::wait::wait_for;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -34,16 +35,7 @@ pub fn prerequisites_or_skip(test: &str) -> bool {
                 .into_iter()
                 .find_map(|b| tools::workspace_binary(b).err().map(|e| e.to_string()))
         });
-    match missing {
-        None => true,
-        Some(reason) if std::env::var("CACHALOT_E2E_LOCAL").as_deref() == Ok("required") => {
-            panic!("{test}: the local cluster is required but cannot run: {reason}")
-        }
-        Some(reason) => {
-            eprintln!("SKIPPED {test}: {reason}");
-            false
-        }
-    }
+    prerequisites::run_or_skip(test, missing)
 }
 
 /// A directory standing in for the cachalot image: `cachalot-registry` and `cachalot-operator`
