@@ -12,7 +12,10 @@ pub const REQUIRED_ENV: &str = "CACHALOT_E2E_LOCAL";
 /// # Panics
 /// When something is missing and the run requires every test to run.
 #[must_use]
-#[allow(clippy::panic, reason = "failing the calling test is the point under CI")]
+#[allow(
+    clippy::panic,
+    reason = "failing the calling test is the point under CI"
+)]
 pub fn run_or_skip(test: &str, missing: Option<String>) -> bool {
     match missing {
         None => true,
