@@ -31,6 +31,9 @@ pub struct Config {
     /// Another cachalot (the hub) to fetch every registry through, passing `ns` along.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentConfig>,
+    /// The other replicas of this mirror (see [`ClusterConfig`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
     /// The upstream registries this mirror may serve, keyed by registry name (`docker.io`,
     /// `ghcr.io`, `registry.example:5000`). Requests for any other `ns` are refused.
     #[serde(default)]
@@ -65,6 +68,57 @@ pub struct StorageConfig {
         skip_serializing_if = "is_default_last_use_flush_interval"
     )]
     pub last_use_flush_interval: Duration,
+    /// Shared S3-compatible object storage. With it, `path` is a bounded local read cache (and the
+    /// staging area of fetches in flight) and `maxSizeBytes` bounds the bucket prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Config>,
+}
+
+/// An S3-compatible bucket (prefix) shared by the replicas of one mirror.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct S3Config {
+    /// Base URL of the S3 API (path-style requests); AWS S3 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    pub bucket: String,
+    /// Signing region; `us-east-1` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Key prefix of this mirror's objects (`mirrors/dockerhub/`), so several mirrors can share a
+    /// bucket. Empty: the whole bucket. A prefix is claimed by one mirror (`self`'s name).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
+    /// Files holding the access key pair (a mounted Secret); both or neither. Neither: the
+    /// standard AWS environment (variables, web identity, instance metadata).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_file: Option<PathBuf>,
+    /// Bound of the local read cache under `storage.path`; defaults to the smaller of
+    /// `maxSizeBytes` and 10 GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_cache_max_size_bytes: Option<u64>,
+    /// Who owns the prefix: a mirror refuses to start on a prefix another mirror claimed.
+    /// Defaults to `default`; the operator sets the RegistryMirror's namespace/name.
+    #[serde(default = "default_s3_owner")]
+    pub owner: String,
+}
+
+/// The replicas of one mirror, which share one upstream fetch per object (rendezvous hashing).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This replica's base URL as the others reach it (`http://mirror-0.mirror-peers:5000`).
+    #[serde(rename = "self")]
+    pub self_url: String,
+    /// Every replica's base URL, this one included (it is added when missing).
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// How long a peer may take to accept a connection and answer with headers before the
+    /// request is served directly instead (and the peer is skipped for `circuitOpenFor`).
+    #[serde(default = "default_peer_timeout", with = "humantime_serde")]
+    pub peer_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -259,6 +313,14 @@ fn default_header_read_timeout() -> Duration {
 fn default_last_use_flush_interval() -> Duration {
     Duration::from_secs(30)
 }
+fn default_s3_owner() -> String {
+    "default".to_owned()
+}
+fn default_peer_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+/// Default bound of the local read cache in S3 mode.
+pub const DEFAULT_LOCAL_CACHE_MAX_SIZE: u64 = 10 * 1024 * 1024 * 1024;
 fn is_default_last_use_flush_interval(d: &Duration) -> bool {
     *d == default_last_use_flush_interval()
 }
@@ -270,6 +332,7 @@ impl Default for Config {
             default_registry: default_registry(),
             storage: StorageConfig::default(),
             parent: None,
+            cluster: None,
             registries: BTreeMap::new(),
             pin_file: None,
             upstream: UpstreamTuning::default(),
@@ -285,6 +348,7 @@ impl Default for StorageConfig {
             path: default_storage_path(),
             max_size_bytes: None,
             last_use_flush_interval: default_last_use_flush_interval(),
+            s3: None,
         }
     }
 }
@@ -412,6 +476,30 @@ impl Config {
                 parent.url.pop();
             }
         }
+        if let Some(cluster) = &mut self.cluster {
+            let trim = |url: &mut String| {
+                while url.ends_with('/') {
+                    url.pop();
+                }
+            };
+            trim(&mut cluster.self_url);
+            cluster.peers.iter_mut().for_each(trim);
+            if !cluster.peers.contains(&cluster.self_url) {
+                cluster.peers.push(cluster.self_url.clone());
+            }
+            cluster.peers.sort();
+            cluster.peers.dedup();
+        }
+        if let Some(s3) = &mut self.storage.s3 {
+            if let Some(endpoint) = &mut s3.endpoint {
+                while endpoint.ends_with('/') {
+                    endpoint.pop();
+                }
+            }
+            if !s3.prefix.is_empty() && !s3.prefix.ends_with('/') {
+                s3.prefix.push('/');
+            }
+        }
     }
 
     /// Checks everything that serde cannot.
@@ -494,6 +582,21 @@ impl Config {
         if let Some(parent) = &self.parent {
             validate_url(&parent.url).map_err(|m| invalid("parent.url", m))?;
         }
+        if let Some(s3) = &self.storage.s3 {
+            validate_s3(s3)?;
+        }
+        if let Some(cluster) = &self.cluster {
+            validate_url(&cluster.self_url).map_err(|m| invalid("cluster.self", m))?;
+            for (i, peer) in cluster.peers.iter().enumerate() {
+                validate_url(peer).map_err(|m| invalid(format!("cluster.peers[{i}]"), m))?;
+            }
+            if cluster.peers.len() > MAX_PEERS {
+                return Err(invalid("cluster.peers", format!("at most {MAX_PEERS}")));
+            }
+            if cluster.peer_timeout.is_zero() || cluster.peer_timeout > Duration::from_secs(60) {
+                return Err(invalid("cluster.peerTimeout", "between 1ms and 1m"));
+            }
+        }
         let flush = self.storage.last_use_flush_interval;
         if flush < Duration::from_secs(1) || flush > Duration::from_secs(3600) {
             return Err(invalid("storage.lastUseFlushInterval", "between 1s and 1h"));
@@ -518,6 +621,61 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Most replicas a mirror may have.
+const MAX_PEERS: usize = 64;
+
+/// The S3 settings serde cannot check: a valid bucket name, a relative prefix without `..`,
+/// an http(s) endpoint and the key files given together.
+fn validate_s3(s3: &S3Config) -> Result<(), ConfigError> {
+    let bucket = &s3.bucket;
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && bucket
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && bucket
+            .bytes()
+            .last()
+            .is_some_and(|b| b.is_ascii_alphanumeric());
+    if !bucket_ok {
+        return Err(invalid(
+            "storage.s3.bucket",
+            format!("`{bucket}` is not an S3 bucket name (3-63 of a-z, 0-9, `-`, `.`)"),
+        ));
+    }
+    if let Some(endpoint) = &s3.endpoint {
+        validate_url(endpoint).map_err(|m| invalid("storage.s3.endpoint", m))?;
+    }
+    let prefix = &s3.prefix;
+    let prefix_ok = !prefix.starts_with('/')
+        && prefix
+            .trim_end_matches('/')
+            .split('/')
+            .all(|c| prefix.is_empty() || (!c.is_empty() && c != "." && c != ".."))
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+    if !prefix_ok {
+        return Err(invalid(
+            "storage.s3.prefix",
+            format!("`{prefix}` must be relative path components of a-z, 0-9, `-`, `_`, `.`"),
+        ));
+    }
+    if s3.access_key_id_file.is_some() != s3.secret_access_key_file.is_some() {
+        return Err(invalid(
+            "storage.s3",
+            "accessKeyIdFile and secretAccessKeyFile must be given together",
+        ));
+    }
+    if s3.owner.is_empty() || s3.owner.len() > 253 {
+        return Err(invalid("storage.s3.owner", "1 to 253 characters"));
+    }
+    Ok(())
 }
 
 /// Upper bound of `upstream.revalidateWait`.
@@ -662,6 +820,54 @@ mod tests {
                 "registries.docker.io.freshness[0].notFoundMaxAge",
             ),
             ("upstream: { revalidateWait: 2m }\n", "upstream.revalidateWait"),
+        ] {
+            let err = load_yaml(yaml).unwrap_err();
+            assert!(err.to_string().starts_with(field), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn s3_storage_and_cluster_are_normalised_and_checked() {
+        let c = load_yaml(
+            "storage:\n  s3: { endpoint: 'http://127.0.0.1:3900/', bucket: cachalot, prefix: mirrors/hub }\n\
+             cluster: { self: 'http://b:5000/', peers: ['http://a:5000', 'http://a:5000'] }\n",
+        )
+        .unwrap();
+        let s3 = c.storage.s3.as_ref().unwrap();
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+        assert_eq!(s3.prefix, "mirrors/hub/");
+        assert_eq!(s3.owner, "default");
+        let cluster = c.cluster.as_ref().unwrap();
+        assert_eq!(cluster.self_url, "http://b:5000");
+        assert_eq!(cluster.peers, vec!["http://a:5000", "http://b:5000"]);
+        assert_eq!(cluster.peer_timeout, Duration::from_secs(2));
+        for (yaml, field) in [
+            (
+                "storage: { s3: { bucket: Bad_Name } }\n",
+                "storage.s3.bucket",
+            ),
+            ("storage: { s3: { bucket: ab } }\n", "storage.s3.bucket"),
+            (
+                "storage: { s3: { bucket: ok-bucket, prefix: /abs } }\n",
+                "storage.s3.prefix",
+            ),
+            (
+                "storage: { s3: { bucket: ok-bucket, prefix: a/../b } }\n",
+                "storage.s3.prefix",
+            ),
+            (
+                "storage: { s3: { bucket: ok-bucket, endpoint: 'ftp://x' } }\n",
+                "storage.s3.endpoint",
+            ),
+            (
+                "storage: { s3: { bucket: ok-bucket, accessKeyIdFile: /k } }\n",
+                "storage.s3",
+            ),
+            ("cluster: { self: 'not a url' }\n", "cluster.self"),
+            (
+                "cluster: { self: 'http://a', peerTimeout: 0s }\n",
+                "cluster.peerTimeout",
+            ),
         ] {
             let err = load_yaml(yaml).unwrap_err();
             assert!(err.to_string().starts_with(field), "{yaml}: {err}");
