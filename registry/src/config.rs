@@ -110,7 +110,8 @@ pub struct S3Config {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClusterConfig {
     /// This replica's base URL as the others reach it (`http://mirror-0.mirror-peers:5000`).
-    #[serde(rename = "self")]
+    /// Required, here or from `--cluster-self` / `CACHALOT_CLUSTER_SELF`.
+    #[serde(rename = "self", default, skip_serializing_if = "String::is_empty")]
     pub self_url: String,
     /// Every replica's base URL, this one included (it is added when missing).
     #[serde(default)]
@@ -408,6 +409,8 @@ pub struct Overrides {
     pub storage: Option<PathBuf>,
     /// `REGISTRY=URL` pairs.
     pub upstreams: Vec<String>,
+    /// `cluster.self`; requires a `cluster` section.
+    pub cluster_self: Option<String>,
 }
 
 impl Config {
@@ -443,6 +446,17 @@ impl Config {
         }
         if let Some(storage) = &overrides.storage {
             self.storage.path = storage.clone();
+        }
+        if let Some(url) = &overrides.cluster_self {
+            match &mut self.cluster {
+                Some(cluster) => cluster.self_url = url.clone(),
+                None => {
+                    return Err(invalid(
+                        "cluster.self",
+                        "--cluster-self given, but the config has no `cluster` section",
+                    ))
+                }
+            }
         }
         for pair in &overrides.upstreams {
             let (registry, url) = pair
@@ -484,7 +498,7 @@ impl Config {
             };
             trim(&mut cluster.self_url);
             cluster.peers.iter_mut().for_each(trim);
-            if !cluster.peers.contains(&cluster.self_url) {
+            if !cluster.self_url.is_empty() && !cluster.peers.contains(&cluster.self_url) {
                 cluster.peers.push(cluster.self_url.clone());
             }
             cluster.peers.sort();
@@ -586,6 +600,12 @@ impl Config {
             validate_s3(s3)?;
         }
         if let Some(cluster) = &self.cluster {
+            if cluster.self_url.is_empty() {
+                return Err(invalid(
+                    "cluster.self",
+                    "required (in the file, or --cluster-self / CACHALOT_CLUSTER_SELF)",
+                ));
+            }
             validate_url(&cluster.self_url).map_err(|m| invalid("cluster.self", m))?;
             for (i, peer) in cluster.peers.iter().enumerate() {
                 validate_url(peer).map_err(|m| invalid(format!("cluster.peers[{i}]"), m))?;

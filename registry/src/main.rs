@@ -35,6 +35,10 @@ enum Command {
         /// An upstream registry as REGISTRY=URL (repeatable); adds to or overrides the config.
         #[arg(long = "upstream", value_name = "REGISTRY=URL")]
         upstreams: Vec<String>,
+        /// This replica's URL as its peers reach it (`cluster.self`), overriding the config: one
+        /// ConfigMap serves every replica, each pod sets its own.
+        #[arg(long, env = "CACHALOT_CLUSTER_SELF", value_name = "URL")]
+        cluster_self: Option<String>,
     },
 }
 
@@ -45,11 +49,13 @@ fn main() -> ExitCode {
         listen,
         storage,
         upstreams,
+        cluster_self,
     } = cli.command;
     let overrides = Overrides {
         listen,
         storage,
         upstreams,
+        cluster_self,
     };
     let config = match Config::load(config.as_deref(), &overrides) {
         Ok(c) => c,
