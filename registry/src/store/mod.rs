@@ -31,6 +31,7 @@
 mod index;
 pub mod pin_file;
 pub mod pinning;
+pub mod shared;
 
 use std::collections::HashSet;
 use std::io::Write;
