@@ -19,12 +19,19 @@ use crate::telemetry::Telemetry;
 pub enum ServeError {
     #[error(transparent)]
     Build(#[from] BuildProxyError),
+    #[error("storage.s3: {0}")]
+    Shared(#[from] crate::store::shared::SharedStoreError),
+    #[error("storage.s3: the object storage did not answer within {}s", .0.as_secs())]
+    SharedTimeout(Duration),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
 }
+
+/// How long the start-up check of the shared object storage may take.
+const SHARED_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Installs the tracing subscriber described by the config (`RUST_LOG` wins over `log.level`).
 pub fn init_logging(config: &Config) {
@@ -66,6 +73,13 @@ impl Server {
     pub async fn bind(config: &Config) -> Result<Server, ServeError> {
         let telemetry = Arc::new(Telemetry::new(config.registries.keys().map(String::as_str)));
         let proxy = Proxy::new(config, Arc::clone(&telemetry))?;
+        if let Some(s3) = &config.storage.s3 {
+            // A missing bucket, wrong keys, an unreachable endpoint or a prefix another mirror
+            // claimed stop the start here, with one line, before anything is served.
+            tokio::time::timeout(SHARED_CHECK_TIMEOUT, proxy.claim_shared(&s3.owner))
+                .await
+                .map_err(|_| ServeError::SharedTimeout(SHARED_CHECK_TIMEOUT))??;
+        }
         let listener =
             TcpListener::bind(config.listen)
                 .await

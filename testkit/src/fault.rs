@@ -118,6 +118,14 @@ pub enum Fault {
         /// Body bytes sent before closing.
         after: u64,
     },
+    /// Forward, but pause for `pause` after this many body bytes (a stalled transfer, so a test
+    /// can act while a body is known to be half way through).
+    Stall {
+        /// Body bytes sent before the pause.
+        after: u64,
+        /// How long the body then stops.
+        pause: Duration,
+    },
     /// Forward with the byte at this offset flipped (`!b`); offsets past the end flip the last byte.
     Corrupt {
         /// Body offset of the flipped byte.
@@ -657,6 +665,7 @@ struct ResetConnection;
 enum BodyFault {
     None,
     Truncate(u64),
+    Stall(u64, Duration),
     Corrupt(u64),
 }
 
@@ -884,6 +893,7 @@ fn canned_response(terminal: Option<Fault>) -> Result<Canned, ResetConnection> {
         Some(Fault::Reset) => return Err(ResetConnection),
         Some(Fault::Truncate { after }) => Canned::Forward(BodyFault::Truncate(after)),
         Some(Fault::Corrupt { at }) => Canned::Forward(BodyFault::Corrupt(at)),
+        Some(Fault::Stall { after, pause }) => Canned::Forward(BodyFault::Stall(after, pause)),
         Some(Fault::Delay(_)) | None => Canned::Forward(BodyFault::None),
     })
 }
@@ -1027,6 +1037,7 @@ fn apply_body_fault(response: Response<ProxyBody>, fault: BodyFault) -> Response
             )
         }
         BodyFault::Truncate(after) => truncate(data, after).boxed(),
+        BodyFault::Stall(after, pause) => stall(data, after, pause).boxed(),
         BodyFault::Corrupt(at) => {
             let length = parts
                 .headers
@@ -1087,6 +1098,41 @@ where
                 Some(Err(error)) => Some((Err(error), (inner, sent, true))),
                 None => None,
             }
+        },
+    )
+}
+
+/// Passes `after` bytes, pauses for `pause` (once), then passes the rest.
+fn stall<S>(
+    inner: S,
+    after: u64,
+    pause: Duration,
+) -> impl Stream<Item = Result<Bytes, BoxError>> + Send
+where
+    S: Stream<Item = Result<Bytes, BoxError>> + Send + Unpin,
+{
+    futures::stream::unfold(
+        (inner, 0_u64, false, Option::<Bytes>::None),
+        move |(mut inner, sent, paused, held)| async move {
+            let chunk = match held {
+                Some(rest) => rest,
+                None => match inner.next().await? {
+                    Ok(chunk) => chunk,
+                    Err(error) => return Some((Err(error), (inner, sent, paused, None))),
+                },
+            };
+            if !paused && sent >= after {
+                tokio::time::sleep(pause).await;
+                let next = sent + chunk.len() as u64;
+                return Some((Ok(chunk), (inner, next, true, None)));
+            }
+            if !paused && sent + chunk.len() as u64 > after {
+                let keep = usize::try_from(after - sent).unwrap_or(chunk.len());
+                let (prefix, rest) = (chunk.slice(..keep), chunk.slice(keep..));
+                return Some((Ok(prefix), (inner, after, false, Some(rest))));
+            }
+            let next = sent + chunk.len() as u64;
+            Some((Ok(chunk), (inner, next, paused, None)))
         },
     )
 }

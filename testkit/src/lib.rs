@@ -10,6 +10,7 @@
 //! - [`containerd`]: a private containerd driven with `ctr`, and hosts.toml helpers;
 //! - [`skopeo`]: skopeo copy and inspect;
 //! - [`s3`]: a real S3-compatible object store (Garage, built by `scripts/s3-server`);
+//! - [`round_robin`]: a round-robin TCP proxy, the Service in front of a mirror's replicas;
 //! - [`process`]: child processes with a private dir, a log file, a bounded start-up wait and
 //!   kill on drop;
 //! - [`cluster`]: a real Kubernetes control plane (built by `scripts/control-plane`) with fake
@@ -36,6 +37,7 @@ pub mod fault;
 pub mod image;
 pub mod prerequisites;
 pub mod process;
+pub mod round_robin;
 pub mod s3;
 pub mod skopeo;
 pub mod wait;

@@ -174,6 +174,8 @@ async fn handle(
         )
     })?;
     let normalise = |name: RepositoryName| name.normalised_for(upstream.name());
+    // A request a peer forwarded here is served by this replica, never forwarded again.
+    let forwarded = headers.contains_key(upstream::FORWARDED_BY);
     match route {
         Route::Base => Ok(([(header::CONTENT_TYPE, "application/json")], "{}").into_response()),
         Route::Catalog => Ok(catalog(state, upstream.name(), query)),
@@ -182,12 +184,17 @@ async fn handle(
             let name = normalise(name);
             let result = match &reference {
                 Reference::Digest(d) => {
+                    let routed = state.proxy.route(upstream, &d.to_string(), forwarded);
                     state
                         .proxy
-                        .manifest_by_digest(upstream, &name, d, head)
+                        .manifest_by_digest(&routed, &name, d, head)
                         .await
                 }
-                Reference::Tag(t) => state.proxy.manifest_by_tag(upstream, &name, t, head).await,
+                Reference::Tag(t) => {
+                    let key = format!("{}/{name}:{t}", upstream.name());
+                    let routed = state.proxy.route(upstream, &key, forwarded);
+                    state.proxy.manifest_by_tag(&routed, &name, t, head).await
+                }
             };
             record(state, upstream, Kind::Manifest, &result);
             result
@@ -199,10 +206,11 @@ async fn handle(
             let result = match state.proxy.blob_not_found(upstream.name(), &name, &digest) {
                 Some(remembered) => Err(BlobError::Proxy(remembered)),
                 None => {
+                    let routed = state.proxy.route(upstream, &digest.to_string(), forwarded);
                     let result = if head {
-                        blob_head(state, upstream, &name, &digest).await
+                        blob_head(state, &routed, &name, &digest).await
                     } else {
-                        blob_get(state, upstream, &name, &digest, headers).await
+                        blob_get(state, &routed, &name, &digest, headers).await
                     };
                     if let Err(BlobError::Proxy(e)) = &result {
                         state
@@ -339,7 +347,11 @@ async fn blob_head(
     digest: &Digest,
 ) -> Result<(Response, CacheResult), BlobError> {
     let inner = state.proxy.inner();
-    let (size, cache) = if let Some(size) = inner.store.blob_size(digest) {
+    let shared_size = match (&inner.shared, inner.store.blob_size(digest)) {
+        (Some(shared), None) => shared.blob_size(digest).await.map_err(ProxyError::from)?,
+        _ => None,
+    };
+    let (size, cache) = if let Some(size) = inner.store.blob_size(digest).or(shared_size) {
         (Some(size), CacheResult::Hit)
     } else {
         // A blob the cache does not hold is asked about upstream, never answered 404 from here:
@@ -394,7 +406,7 @@ async fn blob_get(
             tee,
         } => {
             let announced = flight.header().await?;
-            let cache = if leader {
+            let cache = if leader && !announced.shared {
                 CacheResult::Miss
             } else {
                 CacheResult::Hit

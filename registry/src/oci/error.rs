@@ -24,6 +24,8 @@ pub enum ErrorCode {
     UpstreamUnavailable,
     /// Not in the spec: the upstream answered with content that failed verification.
     UpstreamInvalid,
+    /// Not in the spec: the shared object storage cannot be reached or failed.
+    StorageUnavailable,
     Unknown,
 }
 
@@ -44,6 +46,7 @@ impl ErrorCode {
             ErrorCode::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
             ErrorCode::UpstreamUnavailable => "UPSTREAM_UNAVAILABLE",
             ErrorCode::UpstreamInvalid => "UPSTREAM_INVALID",
+            ErrorCode::StorageUnavailable => "STORAGE_UNAVAILABLE",
             ErrorCode::Unknown => "UNKNOWN",
         }
     }

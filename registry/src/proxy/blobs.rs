@@ -88,6 +88,8 @@ const PUBLISH_EVERY: u64 = 256 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlightHeader {
     pub size: Option<u64>,
+    /// The bytes come from the shared tier: for the cache, a hit.
+    pub shared: bool,
 }
 
 /// Progress of a fetch, published to readers.
@@ -149,7 +151,10 @@ impl Flight {
         if let Some(Err(e)) = &p.outcome {
             return Err(e.clone());
         }
-        Ok(p.header.clone().unwrap_or(FlightHeader { size: None }))
+        Ok(p.header.clone().unwrap_or(FlightHeader {
+            size: None,
+            shared: false,
+        }))
     }
 
     /// Waits until the digest of everything the upstream sent matched (or the fetch failed).
@@ -376,12 +381,11 @@ async fn fetch(
 ) -> Result<(), ProxyError> {
     let registry = upstream.name().to_owned();
     let started = std::time::Instant::now();
-    let mut response = upstream
-        .send(Method::GET, repo, Target::Blob(digest))
-        .await?;
+    let mut body = open_body(inner, upstream, repo, digest).await?;
     let headers_after = started.elapsed();
-    let size = response.content_length();
-    tx.send_modify(|p| p.header = Some(FlightHeader { size }));
+    let size = body.size();
+    let shared = matches!(body, Body::Shared(_));
+    tx.send_modify(|p| p.header = Some(FlightHeader { size, shared }));
     let (to_hasher, hasher_chunks) = mpsc::channel::<Bytes>(WRITER_DEPTH);
     let hasher = spawn_hasher(digest.algorithm(), hasher_chunks);
     let (to_writer, chunks) = mpsc::channel::<Bytes>(WRITER_DEPTH);
@@ -400,14 +404,26 @@ async fn fetch(
         message,
     };
     loop {
-        let chunk = match tokio::time::timeout(idle, response.chunk()).await {
-            Ok(Ok(Some(chunk))) => chunk,
-            Ok(Ok(None)) => break,
-            Ok(Err(e)) => return Err(body_error(e.to_string())),
-            Err(_) => return Err(body_error(format!("no data for {}s", idle.as_secs()))),
+        let read = match tokio::time::timeout(idle, body.chunk()).await {
+            Ok(read) => read,
+            Err(_) => Err(format!("no data for {}s", idle.as_secs())),
+        };
+        let chunk = match read {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            // A peer that stops mid-body (killed, partitioned) is replaced by the upstream,
+            // once: the flight goes on from where it was.
+            Err(e) if body.is_peer() => {
+                tracing::info!(%digest, received, error = %e, "peer stopped sending a blob; continuing from the upstream");
+                body = resume_from_upstream(upstream, repo, digest, received, size).await?;
+                continue;
+            }
+            Err(e) => return Err(body_error(e)),
         };
         received += chunk.len() as u64;
-        inner.telemetry.add_upstream_bytes(chunk.len() as u64);
+        if body.is_upstream() {
+            inner.telemetry.add_upstream_bytes(chunk.len() as u64);
+        }
         if size.is_some_and(|s| received > s) {
             return Err(ProxyError::Truncated {
                 registry,
@@ -488,6 +504,7 @@ async fn fetch(
         if size.is_none() {
             p.header = Some(FlightHeader {
                 size: Some(received),
+                shared,
             });
         }
         p.verified = true;
@@ -509,7 +526,139 @@ async fn fetch(
         return Ok(());
     }
     inner.note_repository(&registry, repo);
+    if body.is_upstream() {
+        inner.publish_blob(&registry, digest);
+    }
     Ok(())
+}
+
+/// Where a flight's bytes come from.
+enum Body {
+    /// The upstream's (or the owner replica's) response; `upstream` is false for a peer's.
+    Http {
+        response: reqwest::Response,
+        upstream: bool,
+    },
+    /// The shared tier (another replica fetched it already).
+    Shared(crate::store::shared::SharedBlob),
+    /// The upstream taking over from a failed peer: the first `skip` bytes are dropped.
+    Skipping {
+        response: reqwest::Response,
+        skip: u64,
+    },
+}
+
+impl Body {
+    fn size(&self) -> Option<u64> {
+        match self {
+            Body::Http { response, .. } => response.content_length(),
+            Body::Shared(blob) => Some(blob.size),
+            Body::Skipping { response, .. } => response.content_length(),
+        }
+    }
+
+    /// Whether the bytes come from the real upstream, so this replica publishes them.
+    fn is_upstream(&self) -> bool {
+        matches!(
+            self,
+            Body::Http { upstream: true, .. } | Body::Skipping { .. }
+        )
+    }
+
+    fn is_peer(&self) -> bool {
+        matches!(
+            self,
+            Body::Http {
+                upstream: false,
+                ..
+            }
+        )
+    }
+
+    async fn chunk(&mut self) -> Result<Option<Bytes>, String> {
+        use futures::StreamExt as _;
+        match self {
+            Body::Http { response, .. } => response.chunk().await.map_err(|e| e.to_string()),
+            Body::Shared(blob) => blob
+                .body
+                .next()
+                .await
+                .transpose()
+                .map_err(|e| e.to_string()),
+            Body::Skipping { response, skip } => loop {
+                let Some(mut chunk) = response.chunk().await.map_err(|e| e.to_string())? else {
+                    return Ok(None);
+                };
+                if *skip == 0 {
+                    return Ok(Some(chunk));
+                }
+                let dropped = (*skip).min(chunk.len() as u64);
+                *skip -= dropped;
+                // `dropped` is at most the chunk's length, a usize.
+                let rest = chunk.split_off(usize::try_from(dropped).unwrap_or(chunk.len()));
+                if !rest.is_empty() {
+                    return Ok(Some(rest));
+                }
+            },
+        }
+    }
+}
+
+/// The rest of a blob from the real upstream after a peer failed `received` bytes into it: a
+/// new GET whose first `received` bytes are skipped (they were hashed and written already; the
+/// final digest check covers both halves). The skipped bytes are counted as upstream bytes: this
+/// is what a failed peer costs.
+async fn resume_from_upstream(
+    upstream: &Arc<Upstream>,
+    repo: &RepositoryName,
+    digest: &Digest,
+    received: u64,
+    size: Option<u64>,
+) -> Result<Body, ProxyError> {
+    let fallback = upstream
+        .fallback()
+        .ok_or_else(|| ProxyError::Internal("a peer body without a fallback upstream".into()))?;
+    let response = fallback
+        .send(Method::GET, repo, Target::Blob(digest))
+        .await?;
+    if let (Some(expected), Some(announced)) = (size, response.content_length()) {
+        if expected != announced {
+            return Err(ProxyError::Body {
+                registry: fallback.name().to_owned(),
+                message: format!(
+                    "the upstream announces {announced} bytes, the peer announced {expected}"
+                ),
+            });
+        }
+    }
+    Ok(Body::Skipping {
+        response,
+        skip: received,
+    })
+}
+
+/// Opens the blob's bytes: from the shared tier when it has them, else from `upstream` (which
+/// may be the owner replica). A shared tier that cannot be asked fails the fetch (503): this
+/// replica does not go upstream behind the others' backs.
+async fn open_body(
+    inner: &Arc<ProxyInner>,
+    upstream: &Arc<Upstream>,
+    repo: &RepositoryName,
+    digest: &Digest,
+) -> Result<Body, ProxyError> {
+    if let Some(shared) = &inner.shared {
+        if let Some(blob) = shared.get_blob(digest, None).await? {
+            return Ok(Body::Shared(blob));
+        }
+    }
+    let response = upstream
+        .send(Method::GET, repo, Target::Blob(digest))
+        .await?;
+    let from_upstream = !upstream.answered_by_peer(&response);
+    Ok(Body::Http {
+        response,
+        upstream: from_upstream,
+    })
 }
 
 /// Asks the upstream about a blob without fetching it (HEAD on a miss).

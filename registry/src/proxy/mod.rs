@@ -15,6 +15,7 @@ pub mod blobs;
 pub mod flight;
 pub mod freshness;
 pub mod negative;
+pub mod shared;
 pub mod tags;
 
 use std::collections::HashMap;
@@ -26,8 +27,10 @@ use http::{Method, StatusCode};
 
 use crate::config::Config;
 use crate::oci::{media, Digest, DigestHasher, ErrorCode, Kind, OciError, RepositoryName, Tag};
+use crate::store::shared::{SharedStore, SharedStoreError};
 use crate::store::{now_secs, Store, StoreError, TagRecord};
 use crate::telemetry::{CacheResult, Telemetry};
+use crate::upstream::peers::Peers;
 use crate::upstream::{self, Target, Upstream, UpstreamError, Upstreams};
 use blobs::BlobFlights;
 use flight::SingleFlight;
@@ -74,6 +77,14 @@ pub enum ProxyError {
     TagsListInvalid { registry: String, message: String },
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("shared storage unavailable: {0}")]
+    Shared(Arc<SharedStoreError>),
+}
+
+impl From<SharedStoreError> for ProxyError {
+    fn from(e: SharedStoreError) -> Self {
+        ProxyError::Shared(Arc::new(e))
+    }
 }
 
 impl From<StoreError> for ProxyError {
@@ -171,6 +182,12 @@ impl ProxyError {
             | ProxyError::NoDigest { .. } => {
                 OciError::new(StatusCode::BAD_GATEWAY, ErrorCode::UpstreamInvalid, msg)
             }
+            ProxyError::Shared(_) => OciError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::StorageUnavailable,
+                msg,
+            )
+            .with_retry_after(Some("5".into())),
             ProxyError::Store(_) | ProxyError::Internal(_) => {
                 OciError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown, msg)
             }
@@ -185,6 +202,8 @@ pub enum BuildProxyError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Upstream(#[from] upstream::BuildUpstreamError),
+    #[error("storage.s3: {0}")]
+    Shared(#[from] SharedStoreError),
     #[error("registries.{registry}.freshness: {source}")]
     Freshness {
         registry: String,
@@ -255,6 +274,12 @@ pub struct ProxyInner {
     revalidate_wait: Duration,
     tag_lists: TagListCache,
     tag_list_flights: SingleFlight<(String, RepositoryName), Arc<TagList>>,
+    /// The shared tier (`storage.s3`); the disk store is then its local read cache.
+    pub shared: Option<SharedStore>,
+    /// Writes to the shared tier still running in the background.
+    pub shared_writes: shared::Pending,
+    /// The other replicas (`cluster`), which own their share of the objects.
+    pub peers: Option<Peers>,
 }
 
 impl ProxyInner {
@@ -286,9 +311,15 @@ impl ProxyInner {
 
     /// Records what a tag points at; a failure only costs a revalidation later, so it is noted,
     /// not raised.
-    fn cache_tag(&self, registry: &str, repo: &RepositoryName, tag: &Tag, record: &TagRecord) {
+    /// With a shared tier, a record learnt from the real upstream (not from a peer, which
+    /// publishes its own) is published there too.
+    fn cache_tag(&self, upstream: &Upstream, repo: &RepositoryName, tag: &Tag, record: &TagRecord) {
+        let registry = upstream.name();
         if let Err(e) = self.store.write_tag(registry, repo, tag, record) {
             self.note_cache_write_failure(registry, "tag", &e);
+        }
+        if !upstream.is_peer() {
+            self.publish_tag(registry, repo, tag, record);
         }
     }
 
@@ -379,6 +410,13 @@ impl Proxy {
     pub fn new(config: &Config, telemetry: Arc<Telemetry>) -> Result<Proxy, BuildProxyError> {
         let store = Arc::new(Store::from_config(config)?);
         let upstreams = Upstreams::new(config, Arc::clone(&telemetry))?;
+        let shared = config
+            .storage
+            .s3
+            .as_ref()
+            .map(SharedStore::from_config)
+            .transpose()?;
+        let peers = Peers::new(config, &upstreams)?;
         let mut policies = HashMap::new();
         let mut reserves = HashMap::new();
         let mut not_found_ages = HashMap::new();
@@ -421,6 +459,9 @@ impl Proxy {
                 revalidate_wait: config.upstream.revalidate_wait,
                 tag_lists: TagListCache::default(),
                 tag_list_flights: SingleFlight::default(),
+                shared,
+                shared_writes: shared::Pending::default(),
+                peers,
             }),
         })
     }
@@ -438,7 +479,8 @@ impl Proxy {
                 && self.inner.manifest_flights.is_empty()
                 && self.inner.tag_get_flights.is_empty()
                 && self.inner.tag_flights.is_empty()
-                && self.inner.tag_list_flights.is_empty();
+                && self.inner.tag_list_flights.is_empty()
+                && self.inner.shared_writes.is_empty();
             if idle {
                 return true;
             }
@@ -451,6 +493,26 @@ impl Proxy {
 
     pub fn upstream(&self, registry: &str) -> Option<&Arc<Upstream>> {
         self.inner.upstreams.get(registry)
+    }
+
+    /// Where a request for `key` of `upstream`'s registry goes: the replica that owns the key
+    /// (see [`Peers`]), or `upstream` itself when this replica owns it, there are no peers, or
+    /// the request was forwarded here by a peer already.
+    pub fn route(&self, upstream: &Arc<Upstream>, key: &str, forwarded: bool) -> Arc<Upstream> {
+        match &self.inner.peers {
+            Some(peers) if !forwarded => peers
+                .route(upstream.name(), key)
+                .unwrap_or_else(|| Arc::clone(upstream)),
+            _ => Arc::clone(upstream),
+        }
+    }
+
+    /// Checks the shared tier answers and claims its prefix for `owner` (at startup).
+    pub async fn claim_shared(&self, owner: &str) -> Result<(), SharedStoreError> {
+        match &self.inner.shared {
+            Some(shared) => shared.claim(owner).await,
+            None => Ok(()),
+        }
     }
 
     fn freshness(&self, registry: &str, repo: &RepositoryName, tag: &Tag) -> Freshness {
@@ -482,7 +544,7 @@ impl Proxy {
         digest: &Digest,
         head: bool,
     ) -> Result<ManifestReply, ProxyError> {
-        if let Some(m) = self.inner.store.read_manifest(digest)? {
+        if let Some(m) = self.inner.cached_manifest(digest).await? {
             return Ok(ManifestReply {
                 digest: digest.clone(),
                 media_type: m.media_type,
@@ -604,7 +666,16 @@ impl Proxy {
         head: bool,
     ) -> Result<ManifestReply, ProxyError> {
         let registry = upstream.name();
-        let cached = self.inner.store.read_tag(registry, repo, tag)?;
+        let local = self.inner.store.read_tag(registry, repo, tag)?;
+        let stale = local.as_ref().is_some_and(|r| {
+            !self
+                .freshness(registry, repo, tag)
+                .is_fresh(r.checked_at, now_secs())
+        });
+        let cached = self
+            .inner
+            .newest_tag(registry, repo, tag, local, stale)
+            .await?;
         let not_found = NotFound::Tag(registry.to_owned(), repo.clone(), tag.clone());
         let Some(record) = cached else {
             if let Some(e) = self.remembered_not_found(&not_found) {
@@ -671,7 +742,7 @@ impl Proxy {
                         .serve_record(upstream, repo, &record, head, CacheResult::Stale)
                         .await;
                 }
-                let moved_cached = self.inner.store.read_manifest(&moved.digest)?.is_some();
+                let moved_cached = self.inner.cached_manifest(&moved.digest).await?.is_some();
                 let result = if head || moved_cached {
                     self.serve_record(upstream, repo, &moved, head, CacheResult::Miss)
                         .await
@@ -727,17 +798,13 @@ impl Proxy {
             tracing::info!(registry, repository = %repo, %tag, "tag moved, but the upstream budget is at its reserve; keeping the cached tag");
             return;
         }
-        let applied = match self.inner.store.read_manifest(&moved.digest) {
-            Ok(Some(_)) => self
-                .inner
-                .store
-                .write_tag(registry, &repo, &tag, &moved)
-                .map_err(|e| {
-                    self.inner.note_cache_write_failure(registry, "tag", &e);
-                    ProxyError::from(e)
-                }),
+        let applied = match self.inner.cached_manifest(&moved.digest).await {
+            Ok(Some(_)) => {
+                self.inner.cache_tag(&upstream, &repo, &tag, &moved);
+                Ok(())
+            }
             Ok(None) => self.get_tag(&upstream, &repo, &tag).await.map(drop),
-            Err(e) => Err(ProxyError::from(e)),
+            Err(e) => Err(e),
         };
         match applied {
             Ok(()) => {
@@ -829,7 +896,7 @@ impl Proxy {
         if head {
             let record = head_tag(upstream, repo, tag).await?;
             if let Some(record) = record {
-                self.inner.cache_tag(upstream.name(), repo, tag, &record);
+                self.inner.cache_tag(upstream, repo, tag, &record);
                 self.inner.note_repository(upstream.name(), repo);
                 return Ok(ManifestReply {
                     digest: record.digest,
@@ -867,7 +934,7 @@ impl Proxy {
                     size: fetched.bytes.len() as u64,
                     checked_at: now_secs(),
                 };
-                inner.cache_tag(task_upstream.name(), &task_repo, &task_tag, &record);
+                inner.cache_tag(&task_upstream, &task_repo, &task_tag, &record);
                 Ok(fetched)
             })
             .await;
@@ -892,7 +959,7 @@ impl Proxy {
                 cache,
             });
         }
-        if let Some(m) = self.inner.store.read_manifest(&record.digest)? {
+        if let Some(m) = self.inner.cached_manifest(&record.digest).await? {
             return Ok(ManifestReply {
                 digest: record.digest.clone(),
                 media_type: m.media_type,
@@ -956,7 +1023,7 @@ async fn revalidate(
             checked_at: current.checked_at,
             ..cached.clone()
         };
-        inner.cache_tag(upstream.name(), repo, tag, &touched);
+        inner.cache_tag(upstream, repo, tag, &touched);
         return Ok(touched);
     }
     Ok(current)
@@ -978,8 +1045,11 @@ async fn fetch_manifest(
     let media_type =
         upstream::content_type(&response).unwrap_or_else(|| media::DOCKER_MANIFEST_V2.to_owned());
     let header_digest = upstream::content_digest(&response);
+    let from_peer = upstream.answered_by_peer(&response);
     let bytes = read_manifest_body(&registry, response, inner.body_idle_timeout).await?;
-    inner.telemetry.add_upstream_bytes(bytes.len() as u64);
+    if !from_peer {
+        inner.telemetry.add_upstream_bytes(bytes.len() as u64);
+    }
     let expected = expected.cloned().or(header_digest);
     let digest = match expected {
         Some(expected) => {
@@ -1012,6 +1082,9 @@ async fn fetch_manifest(
         });
     }
     inner.note_repository(&registry, repo);
+    if !from_peer {
+        inner.publish_manifest(&registry, &digest, &media_type, &bytes);
+    }
     inner.after_commit();
     Ok(Fetched {
         digest,

@@ -242,7 +242,19 @@ impl Store {
     /// Opens the store a validated config describes: its path, size bound, pins and pin file.
     pub fn from_config(config: &Config) -> Result<Store, StoreError> {
         let pins = PinRules::from_config(config).map_err(StoreError::Pins)?;
-        let mut store = Store::open(&config.storage.path, config.storage.max_size_bytes)?;
+        // With a shared tier, the disk is its bounded read cache and `maxSizeBytes` bounds the
+        // bucket prefix instead.
+        let local_bound = match &config.storage.s3 {
+            Some(s3) => Some(s3.local_cache_max_size_bytes.unwrap_or_else(|| {
+                config
+                    .storage
+                    .max_size_bytes
+                    .unwrap_or(u64::MAX)
+                    .min(crate::config::DEFAULT_LOCAL_CACHE_MAX_SIZE)
+            })),
+            None => config.storage.max_size_bytes,
+        };
+        let mut store = Store::open(&config.storage.path, local_bound)?;
         store.pins = pins;
         store.pin_file = config.pin_file.clone().map(PinFile::new);
         Ok(store)
@@ -261,6 +273,11 @@ impl Store {
             .join("blobs")
             .join(digest.algorithm().as_str())
             .join(digest.hex())
+    }
+
+    /// Where the committed blob `digest` lives (it may not be there).
+    pub fn blob_file(&self, digest: &Digest) -> PathBuf {
+        self.blob_path(digest)
     }
 
     fn manifest_path(&self, digest: &Digest) -> PathBuf {

@@ -194,7 +194,21 @@ impl SharedStore {
     pub fn from_config(s3: &S3Config) -> Result<SharedStore, SharedStoreError> {
         // Installing the process-wide TLS provider twice is harmless; the first one stays.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // No total request timeout (a large blob may stream for minutes); a connection must be
+        // made in 5 s and data keep flowing (30 s between reads). Retries are bounded to 10 s so
+        // an outage becomes a 503 in seconds, not after object_store's default 3 minutes.
+        let client = object_store::ClientOptions::new()
+            .with_timeout_disabled()
+            .with_connect_timeout(std::time::Duration::from_secs(5))
+            .with_read_timeout(std::time::Duration::from_secs(30));
+        let retry = object_store::RetryConfig {
+            max_retries: 2,
+            retry_timeout: std::time::Duration::from_secs(10),
+            ..object_store::RetryConfig::default()
+        };
         let mut builder = object_store::aws::AmazonS3Builder::from_env()
+            .with_client_options(client)
+            .with_retry(retry)
             .with_bucket_name(&s3.bucket)
             .with_region(s3.region.as_deref().unwrap_or("us-east-1"));
         if let Some(endpoint) = &s3.endpoint {

@@ -15,6 +15,7 @@
 
 pub mod auth;
 pub mod circuit;
+pub mod peers;
 pub mod ratelimit;
 pub mod token;
 
@@ -51,6 +52,8 @@ pub enum BuildUpstreamError {
         path: std::path::PathBuf,
         source: reqwest::Error,
     },
+    #[error("cluster.self: `{url}` cannot be sent as a header")]
+    PeerUrl { url: String },
     #[error("cannot build the HTTP client for {registry}: {source}")]
     Client {
         registry: String,
@@ -100,6 +103,23 @@ impl FlightError for UpstreamError {
 }
 
 impl UpstreamError {
+    /// Whether a peer that failed this way should be skipped for the real upstream: it did not
+    /// answer, or failed internally. A 404, a 429 or a 502/504 (the peer's own upstream failing)
+    /// is an answer, and asking the upstream again would only spend more of its budget.
+    pub fn peer_unusable(&self) -> bool {
+        match self {
+            UpstreamError::Status { status, .. } => {
+                *status == StatusCode::INTERNAL_SERVER_ERROR
+                    || *status == StatusCode::SERVICE_UNAVAILABLE
+            }
+            UpstreamError::Connect { .. }
+            | UpstreamError::Timeout { .. }
+            | UpstreamError::CircuitOpen { .. }
+            | UpstreamError::Aborted { .. } => true,
+            UpstreamError::RateLimitedLocally { .. } | UpstreamError::Token { .. } => false,
+        }
+    }
+
     /// Whether a cached copy should be served instead (stale-if-error): the upstream is down,
     /// slow, failing or rate-limiting, as opposed to answering that the content does not exist.
     pub fn allows_stale(&self) -> bool {
@@ -150,6 +170,20 @@ pub struct Upstream {
     budget: Mutex<Option<Budget>>,
     /// Unix seconds of the last budget refresh started (0: never).
     budget_refreshed_at: std::sync::atomic::AtomicU64,
+    /// Set when this "upstream" is another replica of the mirror (see [`peers`]).
+    peer: Option<PeerRole>,
+}
+
+/// The header a replica sends with a request it forwards to the owner replica; a request
+/// carrying it is never forwarded again (no loops).
+pub const FORWARDED_BY: &str = "x-cachalot-forwarded-by";
+
+/// What makes an [`Upstream`] a peer: who is asking, and the real upstream to use instead when
+/// the peer cannot answer.
+#[derive(Debug)]
+struct PeerRole {
+    forwarded_by: HeaderValue,
+    fallback: Arc<Upstream>,
 }
 
 /// What makes two token requests the same: one is in flight at a time per key.
@@ -328,8 +362,46 @@ impl Upstream {
         url
     }
 
+    /// Whether this is another replica of the mirror rather than a registry.
+    pub fn is_peer(&self) -> bool {
+        self.peer.is_some()
+    }
+
+    /// The real upstream a peer falls back to (`None` for a real upstream).
+    pub fn fallback(&self) -> Option<&Arc<Upstream>> {
+        self.peer.as_ref().map(|p| &p.fallback)
+    }
+
+    /// Whether requests are failing fast right now (the circuit is open).
+    pub fn is_down(&self) -> bool {
+        self.circuit.is_open(Instant::now())
+    }
+
     /// Sends a request and returns the successful (2xx) response; anything else is an error.
+    /// A peer that cannot answer (unreachable, too slow, its circuit open, or failing itself
+    /// with a 500 or 503) is skipped: the request goes to the real upstream instead, once.
     pub async fn send(
+        &self,
+        method: Method,
+        repo: &RepositoryName,
+        target: Target<'_>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let result = self.send_here(method.clone(), repo, target).await;
+        match (&self.peer, result) {
+            (Some(peer), Err(e)) if e.peer_unusable() => {
+                tracing::info!(peer = %self.base, registry = %self.name, error = %e, "peer unusable; asking the upstream directly");
+                Box::pin(peer.fallback.send(method, repo, target)).await
+            }
+            (_, result) => result,
+        }
+    }
+
+    /// Whether `response` came from this replica's peer (not from its fallback upstream).
+    pub fn answered_by_peer(&self, response: &reqwest::Response) -> bool {
+        self.peer.is_some() && response.url().as_str().starts_with(&self.base)
+    }
+
+    async fn send_here(
         &self,
         method: Method,
         repo: &RepositoryName,
@@ -442,6 +514,9 @@ impl Upstream {
                 }
             }
             let mut request = self.client.request(method.clone(), url);
+            if let Some(peer) = &self.peer {
+                request = request.header(FORWARDED_BY, peer.forwarded_by.clone());
+            }
             if matches!(target, Target::Manifest(_)) {
                 request = request.header(header::ACCEPT, media::MANIFEST_ACCEPT);
             }
@@ -714,10 +789,64 @@ impl Upstreams {
                     telemetry: Arc::clone(&telemetry),
                     budget: Mutex::new(None),
                     budget_refreshed_at: std::sync::atomic::AtomicU64::new(0),
+                    peer: None,
                 }),
             );
         }
         Ok(Upstreams { by_name })
+    }
+
+    /// `registry` as served by the replica at `url`, falling back to the real upstream.
+    pub fn peer(
+        &self,
+        registry: &str,
+        url: &str,
+        self_url: &str,
+        tuning: &UpstreamTuning,
+        peer_timeout: Duration,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Option<Upstream>, BuildUpstreamError> {
+        let Some(fallback) = self.get(registry) else {
+            return Ok(None);
+        };
+        let forwarded_by = header_value(self_url).ok_or_else(|| BuildUpstreamError::PeerUrl {
+            url: self_url.to_owned(),
+        })?;
+        let tuning = UpstreamTuning {
+            connect_timeout: peer_timeout,
+            // The owner answers with headers once its own upstream did.
+            response_timeout: tuning.response_timeout + peer_timeout,
+            retries: 0,
+            circuit_failure_threshold: 1,
+            ..tuning.clone()
+        };
+        let client = client_for(registry, &tuning, None, false)?;
+        Ok(Some(Upstream {
+            name: registry.to_owned(),
+            base: url.to_owned(),
+            ns: Some(registry.to_owned()),
+            client,
+            credentials: CredentialFiles::load(None, registry).map_err(|source| {
+                BuildUpstreamError::Credentials {
+                    registry: registry.to_owned(),
+                    source,
+                }
+            })?,
+            tokens: Arc::default(),
+            prefers_basic: std::sync::atomic::AtomicBool::new(false),
+            circuit: Arc::new(Circuit::new(1, tuning.circuit_open_for)),
+            token_hosts: Vec::new(),
+            token_flights: SingleFlight::default(),
+            bearer: Mutex::new(None),
+            tuning,
+            telemetry,
+            budget: Mutex::new(None),
+            budget_refreshed_at: std::sync::atomic::AtomicU64::new(0),
+            peer: Some(PeerRole {
+                forwarded_by,
+                fallback: Arc::clone(fallback),
+            }),
+        }))
     }
 
     pub fn get(&self, registry: &str) -> Option<&Arc<Upstream>> {

@@ -279,50 +279,61 @@ impl Process {
         upstream_url: &str,
         tweak: impl Fn(&mut Config),
     ) -> Process {
-        let dir = tempfile::Builder::new()
-            .prefix("cachalot-proc")
-            .tempdir()
-            .unwrap();
         // A port from the kernel may be taken again before the child binds it: retry.
         for attempt in 0..3 {
             let port = cachalot_testkit::wait::free_port().unwrap();
             let listen = SocketAddr::from(([127, 0, 0, 1], port));
-            let mut config = test_config(listen, storage, upstream_url);
-            tweak(&mut config);
-            let config_path = dir.path().join("config.yaml");
-            std::fs::write(&config_path, serde_yaml::to_string(&config).unwrap()).unwrap();
-            let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cachalot-registry"));
-            command
-                .args(["serve", "--config"])
-                .arg(&config_path)
-                .env("RUST_LOG", "info");
-            let log = dir.path().join(format!("registry-{attempt}.log"));
-            let mut child =
-                cachalot_testkit::process::LoggedChild::spawn(&mut command, &log).unwrap();
-            let url = format!("http://127.0.0.1:{port}/readyz");
-            let probe = client();
-            let ready = child
-                .wait_ready(Duration::from_secs(20), Duration::from_millis(10), || {
-                    let request = probe.get(url.clone()).send();
-                    async move { request.await.is_ok_and(|r| r.status() == 200) }
-                })
-                .await;
-            match ready {
-                Ok(()) => {
-                    return Process {
-                        child,
-                        addr: config.listen,
-                        storage: storage.to_owned(),
-                        dir,
-                    }
+            match Process::start_at(listen, storage, upstream_url, &tweak).await {
+                Ok(process) => return process,
+                Err(log) if attempt < 2 && log.contains("cannot listen") => {
+                    eprintln!("port {port} taken; retrying");
                 }
-                Err(e) if attempt < 2 && child.log_tail().contains("cannot listen") => {
-                    eprintln!("port {port} taken ({e}); retrying");
-                }
-                Err(e) => panic!("cachalot-registry did not start: {e}\n{}", child.log_tail()),
+                Err(log) => panic!("cachalot-registry did not start:\n{log}"),
             }
         }
         unreachable!("the last attempt panics or returns")
+    }
+
+    /// Starts the binary listening on `listen` (for replicas that must know each other's
+    /// addresses before they start); the log tail when it does not become ready.
+    pub async fn start_at(
+        listen: SocketAddr,
+        storage: &std::path::Path,
+        upstream_url: &str,
+        tweak: impl Fn(&mut Config),
+    ) -> Result<Process, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("cachalot-proc")
+            .tempdir()
+            .unwrap();
+        let mut config = test_config(listen, storage, upstream_url);
+        tweak(&mut config);
+        let config_path = dir.path().join("config.yaml");
+        std::fs::write(&config_path, serde_yaml::to_string(&config).unwrap()).unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cachalot-registry"));
+        command
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info");
+        let log = dir.path().join("registry.log");
+        let mut child = cachalot_testkit::process::LoggedChild::spawn(&mut command, &log).unwrap();
+        let url = format!("http://{listen}/readyz");
+        let probe = client();
+        let ready = child
+            .wait_ready(Duration::from_secs(20), Duration::from_millis(10), || {
+                let request = probe.get(url.clone()).send();
+                async move { request.await.is_ok_and(|r| r.status() == 200) }
+            })
+            .await;
+        match ready {
+            Ok(()) => Ok(Process {
+                child,
+                addr: listen,
+                storage: storage.to_owned(),
+                dir,
+            }),
+            Err(e) => Err(format!("{e}\n{}", child.log_tail())),
+        }
     }
 
     pub fn url(&self) -> String {

@@ -1,0 +1,530 @@
+//! Replicas of one mirror on shared S3 storage (a real Garage), as the `cachalot-registry`
+//! binary behind a round-robin TCP proxy (the Service), pulling from a real distribution
+//! upstream behind the counting fault proxy:
+//! - 8 concurrent cold clients through 3 replicas: every pull verified, each blob and the tag's
+//!   manifest fetched from the upstream once (upstream blob bytes = 1.00x the image);
+//! - a blob cached through one replica is served by another with no upstream request;
+//! - every replica restarted with empty local disks: the cache is still there;
+//! - corrupt upstream bytes never land in the bucket;
+//! - the owner replica killed with SIGKILL mid-fetch: clients on the others still get verified
+//!   blobs, and nothing partial is visible in the bucket;
+//! - the S3 engine stopped: hot blobs still serve from the local read cache, everything else is
+//!   a 503 with an OCI error body, and no replica crashes;
+//! - bad S3 settings (wrong keys, missing bucket, a prefix another mirror claimed) stop the start
+//!   with one clear line.
+//!
+//! Skips (`SKIPPED <test>: <reason>`) without `scripts/s3-server`'s Garage, and fails instead
+//! under `CACHALOT_E2E_LOCAL=required`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cachalot_registry::config::{ClusterConfig, Config, S3Config};
+use cachalot_registry::store::shared::SharedStore;
+use cachalot_registry::upstream::peers::rendezvous_order;
+use cachalot_testkit::distribution::Distribution;
+use cachalot_testkit::fault::{Fault, FaultProxy, FaultRule, Kind};
+use cachalot_testkit::image::{docker_image, sha256_digest, TestImage};
+use cachalot_testkit::prerequisites;
+use cachalot_testkit::round_robin::RoundRobin;
+use cachalot_testkit::s3::{garage_binary, Garage};
+use common::{
+    client, eventually, get_manifest, pull_verified, tags_never_revalidate, Process, MIB,
+};
+
+/// Whether Garage is there; otherwise skip, or fail when the suite is required.
+fn prerequisites_or_skip(test: &str) -> bool {
+    prerequisites::run_or_skip(test, garage_binary().err().map(|e| e.to_string()))
+}
+
+/// Garage, the upstream behind the fault proxy, and the settings every replica shares.
+struct Scene {
+    garage: Garage,
+    upstream: Distribution,
+    fault: FaultProxy,
+    dir: tempfile::TempDir,
+    s3: S3Config,
+    /// Each replica's listen address (fixed, so the peers list is known before any starts).
+    listens: Vec<SocketAddr>,
+    /// Bumped at every restart so each generation starts on empty local disks.
+    generation: u32,
+}
+
+impl Scene {
+    async fn start(replicas: usize) -> Scene {
+        let garage = Garage::start().await.unwrap();
+        let upstream = Distribution::start().await.unwrap();
+        let fault = FaultProxy::start(&upstream.url()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (id, secret) = (dir.path().join("key-id"), dir.path().join("secret"));
+        std::fs::write(&id, garage.access_key_id()).unwrap();
+        std::fs::write(&secret, garage.secret_access_key()).unwrap();
+        let s3 = S3Config {
+            endpoint: Some(garage.endpoint()),
+            bucket: garage.bucket().to_owned(),
+            region: Some(garage.region().to_owned()),
+            prefix: "mirrors/test/".into(),
+            access_key_id_file: Some(id),
+            secret_access_key_file: Some(secret),
+            local_cache_max_size_bytes: None,
+            owner: "test/mirror".into(),
+        };
+        let listens = (0..replicas)
+            .map(|_| {
+                let port = cachalot_testkit::wait::free_port().unwrap();
+                SocketAddr::from(([127, 0, 0, 1], port))
+            })
+            .collect();
+        Scene {
+            garage,
+            upstream,
+            fault,
+            dir,
+            s3,
+            listens,
+            generation: 0,
+        }
+    }
+
+    fn peers(&self) -> Vec<String> {
+        self.listens.iter().map(|a| format!("http://{a}")).collect()
+    }
+
+    /// The config of replica `i`: shared S3 storage, the cluster, tags never revalidated (so
+    /// upstream requests are content fetches only).
+    fn tweak(&self, i: usize) -> impl Fn(&mut Config) + '_ {
+        move |config: &mut Config| {
+            config.storage.s3 = Some(self.s3.clone());
+            config.cluster = Some(ClusterConfig {
+                self_url: format!("http://{}", self.listens[i]),
+                peers: self.peers(),
+                peer_timeout: Duration::from_secs(1),
+            });
+            config.registries.get_mut("docker.io").unwrap().freshness = tags_never_revalidate();
+            config.upstream.circuit_open_for = Duration::from_secs(5);
+        }
+    }
+
+    async fn start_replica(&self, i: usize) -> Process {
+        let storage = self
+            .dir
+            .path()
+            .join(format!("replica-{i}-gen-{}", self.generation));
+        Process::start_at(self.listens[i], &storage, &self.fault.url(), self.tweak(i))
+            .await
+            .unwrap_or_else(|log| panic!("replica {i} did not start:\n{log}"))
+    }
+
+    async fn start_replicas(&mut self) -> Vec<Process> {
+        self.generation += 1;
+        let mut replicas = Vec::new();
+        for i in 0..self.listens.len() {
+            replicas.push(self.start_replica(i).await);
+        }
+        replicas
+    }
+
+    async fn push(&self, repo: &str, img: &TestImage) {
+        cachalot_testkit::image::push(&self.upstream.url(), repo, "1", img)
+            .await
+            .unwrap();
+    }
+
+    /// A client of the bucket prefix, to look at what the replicas left there.
+    fn bucket(&self) -> SharedStore {
+        SharedStore::from_config(&self.s3).unwrap()
+    }
+
+    /// Waits until the bucket holds every blob of `img`, whole.
+    async fn published(&self, img: &TestImage) {
+        let bucket = self.bucket();
+        eventually(Duration::from_secs(30), "every blob in the bucket", || {
+            let bucket = bucket.clone();
+            async move {
+                let mut all = true;
+                for blob in img.all_blobs() {
+                    let digest = blob.digest.parse().unwrap();
+                    all &= bucket.blob_size(&digest).await.unwrap() == Some(blob.size);
+                }
+                all
+            }
+        })
+        .await;
+    }
+}
+
+/// Every blob object in the bucket is whole: its bytes hash to its name.
+async fn bucket_holds_only_verified_blobs(bucket: &SharedStore) -> usize {
+    let objects = bucket.list("blobs/").await.unwrap();
+    for object in &objects {
+        let hex = object.key.rsplit('/').next().unwrap();
+        let digest = format!("sha256:{hex}").parse().unwrap();
+        let mut blob = bucket.get_blob(&digest, None).await.unwrap().unwrap();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = futures::StreamExt::next(&mut blob.body).await {
+            bytes.extend_from_slice(&chunk.unwrap());
+        }
+        assert_eq!(
+            sha256_digest(&bytes),
+            format!("sha256:{hex}"),
+            "{} in the bucket is not what its name says",
+            object.key
+        );
+    }
+    objects.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_fetch_each_object_once_and_keep_the_cache_across_restarts() {
+    if !prerequisites_or_skip(
+        "three_replicas_fetch_each_object_once_and_keep_the_cache_across_restarts",
+    ) {
+        return;
+    }
+    let mut scene = Scene::start(3).await;
+    // One layer past the multipart threshold (8 MiB), so both upload paths run.
+    let img = docker_image(41, &[12 * MIB, 3 * MIB, MIB, 256 * 1024]).unwrap();
+    scene.push("library/app", &img).await;
+    let replicas = scene.start_replicas().await;
+    let service = RoundRobin::start(replicas.iter().map(|r| r.addr).collect())
+        .await
+        .unwrap();
+
+    let pulls: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, img) = (service.url(), img.clone());
+            tokio::spawn(async move { pull_verified(&url, "library/app", &img).await })
+        })
+        .collect();
+    for pull in pulls {
+        pull.await.unwrap();
+    }
+    let counts = scene.fault.handle().counts();
+    let blob_bytes = scene.fault.handle().body_bytes()[&Kind::Blob];
+    let image_bytes: u64 = img.all_blobs().iter().map(|b| b.size).sum();
+    eprintln!(
+        "8 clients x 3 replicas: {} blob GETs for {} blobs, upstream blob bytes {:.2}x the image, {} manifest GETs, connections per replica {:?}",
+        counts.get("GET", Kind::Blob),
+        img.all_blobs().len(),
+        blob_bytes as f64 / image_bytes as f64,
+        counts.get("GET", Kind::Manifest),
+        service.accepted()
+    );
+    assert_eq!(counts.get("GET", Kind::Blob), img.all_blobs().len() as u64);
+    assert_eq!(
+        blob_bytes, image_bytes,
+        "upstream blob bytes = 1.00x the image"
+    );
+    assert_eq!(
+        counts.get("GET", Kind::Manifest),
+        1,
+        "one tag GET for the set"
+    );
+    assert!(
+        service.accepted().iter().all(|n| *n > 0),
+        "every replica took clients: {:?}",
+        service.accepted()
+    );
+
+    // Every replica restarted, on empty local disks: the bucket still has everything.
+    scene.published(&img).await;
+    for replica in replicas {
+        replica.terminate().await;
+    }
+    scene.fault.handle().reset_counts();
+    let replicas = scene.start_replicas().await;
+    for replica in &replicas {
+        let caches = pull_verified(&replica.url(), "library/app", &img).await;
+        assert!(caches.iter().all(|c| c == "HIT"), "{caches:?}");
+    }
+    assert_eq!(
+        scene.fault.handle().counts().total(),
+        0,
+        "nothing asked upstream after the restart"
+    );
+    assert_eq!(
+        bucket_holds_only_verified_blobs(&scene.bucket()).await,
+        img.all_blobs().len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blob_cached_through_one_replica_is_served_by_another_without_the_upstream() {
+    if !prerequisites_or_skip(
+        "a_blob_cached_through_one_replica_is_served_by_another_without_the_upstream",
+    ) {
+        return;
+    }
+    let mut scene = Scene::start(3).await;
+    let img = docker_image(42, &[2 * MIB, 512 * 1024]).unwrap();
+    scene.push("library/one", &img).await;
+    let replicas = scene.start_replicas().await;
+    pull_verified(&replicas[0].url(), "library/one", &img).await;
+    scene.published(&img).await;
+    scene.fault.handle().reset_counts();
+    let layer = &img.layers()[0];
+    let response = client()
+        .get(format!(
+            "{}/v2/library/one/blobs/{}",
+            replicas[2].url(),
+            layer.digest
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-cache"], "HIT");
+    assert_eq!(
+        sha256_digest(&response.bytes().await.unwrap()),
+        layer.digest
+    );
+    assert_eq!(scene.fault.handle().counts().total(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupt_upstream_bytes_never_land_in_the_bucket() {
+    if !prerequisites_or_skip("corrupt_upstream_bytes_never_land_in_the_bucket") {
+        return;
+    }
+    let mut scene = Scene::start(2).await;
+    // Past the multipart threshold: a multipart upload must not be completed either.
+    let img = docker_image(43, &[9 * MIB]).unwrap();
+    scene.push("library/bad", &img).await;
+    let replicas = scene.start_replicas().await;
+    let layer = img.layers()[0].clone();
+    scene.fault.handle().add_fault(
+        FaultRule::new(Fault::Corrupt { at: 5 * MIB })
+            .kind(Kind::Blob)
+            .path_contains(&layer.digest),
+    );
+    for replica in &replicas {
+        let response = client()
+            .get(format!(
+                "{}/v2/library/bad/blobs/{}",
+                replica.url(),
+                layer.digest
+            ))
+            .send()
+            .await
+            .unwrap();
+        // The status went out before the last byte; the body must not complete as the blob.
+        let body = response.bytes().await;
+        assert!(
+            body.is_err() || sha256_digest(&body.unwrap()) != layer.digest,
+            "a corrupt body was served whole"
+        );
+    }
+    // Every client's body failed, so every flight has ended: nothing is left to publish.
+    let digest = layer.digest.parse().unwrap();
+    let bucket = scene.bucket();
+    assert!(scene.fault.handle().counts().get("GET", Kind::Blob) >= 1);
+    assert_eq!(bucket.blob_size(&digest).await.unwrap(), None);
+    assert_eq!(bucket_holds_only_verified_blobs(&bucket).await, 0);
+
+    // Once the upstream is healthy again the blob is fetched, verified and published.
+    scene.fault.handle().clear_faults();
+    pull_verified(&replicas[1].url(), "library/bad", &img).await;
+    scene.published(&img).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn owner_killed_mid_fetch_leaves_clients_served_and_nothing_partial() {
+    if !prerequisites_or_skip("owner_killed_mid_fetch_leaves_clients_served_and_nothing_partial") {
+        return;
+    }
+    let mut scene = Scene::start(3).await;
+    let img = docker_image(44, &[24 * MIB]).unwrap();
+    scene.push("library/big", &img).await;
+    let mut replicas: Vec<Option<Process>> =
+        scene.start_replicas().await.into_iter().map(Some).collect();
+    let layer = img.layers()[0].clone();
+    let peers = scene.peers();
+    let owner_url = rendezvous_order(&layer.digest, &peers)[0].to_owned();
+    let owner = peers.iter().position(|p| *p == owner_url).unwrap();
+    // The manifest first (not part of the race).
+    let others: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
+    let m = get_manifest(
+        &replicas[others[0]].as_ref().unwrap().url(),
+        "library/big",
+        "1",
+    )
+    .await;
+    assert_eq!(m.status(), 200);
+    // The owner's upstream body stalls after 10 MiB, long enough to kill it half way.
+    scene.fault.handle().add_fault(
+        FaultRule::new(Fault::Stall {
+            after: 10 * MIB,
+            pause: Duration::from_secs(20),
+        })
+        .kind(Kind::Blob)
+        .path_contains(&layer.digest)
+        .times(1),
+    );
+    let clients: Vec<_> = others
+        .iter()
+        .flat_map(|i| {
+            let url = format!(
+                "{}/v2/library/big/blobs/{}",
+                replicas[*i].as_ref().unwrap().url(),
+                layer.digest
+            );
+            [url.clone(), url]
+        })
+        .map(|url| {
+            tokio::spawn(async move {
+                let response = client().get(url).send().await.unwrap();
+                let status = response.status();
+                (status, response.bytes().await.map(|b| sha256_digest(&b)))
+            })
+        })
+        .collect();
+    // Kill the owner once the stall holds its fetch half way.
+    let fault = scene.fault.handle();
+    eventually(
+        Duration::from_secs(20),
+        "the owner's upstream body under way",
+        || {
+            let fault = fault.clone();
+            async move { fault.body_bytes().get(&Kind::Blob).copied().unwrap_or(0) >= 10 * MIB }
+        },
+    )
+    .await;
+    replicas[owner].take().unwrap().kill();
+    for client in clients {
+        let (status, digest) = client.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(digest.unwrap(), layer.digest, "a client got a broken blob");
+    }
+    // Nothing partial in the bucket; the layer appears whole once a survivor published it.
+    let bucket = scene.bucket();
+    assert!(bucket_holds_only_verified_blobs(&bucket).await <= 1);
+    let digest = layer.digest.parse().unwrap();
+    eventually(Duration::from_secs(30), "the layer in the bucket", || {
+        let bucket = bucket.clone();
+        let digest = &digest;
+        async move { bucket.blob_size(digest).await.unwrap() == Some(layer.size) }
+    })
+    .await;
+    assert_eq!(bucket_holds_only_verified_blobs(&bucket).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_s3_engine_stopped_hot_blobs_serve_and_everything_else_is_a_503() {
+    if !prerequisites_or_skip(
+        "with_the_s3_engine_stopped_hot_blobs_serve_and_everything_else_is_a_503",
+    ) {
+        return;
+    }
+    let mut scene = Scene::start(1).await;
+    let hot = docker_image(45, &[MIB]).unwrap();
+    let cold = docker_image(46, &[MIB]).unwrap();
+    scene.push("library/hot", &hot).await;
+    scene.push("library/cold", &cold).await;
+    let replicas = scene.start_replicas().await;
+    let url = replicas[0].url();
+    pull_verified(&url, "library/hot", &hot).await;
+    scene.published(&hot).await;
+    scene.garage.stop().await.unwrap();
+
+    let caches = pull_verified(&url, "library/hot", &hot).await;
+    assert!(caches.iter().all(|c| c == "HIT"), "{caches:?}");
+    let started = std::time::Instant::now();
+    let m = get_manifest(&url, "library/cold", "1").await;
+    assert_eq!(m.status(), 503);
+    let body: serde_json::Value = m.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "STORAGE_UNAVAILABLE", "{body}");
+    let blob = client()
+        .get(format!(
+            "{url}/v2/library/cold/blobs/{}",
+            cold.layers()[0].digest
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(blob.status(), 503);
+    eprintln!("503s answered within {:?} of asking", started.elapsed());
+    assert_eq!(
+        scene.fault.handle().counts().get("GET", Kind::Blob),
+        hot.all_blobs().len() as u64,
+        "nothing fetched upstream behind the bucket's back"
+    );
+    let ready = client().get(format!("{url}/readyz")).send().await.unwrap();
+    assert_eq!(
+        ready.status(),
+        200,
+        "still alive:\n{}",
+        replicas[0].log_tail()
+    );
+
+    // The engine back: the cold image is fetched and served.
+    scene.garage.restart().await.unwrap();
+    pull_verified(&url, "library/cold", &cold).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_s3_settings_stop_the_start_with_one_line() {
+    if !prerequisites_or_skip("bad_s3_settings_stop_the_start_with_one_line") {
+        return;
+    }
+    let scene = Scene::start(1).await;
+    let wrong_secret = scene.dir.path().join("wrong-secret");
+    std::fs::write(&wrong_secret, "0".repeat(64)).unwrap();
+    let start = |s3: S3Config| {
+        let storage: PathBuf = scene.dir.path().join("bad");
+        let listen = scene.listens[0];
+        let upstream = scene.fault.url();
+        async move {
+            Process::start_at(listen, &storage, &upstream, move |c: &mut Config| {
+                c.storage.s3 = Some(s3.clone());
+            })
+            .await
+        }
+    };
+    let cases = [
+        (
+            S3Config {
+                secret_access_key_file: Some(wrong_secret.clone()),
+                ..scene.s3.clone()
+            },
+            "storage.s3",
+        ),
+        (
+            S3Config {
+                bucket: "no-such-bucket".into(),
+                ..scene.s3.clone()
+            },
+            "storage.s3",
+        ),
+        (
+            S3Config {
+                endpoint: Some("http://127.0.0.1:9".into()),
+                ..scene.s3.clone()
+            },
+            "storage.s3",
+        ),
+    ];
+    for (s3, expected) in cases {
+        let log = match start(s3.clone()).await {
+            Ok(_) => panic!("started with {s3:?}"),
+            Err(log) => log,
+        };
+        assert!(log.contains(expected), "{s3:?}:\n{log}");
+    }
+    // The first mirror claims the prefix; a second owner is refused.
+    let first = start(scene.s3.clone()).await.unwrap();
+    first.terminate().await;
+    let log = match start(S3Config {
+        owner: "someone/else".into(),
+        ..scene.s3.clone()
+    })
+    .await
+    {
+        Ok(_) => panic!("a second mirror started on a claimed prefix"),
+        Err(log) => log,
+    };
+    assert!(log.contains("belongs to mirror `test/mirror`"), "{log}");
+}
