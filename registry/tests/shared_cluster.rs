@@ -237,6 +237,16 @@ async fn three_replicas_fetch_each_object_once_and_keep_the_cache_across_restart
     }
     scene.fault.handle().reset_counts();
     let replicas = scene.start_replicas().await;
+    // A replica that has served nothing yet lists the bucket's repositories.
+    let catalog: serde_json::Value = client()
+        .get(format!("{}/v2/_catalog", replicas[0].url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(catalog["repositories"], serde_json::json!(["library/app"]));
     for replica in &replicas {
         let caches = pull_verified(&replica.url(), "library/app", &img).await;
         assert!(caches.iter().all(|c| c == "HIT"), "{caches:?}");

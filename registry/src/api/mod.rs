@@ -178,7 +178,7 @@ async fn handle(
     let forwarded = headers.contains_key(upstream::FORWARDED_BY);
     match route {
         Route::Base => Ok(([(header::CONTENT_TYPE, "application/json")], "{}").into_response()),
-        Route::Catalog => Ok(catalog(state, upstream.name(), query)),
+        Route::Catalog => Ok(catalog(state, upstream.name(), query).await),
         Route::Tags { name } => tags(state, upstream, &name, query).await,
         Route::Manifest { name, reference } => {
             let name = normalise(name);
@@ -555,8 +555,23 @@ async fn tags(
     Ok(response)
 }
 
-fn catalog(state: &AppState, registry: &str, query: &Query) -> Response {
-    let all = state.proxy.inner().store.repositories(registry);
+/// The cached repositories: the local store's, and with a shared tier the bucket's too (when the
+/// bucket cannot be listed, the local ones alone).
+async fn catalog(state: &AppState, registry: &str, query: &Query) -> Response {
+    let inner = state.proxy.inner();
+    let mut all = inner.store.repositories(registry);
+    if let Some(shared) = &inner.shared {
+        match shared.repositories(registry).await {
+            Ok(remote) => {
+                all.extend(remote);
+                all.sort();
+                all.dedup();
+            }
+            Err(e) => {
+                tracing::info!(registry, error = %e, "catalog: the shared storage cannot be listed; local repositories only")
+            }
+        }
+    }
     let start = match &query.last {
         Some(last) => all.partition_point(|r| r <= last),
         None => 0,
