@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cachalot_registry::config::{ClusterConfig, Config, S3Config};
+use cachalot_registry::config::{ClusterConfig, Config, FreshnessRule, S3Config};
 use cachalot_registry::store::shared::SharedStore;
 use cachalot_registry::upstream::peers::rendezvous_order;
 use cachalot_testkit::distribution::Distribution;
@@ -33,7 +33,7 @@ use cachalot_testkit::prerequisites;
 use cachalot_testkit::round_robin::RoundRobin;
 use cachalot_testkit::s3::{garage_binary, Garage};
 use common::{
-    client, eventually, get_manifest, pull_verified, tags_never_revalidate, Process, MIB,
+    client, eventually, fresh_for, get_manifest, pull_verified, tags_never_revalidate, Process, MIB,
 };
 
 /// Whether Garage is there; otherwise skip, or fail when the suite is required.
@@ -52,6 +52,9 @@ struct Scene {
     listens: Vec<SocketAddr>,
     /// Bumped at every restart so each generation starts on empty local disks.
     generation: u32,
+    /// Tag freshness of every replica (default: never revalidated, so upstream requests are
+    /// content fetches only).
+    freshness: Vec<FreshnessRule>,
 }
 
 impl Scene {
@@ -87,6 +90,7 @@ impl Scene {
             s3,
             listens,
             generation: 0,
+            freshness: tags_never_revalidate(),
         }
     }
 
@@ -94,8 +98,7 @@ impl Scene {
         self.listens.iter().map(|a| format!("http://{a}")).collect()
     }
 
-    /// The config of replica `i`: shared S3 storage, the cluster, tags never revalidated (so
-    /// upstream requests are content fetches only).
+    /// The config of replica `i`: shared S3 storage, the cluster, the scene's freshness.
     fn tweak(&self, i: usize) -> impl Fn(&mut Config) + '_ {
         move |config: &mut Config| {
             config.storage.s3 = Some(self.s3.clone());
@@ -104,7 +107,7 @@ impl Scene {
                 peers: self.peers(),
                 peer_timeout: Duration::from_secs(1),
             });
-            config.registries.get_mut("docker.io").unwrap().freshness = tags_never_revalidate();
+            config.registries.get_mut("docker.io").unwrap().freshness = self.freshness.clone();
             config.upstream.circuit_open_for = Duration::from_secs(5);
         }
     }
@@ -260,6 +263,75 @@ async fn three_replicas_fetch_each_object_once_and_keep_the_cache_across_restart
         bucket_holds_only_verified_blobs(&scene.bucket()).await,
         img.all_blobs().len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_tag_is_revalidated_once_for_the_whole_replica_set() {
+    if !prerequisites_or_skip("an_expired_tag_is_revalidated_once_for_the_whole_replica_set") {
+        return;
+    }
+    let mut scene = Scene::start(3).await;
+    scene.freshness = vec![fresh_for("*", Duration::from_secs(3600))];
+    let img = docker_image(47, &[256 * 1024]).unwrap();
+    scene.push("library/tagged", &img).await;
+    let replicas = scene.start_replicas().await;
+    for replica in &replicas {
+        pull_verified(&replica.url(), "library/tagged", &img).await;
+    }
+    // Every copy of the tag record (each replica's and the bucket's) last checked long ago.
+    let bucket = scene.bucket();
+    let (name, tag) = ("library/tagged".parse().unwrap(), "1".parse().unwrap());
+    eventually(
+        Duration::from_secs(10),
+        "the tag record in the bucket",
+        || async {
+            bucket
+                .read_tag("docker.io", &name, &tag)
+                .await
+                .unwrap()
+                .is_some()
+        },
+    )
+    .await;
+    let mut record = bucket
+        .read_tag("docker.io", &name, &tag)
+        .await
+        .unwrap()
+        .unwrap();
+    record.checked_at = 0;
+    bucket
+        .write_tag("docker.io", &name, &tag, &record)
+        .await
+        .unwrap();
+    for replica in &replicas {
+        let file = replica
+            .storage
+            .join("repositories/docker.io/library/tagged/_tags/1.json");
+        std::fs::write(&file, serde_json::to_vec(&record).unwrap()).unwrap();
+    }
+    scene.fault.handle().reset_counts();
+
+    // 4 concurrent requests on each replica.
+    let requests: Vec<_> = replicas
+        .iter()
+        .flat_map(|r| std::iter::repeat_n(r.url(), 4))
+        .map(|url| tokio::spawn(async move { get_manifest(&url, "library/tagged", "1").await }))
+        .collect();
+    for request in requests {
+        let response = request.await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["docker-content-digest"],
+            img.manifest_digest.as_str()
+        );
+    }
+    let counts = scene.fault.handle().counts();
+    assert_eq!(
+        counts.get("HEAD", Kind::Manifest),
+        1,
+        "one revalidation HEAD for 12 requests on 3 replicas"
+    );
+    assert_eq!(counts.get("GET", Kind::Manifest), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
