@@ -3,6 +3,7 @@
 //! upstream behind the counting fault proxy:
 //! - 8 concurrent cold clients through 3 replicas: every pull verified, each blob and the tag's
 //!   manifest fetched from the upstream once (upstream blob bytes = 1.00x the image);
+//! - an expired tag requested concurrently on every replica: one revalidation HEAD for the set;
 //! - a blob cached through one replica is served by another with no upstream request;
 //! - every replica restarted with empty local disks: the cache is still there;
 //! - corrupt upstream bytes never land in the bucket;
