@@ -5,6 +5,7 @@
 //!   manifest fetched from the upstream once (upstream blob bytes = 1.00x the image);
 //! - an expired tag requested concurrently on every replica: one revalidation HEAD for the set;
 //! - a blob cached through one replica is served by another with no upstream request;
+//! - a peer answering garbage is treated as down (the pull goes to the upstream);
 //! - every replica restarted with empty local disks: the cache is still there;
 //! - corrupt upstream bytes never land in the bucket;
 //! - the owner replica killed with SIGKILL mid-fetch: clients on the others still get verified
@@ -56,6 +57,8 @@ struct Scene {
     /// Tag freshness of every replica (default: never revalidated, so upstream requests are
     /// content fetches only).
     freshness: Vec<FreshnessRule>,
+    /// Peers that are not replicas started here (a fake that answers garbage).
+    extra_peers: Vec<String>,
 }
 
 impl Scene {
@@ -92,11 +95,13 @@ impl Scene {
             listens,
             generation: 0,
             freshness: tags_never_revalidate(),
+            extra_peers: Vec::new(),
         }
     }
 
     fn peers(&self) -> Vec<String> {
-        self.listens.iter().map(|a| format!("http://{a}")).collect()
+        let started = self.listens.iter().map(|a| format!("http://{a}"));
+        started.chain(self.extra_peers.iter().cloned()).collect()
     }
 
     /// The config of replica `i`: shared S3 storage, the cluster, the scene's freshness.
@@ -333,6 +338,43 @@ async fn an_expired_tag_is_revalidated_once_for_the_whole_replica_set() {
         "one revalidation HEAD for 12 requests on 3 replicas"
     );
     assert_eq!(counts.get("GET", Kind::Manifest), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_answering_garbage_is_treated_as_down() {
+    if !prerequisites_or_skip("a_peer_answering_garbage_is_treated_as_down") {
+        return;
+    }
+    let mut scene = Scene::start(1).await;
+    // The "peer": an HTTP server answering every request with a login page.
+    let garbage = FaultProxy::start(&scene.upstream.url()).await.unwrap();
+    garbage.handle().add_fault(FaultRule::new(Fault::Respond {
+        status: 200,
+        content_type: "text/html".into(),
+        body: "<html>please log in</html>".into(),
+    }));
+    scene.extra_peers.push(garbage.url());
+    // Ownership depends on the (random) ports: pick an image the fake peer owns part of.
+    let peers = scene.peers();
+    let owned_by_garbage = |img: &TestImage| {
+        std::iter::once("docker.io/library/junk:1".to_owned())
+            .chain(img.all_blobs().iter().map(|b| b.digest.clone()))
+            .any(|key| rendezvous_order(&key, &peers)[0] == garbage.url())
+    };
+    let img = (48..148)
+        .map(|seed| docker_image(seed, &[MIB, 512 * 1024, 256 * 1024]).unwrap())
+        .find(owned_by_garbage)
+        .expect("one of 100 images has a key the fake peer owns");
+    scene.push("library/junk", &img).await;
+    let replicas = scene.start_replicas().await;
+    pull_verified(&replicas[0].url(), "library/junk", &img).await;
+    // The first forwarded request met the garbage; its circuit then kept the rest away.
+    assert_eq!(
+        garbage.handle().counts().total(),
+        1,
+        "{:?}",
+        garbage.handle().requests()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

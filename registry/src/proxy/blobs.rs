@@ -465,6 +465,9 @@ async fn fetch(
         }
     }
     if &actual != digest {
+        if body.is_peer() {
+            upstream.peer_answered_garbage("a blob that does not match its digest");
+        }
         return Err(ProxyError::DigestMismatch {
             registry,
             expected: digest.clone(),
@@ -654,10 +657,23 @@ async fn open_body(
     let response = upstream
         .send(Method::GET, repo, Target::Blob(digest))
         .await?;
-    let from_upstream = !upstream.answered_by_peer(&response);
+    let from_peer = upstream.answered_by_peer(&response);
+    // A cachalot always names the blob it sends; anything else (a login page, a proxy's error
+    // page) is not read at all.
+    if from_peer && upstream::content_digest(&response).as_ref() != Some(digest) {
+        if let Some(fallback) = upstream.peer_answered_garbage("a blob without its digest") {
+            let response = fallback
+                .send(Method::GET, repo, Target::Blob(digest))
+                .await?;
+            return Ok(Body::Http {
+                response,
+                upstream: true,
+            });
+        }
+    }
     Ok(Body::Http {
         response,
-        upstream: from_upstream,
+        upstream: !from_peer,
     })
 }
 

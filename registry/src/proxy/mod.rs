@@ -79,6 +79,10 @@ pub enum ProxyError {
     Internal(String),
     #[error("shared storage unavailable: {0}")]
     Shared(Arc<SharedStoreError>),
+    /// A peer replica answered with something no cachalot sends (never reaches a client: the
+    /// upstream is asked instead).
+    #[error("peer answered garbage: {0}")]
+    PeerGarbage(String),
 }
 
 impl From<SharedStoreError> for ProxyError {
@@ -188,7 +192,7 @@ impl ProxyError {
                 msg,
             )
             .with_retry_after(Some("5".into())),
-            ProxyError::Store(_) | ProxyError::Internal(_) => {
+            ProxyError::Store(_) | ProxyError::Internal(_) | ProxyError::PeerGarbage(_) => {
                 OciError::new(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown, msg)
             }
         }
@@ -1029,9 +1033,35 @@ async fn revalidate(
     Ok(current)
 }
 
+/// GETs a manifest (see [`fetch_manifest_from`]); a peer that answers with garbage is treated
+/// as down and the upstream asked instead.
+async fn fetch_manifest(
+    inner: &Arc<ProxyInner>,
+    upstream: &Arc<Upstream>,
+    repo: &RepositoryName,
+    reference: &crate::oci::Reference,
+    expected: Option<&Digest>,
+) -> Result<Fetched, ProxyError> {
+    match fetch_manifest_from(inner, upstream, repo, reference, expected).await {
+        Err(ProxyError::PeerGarbage(what)) => match upstream.peer_answered_garbage(&what) {
+            Some(fallback) => fetch_manifest_from(inner, fallback, repo, reference, expected).await,
+            None => Err(ProxyError::Internal(what)),
+        },
+        Err(
+            e @ (ProxyError::DigestMismatch { .. }
+            | ProxyError::ManifestTooLarge { .. }
+            | ProxyError::NoDigest { .. }),
+        ) if upstream.is_peer() => match upstream.peer_answered_garbage(&e.to_string()) {
+            Some(fallback) => fetch_manifest_from(inner, fallback, repo, reference, expected).await,
+            None => Err(e),
+        },
+        result => result,
+    }
+}
+
 /// GETs a manifest, verifies it (against the requested digest, or the upstream's
 /// `Docker-Content-Digest` for a tag) and caches it.
-async fn fetch_manifest(
+async fn fetch_manifest_from(
     inner: &Arc<ProxyInner>,
     upstream: &Arc<Upstream>,
     repo: &RepositoryName,
@@ -1046,6 +1076,14 @@ async fn fetch_manifest(
         upstream::content_type(&response).unwrap_or_else(|| media::DOCKER_MANIFEST_V2.to_owned());
     let header_digest = upstream::content_digest(&response);
     let from_peer = upstream.answered_by_peer(&response);
+    // A cachalot always names the manifest it sends.
+    if from_peer
+        && (header_digest.is_none() || expected.is_some_and(|e| header_digest.as_ref() != Some(e)))
+    {
+        return Err(ProxyError::PeerGarbage(
+            "a manifest without its digest".into(),
+        ));
+    }
     let bytes = read_manifest_body(&registry, response, inner.body_idle_timeout).await?;
     if !from_peer {
         inner.telemetry.add_upstream_bytes(bytes.len() as u64);

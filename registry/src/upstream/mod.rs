@@ -396,6 +396,16 @@ impl Upstream {
         }
     }
 
+    /// A peer answered with something no cachalot sends (no or the wrong digest, bytes that do
+    /// not verify): it is treated as down (its circuit opens) and `None` is returned for a real
+    /// upstream, else the fallback to use instead.
+    pub fn peer_answered_garbage(&self, what: &str) -> Option<&Arc<Upstream>> {
+        let peer = self.peer.as_ref()?;
+        tracing::warn!(peer = %self.base, registry = %self.name, what, "peer answered garbage; treating it as down");
+        self.circuit.failure(Instant::now());
+        Some(&peer.fallback)
+    }
+
     /// Whether `response` came from this replica's peer (not from its fallback upstream).
     pub fn answered_by_peer(&self, response: &reqwest::Response) -> bool {
         self.peer.is_some() && response.url().as_str().starts_with(&self.base)
