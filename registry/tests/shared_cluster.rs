@@ -408,6 +408,42 @@ async fn a_blob_cached_through_one_replica_is_served_by_another_without_the_upst
         layer.digest
     );
     assert_eq!(scene.fault.handle().counts().total(), 0);
+
+    // A copy in the bucket that rotted: never served whole, removed, then fetched again.
+    let config = &img.config().unwrap();
+    let digest = config.digest.parse().unwrap();
+    let rotten = scene.dir.path().join("rotten");
+    let mut bytes = config.read_all().unwrap().to_vec();
+    bytes[0] ^= 0xff;
+    std::fs::write(&rotten, &bytes).unwrap();
+    let bucket = scene.bucket();
+    bucket
+        .put_blob_file(&digest, &rotten, config.size)
+        .await
+        .unwrap();
+    // A replica that has not seen the config: not the one that pulled, not its owner.
+    let peers = scene.peers();
+    let owner = rendezvous_order(&config.digest, &peers)[0];
+    let fresh = (1..3).find(|i| peers[*i] != owner).unwrap();
+    let url = format!(
+        "{}/v2/library/one/blobs/{}",
+        replicas[fresh].url(),
+        config.digest
+    );
+    let first = client().get(&url).send().await.unwrap().bytes().await;
+    assert!(
+        first.is_err() || sha256_digest(&first.unwrap()) != config.digest,
+        "the rotten copy was served whole"
+    );
+    eventually(Duration::from_secs(10), "the rotten copy removed", || {
+        let bucket = bucket.clone();
+        let digest = &digest;
+        async move { bucket.blob_size(digest).await.unwrap().is_none() }
+    })
+    .await;
+    let again = client().get(&url).send().await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(sha256_digest(&again.bytes().await.unwrap()), config.digest);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -468,6 +468,16 @@ async fn fetch(
         if body.is_peer() {
             upstream.peer_answered_garbage("a blob that does not match its digest");
         }
+        if matches!(body, Body::Shared(_)) {
+            // A copy in the bucket that does not verify (bit rot, a foreign writer): removed, so
+            // the next request fetches it again instead of failing on it forever.
+            inner.discard_shared_blob(digest);
+            return Err(ProxyError::DigestMismatch {
+                registry: "shared storage".into(),
+                expected: digest.clone(),
+                actual,
+            });
+        }
         return Err(ProxyError::DigestMismatch {
             registry,
             expected: digest.clone(),

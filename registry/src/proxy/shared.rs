@@ -55,7 +55,13 @@ impl ProxyInner {
         let Some(m) = shared.read_manifest(digest).await? else {
             return Ok(None);
         };
-        if let Err(e) = self.store.write_manifest(digest, &m.media_type, &m.bytes) {
+        let (store, d, kept) = (Arc::clone(&self.store), digest.clone(), m.clone());
+        let written = tokio::task::spawn_blocking(move || {
+            store.write_manifest(&d, &kept.media_type, &kept.bytes)
+        })
+        .await
+        .map_err(|e| ProxyError::Internal(format!("manifest write task failed: {e}")))?;
+        if let Err(e) = written {
             self.note_cache_write_failure("shared", "manifest", &e);
         }
         Ok(Some(m))
@@ -144,6 +150,21 @@ impl ProxyInner {
             if let Err(e) = shared.write_manifest(&digest, &media_type, &bytes).await {
                 telemetry.add_cache_write_failure(&registry);
                 tracing::warn!(%registry, %digest, error = %e, "cannot publish a manifest to the shared storage");
+            }
+        });
+    }
+
+    /// Removes a blob from the shared tier in the background (its copy there did not verify).
+    pub fn discard_shared_blob(&self, digest: &Digest) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let digest = digest.clone();
+        tracing::warn!(%digest, "the shared storage holds a copy of this blob that does not match its digest; removing it");
+        self.shared_writes.spawn(async move {
+            let key = crate::store::shared::blob_key(&digest);
+            if let Err(e) = shared.delete(&key).await {
+                tracing::warn!(%digest, error = %e, "cannot remove a corrupt blob from the shared storage");
             }
         });
     }
