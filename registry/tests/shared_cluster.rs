@@ -444,6 +444,27 @@ async fn a_blob_cached_through_one_replica_is_served_by_another_without_the_upst
     let again = client().get(&url).send().await.unwrap();
     assert_eq!(again.status(), 200);
     assert_eq!(sha256_digest(&again.bytes().await.unwrap()), config.digest);
+
+    // The same for a manifest: a rotten copy is a miss (and is replaced), never an answer.
+    let digest = img.manifest_digest.parse().unwrap();
+    bucket
+        .write_manifest(&digest, "application/x-rotten", b"{\"not\":\"it\"}")
+        .await
+        .unwrap();
+    let tag_owner = rendezvous_order("docker.io/library/one:1", &peers)[0];
+    let fresh = (1..3).find(|i| peers[*i] != tag_owner).unwrap();
+    let m = get_manifest(&replicas[fresh].url(), "library/one", &img.manifest_digest).await;
+    assert_eq!(m.status(), 200);
+    assert_eq!(
+        sha256_digest(&m.bytes().await.unwrap()),
+        img.manifest_digest
+    );
+    eventually(Duration::from_secs(10), "the rotten manifest gone", || {
+        let bucket = bucket.clone();
+        let digest = &digest;
+        async move { bucket.read_manifest(digest).await.is_ok() }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use super::{ProxyError, ProxyInner};
 use crate::oci::{Digest, RepositoryName, Tag};
+use crate::store::shared::{manifest_key, SharedStoreError};
 use crate::store::{StoredManifest, TagRecord};
 
 /// Background writes to the shared tier still running.
@@ -52,8 +53,21 @@ impl ProxyInner {
         let Some(shared) = &self.shared else {
             return Ok(None);
         };
-        let Some(m) = shared.read_manifest(digest).await? else {
-            return Ok(None);
+        let m = match shared.read_manifest(digest).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(None),
+            // A copy that does not verify is removed and treated as missing: fetched again.
+            Err(e @ SharedStoreError::Corrupt { .. }) => {
+                tracing::warn!(%digest, error = %e, "removing a corrupt manifest from the shared storage");
+                let (shared, key) = (shared.clone(), manifest_key(digest));
+                self.shared_writes.spawn(async move {
+                    if let Err(e) = shared.delete(&key).await {
+                        tracing::warn!(key, error = %e, "cannot remove a corrupt manifest from the shared storage");
+                    }
+                });
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
         };
         let (store, d, kept) = (Arc::clone(&self.store), digest.clone(), m.clone());
         let written = tokio::task::spawn_blocking(move || {
