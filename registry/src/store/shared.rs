@@ -190,40 +190,11 @@ impl SharedStore {
     }
 
     /// The S3 client a validated config describes: path-style requests, plain HTTP allowed for
-    /// an `http://` endpoint, keys from their files or the AWS environment. Sends no request.
+    /// an `http://` endpoint, keys from their files or the AWS environment, and bounded waits
+    /// ([`client_options`], [`retry_config`]) so an unreachable endpoint is an error within
+    /// seconds. Sends no request.
     pub fn from_config(s3: &S3Config) -> Result<SharedStore, SharedStoreError> {
-        // Installing the process-wide TLS provider twice is harmless; the first one stays.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        // No total request timeout (a large blob may stream for minutes); a connection must be
-        // made in 5 s and data keep flowing (30 s between reads). Retries are bounded to 10 s so
-        // an outage becomes a 503 in seconds, not after object_store's default 3 minutes.
-        let client = object_store::ClientOptions::new()
-            .with_timeout_disabled()
-            .with_connect_timeout(std::time::Duration::from_secs(5))
-            .with_read_timeout(std::time::Duration::from_secs(30));
-        let retry = object_store::RetryConfig {
-            max_retries: 2,
-            retry_timeout: std::time::Duration::from_secs(10),
-            ..object_store::RetryConfig::default()
-        };
-        let mut builder = object_store::aws::AmazonS3Builder::from_env()
-            .with_client_options(client)
-            .with_retry(retry)
-            .with_bucket_name(&s3.bucket)
-            .with_region(s3.region.as_deref().unwrap_or("us-east-1"));
-        if let Some(endpoint) = &s3.endpoint {
-            builder = builder
-                .with_endpoint(endpoint)
-                .with_virtual_hosted_style_request(false)
-                .with_allow_http(endpoint.starts_with("http://"));
-        }
-        if let (Some(id), Some(secret)) = (&s3.access_key_id_file, &s3.secret_access_key_file) {
-            builder = builder
-                .with_access_key_id(read_key_file(id)?)
-                .with_secret_access_key(read_key_file(secret)?);
-        }
-        let client = builder.build().map_err(SharedStoreError::Build)?;
-        Ok(SharedStore::new(Arc::new(client), &s3.prefix))
+        Ok(SharedStore::new(Arc::new(amazon_s3(s3)?), &s3.prefix))
     }
 
     fn path(&self, key: &str) -> Path {
@@ -512,6 +483,83 @@ impl SharedStore {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(SharedStoreError::request("read", path)(e)),
         }
+    }
+}
+
+/// Small bookkeeping objects of the shared tier (`_cachalot/…`), read and written whole by key.
+impl SharedStore {
+    /// Reads the small object at `key` (relative to the prefix) whole; `None` when it is not
+    /// there.
+    pub async fn read_object(&self, key: &str) -> Result<Option<Bytes>, SharedStoreError> {
+        self.get_small(&self.path(key)).await
+    }
+
+    /// Writes `bytes` as the object at `key` (relative to the prefix): one PUT, all or nothing.
+    pub async fn write_object(&self, key: &str, bytes: Vec<u8>) -> Result<(), SharedStoreError> {
+        let path = self.path(key);
+        self.objects
+            .put(&path, PutPayload::from(bytes))
+            .await
+            .map_err(SharedStoreError::request("write", &path))?;
+        Ok(())
+    }
+}
+
+// ---- bounded waits of the S3 client (`from_config`) ----
+
+/// How long to wait for a TCP (and TLS) connection to the object store.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a request may wait for its response to start, or for the next bytes of its body,
+/// before it fails (and is retried). There is deliberately no bound on a whole request: a blob
+/// streamed to a slow client may take minutes, and `object_store` resumes a broken body only
+/// within [`RETRY_TIMEOUT`] of its first attempt, so a total timeout would cut every long stream.
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Retries of a failed request (5xx, connection errors, timeouts of safe requests).
+pub const MAX_RETRIES: usize = 2;
+/// No retry starts later than this after the first attempt, so an outage becomes an error (a
+/// 503) in seconds.
+pub const RETRY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The S3 client of [`SharedStore::from_config`] (also what signs the requests of
+/// `s3_uploads`). Sends no request.
+pub fn amazon_s3(s3: &S3Config) -> Result<object_store::aws::AmazonS3, SharedStoreError> {
+    // Installing the process-wide TLS provider twice is harmless; the first one stays.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = object_store::aws::AmazonS3Builder::from_env()
+        .with_bucket_name(&s3.bucket)
+        .with_region(s3.region.as_deref().unwrap_or("us-east-1"))
+        .with_client_options(client_options())
+        .with_retry(retry_config());
+    if let Some(endpoint) = &s3.endpoint {
+        builder = builder
+            .with_endpoint(endpoint)
+            .with_virtual_hosted_style_request(false)
+            .with_allow_http(endpoint.starts_with("http://"));
+    }
+    if let (Some(id), Some(secret)) = (&s3.access_key_id_file, &s3.secret_access_key_file) {
+        builder = builder
+            .with_access_key_id(read_key_file(id)?)
+            .with_secret_access_key(read_key_file(secret)?);
+    }
+    builder.build().map_err(SharedStoreError::Build)
+}
+
+/// The HTTP client settings of [`SharedStore::from_config`]: a short connect timeout and a
+/// stall timeout instead of `object_store`'s 30 s bound on whole requests. Pure.
+pub fn client_options() -> object_store::ClientOptions {
+    object_store::ClientOptions::new()
+        .with_connect_timeout(CONNECT_TIMEOUT)
+        .with_timeout_disabled()
+        .with_read_timeout(READ_TIMEOUT)
+}
+
+/// The retry policy of [`SharedStore::from_config`]: an outage of the object store surfaces as
+/// an error after a few seconds (`object_store`'s default retries for three minutes). Pure.
+pub fn retry_config() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        max_retries: MAX_RETRIES,
+        retry_timeout: RETRY_TIMEOUT,
+        ..object_store::RetryConfig::default()
     }
 }
 
