@@ -32,6 +32,7 @@ mod index;
 pub mod pin_file;
 pub mod pinning;
 pub mod shared;
+pub mod shared_lru;
 
 use std::collections::HashSet;
 use std::io::Write;

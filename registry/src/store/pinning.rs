@@ -29,7 +29,7 @@ use crate::oci::{media, Digest};
 
 /// How deep an index may nest (index → index → manifest is legal OCI). Bounds the walk over
 /// hostile or cyclic-looking content; real images use one or two levels.
-const MAX_DEPTH: usize = 4;
+pub const MAX_DEPTH: usize = 4;
 
 /// Why a pin pattern was refused. Each variant shows the pattern as written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
