@@ -31,6 +31,7 @@
 mod index;
 pub mod pin_file;
 pub mod pinning;
+pub mod s3_uploads;
 pub mod shared;
 pub mod shared_lru;
 
