@@ -729,6 +729,8 @@ async fn an_s3_mirror_checks_its_secret_then_applies_a_stateful_set_its_peers_se
         expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
         let status = expect_status(&mut h, &object).await;
         assert_eq!(condition(&status, "Ready")["status"], "True");
+        assert_eq!(condition(&status, "CacheShared")["status"], "True");
+        assert_eq!(condition(&status, "CacheShared")["reason"], "SharedStorage");
         expect_event(&mut h, "MirrorReady").await;
         h
     })

@@ -136,7 +136,7 @@ pub struct RegistryMirrorSpec {
 
     /// Number of registry pods. With more than one, a PodDisruptionBudget keeps one available.
     /// With `EmptyDir` or `PersistentVolumeClaim` storage each pod has its own cache and fetches
-    /// from the upstream on its own; `S3` storage shares one.
+    /// from the upstream on its own (condition `CacheShared=False`); `S3` storage shares one.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1, max = 10))]
     pub replicas: i32,
