@@ -421,11 +421,11 @@ fn ca_mounts(objs: &RegistryObjects) -> BTreeMap<String, (String, Vec<String>, S
 }
 
 fn config_hash(objs: &RegistryObjects) -> String {
-    let Workload::Deployment(d) = &objs.workload else {
-        panic!("expected a Deployment")
+    let template = match &objs.workload {
+        Workload::Deployment(d) => &d.spec.template,
+        Workload::StatefulSet(s) => &s.spec.template,
     };
-    d.spec
-        .template
+    template
         .metadata
         .as_ref()
         .unwrap()
@@ -874,4 +874,360 @@ fn malformed_pins_are_refused_naming_the_field() {
             "{bad}"
         );
     }
+}
+
+/// A three-replica mirror on an AWS bucket with a credentials Secret.
+fn s3_mirror() -> RegistryMirror {
+    mirror(serde_json::json!({
+        "registries": [{"name": "docker.io"}],
+        "replicas": 3,
+        "storage": {"type": "S3", "maxSize": "200Gi", "s3": {
+            "bucket": "cachalot-cache", "region": "eu-central-1",
+            "credentialsSecretRef": {"name": "s3-creds"}, "localCacheSize": "4Gi"
+        }}
+    }))
+}
+
+/// The rendered config as one replica loads it: `cluster.self` comes from the pod's
+/// environment, so it is set here the way `--cluster-self` would.
+fn rendered_config_as(objs: &RegistryObjects, self_url: &str) -> RegistryConfig {
+    let text = &objs.config_map.data.as_ref().unwrap()[CONFIG_KEY];
+    let mut config: RegistryConfig = serde_yaml::from_str(text).unwrap();
+    config.cluster.as_mut().unwrap().self_url = self_url.to_string();
+    config.normalise();
+    config.validate().unwrap();
+    config
+}
+
+fn env_of(pod: &PodSpec) -> Vec<(String, String)> {
+    pod.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let value = e.value.clone().unwrap_or_else(|| {
+                let field = e.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
+                format!("fieldRef:{}", field.field_path)
+            });
+            (e.name.clone(), value)
+        })
+        .collect()
+}
+
+#[test]
+fn s3_storage_runs_a_stateful_set_behind_a_headless_peers_service_with_its_own_url_in_the_env() {
+    let (_, objs) = build(&s3_mirror());
+    let objs = objs.unwrap();
+    let Workload::StatefulSet(s) = &objs.workload else {
+        panic!("expected a StatefulSet")
+    };
+    assert_eq!(s.metadata.name.as_deref(), Some("cachalot-hub"));
+    assert_eq!(s.spec.replicas, Some(3));
+    assert_eq!(s.spec.service_name.as_deref(), Some("cachalot-hub-peers"));
+    assert!(
+        s.spec.volume_claim_templates.is_none(),
+        "the bucket is the store; no claims"
+    );
+    let pod = s.spec.template.spec.as_ref().unwrap();
+    assert_eq!(
+        env_of(pod),
+        [
+            ("POD_NAME".to_string(), "fieldRef:metadata.name".to_string()),
+            (
+                "CACHALOT_CLUSTER_SELF".to_string(),
+                "http://$(POD_NAME).cachalot-hub-peers.cachalot.svc:5000".to_string()
+            ),
+        ]
+    );
+    let cache = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "cache")
+        .unwrap();
+    assert_eq!(
+        cache
+            .empty_dir
+            .as_ref()
+            .unwrap()
+            .size_limit
+            .as_ref()
+            .unwrap()
+            .0,
+        "4Gi",
+        "the local read cache is an emptyDir limited to localCacheSize"
+    );
+    let secret = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "s3-credentials")
+        .unwrap();
+    assert_eq!(
+        secret.secret.as_ref().unwrap().secret_name.as_deref(),
+        Some("s3-creds")
+    );
+    let mount = pod.containers[0]
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "s3-credentials")
+        .unwrap();
+    assert_eq!(mount.mount_path, "/etc/cachalot/s3");
+    assert_eq!(mount.read_only, Some(true));
+    let writable: Vec<&str> = pod.containers[0]
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter(|m| m.read_only != Some(true))
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert_eq!(writable, ["/tmp", "/var/lib/cachalot"]);
+
+    let peers = objs.peers_service.as_ref().expect("a peers Service");
+    assert_eq!(peers.metadata.name.as_deref(), Some("cachalot-hub-peers"));
+    let spec = peers.spec.as_ref().unwrap();
+    assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(spec.publish_not_ready_addresses, Some(true));
+    assert_eq!(spec.ports.as_ref().unwrap()[0].port, 5000);
+    assert_eq!(
+        spec.selector, s.spec.selector.match_labels,
+        "the peers Service selects the StatefulSet's pods"
+    );
+    assert_eq!(
+        peers.metadata.owner_references.as_ref().unwrap()[0].uid,
+        "uid-1"
+    );
+    // The nodes' Service and the PDB stay as they are.
+    assert_eq!(
+        objs.service.spec.as_ref().unwrap().type_.as_deref(),
+        Some("ClusterIP")
+    );
+    assert!(objs.pdb.is_some(), "3 replicas keep their PDB");
+}
+
+#[test]
+fn s3_config_names_bucket_prefix_owner_key_files_and_every_replica_as_a_peer() {
+    let (_, objs) = build(&s3_mirror());
+    let objs = objs.unwrap();
+    let text = &objs.config_map.data.as_ref().unwrap()[CONFIG_KEY];
+    assert!(
+        !text.contains("self:"),
+        "one ConfigMap serves every replica; each sets its own URL:\n{text}"
+    );
+    let me = "http://cachalot-hub-1.cachalot-hub-peers.cachalot.svc:5000";
+    let config = rendered_config_as(&objs, me);
+    let s3 = config.storage.s3.as_ref().unwrap();
+    assert_eq!(s3.endpoint, None, "AWS S3");
+    assert_eq!(s3.bucket, "cachalot-cache");
+    assert_eq!(s3.region.as_deref(), Some("eu-central-1"));
+    assert_eq!(s3.prefix, "cachalot/hub/", "default prefix: namespace/name");
+    assert_eq!(s3.owner, "cachalot/hub");
+    assert_eq!(
+        s3.access_key_id_file.as_deref(),
+        Some(std::path::Path::new("/etc/cachalot/s3/access-key-id"))
+    );
+    assert_eq!(
+        s3.secret_access_key_file.as_deref(),
+        Some(std::path::Path::new("/etc/cachalot/s3/secret-access-key"))
+    );
+    assert_eq!(
+        s3.local_cache_max_size_bytes,
+        Some(2 << 30),
+        "half of the 4Gi emptyDir"
+    );
+    assert_eq!(
+        config.storage.max_size_bytes,
+        Some(200 << 30),
+        "maxSize bounds the bucket prefix"
+    );
+    assert_eq!(
+        config.storage.path,
+        std::path::Path::new("/var/lib/cachalot")
+    );
+    let cluster = config.cluster.as_ref().unwrap();
+    assert_eq!(cluster.self_url, me);
+    assert_eq!(
+        cluster.peers,
+        [
+            "http://cachalot-hub-0.cachalot-hub-peers.cachalot.svc:5000",
+            "http://cachalot-hub-1.cachalot-hub-peers.cachalot.svc:5000",
+            "http://cachalot-hub-2.cachalot-hub-peers.cachalot.svc:5000",
+        ]
+    );
+    assert_eq!(cluster.peer_timeout, std::time::Duration::from_secs(2));
+    assert!(
+        !text.contains("REPLACE") && !text.contains("secretAccessKey:"),
+        "only file paths, never keys:\n{text}"
+    );
+}
+
+#[test]
+fn s3_defaults_and_a_self_hosted_endpoint_with_ambient_credentials() {
+    let m = mirror(serde_json::json!({
+        "registries": [{"name": "docker.io"}],
+        "storage": {"type": "S3", "s3": {
+            "endpoint": "http://garage.storage.svc:3900/", "bucket": "cachalot",
+            "region": "garage", "prefix": "mirrors/hub"
+        }}
+    }));
+    let (v, objs) = build(&m);
+    let objs = objs.unwrap();
+    assert_eq!(v.max_size_bytes, 100 << 30, "maxSize defaults to 100Gi");
+    let config = rendered_config_as(
+        &objs,
+        "http://cachalot-hub-0.cachalot-hub-peers.cachalot.svc:5000",
+    );
+    let s3 = config.storage.s3.as_ref().unwrap();
+    assert_eq!(
+        s3.endpoint.as_deref(),
+        Some("http://garage.storage.svc:3900")
+    );
+    assert_eq!(s3.region.as_deref(), Some("garage"));
+    assert_eq!(s3.prefix, "mirrors/hub/");
+    assert_eq!(s3.access_key_id_file, None, "ambient credentials");
+    assert_eq!(s3.secret_access_key_file, None);
+    assert_eq!(s3.local_cache_max_size_bytes, Some(5 << 30), "half of 10Gi");
+    assert_eq!(
+        config.cluster.as_ref().unwrap().peers,
+        ["http://cachalot-hub-0.cachalot-hub-peers.cachalot.svc:5000"],
+        "one replica is its own only peer"
+    );
+    let Workload::StatefulSet(s) = &objs.workload else {
+        panic!("S3 storage runs a StatefulSet even with one replica")
+    };
+    let pod = s.spec.template.spec.as_ref().unwrap();
+    let volumes = pod.volumes.as_ref().unwrap();
+    assert!(
+        volumes.iter().all(|v| v.secret.is_none()),
+        "no Secret named"
+    );
+    let cache = volumes.iter().find(|v| v.name == "cache").unwrap();
+    assert_eq!(
+        cache
+            .empty_dir
+            .as_ref()
+            .unwrap()
+            .size_limit
+            .as_ref()
+            .unwrap()
+            .0,
+        "10Gi"
+    );
+    assert!(objs.pdb.is_none());
+    assert!(objs.peers_service.is_some());
+}
+
+#[test]
+fn pod_local_storage_has_no_peers_service_and_no_cluster() {
+    for storage in [
+        serde_json::json!({"type": "EmptyDir"}),
+        serde_json::json!({"type": "PersistentVolumeClaim", "size": "10Gi"}),
+    ] {
+        let m = mirror(serde_json::json!({
+            "registries": [{"name": "docker.io"}], "replicas": 2, "storage": storage
+        }));
+        let (_, objs) = build(&m);
+        let objs = objs.unwrap();
+        assert!(objs.peers_service.is_none());
+        let config = rendered_config(&objs);
+        assert!(config.cluster.is_none() && config.storage.s3.is_none());
+        assert!(pod_spec(&objs).containers[0].env.is_none());
+    }
+}
+
+#[test]
+fn changing_the_s3_credentials_secret_rolls_the_pods_and_mirrors_without_one_keep_their_hash() {
+    let with = |name: &str| {
+        let mut m = s3_mirror();
+        m.spec
+            .storage
+            .s3
+            .as_mut()
+            .unwrap()
+            .credentials_secret_ref
+            .as_mut()
+            .unwrap()
+            .name = name.to_string();
+        build(&m).1.unwrap()
+    };
+    assert_ne!(config_hash(&with("a")), config_hash(&with("b")));
+    assert_eq!(config_hash(&with("a")), config_hash(&with("a")));
+}
+
+#[test]
+fn switching_between_pvc_and_s3_storage_replaces_the_stateful_set_and_a_resize_does_not() {
+    use cachalot_operator::controller::build::stateful_set_needs_replacement;
+    let stateful_set = |storage: serde_json::Value| {
+        let m =
+            mirror(serde_json::json!({"registries": [{"name": "docker.io"}], "storage": storage}));
+        match build(&m).1.unwrap().workload {
+            Workload::StatefulSet(s) => *s,
+            Workload::Deployment(_) => panic!("expected a StatefulSet"),
+        }
+    };
+    let pvc = stateful_set(serde_json::json!({"type": "PersistentVolumeClaim", "size": "10Gi"}));
+    let bigger = stateful_set(serde_json::json!({"type": "PersistentVolumeClaim", "size": "20Gi"}));
+    let s3 = stateful_set(serde_json::json!({"type": "S3", "s3": {"bucket": "cachalot"}}));
+    assert!(stateful_set_needs_replacement(&pvc, &s3));
+    assert!(stateful_set_needs_replacement(&s3, &pvc));
+    assert!(!stateful_set_needs_replacement(&pvc, &bigger));
+    assert!(!stateful_set_needs_replacement(&s3, &s3));
+}
+
+#[test]
+fn invalid_s3_storage_is_refused_naming_the_field() {
+    use serde_json::json;
+    let s3 = |storage: serde_json::Value| {
+        invalid(json!({"registries": [{"name": "docker.io"}], "storage": storage}))
+    };
+    assert_eq!(s3(json!({"type": "S3"})), "spec.storage.s3");
+    assert_eq!(
+        s3(json!({"type": "EmptyDir", "s3": {"bucket": "cachalot"}})),
+        "spec.storage.s3"
+    );
+    assert_eq!(
+        s3(json!({"type": "S3", "size": "10Gi", "s3": {"bucket": "cachalot"}})),
+        "spec.storage.size"
+    );
+    assert_eq!(
+        s3(json!({"type": "S3", "storageClassName": "fast", "s3": {"bucket": "cachalot"}})),
+        "spec.storage.storageClassName"
+    );
+    assert_eq!(
+        s3(json!({"type": "S3", "s3": {"bucket": "Not_A_Bucket"}})),
+        "spec.storage.s3.bucket"
+    );
+    assert_eq!(
+        s3(json!({"type": "S3", "s3": {"bucket": "cachalot", "endpoint": "garage:3900"}})),
+        "spec.storage.s3.endpoint"
+    );
+    assert_eq!(
+        s3(json!({"type": "S3", "s3": {"bucket": "cachalot", "region": "eu central"}})),
+        "spec.storage.s3.region"
+    );
+    for prefix in ["/abs", "a/../b", "a//b", ".hidden"] {
+        assert_eq!(
+            s3(json!({"type": "S3", "s3": {"bucket": "cachalot", "prefix": prefix}})),
+            "spec.storage.s3.prefix",
+            "{prefix}"
+        );
+    }
+    assert_eq!(
+        s3(json!({"type": "S3", "s3": {"bucket": "cachalot",
+                  "credentialsSecretRef": {"name": "Bad_Name"}}})),
+        "spec.storage.s3.credentialsSecretRef.name"
+    );
+    assert_eq!(
+        s3(json!({"type": "S3", "s3": {"bucket": "cachalot", "localCacheSize": "10Mi"}})),
+        "spec.storage.s3.localCacheSize"
+    );
+    assert_eq!(
+        s3(json!({"type": "S3", "maxSize": "0", "s3": {"bucket": "cachalot"}})),
+        "spec.storage.maxSize"
+    );
 }

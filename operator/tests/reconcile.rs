@@ -35,6 +35,7 @@ const REGISTRY_CONFIG: &str = "/api/v1/namespaces/cachalot/configmaps/cachalot-h
 const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/cachalot/deployments/cachalot-hub";
 const STATEFUL_SET: &str = "/apis/apps/v1/namespaces/cachalot/statefulsets/cachalot-hub";
 const SERVICE: &str = "/api/v1/namespaces/cachalot/services/cachalot-hub";
+const PEERS_SERVICE: &str = "/api/v1/namespaces/cachalot/services/cachalot-hub-peers";
 const PDB: &str = "/apis/policy/v1/namespaces/cachalot/poddisruptionbudgets/cachalot-hub";
 const AGENT_CONFIG: &str = "/api/v1/namespaces/cachalot/configmaps/cachalot-hub-agent";
 const AGENT_DAEMON_SET: &str = "/apis/apps/v1/namespaces/cachalot/daemonsets/cachalot-hub-agent";
@@ -676,6 +677,126 @@ async fn switching_to_pvc_storage_applies_a_stateful_set_and_deletes_the_cached_
     })
     .await;
     assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+}
+
+/// Two replicas on a self-hosted S3 store, with a credentials Secret.
+fn on_s3() -> Value {
+    json!({"registries": [{"name": "docker.io"}], "replicas": 2,
+           "storage": {"type": "S3", "s3": {
+               "endpoint": "http://garage.storage.svc:3900", "bucket": "cachalot",
+               "region": "garage", "credentialsSecretRef": {"name": "s3-creds"}}}})
+}
+
+#[tokio::test]
+async fn an_s3_mirror_checks_its_secret_then_applies_a_stateful_set_its_peers_service_and_a_pdb() {
+    let (setup, _writers) = Setup::new();
+    let object = mirror_json(on_s3(), true, false);
+    let m: RegistryMirror = serde_json::from_value(object.clone()).unwrap();
+    let w = setup.world.clone();
+    run_scenario(m, &setup, move |mut h| async move {
+        expect_secret_metadata_read(&mut h, "s3-creds", true).await;
+        let cm = expect_apply(&mut h, REGISTRY_CONFIG, json!({})).await;
+        let config = cm["data"]["config.yaml"].as_str().unwrap();
+        for line in [
+            "bucket: cachalot",
+            "prefix: cachalot/hub/",
+            "owner: cachalot/hub",
+            "accessKeyIdFile: /etc/cachalot/s3/access-key-id",
+            "http://cachalot-hub-1.cachalot-hub-peers.cachalot.svc:5000",
+        ] {
+            assert!(config.contains(line), "{line} in\n{config}");
+        }
+        let sts = expect_apply(
+            &mut h,
+            STATEFUL_SET,
+            json!({"status": {"readyReplicas": 2}}),
+        )
+        .await;
+        assert_eq!(sts["spec"]["serviceName"], "cachalot-hub-peers");
+        expect_apply(
+            &mut h,
+            SERVICE,
+            json!({"spec": {"clusterIP": "10.96.0.12"}}),
+        )
+        .await;
+        let peers = expect_apply(&mut h, PEERS_SERVICE, json!({})).await;
+        assert_eq!(peers["spec"]["clusterIP"], "None");
+        assert_eq!(peers["spec"]["publishNotReadyAddresses"], true);
+        expect_apply(&mut h, PDB, json!({})).await;
+        expect_desired_state(&mut h, &w).await;
+        expect_agent_daemon_set_applied(&mut h).await;
+        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
+        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
+        let status = expect_status(&mut h, &object).await;
+        assert_eq!(condition(&status, "Ready")["status"], "True");
+        assert_eq!(condition(&status, "CacheShared")["status"], "True");
+        assert_eq!(condition(&status, "CacheShared")["reason"], "SharedStorage");
+        expect_event(&mut h, "MirrorReady").await;
+        h
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_missing_s3_credentials_secret_is_ready_false_naming_its_field_and_applies_nothing() {
+    let (setup, _writers) = Setup::new();
+    let object = mirror_json(on_s3(), true, false);
+    let m: RegistryMirror = serde_json::from_value(object.clone()).unwrap();
+    let action = run_scenario(m, &setup, move |mut h| async move {
+        expect_secret_metadata_read(&mut h, "s3-creds", false).await;
+        let status = expect_status(&mut h, &object).await;
+        let ready = condition(&status, "Ready");
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "CredentialsSecretMissing");
+        assert_eq!(
+            ready["message"],
+            r#"spec.storage.s3.credentialsSecretRef.name: Secret "s3-creds" not found in namespace "cachalot""#
+        );
+        expect_event(&mut h, "CredentialsSecretMissing").await;
+        h
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+}
+
+#[tokio::test]
+async fn switching_from_pvc_to_s3_storage_deletes_the_stateful_set_instead_of_applying_it() {
+    let (setup, mut writers) = Setup::new();
+    let converged = converged_docker_hub(&setup, &mut writers).await;
+    // The world of a PVC mirror: its StatefulSet is cached, no Deployment.
+    let deployment: k8s_openapi::api::apps::v1::Deployment =
+        serde_json::from_value(json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "metadata": {"name": "cachalot-hub", "namespace": NS}}))
+        .unwrap();
+    writers
+        .deployments
+        .apply_watcher_event(&watcher::Event::Delete(deployment));
+    hold(
+        &mut writers,
+        &json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+                "metadata": {"name": "cachalot-hub", "namespace": NS},
+                "spec": {"serviceName": "cachalot-hub", "podManagementPolicy": "Parallel",
+                         "selector": {}, "template": {},
+                         "volumeClaimTemplates": [{"metadata": {"name": "cache"}}]}}),
+    );
+    let mut changed = serde_json::to_value(&converged).unwrap();
+    changed["spec"]["storage"] = json!({"type": "S3", "s3": {"bucket": "cachalot"}});
+    changed["metadata"]["generation"] = json!(3);
+    let m: RegistryMirror = serde_json::from_value(changed.clone()).unwrap();
+    run_scenario(m, &setup, move |mut h| async move {
+        expect_apply(&mut h, REGISTRY_CONFIG, json!({})).await;
+        // serviceName and the claim templates cannot change: deleted, not applied; its
+        // deletion event triggers the pass that creates the new one.
+        expect_delete(&mut h, STATEFUL_SET).await;
+        // The nodes' Service is unchanged; the peers Service is new.
+        expect_apply(&mut h, PEERS_SERVICE, json!({})).await;
+        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
+        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
+        let status = expect_status(&mut h, &changed).await;
+        assert_eq!(status["observedGeneration"], 3);
+        h
+    })
+    .await;
 }
 
 fn with_credentials() -> Value {

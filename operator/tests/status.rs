@@ -702,3 +702,103 @@ fn a_registry_pod_being_created_is_pending_with_the_kubelets_message_and_one_wai
         ("NoReadyPods", "no registry pod is ready yet")
     );
 }
+
+fn mirror_with(spec: serde_json::Value) -> RegistryMirror {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
+        "metadata": {"name": "hub", "namespace": "ns", "uid": "u", "generation": 4},
+        "spec": spec
+    }))
+    .unwrap()
+}
+
+fn healthy() -> Observations {
+    Observations {
+        registry_pods: pods(vec![registry_stats(5, 5, 0, 50)]),
+        registry_pods_not_ready: Vec::new(),
+        ready_replicas: 1,
+        desired_nodes: 1,
+        agents: vec![agent("node-1", true, None)],
+    }
+}
+
+#[test]
+fn several_replicas_with_pod_local_caches_are_cache_shared_false_but_still_ready() {
+    for (storage, kind) in [
+        (serde_json::json!({"type": "EmptyDir"}), "EmptyDir"),
+        (
+            serde_json::json!({"type": "PersistentVolumeClaim", "size": "10Gi"}),
+            "PersistentVolumeClaim",
+        ),
+    ] {
+        let m = mirror_with(serde_json::json!({
+            "registries": [{"name": "docker.io"}], "replicas": 3, "storage": storage
+        }));
+        let status = compute_status(&m, &running(healthy()), &at(100));
+        let c = cond(&status, ConditionType::CacheShared);
+        assert_eq!(
+            (c.status, c.reason.as_str()),
+            (ConditionStatus::False, "PerReplicaCache")
+        );
+        assert!(
+            c.message.contains(&format!(
+                "each of the 3 registry pods keeps its own {kind} cache"
+            )) && c.message.contains("up to 3 times")
+                && c.message.contains("spec.storage.type S3"),
+            "{}",
+            c.message
+        );
+        assert_eq!(
+            cond(&status, ConditionType::Ready).status,
+            ConditionStatus::True,
+            "existing multi-replica mirrors keep working"
+        );
+    }
+}
+
+#[test]
+fn s3_storage_and_a_single_replica_share_one_cache_and_an_external_endpoint_is_unknown() {
+    let shared = |spec: serde_json::Value, external: bool| {
+        let mut outcome = running(healthy());
+        if let Outcome::Running { external: e, .. } = &mut outcome {
+            *e = external;
+        }
+        let status = compute_status(&mirror_with(spec), &outcome, &at(100));
+        let c = cond(&status, ConditionType::CacheShared).clone();
+        (c.status, c.reason)
+    };
+    assert_eq!(
+        shared(
+            serde_json::json!({"registries": [{"name": "docker.io"}], "replicas": 3,
+                "storage": {"type": "S3", "s3": {"bucket": "cachalot"}}}),
+            false
+        ),
+        (ConditionStatus::True, "SharedStorage".to_string())
+    );
+    assert_eq!(
+        shared(
+            serde_json::json!({"registries": [{"name": "docker.io"}]}),
+            false
+        ),
+        (ConditionStatus::True, "SingleReplica".to_string())
+    );
+    assert_eq!(
+        shared(
+            serde_json::json!({"registries": [{"name": "docker.io"}], "replicas": 2,
+                "service": {"type": "External", "externalUrl": "http://10.0.0.5:5000"}}),
+            true
+        ),
+        (ConditionStatus::Unknown, "ExternalEndpoint".to_string())
+    );
+}
+
+#[test]
+fn cache_shared_false_is_stable_and_sends_no_event() {
+    let m = mirror_with(serde_json::json!({"registries": [{"name": "docker.io"}], "replicas": 2}));
+    let first = compute_status(&m, &running(healthy()), &at(100));
+    let mut again_m = m.clone();
+    again_m.status = Some(first.clone());
+    let again = compute_status(&again_m, &running(healthy()), &at(200));
+    assert_eq!(first, again);
+    assert!(transitions(Some(&first), &again).is_empty());
+}

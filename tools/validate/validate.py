@@ -287,11 +287,14 @@ def load_crds(paths: list[str], report: Report) -> dict[tuple[str, str], dict]:
 
 # The keys the registry reads from a credentials Secret, per `credentialsSecret.type`.
 CREDENTIAL_KEYS = {"Basic": {"username", "password"}, "DockerConfigJson": {".dockerconfigjson"}}
+# The keys the registry reads from `storage.s3.credentialsSecretRef`.
+S3_CREDENTIAL_KEYS = {"access-key-id", "secret-access-key"}
 
 
 def check_credentials_secrets(docs: list[Doc], report: Report) -> None:
-    """A RegistryMirror's credentialsSecret that is defined in the same files must hold the keys
-    its `type` reads (an example with a mismatched Secret would fail only on a cluster)."""
+    """A RegistryMirror's credentialsSecret (and S3 credentialsSecretRef) that is defined in the
+    same files must hold the keys the registry reads (an example with a mismatched Secret would
+    fail only on a cluster)."""
     secrets = {
         ((d.body.get("metadata") or {}).get("namespace"), (d.body.get("metadata") or {}).get("name")): d.body
         for d in docs
@@ -311,6 +314,13 @@ def check_credentials_secrets(docs: list[Doc], report: Report) -> None:
             missing = wanted - keys
             if missing:
                 report.error(doc.where, f"credentials Secret {ref.get('name')} lacks {sorted(missing)} for type {ref.get('type', 'Basic')}")
+        s3_ref = (((doc.body.get("spec") or {}).get("storage") or {}).get("s3") or {}).get("credentialsSecretRef")
+        if s3_ref and (ns, s3_ref.get("name")) in secrets:
+            secret = secrets[(ns, s3_ref.get("name"))]
+            keys = set((secret.get("data") or {}).keys()) | set((secret.get("stringData") or {}).keys())
+            missing = S3_CREDENTIAL_KEYS - keys
+            if missing:
+                report.error(doc.where, f"S3 credentials Secret {s3_ref.get('name')} lacks {sorted(missing)}")
 
 
 def check_custom_resources(crd_paths: list[str], paths: list[str], versions: list[str], report: Report) -> None:

@@ -36,6 +36,15 @@ pub const OBJECT_NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$";
 /// A ConfigMap key (`kubectl create configmap --from-file` names); `.`, `..` and a leading `..`
 /// are refused by a CEL rule, as the API server refuses them.
 pub const CONFIG_MAP_KEY_PATTERN: &str = r"^[-._a-zA-Z0-9]+$";
+/// An S3 bucket name (3-63 of lower-case letters, digits, `-` and `.`, starting and ending with
+/// a letter or digit), as the registry checks it.
+pub const BUCKET_PATTERN: &str = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$";
+/// An S3 signing region (`us-east-1`, `eu-central-1`, `garage`, `RegionOne`).
+pub const REGION_PATTERN: &str = r"^[A-Za-z0-9][-_.A-Za-z0-9]*$";
+/// A key prefix in a bucket: relative path components of letters, digits, `-`, `_` and `.`
+/// (a component never starts with `.`, so `.` and `..` are refused), an optional trailing `/`.
+pub const S3_PREFIX_PATTERN: &str =
+    r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*/?$";
 
 /// Desired state of a cachalot pull-through mirror: a caching registry for one or more upstream
 /// registries, and the containerd configuration that makes the selected nodes pull through it
@@ -125,8 +134,9 @@ pub struct RegistryMirrorSpec {
     #[serde(default)]
     pub storage: Storage,
 
-    /// Number of registry pods. With more than one, a PodDisruptionBudget keeps one available;
-    /// each pod has its own cache.
+    /// Number of registry pods. With more than one, a PodDisruptionBudget keeps one available.
+    /// With `EmptyDir` or `PersistentVolumeClaim` storage each pod has its own cache and fetches
+    /// from the upstream on its own (condition `CacheShared=False`); `S3` storage shares one.
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1, max = 10))]
     pub replicas: i32,
@@ -332,15 +342,24 @@ pub struct ParentMirror {
     {
         "rule": "self.type == 'PersistentVolumeClaim' || !has(self.storageClassName)",
         "message": "storage.storageClassName only applies to PersistentVolumeClaim storage"
+    },
+    {
+        "rule": "self.type == 'S3' ? has(self.s3) : !has(self.s3)",
+        "message": "storage.s3 is required with type S3 and only allowed with it"
+    },
+    {
+        "rule": "self.type != 'S3' || !has(self.size)",
+        "message": "storage.size does not apply to S3 storage; storage.s3.localCacheSize sizes the local read cache"
     }
 ]))]
 pub struct Storage {
-    /// `EmptyDir` (default; the cache is lost when a pod goes) or `PersistentVolumeClaim` (a
-    /// StatefulSet with one claim per pod).
+    /// `EmptyDir` (default; the cache is lost when a pod goes), `PersistentVolumeClaim` (a
+    /// StatefulSet with one claim per pod) or `S3` (one cache in an S3-compatible bucket shared
+    /// by every replica, a StatefulSet with a local read cache per pod; see `s3`).
     #[serde(default, rename = "type")]
     pub kind: StorageKind,
 
-    /// Size of each PersistentVolumeClaim, or the emptyDir size limit.
+    /// Size of each PersistentVolumeClaim, or the emptyDir size limit. Not with `S3`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<Quantity>,
 
@@ -350,9 +369,14 @@ pub struct Storage {
     pub storage_class_name: Option<String>,
 
     /// Cache size bound: least recently used content is evicted above it. Defaults to 90% of
-    /// `size` when that is set, otherwise 10Gi.
+    /// `size` when that is set, otherwise 10Gi. With `S3` it bounds the mirror's objects under
+    /// the bucket prefix (default 100Gi).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_size: Option<Quantity>,
+
+    /// The bucket of `S3` storage; required with that type and only allowed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3Storage>,
 }
 
 /// Kind of cache storage.
@@ -363,6 +387,72 @@ pub enum StorageKind {
     EmptyDir,
     /// A PersistentVolumeClaim per pod (StatefulSet).
     PersistentVolumeClaim,
+    /// An S3-compatible bucket shared by the replicas (StatefulSet, emptyDir read cache per pod).
+    S3,
+}
+
+/// An S3-compatible bucket (AWS S3, MinIO, Garage, Ceph RGW, ...) holding the cache of every
+/// replica of the mirror.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3Storage {
+    /// Base URL of the S3 API for a self-hosted store, e.g. `http://garage.storage.svc:3900`
+    /// (path-style requests). AWS S3 when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), regex(pattern = URL_PATTERN))]
+    pub endpoint: Option<String>,
+
+    /// Name of the bucket; it must exist (the registry does not create it).
+    #[schemars(length(min = 3, max = 63), regex(pattern = BUCKET_PATTERN))]
+    pub bucket: String,
+
+    /// Signing region, e.g. `eu-central-1`, or what a self-hosted store expects (Garage:
+    /// `garage`). The registry uses `us-east-1` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), regex(pattern = REGION_PATTERN))]
+    pub region: Option<String>,
+
+    /// Key prefix of this mirror's objects in the bucket. Defaults to `<namespace>/<name>/` of
+    /// the RegistryMirror, so mirrors sharing a bucket never share objects; a prefix claimed by
+    /// another mirror makes the registry refuse to start. A trailing `/` is added when missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512), regex(pattern = S3_PREFIX_PATTERN))]
+    pub prefix: Option<String>,
+
+    /// A Secret in the mirror's namespace with the keys `access-key-id` and `secret-access-key`,
+    /// mounted as files into the registry pods (never copied into a ConfigMap). Unset: the
+    /// registry uses the standard AWS credential chain of its pods (environment, web identity,
+    /// instance metadata).
+    /// While the Secret does not exist, the mirror is not Ready (reason
+    /// `CredentialsSecretMissing`) and nothing is applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+
+    /// Size limit of each registry pod's emptyDir in front of the bucket: a read cache of recently
+    /// served content, bounded at half of it, and the staging area of fetches in flight.
+    /// Default 10Gi; at least 64Mi.
+    #[serde(
+        default = "default_local_cache_size",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub local_cache_size: Option<Quantity>,
+}
+
+/// The emptyDir limit of an S3 mirror's local read cache when `localCacheSize` is unset.
+pub const DEFAULT_LOCAL_CACHE_SIZE: &str = "10Gi";
+
+// An `Option` so that an explicit `null` (the schema is nullable) also means the default.
+fn default_local_cache_size() -> Option<Quantity> {
+    Some(Quantity(DEFAULT_LOCAL_CACHE_SIZE.to_string()))
+}
+
+/// Reference to a Secret by name, in the RegistryMirror's namespace.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// Name of the Secret, in the RegistryMirror's namespace.
+    #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
+    pub name: String,
 }
 
 /// How the proxy is exposed to the nodes.

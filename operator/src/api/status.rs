@@ -17,7 +17,8 @@ pub struct RegistryMirrorStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Ready, ProxyAvailable, NodesConfigured, CacheEffective, UpstreamBudget and Conflict.
+    /// Ready, ProxyAvailable, NodesConfigured, CacheEffective, UpstreamBudget, Conflict and
+    /// CacheShared.
     /// A list map keyed by `type`: the API server refuses two conditions of the same type, and
     /// server-side apply merges conditions by type rather than replacing the list.
     #[serde(default)]
@@ -69,17 +70,22 @@ pub enum ConditionType {
     /// Another RegistryMirror already claims one of this mirror's registries on overlapping
     /// nodes; this one applies nothing while the conflict lasts.
     Conflict,
+    /// The registry replicas share one cache (`S3` storage, or a single replica). `False` when
+    /// each of several replicas keeps its own cache and spends the upstream budget on its own.
+    /// Informational: it does not affect `Ready`.
+    CacheShared,
 }
 
 impl ConditionType {
     /// Every condition type, in the order they appear in status.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Ready,
         Self::ProxyAvailable,
         Self::NodesConfigured,
         Self::CacheEffective,
         Self::UpstreamBudget,
         Self::Conflict,
+        Self::CacheShared,
     ];
 
     /// The type's name as serialised.
@@ -92,6 +98,7 @@ impl ConditionType {
             Self::CacheEffective => "CacheEffective",
             Self::UpstreamBudget => "UpstreamBudget",
             Self::Conflict => "Conflict",
+            Self::CacheShared => "CacheShared",
         }
     }
 }

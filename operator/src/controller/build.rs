@@ -17,14 +17,18 @@
 //! - Registry and agent containers use `terminationMessagePolicy: FallbackToLogsOnError`, so
 //!   the reason a container exited (its last log lines) reaches the pod status and from there
 //!   the mirror's `ProxyAvailable` condition.
+//! - `S3` storage: one ConfigMap serves every replica. It lists every replica's URL as
+//!   `cluster.peers` (stable StatefulSet pod names behind the headless `-peers` Service) and
+//!   leaves `cluster.self` empty; each pod sets its own through `CACHALOT_CLUSTER_SELF`, built
+//!   from its name (downward API). The S3 key pair is a mounted Secret, named by path only.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use cachalot_registry::config::{
-    Config as RegistryConfigFile, Credentials, FreshnessRule as RegistryFreshness, LogConfig,
-    LogFormat, ParentConfig, RegistryConfig, StorageConfig,
+    ClusterConfig, Config as RegistryConfigFile, Credentials, FreshnessRule as RegistryFreshness,
+    LogConfig, LogFormat, ParentConfig, RegistryConfig, S3Config, StorageConfig,
 };
 use k8s_openapi::api::apps::v1::{
     DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, Deployment, DeploymentSpec,
@@ -44,7 +48,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use sha2::{Digest, Sha256};
 
-use super::validate::{Exposure, Validated};
+use super::validate::{Exposure, ValidS3, Validated};
 use super::workload_pins::WorkloadPins;
 use crate::api::{
     CaConfigMapRef, CredentialsKind, FallbackPolicy, NodeRuntime, RegistryMirror, StorageKind,
@@ -80,6 +84,16 @@ const CA_DIR: &str = "/etc/cachalot/ca";
 /// valid registry name.
 pub const PARENT_CA_DIR: &str = "/etc/cachalot/parent-ca";
 const STORAGE_DIR: &str = "/var/lib/cachalot";
+/// Where `spec.storage.s3.credentialsSecretRef` is mounted.
+pub const S3_CREDENTIALS_DIR: &str = "/etc/cachalot/s3";
+/// Key of the S3 access key id in the credentials Secret (also its file name).
+pub const S3_ACCESS_KEY_ID_KEY: &str = "access-key-id";
+/// Key of the S3 secret access key in the credentials Secret (also its file name).
+pub const S3_SECRET_ACCESS_KEY_KEY: &str = "secret-access-key";
+/// How long a replica waits for a peer before serving a request itself (the registry's default).
+const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// The environment variable the registry reads `cluster.self` from.
+pub const CLUSTER_SELF_ENV: &str = "CACHALOT_CLUSTER_SELF";
 const AGENT_DESIRED_DIR: &str = "/etc/cachalot/agent";
 const HOST_CERTS_DIR: &str = "/host/certs.d";
 const HOST_CONTAINERD_DIR: &str = "/host/containerd";
@@ -128,10 +142,12 @@ pub struct BuildConfig {
 pub struct RegistryObjects {
     /// The registry config (`config.yaml`).
     pub config_map: ConfigMap,
-    /// Deployment (emptyDir storage) or StatefulSet (PVC storage).
+    /// Deployment (emptyDir storage) or StatefulSet (PVC or S3 storage).
     pub workload: Workload,
     /// ClusterIP or NodePort Service.
     pub service: Service,
+    /// The headless Service naming each replica for its peers (`S3` storage only).
+    pub peers_service: Option<Service>,
     /// Present when replicas > 1.
     pub pdb: Option<PodDisruptionBudget>,
 }
@@ -141,7 +157,7 @@ pub struct RegistryObjects {
 pub enum Workload {
     /// emptyDir cache.
     Deployment(Box<Deployment>),
-    /// One PVC per pod.
+    /// One PVC per pod, or S3 storage (stable pod names for the peers, an emptyDir read cache).
     StatefulSet(Box<StatefulSet>),
 }
 
@@ -166,6 +182,31 @@ pub fn registry_name(mirror: &str) -> String {
 pub fn registry_config_name(mirror: &str) -> String {
     format!("cachalot-{mirror}-config")
 }
+/// Name of the headless Service of an S3 mirror's replicas (the StatefulSet's `serviceName`).
+#[must_use]
+pub fn peers_service_name(mirror: &str) -> String {
+    format!("cachalot-{mirror}-peers")
+}
+
+/// Base URL of one replica as its peers reach it: the StatefulSet pod's DNS name under the
+/// headless Service. `pod` is the pod name, or `$(POD_NAME)` for the container environment.
+#[must_use]
+pub fn peer_url(v: &Validated, pod: &str) -> String {
+    format!(
+        "http://{pod}.{}.{}.svc:{REGISTRY_PORT}",
+        peers_service_name(&v.name),
+        v.namespace
+    )
+}
+
+/// Every replica's URL (`cachalot-NAME-0` .. `cachalot-NAME-<replicas-1>`), in ordinal order.
+#[must_use]
+pub fn peer_urls(v: &Validated, replicas: i32) -> Vec<String> {
+    (0..replicas.max(1))
+        .map(|i| peer_url(v, &format!("{}-{i}", registry_name(&v.name))))
+        .collect()
+}
+
 /// Name of the agent DaemonSet and its desired-state ConfigMap.
 #[must_use]
 pub fn agent_name(mirror: &str) -> String {
@@ -299,6 +340,34 @@ fn ca_references(mirror: &RegistryMirror) -> String {
         .collect()
 }
 
+/// The S3 credentials reference (one line, empty without one), for the config hash: the config
+/// names the mounted files, not the Secret they come from.
+fn s3_credentials_reference(s3: Option<&ValidS3>) -> String {
+    s3.and_then(|s3| s3.credentials_secret.as_ref())
+        .map(|name| format!("\nspec.storage.s3.credentialsSecretRef {name}"))
+        .unwrap_or_default()
+}
+
+/// The registry's `storage.s3` for a validated bucket: key files under [`S3_CREDENTIALS_DIR`]
+/// when a Secret is named, none for ambient credentials.
+fn s3_config(s3: &ValidS3) -> S3Config {
+    let key_file = |key: &str| {
+        s3.credentials_secret
+            .as_ref()
+            .map(|_| PathBuf::from(format!("{S3_CREDENTIALS_DIR}/{key}")))
+    };
+    S3Config {
+        endpoint: s3.endpoint.clone(),
+        bucket: s3.bucket.clone(),
+        region: s3.region.clone(),
+        prefix: s3.prefix.clone(),
+        access_key_id_file: key_file(S3_ACCESS_KEY_ID_KEY),
+        secret_access_key_file: key_file(S3_SECRET_ACCESS_KEY_KEY),
+        local_cache_max_size_bytes: Some(s3.local_cache_max_size_bytes),
+        owner: s3.owner.clone(),
+    }
+}
+
 /// Renders the registry configuration for a validated mirror.
 ///
 /// # Errors
@@ -360,8 +429,15 @@ pub fn registry_config(
         storage: StorageConfig {
             path: PathBuf::from(STORAGE_DIR),
             max_size_bytes: Some(v.max_size_bytes),
+            s3: v.s3.as_ref().map(s3_config),
             ..StorageConfig::default()
         },
+        // `self` stays empty: each pod sets it (`CACHALOT_CLUSTER_SELF`).
+        cluster: v.s3.as_ref().map(|_| ClusterConfig {
+            self_url: String::new(),
+            peers: peer_urls(v, mirror.spec.replicas),
+            peer_timeout: PEER_TIMEOUT,
+        }),
         parent: mirror.spec.parent.as_ref().map(|p| ParentConfig {
             url: p.url.trim_end_matches('/').to_string(),
             ca_file: p
@@ -381,7 +457,12 @@ pub fn registry_config(
         },
         ..RegistryConfigFile::default()
     };
-    config.validate().map_err(BuildError::RegistryConfig)?;
+    // Validated as the first replica will load it, with its own `cluster.self`.
+    let mut as_loaded = config.clone();
+    if let Some(cluster) = &mut as_loaded.cluster {
+        cluster.self_url = cluster.peers.first().cloned().unwrap_or_default();
+    }
+    as_loaded.validate().map_err(BuildError::RegistryConfig)?;
     Ok(config)
 }
 
@@ -415,8 +496,10 @@ pub fn build_registry(
     let image = spec.image.clone().unwrap_or_else(|| cfg.image.clone());
     let mut hash_input = config_yaml.into_bytes();
     hash_input.extend(image.as_bytes());
-    // Empty without CA ConfigMaps, so the hash of such mirrors is what it was before.
+    // Empty without CA ConfigMaps or an S3 Secret, so the hash of such mirrors is what it was
+    // before.
     hash_input.extend(ca_references(mirror).as_bytes());
+    hash_input.extend(s3_credentials_reference(v.s3.as_ref()).as_bytes());
     let pod_template = registry_pod_template(mirror, v, image, &short_hash(&hash_input));
     let selector = LabelSelector {
         match_labels: Some(selector_labels(&v.name, "registry")),
@@ -433,6 +516,19 @@ pub fn build_registry(
                 ..DeploymentSpec::default()
             },
             ..Deployment::default()
+        })),
+        StorageKind::S3 => Workload::StatefulSet(Box::new(StatefulSet {
+            metadata: meta(v, registry_name(&v.name), "registry"),
+            spec: StatefulSetSpec {
+                replicas: Some(spec.replicas),
+                selector,
+                service_name: Some(peers_service_name(&v.name)),
+                pod_management_policy: Some("Parallel".to_string()),
+                template: pod_template,
+                revision_history_limit: Some(3),
+                ..StatefulSetSpec::default()
+            },
+            ..StatefulSet::default()
         })),
         StorageKind::PersistentVolumeClaim => {
             let mut requests = BTreeMap::new();
@@ -492,6 +588,25 @@ pub fn build_registry(
         }),
         ..Service::default()
     };
+    // Not-ready pods are published too: peers find each other while they start, and a peer
+    // that does not answer is skipped by the registry after its `peerTimeout`.
+    let peers_service = v.s3.as_ref().map(|_| Service {
+        metadata: meta(v, peers_service_name(&v.name), "registry"),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_string()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector_labels(&v.name, "registry")),
+            ports: Some(vec![ServicePort {
+                name: Some("http".to_string()),
+                port: REGISTRY_PORT,
+                target_port: Some(IntOrString::String("http".to_string())),
+                protocol: Some("TCP".to_string()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    });
     let pdb = (spec.replicas > 1).then(|| PodDisruptionBudget {
         metadata: meta(v, registry_name(&v.name), "registry"),
         spec: Some(PodDisruptionBudgetSpec {
@@ -508,6 +623,7 @@ pub fn build_registry(
         config_map,
         workload,
         service,
+        peers_service,
         pdb,
     }))
 }
@@ -637,15 +753,43 @@ fn registry_pod_template(
             ..VolumeMount::default()
         },
     ];
-    if spec.storage.kind == StorageKind::EmptyDir {
-        volumes.push(Volume {
+    match (&v.s3, spec.storage.kind) {
+        (Some(s3), _) => {
+            volumes.push(Volume {
+                name: "cache".to_string(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    size_limit: Some(s3.local_cache_size.clone()),
+                    ..EmptyDirVolumeSource::default()
+                }),
+                ..Volume::default()
+            });
+            if let Some(secret) = &s3.credentials_secret {
+                volumes.push(Volume {
+                    name: "s3-credentials".to_string(),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(secret.clone()),
+                        default_mode: Some(0o440),
+                        ..SecretVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                });
+                mounts.push(VolumeMount {
+                    name: "s3-credentials".to_string(),
+                    mount_path: S3_CREDENTIALS_DIR.to_string(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                });
+            }
+        }
+        (None, StorageKind::EmptyDir) => volumes.push(Volume {
             name: "cache".to_string(),
             empty_dir: Some(EmptyDirVolumeSource {
                 size_limit: spec.storage.size.clone(),
                 ..EmptyDirVolumeSource::default()
             }),
             ..Volume::default()
-        });
+        }),
+        (None, _) => {}
     }
     for (i, registry) in spec.registries.iter().enumerate() {
         if let Some(secret) = &registry.credentials_secret {
@@ -727,6 +871,7 @@ fn registry_pod_template(
                 ),
                 security_context: Some(restricted_security_context(Some(REGISTRY_UID))),
                 termination_message_policy: Some(TERMINATION_MESSAGE_POLICY.to_string()),
+                env: v.s3.as_ref().map(|_| cluster_self_env(v)),
                 volume_mounts: Some(mounts),
                 ..Container::default()
             }],
@@ -735,6 +880,54 @@ fn registry_pod_template(
             ..PodSpec::default()
         }),
     }
+}
+
+/// `POD_NAME` from the downward API, then [`CLUSTER_SELF_ENV`] built from it (a variable may
+/// refer to one defined before it): each replica's own URL under the peers Service.
+fn cluster_self_env(v: &Validated) -> Vec<EnvVar> {
+    vec![
+        EnvVar {
+            name: "POD_NAME".to_string(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".to_string(),
+                    api_version: None,
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        },
+        EnvVar {
+            name: CLUSTER_SELF_ENV.to_string(),
+            value: Some(peer_url(v, "$(POD_NAME)")),
+            ..EnvVar::default()
+        },
+    ]
+}
+
+/// Whether the live registry StatefulSet must be deleted before `desired` can be applied: the
+/// fields the API server never lets change differ (switching between PVC and S3 storage changes
+/// `serviceName` and the claim templates). A resize of the claims is not such a change here.
+#[must_use]
+pub fn stateful_set_needs_replacement(live: &StatefulSet, desired: &StatefulSet) -> bool {
+    let claims = |s: &StatefulSet| -> Vec<Option<String>> {
+        s.spec
+            .volume_claim_templates
+            .iter()
+            .flatten()
+            .map(|c| c.metadata.name.clone())
+            .collect()
+    };
+    let service_name = |s: &StatefulSet| s.spec.service_name.clone().unwrap_or_default();
+    let policy = |s: &StatefulSet| {
+        s.spec
+            .pod_management_policy
+            .clone()
+            .unwrap_or_else(|| "OrderedReady".to_string())
+    };
+    service_name(live) != service_name(desired)
+        || claims(live) != claims(desired)
+        || policy(live) != policy(desired)
 }
 
 /// The URL nodes use to reach the proxy, from the exposure and the applied Service. `None` when

@@ -63,14 +63,15 @@ use apply::{
     apply_owned, delete_if_cached, get_opt, has_finalizer, set_finalizer, ApplyError, OwnedWrites,
 };
 use build::{
-    agent_name, build_agent, build_registry_with_pins, node_endpoint, registry_config_name,
-    registry_name, selector_string, BuildConfig, BuildError, Workload, AGENT_PORT, REGISTRY_PORT,
+    agent_name, build_agent, build_registry_with_pins, node_endpoint, peers_service_name,
+    registry_config_name, registry_name, selector_string, stateful_set_needs_replacement,
+    BuildConfig, BuildError, Workload, AGENT_PORT, REGISTRY_PORT,
 };
 use observe::{
     list_component_pods, not_ready_pods, probe_agents, probe_registries, running_pods, HttpProbe,
     Observations, ObserveError, Probe,
 };
-use owned::{owned_stores, watch_owned, OwnedStores};
+use owned::{cached, owned_stores, watch_owned, OwnedStores};
 use references::{missing_objects, referenced_objects, CheckReferencesError};
 use status::{compute_status, transitions, write_status, Outcome, StatusError};
 use validate::{validate, Exposure, Validated};
@@ -653,6 +654,10 @@ async fn pins_of_workloads(
 
 /// Applies the registry side and removes what the spec no longer wants. Returns the Service
 /// (applied or cached, for the endpoint) and the ready replicas of the workload.
+///
+/// A cached StatefulSet whose immutable fields differ from the desired one (a switch between
+/// PVC and S3 storage) is deleted instead of applied; the next pass, triggered by its deletion
+/// event, creates the new one. Claims of PVC storage stay (a StatefulSet never deletes them).
 async fn apply_registry(
     ctx: &Context,
     namespace: &str,
@@ -661,11 +666,13 @@ async fn apply_registry(
 ) -> Result<(Option<Service>, i32), ReconcileError> {
     let w = ctx.writes();
     let name = registry_name(&v.name);
+    let peers = peers_service_name(&v.name);
     let Some(objects) = registry else {
         delete_if_cached::<Deployment>(w, namespace, &name).await?;
         delete_if_cached::<StatefulSet>(w, namespace, &name).await?;
         delete_if_cached::<PodDisruptionBudget>(w, namespace, &name).await?;
         delete_if_cached::<Service>(w, namespace, &name).await?;
+        delete_if_cached::<Service>(w, namespace, &peers).await?;
         delete_if_cached::<ConfigMap>(w, namespace, &registry_config_name(&v.name)).await?;
         return Ok((None, 0));
     };
@@ -677,12 +684,31 @@ async fn apply_registry(
             applied.status.and_then(|s| s.ready_replicas).unwrap_or(0)
         }
         Workload::StatefulSet(s) => {
-            let applied = apply_owned(w, s.as_ref()).await?;
+            let live: Option<StatefulSet> = cached(&ctx.owned, namespace, &name)
+                .await
+                .map_err(ApplyError::from)?;
+            let ready = if live
+                .as_ref()
+                .is_some_and(|live| stateful_set_needs_replacement(live, s))
+            {
+                info!(statefulset = %name, %namespace, "storage changed; replacing the StatefulSet");
+                delete_if_cached::<StatefulSet>(w, namespace, &name).await?;
+                0
+            } else {
+                let applied = apply_owned(w, s.as_ref()).await?;
+                applied.status.and_then(|s| s.ready_replicas).unwrap_or(0)
+            };
             delete_if_cached::<Deployment>(w, namespace, &name).await?;
-            applied.status.and_then(|s| s.ready_replicas).unwrap_or(0)
+            ready
         }
     };
     let service = apply_owned(w, &objects.service).await?;
+    match &objects.peers_service {
+        Some(peers_service) => {
+            apply_owned(w, peers_service).await?;
+        }
+        None => delete_if_cached::<Service>(w, namespace, &peers).await?,
+    }
     match &objects.pdb {
         Some(pdb) => {
             apply_owned(w, pdb).await?;
@@ -702,6 +728,7 @@ fn identity(mirror: &RegistryMirror, namespace: &str) -> Validated {
         default_registry: String::new(),
         max_size_bytes: 0,
         exposure: Exposure::ClusterIp,
+        s3: None,
     }
 }
 

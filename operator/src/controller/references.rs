@@ -1,7 +1,8 @@
 //! Reference check: every object a mirror's registry pods mount by name must exist in the
 //! mirror's namespace before registry objects are applied, because a pod that mounts a missing
 //! Secret or ConfigMap hangs in `ContainerCreating` and says nothing useful. The references are
-//! the credentials Secrets (`spec.registries[].credentialsSecret.name`) and the CA ConfigMaps
+//! the credentials Secrets (`spec.registries[].credentialsSecret.name`,
+//! `spec.storage.s3.credentialsSecretRef.name`) and the CA ConfigMaps
 //! (`spec.registries[].caConfigMap.name`, `spec.parent.caConfigMap.name`).
 //!
 //! Invariants:
@@ -109,7 +110,7 @@ pub struct MissingObject {
 }
 
 /// The objects named by the mirror, in spec field order: per registry its credentials Secret,
-/// then its CA ConfigMap; then the parent's CA ConfigMap.
+/// then its CA ConfigMap; then the parent's CA ConfigMap; then the S3 credentials Secret.
 #[must_use]
 pub fn referenced_objects(mirror: &RegistryMirror) -> Vec<ObjectRef> {
     let mut refs = Vec::new();
@@ -139,6 +140,19 @@ pub fn referenced_objects(mirror: &RegistryMirror) -> Vec<ObjectRef> {
             referenced: Referenced::CaConfigMap,
             field: "spec.parent.caConfigMap.name".to_string(),
             name: ca.name.clone(),
+        });
+    }
+    if let Some(secret) = mirror
+        .spec
+        .storage
+        .s3
+        .as_ref()
+        .and_then(|s3| s3.credentials_secret_ref.as_ref())
+    {
+        refs.push(ObjectRef {
+            referenced: Referenced::CredentialsSecret,
+            field: "spec.storage.s3.credentialsSecretRef.name".to_string(),
+            name: secret.name.clone(),
         });
     }
     refs
@@ -264,6 +278,30 @@ mod tests {
                 config_map("spec.registries[0].caConfigMap.name", "corp-ca"),
                 config_map("spec.parent.caConfigMap.name", "hub-ca"),
             ]
+        );
+    }
+
+    #[test]
+    fn the_s3_credentials_secret_comes_last_in_field_order() {
+        let m = mirror(json!({
+            "registries": [{"name": "docker.io", "credentialsSecret": {"name": "hub-creds"}}],
+            "storage": {"type": "S3", "s3": {"bucket": "cachalot",
+                        "credentialsSecretRef": {"name": "s3-creds"}}}
+        }));
+        assert_eq!(
+            referenced_objects(&m),
+            [
+                secret("spec.registries[0].credentialsSecret.name", "hub-creds"),
+                secret("spec.storage.s3.credentialsSecretRef.name", "s3-creds"),
+            ]
+        );
+        let ambient = mirror(json!({
+            "registries": [{"name": "docker.io"}],
+            "storage": {"type": "S3", "s3": {"bucket": "cachalot"}}
+        }));
+        assert!(
+            referenced_objects(&ambient).is_empty(),
+            "ambient credentials name no Secret"
         );
     }
 

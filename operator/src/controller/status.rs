@@ -8,6 +8,9 @@
 //!   or wait ends, once, never with every pass, so an unchanged world yields an identical status
 //!   and no write. Budget times are shown as when they were observed, never as an age.
 //! - Lists are sorted, numbers are summed over pods in a fixed order.
+//! - `CacheShared` comes from the spec alone ([`cache_shared`]): several replicas with
+//!   pod-local storage are reported, not refused (existing mirrors keep running), and it never
+//!   affects `Ready`.
 //! - When no registry pod is ready, `ProxyAvailable` says why from the pods' own status
 //!   ([`proxy_unavailable`]): never a restart count, back-off delay or timestamp, and a crash
 //!   loop reads the same whichever phase of it was observed, so a pod failing the same way at
@@ -24,7 +27,7 @@ use super::observe::{ContainerState, ContainerSummary, NotReadyPod, Observations
 use super::references::{MissingObject, Referenced};
 use crate::api::{
     BudgetState, CacheStatus, ConditionStatus, ConditionType, MirrorCondition, NodeProblem,
-    NodesStatus, RegistryMirror, RegistryMirrorStatus, UpstreamBudgetStatus,
+    NodesStatus, RegistryMirror, RegistryMirrorStatus, StorageKind, UpstreamBudgetStatus,
 };
 use crate::node_agent::protocol::{AgentStatus, RegistryState};
 
@@ -694,12 +697,57 @@ pub fn proxy_unavailable(not_ready: &[NotReadyPod]) -> MirrorCondition {
     )
 }
 
+/// `CacheShared` of a running mirror, from its spec: `True SharedStorage` with `S3` storage,
+/// `True SingleReplica` with one replica, `False PerReplicaCache` when several replicas each
+/// keep their own cache (each fetches what it serves from the upstream itself, so a cold image
+/// spends the upstream budget up to once per replica), `Unknown ExternalEndpoint` when no proxy
+/// runs here. Pure.
+#[must_use]
+pub fn cache_shared(mirror: &RegistryMirror, external: bool) -> MirrorCondition {
+    let spec = &mirror.spec;
+    let replicas = spec.replicas;
+    if external {
+        return condition(
+            ConditionType::CacheShared,
+            ConditionStatus::Unknown,
+            "ExternalEndpoint",
+            "no in-cluster proxy; the external mirror's storage is not managed here",
+        );
+    }
+    match (spec.storage.kind, &spec.storage.s3) {
+        (StorageKind::S3, Some(s3)) => condition(
+            ConditionType::CacheShared,
+            ConditionStatus::True,
+            "SharedStorage",
+            format!(
+                "{replicas} replica(s) share one cache in S3 bucket {}",
+                s3.bucket
+            ),
+        ),
+        _ if replicas <= 1 => condition(
+            ConditionType::CacheShared,
+            ConditionStatus::True,
+            "SingleReplica",
+            "one registry pod, one cache",
+        ),
+        (kind, _) => condition(
+            ConditionType::CacheShared,
+            ConditionStatus::False,
+            "PerReplicaCache",
+            format!(
+                "each of the {replicas} registry pods keeps its own {kind:?} cache and fetches what it serves from the upstream itself: a cold image spends the upstream budget up to {replicas} times; set spec.storage.type S3 to share one cache"
+            ),
+        ),
+    }
+}
+
 fn unknown_all(reason: &str, message: &str) -> Vec<MirrorCondition> {
     [
         ConditionType::ProxyAvailable,
         ConditionType::NodesConfigured,
         ConditionType::CacheEffective,
         ConditionType::UpstreamBudget,
+        ConditionType::CacheShared,
     ]
     .into_iter()
     .map(|t| condition(t, ConditionStatus::Unknown, reason, message))
@@ -840,6 +888,12 @@ pub fn compute_status(
                 "Deleting",
                 "",
             ));
+            c.push(condition(
+                ConditionType::CacheShared,
+                ConditionStatus::Unknown,
+                "Deleting",
+                "",
+            ));
             c.push(no_conflict());
             c
         }
@@ -918,6 +972,7 @@ pub fn compute_status(
                 cache_cond,
                 budget_cond,
                 no_conflict(),
+                cache_shared(mirror, *external),
             ]
         }
     };

@@ -9,9 +9,11 @@
 
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
 use crate::api::{
-    CaConfigMapRef, FreshnessRule, NodeSettings, RegistryMirror, RegistryMirrorSpec, ServiceKind,
-    StorageKind,
+    CaConfigMapRef, FreshnessRule, NodeSettings, RegistryMirror, RegistryMirrorSpec, S3Storage,
+    ServiceKind, StorageKind, DEFAULT_LOCAL_CACHE_SIZE,
 };
 
 /// Longest mirror name: derived object names (`cachalot-<name>-agent`, StatefulSet pod names with
@@ -19,6 +21,8 @@ use crate::api::{
 pub const MAX_MIRROR_NAME_LEN: usize = 40;
 /// Default cache bound when neither `storage.maxSize` nor `storage.size` is given.
 pub const DEFAULT_MAX_SIZE_BYTES: u64 = 10 * 1024 * 1024 * 1024;
+/// Default bound of an S3 mirror's objects under its bucket prefix (`storage.maxSize` unset).
+pub const DEFAULT_S3_MAX_SIZE_BYTES: u64 = 100 * 1024 * 1024 * 1024;
 
 /// Why a spec was refused. Every variant is permanent: the object has to change.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,6 +90,29 @@ pub struct ValidFreshness {
     pub immutable: bool,
 }
 
+/// S3 storage after validation: the prefix defaulted and normalised, the local cache bound
+/// derived.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidS3 {
+    /// Base URL of the S3 API without a trailing `/`; AWS S3 when `None`.
+    pub endpoint: Option<String>,
+    /// Bucket name.
+    pub bucket: String,
+    /// Signing region.
+    pub region: Option<String>,
+    /// Key prefix, ending with `/` (default `<namespace>/<name>/`).
+    pub prefix: String,
+    /// Name of the Secret with `access-key-id` and `secret-access-key`; `None` for ambient
+    /// credentials.
+    pub credentials_secret: Option<String>,
+    /// The emptyDir size limit of each pod's local read cache, as written.
+    pub local_cache_size: Quantity,
+    /// The registry's bound of that cache: half the limit (the rest stages fetches in flight).
+    pub local_cache_max_size_bytes: u64,
+    /// Who claims the prefix: `<namespace>/<name>` of the mirror.
+    pub owner: String,
+}
+
 /// The values derived from a valid spec.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Validated {
@@ -103,6 +130,8 @@ pub struct Validated {
     pub max_size_bytes: u64,
     /// How nodes reach the proxy.
     pub exposure: Exposure,
+    /// The shared bucket of `storage.type: S3`; `None` for pod-local storage.
+    pub s3: Option<ValidS3>,
 }
 
 /// Validates `mirror` and derives what the build stage needs.
@@ -158,7 +187,7 @@ pub fn validate(mirror: &RegistryMirror) -> Result<Validated, ValidateError> {
             ));
         }
     }
-    let max_size_bytes = validate_storage(spec)?;
+    let (max_size_bytes, s3) = validate_storage(spec, &namespace, &name)?;
     let exposure = validate_exposure(spec)?;
     if let Some(parent) = &spec.parent {
         check_url(&parent.url).map_err(|m| invalid("spec.parent.url", m))?;
@@ -181,6 +210,7 @@ pub fn validate(mirror: &RegistryMirror) -> Result<Validated, ValidateError> {
         default_registry,
         max_size_bytes,
         exposure,
+        s3,
     })
 }
 
@@ -293,7 +323,11 @@ fn validate_freshness(rule: &FreshnessRule, field: &str) -> Result<ValidFreshnes
     })
 }
 
-fn validate_storage(spec: &RegistryMirrorSpec) -> Result<u64, ValidateError> {
+fn validate_storage(
+    spec: &RegistryMirrorSpec,
+    namespace: &str,
+    name: &str,
+) -> Result<(u64, Option<ValidS3>), ValidateError> {
     let storage = &spec.storage;
     let size = storage
         .size
@@ -306,27 +340,163 @@ fn validate_storage(spec: &RegistryMirrorSpec) -> Result<u64, ValidateError> {
             "is required for PersistentVolumeClaim storage",
         ));
     }
-    if storage.kind == StorageKind::EmptyDir && storage.storage_class_name.is_some() {
+    if storage.kind != StorageKind::PersistentVolumeClaim && storage.storage_class_name.is_some() {
         return Err(invalid(
             "spec.storage.storageClassName",
             "only applies to PersistentVolumeClaim storage",
         ));
     }
+    let s3 = match (storage.kind, &storage.s3) {
+        (StorageKind::S3, Some(s3)) => {
+            if size.is_some() {
+                return Err(invalid(
+                    "spec.storage.size",
+                    "does not apply to S3 storage; spec.storage.s3.localCacheSize sizes the local read cache",
+                ));
+            }
+            Some(validate_s3(s3, namespace, name)?)
+        }
+        (StorageKind::S3, None) => {
+            return Err(invalid("spec.storage.s3", "is required for S3 storage"))
+        }
+        (_, Some(_)) => return Err(invalid("spec.storage.s3", "only applies to S3 storage")),
+        (_, None) => None,
+    };
     let max = storage
         .max_size
         .as_ref()
         .map(|q| parse_quantity_bytes(&q.0).map_err(|m| invalid("spec.storage.maxSize", m)))
         .transpose()?;
-    match (max, size) {
-        (Some(max), Some(size)) if max > size => Err(invalid(
-            "spec.storage.maxSize",
-            "must not exceed spec.storage.size",
-        )),
-        (Some(0), _) => Err(invalid("spec.storage.maxSize", "must be positive")),
-        (Some(max), _) => Ok(max),
+    let max_size = match (max, size) {
+        (Some(max), Some(size)) if max > size => {
+            return Err(invalid(
+                "spec.storage.maxSize",
+                "must not exceed spec.storage.size",
+            ))
+        }
+        (Some(0), _) => return Err(invalid("spec.storage.maxSize", "must be positive")),
+        (Some(max), _) => max,
         // Leave 10% headroom for temporary files of in-flight downloads.
-        (None, Some(size)) => Ok(size / 10 * 9),
-        (None, None) => Ok(DEFAULT_MAX_SIZE_BYTES),
+        (None, Some(size)) => size / 10 * 9,
+        (None, None) if s3.is_some() => DEFAULT_S3_MAX_SIZE_BYTES,
+        (None, None) => DEFAULT_MAX_SIZE_BYTES,
+    };
+    Ok((max_size, s3))
+}
+
+/// Checks the S3 block as the registry will (bucket, endpoint, prefix) so that a mistake is an
+/// `InvalidSpec` naming the CRD field, not a config the registry refuses.
+fn validate_s3(s3: &S3Storage, namespace: &str, name: &str) -> Result<ValidS3, ValidateError> {
+    let field = "spec.storage.s3";
+    if !is_bucket_name(&s3.bucket) {
+        return Err(invalid(
+            format!("{field}.bucket"),
+            format!(
+                "`{}` is not an S3 bucket name (3-63 of a-z, 0-9, `-`, `.`, starting and ending with a letter or digit)",
+                s3.bucket
+            ),
+        ));
+    }
+    let endpoint = s3
+        .endpoint
+        .as_ref()
+        .map(|url| {
+            check_url(url)
+                .map(|()| url.trim_end_matches('/').to_string())
+                .map_err(|m| invalid(format!("{field}.endpoint"), m))
+        })
+        .transpose()?;
+    if let Some(region) = &s3.region {
+        let ok = !region.is_empty()
+            && region.len() <= 64
+            && region
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && region.starts_with(|c: char| c.is_ascii_alphanumeric());
+        if !ok {
+            return Err(invalid(
+                format!("{field}.region"),
+                format!("`{region}` is not a region name (letters, digits, `-`, `_`, `.`)"),
+            ));
+        }
+    }
+    let prefix = match &s3.prefix {
+        Some(prefix) => {
+            check_s3_prefix(prefix).map_err(|m| invalid(format!("{field}.prefix"), m))?;
+            prefix.clone()
+        }
+        None => format!("{namespace}/{name}"),
+    };
+    let prefix = if prefix.ends_with('/') {
+        prefix
+    } else {
+        format!("{prefix}/")
+    };
+    let credentials_secret = match &s3.credentials_secret_ref {
+        Some(secret) if !is_dns_subdomain(&secret.name) => {
+            return Err(invalid(
+                format!("{field}.credentialsSecretRef.name"),
+                format!("`{}` is not a valid Secret name", secret.name),
+            ))
+        }
+        Some(secret) => Some(secret.name.clone()),
+        None => None,
+    };
+    let local_cache_size = s3
+        .local_cache_size
+        .clone()
+        .unwrap_or_else(|| Quantity(DEFAULT_LOCAL_CACHE_SIZE.to_string()));
+    let local = parse_quantity_bytes(&local_cache_size.0)
+        .map_err(|m| invalid(format!("{field}.localCacheSize"), m))?;
+    if local < MIN_LOCAL_CACHE_SIZE_BYTES {
+        return Err(invalid(
+            format!("{field}.localCacheSize"),
+            "must be at least 64Mi (blobs in flight are staged there)",
+        ));
+    }
+    Ok(ValidS3 {
+        endpoint,
+        bucket: s3.bucket.clone(),
+        region: s3.region.clone(),
+        prefix,
+        credentials_secret,
+        local_cache_size,
+        local_cache_max_size_bytes: local / 2,
+        owner: format!("{namespace}/{name}"),
+    })
+}
+
+/// Smallest `storage.s3.localCacheSize`.
+const MIN_LOCAL_CACHE_SIZE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// An S3 bucket name as the registry accepts it.
+fn is_bucket_name(bucket: &str) -> bool {
+    (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && bucket.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// A bucket key prefix: relative components of `A-Za-z0-9-_.`, none empty or starting with `.`
+/// (so no `.` or `..`), an optional trailing `/`.
+fn check_s3_prefix(prefix: &str) -> Result<(), String> {
+    let body = prefix.strip_suffix('/').unwrap_or(prefix);
+    let ok = !body.is_empty()
+        && prefix.len() <= 512
+        && body.split('/').all(|c| {
+            !c.is_empty()
+                && !c.starts_with('.')
+                && c.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{prefix}` must be relative path components of letters, digits, `-`, `_` and `.` (none starting with `.`)"
+        ))
     }
 }
 
@@ -596,6 +766,32 @@ mod tests {
             long.as_str(),
         ] {
             assert!(!is_config_map_key(bad), "{bad} should be refused");
+        }
+    }
+
+    #[test]
+    fn bucket_names_and_prefixes_follow_the_registry_rules() {
+        for good in ["cachalot", "my.bucket-1", "abc"] {
+            assert!(is_bucket_name(good), "{good} should be accepted");
+        }
+        for bad in ["ab", "Bucket", "-bucket", "bucket-", "a_b", ""] {
+            assert!(!is_bucket_name(bad), "{bad} should be refused");
+        }
+        for good in ["mirrors", "mirrors/hub/", "team-a/hub", "a.b/c_d"] {
+            assert!(check_s3_prefix(good).is_ok(), "{good} should be accepted");
+        }
+        for bad in [
+            "",
+            "/",
+            "/abs",
+            "a//b",
+            "a/../b",
+            "./a",
+            "a/.hidden",
+            "a b",
+            "a/b//",
+        ] {
+            assert!(check_s3_prefix(bad).is_err(), "{bad} should be refused");
         }
     }
 
