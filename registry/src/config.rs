@@ -99,6 +99,15 @@ pub struct S3Config {
     /// `maxSizeBytes` and 10 GiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_cache_max_size_bytes: Option<u64>,
+    /// No object of the bucket used or written within this is evicted. Default: twice
+    /// `lastUseFlushInterval` plus a minute, at least 10 minutes. Shorter than twice the flush
+    /// interval, eviction may delete what a replica is about to serve (a miss, never wrong bytes).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub eviction_grace: Option<Duration>,
     /// Who owns the prefix: a mirror refuses to start on a prefix another mirror claimed.
     /// Defaults to `default`; the operator sets the RegistryMirror's namespace/name.
     #[serde(default = "default_s3_owner")]

@@ -1,6 +1,7 @@
 //! Process wiring: logging, building the proxy from the config, the accept loop with header
-//! read timeouts, the periodic flush of the cache's last-use times, and graceful shutdown on
-//! SIGTERM/SIGINT (which flushes them once more after the last fetch committed).
+//! read timeouts, the periodic flush of the cache's last-use times (and, with shared storage,
+//! the shared tier's upkeep), and graceful shutdown on SIGTERM/SIGINT (which flushes them once
+//! more after the last fetch committed).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -117,6 +118,18 @@ impl Server {
                 flush_last_use(Arc::clone(&store)).await;
             }
         });
+        let upkeep = (self.state.proxy.inner().shared.is_some()).then(|| {
+            let inner = Arc::clone(self.state.proxy.inner());
+            tokio::spawn(async move {
+                let mut tick =
+                    tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    inner.shared_upkeep_pass().await;
+                }
+            })
+        });
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -161,6 +174,16 @@ impl Server {
         }
         flusher.abort();
         flush_last_use(Arc::clone(&self.state.proxy.inner().store)).await;
+        if let Some(upkeep) = upkeep {
+            upkeep.abort();
+            let inner = self.state.proxy.inner();
+            if let Some(shared) = &inner.shared {
+                let id = &inner.shared_upkeep;
+                if let Err(e) = id.last_use.flush(shared, id.replica_id()).await {
+                    tracing::warn!(error = %e, "cannot record last uses in the shared storage at shutdown");
+                }
+            }
+        }
     }
 }
 

@@ -7,7 +7,8 @@
 //! - a blob cached through one replica is served by another with no upstream request;
 //! - a peer answering garbage is treated as down (the pull goes to the upstream);
 //! - every replica restarted with empty local disks: the cache is still there;
-//! - corrupt upstream bytes never land in the bucket;
+//! - corrupt upstream bytes never land in the bucket, and rotten copies in it are removed;
+//! - the bucket over its bound: the least recently used image goes, pinned and recent ones stay;
 //! - the owner replica killed with SIGKILL mid-fetch: clients on the others still get verified
 //!   blobs, and nothing partial is visible in the bucket;
 //! - the S3 engine stopped: hot blobs still serve from the local read cache, everything else is
@@ -78,6 +79,7 @@ impl Scene {
             access_key_id_file: Some(id),
             secret_access_key_file: Some(secret),
             local_cache_max_size_bytes: None,
+            eviction_grace: None,
             owner: "test/mirror".into(),
         };
         let listens = (0..replicas)
@@ -645,6 +647,91 @@ async fn with_the_s3_engine_stopped_hot_blobs_serve_and_everything_else_is_a_503
     // The engine back: the cold image is fetched and served.
     scene.garage.restart().await.unwrap();
     pull_verified(&url, "library/cold", &cold).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_bucket_stays_under_its_bound_keeping_pinned_and_recent_images() {
+    if !prerequisites_or_skip("the_bucket_stays_under_its_bound_keeping_pinned_and_recent_images") {
+        return;
+    }
+    let mut scene = Scene::start(2).await;
+    // No grace (tests only): eviction acts on the next upkeep pass, one a second.
+    scene.s3.eviction_grace = Some(Duration::ZERO);
+    let pinned = docker_image(50, &[2 * MIB]).unwrap();
+    let old = docker_image(51, &[2 * MIB]).unwrap();
+    let new = docker_image(52, &[2 * MIB]).unwrap();
+    for (repo, img) in [
+        ("library/pinned", &pinned),
+        ("library/old", &old),
+        ("library/new", &new),
+    ] {
+        scene.push(repo, img).await;
+    }
+    let bound = 5 * MIB;
+    let tweaks: Vec<_> = (0..2).map(|i| scene.tweak(i)).collect();
+    let mut replicas = Vec::new();
+    for (i, tweak) in tweaks.iter().enumerate() {
+        let storage = scene.dir.path().join(format!("evicting-{i}"));
+        let replica = Process::start_at(scene.listens[i], &storage, &scene.fault.url(), |c| {
+            tweak(c);
+            c.storage.max_size_bytes = Some(bound);
+            c.storage.last_use_flush_interval = Duration::from_secs(1);
+            c.registries.get_mut("docker.io").unwrap().pin = vec!["library/pinned".into()];
+        })
+        .await
+        .unwrap_or_else(|log| panic!("replica {i} did not start:\n{log}"));
+        replicas.push(replica);
+    }
+    // Pinned first (the least recently used of all), then old, then new on the other replica.
+    pull_verified(&replicas[0].url(), "library/pinned", &pinned).await;
+    pull_verified(&replicas[0].url(), "library/old", &old).await;
+    scene.published(&old).await;
+    // Last use has a resolution of one second: the new image is used in a later one.
+    let old_second = cachalot_registry::store::now_secs();
+    eventually(Duration::from_secs(3), "the next second", || async move {
+        cachalot_registry::store::now_secs() > old_second
+    })
+    .await;
+    pull_verified(&replicas[1].url(), "library/new", &new).await;
+    let bucket = scene.bucket();
+    // The new image's layer is uploaded after its clients were served: wait for it (the bucket
+    // is then over its bound until the next upkeep pass).
+    let new_layer = new.layers()[0].digest.parse().unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the new layer in the bucket",
+        || {
+            let (bucket, digest) = (bucket.clone(), &new_layer);
+            async move { bucket.blob_size(digest).await.unwrap().is_some() }
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "the bucket back under its bound",
+        || {
+            let bucket = bucket.clone();
+            async move {
+                let blobs = bucket.list("blobs/").await.unwrap();
+                let manifests = bucket.list("manifests/").await.unwrap();
+                blobs.iter().chain(&manifests).map(|o| o.size).sum::<u64>() <= bound
+            }
+        },
+    )
+    .await;
+    let has = |img: &TestImage| {
+        let (bucket, digest) = (bucket.clone(), img.layers()[0].digest.parse().unwrap());
+        async move { bucket.blob_size(&digest).await.unwrap().is_some() }
+    };
+    assert!(has(&pinned).await, "the pinned image stays");
+    assert!(has(&new).await, "the most recent image stays");
+    assert!(
+        !has(&old).await,
+        "the least recently used unpinned image goes"
+    );
+    // Evicted means gone from the bucket, not broken: it is fetched again.
+    scene.fault.handle().reset_counts();
+    pull_verified(&replicas[1].url(), "library/old", &old).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

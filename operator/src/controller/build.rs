@@ -364,6 +364,7 @@ fn s3_config(s3: &ValidS3) -> S3Config {
         access_key_id_file: key_file(S3_ACCESS_KEY_ID_KEY),
         secret_access_key_file: key_file(S3_SECRET_ACCESS_KEY_KEY),
         local_cache_max_size_bytes: Some(s3.local_cache_max_size_bytes),
+        eviction_grace: None,
         owner: s3.owner.clone(),
     }
 }

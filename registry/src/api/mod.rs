@@ -383,6 +383,7 @@ async fn blob_get(
     let source = blobs::open_or_fetch(inner, upstream, name, digest)?;
     let (size, cache, flight): (Option<u64>, CacheResult, _) = match source {
         Source::Cached(file, size, pin) => {
+            inner.note_shared_use(&crate::store::shared::blob_key(digest));
             let (start, end) = match requested {
                 Some(r) => range::resolve(r, size).map_err(range_error)?,
                 None => (0, size),

@@ -661,6 +661,7 @@ async fn open_body(
 ) -> Result<Body, ProxyError> {
     if let Some(shared) = &inner.shared {
         if let Some(blob) = shared.get_blob(digest, None).await? {
+            inner.note_shared_use(&crate::store::shared::blob_key(digest));
             return Ok(Body::Shared(blob));
         }
     }

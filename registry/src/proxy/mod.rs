@@ -208,6 +208,8 @@ pub enum BuildProxyError {
     Upstream(#[from] upstream::BuildUpstreamError),
     #[error("storage.s3: {0}")]
     Shared(#[from] SharedStoreError),
+    #[error("storage.s3: {0}")]
+    Upkeep(#[from] shared::BuildUpkeepError),
     #[error("registries.{registry}.freshness: {source}")]
     Freshness {
         registry: String,
@@ -284,6 +286,8 @@ pub struct ProxyInner {
     pub shared_writes: shared::Pending,
     /// The other replicas (`cluster`), which own their share of the objects.
     pub peers: Option<Peers>,
+    /// Shared-tier bookkeeping: last uses, the bucket bound, multipart clean-up.
+    pub shared_upkeep: shared::Upkeep,
 }
 
 impl ProxyInner {
@@ -463,6 +467,7 @@ impl Proxy {
                 revalidate_wait: config.upstream.revalidate_wait,
                 tag_lists: TagListCache::default(),
                 tag_list_flights: SingleFlight::default(),
+                shared_upkeep: shared::Upkeep::new(config, shared.is_some())?,
                 shared,
                 shared_writes: shared::Pending::default(),
                 peers,

@@ -9,13 +9,24 @@
 //! cache does not hold is answered with a 503 (`STORAGE_UNAVAILABLE`), never fetched upstream
 //! behind the other replicas' backs. Background writes are counted ([`Pending`]) so a shutdown
 //! waits for them.
+//!
+//! Upkeep ([`ProxyInner::shared_upkeep_pass`], every `storage.lastUseFlushInterval`): each replica
+//! writes the last uses it noted (what it served, from its read cache or the bucket) to its
+//! record in the bucket; the replica that owns the key `_cachalot/upkeep` (rendezvous over the
+//! live peers, or the only replica) then keeps the prefix under `storage.maxSizeBytes` (LRU, pins
+//! kept, nothing used within the grace period) and, once an hour, aborts multipart uploads
+//! older than an hour (left by killed processes). See `store::shared_lru` for the contract.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::{ProxyError, ProxyInner};
+use crate::config::Config;
 use crate::oci::{Digest, RepositoryName, Tag};
+use crate::store::s3_uploads::{AbortStaleUploadsError, MultipartUploads};
 use crate::store::shared::{manifest_key, SharedStoreError};
+use crate::store::shared_lru::{self, SharedLastUse};
 use crate::store::{StoredManifest, TagRecord};
 
 /// Background writes to the shared tier still running.
@@ -41,13 +52,165 @@ impl Pending {
     }
 }
 
+/// Multipart uploads older than this are abandoned (a killed process's) and aborted.
+const STALE_UPLOAD_AGE: Duration = Duration::from_secs(3600);
+
+/// The key whose owner replica runs eviction and multipart clean-up.
+const UPKEEP_KEY: &str = "_cachalot/upkeep";
+
+/// Why the shared-tier upkeep could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildUpkeepError {
+    #[error(transparent)]
+    Uploads(#[from] AbortStaleUploadsError),
+}
+
+/// The shared tier's bookkeeping state.
+#[derive(Debug, Default)]
+pub struct Upkeep {
+    /// Uses this replica noted since its last flush.
+    pub last_use: SharedLastUse,
+    /// Names this replica's last-use record.
+    replica_id: String,
+    /// `storage.maxSizeBytes`: the bound of the bucket prefix.
+    max_size: Option<u64>,
+    /// No object used or written within this is evicted.
+    grace: Duration,
+    uploads: Option<MultipartUploads>,
+    /// Unix seconds of the last multipart clean-up (0: never).
+    uploads_cleaned_at: AtomicU64,
+}
+
+/// The eviction grace period for a flush interval: at least twice the interval plus a minute of
+/// clock skew, and never under 10 minutes. Pure.
+pub fn eviction_grace(flush: Duration) -> Duration {
+    (flush * 2 + Duration::from_secs(60)).max(Duration::from_secs(600))
+}
+
+/// A last-use record name from a replica's URL or host name: letters, digits, `.`, `_`, `-`,
+/// at most 128 characters. Pure.
+pub fn replica_id(name: &str) -> String {
+    let id: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(128)
+        .collect();
+    if id.is_empty() {
+        "replica".to_owned()
+    } else {
+        id
+    }
+}
+
+impl Upkeep {
+    /// The name of this replica's last-use record.
+    pub fn replica_id(&self) -> &str {
+        &self.replica_id
+    }
+
+    /// The upkeep of a validated config (inert without a shared tier).
+    pub fn new(config: &Config, shared: bool) -> Result<Upkeep, BuildUpkeepError> {
+        let Some(s3) = config.storage.s3.as_ref().filter(|_| shared) else {
+            return Ok(Upkeep::default());
+        };
+        let name = match &config.cluster {
+            Some(cluster) => cluster.self_url.clone(),
+            None => std::env::var("HOSTNAME").unwrap_or_default(),
+        };
+        Ok(Upkeep {
+            last_use: SharedLastUse::new(),
+            replica_id: replica_id(&name),
+            max_size: config.storage.max_size_bytes,
+            grace: s3
+                .eviction_grace
+                .unwrap_or_else(|| eviction_grace(config.storage.last_use_flush_interval)),
+            uploads: Some(MultipartUploads::from_config(s3)?),
+            uploads_cleaned_at: AtomicU64::new(0),
+        })
+    }
+}
+
 impl ProxyInner {
+    /// Notes that `key` of the shared tier was served (for its LRU position there).
+    pub fn note_shared_use(&self, key: &str) {
+        if self.shared.is_some() {
+            self.shared_upkeep.last_use.note(key);
+        }
+    }
+
+    /// Whether this replica runs the prefix's eviction and clean-up now.
+    fn owns_upkeep(&self) -> bool {
+        match &self.peers {
+            Some(peers) => peers.owner(UPKEEP_KEY) == peers.self_url(),
+            None => true,
+        }
+    }
+
+    /// One upkeep pass (see the module header). Failures are logged; the next pass retries.
+    pub async fn shared_upkeep_pass(&self) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let upkeep = &self.shared_upkeep;
+        if let Err(e) = upkeep.last_use.flush(shared, &upkeep.replica_id).await {
+            tracing::warn!(error = %e, "cannot record last uses in the shared storage; will retry");
+        }
+        if !self.owns_upkeep() {
+            return;
+        }
+        let now = crate::store::now_secs();
+        if let Some(max) = upkeep.max_size {
+            let pins = self.store.current_pins();
+            let evicted = match shared_lru::protected_keys(shared, &pins).await {
+                Ok(protected) => {
+                    shared_lru::evict(shared, max, &protected, upkeep.grace, now).await
+                }
+                Err(e) => Err(e),
+            };
+            match evicted {
+                Ok(pass) if pass.evicted > 0 => {
+                    self.telemetry.add_evictions(pass.evicted);
+                    tracing::info!(
+                        evicted = pass.evicted,
+                        bytes_after = pass.total_after,
+                        pinned_bytes = pass.protected_bytes,
+                        "evicted least recently used content from the shared storage"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "shared storage eviction skipped; will retry");
+                }
+            }
+        }
+        let last = upkeep.uploads_cleaned_at.load(Ordering::Relaxed);
+        if let Some(uploads) = &upkeep.uploads {
+            if now.saturating_sub(last) >= STALE_UPLOAD_AGE.as_secs() {
+                upkeep.uploads_cleaned_at.store(now, Ordering::Relaxed);
+                match uploads.abort_stale_uploads(STALE_UPLOAD_AGE, now).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(aborted = n, "aborted abandoned multipart uploads"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot clean up abandoned multipart uploads; will retry")
+                    }
+                }
+            }
+        }
+    }
+
     /// A cached manifest: from the local store, else from the shared tier (then kept locally).
     pub async fn cached_manifest(
         &self,
         digest: &Digest,
     ) -> Result<Option<StoredManifest>, ProxyError> {
         if let Some(m) = self.store.read_manifest(digest)? {
+            self.note_shared_use(&manifest_key(digest));
             return Ok(Some(m));
         }
         let Some(shared) = &self.shared else {
@@ -69,6 +232,7 @@ impl ProxyInner {
             }
             Err(e) => return Err(e.into()),
         };
+        self.note_shared_use(&manifest_key(digest));
         let (store, d, kept) = (Arc::clone(&self.store), digest.clone(), m.clone());
         let written = tokio::task::spawn_blocking(move || {
             store.write_manifest(&d, &kept.media_type, &kept.bytes)

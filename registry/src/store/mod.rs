@@ -554,10 +554,7 @@ impl Store {
 
     /// The files configured pins and the pin file protect right now.
     fn protected_paths(&self) -> HashSet<PathBuf> {
-        let mut pins = self.pins.clone();
-        if let Some(file) = &self.pin_file {
-            pins.merge(&file.current());
-        }
+        let pins = self.current_pins();
         if pins.is_empty() {
             return HashSet::new();
         }
@@ -566,6 +563,15 @@ impl Store {
         let manifests = protected.manifests.iter().map(|d| self.manifest_path(d));
         let blobs = protected.blobs.iter().map(|d| self.blob_path(d));
         manifests.chain(blobs).collect()
+    }
+
+    /// The pins in force now: the configured ones and the pin file's last good set.
+    pub fn current_pins(&self) -> PinRules {
+        let mut pins = self.pins.clone();
+        if let Some(file) = &self.pin_file {
+            pins.merge(&file.current());
+        }
+        pins
     }
 
     /// Bytes the pins protected at the last eviction pass (0 before the first one).
