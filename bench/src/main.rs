@@ -9,6 +9,9 @@
 //! cached 1 MiB blob (errors, time, peak RSS of each proxy). The objects are written to
 //! `/dev/shm` when it exists (no disk), and the bench checks its open-files limit first.
 //!
+//! Shared S3 rows (`--s3-only`, and a second table at the end of the full run when
+//! `scripts/s3-server`'s Garage is there; skipped with a note otherwise): see [`shared_s3`].
+//!
 //! Run: `cargo build --release -p cachalot-registry -p cachalot-bench && target/release/cachalot-bench`
 
 use std::path::{Path, PathBuf};
@@ -21,6 +24,8 @@ use cachalot_testkit::distribution::{Distribution, DistributionOptions};
 use cachalot_testkit::fault::{Fault, FaultProxy, FaultRule, Kind, RateLimit, TokenAuth};
 use cachalot_testkit::image::{self, TestImage};
 use clap::Parser;
+
+mod shared_s3;
 
 #[derive(Debug, Parser)]
 #[command(about = "cachalot-registry vs distribution proxy, side by side on 127.0.0.1")]
@@ -53,6 +58,9 @@ struct Args {
     /// Only the scale rows (start-up with many objects, many connections).
     #[arg(long)]
     scale_only: bool,
+    /// Only the shared S3 storage rows (Garage from `scripts/s3-server`; see `shared_s3`).
+    #[arg(long)]
+    s3_only: bool,
 }
 
 /// A cachalot-registry child process.
@@ -78,6 +86,11 @@ impl Cachalot {
 
     fn pid(&self) -> u32 {
         self.child.id().unwrap_or(0)
+    }
+
+    /// Its cache directory (`--storage`).
+    fn storage(&self) -> PathBuf {
+        self._dir.path().join("cache")
     }
 
     /// Makes a cached tag look last checked long ago, so the next request revalidates it.
@@ -735,6 +748,11 @@ async fn main() -> Result<()> {
         print_table(&scale_rows(&args, &upstream.url(), &small).await?);
         return Ok(());
     }
+    if args.s3_only {
+        cachalot_testkit::s3::garage_binary()?;
+        shared_s3::print_table(&shared_s3::rows(&args.cachalot, &upstream, &big).await?);
+        return Ok(());
+    }
 
     // Cold pull: direct vs each proxy (fresh proxies, empty caches), `cold_runs` times.
     let c = client();
@@ -987,5 +1005,9 @@ async fn main() -> Result<()> {
 
     rows.extend(scale_rows(&args, &upstream.url(), &small).await?);
     print_table(&rows);
+    match cachalot_testkit::s3::garage_binary() {
+        Ok(_) => shared_s3::print_table(&shared_s3::rows(&args.cachalot, &upstream, &big).await?),
+        Err(e) => println!("\nShared S3 rows skipped: {e}"),
+    }
     Ok(())
 }
