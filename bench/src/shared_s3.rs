@@ -139,6 +139,7 @@ impl Bucket {
             access_key_id_file: Some(self.keys.path().join("key-id")),
             secret_access_key_file: Some(self.keys.path().join("secret")),
             local_cache_max_size_bytes: local_cache,
+            eviction_grace: None,
             owner: OWNER.to_owned(),
         }
     }
