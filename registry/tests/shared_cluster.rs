@@ -4,6 +4,7 @@
 //! - 8 concurrent cold clients through 3 replicas: every pull verified, each blob and the tag's
 //!   manifest fetched from the upstream once (upstream blob bytes = 1.00x the image);
 //! - an expired tag requested concurrently on every replica: one revalidation HEAD for the set;
+//! - a replica that learnt a tag from its owner keeps the owner's freshness, not a new window;
 //! - a blob cached through one replica is served by another with no upstream request;
 //! - a peer answering garbage is treated as down (the pull goes to the upstream);
 //! - every replica restarted with empty local disks: the cache is still there;
@@ -340,6 +341,78 @@ async fn an_expired_tag_is_revalidated_once_for_the_whole_replica_set() {
         "one revalidation HEAD for 12 requests on 3 replicas"
     );
     assert_eq!(counts.get("GET", Kind::Manifest), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_asked_the_owner_keeps_the_owners_freshness() {
+    if !prerequisites_or_skip("a_replica_that_asked_the_owner_keeps_the_owners_freshness") {
+        return;
+    }
+    let mut scene = Scene::start(3).await;
+    scene.freshness = vec![fresh_for("*", Duration::from_secs(3600))];
+    let img = docker_image(49, &[256 * 1024]).unwrap();
+    scene.push("library/fresh", &img).await;
+    let replicas = scene.start_replicas().await;
+    let peers = scene.peers();
+    let owner_url = rendezvous_order("docker.io/library/fresh:1", &peers)[0];
+    let owner = peers.iter().position(|p| p == owner_url).unwrap();
+    let others: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
+    pull_verified(&replicas[owner].url(), "library/fresh", &img).await;
+
+    // The owner confirmed the tag half an hour ago; the bucket has no record of it, so the
+    // other replicas can learn it only from the owner.
+    let bucket = scene.bucket();
+    let (name, tag) = ("library/fresh".parse().unwrap(), "1".parse().unwrap());
+    eventually(
+        Duration::from_secs(10),
+        "the owner's tag record published",
+        || async {
+            bucket
+                .read_tag("docker.io", &name, &tag)
+                .await
+                .unwrap()
+                .is_some()
+        },
+    )
+    .await;
+    bucket
+        .delete("repositories/docker.io/library/fresh/_tags/1.json")
+        .await
+        .unwrap();
+    let tag_file = |i: usize| {
+        replicas[i]
+            .storage
+            .join("repositories/docker.io/library/fresh/_tags/1.json")
+    };
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tag_file(owner)).unwrap()).unwrap();
+    let confirmed = cachalot_registry::store::now_secs() - 1800;
+    record["checkedAt"] = confirmed.into();
+    std::fs::write(tag_file(owner), serde_json::to_vec(&record).unwrap()).unwrap();
+
+    // One asks with a GET, the other with a HEAD: both keep the owner's time.
+    let get = get_manifest(&replicas[others[0]].url(), "library/fresh", "1").await;
+    assert_eq!(get.status(), 200);
+    let head = client()
+        .head(format!(
+            "{}/v2/library/fresh/manifests/1",
+            replicas[others[1]].url()
+        ))
+        .header("accept", cachalot_registry::oci::media::MANIFEST_ACCEPT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    for i in &others {
+        let kept: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(tag_file(*i)).unwrap()).unwrap();
+        assert_eq!(kept["checkedAt"], confirmed, "replica {i}");
+    }
+    assert_eq!(
+        scene.fault.handle().counts().get("HEAD", Kind::Manifest),
+        0,
+        "the owner's record was fresh: nothing revalidated"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -291,6 +291,9 @@ fn manifest_response(state: &AppState, reply: ManifestReply) -> Response {
     }
     headers.insert("docker-content-digest", digest_header(&reply.digest));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(reply.size));
+    if let Some(checked_at) = reply.checked_at {
+        headers.insert(upstream::CHECKED_AT, HeaderValue::from(checked_at));
+    }
     headers.insert(
         header::ETAG,
         HeaderValue::from_str(&format!("\"{}\"", reply.digest))

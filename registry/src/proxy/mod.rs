@@ -226,6 +226,10 @@ pub struct ManifestReply {
     /// `None` for HEAD.
     pub body: Option<Bytes>,
     pub cache: CacheResult,
+    /// For a tag: when it was last confirmed upstream (unix seconds). Sent as
+    /// `X-Cachalot-Checked-At`, so a replica that asked its owner keeps the owner's freshness
+    /// instead of starting a new `maxAge` window.
+    pub checked_at: Option<u64>,
 }
 
 /// A manifest fetched from upstream and cached.
@@ -234,6 +238,8 @@ struct Fetched {
     digest: Digest,
     media_type: String,
     bytes: Bytes,
+    /// When the owner replica that answered last confirmed the tag (see [`peer_checked_at`]).
+    checked_at: Option<u64>,
 }
 
 impl Fetched {
@@ -250,6 +256,7 @@ impl Fetched {
             } else {
                 CacheResult::Hit
             },
+            checked_at: self.checked_at,
         }
     }
 }
@@ -560,6 +567,7 @@ impl Proxy {
                 size: m.bytes.len() as u64,
                 body: (!head).then_some(m.bytes),
                 cache: CacheResult::Hit,
+                checked_at: None,
             });
         }
         let key = NotFound::Manifest(upstream.name().to_owned(), repo.clone(), digest.clone());
@@ -913,6 +921,7 @@ impl Proxy {
                     size: record.size,
                     body: None,
                     cache: CacheResult::Miss,
+                    checked_at: Some(record.checked_at),
                 });
             }
         }
@@ -937,14 +946,18 @@ impl Proxy {
                 let reference = crate::oci::Reference::Tag(task_tag.clone());
                 let fetched =
                     fetch_manifest(&inner, &task_upstream, &task_repo, &reference, None).await?;
+                let checked_at = fetched.checked_at.unwrap_or_else(now_secs);
                 let record = TagRecord {
                     digest: fetched.digest.clone(),
                     media_type: fetched.media_type.clone(),
                     size: fetched.bytes.len() as u64,
-                    checked_at: now_secs(),
+                    checked_at,
                 };
                 inner.cache_tag(&task_upstream, &task_repo, &task_tag, &record);
-                Ok(fetched)
+                Ok(Fetched {
+                    checked_at: Some(checked_at),
+                    ..fetched
+                })
             })
             .await;
         Ok(fetched?.into_reply(false, leader))
@@ -966,6 +979,7 @@ impl Proxy {
                 size: record.size,
                 body: None,
                 cache,
+                checked_at: Some(record.checked_at),
             });
         }
         if let Some(m) = self.inner.cached_manifest(&record.digest).await? {
@@ -975,6 +989,7 @@ impl Proxy {
                 size: m.bytes.len() as u64,
                 body: Some(m.bytes),
                 cache,
+                checked_at: Some(record.checked_at),
             });
         }
         let mut reply = self
@@ -983,8 +998,23 @@ impl Proxy {
         if cache == CacheResult::Stale {
             reply.cache = CacheResult::Stale;
         }
+        reply.checked_at = Some(record.checked_at);
         Ok(reply)
     }
+}
+
+/// When the owner replica that answered `response` last confirmed the tag (its
+/// `X-Cachalot-Checked-At`, never in the future); `None` for an upstream's answer.
+fn peer_checked_at(upstream: &Upstream, response: &reqwest::Response) -> Option<u64> {
+    if !upstream.answered_by_peer(response) {
+        return None;
+    }
+    let value = response
+        .headers()
+        .get(upstream::CHECKED_AT)?
+        .to_str()
+        .ok()?;
+    value.parse::<u64>().ok().map(|t| t.min(now_secs()))
 }
 
 /// HEAD by tag: the upstream's current digest, media type and size, without spending a GET.
@@ -1007,7 +1037,7 @@ async fn head_tag(
         digest,
         media_type,
         size: upstream::declared_length(&response).unwrap_or(0),
-        checked_at: now_secs(),
+        checked_at: peer_checked_at(upstream, &response).unwrap_or_else(now_secs),
     }))
 }
 
@@ -1081,6 +1111,7 @@ async fn fetch_manifest_from(
         upstream::content_type(&response).unwrap_or_else(|| media::DOCKER_MANIFEST_V2.to_owned());
     let header_digest = upstream::content_digest(&response);
     let from_peer = upstream.answered_by_peer(&response);
+    let checked_at = peer_checked_at(upstream, &response);
     // A cachalot always names the manifest it sends.
     if from_peer
         && (header_digest.is_none() || expected.is_some_and(|e| header_digest.as_ref() != Some(e)))
@@ -1122,6 +1153,7 @@ async fn fetch_manifest_from(
             digest,
             media_type,
             bytes,
+            checked_at,
         });
     }
     inner.note_repository(&registry, repo);
@@ -1133,5 +1165,6 @@ async fn fetch_manifest_from(
         digest,
         media_type,
         bytes,
+        checked_at,
     })
 }

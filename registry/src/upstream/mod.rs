@@ -178,6 +178,10 @@ pub struct Upstream {
 /// carrying it is never forwarded again (no loops).
 pub const FORWARDED_BY: &str = "x-cachalot-forwarded-by";
 
+/// The header with which a replica tells a peer when the tag it answers for was last confirmed
+/// upstream (unix seconds).
+pub const CHECKED_AT: &str = "x-cachalot-checked-at";
+
 /// What makes an [`Upstream`] a peer: who is asking, and the real upstream to use instead when
 /// the peer cannot answer.
 #[derive(Debug)]
