@@ -338,7 +338,12 @@ async fn an_expired_tag_is_revalidated_once_for_the_whole_replica_set() {
     assert_eq!(
         counts.get("HEAD", Kind::Manifest),
         1,
-        "one revalidation HEAD for 12 requests on 3 replicas"
+        "one revalidation HEAD for 12 requests on 3 replicas\n{}",
+        replicas
+            .iter()
+            .map(|r| format!("--- {}\n{}", r.url(), r.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert_eq!(counts.get("GET", Kind::Manifest), 0);
 }

@@ -1049,6 +1049,14 @@ async fn revalidate(
     tag: &Tag,
     cached: &TagRecord,
 ) -> Result<TagRecord, ProxyError> {
+    // The record was read before this flight started: a flight that ended in between (the
+    // caller's bucket read is a network round trip) may have confirmed the tag already. Then its
+    // answer stands and no second HEAD is sent.
+    if let Ok(Some(confirmed)) = inner.store.read_tag(upstream.name(), repo, tag) {
+        if confirmed.checked_at > cached.checked_at {
+            return Ok(confirmed);
+        }
+    }
     let Some(current) = head_tag(upstream, repo, tag).await? else {
         // The upstream answered the HEAD without a digest: only a GET can tell. This is not a
         // failed HEAD (which never falls back to a GET); it is an upstream that omits the header.
