@@ -388,6 +388,34 @@ fn parent_mirror_is_rendered_as_the_registry_parent() {
     );
 }
 
+#[test]
+fn a_spoke_names_itself_to_the_hub_by_its_spoke_id_or_namespace_and_name() {
+    let named = mirror(serde_json::json!({
+        "registries": [{"name": "docker.io"}],
+        "parent": {"url": "http://hub.example.internal:5000", "spokeId": "cluster-b/cachalot/spoke"}
+    }));
+    let config = rendered_config(&build(&named).1.unwrap());
+    assert_eq!(
+        config.parent.and_then(|p| p.spoke_id).as_deref(),
+        Some("cluster-b/cachalot/spoke")
+    );
+    let unnamed = mirror(serde_json::json!({
+        "registries": [{"name": "docker.io"}],
+        "parent": {"url": "http://hub.example.internal:5000"}
+    }));
+    let config = rendered_config(&build(&unnamed).1.unwrap());
+    assert_eq!(
+        config.parent.and_then(|p| p.spoke_id).as_deref(),
+        Some("cachalot/hub")
+    );
+    let bad = mirror(serde_json::json!({
+        "registries": [{"name": "docker.io"}],
+        "parent": {"url": "http://hub.example.internal:5000", "spokeId": "cluster b"}
+    }));
+    let err = validate(&bad).unwrap_err().to_string();
+    assert!(err.contains("spec.parent.spokeId"), "{err}");
+}
+
 /// The registry pod's ConfigMap volumes other than its own config: volume name → (ConfigMap,
 /// projected items as `key=path`, mount path, read-only).
 fn ca_mounts(objs: &RegistryObjects) -> BTreeMap<String, (String, Vec<String>, String, bool)> {

@@ -177,6 +177,72 @@ fn cache_counts_are_summed_over_pods_and_budget_is_the_lowest_remaining() {
 }
 
 #[test]
+fn a_hubs_spokes_are_summed_over_its_pods_and_listed_by_id_with_their_last_request() {
+    use cachalot_registry::fleet::SpokeStats;
+    let spoke = |requests, hits, last_seen| SpokeStats {
+        requests,
+        hits,
+        last_seen,
+        ..SpokeStats::default()
+    };
+    let mut a = registry_stats(1, 0, 0, 40);
+    a.spokes.insert("c1/ns/spoke".into(), spoke(5, 4, 100));
+    a.spokes.insert("c2/ns/spoke".into(), spoke(1, 0, 90));
+    let mut b = registry_stats(1, 0, 0, 40);
+    b.spokes.insert("c1/ns/spoke".into(), spoke(3, 3, 120));
+    let obs = Observations {
+        registry_pods: pods(vec![a, b]),
+        registry_pods_not_ready: Vec::new(),
+        ready_replicas: 2,
+        desired_nodes: 1,
+        agents: vec![agent("node-1", true, None)],
+    };
+    let status = compute_status(&mirror(), &running(obs), &at(0));
+    let listed: Vec<(&str, i64, i64, &str)> = status
+        .spokes
+        .iter()
+        .map(|s| (s.id.as_str(), s.requests, s.hits, s.last_seen.as_str()))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("c1/ns/spoke", 8, 7, "1970-01-01T00:02:00Z"),
+            ("c2/ns/spoke", 1, 0, "1970-01-01T00:01:30Z"),
+        ]
+    );
+}
+
+#[test]
+fn a_hub_lists_only_its_most_recently_seen_spokes() {
+    use cachalot_operator::api::MAX_SPOKES_IN_STATUS;
+    use cachalot_registry::fleet::SpokeStats;
+    let mut a = registry_stats(1, 0, 0, 40);
+    for i in 0..(MAX_SPOKES_IN_STATUS as u64 + 5) {
+        a.spokes.insert(
+            format!("s{i:03}"),
+            SpokeStats {
+                requests: 1,
+                last_seen: 1_000 + i,
+                ..SpokeStats::default()
+            },
+        );
+    }
+    let obs = Observations {
+        registry_pods: pods(vec![a]),
+        registry_pods_not_ready: Vec::new(),
+        ready_replicas: 1,
+        desired_nodes: 1,
+        agents: vec![agent("node-1", true, None)],
+    };
+    let status = compute_status(&mirror(), &running(obs), &at(0));
+    assert_eq!(status.spokes.len(), MAX_SPOKES_IN_STATUS);
+    assert_eq!(
+        status.spokes[0].id, "s005",
+        "the 5 seen longest ago are left out"
+    );
+}
+
+#[test]
 fn exhausted_budget_is_rate_limited_and_low_budget_is_the_reserve() {
     let status_for = |remaining| {
         let obs = Observations {

@@ -140,6 +140,12 @@ pub struct ParentConfig {
     pub ca_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_skip_verify: bool,
+    /// How this mirror names itself to the parent (the `X-Cachalot-Spoke` header), so the hub
+    /// lists it under `spokes` in its `/stats`: 1 to 128 of `[A-Za-z0-9._/:@-]`, stable across
+    /// restarts and replicas (the operator sets `<cluster>/<namespace>/<name>`). Defaults to the
+    /// host name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spoke_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -604,6 +610,10 @@ impl Config {
         crate::store::PinRules::from_config(self)?;
         if let Some(parent) = &self.parent {
             validate_url(&parent.url).map_err(|m| invalid("parent.url", m))?;
+            if let Some(id) = &parent.spoke_id {
+                crate::fleet::parse_spoke_id(id)
+                    .map_err(|e| invalid("parent.spokeId", e.to_string()))?;
+            }
         }
         if let Some(s3) = &self.storage.s3 {
             validate_s3(s3)?;

@@ -3,10 +3,12 @@
 //! Layering, from the edge inwards: `api` (HTTP routing and responses) → `proxy` (pull-through
 //! logic: freshness, single-flight, stale-if-error) → `upstream` (remote registries, auth, budget,
 //! circuit) and `store` (content-addressed disk cache). `oci` holds the pure protocol vocabulary,
-//! `config` the startup configuration, `telemetry` the metrics and stats.
+//! `config` the startup configuration, `telemetry` the metrics and stats, `fleet` what a hub and
+//! its spokes tell each other.
 
 pub mod api;
 pub mod config;
+pub mod fleet;
 pub mod oci;
 pub mod proxy;
 pub mod server;

@@ -41,6 +41,18 @@ impl CacheResult {
         }
     }
 
+    /// The result an `X-Cache` header value names.
+    pub fn from_header_value(value: &str) -> Option<CacheResult> {
+        [
+            CacheResult::Hit,
+            CacheResult::Miss,
+            CacheResult::Stale,
+            CacheResult::Error,
+        ]
+        .into_iter()
+        .find(|r| r.header_value() == value)
+    }
+
     /// The value of the `X-Cache` response header.
     pub fn header_value(self) -> &'static str {
         match self {
@@ -194,6 +206,10 @@ pub struct StatsSnapshot {
     pub pinned_bytes: u64,
     pub upstream_requests: Vec<UpstreamRequestCount>,
     pub registries: BTreeMap<String, RegistryStats>,
+    /// On a hub: the spokes that named themselves in their requests, by spoke id (see
+    /// [`crate::fleet`]). Absent when none did.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub spokes: BTreeMap<String, crate::fleet::SpokeStats>,
 }
 
 impl StatsSnapshot {
@@ -242,6 +258,7 @@ pub struct Telemetry {
     rate_limits: Mutex<BTreeMap<String, RateLimited>>,
     circuits: Mutex<BTreeMap<String, bool>>,
     negative_cache_hits: Family<NegativeCacheLabels, Counter>,
+    spokes: crate::fleet::SpokeTable,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -349,7 +366,18 @@ impl Telemetry {
             rate_limits: Mutex::new(BTreeMap::new()),
             circuits: Mutex::new(BTreeMap::new()),
             negative_cache_hits,
+            spokes: crate::fleet::SpokeTable::default(),
         }
+    }
+
+    /// Counts one request a spoke sent to this hub (see [`crate::fleet::SpokeTable::record`]).
+    pub fn record_spoke(&self, spoke: &str, served: Option<CacheResult>) {
+        self.spokes.record(spoke, served, crate::store::now_secs());
+    }
+
+    /// The upstream budget last recorded for `registry`, if any.
+    pub fn budget(&self, registry: &str) -> Option<Budget> {
+        self.budgets.lock().ok()?.get(registry).cloned()
     }
 
     /// Counts one request answered from the negative cache; `kind` is `tag`, `digest` or `tags`.
@@ -540,6 +568,7 @@ impl Telemetry {
                 })
                 .collect();
         }
+        snap.spokes = self.spokes.snapshot();
         snap
     }
 }

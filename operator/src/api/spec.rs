@@ -21,6 +21,8 @@ use super::RegistryMirrorStatus;
 /// `registry.local:5000`). Lower case, like containerd's certs.d directory names.
 pub const REGISTRY_NAME_PATTERN: &str =
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(:[0-9]{1,5})?$";
+/// A spoke id: what `X-Cachalot-Spoke` may carry (the registry checks the same).
+pub const SPOKE_ID_PATTERN: &str = r"^[A-Za-z0-9._/:@-]{1,128}$";
 /// An http(s) URL with a host and an optional path, no query or fragment.
 pub const URL_PATTERN: &str = r"^https?://[^\s/?#]+(/[^\s?#]*)?$";
 /// A Go-style duration (`500ms`, `3s`, `1m30s`, `6h`), the syntax containerd and the registry use.
@@ -329,6 +331,14 @@ pub struct ParentMirror {
     /// (`kubectl rollout restart`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_config_map: Option<CaConfigMapRef>,
+
+    /// How this spoke names itself to the hub (`X-Cachalot-Spoke`): the hub's `/stats` lists
+    /// each spoke by it. Give every spoke in the fleet its own, e.g. `<cluster>/<namespace>/<name>`;
+    /// defaults to `<namespace>/<name>`, which is the same in every cluster that applies the same
+    /// manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128), regex(pattern = SPOKE_ID_PATTERN))]
+    pub spoke_id: Option<String>,
 }
 
 /// Cache storage.

@@ -46,6 +46,13 @@ pub struct RegistryMirrorStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_summary: Option<String>,
 
+    /// On a hub: the spokes that pulled through it, by the id each sends (`spec.parent.spokeId`
+    /// on the spoke), summed over the hub's registry pods; the most recently seen
+    /// [`MAX_SPOKES_IN_STATUS`] of them. The hub's `budget` is the fleet's: only the hub spends
+    /// it. On a spoke, `budget` is the hub's, relayed with its answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spokes: Vec<SpokeStatus>,
+
     /// Image references of running Pods written to the registry's pin file at the last pass
     /// (tags and digests, at most 2000). Absent unless `spec.pinWorkloadImages`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -196,6 +203,23 @@ pub struct CacheStatus {
     pub cache_size_bytes: i64,
     /// Registry pods whose stats were read.
     pub pods_reporting: i32,
+}
+
+/// Most spokes listed in a hub's status.
+pub const MAX_SPOKES_IN_STATUS: usize = 50;
+
+/// One spoke of a hub, as the hub's registry pods counted its requests.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SpokeStatus {
+    /// The id the spoke sends (`spec.parent.spokeId` of the spoke's mirror).
+    pub id: String,
+    /// Requests the spoke sent (its cache misses and revalidations).
+    pub requests: i64,
+    /// Of those, answered from the hub's cache.
+    pub hits: i64,
+    /// The spoke's last request (RFC 3339).
+    pub last_seen: String,
 }
 
 /// Rate-limit budget of one upstream registry: the lowest current figure over pods (else the

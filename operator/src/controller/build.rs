@@ -177,6 +177,16 @@ pub struct AgentObjects {
 pub fn registry_name(mirror: &str) -> String {
     format!("cachalot-{mirror}")
 }
+/// The spoke id of a mirror whose `spec.parent.spokeId` is unset: `<namespace>/<name>`, cut to
+/// the 128 characters a spoke id may have.
+#[must_use]
+pub fn default_spoke_id(v: &Validated) -> String {
+    format!("{}/{}", v.namespace, v.name)
+        .chars()
+        .take(cachalot_registry::fleet::MAX_SPOKE_ID_LEN)
+        .collect()
+}
+
 /// Name of the registry config ConfigMap.
 #[must_use]
 pub fn registry_config_name(mirror: &str) -> String {
@@ -446,6 +456,7 @@ pub fn registry_config(
                 .as_ref()
                 .map(|ca| ca_file(PARENT_CA_DIR, ca)),
             insecure_skip_verify: false,
+            spoke_id: Some(p.spoke_id.clone().unwrap_or_else(|| default_spoke_id(v))),
         }),
         registries,
         pin_file: mirror

@@ -94,6 +94,8 @@ pub struct RegistryStats {
     pub cache_size_bytes: u64,
     /// Rate-limit budget per upstream registry, sorted by registry.
     pub upstreams: Vec<UpstreamBudget>,
+    /// On a hub: the spokes this pod served, by spoke id.
+    pub spokes: std::collections::BTreeMap<String, cachalot_registry::fleet::SpokeStats>,
 }
 
 impl From<StatsSnapshot> for RegistryStats {
@@ -107,6 +109,7 @@ impl From<StatsSnapshot> for RegistryStats {
             bytes_from_upstream: s.upstream_bytes,
             upstream_requests: s.upstream_requests.iter().map(|r| r.count).sum(),
             cache_size_bytes: s.cache_size_bytes,
+            spokes: s.spokes,
             // BTreeMap iteration keeps the registries sorted.
             upstreams: s
                 .registries

@@ -27,7 +27,8 @@ use super::observe::{ContainerState, ContainerSummary, NotReadyPod, Observations
 use super::references::{MissingObject, Referenced};
 use crate::api::{
     BudgetState, CacheStatus, ConditionStatus, ConditionType, MirrorCondition, NodeProblem,
-    NodesStatus, RegistryMirror, RegistryMirrorStatus, StorageKind, UpstreamBudgetStatus,
+    NodesStatus, RegistryMirror, RegistryMirrorStatus, SpokeStatus, StorageKind,
+    UpstreamBudgetStatus, MAX_SPOKES_IN_STATUS,
 };
 use crate::node_agent::protocol::{AgentStatus, RegistryState};
 
@@ -362,6 +363,34 @@ struct Merged {
 }
 
 /// RFC 3339 of unix seconds (`-` for a time out of range).
+/// A hub's spokes over all its pods that answered: counts summed, the latest last-seen time;
+/// the [`MAX_SPOKES_IN_STATUS`] most recently seen, sorted by id. Pure.
+fn summarize_spokes(obs: &Observations) -> Vec<SpokeStatus> {
+    let mut merged: BTreeMap<&str, (u64, u64, u64)> = BTreeMap::new();
+    for pod in &obs.registry_pods {
+        let Ok(stats) = &pod.stats else { continue };
+        for (id, s) in &stats.spokes {
+            let e = merged.entry(id.as_str()).or_default();
+            e.0 += s.requests;
+            e.1 += s.hits;
+            e.2 = e.2.max(s.last_seen);
+        }
+    }
+    let mut by_recency: Vec<_> = merged.into_iter().collect();
+    by_recency.sort_by(|a, b| b.1 .2.cmp(&a.1 .2).then(a.0.cmp(b.0)));
+    by_recency.truncate(MAX_SPOKES_IN_STATUS);
+    by_recency.sort_by(|a, b| a.0.cmp(b.0));
+    by_recency
+        .into_iter()
+        .map(|(id, (requests, hits, last_seen))| SpokeStatus {
+            id: id.to_owned(),
+            requests: i64::try_from(requests).unwrap_or(i64::MAX),
+            hits: i64::try_from(hits).unwrap_or(i64::MAX),
+            last_seen: rfc3339(last_seen),
+        })
+        .collect()
+}
+
 fn rfc3339(secs: u64) -> String {
     i64::try_from(secs)
         .ok()
@@ -965,6 +994,7 @@ pub fn compute_status(
             status.cache = cache;
             status.budget = budget;
             status.budget_summary = budget_summary;
+            status.spokes = summarize_spokes(obs);
             vec![
                 ready,
                 proxy,

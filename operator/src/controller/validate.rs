@@ -194,6 +194,10 @@ pub fn validate(mirror: &RegistryMirror) -> Result<Validated, ValidateError> {
         if let Some(ca) = &parent.ca_config_map {
             validate_ca_config_map(ca, "spec.parent.caConfigMap")?;
         }
+        if let Some(id) = &parent.spoke_id {
+            cachalot_registry::fleet::parse_spoke_id(id)
+                .map_err(|e| invalid("spec.parent.spokeId", e.to_string()))?;
+        }
         if matches!(exposure, Exposure::External(_)) {
             return Err(invalid(
                 "spec.parent",

@@ -19,6 +19,7 @@ use futures::StreamExt as _;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use tracing::Instrument as _;
 
+use crate::fleet;
 use crate::oci::{Digest, ErrorCode, Kind, OciError, Reference, RepositoryName, Route};
 use crate::proxy::blobs::{self, Source};
 use crate::proxy::{self, ManifestReply, Proxy, ProxyError};
@@ -123,6 +124,14 @@ async fn distribution(
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-")
             .to_owned();
+        if let Some(spoke) = fleet::spoke_of(&headers) {
+            let served = if response.status().is_client_error() || response.status().is_server_error() {
+                Some(CacheResult::Error)
+            } else {
+                CacheResult::from_header_value(&cache)
+            };
+            state.telemetry.record_spoke(spoke, served);
+        }
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         if cache == "HIT" {
             tracing::debug!(status = response.status().as_u16(), cache, elapsed_ms, "served");
@@ -198,7 +207,7 @@ async fn handle(
             };
             record(state, upstream, Kind::Manifest, &result);
             result
-                .map(|reply| manifest_response(state, reply))
+                .map(|reply| manifest_response(state, upstream.name(), reply))
                 .map_err(|e| e.to_oci(Kind::Manifest))
         }
         Route::Blob { name, digest } => {
@@ -277,7 +286,10 @@ fn digest_header(digest: &Digest) -> HeaderValue {
     HeaderValue::from_str(&digest.to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-fn manifest_response(state: &AppState, reply: ManifestReply) -> Response {
+/// A manifest answer: the bytes (or none for HEAD) with their type, digest and length, how old
+/// the tag's confirmation is (`Age`, and the absolute time for peers), and the upstream budget
+/// this registry last saw for `registry` (relayed to spokes and peers, see [`fleet`]).
+fn manifest_response(state: &AppState, registry: &str, reply: ManifestReply) -> Response {
     let mut response = match reply.body {
         Some(body) => {
             state.telemetry.add_served_bytes(body.len() as u64);
@@ -291,8 +303,18 @@ fn manifest_response(state: &AppState, reply: ManifestReply) -> Response {
     }
     headers.insert("docker-content-digest", digest_header(&reply.digest));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(reply.size));
+    let now = crate::store::now_secs();
     if let Some(checked_at) = reply.checked_at {
         headers.insert(upstream::CHECKED_AT, HeaderValue::from(checked_at));
+        headers.insert(
+            header::AGE,
+            HeaderValue::from(now.saturating_sub(checked_at)),
+        );
+    }
+    if let Some(budget) = state.telemetry.budget(registry) {
+        for (name, value) in fleet::budget_headers(&budget, now) {
+            headers.insert(name, value);
+        }
     }
     headers.insert(
         header::ETAG,

@@ -54,6 +54,8 @@ pub enum BuildUpstreamError {
     },
     #[error("cluster.self: `{url}` cannot be sent as a header")]
     PeerUrl { url: String },
+    #[error("parent.spokeId: `{id}` cannot be sent as a header")]
+    SpokeId { id: String },
     #[error("cannot build the HTTP client for {registry}: {source}")]
     Client {
         registry: String,
@@ -172,6 +174,9 @@ pub struct Upstream {
     budget_refreshed_at: std::sync::atomic::AtomicU64,
     /// Set when this "upstream" is another replica of the mirror (see [`peers`]).
     peer: Option<PeerRole>,
+    /// Set when this upstream is the parent mirror (a hub): the spoke id sent with every
+    /// request (see [`crate::fleet`]).
+    parent_spoke: Option<HeaderValue>,
 }
 
 /// The header a replica sends with a request it forwards to the owner replica; a request
@@ -371,6 +376,15 @@ impl Upstream {
         self.peer.is_some()
     }
 
+    /// Whether `response` came from the parent mirror (directly, or as a peer's fallback), whose
+    /// tag answers carry their `Age`.
+    pub fn answered_by_parent(&self, response: &reqwest::Response) -> bool {
+        match &self.peer {
+            Some(peer) => !self.answered_by_peer(response) && peer.fallback.parent_spoke.is_some(),
+            None => self.parent_spoke.is_some(),
+        }
+    }
+
     /// The real upstream a peer falls back to (`None` for a real upstream).
     pub fn fallback(&self) -> Option<&Arc<Upstream>> {
         self.peer.as_ref().map(|p| &p.fallback)
@@ -531,6 +545,9 @@ impl Upstream {
             if let Some(peer) = &self.peer {
                 request = request.header(FORWARDED_BY, peer.forwarded_by.clone());
             }
+            if let Some(spoke) = &self.parent_spoke {
+                request = request.header(crate::fleet::SPOKE_HEADER, spoke.clone());
+            }
             if matches!(target, Target::Manifest(_)) {
                 request = request.header(header::ACCEPT, media::MANIFEST_ACCEPT);
             }
@@ -614,7 +631,14 @@ impl Upstream {
     }
 
     fn note_budget(&self, headers: &http::HeaderMap) {
-        if let Some(budget) = ratelimit::budget_from_headers(headers, crate::store::now_secs()) {
+        let now = crate::store::now_secs();
+        if let Some(mut budget) = ratelimit::budget_from_headers(headers, now) {
+            // A hub (or the owner replica) relays the figure it observed earlier: date it then.
+            if self.parent_spoke.is_some() || self.peer.is_some() {
+                if let Some(age) = crate::fleet::age_secs(headers, crate::fleet::BUDGET_AGE) {
+                    budget.observed_at = crate::fleet::dated_back(now, age);
+                }
+            }
             self.telemetry.record_budget(&self.name, &budget);
             if let Ok(mut b) = self.budget.lock() {
                 *b = Some(budget);
@@ -752,6 +776,16 @@ impl Upstreams {
         // Installing the process-wide TLS provider twice is harmless; the first one stays.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut by_name = BTreeMap::new();
+        let parent_spoke = match &config.parent {
+            Some(parent) => {
+                let id = parent
+                    .spoke_id
+                    .clone()
+                    .unwrap_or_else(crate::fleet::default_spoke_id);
+                Some(header_value(&id).ok_or(BuildUpstreamError::SpokeId { id: id.clone() })?)
+            }
+            None => None,
+        };
         for (name, registry) in &config.registries {
             let (base, ns, ca, insecure) = match &config.parent {
                 Some(parent) => (
@@ -804,6 +838,7 @@ impl Upstreams {
                     budget: Mutex::new(None),
                     budget_refreshed_at: std::sync::atomic::AtomicU64::new(0),
                     peer: None,
+                    parent_spoke: parent_spoke.clone(),
                 }),
             );
         }
@@ -860,6 +895,7 @@ impl Upstreams {
                 forwarded_by,
                 fallback: Arc::clone(fallback),
             }),
+            parent_spoke: None,
         }))
     }
 

@@ -180,8 +180,14 @@ pub async fn committed(storage: &Path, img: &TestImage) {
 
 /// Pulls `repo:1` and checks every digest and length; returns the `X-Cache` of each response.
 pub async fn pull_verified(base: &str, repo: &str, img: &TestImage) -> Vec<String> {
-    let m = get_manifest(base, repo, "1").await;
-    assert_eq!(m.status(), 200, "{repo}");
+    pull_tag_verified(base, repo, "1", img).await
+}
+
+/// Pulls `repo:tag`, expecting `img`, and checks every digest and length; returns the `X-Cache`
+/// of each response.
+pub async fn pull_tag_verified(base: &str, repo: &str, tag: &str, img: &TestImage) -> Vec<String> {
+    let m = get_manifest(base, repo, tag).await;
+    assert_eq!(m.status(), 200, "{repo}:{tag}");
     let mut caches = vec![m.headers()["x-cache"].to_str().unwrap().to_owned()];
     assert_eq!(
         sha256_digest(&m.bytes().await.unwrap()),
@@ -342,6 +348,15 @@ impl Process {
 
     pub fn log_tail(&self) -> String {
         self.child.log_tail()
+    }
+
+    pub async fn stats(&self) -> StatsSnapshot {
+        reqwest::get(format!("{}/stats", self.url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     /// `kill -9`: no shutdown, no flush, no cleanup.
