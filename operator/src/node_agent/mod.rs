@@ -13,6 +13,7 @@
 pub mod agent;
 pub mod apply;
 pub mod containerd;
+pub mod docker;
 pub mod duration;
 pub mod gate;
 pub mod names;

@@ -1,0 +1,310 @@
+//! Docker Engine: the mirror as the first of `registry-mirrors` in dockerd's `daemon.json`.
+//!
+//! Docker only mirrors Docker Hub, through mirror URLs without a path, so a node running
+//! dockerd pulls `docker.io` images through the mirror's default registry and everything else
+//! directly. The administrator owns `daemon.json`: the agent merges its one entry into the
+//! file and takes it out again, keeping every other key and value (the file is rewritten
+//! pretty-printed, keys in sorted order, only when something changes). A file that is not a
+//! JSON object, or whose `registry-mirrors` is not a list of strings, is never written and is
+//! reported. Taking the entry out leaves the rest as the administrator has it then; a list
+//! left empty stays as `"registry-mirrors": []` rather than going, because dockerd's reload
+//! keeps the mirrors it has when the key is absent (found with a real dockerd 20.10: the mirror
+//! stayed in use until a restart). An empty list means what no key means at start-up.
+//!
+//! dockerd reads `registry-mirrors` again on `SIGHUP` (a reload, no restart: running containers
+//! are untouched); [`reload`] sends it to the pid in dockerd's pid file.
+//!
+//! Pure except [`reload`].
+
+use serde_json::Value;
+
+/// The key dockerd reads its Docker Hub mirrors from.
+pub const MIRRORS_KEY: &str = "registry-mirrors";
+
+/// Why `daemon.json` cannot be merged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MergeDaemonJsonError {
+    #[error("daemon.json is not valid JSON ({0}); it was left untouched")]
+    NotJson(String),
+    #[error("daemon.json is not a JSON object; it was left untouched")]
+    NotAnObject,
+    #[error("daemon.json: `registry-mirrors` is not a list of strings; it was left untouched")]
+    MirrorsNotAList,
+    #[error("Docker mirrors cannot have a path, query or fragment: `{0}` (give the mirror without one; its defaultRegistry must be docker.io)")]
+    EndpointWithPath(String),
+}
+
+/// The new `daemon.json` after a merge or an unmerge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing to change: the file is left byte for byte as it is.
+    Unchanged,
+    /// Write this content.
+    Write(String),
+}
+
+/// `endpoint` as dockerd compares mirrors: with a trailing slash. Refused with a path. Pure.
+pub fn mirror_url(endpoint: &str) -> Result<String, MergeDaemonJsonError> {
+    let url = reqwest::Url::parse(endpoint)
+        .map_err(|_| MergeDaemonJsonError::EndpointWithPath(endpoint.to_owned()))?;
+    if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+        return Err(MergeDaemonJsonError::EndpointWithPath(endpoint.to_owned()));
+    }
+    let host = url
+        .host_str()
+        .ok_or_else(|| MergeDaemonJsonError::EndpointWithPath(endpoint.to_owned()))?;
+    Ok(match url.port() {
+        Some(port) => format!("{}://{host}:{port}/", url.scheme()),
+        None => format!("{}://{host}/", url.scheme()),
+    })
+}
+
+fn same_mirror(a: &str, b: &str) -> bool {
+    a.trim_end_matches('/') == b.trim_end_matches('/')
+}
+
+/// A parsed `daemon.json`: the whole object, and its mirror list (`None`: no key).
+type Parsed = (serde_json::Map<String, Value>, Option<Vec<String>>);
+
+/// Parses `existing` into its object and its mirror list.
+fn parse(existing: Option<&str>) -> Result<Parsed, MergeDaemonJsonError> {
+    let Some(text) = existing.filter(|t| !t.trim().is_empty()) else {
+        return Ok((serde_json::Map::new(), None));
+    };
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| MergeDaemonJsonError::NotJson(e.to_string()))?;
+    let Value::Object(map) = value else {
+        return Err(MergeDaemonJsonError::NotAnObject);
+    };
+    let mirrors = match map.get(MIRRORS_KEY) {
+        None => None,
+        Some(Value::Array(items)) => Some(
+            items
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .ok_or(MergeDaemonJsonError::MirrorsNotAList)?,
+        ),
+        Some(_) => return Err(MergeDaemonJsonError::MirrorsNotAList),
+    };
+    Ok((map, mirrors))
+}
+
+fn render(map: serde_json::Map<String, Value>) -> String {
+    // A map of JSON values always serialises.
+    let mut text = serde_json::to_string_pretty(&Value::Object(map)).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// Puts `endpoint` first in `registry-mirrors` of `existing` (`None`: no file), keeping every
+/// other key and mirror. Pure.
+pub fn merge(existing: Option<&str>, endpoint: &str) -> Result<Outcome, MergeDaemonJsonError> {
+    let url = mirror_url(endpoint)?;
+    let (mut map, mirrors) = parse(existing)?;
+    let mut mirrors = mirrors.unwrap_or_default();
+    if mirrors.first().is_some_and(|m| same_mirror(m, &url)) {
+        return Ok(Outcome::Unchanged);
+    }
+    mirrors.retain(|m| !same_mirror(m, &url));
+    mirrors.insert(0, url);
+    map.insert(
+        MIRRORS_KEY.to_owned(),
+        Value::Array(mirrors.into_iter().map(Value::String).collect()),
+    );
+    Ok(Outcome::Write(render(map)))
+}
+
+/// Takes `endpoint` out of `registry-mirrors` of `existing` again, keeping everything else as
+/// it is now (an emptied list stays, see the module header). Pure.
+pub fn unmerge(existing: Option<&str>, endpoint: &str) -> Result<Outcome, MergeDaemonJsonError> {
+    if existing.is_none() {
+        return Ok(Outcome::Unchanged);
+    }
+    let (mut map, mirrors) = parse(existing)?;
+    let Some(mut mirrors) = mirrors else {
+        return Ok(Outcome::Unchanged);
+    };
+    let count = mirrors.len();
+    mirrors.retain(|m| !same_mirror(m, endpoint));
+    if mirrors.len() == count {
+        return Ok(Outcome::Unchanged);
+    }
+    map.insert(
+        MIRRORS_KEY.to_owned(),
+        Value::Array(mirrors.into_iter().map(Value::String).collect()),
+    );
+    Ok(Outcome::Write(render(map)))
+}
+
+/// Why dockerd could not be asked to reload.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadDockerError {
+    #[error("cannot read dockerd's pid file {path}: {source}")]
+    PidFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("dockerd's pid file {path} holds no pid")]
+    NoPid { path: std::path::PathBuf },
+    #[error(
+        "cannot signal dockerd (pid {pid}): {source} (the agent needs hostPID and to run as root)"
+    )]
+    Signal { pid: i32, source: std::io::Error },
+}
+
+/// Sends `SIGHUP` to the dockerd whose pid is in `pid_file`, so it reads `registry-mirrors`
+/// again.
+pub fn reload(pid_file: &std::path::Path) -> Result<(), ReloadDockerError> {
+    let text = std::fs::read_to_string(pid_file).map_err(|source| ReloadDockerError::PidFile {
+        path: pid_file.to_owned(),
+        source,
+    })?;
+    let pid: i32 =
+        text.trim()
+            .parse()
+            .ok()
+            .filter(|p| *p > 1)
+            .ok_or_else(|| ReloadDockerError::NoPid {
+                path: pid_file.to_owned(),
+            })?;
+    let target = rustix::process::Pid::from_raw(pid).ok_or_else(|| ReloadDockerError::NoPid {
+        path: pid_file.to_owned(),
+    })?;
+    rustix::process::kill_process(target, rustix::process::Signal::HUP).map_err(|e| {
+        ReloadDockerError::Signal {
+            pid,
+            source: e.into(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+
+    const M: &str = "http://10.96.0.12:5000";
+
+    fn written(o: Outcome) -> Value {
+        match o {
+            Outcome::Write(t) => serde_json::from_str(&t).unwrap(),
+            other => panic!("expected a write, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn no_file_becomes_a_file_with_only_the_mirror() {
+        assert_eq!(
+            written(merge(None, M).unwrap()),
+            serde_json::json!({"registry-mirrors": ["http://10.96.0.12:5000/"]})
+        );
+    }
+
+    #[test]
+    fn the_admins_keys_and_mirrors_are_kept_and_ours_goes_first() {
+        let admin = r#"{"log-level": "warn", "registry-mirrors": ["https://mirror.corp.example"],
+                        "default-ulimits": {"nofile": {"Name": "nofile", "Hard": 64000, "Soft": 64000}}}"#;
+        assert_eq!(
+            written(merge(Some(admin), M).unwrap()),
+            serde_json::json!({
+                "log-level": "warn",
+                "registry-mirrors": ["http://10.96.0.12:5000/", "https://mirror.corp.example"],
+                "default-ulimits": {"nofile": {"Name": "nofile", "Hard": 64000, "Soft": 64000}}
+            })
+        );
+    }
+
+    #[test]
+    fn merging_twice_changes_nothing_and_a_misplaced_entry_moves_first() {
+        let Outcome::Write(once) = merge(Some(r#"{"debug": true}"#), M).unwrap() else {
+            panic!()
+        };
+        assert_eq!(merge(Some(&once), M).unwrap(), Outcome::Unchanged);
+        let misplaced = r#"{"registry-mirrors": ["https://a.example", "http://10.96.0.12:5000"]}"#;
+        assert_eq!(
+            written(merge(Some(misplaced), M).unwrap())[MIRRORS_KEY],
+            serde_json::json!(["http://10.96.0.12:5000/", "https://a.example"])
+        );
+    }
+
+    #[test]
+    fn bad_files_are_never_written() {
+        for (text, want) in [
+            ("{not json", "not valid JSON"),
+            ("[1, 2]", "not a JSON object"),
+            (
+                r#"{"registry-mirrors": "http://x"}"#,
+                "not a list of strings",
+            ),
+            (r#"{"registry-mirrors": [1]}"#, "not a list of strings"),
+        ] {
+            let e = merge(Some(text), M).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+            let e = unmerge(Some(text), M).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_mirror_with_a_path_is_refused() {
+        for bad in [
+            "http://10.96.0.12:5000/docker.io",
+            "http://m:5000/?ns=docker.io",
+            "not a url",
+        ] {
+            assert!(matches!(
+                merge(None, bad),
+                Err(MergeDaemonJsonError::EndpointWithPath(_))
+            ));
+        }
+        assert_eq!(mirror_url("http://m:5000").unwrap(), "http://m:5000/");
+        assert_eq!(mirror_url("https://m/").unwrap(), "https://m/");
+    }
+
+    #[test]
+    fn unmerging_takes_only_ours_out_and_keeps_the_admins_later_changes() {
+        let admin = r#"{"log-level": "warn"}"#;
+        let Outcome::Write(merged) = merge(Some(admin), M).unwrap() else {
+            panic!()
+        };
+        let mut v: Value = serde_json::from_str(&merged).unwrap();
+        v["debug"] = Value::Bool(true);
+        v[MIRRORS_KEY]
+            .as_array_mut()
+            .unwrap()
+            .push("https://b.example".into());
+        assert_eq!(
+            written(unmerge(Some(&v.to_string()), M).unwrap()),
+            serde_json::json!({"log-level": "warn", "debug": true, "registry-mirrors": ["https://b.example"]})
+        );
+        // Ours alone: the list stays, empty, so that a reload drops the mirror.
+        assert_eq!(
+            written(unmerge(Some(&merged), M).unwrap()),
+            serde_json::json!({"log-level": "warn", "registry-mirrors": []})
+        );
+        // Ours already gone (the admin took it out), or no file: nothing to do.
+        assert_eq!(unmerge(Some(admin), M).unwrap(), Outcome::Unchanged);
+        assert_eq!(unmerge(None, M).unwrap(), Outcome::Unchanged);
+    }
+
+    #[test]
+    fn reload_names_what_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("docker.pid");
+        assert!(matches!(
+            reload(&missing),
+            Err(ReloadDockerError::PidFile { .. })
+        ));
+        std::fs::write(&missing, "garbage\n").unwrap();
+        assert!(matches!(
+            reload(&missing),
+            Err(ReloadDockerError::NoPid { .. })
+        ));
+        std::fs::write(&missing, "1\n").unwrap();
+        assert!(
+            matches!(reload(&missing), Err(ReloadDockerError::NoPid { .. })),
+            "never init"
+        );
+    }
+}
