@@ -18,6 +18,11 @@
 
 use serde_json::Value;
 
+use super::protocol::{DesiredState, Reason, RegistryState, RegistryStatus};
+
+/// The only registry Docker Engine mirrors.
+pub const DOCKER_HUB: &str = "docker.io";
+
 /// The key dockerd reads its Docker Hub mirrors from.
 pub const MIRRORS_KEY: &str = "registry-mirrors";
 
@@ -135,6 +140,125 @@ pub fn unmerge(existing: Option<&str>, endpoint: &str) -> Result<Outcome, MergeD
         Value::Array(mirrors.into_iter().map(Value::String).collect()),
     );
     Ok(Outcome::Write(render(map)))
+}
+
+/// What the agent does with `daemon.json` in one round, and what it reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DockerPlan {
+    /// The new content of `daemon.json`.
+    pub outcome: Outcome,
+    /// The mirror entry the file holds for this mirror afterwards (kept beside the file, so
+    /// that a changed endpoint's old entry is taken out next time); `None`: none.
+    pub entry: Option<String>,
+    /// Per desired registry, in desired order.
+    pub registries: Vec<RegistryStatus>,
+}
+
+/// Plans one round for a Docker Engine node: `daemon.json` holds `existing` (`None`: no file)
+/// and, from an earlier round, this mirror's `previous` entry; `live` are the endpoints that
+/// passed the gate. `docker.io` goes through its first live endpoint; another registry cannot
+/// (Docker mirrors only Docker Hub) and is reported `Blocked`; with no live endpoint, or when
+/// the mirror is being removed, the entry is taken out (dockerd would go to Docker Hub past a
+/// dead mirror anyway, one timeout later). A file that cannot be merged is left untouched and
+/// reported. Pure.
+pub fn plan_docker(
+    desired: &DesiredState,
+    existing: Option<&str>,
+    previous: Option<&str>,
+    live: &std::collections::BTreeSet<String>,
+) -> DockerPlan {
+    let status = |registry: &str, state, reason, message: String| RegistryStatus {
+        registry: registry.to_owned(),
+        state,
+        reason,
+        message,
+    };
+    let hub = desired.registries.iter().find(|r| r.registry == DOCKER_HUB);
+    let wanted = match hub {
+        Some(r) if !desired.removing => r.endpoints.iter().find(|e| live.contains(*e)),
+        _ => None,
+    };
+    let plan = (|| {
+        let mut text = existing.map(str::to_owned);
+        let mut changed = false;
+        if let Some(old) = previous.filter(|old| wanted.is_none_or(|w| !same_mirror(old, w))) {
+            if let Outcome::Write(t) = unmerge(text.as_deref(), old)? {
+                text = Some(t);
+                changed = true;
+            }
+        }
+        let entry = match wanted {
+            Some(endpoint) => {
+                if let Outcome::Write(t) = merge(text.as_deref(), endpoint)? {
+                    text = Some(t);
+                    changed = true;
+                }
+                Some(mirror_url(endpoint)?)
+            }
+            None => None,
+        };
+        let outcome = match (changed, text) {
+            (true, Some(t)) => Outcome::Write(t),
+            _ => Outcome::Unchanged,
+        };
+        Ok::<_, MergeDaemonJsonError>((outcome, entry))
+    })();
+    let (outcome, entry, hub_status) = match plan {
+        Ok((outcome, entry)) => {
+            let hub_status = match (&entry, desired.removing) {
+                (_, true) => (
+                    RegistryState::Removed,
+                    None,
+                    "taken out of daemon.json".to_owned(),
+                ),
+                (Some(url), false) => (
+                    RegistryState::Configured,
+                    None,
+                    format!("daemon.json registry-mirrors starts with {url}"),
+                ),
+                (None, false) => (
+                    RegistryState::Unreachable,
+                    Some(Reason::MirrorUnreachable),
+                    "no mirror endpoint answers; dockerd pulls from Docker Hub directly".to_owned(),
+                ),
+            };
+            (outcome, entry, hub_status)
+        }
+        Err(e) => (
+            Outcome::Unchanged,
+            previous.map(str::to_owned),
+            (
+                RegistryState::Blocked,
+                Some(Reason::DaemonJsonInvalid),
+                e.to_string(),
+            ),
+        ),
+    };
+    let registries = desired
+        .registries
+        .iter()
+        .map(|r| {
+            if r.registry == DOCKER_HUB {
+                let (state, reason, message) = hub_status.clone();
+                status(&r.registry, state, reason, message)
+            } else {
+                status(
+                    &r.registry,
+                    RegistryState::Blocked,
+                    Some(Reason::RuntimeUnsupported),
+                    format!(
+                        "Docker Engine mirrors Docker Hub only; {} is pulled directly",
+                        r.registry
+                    ),
+                )
+            }
+        })
+        .collect();
+    DockerPlan {
+        outcome,
+        entry,
+        registries,
+    }
 }
 
 /// Why dockerd could not be asked to reload.
@@ -286,6 +410,101 @@ mod tests {
         // Ours already gone (the admin took it out), or no file: nothing to do.
         assert_eq!(unmerge(Some(admin), M).unwrap(), Outcome::Unchanged);
         assert_eq!(unmerge(None, M).unwrap(), Outcome::Unchanged);
+    }
+
+    fn desired(registries: &[(&str, &[&str])], removing: bool) -> DesiredState {
+        serde_json::from_value(serde_json::json!({
+            "mirror": "ns/m",
+            "generation": "g",
+            "removing": removing,
+            "runtime": "Docker",
+            "registries": registries
+                .iter()
+                .map(|(r, e)| serde_json::json!({"registry": r, "endpoints": e}))
+                .collect::<Vec<_>>(),
+        }))
+        .unwrap()
+    }
+
+    fn live(endpoints: &[&str]) -> std::collections::BTreeSet<String> {
+        endpoints.iter().map(|e| (*e).to_owned()).collect()
+    }
+
+    #[test]
+    fn docker_hub_goes_through_the_first_live_endpoint_and_other_registries_are_blocked() {
+        let d = desired(
+            &[("docker.io", &["http://a:5000", M]), ("ghcr.io", &[M])],
+            false,
+        );
+        let plan = plan_docker(&d, Some(r#"{"debug": true}"#), None, &live(&[M]));
+        assert_eq!(
+            written(plan.outcome),
+            serde_json::json!({"debug": true, "registry-mirrors": ["http://10.96.0.12:5000/"]})
+        );
+        assert_eq!(plan.entry.as_deref(), Some("http://10.96.0.12:5000/"));
+        let states: Vec<_> = plan
+            .registries
+            .iter()
+            .map(|r| (r.registry.as_str(), r.state, r.reason))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                ("docker.io", RegistryState::Configured, None),
+                (
+                    "ghcr.io",
+                    RegistryState::Blocked,
+                    Some(Reason::RuntimeUnsupported)
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_changed_endpoint_replaces_the_old_entry_and_a_dead_one_is_taken_out() {
+        let d = desired(&[("docker.io", &[M])], false);
+        let old = r#"{"registry-mirrors": ["http://old:5000/", "https://theirs.example"]}"#;
+        let plan = plan_docker(&d, Some(old), Some("http://old:5000/"), &live(&[M]));
+        assert_eq!(
+            written(plan.outcome)[MIRRORS_KEY],
+            serde_json::json!(["http://10.96.0.12:5000/", "https://theirs.example"])
+        );
+        // Nothing answers: out, and reported unreachable.
+        let Outcome::Write(ours) = merge(None, M).unwrap() else {
+            panic!()
+        };
+        let plan = plan_docker(&d, Some(&ours), Some("http://10.96.0.12:5000/"), &live(&[]));
+        assert_eq!(written(plan.outcome)[MIRRORS_KEY], serde_json::json!([]));
+        assert_eq!(plan.entry, None);
+        assert_eq!(plan.registries[0].state, RegistryState::Unreachable);
+        // Planned again on its own result: nothing to do.
+        let again = plan_docker(
+            &d,
+            Some(&ours),
+            Some("http://10.96.0.12:5000/"),
+            &live(&[M]),
+        );
+        assert_eq!(again.outcome, Outcome::Unchanged);
+    }
+
+    #[test]
+    fn removing_takes_the_entry_out_and_an_invalid_file_is_reported_not_written() {
+        let Outcome::Write(ours) = merge(Some(r#"{"debug": true}"#), M).unwrap() else {
+            panic!()
+        };
+        let d = desired(&[("docker.io", &[M])], true);
+        let plan = plan_docker(&d, Some(&ours), Some(M), &live(&[M]));
+        assert_eq!(
+            written(plan.outcome),
+            serde_json::json!({"debug": true, "registry-mirrors": []})
+        );
+        assert_eq!(plan.registries[0].state, RegistryState::Removed);
+        let d = desired(&[("docker.io", &[M])], false);
+        let plan = plan_docker(&d, Some("{oops"), None, &live(&[M]));
+        assert_eq!(plan.outcome, Outcome::Unchanged);
+        assert_eq!(plan.registries[0].state, RegistryState::Blocked);
+        assert_eq!(plan.registries[0].reason, Some(Reason::DaemonJsonInvalid));
+        assert!(plan.registries[0].message.contains("not valid JSON"));
     }
 
     #[test]

@@ -183,6 +183,12 @@ pub fn reconcile_node(
                 .extend(release_stale_hosts(desired, observed, &BTreeSet::new()));
             plan
         }
+        // daemon.json is planned apart (`super::docker`); a runtime switch must not leave
+        // containerd files of this mirror behind.
+        Runtime::Docker => Plan {
+            actions: release_stale_hosts(desired, observed, &BTreeSet::new()),
+            registries: Vec::new(),
+        },
     }
 }
 

@@ -54,6 +54,8 @@ pub enum Runtime {
     Containerd,
     /// CRI-O (and podman): a `registries.conf.d` drop-in.
     Crio,
+    /// Docker Engine: `registry-mirrors` in `daemon.json` (Docker Hub only).
+    Docker,
 }
 
 /// One upstream registry and the mirror endpoints that serve it.
@@ -206,6 +208,14 @@ pub enum Reason {
     DesiredStateInvalid,
     /// Writing or removing a file failed.
     WriteFailed,
+    /// Docker Engine: `daemon.json` is not a JSON object with a list of strings as
+    /// `registry-mirrors`; it was left untouched.
+    DaemonJsonInvalid,
+    /// The node's runtime cannot route this registry through a mirror (Docker Engine mirrors
+    /// Docker Hub only).
+    RuntimeUnsupported,
+    /// The runtime could not be told to read its changed configuration (dockerd `SIGHUP`).
+    RuntimeReloadFailed,
     /// Sent by a newer agent; unknown to this build.
     #[serde(other)]
     Unknown,
@@ -227,6 +237,9 @@ impl Reason {
             Self::InvalidDesiredRegistry => "InvalidDesiredRegistry",
             Self::DesiredStateInvalid => "DesiredStateInvalid",
             Self::WriteFailed => "WriteFailed",
+            Self::DaemonJsonInvalid => "DaemonJsonInvalid",
+            Self::RuntimeUnsupported => "RuntimeUnsupported",
+            Self::RuntimeReloadFailed => "RuntimeReloadFailed",
             Self::Unknown => "Unknown",
         }
     }
