@@ -44,6 +44,7 @@ impl Agent {
             containerd_config,
             host_certs_dir: Some("/etc/containerd/certs.d".into()),
             registries_conf_dir: None,
+            crio_pid_file: None,
             listen: format!("127.0.0.1:{port}").parse().unwrap(),
             node_name: "node-1".into(),
             interval: Duration::from_millis(100),

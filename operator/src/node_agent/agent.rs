@@ -28,9 +28,10 @@ use crate::telemetry::LogFormat;
 
 use super::apply::{execute, managed_files, scan, Roots};
 use super::containerd::{check_containerd_config, is_blocking};
+use super::crio_reload::signal_reload;
 use super::duration::parse_duration;
 use super::gate::Gate;
-use super::plan::reconcile_node;
+use super::plan::{reconcile_node, Action, Root};
 use super::protocol::{
     AgentStatus, ContainerdStatus, DesiredState, Problem, Reason, RegistryState, Runtime,
 };
@@ -62,6 +63,11 @@ pub struct Args {
     /// CRI-O `registries.conf.d` directory (as mounted), for runtime `Crio`.
     #[arg(long, env = "CACHALOT_REGISTRIES_CONF_DIR")]
     pub registries_conf_dir: Option<PathBuf>,
+    /// CRI-O's pid file (as mounted; the pid is the host's, so the pod needs `hostPID`). When
+    /// set, the agent sends CRI-O SIGHUP after changing its drop-in so that CRI-O re-reads
+    /// registries.conf, and reports `CrioReloadFailed` until that succeeds.
+    #[arg(long, env = "CACHALOT_CRIO_PID_FILE")]
+    pub crio_pid_file: Option<PathBuf>,
     /// Address of the status server (`/status`, `/healthz`, `/readyz`).
     #[arg(long, env = "CACHALOT_AGENT_LISTEN", default_value = "0.0.0.0:9464")]
     pub listen: SocketAddr,
@@ -200,6 +206,8 @@ struct Looper {
     gate: Gate,
     desired: Option<DesiredState>,
     last_desired_bytes: Vec<u8>,
+    /// The CRI-O drop-in changed and CRI-O has not been told yet (retried every round).
+    crio_reload_pending: bool,
 }
 
 impl Looper {
@@ -224,6 +232,7 @@ impl Looper {
             gate: Gate::default(),
             desired: None,
             last_desired_bytes: Vec::new(),
+            crio_reload_pending: false,
             args,
         })
     }
@@ -384,9 +393,22 @@ impl Looper {
             let observed = scan(&roots, &desired_for_io.mirror)?;
             let plan = reconcile_node(&desired_for_io, &observed, &live);
             let mut failures = Vec::new();
+            let mut crio_changed = false;
             for action in &plan.actions {
                 match execute(&roots, action) {
-                    Ok(()) => tracing::info!(?action, "applied"),
+                    Ok(()) => {
+                        crio_changed |= matches!(
+                            action,
+                            Action::Write {
+                                root: Root::RegistriesConfDir,
+                                ..
+                            } | Action::Remove {
+                                root: Root::RegistriesConfDir,
+                                ..
+                            }
+                        );
+                        tracing::info!(?action, "applied");
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "action failed");
                         failures.push(e.to_string());
@@ -398,11 +420,13 @@ impl Looper {
                 plan,
                 failures,
                 managed_files(&after, &desired_for_io.mirror),
+                crio_changed,
             ))
         })
         .await;
         let (registries, managed, applied) = match io {
-            Ok(Ok((plan, failures, managed))) => {
+            Ok(Ok((plan, failures, managed, crio_changed))) => {
+                self.crio_reload_pending |= crio_changed;
                 for message in &failures {
                     problems.push(Problem {
                         reason: Reason::WriteFailed,
@@ -426,6 +450,9 @@ impl Looper {
                 (Vec::new(), Vec::new(), false)
             }
         };
+        if let Some(problem) = self.reload_crio() {
+            problems.push(problem);
+        }
         let containerd = self.containerd_status(desired.runtime).await;
         let managed_files = managed
             .into_iter()
@@ -456,6 +483,36 @@ impl Looper {
             problems,
         };
         (status, applied)
+    }
+
+    /// Sends CRI-O SIGHUP when its drop-in changed since it was last told and a pid file is
+    /// configured; the problem to report while that fails. Without a pid file nothing is sent
+    /// (the administrator reloads CRI-O; see docs/node-agent.md).
+    fn reload_crio(&mut self) -> Option<Problem> {
+        if !self.crio_reload_pending {
+            return None;
+        }
+        let Some(pid_file) = &self.args.crio_pid_file else {
+            self.crio_reload_pending = false;
+            tracing::info!("CRI-O drop-in changed; no --crio-pid-file, CRI-O is not signalled");
+            return None;
+        };
+        match signal_reload(pid_file) {
+            Ok(pid) => {
+                self.crio_reload_pending = false;
+                tracing::info!(pid, "sent SIGHUP to CRI-O to re-read registries.conf");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "CRI-O not reloaded; retrying next round");
+                Some(Problem {
+                    reason: Reason::CrioReloadFailed,
+                    message: format!(
+                        "{e}; CRI-O keeps its previous registries.conf until it gets SIGHUP (`systemctl reload crio`)"
+                    ),
+                })
+            }
+        }
     }
 
     fn display_path(&self, runtime: Runtime, rel: &str) -> String {

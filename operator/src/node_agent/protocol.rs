@@ -206,6 +206,9 @@ pub enum Reason {
     DesiredStateInvalid,
     /// Writing or removing a file failed.
     WriteFailed,
+    /// The CRI-O drop-in changed and CRI-O could not be sent SIGHUP to re-read it (pid file
+    /// unreadable, stale, or no `hostPID`): CRI-O may still use the previous registries.conf.
+    CrioReloadFailed,
     /// Sent by a newer agent; unknown to this build.
     #[serde(other)]
     Unknown,
@@ -227,6 +230,7 @@ impl Reason {
             Self::InvalidDesiredRegistry => "InvalidDesiredRegistry",
             Self::DesiredStateInvalid => "DesiredStateInvalid",
             Self::WriteFailed => "WriteFailed",
+            Self::CrioReloadFailed => "CrioReloadFailed",
             Self::Unknown => "Unknown",
         }
     }
