@@ -1259,3 +1259,90 @@ fn invalid_s3_storage_is_refused_naming_the_field() {
         "spec.storage.maxSize"
     );
 }
+
+#[test]
+fn docker_nodes_get_daemon_json_and_dockerds_pid_file_and_the_agent_host_pid() {
+    let m = mirror(serde_json::json!({
+        "registries": [{"name": "docker.io"}],
+        "nodes": {"runtime": "Docker"}
+    }));
+    let (v, _) = build(&m);
+    let agent = build_agent(&m, &v, &cfg(), Some("http://10.96.0.12:5000"), false).unwrap();
+    let pod = agent.daemon_set.spec.template.spec.unwrap();
+    assert_eq!(pod.host_pid, Some(true));
+    let container = &pod.containers[0];
+    let args = container.args.as_ref().unwrap().join(" ");
+    for want in [
+        "--docker-config /host/docker/daemon.json",
+        "--host-docker-config /etc/docker/daemon.json",
+        "--docker-pid-file /host/runtime.pid",
+    ] {
+        assert!(args.contains(want), "{want} in {args}");
+    }
+    let volumes = pod.volumes.unwrap();
+    let host = |name: &str| {
+        let v = volumes.iter().find(|v| v.name == name).unwrap();
+        let h = v.host_path.as_ref().unwrap();
+        (h.path.clone(), h.type_.clone().unwrap_or_default())
+    };
+    assert_eq!(
+        host("docker-config"),
+        ("/etc/docker".into(), "DirectoryOrCreate".into())
+    );
+    assert_eq!(
+        host("runtime-pid"),
+        ("/var/run/docker.pid".into(), "File".into())
+    );
+    let pid_mount = container
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "runtime-pid")
+        .unwrap();
+    assert_eq!(pid_mount.read_only, Some(true));
+    let desired: DesiredState =
+        serde_json::from_str(&agent.config_map.data.unwrap()[DESIRED_KEY]).unwrap();
+    assert_eq!(
+        desired.runtime,
+        cachalot_operator::node_agent::protocol::Runtime::Docker
+    );
+}
+
+#[test]
+fn containerd_nodes_never_get_host_pid_and_crio_only_with_a_pid_file() {
+    let agent_pod = |nodes: serde_json::Value| {
+        let m = mirror(serde_json::json!({"registries": [{"name": "docker.io"}], "nodes": nodes}));
+        let (v, _) = build(&m);
+        let agent = build_agent(&m, &v, &cfg(), Some("http://10.96.0.12:5000"), false).unwrap();
+        agent.daemon_set.spec.template.spec.unwrap()
+    };
+    assert_eq!(agent_pod(serde_json::json!({})).host_pid, None);
+    assert_eq!(
+        agent_pod(serde_json::json!({"runtimePidFile": "/var/run/docker.pid"})).host_pid,
+        None,
+        "containerd reads hosts.toml on every pull: nothing to signal"
+    );
+    assert_eq!(
+        agent_pod(serde_json::json!({"runtime": "Crio"})).host_pid,
+        None
+    );
+    let crio =
+        agent_pod(serde_json::json!({"runtime": "Crio", "runtimePidFile": "/run/crio/crio.pid"}));
+    assert_eq!(crio.host_pid, Some(true));
+    let args = crio.containers[0].args.as_ref().unwrap().join(" ");
+    assert!(args.contains("--crio-pid-file /host/runtime.pid"), "{args}");
+}
+
+#[test]
+fn docker_nodes_mirror_docker_hub_only() {
+    let m = mirror(serde_json::json!({
+        "registries": [{"name": "docker.io"}, {"name": "ghcr.io"}],
+        "nodes": {"runtime": "Docker"}
+    }));
+    let err = validate(&m).unwrap_err().to_string();
+    assert!(
+        err.contains("spec.nodes.runtime") && err.contains("ghcr.io"),
+        "{err}"
+    );
+}

@@ -1,20 +1,35 @@
 //! The CRI-O `registries.conf.d` drop-in the agent writes, used by a real client of the same
-//! family: Debian's podman pulls `docker.io/library/...` through the mirror listed in it, and
-//! never contacts the registry's own location while the mirror works.
+//! family: Debian's podman (the containers/image library CRI-O uses) pulls images of two
+//! registries through the real `cachalot-registry`, each addressed by its path prefix, and never
+//! contacts a registry's own location while the mirror works. Then the agent's reload of CRI-O
+//! (SIGHUP to the pid in `--crio-pid-file`) against a stand-in process: there is no CRI-O binary
+//! here, so a shell that counts the SIGHUPs it gets plays its part.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use cachalot_operator::node_agent::apply::{execute, scan, Roots};
 use cachalot_operator::node_agent::plan::reconcile_node;
-use cachalot_operator::node_agent::protocol::{DesiredRegistry, DesiredState, Fallback, Runtime};
+use cachalot_operator::node_agent::protocol::{
+    DesiredRegistry, DesiredState, Fallback, Reason, Runtime,
+};
+use cachalot_operator::node_agent::{run_until, Args};
+use cachalot_testkit::client::http_client;
 use cachalot_testkit::distribution::Distribution;
 use cachalot_testkit::fault::FaultProxy;
 use cachalot_testkit::image::{docker_image, push};
+use cachalot_testkit::process::LoggedChild;
+use cachalot_testkit::wait::{free_port, wait_for};
+use common::node::{desired, AgentEndpoint, NodeDirs};
 
 const PODMAN: &str = "/usr/bin/podman";
+const DEADLINE: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(50);
 
 /// Pulls `reference` with podman using only `registries_conf`, in private storage.
 fn podman_pull(dir: &Path, registries_conf: &Path, reference: &str) -> std::process::Output {
@@ -37,24 +52,96 @@ fn podman_pull(dir: &Path, registries_conf: &Path, reference: &str) -> std::proc
         .unwrap()
 }
 
+/// The real `cachalot-registry` (built next to the operator binary, or named by
+/// `CACHALOT_E2E_REGISTRY`) serving `registries` (`name=url`), killed on drop.
+async fn start_registry(dir: &Path, registries: &[(&str, String)]) -> (LoggedChild, String) {
+    let binary = std::env::var_os("CACHALOT_E2E_REGISTRY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_BIN_EXE_cachalot-operator")).with_file_name("cachalot-registry")
+        });
+    assert!(
+        binary.exists(),
+        "{} not built: run `cargo build -p cachalot-registry` (scripts/test builds every binary first)",
+        binary.display()
+    );
+    let port = free_port().unwrap();
+    let mut cmd = Command::new(&binary);
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--storage")
+        .arg(dir.join("registry-store"));
+    for (name, url) in registries {
+        cmd.arg("--upstream").arg(format!("{name}={url}"));
+    }
+    let mut child = LoggedChild::spawn(&mut cmd, &dir.join("registry.log")).unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let client = http_client().unwrap();
+    let ready = child
+        .wait_ready(DEADLINE, POLL, || {
+            let request = client.get(format!("{url}/readyz"));
+            async move { request.send().await.is_ok_and(|r| r.status().is_success()) }
+        })
+        .await;
+    if let Err(e) = ready {
+        panic!("cachalot-registry did not start: {e}\n{}", child.log_tail());
+    }
+    (child, url)
+}
+
+fn crio_registry(name: &str, server: String, endpoint: String) -> DesiredRegistry {
+    DesiredRegistry {
+        registry: name.into(),
+        server: Some(server),
+        endpoints: vec![endpoint],
+        fallback: Fallback::Upstream,
+        dial_timeout: "1s".into(),
+        skip_verify: false,
+        ca_file: None,
+        override_path: false,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn podman_pulls_docker_hub_images_through_the_mirror_in_the_agent_dropin() {
+async fn podman_pulls_two_registries_through_the_real_registry_by_the_agents_path_prefixes() {
     assert!(
         Path::new(PODMAN).exists(),
         "podman is not installed: run scripts/install-test-deps"
     );
     let tmp = tempfile::tempdir().unwrap();
-    let upstream = Distribution::start().await.unwrap();
+    let hub = Distribution::start().await.unwrap();
+    let ghcr = Distribution::start().await.unwrap();
     push(
-        &upstream.url(),
+        &hub.url(),
         "library/demo",
         "v1",
         &docker_image(21, &[48 * 1024]).unwrap(),
     )
     .await
     .unwrap();
-    let server = FaultProxy::start(&upstream.url()).await.unwrap();
-    let mirror = FaultProxy::start(&upstream.url()).await.unwrap();
+    push(
+        &ghcr.url(),
+        "org/app",
+        "v1",
+        &docker_image(22, &[32 * 1024]).unwrap(),
+    )
+    .await
+    .unwrap();
+    // What cachalot fetches from, counted per registry.
+    let hub_upstream = FaultProxy::start(&hub.url()).await.unwrap();
+    let ghcr_upstream = FaultProxy::start(&ghcr.url()).await.unwrap();
+    // The registries' own locations in the drop-in: never to be used while the mirror works.
+    let hub_server = FaultProxy::start(&hub.url()).await.unwrap();
+    let ghcr_server = FaultProxy::start(&ghcr.url()).await.unwrap();
+    let (_registry, registry_url) = start_registry(
+        tmp.path(),
+        &[
+            ("docker.io", hub_upstream.url()),
+            ("ghcr.io", ghcr_upstream.url()),
+        ],
+    )
+    .await;
 
     let conf_dir = tmp.path().join("registries.conf.d");
     std::fs::create_dir(&conf_dir).unwrap();
@@ -67,42 +154,198 @@ async fn podman_pulls_docker_hub_images_through_the_mirror_in_the_agent_dropin()
         generation: "g1".into(),
         removing: false,
         runtime: Runtime::Crio,
-        registries: vec![DesiredRegistry {
-            registry: "docker.io".into(),
-            server: Some(server.url()),
-            endpoints: vec![mirror.url()],
-            fallback: Fallback::Upstream,
-            dial_timeout: "1s".into(),
-            skip_verify: false,
-            ca_file: None,
-            override_path: false,
-        }],
+        registries: vec![
+            crio_registry("docker.io", hub_server.url(), registry_url.clone()),
+            crio_registry("ghcr.io", ghcr_server.url(), registry_url.clone()),
+        ],
         unreachable_after: "30s".into(),
         merge_with_admin_file: false,
     };
-    let live: BTreeSet<String> = [mirror.url()].into();
+    let live: BTreeSet<String> = [registry_url.clone()].into();
     let plan = reconcile_node(&desired, &scan(&roots, &desired.mirror).unwrap(), &live);
     for action in &plan.actions {
         execute(&roots, action).unwrap();
     }
     let dropin = conf_dir.join("50-cachalot-cachalot-hub.conf");
-    assert!(dropin.exists());
+    let text = std::fs::read_to_string(&dropin).unwrap();
+    let host = registry_url.trim_start_matches("http://");
+    assert!(
+        text.contains(&format!("location = \"{host}/ghcr.io\"")),
+        "{text}"
+    );
 
-    let out = podman_pull(tmp.path(), &dropin, "docker.io/library/demo:v1");
-    assert!(
-        out.status.success(),
-        "podman pull failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        std::fs::read_to_string(&dropin).unwrap()
-    );
-    let through_mirror = mirror.handle().counts().total();
-    assert!(
-        through_mirror >= 3,
-        "manifest, config and layer through the mirror, saw {through_mirror}"
-    );
+    for reference in ["docker.io/library/demo:v1", "ghcr.io/org/app:v1"] {
+        let out = podman_pull(tmp.path(), &dropin, reference);
+        assert!(
+            out.status.success(),
+            "podman pull {reference} failed: {}\n{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Each registry's content came from its own upstream, through cachalot.
+    for (name, upstream) in [("docker.io", &hub_upstream), ("ghcr.io", &ghcr_upstream)] {
+        let fetched = upstream.handle().counts().total();
+        assert!(
+            fetched >= 3,
+            "{name}: manifest, config and layer from its upstream, saw {fetched}"
+        );
+    }
+    let stats = http_client()
+        .unwrap()
+        .get(format!("{registry_url}/stats"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats).unwrap();
+    for name in ["docker.io", "ghcr.io"] {
+        assert!(
+            stats["registries"][name]["misses"].as_u64().unwrap() >= 3,
+            "{name}: {stats}"
+        );
+    }
+    assert_eq!(stats["errors"], 0, "{stats}");
     assert_eq!(
-        server.handle().counts().total(),
+        hub_server.handle().counts().total() + ghcr_server.handle().counts().total(),
         0,
-        "the registry's own location must not be used"
+        "a registry's own location must not be used"
     );
+}
+
+/// A stand-in for CRI-O: a shell that appends a line to `log` on every SIGHUP, killed on drop.
+struct StandIn {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl StandIn {
+    fn start(dir: &Path) -> Self {
+        let log = dir.join("hups");
+        std::fs::write(&log, "").unwrap();
+        let ready = dir.join("standin-ready");
+        // `wait` returns as soon as a trapped signal arrives; each pass is bounded by `sleep 1`.
+        let script = format!(
+            "trap 'echo hup >> {log}' HUP; touch {ready}; while :; do sleep 1 & wait $!; done",
+            log = log.display(),
+            ready = ready.display()
+        );
+        // No inherited pipes: the `sleep` left behind when the shell is killed must not hold the
+        // test's output open.
+        let child = Command::new("/bin/sh")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let standin = Self { child, log };
+        let start = std::time::Instant::now();
+        while !ready.exists() {
+            assert!(start.elapsed() < DEADLINE, "stand-in did not start");
+            std::thread::yield_now();
+        }
+        standin
+    }
+
+    fn hups(&self) -> usize {
+        std::fs::read_to_string(&self.log).unwrap().lines().count()
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_dropin_is_followed_by_one_sighup_to_the_pid_in_the_pid_file() {
+    let node = NodeDirs::new();
+    let conf_dir = node.path().join("registries.conf.d");
+    std::fs::create_dir(&conf_dir).unwrap();
+    let pid_file = node.path().join("crio.pid");
+    let upstream = Distribution::start().await.unwrap();
+    let mirror_a = FaultProxy::start(&upstream.url()).await.unwrap();
+    let mirror_b = FaultProxy::start(&upstream.url()).await.unwrap();
+    let crio_desired = |generation: &str, endpoint: String| DesiredState {
+        runtime: Runtime::Crio,
+        ..desired(generation, vec![endpoint])
+    };
+    node.write_desired(&crio_desired("g1", mirror_a.url()));
+
+    let port = free_port().unwrap();
+    let args = Args {
+        desired_file: node.desired_file.clone(),
+        certs_dir: node.certs.clone(),
+        containerd_config: None,
+        host_certs_dir: None,
+        registries_conf_dir: Some(conf_dir.clone()),
+        crio_pid_file: Some(pid_file.clone()),
+        docker_config: None,
+        host_docker_config: None,
+        docker_pid_file: None,
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        node_name: "node-1".into(),
+        interval: Duration::from_millis(100),
+        probe_timeout: Duration::from_millis(500),
+        log_format: cachalot_operator::telemetry::LogFormat::Text,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(run_until(args, async move {
+        let _ = stopped.await;
+    }));
+    let agent = AgentEndpoint::new(port);
+    let dropin = conf_dir.join("50-cachalot-cachalot-hub.conf");
+
+    // No pid file yet: the drop-in is written, CRI-O cannot be told, the node says why.
+    let s = agent
+        .wait("reload failure reported", |s| {
+            s.problems
+                .iter()
+                .any(|p| p.reason == Reason::RuntimeReloadFailed)
+        })
+        .await;
+    assert!(!s.ready);
+    assert!(dropin.exists());
+    let message = &s.problems[0].message;
+    assert!(message.contains("crio.pid"), "{message}");
+
+    // The pid file appears: one SIGHUP, the problem clears.
+    let crio = StandIn::start(node.path());
+    std::fs::write(&pid_file, format!("{}\n", crio.child.id())).unwrap();
+    agent.wait("reloaded and ready", |s| s.ready).await;
+    assert_eq!(crio.hups(), 1);
+
+    // A changed drop-in is signalled once more; rounds that change nothing send nothing.
+    node.write_desired(&crio_desired("g2", mirror_b.url()));
+    agent
+        .wait("second drop-in applied", |s| {
+            s.generation == "g2" && s.ready
+        })
+        .await;
+    let text = std::fs::read_to_string(&dropin).unwrap();
+    assert!(text.contains(mirror_b.url().trim_start_matches("http://")));
+    wait_for(DEADLINE, POLL, || async {
+        (crio.hups() == 2).then_some(())
+    })
+    .await
+    .unwrap();
+    // Every round probes the mirror: three more probes are three more rounds without a change.
+    let probes = mirror_b.handle().counts().total();
+    wait_for(DEADLINE, POLL, || async {
+        (mirror_b.handle().counts().total() >= probes + 3).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(crio.hups(), 2, "no SIGHUP without a change");
+
+    let _ = stop.send(());
+    tokio::time::timeout(DEADLINE, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }

@@ -1,10 +1,11 @@
 //! Docker Engine through the mirror, with a real dockerd (Debian's docker.io, loopback only:
-//! `--bridge=none --iptables=false`, private data and exec roots, its own socket and pid file)
-//! and the real cachalot registry (in process) over a real distribution upstream:
-//! the administrator's `daemon.json` is merged with the mirror entry ([`docker::merge`]),
-//! dockerd reloads it on `SIGHUP` ([`docker::reload`]), `docker pull` of a Docker Hub image goes
-//! through the mirror, and taking the entry out ([`docker::unmerge`]) plus a reload gives the
-//! administrator's configuration back (with `"registry-mirrors": []`, which a reload needs).
+//! `--bridge=none --iptables=false`, private data and exec roots, its own socket and pid file),
+//! the node agent's loop (runtime `Docker`, in process) and the real cachalot registry (in
+//! process) over a real distribution upstream: the agent merges the mirror into the
+//! administrator's `daemon.json` and sends dockerd `SIGHUP`, dockerd lists the mirror without a
+//! restart, `docker pull` of a Docker Hub image goes through the mirror, and when the mirror is
+//! removed the agent takes its entry out and reloads dockerd again: the administrator's
+//! configuration is back (with `"registry-mirrors": []`, which a reload needs).
 //!
 //! Proxy variables point at a closed local port, so if dockerd ever went past the mirror to
 //! Docker Hub, the attempt would fail on this machine instead of leaving it.
@@ -14,13 +15,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use cachalot_operator::node_agent::docker::{self, Outcome};
+use cachalot_operator::node_agent::protocol::{DesiredState, RegistryState, Runtime};
+use cachalot_operator::node_agent::{run_until, Args};
 use cachalot_registry::config::{Config, RegistryConfig};
 use cachalot_registry::server::Server;
 use cachalot_testkit::distribution::Distribution;
 use cachalot_testkit::image::{docker_image, push};
 use cachalot_testkit::process::LoggedChild;
-use cachalot_testkit::wait::wait_until;
+use cachalot_testkit::wait::{free_port, wait_until};
+
+mod common;
+use common::node::{desired, AgentEndpoint, NodeDirs};
 
 const DOCKERD: &str = "/usr/sbin/dockerd";
 const DOCKER: &str = "/usr/bin/docker";
@@ -29,7 +34,7 @@ fn missing() -> Option<String> {
     if !Path::new(DOCKERD).exists() || !Path::new(DOCKER).exists() {
         return Some("dockerd is not installed: run scripts/install-test-deps".into());
     }
-    if !rustix::process::geteuid().is_root() {
+    if !nix::unistd::geteuid().is_root() {
         return Some("dockerd needs root".into());
     }
     None
@@ -94,8 +99,8 @@ impl Dockerd {
     }
 
     async fn stop(mut self) {
-        let pid = rustix::process::Pid::from_raw(i32::try_from(self.child.id()).unwrap()).unwrap();
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let child = &mut self.child;
         let stopped = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
             let exited = child.try_wait().unwrap().is_some();
@@ -117,21 +122,15 @@ fn docker(socket: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn apply(path: &Path, outcome: Outcome) {
-    match outcome {
-        Outcome::Unchanged => {}
-        Outcome::Write(text) => std::fs::write(path, text).unwrap(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dockerd_pulls_docker_hub_images_through_the_merged_mirror_and_gets_its_config_back() {
+async fn the_agent_puts_the_mirror_into_dockerd_and_takes_it_out_again() {
     if !cachalot_testkit::prerequisites::run_or_skip(
-        "dockerd_pulls_docker_hub_images_through_the_merged_mirror_and_gets_its_config_back",
+        "the_agent_puts_the_mirror_into_dockerd_and_takes_it_out_again",
         missing(),
     ) {
         return;
     }
+    let node = NodeDirs::new();
     let tmp = tempfile::Builder::new().prefix("dk").tempdir().unwrap();
     let upstream = Distribution::start().await.unwrap();
     let image = docker_image(31, &[64 * 1024]).unwrap();
@@ -162,15 +161,55 @@ async fn dockerd_pulls_docker_hub_images_through_the_merged_mirror_and_gets_its_
     }));
 
     // The administrator's daemon.json, and dockerd running with it.
-    let daemon_json = tmp.path().join("daemon.json");
+    let docker_dir = tmp.path().join("etc-docker");
+    std::fs::create_dir(&docker_dir).unwrap();
+    let daemon_json = docker_dir.join("daemon.json");
     let admin = "{\n  \"log-level\": \"warn\",\n  \"max-concurrent-downloads\": 2\n}\n";
     std::fs::write(&daemon_json, admin).unwrap();
     let dockerd = Dockerd::start(tmp.path(), &daemon_json).await;
-    assert_eq!(dockerd.mirrors(), "[]", "no mirror before the merge");
+    assert_eq!(dockerd.mirrors(), "[]", "no mirror before the agent runs");
 
-    // Merge and reload: dockerd picks the mirror up without a restart.
-    apply(&daemon_json, docker::merge(Some(admin), &mirror).unwrap());
-    docker::reload(&dockerd.pid_file).unwrap();
+    // The agent, runtime Docker, with dockerd's pid file.
+    let docker_desired = |generation: &str, removing: bool| DesiredState {
+        runtime: Runtime::Docker,
+        removing,
+        ..desired(generation, vec![mirror.clone()])
+    };
+    node.write_desired(&docker_desired("g1", false));
+    let port = free_port().unwrap();
+    let args = Args {
+        desired_file: node.desired_file.clone(),
+        certs_dir: node.certs.clone(),
+        containerd_config: None,
+        host_certs_dir: None,
+        registries_conf_dir: None,
+        crio_pid_file: None,
+        docker_config: Some(daemon_json.clone()),
+        host_docker_config: Some("/etc/docker/daemon.json".into()),
+        docker_pid_file: Some(dockerd.pid_file.clone()),
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        node_name: "node-1".into(),
+        interval: Duration::from_millis(100),
+        probe_timeout: Duration::from_millis(500),
+        log_format: cachalot_operator::telemetry::LogFormat::Text,
+    };
+    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent_task = tokio::spawn(run_until(args, async move {
+        let _ = agent_stopped.await;
+    }));
+    let agent = AgentEndpoint::new(port);
+    let status = agent
+        .wait("docker.io configured through daemon.json", |s| {
+            s.generation == "g1" && s.ready
+        })
+        .await;
+    assert_eq!(status.registries[0].state, RegistryState::Configured);
+    assert_eq!(
+        status.managed_files,
+        vec!["/etc/docker/daemon.json".to_string()]
+    );
+
+    // dockerd reloaded: it lists the mirror without a restart.
     let want = format!("[\"{mirror}/\"]");
     wait_until(Duration::from_secs(20), Duration::from_millis(50), || {
         let now = dockerd.mirrors();
@@ -179,6 +218,10 @@ async fn dockerd_pulls_docker_hub_images_through_the_merged_mirror_and_gets_its_
     })
     .await
     .unwrap_or_else(|_| panic!("dockerd never listed the mirror: {}", dockerd.mirrors()));
+    let merged: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&daemon_json).unwrap()).unwrap();
+    assert_eq!(merged["log-level"], "warn", "the admin's keys stay");
+    assert_eq!(merged["max-concurrent-downloads"], 2);
 
     // `docker pull demo:v1` is docker.io/library/demo:v1: served by the mirror.
     let pulled = docker(&dockerd.socket, &["pull", "demo:v1"]);
@@ -220,25 +263,36 @@ async fn dockerd_pulls_docker_hub_images_through_the_merged_mirror_and_gets_its_
         String::from_utf8_lossy(&digests.stdout)
     );
 
-    // Take the entry out and reload: the administrator's configuration is back.
-    let current = std::fs::read_to_string(&daemon_json).unwrap();
-    apply(
-        &daemon_json,
-        docker::unmerge(Some(&current), &mirror).unwrap(),
-    );
-    let restored: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&daemon_json).unwrap()).unwrap();
-    let mut want_back: serde_json::Value = serde_json::from_str(admin).unwrap();
-    want_back["registry-mirrors"] = serde_json::json!([]);
-    assert_eq!(restored, want_back);
-    docker::reload(&dockerd.pid_file).unwrap();
+    // The mirror is removed: the agent takes the entry out and reloads dockerd again.
+    node.write_desired(&docker_desired("g2", true));
+    agent
+        .wait("the entry taken out", |s| {
+            s.generation == "g2" && s.managed_files.is_empty()
+        })
+        .await;
     wait_until(Duration::from_secs(20), Duration::from_millis(50), || {
         let now = dockerd.mirrors();
         async move { now == "[]" }
     })
     .await
     .unwrap_or_else(|_| panic!("dockerd kept the mirror: {}", dockerd.mirrors()));
+    let restored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&daemon_json).unwrap()).unwrap();
+    let mut want_back: serde_json::Value = serde_json::from_str(admin).unwrap();
+    want_back["registry-mirrors"] = serde_json::json!([]);
+    assert_eq!(restored, want_back);
+    let left: Vec<_> = std::fs::read_dir(&docker_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        left,
+        vec!["daemon.json".to_string()],
+        "nothing of ours left beside it"
+    );
 
+    let _ = stop_agent.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(20), agent_task).await;
     dockerd.stop().await;
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(15), serving).await;

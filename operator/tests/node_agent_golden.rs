@@ -160,7 +160,7 @@ fn crio_dropin_lists_mirrors_per_registry_prefix() {
         "docker.io",
         &["http://10.96.0.12:5000", "https://mirror-b.internal:8443"],
     );
-    let port = registry("registry.local:5000", &["http://10.96.0.12:5000"]);
+    let port = registry("registry.local", &["http://10.96.0.12:5000"]);
     let mut never = registry("quay.io", &["http://10.96.0.12:5000"]);
     never.fallback = Fallback::Never;
     let dead = registry("ghcr.io", &["http://10.96.0.12:5000"]);
@@ -179,6 +179,20 @@ fn crio_dropin_lists_mirrors_per_registry_prefix() {
         "a registry without live endpoint is left to CRI-O's default"
     );
     assert_golden("crio-dropin.conf", &text);
+}
+
+#[test]
+fn crio_dropin_refuses_registries_a_path_prefix_cannot_name() {
+    for name in ["registry.local:5000", "_default"] {
+        let reg = registry(name, &["http://10.96.0.12:5000"]);
+        assert!(
+            matches!(
+                render_crio_dropin(MIRROR, &[(&reg, all_live(&reg))]),
+                Err(cachalot_operator::node_agent::render::RenderError::CrioUnsupported { .. })
+            ),
+            "{name}"
+        );
+    }
 }
 
 #[test]

@@ -538,6 +538,22 @@ pub struct NodeSettings {
     #[schemars(length(max = 1024), regex(pattern = NODE_PATH_PATTERN))]
     pub registries_conf_dir: String,
 
+    /// For runtime `Docker`: dockerd's `daemon.json` on the node. The agent merges the mirror as
+    /// the first of its `registry-mirrors`, keeping every other key, and takes it out again.
+    #[serde(default = "default_docker_config")]
+    #[schemars(length(max = 1024), regex(pattern = NODE_PATH_PATTERN))]
+    pub docker_config: String,
+
+    /// The runtime's pid file on the node, for the agent to send it SIGHUP after changing its
+    /// configuration (CRI-O re-reads registries.conf, dockerd re-reads daemon.json). When set,
+    /// the agent pods run with `hostPID` and the file mounted read-only. Default for `Docker`:
+    /// `/var/run/docker.pid` (dockerd reads a changed daemon.json only on reload); none for
+    /// `Crio` (CRI-O under systemd writes no pid file; reload it yourself or give one); unused
+    /// for `Containerd`, which reads hosts.toml on every pull.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024), regex(pattern = NODE_PATH_PATTERN))]
+    pub runtime_pid_file: Option<String>,
+
     /// What nodes do when the mirror cannot serve a pull: `Upstream` (default; go to the registry
     /// directly) or `Never` (fail the pull rather than spend upstream budget from the node).
     #[serde(default)]
@@ -573,6 +589,8 @@ impl Default for NodeSettings {
             certs_dir: default_certs_dir(),
             containerd_config: default_containerd_config(),
             registries_conf_dir: default_registries_conf_dir(),
+            docker_config: default_docker_config(),
+            runtime_pid_file: None,
             fallback: FallbackPolicy::default(),
             dial_timeout: default_dial_timeout(),
             unreachable_after: default_unreachable_after(),
@@ -590,6 +608,9 @@ fn default_containerd_config() -> String {
 }
 fn default_registries_conf_dir() -> String {
     "/etc/containers/registries.conf.d".to_string()
+}
+fn default_docker_config() -> String {
+    "/etc/docker/daemon.json".to_string()
 }
 fn default_dial_timeout() -> String {
     "3s".to_string()
@@ -616,4 +637,7 @@ pub enum NodeRuntime {
     Containerd,
     /// CRI-O (a `registries.conf.d` drop-in).
     Crio,
+    /// Docker Engine (`registry-mirrors` in `daemon.json`): Docker mirrors Docker Hub only, so
+    /// the mirror must serve `docker.io` alone.
+    Docker,
 }

@@ -98,6 +98,25 @@ const AGENT_DESIRED_DIR: &str = "/etc/cachalot/agent";
 const HOST_CERTS_DIR: &str = "/host/certs.d";
 const HOST_CONTAINERD_DIR: &str = "/host/containerd";
 const HOST_REGISTRIES_CONF_DIR: &str = "/host/registries.conf.d";
+const HOST_DOCKER_CONFIG_DIR: &str = "/host/docker";
+const HOST_RUNTIME_PID_FILE: &str = "/host/runtime.pid";
+
+/// The runtime pid file the agent signals after changing the runtime's configuration:
+/// `spec.nodes.runtimePidFile`, else dockerd's default for `Docker` (it reads a changed
+/// daemon.json only on reload); none for containerd, which reads hosts.toml on every pull.
+#[must_use]
+pub fn runtime_pid_file(nodes: &crate::api::NodeSettings) -> Option<String> {
+    match nodes.runtime {
+        NodeRuntime::Containerd => None,
+        NodeRuntime::Crio => nodes.runtime_pid_file.clone(),
+        NodeRuntime::Docker => Some(
+            nodes
+                .runtime_pid_file
+                .clone()
+                .unwrap_or_else(|| "/var/run/docker.pid".to_string()),
+        ),
+    }
+}
 /// UID/GID of the registry process (the image's non-root user).
 const REGISTRY_UID: i64 = 65532;
 /// `terminationMessagePolicy` of the registry and agent containers: a container that fails
@@ -1016,6 +1035,7 @@ pub fn desired_state(
         runtime: match nodes.runtime {
             NodeRuntime::Containerd => protocol::Runtime::Containerd,
             NodeRuntime::Crio => protocol::Runtime::Crio,
+            NodeRuntime::Docker => protocol::Runtime::Docker,
         },
         registries,
         unreachable_after: nodes.unreachable_after.clone(),
@@ -1108,6 +1128,36 @@ pub fn build_agent(
         args.push("--registries-conf-dir".to_string());
         args.push(HOST_REGISTRIES_CONF_DIR.to_string());
     }
+    if nodes.runtime == NodeRuntime::Docker {
+        volumes.push(host_path_volume(
+            "docker-config",
+            parent_dir(&nodes.docker_config),
+            "DirectoryOrCreate",
+        ));
+        mounts.push(mount("docker-config", HOST_DOCKER_CONFIG_DIR, false));
+        args.extend([
+            "--docker-config".to_string(),
+            format!(
+                "{HOST_DOCKER_CONFIG_DIR}/{}",
+                file_name(&nodes.docker_config)
+            ),
+            "--host-docker-config".to_string(),
+            nodes.docker_config.clone(),
+        ]);
+    }
+    let pid_file = runtime_pid_file(nodes);
+    if let Some(pid_file) = &pid_file {
+        // The file, not its directory (/var/run holds the runtime's sockets). A runtime that
+        // replaces its pid file on restart leaves this mount on the old one: the agent then
+        // reports RuntimeReloadFailed until its pod restarts.
+        volumes.push(host_path_volume("runtime-pid", pid_file, "File"));
+        mounts.push(mount("runtime-pid", HOST_RUNTIME_PID_FILE, true));
+        let flag = match nodes.runtime {
+            NodeRuntime::Docker => "--docker-pid-file",
+            _ => "--crio-pid-file",
+        };
+        args.extend([flag.to_string(), HOST_RUNTIME_PID_FILE.to_string()]);
+    }
     let daemon_set = DaemonSet {
         metadata: meta(v, agent_name(&v.name), "node-agent"),
         spec: DaemonSetSpec {
@@ -1133,6 +1183,8 @@ pub fn build_agent(
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
                     host_network: Some(true),
+                    // Only to signal the runtime by its host pid (see `runtime_pid_file`).
+                    host_pid: pid_file.is_some().then_some(true),
                     dns_policy: Some("ClusterFirstWithHostNet".to_string()),
                     node_selector: (!nodes.node_selector.is_empty())
                         .then(|| nodes.node_selector.clone()),

@@ -12,8 +12,8 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use crate::api::{
-    CaConfigMapRef, FreshnessRule, NodeSettings, RegistryMirror, RegistryMirrorSpec, S3Storage,
-    ServiceKind, StorageKind, DEFAULT_LOCAL_CACHE_SIZE,
+    CaConfigMapRef, FreshnessRule, NodeRuntime, NodeSettings, RegistryMirror, RegistryMirrorSpec,
+    S3Storage, ServiceKind, StorageKind, DEFAULT_LOCAL_CACHE_SIZE,
 };
 
 /// Longest mirror name: derived object names (`cachalot-<name>-agent`, StatefulSet pod names with
@@ -206,6 +206,22 @@ pub fn validate(mirror: &RegistryMirror) -> Result<Validated, ValidateError> {
         }
     }
     validate_nodes(&spec.nodes)?;
+    if spec.nodes.runtime == NodeRuntime::Docker {
+        let others: Vec<&str> = registries
+            .iter()
+            .map(|r| r.name.as_str())
+            .filter(|r| *r != "docker.io")
+            .collect();
+        if !others.is_empty() || default_registry != "docker.io" {
+            return Err(invalid(
+                "spec.nodes.runtime",
+                format!(
+                    "Docker Engine mirrors Docker Hub only, through a mirror that serves docker.io by default; this mirror also lists {} (put other registries in a mirror for containerd or CRI-O nodes)",
+                    if others.is_empty() { "another default registry".to_string() } else { others.join(", ") }
+                ),
+            ));
+        }
+    }
     Ok(Validated {
         namespace,
         name,
@@ -546,8 +562,12 @@ fn validate_nodes(nodes: &NodeSettings) -> Result<(), ValidateError> {
         ("spec.nodes.certsDir", &nodes.certs_dir),
         ("spec.nodes.containerdConfig", &nodes.containerd_config),
         ("spec.nodes.registriesConfDir", &nodes.registries_conf_dir),
+        ("spec.nodes.dockerConfig", &nodes.docker_config),
     ] {
         check_node_path(path).map_err(|m| invalid(field, m))?;
+    }
+    if let Some(pid_file) = &nodes.runtime_pid_file {
+        check_node_path(pid_file).map_err(|m| invalid("spec.nodes.runtimePidFile", m))?;
     }
     parse_go_duration(&nodes.dial_timeout).map_err(|m| invalid("spec.nodes.dialTimeout", m))?;
     parse_go_duration(&nodes.unreachable_after)

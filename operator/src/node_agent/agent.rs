@@ -26,14 +26,16 @@ use tokio::sync::watch;
 
 use crate::telemetry::LogFormat;
 
-use super::apply::{execute, managed_files, scan, Roots};
+use super::apply::{apply_docker, execute, managed_files, scan, Roots};
 use super::containerd::{check_containerd_config, is_blocking};
 use super::duration::parse_duration;
 use super::gate::Gate;
-use super::plan::reconcile_node;
+use super::plan::{reconcile_node, Action, Root};
 use super::protocol::{
-    AgentStatus, ContainerdStatus, DesiredState, Problem, Reason, RegistryState, Runtime,
+    AgentStatus, ContainerdStatus, DesiredState, Problem, Reason, RegistryState, RegistryStatus,
+    Runtime,
 };
+use super::reload::signal_reload;
 use super::render::needs_override_path;
 
 /// Desired-state files larger than this are rejected (a ConfigMap holds at most 1 MiB anyway).
@@ -62,6 +64,22 @@ pub struct Args {
     /// CRI-O `registries.conf.d` directory (as mounted), for runtime `Crio`.
     #[arg(long, env = "CACHALOT_REGISTRIES_CONF_DIR")]
     pub registries_conf_dir: Option<PathBuf>,
+    /// CRI-O's pid file (as mounted; the pid is the host's, so the pod needs `hostPID`). When
+    /// set, the agent sends CRI-O SIGHUP after changing its drop-in so that CRI-O re-reads
+    /// registries.conf, and reports `RuntimeReloadFailed` until that succeeds.
+    #[arg(long, env = "CACHALOT_CRIO_PID_FILE")]
+    pub crio_pid_file: Option<PathBuf>,
+    /// dockerd's `daemon.json` (as mounted, in a mounted directory), for runtime `Docker`.
+    #[arg(long, env = "CACHALOT_DOCKER_CONFIG")]
+    pub docker_config: Option<PathBuf>,
+    /// `daemon.json` as dockerd sees it on the host (e.g. /etc/docker/daemon.json), for
+    /// reported paths.
+    #[arg(long, env = "CACHALOT_HOST_DOCKER_CONFIG")]
+    pub host_docker_config: Option<String>,
+    /// dockerd's pid file (as mounted; needs `hostPID`): SIGHUP after `daemon.json` changed,
+    /// `RuntimeReloadFailed` until that succeeds.
+    #[arg(long, env = "CACHALOT_DOCKER_PID_FILE")]
+    pub docker_pid_file: Option<PathBuf>,
     /// Address of the status server (`/status`, `/healthz`, `/readyz`).
     #[arg(long, env = "CACHALOT_AGENT_LISTEN", default_value = "0.0.0.0:9464")]
     pub listen: SocketAddr,
@@ -200,6 +218,9 @@ struct Looper {
     gate: Gate,
     desired: Option<DesiredState>,
     last_desired_bytes: Vec<u8>,
+    /// The runtime's configuration (CRI-O drop-in, daemon.json) changed and the runtime has not
+    /// been told yet (retried every round).
+    reload_pending: bool,
 }
 
 impl Looper {
@@ -224,6 +245,7 @@ impl Looper {
             gate: Gate::default(),
             desired: None,
             last_desired_bytes: Vec::new(),
+            reload_pending: false,
             args,
         })
     }
@@ -378,15 +400,29 @@ impl Looper {
             }
         }
         let live = self.gate.live_set();
+        let live_for_docker = live.clone();
         let roots = self.roots.clone();
         let desired_for_io = desired.clone();
         let io = tokio::task::spawn_blocking(move || {
             let observed = scan(&roots, &desired_for_io.mirror)?;
             let plan = reconcile_node(&desired_for_io, &observed, &live);
             let mut failures = Vec::new();
+            let mut crio_changed = false;
             for action in &plan.actions {
                 match execute(&roots, action) {
-                    Ok(()) => tracing::info!(?action, "applied"),
+                    Ok(()) => {
+                        crio_changed |= matches!(
+                            action,
+                            Action::Write {
+                                root: Root::RegistriesConfDir,
+                                ..
+                            } | Action::Remove {
+                                root: Root::RegistriesConfDir,
+                                ..
+                            }
+                        );
+                        tracing::info!(?action, "applied");
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "action failed");
                         failures.push(e.to_string());
@@ -398,11 +434,13 @@ impl Looper {
                 plan,
                 failures,
                 managed_files(&after, &desired_for_io.mirror),
+                crio_changed,
             ))
         })
         .await;
         let (registries, managed, applied) = match io {
-            Ok(Ok((plan, failures, managed))) => {
+            Ok(Ok((plan, failures, managed, crio_changed))) => {
+                self.reload_pending |= crio_changed;
                 for message in &failures {
                     problems.push(Problem {
                         reason: Reason::WriteFailed,
@@ -426,6 +464,16 @@ impl Looper {
                 (Vec::new(), Vec::new(), false)
             }
         };
+        let (registries, managed) = if desired.runtime == Runtime::Docker {
+            self.docker_round(&desired, live_for_docker, &mut problems)
+                .await
+                .unwrap_or((registries, managed))
+        } else {
+            (registries, managed)
+        };
+        if let Some(problem) = self.reload_runtime(desired.runtime) {
+            problems.push(problem);
+        }
         let containerd = self.containerd_status(desired.runtime).await;
         let managed_files = managed
             .into_iter()
@@ -456,6 +504,101 @@ impl Looper {
             problems,
         };
         (status, applied)
+    }
+
+    /// Runtime Docker: plans and applies `daemon.json` ([`apply_docker`]); the registries'
+    /// outcome and the managed files (`daemon.json` while it holds our entry), or `None` when
+    /// it could not run (the problem is recorded).
+    async fn docker_round(
+        &mut self,
+        desired: &DesiredState,
+        live: BTreeSet<String>,
+        problems: &mut Vec<Problem>,
+    ) -> Option<(Vec<RegistryStatus>, Vec<String>)> {
+        let Some(config) = self.args.docker_config.clone() else {
+            problems.push(Problem {
+                reason: Reason::DesiredStateInvalid,
+                message: "runtime Docker needs --docker-config (daemon.json as mounted)".into(),
+            });
+            return None;
+        };
+        let desired = desired.clone();
+        let applied =
+            tokio::task::spawn_blocking(move || apply_docker(&config, &desired, &live)).await;
+        match applied {
+            Ok(Ok((plan, changed))) => {
+                self.reload_pending |= changed;
+                let shown = self.args.host_docker_config.clone().unwrap_or_else(|| {
+                    self.args
+                        .docker_config
+                        .as_deref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                });
+                let managed = plan.entry.as_ref().map(|_| shown).into_iter().collect();
+                Some((plan.registries, managed))
+            }
+            Ok(Err(e)) => {
+                problems.push(Problem {
+                    reason: Reason::WriteFailed,
+                    message: e.to_string(),
+                });
+                None
+            }
+            Err(e) => {
+                problems.push(Problem {
+                    reason: Reason::WriteFailed,
+                    message: format!("daemon.json task: {e}"),
+                });
+                None
+            }
+        }
+    }
+
+    /// Sends the runtime SIGHUP when its configuration changed since it was last told and its
+    /// pid file is configured; the problem to report while that fails. Without a pid file
+    /// nothing is sent (the administrator reloads it; see docs/node-agent.md).
+    fn reload_runtime(&mut self, runtime: Runtime) -> Option<Problem> {
+        if !self.reload_pending {
+            return None;
+        }
+        let (pid_file, name, command) = match runtime {
+            Runtime::Crio => (&self.args.crio_pid_file, "CRI-O", "systemctl reload crio"),
+            Runtime::Docker => (
+                &self.args.docker_pid_file,
+                "dockerd",
+                "systemctl reload docker",
+            ),
+            Runtime::Containerd => (&None, "containerd", ""),
+        };
+        let Some(pid_file) = pid_file else {
+            self.reload_pending = false;
+            tracing::info!(
+                runtime = name,
+                "configuration changed; no pid file, the runtime is not signalled"
+            );
+            return None;
+        };
+        match signal_reload(pid_file, name) {
+            Ok(pid) => {
+                self.reload_pending = false;
+                tracing::info!(
+                    pid,
+                    runtime = name,
+                    "sent SIGHUP to re-read the configuration"
+                );
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, runtime = name, "runtime not reloaded; retrying next round");
+                Some(Problem {
+                    reason: Reason::RuntimeReloadFailed,
+                    message: format!(
+                        "{e}; {name} keeps its previous configuration until it gets SIGHUP (`{command}`)"
+                    ),
+                })
+            }
+        }
     }
 
     fn display_path(&self, runtime: Runtime, rel: &str) -> String {

@@ -14,6 +14,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use super::docker::{plan_docker, DockerPlan, Outcome as DockerOutcome};
 use super::plan::{Action, Existing, Observed, ObservedDir, Root};
 use super::render::{crio_file_name, parse_marker, HOSTS_FILE_NAME, ORIGINAL_FILE_NAME};
 
@@ -333,4 +334,66 @@ pub fn execute(roots: &Roots, action: &Action) -> Result<(), ApplyError> {
             sync_dir(&dir_path)
         }
     }
+}
+
+/// The file beside `daemon.json` that holds the mirror entry this mirror last wrote there, so
+/// that a changed endpoint's old entry is taken out (`.cachalot-<namespace>-<name>.mirror`).
+fn docker_entry_file(mirror: &str) -> Result<String, ApplyError> {
+    super::names::validate_mirror(mirror).map_err(|_| ApplyError::Unsafe {
+        path: PathBuf::from(mirror),
+    })?;
+    Ok(format!(".cachalot-{}.mirror", mirror.replace('/', "-")))
+}
+
+/// Runtime Docker: plans `daemon.json` at `config` with [`plan_docker`] and applies it (atomic
+/// write, refused when the file changed since it was read; never through a symlink), keeping
+/// this mirror's entry beside it. Returns the plan and whether `daemon.json` changed (dockerd
+/// must then reload).
+///
+/// # Errors
+/// The file is unsafe to touch, changed meanwhile, or an I/O step failed.
+pub fn apply_docker(
+    config: &Path,
+    desired: &super::protocol::DesiredState,
+    live: &std::collections::BTreeSet<String>,
+) -> Result<(DockerPlan, bool), ApplyError> {
+    let unsafe_path = || ApplyError::Unsafe {
+        path: config.to_path_buf(),
+    };
+    let dir = config.parent().ok_or_else(unsafe_path)?;
+    let file = config
+        .file_name()
+        .and_then(|f| f.to_str())
+        .ok_or_else(unsafe_path)?;
+    let existing = match read_existing(config) {
+        None => None,
+        Some(Existing::File(text)) => Some(text),
+        Some(Existing::Unsafe(_)) => return Err(unsafe_path()),
+    };
+    let entry_file = docker_entry_file(&desired.mirror)?;
+    let entry_path = dir.join(&entry_file);
+    let previous = match read_existing(&entry_path) {
+        Some(Existing::File(text)) => Some(text.trim().to_owned()).filter(|t| !t.is_empty()),
+        _ => None,
+    };
+    let plan = plan_docker(desired, existing.as_deref(), previous.as_deref(), live);
+    let changed = match &plan.outcome {
+        DockerOutcome::Write(content) => {
+            check_unchanged(config, existing.as_deref())?;
+            write_atomic(dir, file, content)?;
+            true
+        }
+        DockerOutcome::Unchanged => false,
+    };
+    match (&plan.entry, &previous) {
+        (Some(entry), previous) if previous.as_ref() != Some(entry) => {
+            write_atomic(dir, &entry_file, &format!("{entry}\n"))?;
+        }
+        (None, Some(_)) => {
+            fs::remove_file(&entry_path).map_err(io_err("removing", &entry_path))?;
+            sync_dir(dir)?;
+        }
+        _ => {}
+    }
+    Ok((plan, changed))
 }

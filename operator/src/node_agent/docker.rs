@@ -12,9 +12,9 @@
 //! stayed in use until a restart). An empty list means what no key means at start-up.
 //!
 //! dockerd reads `registry-mirrors` again on `SIGHUP` (a reload, no restart: running containers
-//! are untouched); [`reload`] sends it to the pid in dockerd's pid file.
+//! are untouched), which [`super::reload`] sends.
 //!
-//! Pure except [`reload`].
+//! Pure.
 
 use serde_json::Value;
 
@@ -261,48 +261,6 @@ pub fn plan_docker(
     }
 }
 
-/// Why dockerd could not be asked to reload.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadDockerError {
-    #[error("cannot read dockerd's pid file {path}: {source}")]
-    PidFile {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("dockerd's pid file {path} holds no pid")]
-    NoPid { path: std::path::PathBuf },
-    #[error(
-        "cannot signal dockerd (pid {pid}): {source} (the agent needs hostPID and to run as root)"
-    )]
-    Signal { pid: i32, source: std::io::Error },
-}
-
-/// Sends `SIGHUP` to the dockerd whose pid is in `pid_file`, so it reads `registry-mirrors`
-/// again.
-pub fn reload(pid_file: &std::path::Path) -> Result<(), ReloadDockerError> {
-    let text = std::fs::read_to_string(pid_file).map_err(|source| ReloadDockerError::PidFile {
-        path: pid_file.to_owned(),
-        source,
-    })?;
-    let pid: i32 =
-        text.trim()
-            .parse()
-            .ok()
-            .filter(|p| *p > 1)
-            .ok_or_else(|| ReloadDockerError::NoPid {
-                path: pid_file.to_owned(),
-            })?;
-    let target = rustix::process::Pid::from_raw(pid).ok_or_else(|| ReloadDockerError::NoPid {
-        path: pid_file.to_owned(),
-    })?;
-    rustix::process::kill_process(target, rustix::process::Signal::HUP).map_err(|e| {
-        ReloadDockerError::Signal {
-            pid,
-            source: e.into(),
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
@@ -505,25 +463,5 @@ mod tests {
         assert_eq!(plan.registries[0].state, RegistryState::Blocked);
         assert_eq!(plan.registries[0].reason, Some(Reason::DaemonJsonInvalid));
         assert!(plan.registries[0].message.contains("not valid JSON"));
-    }
-
-    #[test]
-    fn reload_names_what_is_missing() {
-        let dir = tempfile::tempdir().unwrap();
-        let missing = dir.path().join("docker.pid");
-        assert!(matches!(
-            reload(&missing),
-            Err(ReloadDockerError::PidFile { .. })
-        ));
-        std::fs::write(&missing, "garbage\n").unwrap();
-        assert!(matches!(
-            reload(&missing),
-            Err(ReloadDockerError::NoPid { .. })
-        ));
-        std::fs::write(&missing, "1\n").unwrap();
-        assert!(
-            matches!(reload(&missing), Err(ReloadDockerError::NoPid { .. })),
-            "never init"
-        );
     }
 }

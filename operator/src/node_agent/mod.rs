@@ -4,11 +4,13 @@
 //! configuration read-only, and reports per-node problems over HTTP (`GET /status`).
 //!
 //! Layering: `protocol` (wire types), `names`/`duration`/`render`/`containerd`/`gate`/`plan`
-//! are pure; `apply` (files) and `agent` (loop, probes, HTTP) do the I/O.
+//! are pure; `apply` (files), `reload` (SIGHUP to CRI-O or dockerd) and `agent` (loop, probes, HTTP)
+//! do the I/O.
 //!
 //! Invariants: it never writes outside its certs/drop-in directory, never touches a file without
-//! its managed-by marker (unless told to merge), never edits containerd's config or restarts it,
-//! and has no Kubernetes API access.
+//! its managed-by marker (unless told to merge), never edits containerd's config or restarts it
+//! (CRI-O is only sent SIGHUP, and only when given its pid file), and has no Kubernetes API
+//! access.
 
 pub mod agent;
 pub mod apply;
@@ -19,6 +21,7 @@ pub mod gate;
 pub mod names;
 pub mod plan;
 pub mod protocol;
+pub mod reload;
 pub mod render;
 
 pub use agent::{run, run_until, Args, RunError};

@@ -17,8 +17,8 @@ use super::protocol::{
     DesiredRegistry, DesiredState, Fallback, Reason, RegistryState, RegistryStatus, Runtime,
 };
 use super::render::{
-    crio_file_name, parse_marker, render_crio_dropin, render_hosts_toml, validate_registry_entry,
-    RenderError, HOSTS_FILE_NAME, ORIGINAL_FILE_NAME,
+    crio_file_name, crio_unsupported, parse_marker, render_crio_dropin, render_hosts_toml,
+    validate_registry_entry, RenderError, HOSTS_FILE_NAME, ORIGINAL_FILE_NAME,
 };
 
 /// What is on disk in one host namespace directory (or for the CRI-O drop-in).
@@ -432,17 +432,19 @@ fn plan_crio(desired: &DesiredState, observed: &Observed, live: &BTreeSet<String
     let mut entries = Vec::new();
     for reg in &desired.registries {
         match validate_registry_entry(reg) {
-            Ok(()) if reg.registry != super::names::DEFAULT_NAMESPACE => {
-                let live_eps = live_endpoints(reg, live);
-                plan.registries.push(written_status(reg, &live_eps));
-                entries.push((reg, live_eps));
-            }
-            Ok(()) => plan.registries.push(status(
-                &reg.registry,
-                RegistryState::Blocked,
-                Some(Reason::InvalidDesiredRegistry),
-                "CRI-O has no catch-all registry (_default)".into(),
-            )),
+            Ok(()) => match crio_unsupported(&reg.registry) {
+                None => {
+                    let live_eps = live_endpoints(reg, live);
+                    plan.registries.push(written_status(reg, &live_eps));
+                    entries.push((reg, live_eps));
+                }
+                Some(why) => plan.registries.push(status(
+                    &reg.registry,
+                    RegistryState::Blocked,
+                    Some(Reason::InvalidDesiredRegistry),
+                    format!("not configured for CRI-O: {why}"),
+                )),
+            },
             Err(err) => plan.registries.push(invalid_status(reg, &err)),
         }
     }

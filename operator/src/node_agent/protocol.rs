@@ -214,7 +214,9 @@ pub enum Reason {
     /// The node's runtime cannot route this registry through a mirror (Docker Engine mirrors
     /// Docker Hub only).
     RuntimeUnsupported,
-    /// The runtime could not be told to read its changed configuration (dockerd `SIGHUP`).
+    /// The runtime's configuration changed and the runtime could not be sent SIGHUP to re-read
+    /// it (pid file unreadable, stale, or no `hostPID`): it may still use the previous
+    /// configuration (CRI-O's registries.conf, dockerd's daemon.json).
     RuntimeReloadFailed,
     /// Sent by a newer agent; unknown to this build.
     #[serde(other)]

@@ -322,6 +322,33 @@ fn crio_location(url: &str, skip_verify: bool) -> Result<(String, bool), RenderE
     Ok((location, parsed.scheme() == "http" || skip_verify))
 }
 
+/// A mirror endpoint as the registries.conf location of `registry`'s mirror: the endpoint's
+/// location with the path prefix `/<registry>` appended. containers/image never sends `ns`, so
+/// the prefix is how one cachalot endpoint tells the registries apart (cachalot's path-prefix
+/// routing: `/v2/<registry>/<repository>/...`).
+fn crio_mirror_location(
+    url: &str,
+    skip_verify: bool,
+    registry: &str,
+) -> Result<(String, bool), RenderError> {
+    let (location, insecure) = crio_location(url, skip_verify)?;
+    Ok((format!("{location}/{registry}"), insecure))
+}
+
+/// Why `registry` cannot be mirrored through a CRI-O drop-in, if it cannot: `_default` has no
+/// registries.conf equivalent, and a registry with a port cannot be a path prefix (containers/image
+/// rejects `10.96.0.12:5000/registry.local:5000/app` as an invalid reference).
+#[must_use]
+pub fn crio_unsupported(registry: &str) -> Option<&'static str> {
+    if registry == DEFAULT_NAMESPACE {
+        Some("CRI-O has no catch-all registry (_default)")
+    } else if registry.contains(':') {
+        Some("a registry with a port cannot be a mirror path prefix (containers/image refuses `:` in a repository path)")
+    } else {
+        None
+    }
+}
+
 /// The CRI-O drop-in file name for `mirror` (`50-cachalot-<namespace>-<name>.conf`).
 ///
 /// # Errors
@@ -332,7 +359,8 @@ pub fn crio_file_name(mirror: &str) -> Result<String, RenderError> {
 }
 
 /// Renders the `registries.conf.d` drop-in for all of `registries`, each paired with its live
-/// endpoints. A registry without live endpoints (and fallback `Upstream`) is left out: CRI-O
+/// endpoints. Every mirror location carries the registry as a path prefix
+/// (`10.96.0.12:5000/ghcr.io`), so one endpoint mirrors every registry of the mirror. A registry without live endpoints (and fallback `Upstream`) is left out: CRI-O
 /// then uses the registry directly, which is the fallback.
 ///
 /// # Errors
@@ -347,16 +375,16 @@ pub fn render_crio_dropin(
     };
     for (reg, live) in registries {
         validate_registry_entry(reg)?;
-        if reg.registry == DEFAULT_NAMESPACE {
+        if let Some(why) = crio_unsupported(&reg.registry) {
             return Err(RenderError::CrioUnsupported {
                 registry: reg.registry.clone(),
-                why: "CRI-O has no catch-all registry",
+                why,
             });
         }
         let mirrors_of = |urls: &[String]| -> Result<Vec<CrioMirror>, RenderError> {
             urls.iter()
                 .map(|u| {
-                    crio_location(u, reg.skip_verify)
+                    crio_mirror_location(u, reg.skip_verify, &reg.registry)
                         .map(|(location, insecure)| CrioMirror { location, insecure })
                 })
                 .collect()
@@ -383,7 +411,8 @@ pub fn render_crio_dropin(
                         registry: reg.registry.clone(),
                     }
                 })?;
-                let (location, insecure) = crio_location(last, reg.skip_verify)?;
+                let (location, insecure) =
+                    crio_mirror_location(last, reg.skip_verify, &reg.registry)?;
                 CrioRegistry {
                     prefix: reg.registry.clone(),
                     location,

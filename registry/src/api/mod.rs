@@ -20,7 +20,7 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use tracing::Instrument as _;
 
 use crate::fleet;
-use crate::oci::{Digest, ErrorCode, Kind, OciError, Reference, RepositoryName, Route};
+use crate::oci::{Addressed, Digest, ErrorCode, Kind, OciError, Reference, RepositoryName, Route};
 use crate::proxy::blobs::{self, Source};
 use crate::proxy::{self, ManifestReply, Proxy, ProxyError};
 use crate::telemetry::{CacheResult, Telemetry};
@@ -160,7 +160,16 @@ async fn handle(
     headers: &HeaderMap,
     query: &Query,
 ) -> Result<Response, OciError> {
-    let route = Route::parse(uri.path())?;
+    let allowed = || {
+        let names: Vec<&str> = state.proxy.inner().upstreams.names().collect();
+        names.join(", ")
+    };
+    let Addressed { prefix, route } = Addressed::parse(
+        uri.path(),
+        query.ns.is_some(),
+        |r| state.proxy.upstream(r).is_some(),
+        allowed,
+    )?;
     if matches!(route, Route::Upload) || (method != Method::GET && method != Method::HEAD) {
         let mut response = unsupported_method(method).into_response();
         response
@@ -169,16 +178,19 @@ async fn handle(
         return Ok(response);
     }
     let head = method == Method::HEAD;
-    let registry = query.ns.as_deref().unwrap_or(&state.default_registry);
+    // A path prefix and `ns` never both apply: with `ns` the path is never read as prefixed.
+    let registry = prefix
+        .as_deref()
+        .or(query.ns.as_deref())
+        .unwrap_or(&state.default_registry);
     let upstream = state.proxy.upstream(registry).ok_or_else(|| {
-        let allowed: Vec<&str> = state.proxy.inner().upstreams.names().collect();
         let shown: String = registry.chars().take(64).collect();
         OciError::new(
             StatusCode::NOT_FOUND,
             ErrorCode::NameUnknown,
             format!(
                 "registry `{shown}` is not mirrored here (mirrored: {})",
-                allowed.join(", ")
+                allowed()
             ),
         )
     })?;
@@ -187,8 +199,8 @@ async fn handle(
     let forwarded = headers.contains_key(upstream::FORWARDED_BY);
     match route {
         Route::Base => Ok(([(header::CONTENT_TYPE, "application/json")], "{}").into_response()),
-        Route::Catalog => Ok(catalog(state, upstream.name(), query).await),
-        Route::Tags { name } => tags(state, upstream, &name, query).await,
+        Route::Catalog => Ok(catalog(state, query).await),
+        Route::Tags { name } => tags(state, upstream, prefix.as_deref(), &name, query).await,
         Route::Manifest { name, reference } => {
             let name = normalise(name);
             let result = match &reference {
@@ -526,10 +538,12 @@ fn stream_response(
     response
 }
 
-/// `tags/list` from the cached full list, paginated by the client's `n` and `last`.
+/// `tags/list` from the cached full list, paginated by the client's `n` and `last`. A client that
+/// addressed the registry by path `prefix` gets the name (and the `Link`) in that form.
 async fn tags(
     state: &AppState,
     upstream: &Arc<Upstream>,
+    prefix: Option<&str>,
     requested: &RepositoryName,
     query: &Query,
 ) -> Result<Response, OciError> {
@@ -555,8 +569,12 @@ async fn tags(
         err
     })?;
     let (page, more) = proxy::tags::page(&list.tags, n, query.last.as_deref());
+    let shown_name = match prefix {
+        Some(prefix) => format!("{prefix}/{}", list.name),
+        None => list.name.clone(),
+    };
     let mut response = Response::new(Body::from(
-        serde_json::json!({ "name": list.name, "tags": page }).to_string(),
+        serde_json::json!({ "name": shown_name, "tags": page }).to_string(),
     ));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -569,10 +587,11 @@ async fn tags(
         if let Some(ns) = &query.ns {
             next.append_pair("ns", ns);
         }
-        let link = format!(
-            "</v2/{requested}/tags/list?{}>; rel=\"next\"",
-            next.finish()
-        );
+        let path = match prefix {
+            Some(prefix) => format!("{prefix}/{requested}"),
+            None => requested.to_string(),
+        };
+        let link = format!("</v2/{path}/tags/list?{}>; rel=\"next\"", next.finish());
         if let Ok(v) = HeaderValue::from_str(&link) {
             response.headers_mut().insert(header::LINK, v);
         }
@@ -581,9 +600,9 @@ async fn tags(
     Ok(response)
 }
 
-/// The cached repositories: the local store's, and with a shared tier the bucket's too (when the
-/// bucket cannot be listed, the local ones alone).
-async fn catalog(state: &AppState, registry: &str, query: &Query) -> Response {
+/// The cached repositories of `registry`: the local store's, and with a shared tier the bucket's
+/// too (when the bucket cannot be listed, the local ones alone).
+async fn cached_repositories(state: &AppState, registry: &str) -> Vec<String> {
     let inner = state.proxy.inner();
     let mut all = inner.store.repositories(registry);
     if let Some(shared) = &inner.shared {
@@ -598,6 +617,38 @@ async fn catalog(state: &AppState, registry: &str, query: &Query) -> Response {
             }
         }
     }
+    all
+}
+
+/// `_catalog` in the client's own namespace. With `ns`: that registry's repositories as it names
+/// them. Without: every name this endpoint serves without `ns`, so each entry can be pulled as
+/// listed: the default registry's repositories bare, every other registry's behind its path
+/// prefix (`ghcr.io/org/app`).
+async fn catalog(state: &AppState, query: &Query) -> Response {
+    let mut all = match query.ns.as_deref() {
+        Some(ns) => cached_repositories(state, ns).await,
+        None => {
+            let registries: Vec<String> = state
+                .proxy
+                .inner()
+                .upstreams
+                .names()
+                .map(str::to_owned)
+                .collect();
+            let mut all = Vec::new();
+            for registry in registries {
+                let repositories = cached_repositories(state, &registry).await;
+                if registry == state.default_registry {
+                    all.extend(repositories);
+                } else {
+                    all.extend(repositories.into_iter().map(|r| format!("{registry}/{r}")));
+                }
+            }
+            all
+        }
+    };
+    all.sort();
+    all.dedup();
     let start = match &query.last {
         Some(last) => all.partition_point(|r| r <= last),
         None => 0,

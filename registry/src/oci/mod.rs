@@ -11,4 +11,4 @@ pub mod path;
 pub use digest::{Algorithm, Digest, DigestHasher};
 pub use error::{ErrorCode, OciError};
 pub use name::{Reference, RepositoryName, Tag};
-pub use path::{Kind, Route};
+pub use path::{Addressed, Kind, Route};
