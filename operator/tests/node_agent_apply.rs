@@ -324,7 +324,7 @@ fn crio_dropin_is_written_marked_and_removed_with_the_mirror() {
     let file = conf.join("50-cachalot-cachalot-hub.conf");
     let text = fs::read_to_string(&file).unwrap();
     assert_eq!(parse_marker(&text).unwrap().mirror, MIRROR);
-    assert!(text.contains("location = \"10.96.0.12:5000\""));
+    assert!(text.contains("location = \"10.96.0.12:5000/docker.io\""));
     assert_eq!(
         fs::read_dir(node.certs()).unwrap().count(),
         0,

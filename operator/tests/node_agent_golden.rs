@@ -1,5 +1,7 @@
 //! Golden tests of the node agent's rendering: the exact `hosts.toml` (and CRI-O drop-in) text
-//! for each supported shape, and the directory each lands in.
+//! for each supported shape, and the directory each lands in; and its containerd checks over
+//! whole config files (`tests/golden/containerd/`: the real `containerd config default` of the
+//! containerd 1.6 installed here, and an abridged containerd 2.x default).
 //!
 //! The expected files live in `tests/golden/node_agent/`. After an intended change, regenerate
 //! them with `UPDATE_GOLDEN=1 cargo nextest run -p cachalot-operator --test node_agent_golden`
@@ -9,8 +11,11 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use cachalot_operator::node_agent::containerd::{check_containerd_config, is_blocking};
 use cachalot_operator::node_agent::plan::{reconcile_node, Action, Observed};
-use cachalot_operator::node_agent::protocol::{DesiredRegistry, DesiredState, Fallback, Runtime};
+use cachalot_operator::node_agent::protocol::{
+    DesiredRegistry, DesiredState, Fallback, Reason, Runtime,
+};
 use cachalot_operator::node_agent::render::{render_crio_dropin, render_hosts_toml};
 
 fn golden_path(name: &str) -> PathBuf {
@@ -227,5 +232,100 @@ fn host_namespace_directories_are_named_after_the_registry_with_port_kept() {
             "registry.local:5000/hosts.toml",
             "_default/hosts.toml"
         ]
+    );
+}
+
+fn containerd_fixture(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/containerd")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn containerd_reasons(text: &str, expected_dir: Option<&str>) -> Vec<Reason> {
+    check_containerd_config(text, expected_dir)
+        .problems
+        .iter()
+        .map(|p| p.reason)
+        .collect()
+}
+
+/// `containerd config default` of the real containerd 1.6 installed here: `config_path` is empty,
+/// so hosts.toml is never read; with it set (the documented fix) nothing is left to report.
+#[test]
+fn containerd_1_6_default_config_needs_config_path_and_the_message_says_how() {
+    let default = containerd_fixture("1.6-default.toml");
+    let status = check_containerd_config(&default, Some("/etc/containerd/certs.d"));
+    assert_eq!(status.config_version, Some(2));
+    assert_eq!(
+        containerd_reasons(&default, Some("/etc/containerd/certs.d")),
+        [Reason::ConfigPathNotSet]
+    );
+    let message = &status.problems[0].message;
+    assert!(
+        message.contains("Fix: config_path = \"/etc/containerd/certs.d\""),
+        "{message}"
+    );
+    let fixed = default.replace(
+        "config_path = \"\"",
+        "config_path = \"/etc/containerd/certs.d\"",
+    );
+    assert_eq!(
+        containerd_reasons(&fixed, Some("/etc/containerd/certs.d")),
+        []
+    );
+    // A list works with 1.x's CRI: reported, never blocking.
+    let list = default.replace(
+        "config_path = \"\"",
+        "config_path = \"/etc/containerd/certs.d:/etc/docker/certs.d\"",
+    );
+    let status = check_containerd_config(&list, Some("/etc/containerd/certs.d"));
+    assert_eq!(
+        status.problems.iter().map(|p| p.reason).collect::<Vec<_>>(),
+        [Reason::ConfigPathList]
+    );
+    assert!(!is_blocking(&status.problems[0], status.config_version));
+}
+
+/// containerd 2.x (config v3): the key moved to the images plugin; a `:`-list (as EKS AMIs ship)
+/// is ignored by the transfer-service pull unless the local pull is chosen.
+#[test]
+fn containerd_2_x_config_with_a_list_blocks_unless_local_image_pull_is_set() {
+    let default = containerd_fixture("2.x-default-abridged.toml");
+    assert_eq!(
+        containerd_reasons(&default, Some("/etc/containerd/certs.d")),
+        [Reason::ConfigPathNotSet]
+    );
+    let set = |value: &str| {
+        default.replacen(
+            "    [plugins.'io.containerd.cri.v1.images'.registry]\n      config_path = ''",
+            &format!("    [plugins.'io.containerd.cri.v1.images'.registry]\n      config_path = '{value}'"),
+            1,
+        )
+    };
+    assert_eq!(
+        containerd_reasons(
+            &set("/etc/containerd/certs.d"),
+            Some("/etc/containerd/certs.d")
+        ),
+        []
+    );
+    let list = set("/etc/containerd/certs.d:/etc/docker/certs.d");
+    let status = check_containerd_config(&list, Some("/etc/containerd/certs.d"));
+    assert_eq!(
+        status.problems.iter().map(|p| p.reason).collect::<Vec<_>>(),
+        [Reason::ConfigPathList]
+    );
+    assert!(is_blocking(&status.problems[0], status.config_version));
+    assert!(status.problems[0]
+        .message
+        .contains("use_local_image_pull = true"));
+    let local = list.replace(
+        "use_local_image_pull = false",
+        "use_local_image_pull = true",
+    );
+    assert_eq!(
+        containerd_reasons(&local, Some("/etc/containerd/certs.d")),
+        []
     );
 }

@@ -29,6 +29,23 @@ fn lookup<'a>(table: &'a Table, path: &[&str]) -> Option<&'a Value> {
     lookup(value.as_table()?, rest)
 }
 
+/// Whether containerd 2.x's CRI pulls with the local client (which reads `config_path` as a list)
+/// rather than the transfer service (one directory): `use_local_image_pull = true`, or
+/// `discard_unpacked_layers = true`, which the transfer service does not support and which makes
+/// containerd fall back to the local pull (containerd issue 12415). Other settings that force the
+/// fallback are not inspected.
+fn local_image_pull(table: &Table) -> bool {
+    let images =
+        lookup(table, &["plugins", "io.containerd.cri.v1.images"]).and_then(Value::as_table);
+    let flag = |name: &str| {
+        images
+            .and_then(|t| t.get(name))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    };
+    flag("use_local_image_pull") || flag("discard_unpacked_layers")
+}
+
 fn problem(reason: Reason, message: String) -> Problem {
     Problem { reason, message }
 }
@@ -73,16 +90,35 @@ pub fn check_containerd_config(text: &str, expected_dir: Option<&str>) -> Contai
         } else {
             ""
         };
+        let dir = expected_dir.unwrap_or("/etc/containerd/certs.d");
         problems.push(problem(
             Reason::ConfigPathNotSet,
-            format!("containerd config version {version}: {key}.config_path is not set, so certs.d is never read{hint}"),
+            format!(
+                "containerd config version {version}: {key}.config_path is not set, so certs.d is \
+                 never read{hint}. Fix: config_path = {dir:?} under [{key}], then restart containerd"
+            ),
         ));
+    } else if config_path.contains(':') && version >= 3 {
+        // The local pull of containerd 2.x reads the list like 1.x does: nothing to report then.
+        if !local_image_pull(&table) {
+            let single = expected_dir.unwrap_or("/etc/containerd/certs.d");
+            problems.push(problem(
+                Reason::ConfigPathList,
+                format!(
+                    "{key}.config_path = {config_path:?} is a ':'-separated list, and containerd \
+                     2.1+ pulls through the transfer service (use_local_image_pull is not set), \
+                     which takes config_path as one directory: no hosts.toml is read. Fix: \
+                     config_path = {single:?}, or use_local_image_pull = true in \
+                     [plugins.\"io.containerd.cri.v1.images\"]"
+                ),
+            ));
+        }
     } else if config_path.contains(':') {
         problems.push(problem(
             Reason::ConfigPathList,
             format!(
-                "{key}.config_path = {config_path:?} is a ':'-separated list; containerd 2.x transfer \
-                 mode uses a single directory"
+                "{key}.config_path = {config_path:?} is a ':'-separated list; containerd 1.x reads \
+                 it as a list, containerd 2.1+'s transfer service would take it as one directory"
             ),
         ));
     } else if let Some(expected) = expected_dir {
@@ -127,7 +163,8 @@ pub fn check_containerd_config(text: &str, expected_dir: Option<&str>) -> Contai
 }
 
 /// Whether a problem keeps the node from using the mirror. A `:`-list still works with the CRI
-/// plugin of containerd 1.x (config v2), so it only blocks from v3 on.
+/// plugin of containerd 1.x (config v2), so it only blocks from v3 on (where it is reported only
+/// when the transfer service pulls, see [`check_containerd_config`]).
 #[must_use]
 pub fn is_blocking(problem: &Problem, config_version: Option<i64>) -> bool {
     match problem.reason {
@@ -189,6 +226,25 @@ mod tests {
             [Reason::ConfigPathList, Reason::ConfigPathMismatch]
         );
         assert!(is_blocking(&s.problems[0], s.config_version));
+        assert!(s.problems[0]
+            .message
+            .contains("use_local_image_pull = true"));
+        assert!(s.problems[0].message.contains("config_path = \"/other\""));
+    }
+
+    #[test]
+    fn a_colon_list_on_v3_with_local_image_pull_is_read_as_a_list_and_not_reported() {
+        for flag in ["use_local_image_pull", "discard_unpacked_layers"] {
+            let text = format!(
+                "version = 3\n[plugins.\"io.containerd.cri.v1.images\"]\n{flag} = true\n\
+                 [plugins.\"io.containerd.cri.v1.images\".registry]\n\
+                 config_path = \"/etc/containerd/certs.d:/etc/docker/certs.d\"\n"
+            );
+            let s = check_containerd_config(&text, Some("/etc/containerd/certs.d"));
+            assert_eq!(reasons(&s), [], "{flag}");
+            let s = check_containerd_config(&text.replace("true", "false"), None);
+            assert_eq!(reasons(&s), [Reason::ConfigPathList], "{flag} = false");
+        }
     }
 
     #[test]
