@@ -1003,9 +1003,15 @@ impl Proxy {
     }
 }
 
-/// When the owner replica that answered `response` last confirmed the tag (its
-/// `X-Cachalot-Checked-At`, never in the future); `None` for an upstream's answer.
+/// When the tag `response` answers for was last confirmed upstream, when a cachalot answered:
+/// the owner replica's `X-Cachalot-Checked-At` (same cluster), or now minus the parent's `Age`
+/// (a hub in another cluster, whose clock may differ), never in the future; `None` for an
+/// upstream's answer (confirmed now).
 fn peer_checked_at(upstream: &Upstream, response: &reqwest::Response) -> Option<u64> {
+    if upstream.answered_by_parent(response) {
+        let age = crate::fleet::age_secs(response.headers(), http::header::AGE.as_str())?;
+        return Some(crate::fleet::dated_back(now_secs(), age));
+    }
     if !upstream.answered_by_peer(response) {
         return None;
     }
