@@ -3,9 +3,11 @@
 //! Layering, from the edge inwards: `api` (HTTP routing and responses) → `proxy` (pull-through
 //! logic: freshness, single-flight, stale-if-error) → `upstream` (remote registries, auth, budget,
 //! circuit) and `store` (content-addressed disk cache). `oci` holds the pure protocol vocabulary,
-//! `config` the startup configuration, `telemetry` the metrics and stats.
+//! `config` the startup configuration, `telemetry` the metrics and stats, `client` the admin
+//! commands (`warm`, `purge`, `stats`) run against a running mirror.
 
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod oci;
 pub mod proxy;
