@@ -510,3 +510,115 @@ async fn stats_prints_a_summary_of_the_running_mirror() {
         run.stderr
     );
 }
+
+#[tokio::test]
+async fn with_a_shared_tier_a_purge_removes_the_bucket_objects_too_and_keeps_shared_blobs() {
+    use cachalot_registry::config::S3Config;
+    use cachalot_registry::store::shared::SharedStore;
+    use cachalot_testkit::s3::{garage_binary, Garage};
+
+    let skip = garage_binary().err().map(|e| e.to_string());
+    if !cachalot_testkit::prerequisites::run_or_skip(
+        "with_a_shared_tier_a_purge_removes_the_bucket_objects_too_and_keeps_shared_blobs",
+        skip,
+    ) {
+        return;
+    }
+    let garage = Garage::start().await.unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let (id, secret) = (keys.path().join("key-id"), keys.path().join("secret"));
+    std::fs::write(&id, garage.access_key_id()).unwrap();
+    std::fs::write(&secret, garage.secret_access_key()).unwrap();
+    let s3 = S3Config {
+        endpoint: Some(garage.endpoint()),
+        bucket: garage.bucket().to_owned(),
+        region: Some(garage.region().to_owned()),
+        prefix: "mirrors/purge/".into(),
+        access_key_id_file: Some(id),
+        secret_access_key_file: Some(secret),
+        local_cache_max_size_bytes: None,
+        eviction_grace: None,
+        owner: "test/purge".into(),
+    };
+    let config_s3 = s3.clone();
+    let rig = Rig::start_with(move |c| {
+        c.storage.s3 = Some(config_s3);
+        c.registries.get_mut("docker.io").unwrap().freshness =
+            vec![fresh_for("*", Duration::from_secs(3600))];
+    })
+    .await;
+    let a = docker_image(1450, &[MIB, MIB / 2]).unwrap();
+    let b = docker_image(1450, &[MIB]).unwrap();
+    let shared = a.layers()[0].digest.clone();
+    assert_eq!(b.layers()[0].digest, shared, "the images share a layer");
+    rig.push("library/a", "1", &a).await;
+    rig.push("library/b", "1", &b).await;
+    let url = rig.cachalot.url();
+    pull_verified(&url, "library/a", &a).await;
+    pull_verified(&url, "library/b", &b).await;
+
+    let bucket = SharedStore::from_config(&s3).unwrap();
+    let repo_b: cachalot_registry::oci::RepositoryName = "library/b".parse().unwrap();
+    let tag: cachalot_registry::oci::Tag = "1".parse().unwrap();
+    common::eventually(Duration::from_secs(30), "both images in the bucket", || {
+        let (bucket, a, b, repo_b, tag) = (&bucket, &a, &b, &repo_b, &tag);
+        async move {
+            let mut all = bucket
+                .read_tag("docker.io", repo_b, tag)
+                .await
+                .unwrap()
+                .is_some();
+            for img in [a, b] {
+                let digest = img.manifest_digest.parse().unwrap();
+                all &= bucket.read_manifest(&digest).await.unwrap().is_some();
+                for blob in img.all_blobs() {
+                    let digest = blob.digest.parse().unwrap();
+                    all &= bucket.blob_size(&digest).await.unwrap() == Some(blob.size);
+                }
+            }
+            all
+        }
+    })
+    .await;
+
+    let run = cli(&[
+        "purge",
+        "--server",
+        &url,
+        &format!("a@{}", a.manifest_digest),
+    ])
+    .await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let digest = |d: &str| d.parse::<cachalot_registry::oci::Digest>().unwrap();
+    assert!(bucket
+        .read_manifest(&digest(&a.manifest_digest))
+        .await
+        .unwrap()
+        .is_none());
+    for own in [&a.config().unwrap().digest, &a.layers()[1].digest] {
+        assert_eq!(bucket.blob_size(&digest(own)).await.unwrap(), None, "{own}");
+    }
+    assert!(bucket.blob_size(&digest(&shared)).await.unwrap().is_some());
+    assert!(bucket
+        .read_manifest(&digest(&b.manifest_digest))
+        .await
+        .unwrap()
+        .is_some());
+
+    let run = cli(&["purge", "--server", &url, "b:1"]).await;
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(bucket
+        .read_tag("docker.io", &repo_b, &tag)
+        .await
+        .unwrap()
+        .is_none());
+
+    // Neither the disk nor the bucket has them now: the upstream is asked again.
+    rig.faults().reset_counts();
+    pull_verified(&url, "library/a", &a).await;
+    assert_eq!(rig.faults().counts().get("GET", Kind::Manifest), 1);
+    assert_eq!(rig.faults().counts().get("GET", Kind::Blob), 2);
+    let r = get_manifest(&url, "library/b", "1").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(rig.faults().counts().get("GET", Kind::Manifest), 2);
+}
