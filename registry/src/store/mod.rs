@@ -824,6 +824,38 @@ mod tests {
         digest
     }
 
+    #[test]
+    fn removed_content_leaves_the_disk_and_the_size_accounting_and_a_second_removal_finds_nothing()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let digest = cache_image(&store, "library/gone", "1", "g", 100);
+        let manifest = store.read_manifest(&digest).unwrap().unwrap();
+        let before = store.index().total_size();
+        assert_eq!(store.manifest_digests(), vec![digest.clone()]);
+
+        let layer = Digest::sha256_of(&b"g".repeat(100));
+        assert_eq!(store.remove_blob(&layer).unwrap(), Some(100));
+        assert_eq!(
+            store.remove_manifest(&digest).unwrap(),
+            Some(manifest.bytes.len() as u64)
+        );
+        assert_eq!(
+            store.index().total_size(),
+            before - 100 - manifest.bytes.len() as u64
+        );
+        assert!(store.read_manifest(&digest).unwrap().is_none());
+        assert!(store.blob_size(&layer).is_none());
+        assert!(store.manifest_digests().is_empty());
+        assert_eq!(store.remove_blob(&layer).unwrap(), None);
+        assert_eq!(store.remove_manifest(&digest).unwrap(), None);
+
+        let (name, tag) = ("library/gone".parse().unwrap(), "1".parse().unwrap());
+        assert!(store.remove_tag("docker.io", &name, &tag).unwrap());
+        assert!(store.read_tag("docker.io", &name, &tag).unwrap().is_none());
+        assert!(!store.remove_tag("docker.io", &name, &tag).unwrap());
+    }
+
     /// A store bounded at `max` bytes whose docker.io pins `pin`.
     fn pinning_store(dir: &Path, max: u64, pin: &str) -> Store {
         let mut config = Config::default();
