@@ -4,9 +4,11 @@
 //! logic: freshness, single-flight, stale-if-error) → `upstream` (remote registries, auth, budget,
 //! circuit) and `store` (content-addressed disk cache). `oci` holds the pure protocol vocabulary,
 //! `config` the startup configuration, `telemetry` the metrics and stats, `fleet` what a hub and
-//! its spokes tell each other.
+//! its spokes tell each other, `client` the admin commands (`warm`, `purge`, `stats`) run against a
+//! running mirror.
 
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod fleet;
 pub mod oci;

@@ -1,9 +1,11 @@
-//! `cachalot-registry` binary: parses the command line, loads the config and runs the server.
-//! All logic lives in the library.
+//! `cachalot-registry` binary: parses the command line, then runs the server (`serve`) or one
+//! admin command against a running mirror (`warm`, `purge`, `stats`). All logic lives in the
+//! library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use cachalot_registry::client;
 use cachalot_registry::config::{Config, Overrides};
 use cachalot_registry::server::{self, Server};
 use clap::{Parser, Subcommand};
@@ -40,17 +42,74 @@ enum Command {
         #[arg(long, env = "CACHALOT_CLUSTER_SELF", value_name = "URL")]
         cluster_self: Option<String>,
     },
+    /// Pre-fetch images into a running mirror (all platforms, or --platform); non-zero exit when
+    /// any image failed.
+    Warm {
+        /// The mirror's admin address.
+        #[arg(long, env = "CACHALOT_SERVER", default_value = client::DEFAULT_SERVER)]
+        server: String,
+        /// Images as you would pull them (`nginx:stable`, `ghcr.io/org/app@sha256:…`).
+        #[arg(value_name = "REF", required_unless_present = "file")]
+        refs: Vec<String>,
+        /// A file of references, one a line (`#` comments).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Only this platform of a multi-platform image: os/arch[/variant].
+        #[arg(long)]
+        platform: Option<String>,
+    },
+    /// Drop a tag, or a manifest (by digest) and the blobs no other cached manifest uses.
+    Purge {
+        /// The mirror's admin address.
+        #[arg(long, env = "CACHALOT_SERVER", default_value = client::DEFAULT_SERVER)]
+        server: String,
+        /// The tag or digest reference to drop.
+        #[arg(value_name = "REF")]
+        reference: String,
+    },
+    /// Print a summary of a running mirror.
+    Stats {
+        /// The mirror's admin address.
+        #[arg(long, env = "CACHALOT_SERVER", default_value = client::DEFAULT_SERVER)]
+        server: String,
+    },
+}
+
+/// Runs an admin command on a small runtime.
+fn admin(command: impl std::future::Future<Output = u8>) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => ExitCode::from(runtime.block_on(command)),
+        Err(e) => {
+            eprintln!("cachalot-registry: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Serve {
-        config,
-        listen,
-        storage,
-        upstreams,
-        cluster_self,
-    } = cli.command;
+    let (config, listen, storage, upstreams, cluster_self) = match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            storage,
+            upstreams,
+            cluster_self,
+        } => (config, listen, storage, upstreams, cluster_self),
+        Command::Warm {
+            server,
+            refs,
+            file,
+            platform,
+        } => return admin(client::run_warm(&server, refs, file.as_deref(), platform)),
+        Command::Purge { server, reference } => {
+            return admin(client::run_purge(&server, &reference))
+        }
+        Command::Stats { server } => return admin(client::run_stats(&server)),
+    };
     let overrides = Overrides {
         listen,
         storage,

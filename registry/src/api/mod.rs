@@ -1,9 +1,11 @@
-//! The HTTP surface: the distribution pull API, plus `/metrics`, `/stats`, `/healthz`, `/readyz`.
+//! The HTTP surface: the distribution pull API, plus `/metrics`, `/stats`, `/healthz`, `/readyz`
+//! and the admin endpoints (`admin`).
 //!
 //! Every distribution request is parsed once into a typed [`Route`]; every error leaves through
 //! [`OciError`]. `ns` selects the upstream from the configured allowlist and is never used to
 //! build a URL to anywhere else.
 
+pub mod admin;
 pub mod range;
 
 use std::sync::Arc;
@@ -41,6 +43,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/stats", get(stats))
+        .merge(admin::routes())
         .fallback(distribution)
         .with_state(state)
 }

@@ -10,5 +10,5 @@ pub mod path;
 
 pub use digest::{Algorithm, Digest, DigestHasher};
 pub use error::{ErrorCode, OciError};
-pub use name::{Reference, RepositoryName, Tag};
+pub use name::{ImageRef, ParseImageRefError, Reference, RepositoryName, Tag};
 pub use path::{Addressed, Kind, Route};

@@ -3,6 +3,10 @@
 //! A repository name becomes a directory path in the store, so the grammar is enforced strictly:
 //! lowercase path components separated by single `/`, each `[a-z0-9]+` joined by `.`, `_`, `__` or
 //! runs of `-`. That grammar already excludes `..`, empty components and absolute paths.
+//!
+//! [`ImageRef`] parses an image reference as users write it (`nginx:stable`,
+//! `ghcr.io/org/app@sha256:…`), with Docker's defaults: no registry host means `docker.io`, a
+//! one-component Docker Hub name gets `library/`, no tag means `latest`.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -189,6 +193,98 @@ impl fmt::Display for Reference {
     }
 }
 
+/// An image reference as users write it, resolved to the mirrored registry, the repository as
+/// that registry knows it, and a tag or digest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ImageRef {
+    /// The registry host as configured (`docker.io`, `ghcr.io`, `registry.local:5000`).
+    pub registry: String,
+    pub repository: RepositoryName,
+    pub reference: Reference,
+}
+
+/// Why an image reference was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseImageRefError {
+    #[error("image reference is empty")]
+    Empty,
+    #[error("`{text}` is not an image reference: {source}")]
+    Invalid {
+        text: String,
+        #[source]
+        source: ParseNameError,
+    },
+}
+
+impl FromStr for ImageRef {
+    type Err = ParseImageRefError;
+
+    /// Splits like containerd and the docker CLI: a first component with a `.` or `:`, or
+    /// `localhost`, is the registry host; a `:` after the last `/` starts the tag; `@` starts a
+    /// digest (which wins over a tag written before it).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let text = s.trim();
+        if text.is_empty() {
+            return Err(ParseImageRefError::Empty);
+        }
+        let invalid = |source| ParseImageRefError::Invalid {
+            text: text.chars().take(128).collect(),
+            source,
+        };
+        let (name, digest) = match text.split_once('@') {
+            Some((n, d)) => (n, Some(d)),
+            None => (text, None),
+        };
+        let (name, tag) = match name.rfind(':') {
+            Some(i) if !name[i..].contains('/') => (&name[..i], Some(&name[i + 1..])),
+            _ => (name, None),
+        };
+        let (registry, path) = match name.split_once('/') {
+            Some((first, rest))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                (first, rest)
+            }
+            _ => (crate::config::DOCKER_HUB, name),
+        };
+        let registry = if registry == "index.docker.io" {
+            crate::config::DOCKER_HUB
+        } else {
+            registry
+        };
+        let repository = normalise_repository(registry, path)
+            .parse::<RepositoryName>()
+            .map_err(invalid)?;
+        let reference = match (digest, tag) {
+            (Some(d), _) => Reference::Digest(
+                d.parse()
+                    .map_err(|e| invalid(ParseNameError::BadDigest(e)))?,
+            ),
+            (None, Some(t)) => Reference::Tag(t.parse().map_err(invalid)?),
+            (None, None) => Reference::Tag(Tag("latest".to_owned())),
+        };
+        Ok(ImageRef {
+            registry: registry.to_owned(),
+            repository,
+            reference,
+        })
+    }
+}
+
+impl fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sep = match self.reference {
+            Reference::Tag(_) => ':',
+            Reference::Digest(_) => '@',
+        };
+        write!(
+            f,
+            "{}/{}{sep}{}",
+            self.registry, self.repository, self.reference
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -253,5 +349,48 @@ mod tests {
             Ok(Reference::Tag(_))
         ));
         assert!("md5:00".parse::<Reference>().is_err());
+    }
+
+    #[test]
+    fn image_references_get_docker_defaults_and_keep_explicit_hosts() {
+        let r: ImageRef = "nginx".parse().unwrap();
+        assert_eq!(r.to_string(), "docker.io/library/nginx:latest");
+        let r: ImageRef = "nginx:stable".parse().unwrap();
+        assert_eq!(
+            (
+                r.registry.as_str(),
+                r.repository.as_str(),
+                r.reference.to_string().as_str()
+            ),
+            ("docker.io", "library/nginx", "stable")
+        );
+        let r: ImageRef = "bitnami/redis:7".parse().unwrap();
+        assert_eq!(r.to_string(), "docker.io/bitnami/redis:7");
+        let r: ImageRef = "index.docker.io/redis".parse().unwrap();
+        assert_eq!(r.to_string(), "docker.io/library/redis:latest");
+        let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let r: ImageRef = format!("ghcr.io/org/app@{d}").parse().unwrap();
+        assert_eq!(r.registry, "ghcr.io");
+        assert_eq!(r.repository.as_str(), "org/app");
+        assert!(matches!(r.reference, Reference::Digest(_)));
+        let r: ImageRef = format!("ghcr.io/org/app:1.0@{d}").parse().unwrap();
+        assert_eq!(r.to_string(), format!("ghcr.io/org/app@{d}"));
+        let r: ImageRef = "localhost:5000/team/app:v2".parse().unwrap();
+        assert_eq!(r.registry, "localhost:5000");
+        assert_eq!(r.repository.as_str(), "team/app");
+        let r: ImageRef = "localhost/app".parse().unwrap();
+        assert_eq!(r.registry, "localhost");
+    }
+
+    #[test]
+    fn malformed_image_references_are_refused_with_the_reason() {
+        assert_eq!("  ".parse::<ImageRef>(), Err(ParseImageRefError::Empty));
+        for bad in ["Nginx", "nginx:", "nginx@sha256:zz", "ghcr.io/", "a//b:1"] {
+            let e = bad.parse::<ImageRef>().unwrap_err();
+            assert!(
+                e.to_string().contains("is not an image reference"),
+                "{bad}: {e}"
+            );
+        }
     }
 }

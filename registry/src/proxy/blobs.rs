@@ -170,6 +170,11 @@ impl Flight {
         }
     }
 
+    /// Bytes written to the cache so far (progress of a warm).
+    pub fn written(&self) -> u64 {
+        self.progress.borrow().written
+    }
+
     /// The blob's size, once the upstream announced it or the body ended.
     pub fn size(&self) -> Option<u64> {
         self.progress.borrow().header.as_ref().and_then(|h| h.size)

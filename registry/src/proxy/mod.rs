@@ -9,14 +9,17 @@
 //! a cached tag is served and counted as stale. A request for a cached tag waits for its
 //! revalidation at most `upstream.revalidateWait` (counted from the HEAD's start), then is served
 //! stale while the HEAD finishes in the background. Upstream 404s are remembered for a while
-//! (the negative cache), and `tags/list` is cached whole and paginated here.
+//! (the negative cache), and `tags/list` is cached whole and paginated here. `warm` pre-fetches
+//! images through these same paths; `purge` removes them again.
 
 pub mod blobs;
 pub mod flight;
 pub mod freshness;
 pub mod negative;
+pub mod purge;
 pub mod shared;
 pub mod tags;
+pub mod warm;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -252,6 +252,15 @@ impl Index {
         }
     }
 
+    /// Forgets a file that was removed on purpose (a purge); returns the size it was counted with.
+    pub(super) fn remove(&self, path: &Path) -> Option<u64> {
+        let key = Key::of(&self.root, path);
+        let mut inner = lock(&self.inner);
+        let entry = inner.entries.remove(&key)?;
+        inner.total -= entry.size;
+        Some(entry.size)
+    }
+
     /// Writes the last uses noted since the previous flush as the files' modification times. The
     /// list is taken under the lock (no I/O there); the files are updated after releasing it, so
     /// hits never wait for the disk. A file evicted meanwhile is skipped.

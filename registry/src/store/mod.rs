@@ -78,6 +78,11 @@ pub enum StoreError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("cannot remove {path}: {source}")]
+    Remove {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot compile the pins: {0}")]
     Pins(#[source] ConfigError),
 }
@@ -191,6 +196,18 @@ fn create_dir(path: &Path) -> Result<(), StoreError> {
         path: path.to_owned(),
         source,
     })
+}
+
+/// Removes `path`; false when it was not there.
+fn remove_file_if_present(path: &Path) -> Result<bool, StoreError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(StoreError::Remove {
+            path: path.to_owned(),
+            source,
+        }),
+    }
 }
 
 /// Writes `bytes` to `path` through a temporary sibling and a rename; fsyncs when `durable`.
@@ -565,6 +582,70 @@ impl Store {
         manifests.chain(blobs).collect()
     }
 
+    /// Removes a tag record (a purge); false when there was none.
+    pub fn remove_tag(
+        &self,
+        registry: &str,
+        name: &RepositoryName,
+        tag: &Tag,
+    ) -> Result<bool, StoreError> {
+        remove_file_if_present(&self.tag_path(registry, name, tag))
+    }
+
+    /// Removes a cached manifest and its media type (a purge); the bytes freed, `None` when it
+    /// was not cached. A reader that opened it already finishes from its open file.
+    pub fn remove_manifest(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let path = self.manifest_path(digest);
+        let size = std::fs::metadata(&path).map(|m| m.len()).ok();
+        // The manifest goes first: a `.type` left alone by a crash is removed at the next start.
+        let removed = remove_file_if_present(&path)?;
+        remove_file_if_present(&path.with_extension("type"))?;
+        self.index.remove(&path);
+        Ok(removed.then_some(size.unwrap_or(0)))
+    }
+
+    /// Removes a cached blob (a purge); the bytes freed, `None` when it was not cached. A reader
+    /// that opened it already finishes from its open file.
+    pub fn remove_blob(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let path = self.blob_path(digest);
+        let size = std::fs::metadata(&path).map(|m| m.len()).ok();
+        let removed = remove_file_if_present(&path)?;
+        self.index.remove(&path);
+        Ok(removed.then_some(size.unwrap_or(0)))
+    }
+
+    /// The digests of every complete cached manifest (sha256; other algorithms are not listed).
+    pub fn manifest_digests(&self) -> Vec<Digest> {
+        let Ok(entries) = std::fs::read_dir(self.root.join("manifests").join("sha256")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name();
+                let hex = name.to_str()?;
+                if hex.ends_with(".type") {
+                    return None;
+                }
+                format!("sha256:{hex}").parse().ok()
+            })
+            .collect()
+    }
+
+    /// A cached manifest's bytes for a reference walk, without touching its LRU position.
+    pub fn manifest_untouched(&self, digest: &Digest) -> Option<pinning::ManifestBytes> {
+        self.manifest_for_walk(digest)
+    }
+
+    /// What the pins in force protect right now (manifests and blobs, by digest).
+    pub fn pinned_content(&self) -> pinning::Protected {
+        let pins = self.current_pins();
+        if pins.is_empty() {
+            return pinning::Protected::default();
+        }
+        pinning::protected_content(self.pinned_roots(&pins), |d| self.manifest_for_walk(d))
+    }
+
     /// The pins in force now: the configured ones and the pin file's last good set.
     pub fn current_pins(&self) -> PinRules {
         let mut pins = self.pins.clone();
@@ -741,6 +822,38 @@ mod tests {
         store.write_tag("docker.io", &name, &tag, &record).unwrap();
         store.note_repository("docker.io", &name).unwrap();
         digest
+    }
+
+    #[test]
+    fn removed_content_leaves_the_disk_and_the_size_accounting_and_a_second_removal_finds_nothing()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), None).unwrap();
+        let digest = cache_image(&store, "library/gone", "1", "g", 100);
+        let manifest = store.read_manifest(&digest).unwrap().unwrap();
+        let before = store.index().total_size();
+        assert_eq!(store.manifest_digests(), vec![digest.clone()]);
+
+        let layer = Digest::sha256_of(&b"g".repeat(100));
+        assert_eq!(store.remove_blob(&layer).unwrap(), Some(100));
+        assert_eq!(
+            store.remove_manifest(&digest).unwrap(),
+            Some(manifest.bytes.len() as u64)
+        );
+        assert_eq!(
+            store.index().total_size(),
+            before - 100 - manifest.bytes.len() as u64
+        );
+        assert!(store.read_manifest(&digest).unwrap().is_none());
+        assert!(store.blob_size(&layer).is_none());
+        assert!(store.manifest_digests().is_empty());
+        assert_eq!(store.remove_blob(&layer).unwrap(), None);
+        assert_eq!(store.remove_manifest(&digest).unwrap(), None);
+
+        let (name, tag) = ("library/gone".parse().unwrap(), "1".parse().unwrap());
+        assert!(store.remove_tag("docker.io", &name, &tag).unwrap());
+        assert!(store.read_tag("docker.io", &name, &tag).unwrap().is_none());
+        assert!(!store.remove_tag("docker.io", &name, &tag).unwrap());
     }
 
     /// A store bounded at `max` bytes whose docker.io pins `pin`.
