@@ -121,6 +121,9 @@ fn spawn_cachalot(
             "serve",
             "--listen",
             &format!("127.0.0.1:{port}"),
+            // The bench reads no metrics: the admin listener takes any free port.
+            "--admin-listen",
+            "127.0.0.1:0",
             "--storage",
         ])
         .arg(storage)

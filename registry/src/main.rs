@@ -21,7 +21,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the pull API (docker.io on 0.0.0.0:5000 with ./cachalot-data by default).
+    /// Serve the pull API (docker.io on 0.0.0.0:5000, the admin endpoints on 0.0.0.0:5001, with
+    /// ./cachalot-data by default).
     Serve {
         /// YAML config file (camelCase; unknown fields are errors).
         #[arg(long, env = "CACHALOT_CONFIG")]
@@ -29,6 +30,9 @@ enum Command {
         /// Listen address, overriding the config.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Admin listen address (`/metrics`, `/stats`, `/admin/`), overriding the config.
+        #[arg(long)]
+        admin_listen: Option<std::net::SocketAddr>,
         /// Cache directory, overriding the config.
         #[arg(long)]
         storage: Option<PathBuf>,
@@ -47,12 +51,14 @@ fn main() -> ExitCode {
     let Command::Serve {
         config,
         listen,
+        admin_listen,
         storage,
         upstreams,
         cluster_self,
     } = cli.command;
     let overrides = Overrides {
         listen,
+        admin_listen,
         storage,
         upstreams,
         cluster_self,
@@ -85,6 +91,7 @@ fn main() -> ExitCode {
         };
         tracing::info!(
             listen = %config.listen,
+            admin_listen = %config.admin_listen,
             storage = %config.storage.path.display(),
             registries = ?config.registries.keys().collect::<Vec<_>>(),
             default = %config.default_registry,
