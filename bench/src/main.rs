@@ -67,6 +67,8 @@ struct Args {
 struct Cachalot {
     child: tokio::process::Child,
     url: String,
+    /// The admin listener (`/admin/warm`, `/stats`).
+    admin_url: String,
     _dir: tempfile::TempDir,
 }
 
@@ -74,12 +76,12 @@ impl Cachalot {
     async fn start(binary: &Path, upstream: &str) -> Result<Cachalot> {
         let dir = tempfile::tempdir()?;
         let storage = dir.path().join("cache");
-        let child = spawn_cachalot(binary, upstream, &storage)?;
-        let url = child.1;
+        let (child, url, admin_url) = spawn_cachalot(binary, upstream, &storage)?;
         wait_ready(&url).await?;
         Ok(Cachalot {
-            child: child.0,
+            child,
             url,
+            admin_url,
             _dir: dir,
         })
     }
@@ -109,18 +111,22 @@ impl Cachalot {
     }
 }
 
-/// Starts cachalot-registry on `storage` (not waiting for it) and returns it with its URL.
+/// Starts cachalot-registry on `storage` (not waiting for it) and returns it with its public
+/// and admin URLs.
 fn spawn_cachalot(
     binary: &Path,
     upstream: &str,
     storage: &Path,
-) -> Result<(tokio::process::Child, String)> {
+) -> Result<(tokio::process::Child, String, String)> {
     let port = cachalot_testkit::wait::free_port()?;
+    let admin_port = cachalot_testkit::wait::free_port()?;
     let child = tokio::process::Command::new(binary)
         .args([
             "serve",
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin_port}"),
             "--storage",
         ])
         .arg(storage)
@@ -145,7 +151,11 @@ fn spawn_cachalot(
                 binary.display()
             )
         })?;
-    Ok((child, format!("http://127.0.0.1:{port}")))
+    Ok((
+        child,
+        format!("http://127.0.0.1:{port}"),
+        format!("http://127.0.0.1:{admin_port}"),
+    ))
 }
 
 async fn wait_ready(url: &str) -> Result<()> {
@@ -355,7 +365,7 @@ async fn startup_to_first_hit(
     digest: &str,
 ) -> Result<(f64, f64)> {
     let started = Instant::now();
-    let (mut child, url) = spawn_cachalot(binary, upstream, storage)?;
+    let (mut child, url, _admin) = spawn_cachalot(binary, upstream, storage)?;
     let c = client();
     let blob = format!("{url}/v2/library/any/blobs/{digest}");
     let deadline = started + Duration::from_secs(60);
@@ -598,7 +608,7 @@ async fn warm_run(cachalot: &Path, upstream: &str) -> Result<f64> {
     let cach = Cachalot::start(cachalot, upstream).await?;
     let t = Instant::now();
     let status = tokio::process::Command::new(cachalot)
-        .args(["warm", "--server", &cach.url, "big:latest"])
+        .args(["warm", "--server", &cach.admin_url, "big:latest"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)

@@ -191,6 +191,8 @@ impl Replica {
             .tempdir()?;
         let mut config = Config {
             listen,
+            // Replicas share 127.0.0.1: the admin listener (not read here) takes any free port.
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             cluster,
             ..Config::default()
         };

@@ -21,6 +21,8 @@ use serde_json::{json, Value};
 
 use crate::cluster::{hit_counts, wait_until, Settings, CLEANUP_LABEL};
 
+/// The registry pods' admin port (`/stats`, `/metrics`), as the operator renders it.
+pub const REGISTRY_ADMIN_PORT: u16 = 5001;
 /// Poll interval of the suite's waits.
 pub const POLL: Duration = Duration::from_millis(500);
 /// The field manager of what the suite applies.
@@ -394,8 +396,8 @@ pub async fn node_names(client: &kube::Client) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// `/stats` of every registry pod of mirror `mirror`, through the API server's pod proxy,
-/// summed as (hits, misses).
+/// `/stats` of every registry pod of mirror `mirror`, through the API server's pod proxy to the
+/// pods' admin port, summed as (hits, misses).
 ///
 /// # Errors
 /// When no registry pod exists or one does not answer.
@@ -419,7 +421,7 @@ pub async fn registry_hits_misses(
     }
     for pod in running {
         let name = pod.metadata.name.unwrap_or_default();
-        let path = format!("/api/v1/namespaces/{ns}/pods/{name}:5000/proxy/stats");
+        let path = format!("/api/v1/namespaces/{ns}/pods/{name}:{REGISTRY_ADMIN_PORT}/proxy/stats");
         let request = http::Request::get(path).body(Vec::new())?;
         let text = client
             .request_text(request)

@@ -1346,3 +1346,88 @@ fn docker_nodes_mirror_docker_hub_only() {
         "{err}"
     );
 }
+
+#[test]
+fn the_admin_port_serves_probes_and_metrics_on_the_pods_but_is_on_no_service() {
+    let specs = [
+        serde_json::json!({"registries": [{"name": "docker.io"}]}),
+        serde_json::json!({"registries": [{"name": "docker.io"}],
+                           "service": {"type": "NodePort", "nodePort": 30500}}),
+        serde_json::json!({"registries": [{"name": "docker.io"}], "service": {"type": "NodePort"},
+                           "replicas": 2,
+                           "storage": {"type": "PersistentVolumeClaim", "size": "10Gi"}}),
+        serde_json::json!({"registries": [{"name": "docker.io"}], "replicas": 3,
+                           "service": {"type": "NodePort", "nodePort": 30501},
+                           "storage": {"type": "S3", "maxSize": "200Gi",
+                                       "s3": {"bucket": "cachalot-cache",
+                                              "credentialsSecretRef": {"name": "s"}}}}),
+    ];
+    for spec in specs {
+        let m = mirror(spec.clone());
+        let (v, objs) = build(&m);
+        let objs = objs.unwrap();
+        // The registry is told both addresses; peers keep the public port.
+        let config = if objs.peers_service.is_some() {
+            let config = rendered_config_as(
+                &objs,
+                "http://cachalot-hub-0.cachalot-hub-peers.cachalot.svc:5000",
+            );
+            assert!(
+                config
+                    .cluster
+                    .as_ref()
+                    .unwrap()
+                    .peers
+                    .iter()
+                    .all(|p| p.ends_with(":5000")),
+                "{spec}"
+            );
+            config
+        } else {
+            rendered_config(&objs)
+        };
+        assert_eq!(config.listen, "0.0.0.0:5000".parse().unwrap(), "{spec}");
+        assert_eq!(
+            config.admin_listen,
+            "0.0.0.0:5001".parse().unwrap(),
+            "{spec}"
+        );
+
+        // The container has both ports, named; both probes use the admin one.
+        let c = &pod_spec(&objs).containers[0];
+        let ports: Vec<(&str, i32)> = c
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| (p.name.as_deref().unwrap(), p.container_port))
+            .collect();
+        assert_eq!(ports, [("http", 5000), ("admin", 5001)], "{spec}");
+        for probe in [&c.readiness_probe, &c.liveness_probe] {
+            let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+            assert_eq!(get.port, IntOrString::String("admin".into()), "{spec}");
+        }
+
+        // No Service, whatever its type, reaches the admin port.
+        let services: Vec<&Service> = std::iter::once(&objs.service)
+            .chain(objs.peers_service.as_ref())
+            .collect();
+        for svc in services {
+            let ports = svc.spec.as_ref().unwrap().ports.as_ref().unwrap();
+            assert_eq!(ports.len(), 1, "{spec}");
+            assert_eq!(ports[0].port, 5000, "{spec}");
+            assert_eq!(
+                ports[0].target_port,
+                Some(IntOrString::String("http".into())),
+                "{spec}"
+            );
+        }
+        // Nodes are pointed at the public port (a node port routes to `http`).
+        let applied = service_with_ip("10.96.0.9", Some(31000));
+        let endpoint = node_endpoint(&v, Some(&applied)).unwrap();
+        assert!(
+            endpoint == "http://10.96.0.9:5000" || endpoint.starts_with("http://127.0.0.1:3"),
+            "{spec}: {endpoint}"
+        );
+    }
+}

@@ -456,7 +456,8 @@ async fn new_mirror_gets_finalizer_then_objects_applied_then_ready_status() {
     assert_eq!(
         probed,
         [
-            "http://10.0.0.9:5000/stats",
+            // The registry's admin port, on the pod's IP.
+            "http://10.0.0.9:5001/stats",
             "http://192.168.1.10:9464/status"
         ]
     );

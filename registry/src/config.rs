@@ -20,9 +20,13 @@ pub const DOCKER_HUB_URL: &str = "https://registry-1.docker.io";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
-    /// Address to serve the distribution API, metrics and health endpoints on.
+    /// Address of the public listener: the distribution API (`/v2/`) and the health endpoints.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// Address of the admin listener: `/metrics`, `/stats`, the health endpoints and `/admin/`.
+    /// Its own port, so that who can pull cannot read the figures (or reach admin actions).
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
     /// The registry used for requests without `?ns=`.
     #[serde(default = "default_registry")]
     pub default_registry: String,
@@ -296,6 +300,9 @@ pub struct LogConfig {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 5000))
 }
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 5001))
+}
 fn default_registry() -> String {
     DOCKER_HUB.to_owned()
 }
@@ -335,6 +342,15 @@ fn default_s3_owner() -> String {
 fn default_peer_timeout() -> Duration {
     Duration::from_secs(2)
 }
+/// Whether two listen addresses would claim the same socket: the same port (not 0, which the
+/// kernel picks) on the same address, or on two addresses of which one is a wildcard.
+#[must_use]
+pub fn listeners_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// Default bound of the local read cache in S3 mode.
 pub const DEFAULT_LOCAL_CACHE_MAX_SIZE: u64 = 10 * 1024 * 1024 * 1024;
 fn is_default_last_use_flush_interval(d: &Duration) -> bool {
@@ -345,6 +361,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: default_listen(),
+            admin_listen: default_admin_listen(),
             default_registry: default_registry(),
             storage: StorageConfig::default(),
             parent: None,
@@ -421,6 +438,7 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
     pub storage: Option<PathBuf>,
     /// `REGISTRY=URL` pairs.
     pub upstreams: Vec<String>,
@@ -458,6 +476,9 @@ impl Config {
     fn apply(&mut self, overrides: &Overrides) -> Result<(), ConfigError> {
         if let Some(listen) = overrides.listen {
             self.listen = listen;
+        }
+        if let Some(admin_listen) = overrides.admin_listen {
+            self.admin_listen = admin_listen;
         }
         if let Some(storage) = &overrides.storage {
             self.storage.path = storage.clone();
@@ -533,6 +554,15 @@ impl Config {
 
     /// Checks everything that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if listeners_collide(self.listen, self.admin_listen) {
+            return Err(invalid(
+                "adminListen",
+                format!(
+                    "{} collides with listen ({}): the admin listener needs its own port",
+                    self.admin_listen, self.listen
+                ),
+            ));
+        }
         if !self.registries.contains_key(&self.default_registry) {
             return Err(invalid(
                 "defaultRegistry",
@@ -807,6 +837,7 @@ mod tests {
     fn empty_config_serves_docker_hub_on_port_5000() {
         let c = Config::load(None, &Overrides::default()).unwrap();
         assert_eq!(c.listen.port(), 5000);
+        assert_eq!(c.admin_listen, "0.0.0.0:5001".parse().unwrap());
         assert_eq!(c.default_registry, "docker.io");
         assert_eq!(
             c.registries["docker.io"].url.as_deref(),
@@ -964,9 +995,40 @@ mod tests {
     }
 
     #[test]
+    fn admin_listener_sharing_the_public_address_is_refused() {
+        for yaml in [
+            "listen: 0.0.0.0:6000\nadminListen: 0.0.0.0:6000\n",
+            "listen: 127.0.0.1:6000\nadminListen: 0.0.0.0:6000\n",
+            "listen: 0.0.0.0:5001\n",
+        ] {
+            let err = load_yaml(yaml).unwrap_err();
+            assert!(
+                err.to_string().starts_with("adminListen: ")
+                    && err.to_string().contains("own port"),
+                "{yaml}: {err}"
+            );
+        }
+        for yaml in [
+            "listen: 127.0.0.1:6000\nadminListen: 127.0.0.2:6000\n",
+            "listen: 127.0.0.1:0\nadminListen: 127.0.0.1:0\n",
+            "adminListen: 127.0.0.1:9000\n",
+        ] {
+            load_yaml(yaml).unwrap();
+        }
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:7000".parse().unwrap()),
+            admin_listen: Some("127.0.0.1:7000".parse().unwrap()),
+            ..Overrides::default()
+        };
+        let err = Config::load(None, &overrides).unwrap_err();
+        assert!(err.to_string().contains("adminListen"), "{err}");
+    }
+
+    #[test]
     fn full_config_round_trips_through_yaml() {
         let text = r#"
 listen: 127.0.0.1:5001
+adminListen: 127.0.0.1:5002
 defaultRegistry: docker.io
 storage: { path: /var/lib/cachalot, maxSizeBytes: 1073741824 }
 parent: { url: "http://hub:5000" }

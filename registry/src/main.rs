@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the pull API (docker.io on 0.0.0.0:5000 with ./cachalot-data by default).
+    /// Serve the pull API (docker.io on 0.0.0.0:5000, the admin endpoints on 0.0.0.0:5001, with
+    /// ./cachalot-data by default).
     Serve {
         /// YAML config file (camelCase; unknown fields are errors).
         #[arg(long, env = "CACHALOT_CONFIG")]
@@ -31,6 +32,9 @@ enum Command {
         /// Listen address, overriding the config.
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Admin listen address (`/metrics`, `/stats`, `/admin/`), overriding the config.
+        #[arg(long)]
+        admin_listen: Option<std::net::SocketAddr>,
         /// Cache directory, overriding the config.
         #[arg(long)]
         storage: Option<PathBuf>,
@@ -91,14 +95,22 @@ fn admin(command: impl std::future::Future<Output = u8>) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (config, listen, storage, upstreams, cluster_self) = match cli.command {
+    let (config, listen, admin_listen, storage, upstreams, cluster_self) = match cli.command {
         Command::Serve {
             config,
             listen,
+            admin_listen,
             storage,
             upstreams,
             cluster_self,
-        } => (config, listen, storage, upstreams, cluster_self),
+        } => (
+            config,
+            listen,
+            admin_listen,
+            storage,
+            upstreams,
+            cluster_self,
+        ),
         Command::Warm {
             server,
             refs,
@@ -112,6 +124,7 @@ fn main() -> ExitCode {
     };
     let overrides = Overrides {
         listen,
+        admin_listen,
         storage,
         upstreams,
         cluster_self,
@@ -144,6 +157,7 @@ fn main() -> ExitCode {
         };
         tracing::info!(
             listen = %config.listen,
+            admin_listen = %config.admin_listen,
             storage = %config.storage.path.display(),
             registries = ?config.registries.keys().collect::<Vec<_>>(),
             default = %config.default_registry,

@@ -1,5 +1,6 @@
-//! Process wiring: logging, building the proxy from the config, the accept loop with header
-//! read timeouts, the periodic flush of the cache's last-use times (and, with shared storage,
+//! Process wiring: logging, building the proxy from the config, the two listeners (public: the
+//! pull API; admin: metrics, stats and `/admin/`) served by one accept loop with the same
+//! per-connection settings (header read timeouts), the periodic flush of the cache's last-use times (and, with shared storage,
 //! the shared tier's upkeep), and graceful shutdown on SIGTERM/SIGINT (which flushes them once
 //! more after the last fetch committed).
 
@@ -24,8 +25,12 @@ pub enum ServeError {
     Shared(#[from] crate::store::shared::SharedStoreError),
     #[error("storage.s3: the object storage did not answer within {}s", .0.as_secs())]
     SharedTimeout(Duration),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr} (`{field}`, the {role} listener): {source}")]
     Listen {
+        /// The config field of the address: `listen` or `adminListen`.
+        field: &'static str,
+        /// `public` or `admin`.
+        role: &'static str,
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
@@ -49,10 +54,84 @@ pub fn init_logging(config: &Config) {
 /// A bound, ready-to-serve registry.
 #[derive(Debug)]
 pub struct Server {
+    /// The public listener: the pull API and health.
     listener: TcpListener,
+    /// The admin listener: metrics, stats, health and `/admin/`.
+    admin_listener: TcpListener,
     state: Arc<AppState>,
-    header_read_timeout: Duration,
+    connection: ConnectionSettings,
     last_use_flush_interval: Duration,
+}
+
+/// What every accepted connection is served with, on either listener.
+#[derive(Debug, Clone, Copy)]
+struct ConnectionSettings {
+    header_read_timeout: Duration,
+}
+
+/// Binds one listener, naming it in the error.
+async fn bind_listener(
+    addr: std::net::SocketAddr,
+    field: &'static str,
+    role: &'static str,
+) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Listen {
+            field,
+            role,
+            addr,
+            source,
+        })
+}
+
+/// Accepts connections on `listener` and serves each with `app` until the future is dropped
+/// (at shutdown); the connections themselves are watched by `graceful`.
+async fn accept_loop(
+    listener: &TcpListener,
+    app: axum::Router,
+    settings: ConnectionSettings,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // Typically EMFILE: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        serve_connection(stream, peer, app.clone(), settings, graceful);
+    }
+}
+
+/// The per-connection setup, the same for both listeners: HTTP/1 and HTTP/2, the header read
+/// timeout, upgrades, and graceful shutdown.
+fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    app: axum::Router,
+    settings: ConnectionSettings,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+) {
+    let _ = stream.set_nodelay(true);
+    let service = TowerToHyperService::new(app);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout);
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .into_owned();
+    let conn = graceful.watch(conn);
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
+        }
+    });
 }
 
 /// Writes the cache's last-use times (on the blocking pool: it opens files), logging failures.
@@ -70,7 +149,7 @@ async fn flush_last_use(store: Arc<crate::store::Store>) {
 }
 
 impl Server {
-    /// Builds the proxy and binds the listen address.
+    /// Builds the proxy and binds the public and the admin listen addresses.
     pub async fn bind(config: &Config) -> Result<Server, ServeError> {
         let telemetry = Arc::new(Telemetry::new(config.registries.keys().map(String::as_str)));
         let proxy = Proxy::new(config, Arc::clone(&telemetry))?;
@@ -81,32 +160,37 @@ impl Server {
                 .await
                 .map_err(|_| ServeError::SharedTimeout(SHARED_CHECK_TIMEOUT))??;
         }
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| ServeError::Listen {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = bind_listener(config.listen, "listen", "public").await?;
+        let admin_listener = bind_listener(config.admin_listen, "adminListen", "admin").await?;
         Ok(Server {
             listener,
+            admin_listener,
             state: Arc::new(AppState {
                 proxy,
                 telemetry,
                 default_registry: config.default_registry.clone(),
             }),
-            header_read_timeout: config.server.header_read_timeout,
+            connection: ConnectionSettings {
+                header_read_timeout: config.server.header_read_timeout,
+            },
             last_use_flush_interval: config.storage.last_use_flush_interval,
         })
     }
 
+    /// The public listener's address (the pull API).
     pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         self.listener.local_addr()
     }
 
+    /// The admin listener's address (`/metrics`, `/stats`, `/admin/`).
+    pub fn admin_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.admin_listener.local_addr()
+    }
+
     /// Serves until `shutdown` resolves, then lets open connections finish (bounded).
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let app = api::router(Arc::clone(&self.state));
+        let public = api::public_router(Arc::clone(&self.state));
+        let admin = api::admin_router(Arc::clone(&self.state));
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let store = Arc::clone(&self.state.proxy.inner().store);
         let period = self.last_use_flush_interval;
@@ -130,36 +214,10 @@ impl Server {
                 }
             })
         });
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                accepted = self.listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            // Typically EMFILE: back off briefly instead of spinning.
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let service = TowerToHyperService::new(app.clone());
-                    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    builder
-                        .http1()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(self.header_read_timeout);
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                    let conn = graceful.watch(conn);
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(%peer, error = %e, "connection ended with an error");
-                        }
-                    });
-                }
-                () = &mut shutdown => break,
-            }
+        tokio::select! {
+            () = accept_loop(&self.listener, public, self.connection, &graceful) => {}
+            () = accept_loop(&self.admin_listener, admin, self.connection, &graceful) => {}
+            () = shutdown => {}
         }
         tracing::info!("shutting down; waiting for open connections");
         if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())

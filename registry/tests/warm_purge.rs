@@ -73,8 +73,9 @@ async fn a_warmed_multi_platform_index_is_pulled_all_hits_with_no_upstream_reque
     let img = oci_index(1401, &[MIB, MIB / 2]).unwrap();
     rig.push("library/multi", "1", &img).await;
     let url = rig.cachalot.url();
+    let admin = rig.cachalot.admin_url();
 
-    let run = cli(&["warm", "--server", &url, "multi:1"]).await;
+    let run = cli(&["warm", "--server", &admin, "multi:1"]).await;
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(
         run.stdout
@@ -100,12 +101,12 @@ async fn warming_one_platform_caches_that_platform_only() {
     let rig = rig().await;
     let img = oci_index(1402, &[MIB]).unwrap();
     rig.push("library/multi", "1", &img).await;
-    let url = rig.cachalot.url();
+    let admin = rig.cachalot.admin_url();
 
     let run = cli(&[
         "warm",
         "--server",
-        &url,
+        &admin,
         "--platform",
         "linux/arm64",
         "multi:1",
@@ -138,7 +139,7 @@ async fn warming_one_platform_caches_that_platform_only() {
     let run = cli(&[
         "warm",
         "--server",
-        &url,
+        &admin,
         "--platform",
         "linux/s390x",
         "multi:1",
@@ -168,7 +169,7 @@ async fn a_failing_item_exits_non_zero_and_the_others_still_warm() {
     let run = cli(&[
         "warm",
         "--server",
-        &rig.cachalot.url(),
+        &rig.cachalot.admin_url(),
         "--file",
         list.to_str().unwrap(),
     ])
@@ -201,7 +202,7 @@ async fn a_failing_item_exits_non_zero_and_the_others_still_warm() {
     }
 
     // Bad input is refused before anything is sent, with exit status 2.
-    let run = cli(&["warm", "--server", &rig.cachalot.url(), "Bad:Ref"]).await;
+    let run = cli(&["warm", "--server", &rig.cachalot.admin_url(), "Bad:Ref"]).await;
     assert_eq!(run.code, 2);
     assert!(
         run.stderr.contains("is not an image reference"),
@@ -215,10 +216,10 @@ async fn the_warm_endpoint_streams_start_bytes_done_and_a_summary_and_refuses_ba
     let rig = rig().await;
     let img = docker_image(1405, &[2 * MIB]).unwrap();
     rig.push("library/streamed", "1", &img).await;
-    let url = rig.cachalot.url();
+    let admin = rig.cachalot.admin_url();
 
     let r = client()
-        .post(format!("{url}/admin/warm"))
+        .post(format!("{admin}/admin/warm"))
         .header("content-type", "application/json")
         .body(r#"{"refs":["streamed:1"]}"#)
         .send()
@@ -276,7 +277,7 @@ async fn the_warm_endpoint_streams_start_bytes_done_and_a_summary_and_refuses_ba
         r#"{"refs":["a"],"platform":"x"}"#,
     ] {
         let r = client()
-            .post(format!("{url}/admin/warm"))
+            .post(format!("{admin}/admin/warm"))
             .body(body)
             .send()
             .await
@@ -289,7 +290,7 @@ async fn the_warm_endpoint_streams_start_bytes_done_and_a_summary_and_refuses_ba
         );
     }
     let r = client()
-        .get(format!("{url}/admin/warm"))
+        .get(format!("{admin}/admin/warm"))
         .send()
         .await
         .unwrap();
@@ -316,11 +317,12 @@ async fn warming_stops_at_the_budget_reserve_which_pulls_may_still_spend() {
         retry_after_secs: 60,
     }));
     let url = rig.cachalot.url();
+    let admin = rig.cachalot.admin_url();
 
     let run = cli(&[
         "warm",
         "--server",
-        &url,
+        &admin,
         "budget0:1",
         "budget1:1",
         "budget2:1",
@@ -344,7 +346,7 @@ async fn warming_stops_at_the_budget_reserve_which_pulls_may_still_spend() {
 
     // A warmed image is still warm (cached content costs no budget), and a pull may spend the
     // reserve that warming kept.
-    let run = cli(&["warm", "--server", &url, "budget0:1"]).await;
+    let run = cli(&["warm", "--server", &admin, "budget0:1"]).await;
     assert_eq!(run.code, 0, "{}", run.stdout);
     assert_eq!(
         get_manifest(&url, "library/budget2", "1").await.status(),
@@ -359,9 +361,10 @@ async fn purging_a_tag_makes_the_next_pull_ask_the_upstream_again() {
     let img = docker_image(1420, &[MIB]).unwrap();
     rig.push("library/purged", "1", &img).await;
     let url = rig.cachalot.url();
+    let admin = rig.cachalot.admin_url();
     pull_verified(&url, "library/purged", &img).await;
 
-    let run = cli(&["purge", "--server", &url, "purged:1"]).await;
+    let run = cli(&["purge", "--server", &admin, "purged:1"]).await;
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(
         run.stdout
@@ -388,12 +391,13 @@ async fn purging_a_digest_drops_its_own_blobs_keeps_shared_ones_and_the_next_pul
     rig.push("library/a", "1", &a).await;
     rig.push("library/b", "1", &b).await;
     let url = rig.cachalot.url();
+    let admin = rig.cachalot.admin_url();
     pull_verified(&url, "library/a", &a).await;
     pull_verified(&url, "library/b", &b).await;
     let storage = &rig.cachalot.storage;
 
     let reference = format!("a@{}", a.manifest_digest);
-    let run = cli(&["purge", "--server", &url, &reference]).await;
+    let run = cli(&["purge", "--server", &admin, &reference]).await;
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(
         run.stdout
@@ -444,9 +448,9 @@ async fn purging_a_digest_drops_its_own_blobs_keeps_shared_ones_and_the_next_pul
 #[tokio::test]
 async fn purging_what_is_not_cached_is_a_404_envelope_and_the_cli_exits_non_zero() {
     let rig = rig().await;
-    let url = rig.cachalot.url();
+    let admin = rig.cachalot.admin_url();
     let r = client()
-        .delete(format!("{url}/admin/purge?ref=nothing:here"))
+        .delete(format!("{admin}/admin/purge?ref=nothing:here"))
         .send()
         .await
         .unwrap();
@@ -454,7 +458,7 @@ async fn purging_what_is_not_cached_is_a_404_envelope_and_the_cli_exits_non_zero
     let envelope: serde_json::Value = r.json().await.unwrap();
     assert_eq!(envelope["errors"][0]["code"], "MANIFEST_UNKNOWN");
 
-    let run = cli(&["purge", "--server", &url, "nothing:here"]).await;
+    let run = cli(&["purge", "--server", &admin, "nothing:here"]).await;
     assert_eq!(run.code, 1);
     assert!(
         run.stderr
@@ -462,7 +466,7 @@ async fn purging_what_is_not_cached_is_a_404_envelope_and_the_cli_exits_non_zero
         "{}",
         run.stderr
     );
-    let run = cli(&["purge", "--server", &url, "quay.io/org/app:1"]).await;
+    let run = cli(&["purge", "--server", &admin, "quay.io/org/app:1"]).await;
     assert_eq!(run.code, 1);
     assert!(
         run.stderr
@@ -478,13 +482,15 @@ async fn stats_prints_a_summary_of_the_running_mirror() {
     let img = docker_image(1440, &[MIB]).unwrap();
     rig.push("library/counted", "1", &img).await;
     let url = rig.cachalot.url();
+    let admin = rig.cachalot.admin_url();
     pull_verified(&url, "library/counted", &img).await;
     pull_verified(&url, "library/counted", &img).await;
 
-    let run = cli(&["stats", "--server", &url]).await;
+    let run = cli(&["stats", "--server", &admin]).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(
-        run.stdout.contains(&format!("cachalot-registry at {url}")),
+        run.stdout
+            .contains(&format!("cachalot-registry at {admin}")),
         "{}",
         run.stdout
     );
@@ -554,6 +560,7 @@ async fn with_a_shared_tier_a_purge_removes_the_bucket_objects_too_and_keeps_sha
     rig.push("library/a", "1", &a).await;
     rig.push("library/b", "1", &b).await;
     let url = rig.cachalot.url();
+    let admin = rig.cachalot.admin_url();
     pull_verified(&url, "library/a", &a).await;
     pull_verified(&url, "library/b", &b).await;
 
@@ -584,7 +591,7 @@ async fn with_a_shared_tier_a_purge_removes_the_bucket_objects_too_and_keeps_sha
     let run = cli(&[
         "purge",
         "--server",
-        &url,
+        &admin,
         &format!("a@{}", a.manifest_digest),
     ])
     .await;
@@ -605,7 +612,7 @@ async fn with_a_shared_tier_a_purge_removes_the_bucket_objects_too_and_keeps_sha
         .unwrap()
         .is_some());
 
-    let run = cli(&["purge", "--server", &url, "b:1"]).await;
+    let run = cli(&["purge", "--server", &admin, "b:1"]).await;
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(bucket
         .read_tag("docker.io", &repo_b, &tag)

@@ -55,8 +55,15 @@ use crate::api::{
 };
 use crate::node_agent::protocol::{self, DesiredRegistry, DesiredState};
 
-/// Port the registry listens on inside its pod and on its Service.
+/// Port of the registry's public listener (the pull API) inside its pod and on its Services.
 pub const REGISTRY_PORT: i32 = 5000;
+/// Port of the registry's admin listener (`/metrics`, `/stats`, `/admin/`, and the probes'
+/// health endpoints), container port `admin`. No Service ever carries it: the operator reaches
+/// it on the pods' IPs, Prometheus through the PodMonitor, so a NodePort or External hub never
+/// exposes it.
+pub const REGISTRY_ADMIN_PORT: i32 = 5001;
+/// Name of the registry container's admin port.
+pub const REGISTRY_ADMIN_PORT_NAME: &str = "admin";
 /// Port the node agent serves `/status` on (hostNetwork, so on the node's IP).
 pub const AGENT_PORT: i32 = 9464;
 /// Key of the registry config in its ConfigMap.
@@ -454,7 +461,8 @@ pub fn registry_config(
         );
     }
     let config = RegistryConfigFile {
-        listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+        listen: SocketAddr::from(([0, 0, 0, 0], port_u16(REGISTRY_PORT))),
+        admin_listen: SocketAddr::from(([0, 0, 0, 0], port_u16(REGISTRY_ADMIN_PORT))),
         default_registry: v.default_registry.clone(),
         storage: StorageConfig {
             path: PathBuf::from(STORAGE_DIR),
@@ -727,6 +735,12 @@ fn default_registry_resources() -> ResourceRequirements {
     }
 }
 
+/// A port constant as a socket address port (the constants are small positive numbers).
+const fn port_u16(port: i32) -> u16 {
+    // Invariant: REGISTRY_PORT and REGISTRY_ADMIN_PORT are within 1..=65535.
+    port as u16
+}
+
 fn http_probe(path: &str, port: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -884,16 +898,24 @@ fn registry_pod_template(
                     "--config".to_string(),
                     format!("{CONFIG_DIR}/{CONFIG_KEY}"),
                 ]),
-                ports: Some(vec![ContainerPort {
-                    name: Some("http".to_string()),
-                    container_port: REGISTRY_PORT,
-                    protocol: Some("TCP".to_string()),
-                    ..ContainerPort::default()
-                }]),
-                readiness_probe: Some(http_probe("/readyz", "http", 5, 3)),
+                ports: Some(vec![
+                    ContainerPort {
+                        name: Some("http".to_string()),
+                        container_port: REGISTRY_PORT,
+                        protocol: Some("TCP".to_string()),
+                        ..ContainerPort::default()
+                    },
+                    ContainerPort {
+                        name: Some(REGISTRY_ADMIN_PORT_NAME.to_string()),
+                        container_port: REGISTRY_ADMIN_PORT,
+                        protocol: Some("TCP".to_string()),
+                        ..ContainerPort::default()
+                    },
+                ]),
+                readiness_probe: Some(http_probe("/readyz", REGISTRY_ADMIN_PORT_NAME, 5, 3)),
                 liveness_probe: Some(Probe {
                     initial_delay_seconds: Some(5),
-                    ..http_probe("/healthz", "http", 10, 6)
+                    ..http_probe("/healthz", REGISTRY_ADMIN_PORT_NAME, 10, 6)
                 }),
                 resources: Some(
                     spec.resources

@@ -65,7 +65,7 @@ use apply::{
 use build::{
     agent_name, build_agent, build_registry_with_pins, node_endpoint, peers_service_name,
     registry_config_name, registry_name, selector_string, stateful_set_needs_replacement,
-    BuildConfig, BuildError, Workload, AGENT_PORT, REGISTRY_PORT,
+    BuildConfig, BuildError, Workload, AGENT_PORT, REGISTRY_ADMIN_PORT,
 };
 use observe::{
     list_component_pods, not_ready_pods, probe_agents, probe_registries, running_pods, HttpProbe,
@@ -587,7 +587,7 @@ pub async fn reconcile_mirror(
             "registry",
         )
         .await?;
-        let probed = probe_registries(&ctx.probe, running_pods(&listed), REGISTRY_PORT).await;
+        let probed = probe_registries(&ctx.probe, running_pods(&listed), REGISTRY_ADMIN_PORT).await;
         (probed, not_ready_pods(&listed))
     };
     let agent_pods = list_component_pods(

@@ -1,5 +1,10 @@
-//! The HTTP surface: the distribution pull API, plus `/metrics`, `/stats`, `/healthz`, `/readyz`
-//! and the admin endpoints (`admin`).
+//! The HTTP surface, as two routers served on two listeners: the public one (the distribution
+//! pull API under `/v2/`, plus `/healthz` and `/readyz`) and the admin one (`/metrics`, `/stats`,
+//! `/healthz`, `/readyz` and everything under `/admin/`, see `admin`).
+//!
+//! Invariant: nothing but the pull API and health leaves through the public listener. `/metrics`,
+//! `/stats` and `/admin/...` asked there get a 404 OCI error envelope, and the admin listener
+//! answers anything it does not route (`/v2/` included) the same way.
 //!
 //! Every distribution request is parsed once into a typed [`Route`]; every error leaves through
 //! [`OciError`]. `ns` selects the upstream from the configured allowlist and is never used to
@@ -36,16 +41,57 @@ pub struct AppState {
     pub default_registry: String,
 }
 
-/// The full router.
-pub fn router(state: Arc<AppState>) -> Router {
+/// The public listener's router: the pull API (`/v2/`) and the health endpoints.
+pub fn public_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .fallback(public_fallback)
+        .with_state(state)
+}
+
+/// The admin listener's router: metrics, stats, health and the `/admin/` routes.
+pub fn admin_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/stats", get(stats))
         .merge(admin::routes())
-        .fallback(distribution)
+        .fallback(admin_fallback)
         .with_state(state)
+}
+
+/// Whether `path` belongs to the admin listener only (and is refused on the public one).
+fn admin_only(path: &str) -> bool {
+    matches!(path, "/metrics" | "/stats" | "/admin") || path.starts_with("/admin/")
+}
+
+/// The 404 of a path the listener that received it does not serve.
+fn not_served_here(path: &str, listener: &str) -> Response {
+    let shown: String = path.chars().take(64).collect();
+    OciError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::Unsupported,
+        format!("`{shown}` is not served on the {listener} listener"),
+    )
+    .into_response()
+}
+
+async fn public_fallback(
+    state: State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    if admin_only(uri.path()) {
+        return with_api_version(not_served_here(uri.path(), "public"));
+    }
+    distribution(state, method, uri, headers).await
+}
+
+async fn admin_fallback(uri: Uri) -> Response {
+    not_served_here(uri.path(), "admin")
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
@@ -673,4 +719,27 @@ async fn catalog(state: &AppState, query: &Query) -> Response {
         }
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admin_only;
+
+    #[test]
+    fn metrics_stats_and_admin_paths_are_admin_only() {
+        for path in ["/metrics", "/stats", "/admin", "/admin/", "/admin/purge/x"] {
+            assert!(admin_only(path), "{path}");
+        }
+        for path in [
+            "/v2/",
+            "/v2/library/metrics/manifests/1",
+            "/healthz",
+            "/readyz",
+            "/administrator",
+            "/metricsx",
+            "/",
+        ] {
+            assert!(!admin_only(path), "{path}");
+        }
+    }
 }

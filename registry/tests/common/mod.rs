@@ -16,11 +16,13 @@ use tokio::sync::oneshot;
 
 pub const MIB: u64 = 1024 * 1024;
 
-/// The tests' registry configuration: `docker.io` is `upstream_url`, the cache is `storage`, and
-/// failure paths are quick (short timeouts).
+/// The tests' registry configuration: `docker.io` is `upstream_url`, the cache is `storage`, the
+/// admin listener is on a port of the kernel's choosing, and failure paths are quick (short
+/// timeouts).
 fn test_config(listen: SocketAddr, storage: &Path, upstream_url: &str) -> Config {
     let mut config = Config {
         listen,
+        admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         ..Config::default()
     };
     config.storage.path = storage.to_owned();
@@ -39,7 +41,10 @@ fn test_config(listen: SocketAddr, storage: &Path, upstream_url: &str) -> Config
 
 /// A cachalot-registry running in this process.
 pub struct Cachalot {
+    /// The public listener (the pull API).
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/stats`, `/admin/`).
+    pub admin_addr: SocketAddr,
     pub storage: PathBuf,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -58,12 +63,14 @@ impl Cachalot {
         config.validate().unwrap();
         let server = Server::bind(&config).await.unwrap();
         let addr = server.local_addr().unwrap();
+        let admin_addr = server.admin_addr().unwrap();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(server.run(async {
             let _ = rx.await;
         }));
         Cachalot {
             addr,
+            admin_addr,
             storage,
             shutdown: Some(tx),
             task: Some(task),
@@ -78,8 +85,14 @@ impl Cachalot {
         self.addr.to_string()
     }
 
+    /// Base URL of the admin listener.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+
+    /// `/stats`, from the admin listener.
     pub async fn stats(&self) -> StatsSnapshot {
-        reqwest::get(format!("{}/stats", self.url()))
+        reqwest::get(format!("{}/stats", self.admin_url()))
             .await
             .unwrap()
             .json()
@@ -87,8 +100,9 @@ impl Cachalot {
             .unwrap()
     }
 
+    /// `/metrics`, from the admin listener.
     pub async fn metrics(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.url()))
+        reqwest::get(format!("{}/metrics", self.admin_url()))
             .await
             .unwrap()
             .text()
@@ -271,7 +285,10 @@ where
 /// The real `cachalot-registry` binary running as a child process (for tests that kill it).
 pub struct Process {
     child: cachalot_testkit::process::LoggedChild,
+    /// The public listener (the pull API).
     pub addr: SocketAddr,
+    /// The admin listener (`/metrics`, `/stats`, `/admin/`).
+    pub admin_addr: SocketAddr,
     pub storage: PathBuf,
     /// Holds the config file and the log; declared after `child` so the child is gone first.
     dir: tempfile::TempDir,
@@ -313,6 +330,9 @@ impl Process {
             .tempdir()
             .unwrap();
         let mut config = test_config(listen, storage, upstream_url);
+        let admin_addr =
+            SocketAddr::from(([127, 0, 0, 1], cachalot_testkit::wait::free_port().unwrap()));
+        config.admin_listen = admin_addr;
         tweak(&mut config);
         let config_path = dir.path().join("config.yaml");
         std::fs::write(&config_path, serde_yaml::to_string(&config).unwrap()).unwrap();
@@ -335,6 +355,7 @@ impl Process {
             Ok(()) => Ok(Process {
                 child,
                 addr: listen,
+                admin_addr,
                 storage: storage.to_owned(),
                 dir,
             }),
@@ -350,8 +371,9 @@ impl Process {
         self.child.log_tail()
     }
 
+    /// `/stats`, from the admin listener.
     pub async fn stats(&self) -> StatsSnapshot {
-        reqwest::get(format!("{}/stats", self.url()))
+        reqwest::get(format!("http://{}/stats", self.admin_addr))
             .await
             .unwrap()
             .json()
