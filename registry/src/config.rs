@@ -49,6 +49,36 @@ pub struct Config {
     pub server: ServerTuning,
     #[serde(default)]
     pub log: LogConfig,
+    /// Serve the listener over TLS (see [`TlsConfig`]); plain HTTP when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// Client authentication for the pull API (see [`ClientAuthConfig`]); open when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<ClientAuthConfig>,
+}
+
+/// The listener's TLS certificate, re-read when its files change (a new certificate that does
+/// not load keeps the last good one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the server's certificate first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CA bundle: when given, a client must present a certificate signed by it (mTLS), else
+    /// the handshake fails. Read once at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// How clients of the pull API (`/v2/`) authenticate; the health endpoints stay open.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientAuthConfig {
+    /// A file holding the token clients send as `Authorization: Bearer <token>` (surrounding
+    /// white space ignored), re-read when it changes.
+    pub bearer_token_file: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -140,6 +170,16 @@ pub struct ParentConfig {
     pub ca_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_skip_verify: bool,
+    /// PEM client certificate chain and key presented to an https parent that asks for one
+    /// (mTLS); both or neither. Read once at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<PathBuf>,
+    /// A file holding the token sent to the parent as `Authorization: Bearer <token>`, re-read
+    /// when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -348,6 +388,8 @@ impl Default for Config {
             upstream: UpstreamTuning::default(),
             server: ServerTuning::default(),
             log: LogConfig::default(),
+            tls: None,
+            auth: None,
         }
     }
 }
@@ -604,6 +646,19 @@ impl Config {
         crate::store::PinRules::from_config(self)?;
         if let Some(parent) = &self.parent {
             validate_url(&parent.url).map_err(|m| invalid("parent.url", m))?;
+            if parent.client_cert_file.is_some() != parent.client_key_file.is_some() {
+                return Err(invalid(
+                    "parent",
+                    "clientCertFile and clientKeyFile must be given together",
+                ));
+            }
+        }
+        if self.cluster.is_some() && (self.tls.is_some() || self.auth.is_some()) {
+            // Replicas forward to each other over the listener with plain, anonymous requests.
+            return Err(invalid(
+                if self.tls.is_some() { "tls" } else { "auth" },
+                "not supported together with `cluster` (replicas reach each other over plain HTTP)",
+            ));
         }
         if let Some(s3) = &self.storage.s3 {
             validate_s3(s3)?;

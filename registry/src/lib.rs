@@ -3,7 +3,8 @@
 //! Layering, from the edge inwards: `api` (HTTP routing and responses) → `proxy` (pull-through
 //! logic: freshness, single-flight, stale-if-error) → `upstream` (remote registries, auth, budget,
 //! circuit) and `store` (content-addressed disk cache). `oci` holds the pure protocol vocabulary,
-//! `config` the startup configuration, `telemetry` the metrics and stats.
+//! `config` the startup configuration, `telemetry` the metrics and stats, `tls` the listener's
+//! TLS.
 
 pub mod api;
 pub mod config;
@@ -12,4 +13,6 @@ pub mod proxy;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
+pub mod token_file;
 pub mod upstream;

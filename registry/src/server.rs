@@ -24,6 +24,10 @@ pub enum ServeError {
     Shared(#[from] crate::store::shared::SharedStoreError),
     #[error("storage.s3: the object storage did not answer within {}s", .0.as_secs())]
     SharedTimeout(Duration),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::LoadTlsError),
+    #[error("auth.bearerTokenFile: {0}")]
+    Auth(#[from] crate::token_file::LoadTokenError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -53,6 +57,9 @@ pub struct Server {
     state: Arc<AppState>,
     header_read_timeout: Duration,
     last_use_flush_interval: Duration,
+    /// TLS on the listener (`tls`), and the token the pull API requires (`auth`).
+    tls: Option<crate::tls::Acceptor>,
+    auth: Option<Arc<crate::token_file::TokenFile>>,
 }
 
 /// Writes the cache's last-use times (on the blocking pool: it opens files), logging failures.
@@ -81,6 +88,14 @@ impl Server {
                 .await
                 .map_err(|_| ServeError::SharedTimeout(SHARED_CHECK_TIMEOUT))??;
         }
+        let tls = config
+            .tls
+            .as_ref()
+            .map(crate::tls::Acceptor::new)
+            .transpose()?;
+        let auth = (config.auth.as_ref())
+            .map(|a| crate::token_file::TokenFile::load(&a.bearer_token_file).map(Arc::new))
+            .transpose()?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -97,6 +112,8 @@ impl Server {
             }),
             header_read_timeout: config.server.header_read_timeout,
             last_use_flush_interval: config.storage.last_use_flush_interval,
+            tls,
+            auth,
         })
     }
 
@@ -106,7 +123,10 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then lets open connections finish (bounded).
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let app = api::router(Arc::clone(&self.state));
+        let mut app = api::router(Arc::clone(&self.state));
+        if let Some(token) = &self.auth {
+            app = api::auth::require(app, Arc::clone(token));
+        }
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let store = Arc::clone(&self.state.proxy.inner().store);
         let period = self.last_use_flush_interval;
@@ -150,10 +170,14 @@ impl Server {
                         .http1()
                         .timer(TokioTimer::new())
                         .header_read_timeout(self.header_read_timeout);
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                    let conn = graceful.watch(conn);
+                    let watcher = graceful.watcher();
+                    let (tls, handshake_timeout) = (self.tls.clone(), self.header_read_timeout);
                     tokio::spawn(async move {
-                        if let Err(e) = conn.await {
+                        let Some(stream) = crate::tls::accept(tls.as_ref(), stream, peer, handshake_timeout).await else {
+                            return;
+                        };
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                        if let Err(e) = watcher.watch(conn).await {
                             tracing::debug!(%peer, error = %e, "connection ended with an error");
                         }
                     });

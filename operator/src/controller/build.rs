@@ -446,6 +446,9 @@ pub fn registry_config(
                 .as_ref()
                 .map(|ca| ca_file(PARENT_CA_DIR, ca)),
             insecure_skip_verify: false,
+            client_cert_file: None,
+            client_key_file: None,
+            bearer_token_file: None,
         }),
         registries,
         pin_file: mirror

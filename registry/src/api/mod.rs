@@ -4,6 +4,7 @@
 //! [`OciError`]. `ns` selects the upstream from the configured allowlist and is never used to
 //! build a URL to anywhere else.
 
+pub mod auth;
 pub mod range;
 
 use std::sync::Arc;
