@@ -1047,4 +1047,50 @@ log: { format: json }
         let again = load_yaml(&serde_yaml::to_string(&c).unwrap()).unwrap();
         assert_eq!(c, again);
     }
+
+    #[test]
+    fn tls_auth_and_the_parents_credentials_parse_and_are_checked() {
+        let text = r#"
+tls: { certFile: /t/tls.crt, keyFile: /t/tls.key, clientCaFile: /t/ca.crt }
+auth: { bearerTokenFile: /a/token }
+parent:
+  url: https://hub:5000
+  caFile: /p/ca.crt
+  clientCertFile: /p/tls.crt
+  clientKeyFile: /p/tls.key
+  bearerTokenFile: /p/token
+"#;
+        let c = load_yaml(text).unwrap();
+        let tls = c.tls.as_ref().unwrap();
+        assert_eq!(tls.client_ca_file.as_deref(), Some(Path::new("/t/ca.crt")));
+        assert_eq!(
+            c.auth.as_ref().unwrap().bearer_token_file,
+            Path::new("/a/token")
+        );
+        let parent = c.parent.as_ref().unwrap();
+        assert_eq!(
+            parent.bearer_token_file.as_deref(),
+            Some(Path::new("/p/token"))
+        );
+        assert_eq!(load_yaml(&serde_yaml::to_string(&c).unwrap()).unwrap(), c);
+
+        let half = "parent: { url: \"https://hub:5000\", clientCertFile: /p/tls.crt }";
+        let err = load_yaml(half).unwrap_err().to_string();
+        assert!(err.contains("clientCertFile and clientKeyFile"), "{err}");
+        let err = load_yaml("tls: { certFile: /t/tls.crt }")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("keyFile"), "{err}");
+        for section in [
+            "tls: { certFile: /c, keyFile: /k }",
+            "auth: { bearerTokenFile: /t }",
+        ] {
+            let text = format!("{section}\ncluster: {{ self: \"http://a:5000\" }}");
+            let err = load_yaml(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("not supported together with `cluster`"),
+                "{err}"
+            );
+        }
+    }
 }
