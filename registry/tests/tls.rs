@@ -382,6 +382,10 @@ async fn a_bearer_token_is_required_for_the_pull_api_and_health_stays_open() {
         let r = get(token).await.unwrap();
         assert_eq!(r.status(), 401, "{what}");
         assert_eq!(
+            r.headers()["docker-distribution-api-version"],
+            "registry/2.0"
+        );
+        assert_eq!(
             r.headers()["www-authenticate"],
             "Bearer realm=\"cachalot\"",
             "{what}"

@@ -52,6 +52,10 @@ fn unauthorized(message: &str) -> Response {
         header::WWW_AUTHENTICATE,
         HeaderValue::from_static(CHALLENGE),
     );
+    response.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
     response
 }
 
