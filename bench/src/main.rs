@@ -26,6 +26,7 @@ use cachalot_testkit::image::{self, TestImage};
 use clap::Parser;
 
 mod shared_s3;
+mod tls;
 
 #[derive(Debug, Parser)]
 #[command(about = "cachalot-registry vs distribution proxy, side by side on 127.0.0.1")]
@@ -61,6 +62,9 @@ struct Args {
     /// Only the shared S3 storage rows (Garage from `scripts/s3-server`; see `shared_s3`).
     #[arg(long)]
     s3_only: bool,
+    /// Only the TLS rows: the same binary over plain HTTP and over TLS (see `tls`).
+    #[arg(long)]
+    tls_only: bool,
 }
 
 /// A cachalot-registry child process.
@@ -775,6 +779,11 @@ async fn main() -> Result<()> {
     let mut rows = Vec::new();
     if args.scale_only {
         print_table(&scale_rows(&args, &upstream.url(), &small).await?);
+        return Ok(());
+    }
+    if args.tls_only {
+        let rows = tls::rows(&args.cachalot, &upstream.url(), &big, args.gets).await?;
+        tls::print_table(&rows);
         return Ok(());
     }
     if args.s3_only {

@@ -53,6 +53,36 @@ pub struct Config {
     pub server: ServerTuning,
     #[serde(default)]
     pub log: LogConfig,
+    /// Serve the listener over TLS (see [`TlsConfig`]); plain HTTP when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// Client authentication for the pull API (see [`ClientAuthConfig`]); open when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<ClientAuthConfig>,
+}
+
+/// The listener's TLS certificate, re-read when its files change (a new certificate that does
+/// not load keeps the last good one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the server's certificate first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CA bundle: when given, a client must present a certificate signed by it (mTLS), else
+    /// the handshake fails. Read once at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// How clients of the pull API (`/v2/`) authenticate; the health endpoints stay open.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientAuthConfig {
+    /// A file holding the token clients send as `Authorization: Bearer <token>` (surrounding
+    /// white space ignored), re-read when it changes.
+    pub bearer_token_file: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -150,6 +180,16 @@ pub struct ParentConfig {
     /// host name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spoke_id: Option<String>,
+    /// PEM client certificate chain and key presented to an https parent that asks for one
+    /// (mTLS); both or neither. Read once at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<PathBuf>,
+    /// A file holding the token sent to the parent as `Authorization: Bearer <token>`, re-read
+    /// when it changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -371,6 +411,8 @@ impl Default for Config {
             upstream: UpstreamTuning::default(),
             server: ServerTuning::default(),
             log: LogConfig::default(),
+            tls: None,
+            auth: None,
         }
     }
 }
@@ -644,6 +686,19 @@ impl Config {
                 crate::fleet::parse_spoke_id(id)
                     .map_err(|e| invalid("parent.spokeId", e.to_string()))?;
             }
+            if parent.client_cert_file.is_some() != parent.client_key_file.is_some() {
+                return Err(invalid(
+                    "parent",
+                    "clientCertFile and clientKeyFile must be given together",
+                ));
+            }
+        }
+        if self.cluster.is_some() && (self.tls.is_some() || self.auth.is_some()) {
+            // Replicas forward to each other over the listener with plain, anonymous requests.
+            return Err(invalid(
+                if self.tls.is_some() { "tls" } else { "auth" },
+                "not supported together with `cluster` (replicas reach each other over plain HTTP)",
+            ));
         }
         if let Some(s3) = &self.storage.s3 {
             validate_s3(s3)?;
@@ -1063,5 +1118,51 @@ log: { format: json }
         );
         let again = load_yaml(&serde_yaml::to_string(&c).unwrap()).unwrap();
         assert_eq!(c, again);
+    }
+
+    #[test]
+    fn tls_auth_and_the_parents_credentials_parse_and_are_checked() {
+        let text = r#"
+tls: { certFile: /t/tls.crt, keyFile: /t/tls.key, clientCaFile: /t/ca.crt }
+auth: { bearerTokenFile: /a/token }
+parent:
+  url: https://hub:5000
+  caFile: /p/ca.crt
+  clientCertFile: /p/tls.crt
+  clientKeyFile: /p/tls.key
+  bearerTokenFile: /p/token
+"#;
+        let c = load_yaml(text).unwrap();
+        let tls = c.tls.as_ref().unwrap();
+        assert_eq!(tls.client_ca_file.as_deref(), Some(Path::new("/t/ca.crt")));
+        assert_eq!(
+            c.auth.as_ref().unwrap().bearer_token_file,
+            Path::new("/a/token")
+        );
+        let parent = c.parent.as_ref().unwrap();
+        assert_eq!(
+            parent.bearer_token_file.as_deref(),
+            Some(Path::new("/p/token"))
+        );
+        assert_eq!(load_yaml(&serde_yaml::to_string(&c).unwrap()).unwrap(), c);
+
+        let half = "parent: { url: \"https://hub:5000\", clientCertFile: /p/tls.crt }";
+        let err = load_yaml(half).unwrap_err().to_string();
+        assert!(err.contains("clientCertFile and clientKeyFile"), "{err}");
+        let err = load_yaml("tls: { certFile: /t/tls.crt }")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("keyFile"), "{err}");
+        for section in [
+            "tls: { certFile: /c, keyFile: /k }",
+            "auth: { bearerTokenFile: /t }",
+        ] {
+            let text = format!("{section}\ncluster: {{ self: \"http://a:5000\" }}");
+            let err = load_yaml(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("not supported together with `cluster`"),
+                "{err}"
+            );
+        }
     }
 }

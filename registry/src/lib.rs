@@ -5,7 +5,7 @@
 //! circuit) and `store` (content-addressed disk cache). `oci` holds the pure protocol vocabulary,
 //! `config` the startup configuration, `telemetry` the metrics and stats, `fleet` what a hub and
 //! its spokes tell each other, `client` the admin commands (`warm`, `purge`, `stats`) run against a
-//! running mirror.
+//! running mirror, `tls` the public listener's TLS.
 
 pub mod api;
 pub mod client;
@@ -16,4 +16,6 @@ pub mod proxy;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
+pub mod token_file;
 pub mod upstream;

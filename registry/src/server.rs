@@ -25,6 +25,10 @@ pub enum ServeError {
     Shared(#[from] crate::store::shared::SharedStoreError),
     #[error("storage.s3: the object storage did not answer within {}s", .0.as_secs())]
     SharedTimeout(Duration),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::LoadTlsError),
+    #[error("auth.bearerTokenFile: {0}")]
+    Auth(#[from] crate::token_file::LoadTokenError),
     #[error("cannot listen on {addr} (`{field}`, the {role} listener): {source}")]
     Listen {
         /// The config field of the address: `listen` or `adminListen`.
@@ -61,12 +65,16 @@ pub struct Server {
     state: Arc<AppState>,
     connection: ConnectionSettings,
     last_use_flush_interval: Duration,
+    /// The token the pull API requires (`auth`), on the public listener.
+    auth: Option<Arc<crate::token_file::TokenFile>>,
 }
 
 /// What every accepted connection is served with, on either listener.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct ConnectionSettings {
     header_read_timeout: Duration,
+    /// TLS (`tls`), on the public listener only: the admin listener stays plain and internal.
+    tls: Option<crate::tls::Acceptor>,
 }
 
 /// Binds one listener, naming it in the error.
@@ -90,7 +98,7 @@ async fn bind_listener(
 async fn accept_loop(
     listener: &TcpListener,
     app: axum::Router,
-    settings: ConnectionSettings,
+    settings: &ConnectionSettings,
     graceful: &hyper_util::server::graceful::GracefulShutdown,
 ) {
     loop {
@@ -107,13 +115,14 @@ async fn accept_loop(
     }
 }
 
-/// The per-connection setup, the same for both listeners: HTTP/1 and HTTP/2, the header read
-/// timeout, upgrades, and graceful shutdown.
+/// The per-connection setup, the same for both listeners: the TLS handshake (bounded by the
+/// header read timeout) when the listener has TLS, HTTP/1 and HTTP/2, the header read timeout,
+/// upgrades, and graceful shutdown.
 fn serve_connection(
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     app: axum::Router,
-    settings: ConnectionSettings,
+    settings: &ConnectionSettings,
     graceful: &hyper_util::server::graceful::GracefulShutdown,
 ) {
     let _ = stream.set_nodelay(true);
@@ -123,12 +132,17 @@ fn serve_connection(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout);
-    let conn = builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-        .into_owned();
-    let conn = graceful.watch(conn);
+    let watcher = graceful.watcher();
+    let (tls, handshake_timeout) = (settings.tls.clone(), settings.header_read_timeout);
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        let Some(stream) = crate::tls::accept(tls.as_ref(), stream, peer, handshake_timeout).await
+        else {
+            return;
+        };
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        if let Err(e) = watcher.watch(conn).await {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
     });
@@ -160,6 +174,14 @@ impl Server {
                 .await
                 .map_err(|_| ServeError::SharedTimeout(SHARED_CHECK_TIMEOUT))??;
         }
+        let tls = config
+            .tls
+            .as_ref()
+            .map(crate::tls::Acceptor::new)
+            .transpose()?;
+        let auth = (config.auth.as_ref())
+            .map(|a| crate::token_file::TokenFile::load(&a.bearer_token_file).map(Arc::new))
+            .transpose()?;
         let listener = bind_listener(config.listen, "listen", "public").await?;
         let admin_listener = bind_listener(config.admin_listen, "adminListen", "admin").await?;
         Ok(Server {
@@ -172,8 +194,10 @@ impl Server {
             }),
             connection: ConnectionSettings {
                 header_read_timeout: config.server.header_read_timeout,
+                tls,
             },
             last_use_flush_interval: config.storage.last_use_flush_interval,
+            auth,
         })
     }
 
@@ -189,7 +213,10 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then lets open connections finish (bounded).
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
-        let public = api::public_router(Arc::clone(&self.state));
+        let mut public = api::public_router(Arc::clone(&self.state));
+        if let Some(token) = &self.auth {
+            public = api::auth::require(public, Arc::clone(token));
+        }
         let admin = api::admin_router(Arc::clone(&self.state));
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let store = Arc::clone(&self.state.proxy.inner().store);
@@ -214,9 +241,13 @@ impl Server {
                 }
             })
         });
+        let admin_settings = ConnectionSettings {
+            tls: None,
+            ..self.connection.clone()
+        };
         tokio::select! {
-            () = accept_loop(&self.listener, public, self.connection, &graceful) => {}
-            () = accept_loop(&self.admin_listener, admin, self.connection, &graceful) => {}
+            () = accept_loop(&self.listener, public, &self.connection, &graceful) => {}
+            () = accept_loop(&self.admin_listener, admin, &admin_settings, &graceful) => {}
             () = shutdown => {}
         }
         tracing::info!("shutting down; waiting for open connections");

@@ -26,6 +26,9 @@ fn parent(url: &str, spoke_id: Option<String>) -> ParentConfig {
         ca_file: None,
         insecure_skip_verify: false,
         spoke_id,
+        client_cert_file: None,
+        client_key_file: None,
+        bearer_token_file: None,
     }
 }
 

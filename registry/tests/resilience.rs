@@ -390,6 +390,9 @@ async fn hub_and_spoke_spokes_share_one_upstream_fetch_per_manifest_and_blob() {
                     ca_file: None,
                     insecure_skip_verify: false,
                     spoke_id: None,
+                    client_cert_file: None,
+                    client_key_file: None,
+                    bearer_token_file: None,
                 });
             },
         )

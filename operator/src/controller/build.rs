@@ -484,6 +484,9 @@ pub fn registry_config(
                 .map(|ca| ca_file(PARENT_CA_DIR, ca)),
             insecure_skip_verify: false,
             spoke_id: Some(p.spoke_id.clone().unwrap_or_else(|| default_spoke_id(v))),
+            client_cert_file: None,
+            client_key_file: None,
+            bearer_token_file: None,
         }),
         registries,
         pin_file: mirror

@@ -11,6 +11,7 @@
 //! build a URL to anywhere else.
 
 pub mod admin;
+pub mod auth;
 pub mod range;
 
 use std::sync::Arc;

@@ -52,6 +52,14 @@ pub enum BuildUpstreamError {
         path: std::path::PathBuf,
         source: reqwest::Error,
     },
+    #[error("parent: client certificate {cert} / key {key}: {message}")]
+    ClientIdentity {
+        cert: std::path::PathBuf,
+        key: std::path::PathBuf,
+        message: String,
+    },
+    #[error("parent.bearerTokenFile: {0}")]
+    ParentToken(#[from] crate::token_file::LoadTokenError),
     #[error("cluster.self: `{url}` cannot be sent as a header")]
     PeerUrl { url: String },
     #[error("parent.spokeId: `{id}` cannot be sent as a header")]
@@ -177,6 +185,9 @@ pub struct Upstream {
     /// Set when this upstream is the parent mirror (a hub): the spoke id sent with every
     /// request (see [`crate::fleet`]).
     parent_spoke: Option<HeaderValue>,
+    /// The token sent to the parent (`parent.bearerTokenFile`): every request carries it and
+    /// no challenge is followed.
+    parent_token: Option<Arc<crate::token_file::TokenFile>>,
 }
 
 /// The header a replica sends with a request it forwards to the owner replica; a request
@@ -222,11 +233,31 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
+/// A client certificate and key (PEM files) presented in the TLS handshake.
+#[derive(Debug, Clone, Copy)]
+struct ClientIdentity<'a> {
+    cert: &'a std::path::Path,
+    key: &'a std::path::Path,
+}
+
+fn load_identity(files: ClientIdentity<'_>) -> Result<reqwest::Identity, BuildUpstreamError> {
+    let error = |message: String| BuildUpstreamError::ClientIdentity {
+        cert: files.cert.to_owned(),
+        key: files.key.to_owned(),
+        message,
+    };
+    let mut pem = std::fs::read(files.key).map_err(|e| error(e.to_string()))?;
+    pem.push(b'\n');
+    pem.extend(std::fs::read(files.cert).map_err(|e| error(e.to_string()))?);
+    reqwest::Identity::from_pem(&pem).map_err(|e| error(error_chain(&e)))
+}
+
 fn client_for(
     registry: &str,
     tuning: &UpstreamTuning,
     ca_file: Option<&std::path::Path>,
     insecure: bool,
+    identity: Option<ClientIdentity<'_>>,
 ) -> Result<reqwest::Client, BuildUpstreamError> {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(tuning.connect_timeout)
@@ -247,6 +278,9 @@ fn client_for(
     }
     if insecure {
         builder = builder.tls_danger_accept_invalid_certs(true);
+    }
+    if let Some(files) = identity {
+        builder = builder.identity(load_identity(files)?);
     }
     builder
         .build()
@@ -436,6 +470,13 @@ impl Upstream {
         target: Target<'_>,
     ) -> Result<reqwest::Response, UpstreamError> {
         let url = self.url(repo, target);
+        if let Some(token) = &self.parent_token {
+            // The parent takes its one token; its 401 is an answer, not a challenge to follow.
+            let response = self
+                .send_with_retries(&method, &url, Some(&token.current()), target)
+                .await?;
+            return self.check_status(response).await;
+        }
         let scope = format!("repository:{repo}:pull");
         let mut bearer = self.tokens.get(&scope, Instant::now());
         if bearer.is_none() {
@@ -786,6 +827,16 @@ impl Upstreams {
             }
             None => None,
         };
+        let parent_token = (config.parent.as_ref())
+            .and_then(|p| p.bearer_token_file.as_deref())
+            .map(|path| crate::token_file::TokenFile::load(path).map(Arc::new))
+            .transpose()?;
+        let identity = config.parent.as_ref().and_then(|p| {
+            Some(ClientIdentity {
+                cert: p.client_cert_file.as_deref()?,
+                key: p.client_key_file.as_deref()?,
+            })
+        });
         for (name, registry) in &config.registries {
             let (base, ns, ca, insecure) = match &config.parent {
                 Some(parent) => (
@@ -811,7 +862,7 @@ impl Upstreams {
                         source,
                     }
                 })?;
-            let client = client_for(name, &config.upstream, ca, insecure)?;
+            let client = client_for(name, &config.upstream, ca, insecure, identity)?;
             by_name.insert(
                 name.clone(),
                 Arc::new(Upstream {
@@ -839,6 +890,7 @@ impl Upstreams {
                     budget_refreshed_at: std::sync::atomic::AtomicU64::new(0),
                     peer: None,
                     parent_spoke: parent_spoke.clone(),
+                    parent_token: parent_token.clone(),
                 }),
             );
         }
@@ -869,7 +921,7 @@ impl Upstreams {
             circuit_failure_threshold: 1,
             ..tuning.clone()
         };
-        let client = client_for(registry, &tuning, None, false)?;
+        let client = client_for(registry, &tuning, None, false, None)?;
         Ok(Some(Upstream {
             name: registry.to_owned(),
             base: url.to_owned(),
@@ -896,6 +948,7 @@ impl Upstreams {
                 fallback: Arc::clone(fallback),
             }),
             parent_spoke: None,
+            parent_token: None,
         }))
     }
 
