@@ -39,6 +39,8 @@ async fn start(binary: &Path, upstream: &str, tls: bool) -> Result<Served> {
     let port = cachalot_testkit::wait::free_port()?;
     let mut config = cachalot_registry::config::Config {
         listen: format!("127.0.0.1:{port}").parse()?,
+        // Not read here: the admin listener takes any free port.
+        admin_listen: "127.0.0.1:0".parse()?,
         ..Default::default()
     };
     config.storage.path = dir.path().join("cache");

@@ -675,14 +675,17 @@ async fn bad_input_is_reported_in_conditions_without_a_crash_or_a_hot_loop() -> 
         );
     }
     for pod in operator_pods(client, &settings.release_namespace).await? {
-        let restarts: i32 = pod
+        let statuses = pod
             .status
             .and_then(|s| s.container_statuses)
-            .unwrap_or_default()
-            .iter()
-            .map(|c| c.restart_count)
-            .sum();
-        assert_eq!(restarts, 0, "the operator never crashed");
+            .unwrap_or_default();
+        let restarts: i32 = statuses.iter().map(|c| c.restart_count).sum();
+        // Why it restarted (exit code, reason, termination message), for the failure message.
+        let last: Vec<_> = statuses.iter().map(|c| &c.last_state).collect();
+        assert_eq!(
+            restarts, 0,
+            "the operator never crashed; last state: {last:?}"
+        );
     }
     Ok(())
 }

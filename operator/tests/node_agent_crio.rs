@@ -53,8 +53,12 @@ fn podman_pull(dir: &Path, registries_conf: &Path, reference: &str) -> std::proc
 }
 
 /// The real `cachalot-registry` (built next to the operator binary, or named by
-/// `CACHALOT_E2E_REGISTRY`) serving `registries` (`name=url`), killed on drop.
-async fn start_registry(dir: &Path, registries: &[(&str, String)]) -> (LoggedChild, String) {
+/// `CACHALOT_E2E_REGISTRY`) serving `registries` (`name=url`), killed on drop; with its public
+/// and admin URLs.
+async fn start_registry(
+    dir: &Path,
+    registries: &[(&str, String)],
+) -> (LoggedChild, String, String) {
     let binary = std::env::var_os("CACHALOT_E2E_REGISTRY")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -66,10 +70,13 @@ async fn start_registry(dir: &Path, registries: &[(&str, String)]) -> (LoggedChi
         binary.display()
     );
     let port = free_port().unwrap();
+    let admin_port = free_port().unwrap();
     let mut cmd = Command::new(&binary);
     cmd.arg("serve")
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
+        .arg("--admin-listen")
+        .arg(format!("127.0.0.1:{admin_port}"))
         .arg("--storage")
         .arg(dir.join("registry-store"));
     for (name, url) in registries {
@@ -87,7 +94,7 @@ async fn start_registry(dir: &Path, registries: &[(&str, String)]) -> (LoggedChi
     if let Err(e) = ready {
         panic!("cachalot-registry did not start: {e}\n{}", child.log_tail());
     }
-    (child, url)
+    (child, url, format!("http://127.0.0.1:{admin_port}"))
 }
 
 fn crio_registry(name: &str, server: String, endpoint: String) -> DesiredRegistry {
@@ -134,7 +141,7 @@ async fn podman_pulls_two_registries_through_the_real_registry_by_the_agents_pat
     // The registries' own locations in the drop-in: never to be used while the mirror works.
     let hub_server = FaultProxy::start(&hub.url()).await.unwrap();
     let ghcr_server = FaultProxy::start(&ghcr.url()).await.unwrap();
-    let (_registry, registry_url) = start_registry(
+    let (_registry, registry_url, registry_admin) = start_registry(
         tmp.path(),
         &[
             ("docker.io", hub_upstream.url()),
@@ -192,7 +199,7 @@ async fn podman_pulls_two_registries_through_the_real_registry_by_the_agents_pat
     }
     let stats = http_client()
         .unwrap()
-        .get(format!("{registry_url}/stats"))
+        .get(format!("{registry_admin}/stats"))
         .send()
         .await
         .unwrap()

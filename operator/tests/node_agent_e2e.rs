@@ -94,6 +94,8 @@ impl Mirror {
         cmd.arg("serve")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
+            // Not read here: the admin listener takes any free port.
+            .args(["--admin-listen", "127.0.0.1:0"])
             .arg("--storage")
             .arg(dir.join("registry-store"))
             .arg("--upstream")
