@@ -289,6 +289,7 @@ async fn a_changed_dropin_is_followed_by_one_sighup_to_the_pid_in_the_pid_file()
         certs_dir: node.certs.clone(),
         containerd_config: None,
         host_certs_dir: None,
+        host_containerd_config: None,
         registries_conf_dir: Some(conf_dir.clone()),
         crio_pid_file: Some(pid_file.clone()),
         docker_config: None,

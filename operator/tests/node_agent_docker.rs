@@ -182,6 +182,7 @@ async fn the_agent_puts_the_mirror_into_dockerd_and_takes_it_out_again() {
         certs_dir: node.certs.clone(),
         containerd_config: None,
         host_certs_dir: None,
+        host_containerd_config: None,
         registries_conf_dir: None,
         crio_pid_file: None,
         docker_config: Some(daemon_json.clone()),

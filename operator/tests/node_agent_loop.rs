@@ -43,6 +43,7 @@ impl Agent {
             certs_dir: node.certs.clone(),
             containerd_config,
             host_certs_dir: Some("/etc/containerd/certs.d".into()),
+            host_containerd_config: None,
             registries_conf_dir: None,
             crio_pid_file: None,
             docker_config: None,

@@ -1119,6 +1119,9 @@ pub fn build_agent(
         // The path as containerd sees it, so the agent can report a config_path mismatch.
         "--host-certs-dir".to_string(),
         nodes.certs_dir.clone(),
+        // So that imports under the config's directory are read from the mount.
+        "--host-containerd-config".to_string(),
+        nodes.containerd_config.clone(),
     ];
     let mut volumes = vec![
         Volume {

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use crate::telemetry::LogFormat;
 
 use super::apply::{apply_docker, execute, managed_files, scan, Roots};
-use super::containerd::{check_containerd_config, is_blocking};
+use super::containerd::{check_containerd_config_with_imports, glob_matches, imports, is_blocking};
 use super::duration::parse_duration;
 use super::gate::Gate;
 use super::plan::{reconcile_node, Action, Root};
@@ -61,6 +61,11 @@ pub struct Args {
     /// the `ConfigPathMismatch` check and is used for reported file paths.
     #[arg(long, env = "CACHALOT_HOST_CERTS_DIR")]
     pub host_certs_dir: Option<String>,
+    /// containerd's config.toml as containerd sees it on the host (e.g.
+    /// /etc/containerd/config.toml): its `imports` under that directory are read from the
+    /// mounted one (`--containerd-config`'s directory).
+    #[arg(long, env = "CACHALOT_HOST_CONTAINERD_CONFIG")]
+    pub host_containerd_config: Option<String>,
     /// CRI-O `registries.conf.d` directory (as mounted), for runtime `Crio`.
     #[arg(long, env = "CACHALOT_REGISTRIES_CONF_DIR")]
     pub registries_conf_dir: Option<PathBuf>,
@@ -625,7 +630,24 @@ impl Looper {
             return ContainerdStatus::default();
         };
         match tokio::fs::read_to_string(path).await {
-            Ok(text) => check_containerd_config(&text, self.args.host_certs_dir.as_deref()),
+            Ok(text) => {
+                let (mounted, host) = (path.clone(), self.args.host_containerd_config.clone());
+                let wanted = imports(&text);
+                let imported = if wanted.is_empty() {
+                    Vec::new()
+                } else {
+                    tokio::task::spawn_blocking(move || {
+                        read_imports(&mounted, host.as_deref(), &wanted)
+                    })
+                    .await
+                    .unwrap_or_default()
+                };
+                check_containerd_config_with_imports(
+                    &text,
+                    &imported,
+                    self.args.host_certs_dir.as_deref(),
+                )
+            }
             Err(e) => ContainerdStatus {
                 config_version: None,
                 problems: vec![Problem {
@@ -635,6 +657,80 @@ impl Looper {
             },
         }
     }
+}
+
+/// Largest imported containerd config read.
+const MAX_IMPORT_BYTES: u64 = 1024 * 1024;
+
+/// Reads containerd's `imports` (host paths as written) through the mount of the config's
+/// directory: `mounted_config` is config.toml as mounted, `host_config` as containerd sees it.
+/// A relative import is relative to the config's directory; `*` matches within the last
+/// component (sorted, as Go's glob); an import outside the mounted directory cannot be read and
+/// says so. Each import with its host path and its text or why not.
+fn read_imports(
+    mounted_config: &std::path::Path,
+    host_config: Option<&str>,
+    wanted: &[String],
+) -> Vec<(String, Result<String, String>)> {
+    let Some(mounted_dir) = mounted_config.parent() else {
+        return Vec::new();
+    };
+    let host_dir = host_config
+        .and_then(|h| std::path::Path::new(h).parent())
+        .map(|p| p.to_string_lossy().trim_end_matches('/').to_owned());
+    let read = |path: &std::path::Path| match std::fs::metadata(path) {
+        Ok(m) if m.len() > MAX_IMPORT_BYTES => Err(format!("larger than {MAX_IMPORT_BYTES} bytes")),
+        Ok(_) => std::fs::read_to_string(path).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let mut out = Vec::new();
+    for import in wanted {
+        let relative = match (import.strip_prefix('/'), &host_dir) {
+            (None, _) => Some(import.as_str()),
+            (Some(_), Some(dir)) => import.strip_prefix(&format!("{dir}/")),
+            (Some(_), None) => None,
+        };
+        let Some(relative) = relative.filter(|r| !r.split('/').any(|c| c == "..")) else {
+            out.push((
+                import.clone(),
+                Err("outside the directory the agent mounts; not inspected".into()),
+            ));
+            continue;
+        };
+        let shown = |name: &str| match &host_dir {
+            Some(dir) if !import.starts_with('/') => format!("{dir}/{name}"),
+            _ => name.to_owned(),
+        };
+        let (dir_part, file_part) = relative.rsplit_once('/').unwrap_or(("", relative));
+        if file_part.contains('*') {
+            let dir = mounted_dir.join(dir_part);
+            let mut names: Vec<String> = std::fs::read_dir(&dir)
+                .map(|entries| {
+                    entries
+                        .filter_map(Result::ok)
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| glob_matches(file_part, n))
+                        .collect()
+                })
+                .unwrap_or_default();
+            names.sort();
+            for name in names {
+                let host_path = match import.rsplit_once('/') {
+                    Some((prefix, _)) => format!("{prefix}/{name}"),
+                    None => shown(&name),
+                };
+                out.push((host_path, read(&dir.join(&name))));
+            }
+        } else {
+            let host_path = if import.starts_with('/') {
+                import.clone()
+            } else {
+                shown(relative)
+            };
+            out.push((host_path, read(&mounted_dir.join(relative))));
+        }
+    }
+    out
 }
 
 async fn client_with_ca(ca_file: &str, timeout: Duration) -> Result<reqwest::Client, String> {
@@ -652,4 +748,44 @@ async fn client_with_ca(ca_file: &str, timeout: Duration) -> Result<reqwest::Cli
         builder = builder.add_root_certificate(cert);
     }
     builder.build().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn imports_are_read_through_the_mount_with_globs_and_never_outside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = dir.path().join("config.toml");
+        std::fs::create_dir(dir.path().join("conf.d")).unwrap();
+        std::fs::write(dir.path().join("conf.d/20-b.toml"), "b").unwrap();
+        std::fs::write(dir.path().join("conf.d/10-a.toml"), "a").unwrap();
+        std::fs::write(dir.path().join("conf.d/x.bak"), "x").unwrap();
+        std::fs::write(dir.path().join("local.toml"), "l").unwrap();
+        let wanted = [
+            "/etc/containerd/conf.d/*.toml".to_string(),
+            "local.toml".to_string(),
+            "/etc/containerd/missing.toml".to_string(),
+            "/opt/other.toml".to_string(),
+            "/etc/containerd/../shadow".to_string(),
+        ];
+        let got = read_imports(&mounted, Some("/etc/containerd/config.toml"), &wanted);
+        let shown: Vec<(&str, Result<&str, bool>)> = got
+            .iter()
+            .map(|(p, r)| (p.as_str(), r.as_deref().map_err(|e| e.contains("outside"))))
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                ("/etc/containerd/conf.d/10-a.toml", Ok("a")),
+                ("/etc/containerd/conf.d/20-b.toml", Ok("b")),
+                ("/etc/containerd/local.toml", Ok("l")),
+                ("/etc/containerd/missing.toml", Err(false)),
+                ("/opt/other.toml", Err(true)),
+                ("/etc/containerd/../shadow", Err(true)),
+            ]
+        );
+    }
 }

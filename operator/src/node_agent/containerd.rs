@@ -54,7 +54,67 @@ fn problem(reason: Reason, message: String) -> Problem {
 /// the host (when the operator passes it); a `config_path` naming another directory is reported.
 #[must_use]
 pub fn check_containerd_config(text: &str, expected_dir: Option<&str>) -> ContainerdStatus {
-    let table: Table = match text.parse() {
+    check_containerd_config_with_imports(text, &[], expected_dir)
+}
+
+/// The `imports` of containerd's config text, as written (host paths, relative to the config's
+/// directory, `*` globs); none when the text is not valid TOML. Pure.
+#[must_use]
+pub fn imports(text: &str) -> Vec<String> {
+    text.parse::<Table>()
+        .ok()
+        .and_then(|t| t.get("imports").cloned())
+        .and_then(|v| match v {
+            Value::Array(items) => Some(
+                items
+                    .into_iter()
+                    .filter_map(|i| i.as_str().map(str::to_owned))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// Checks the configuration containerd runs with: `text` with the `imported` files applied in
+/// order, each given by its path and its text (or why it could not be read). containerd merges
+/// an imported file by replacing each whole `plugins."<id>"` section the file defines (1.x
+/// copies the plugin sections; 2.x merges maps by key and replaces their values entirely), so
+/// an import that defines the CRI section without `config_path` switches certs.d off. An
+/// imported file that cannot be read or parsed is reported (`ContainerdConfigUnreadable`).
+/// Pure.
+#[must_use]
+pub fn check_containerd_config_with_imports(
+    text: &str,
+    imported: &[(String, Result<String, String>)],
+    expected_dir: Option<&str>,
+) -> ContainerdStatus {
+    let mut status = check_merged(text, imported, expected_dir);
+    for (path, read) in imported {
+        let message = match read {
+            Err(e) => Some(format!("imported containerd config {path}: {e}")),
+            Ok(t) => t.parse::<Table>().err().map(|e| {
+                format!(
+                    "imported containerd config {path} is not valid TOML: {}",
+                    e.message()
+                )
+            }),
+        };
+        if let Some(message) = message {
+            status
+                .problems
+                .push(problem(Reason::ContainerdConfigUnreadable, message));
+        }
+    }
+    status
+}
+
+fn check_merged(
+    text: &str,
+    imported: &[(String, Result<String, String>)],
+    expected_dir: Option<&str>,
+) -> ContainerdStatus {
+    let mut table: Table = match text.parse() {
         Ok(t) => t,
         Err(e) => {
             let e: toml::de::Error = e;
@@ -67,6 +127,21 @@ pub fn check_containerd_config(text: &str, expected_dir: Option<&str>) -> Contai
             };
         }
     };
+    for (_, read) in imported {
+        let Some(file) = read.as_ref().ok().and_then(|t| t.parse::<Table>().ok()) else {
+            continue;
+        };
+        if let Some(Value::Table(plugins)) = file.get("plugins") {
+            let into = table
+                .entry("plugins")
+                .or_insert_with(|| Value::Table(Table::new()));
+            if let Value::Table(into) = into {
+                for (id, section) in plugins {
+                    into.insert(id.clone(), section.clone());
+                }
+            }
+        }
+    }
     let version = table
         .get("version")
         .and_then(Value::as_integer)
@@ -81,14 +156,13 @@ pub fn check_containerd_config(text: &str, expected_dir: Option<&str>) -> Contai
         .and_then(Value::as_str)
         .unwrap_or("");
     if config_path.is_empty() {
-        let imports = table
-            .get("imports")
-            .and_then(Value::as_array)
-            .is_some_and(|a| !a.is_empty());
-        let hint = if imports {
-            " (imported config files were not inspected)"
+        let hint = if imported.is_empty() {
+            String::new()
         } else {
-            ""
+            format!(
+                " (after its {} imported file(s); an imported file that defines this plugin's section replaces it whole)",
+                imported.len()
+            )
         };
         let dir = expected_dir.unwrap_or("/etc/containerd/certs.d");
         problems.push(problem(
@@ -162,6 +236,29 @@ pub fn check_containerd_config(text: &str, expected_dir: Option<&str>) -> Contai
     }
 }
 
+/// Whether a file name matches an `imports` pattern's last component, where `*` stands for any
+/// run of characters (as Go's `filepath.Glob` does within one component). Pure.
+#[must_use]
+pub fn glob_matches(pattern: &str, name: &str) -> bool {
+    let Some((first, rest)) = pattern.split_once('*') else {
+        return pattern == name;
+    };
+    let Some(mut remaining) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split('*').collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return true;
+    };
+    for part in middle {
+        match remaining.find(part) {
+            Some(i) => remaining = &remaining[i + part.len()..],
+            None => return false,
+        }
+    }
+    remaining.len() >= last.len() && remaining.ends_with(last)
+}
+
 /// Whether a problem keeps the node from using the mirror. A `:`-list still works with the CRI
 /// plugin of containerd 1.x (config v2), so it only blocks from v3 on (where it is reported only
 /// when the transfer service pulls, see [`check_containerd_config`]).
@@ -180,6 +277,87 @@ mod tests {
 
     fn reasons(status: &ContainerdStatus) -> Vec<Reason> {
         status.problems.iter().map(|p| p.reason).collect()
+    }
+
+    const V2_GOOD: &str = "version = 2\nimports = [\"/etc/containerd/conf.d/*.toml\"]\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n";
+
+    #[test]
+    fn imports_are_listed_as_written() {
+        assert_eq!(imports(V2_GOOD), vec!["/etc/containerd/conf.d/*.toml"]);
+        assert!(imports("version = 2").is_empty());
+        assert!(imports("not toml [").is_empty());
+    }
+
+    #[test]
+    fn an_import_that_redefines_the_cri_section_without_config_path_switches_certs_d_off() {
+        let ok = |t: &str| {
+            (
+                "/etc/containerd/conf.d/x.toml".to_string(),
+                Ok(t.to_string()),
+            )
+        };
+        // Another plugin's section: config_path stays.
+        let other =
+            ok("[plugins.\"io.containerd.snapshotter.v1.overlayfs\"]\nmount_options = []\n");
+        let s = check_containerd_config_with_imports(V2_GOOD, &[other], None);
+        assert_eq!(reasons(&s), []);
+        // The CRI section again, without registry: containerd replaces the section whole.
+        let cri = ok("[plugins.\"io.containerd.grpc.v1.cri\"]\nsandbox_image = \"pause:3.9\"\n");
+        let s = check_containerd_config_with_imports(V2_GOOD, std::slice::from_ref(&cri), None);
+        assert_eq!(reasons(&s), [Reason::ConfigPathNotSet]);
+        assert!(
+            s.problems[0].message.contains("imported file"),
+            "{}",
+            s.problems[0].message
+        );
+        // A later import that sets it again wins.
+        let fixed = ok("[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n");
+        let s = check_containerd_config_with_imports(V2_GOOD, &[cri, fixed], None);
+        assert_eq!(reasons(&s), []);
+        // An import that sets config_path on a main file without it.
+        let bare = "version = 2\n";
+        let fixed = ok("[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n");
+        assert_eq!(
+            reasons(&check_containerd_config_with_imports(bare, &[fixed], None)),
+            []
+        );
+    }
+
+    #[test]
+    fn an_unreadable_or_broken_import_is_reported() {
+        let imported = [
+            (
+                "/etc/containerd/conf.d/a.toml".to_string(),
+                Err("permission denied".to_string()),
+            ),
+            (
+                "/etc/containerd/conf.d/b.toml".to_string(),
+                Ok("[oops".to_string()),
+            ),
+        ];
+        let s = check_containerd_config_with_imports(V2_GOOD, &imported, None);
+        assert_eq!(
+            reasons(&s),
+            [
+                Reason::ContainerdConfigUnreadable,
+                Reason::ContainerdConfigUnreadable
+            ]
+        );
+        assert!(s.problems[0].message.contains("a.toml: permission denied"));
+        assert!(s.problems[1].message.contains("b.toml is not valid TOML"));
+    }
+
+    #[test]
+    fn import_globs_match_within_one_component() {
+        assert!(glob_matches("*.toml", "10-mirror.toml"));
+        assert!(glob_matches("*", "anything"));
+        assert!(glob_matches("10-*.toml", "10-a.toml"));
+        assert!(glob_matches("a*b*c", "aXbYc"));
+        assert!(!glob_matches("*.toml", "x.toml.bak"));
+        assert!(!glob_matches("10-*.toml", "20-a.toml"));
+        assert!(!glob_matches("a*b*c", "aXcYb"));
+        assert!(glob_matches("plain.toml", "plain.toml"));
+        assert!(glob_matches("*.toml", ".toml"), "`*` matches nothing too");
     }
 
     #[test]
