@@ -25,7 +25,7 @@ use cachalot_testkit::fault::FaultProxy;
 use cachalot_testkit::image::{docker_image, push};
 use cachalot_testkit::process::LoggedChild;
 use cachalot_testkit::wait::{free_port, wait_for};
-use common::node::{desired, AgentEndpoint, NodeDirs};
+use common::node::{agent_args, desired, AgentEndpoint, NodeDirs};
 
 const PODMAN: &str = "/usr/bin/podman";
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -285,21 +285,9 @@ async fn a_changed_dropin_is_followed_by_one_sighup_to_the_pid_in_the_pid_file()
 
     let port = free_port().unwrap();
     let args = Args {
-        desired_file: node.desired_file.clone(),
-        certs_dir: node.certs.clone(),
-        containerd_config: None,
-        host_certs_dir: None,
-        host_containerd_config: None,
         registries_conf_dir: Some(conf_dir.clone()),
         crio_pid_file: Some(pid_file.clone()),
-        docker_config: None,
-        host_docker_config: None,
-        docker_pid_file: None,
-        listen: format!("127.0.0.1:{port}").parse().unwrap(),
-        node_name: "node-1".into(),
-        interval: Duration::from_millis(100),
-        probe_timeout: Duration::from_millis(500),
-        log_format: cachalot_operator::telemetry::LogFormat::Text,
+        ..agent_args(&node, port)
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(run_until(args, async move {

@@ -25,7 +25,7 @@ use cachalot_testkit::process::LoggedChild;
 use cachalot_testkit::wait::{free_port, wait_until};
 
 mod common;
-use common::node::{desired, AgentEndpoint, NodeDirs};
+use common::node::{agent_args, desired, AgentEndpoint, NodeDirs};
 
 const DOCKERD: &str = "/usr/sbin/dockerd";
 const DOCKER: &str = "/usr/bin/docker";
@@ -178,21 +178,10 @@ async fn the_agent_puts_the_mirror_into_dockerd_and_takes_it_out_again() {
     node.write_desired(&docker_desired("g1", false));
     let port = free_port().unwrap();
     let args = Args {
-        desired_file: node.desired_file.clone(),
-        certs_dir: node.certs.clone(),
-        containerd_config: None,
-        host_certs_dir: None,
-        host_containerd_config: None,
-        registries_conf_dir: None,
-        crio_pid_file: None,
         docker_config: Some(daemon_json.clone()),
         host_docker_config: Some("/etc/docker/daemon.json".into()),
         docker_pid_file: Some(dockerd.pid_file.clone()),
-        listen: format!("127.0.0.1:{port}").parse().unwrap(),
-        node_name: "node-1".into(),
-        interval: Duration::from_millis(100),
-        probe_timeout: Duration::from_millis(500),
-        log_format: cachalot_operator::telemetry::LogFormat::Text,
+        ..agent_args(&node, port)
     };
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
     let agent_task = tokio::spawn(run_until(args, async move {

@@ -16,7 +16,7 @@ use cachalot_operator::node_agent::{run_until, Args};
 use cachalot_testkit::distribution::Distribution;
 use cachalot_testkit::fault::FaultProxy;
 use cachalot_testkit::wait::free_port;
-use common::node::{desired, AgentEndpoint, NodeDirs};
+use common::node::{agent_args, desired, AgentEndpoint, NodeDirs};
 
 /// Bound of the agent's shutdown.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -39,21 +39,9 @@ impl Agent {
     fn start(node: &NodeDirs, containerd_config: Option<PathBuf>) -> Self {
         let port = free_port().unwrap();
         let args = Args {
-            desired_file: node.desired_file.clone(),
-            certs_dir: node.certs.clone(),
             containerd_config,
             host_certs_dir: Some("/etc/containerd/certs.d".into()),
-            host_containerd_config: None,
-            registries_conf_dir: None,
-            crio_pid_file: None,
-            docker_config: None,
-            host_docker_config: None,
-            docker_pid_file: None,
-            listen: format!("127.0.0.1:{port}").parse().unwrap(),
-            node_name: "node-1".into(),
-            interval: Duration::from_millis(100),
-            probe_timeout: Duration::from_millis(500),
-            log_format: cachalot_operator::telemetry::LogFormat::Text,
+            ..agent_args(node, port)
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(run_until(args, async move {

@@ -55,6 +55,29 @@ impl NodeDirs {
     }
 }
 
+/// The agent's command line for `node`, answering on 127.0.0.1:`port`, with quick rounds
+/// (100 ms) and probes (500 ms), and no runtime beyond the certs.d directory; tests set the rest
+/// with struct update syntax.
+pub fn agent_args(node: &NodeDirs, port: u16) -> cachalot_operator::node_agent::Args {
+    cachalot_operator::node_agent::Args {
+        desired_file: node.desired_file.clone(),
+        certs_dir: node.certs.clone(),
+        containerd_config: None,
+        host_certs_dir: None,
+        host_containerd_config: None,
+        registries_conf_dir: None,
+        crio_pid_file: None,
+        docker_config: None,
+        host_docker_config: None,
+        docker_pid_file: None,
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        node_name: "node-1".into(),
+        interval: Duration::from_millis(100),
+        probe_timeout: Duration::from_millis(500),
+        log_format: cachalot_operator::telemetry::LogFormat::Text,
+    }
+}
+
 /// The desired state of mirror `cachalot/hub` for docker.io through `endpoints`: no `server`,
 /// fallback to the upstream, a 1 s dial timeout, a mirror taken out after 1 s unreachable.
 pub fn desired(generation: &str, endpoints: Vec<String>) -> DesiredState {
