@@ -39,7 +39,7 @@ use cachalot_registry::telemetry::StatsSnapshot;
 use cachalot_testkit::cluster::audit::AuditEvent;
 use common::cluster::{
     apply_mirror, condition, condition_is_true, eventually, mirrors_api, prerequisites_or_skip,
-    OperatorCluster, IMAGE,
+    wait_for_mirror_status, OperatorCluster, IMAGE,
 };
 use common::registry_stats;
 use futures::future::BoxFuture;
@@ -241,11 +241,7 @@ async fn wait_for_mirror(
     mirrors: &Api<DynamicObject>,
     check: impl Fn(&DynamicObject) -> bool,
 ) -> DynamicObject {
-    eventually(what, || async {
-        let mirror = mirrors.get(MIRROR).await.ok()?;
-        check(&mirror).then_some(mirror)
-    })
-    .await
+    wait_for_mirror_status(what, mirrors, MIRROR, check).await
 }
 
 fn owned_by(meta: &ObjectMeta, uid: &str) -> bool {

@@ -13,10 +13,11 @@ use std::time::Duration;
 use cachalot_testkit::cluster::{netns, tools, Cluster, ClusterOptions};
 use cachalot_testkit::prerequisites;
 use cachalot_testkit::wait::wait_for;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+    PostParams,
 };
 use serde_json::{json, Value};
 
@@ -118,6 +119,82 @@ where
     wait_for(timeout, POLL, check)
         .await
         .unwrap_or_else(|e| panic!("waiting for {what}: {e}"))
+}
+
+/// Waits until the mirror `name` satisfies `check`, and returns it; on timeout, panics with the
+/// last status seen and every pod of the namespace (phase, node, readiness, restarts and last
+/// termination), so a failure on a loaded CI machine says why the mirror did not get there.
+pub async fn wait_for_mirror_status(
+    what: &str,
+    mirrors: &Api<DynamicObject>,
+    name: &str,
+    check: impl Fn(&DynamicObject) -> bool,
+) -> DynamicObject {
+    let last = std::sync::Mutex::new(Value::Null);
+    let found = wait_for(WAIT, POLL, || async {
+        let mirror = mirrors.get(name).await.ok()?;
+        if check(&mirror) {
+            return Some(mirror);
+        }
+        if let Ok(mut last) = last.lock() {
+            *last = json!({"metadata": {"deletionTimestamp": mirror.metadata.deletion_timestamp,
+                                        "finalizers": mirror.metadata.finalizers},
+                           "status": mirror.data["status"]});
+        }
+        None
+    })
+    .await;
+    match found {
+        Ok(mirror) => mirror,
+        Err(e) => {
+            let last = last.lock().map(|l| l.to_string()).unwrap_or_default();
+            let namespace = mirrors.namespace().unwrap_or("default").to_owned();
+            let pods = describe_pods(&mirrors.clone().into_client(), &namespace).await;
+            panic!("waiting for {what}: {e}\nlast seen: {last}\npods in {namespace}:\n{pods}")
+        }
+    }
+}
+
+/// One line per pod of `namespace`: name, node, phase, IP, and per container its readiness,
+/// restarts, state and last termination.
+pub async fn describe_pods(client: &kube::Client, namespace: &str) -> String {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let list = match pods.list(&ListParams::default()).await {
+        Ok(list) => list,
+        Err(e) => return format!("(listing pods failed: {e})"),
+    };
+    let lines: Vec<String> = list
+        .items
+        .iter()
+        .map(|pod| {
+            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+            let status = pod.status.clone().unwrap_or_default();
+            let containers: Vec<String> = status
+                .container_statuses
+                .iter()
+                .flatten()
+                .map(|c| {
+                    format!(
+                        "{} ready={} restarts={} state={} last={}",
+                        c.name,
+                        c.ready,
+                        c.restart_count,
+                        json!(c.state),
+                        json!(c.last_state)
+                    )
+                })
+                .collect();
+            format!(
+                "  {} node={} phase={} ip={} [{}]",
+                pod.metadata.name.clone().unwrap_or_default(),
+                node.unwrap_or_default(),
+                status.phase.unwrap_or_default(),
+                status.pod_ip.unwrap_or_default(),
+                containers.join("; ")
+            )
+        })
+        .collect();
+    lines.join("\n")
 }
 
 /// [`eventually_within`] with [`WAIT`].
