@@ -401,7 +401,9 @@ async fn fetch(
     );
     let mut received: u64 = 0;
     let mut chunks_seen: u64 = 0;
-    let mut queue_wait = std::time::Duration::ZERO;
+    let mut first_byte_after = None;
+    let mut hasher_wait = std::time::Duration::ZERO;
+    let mut writer_wait = std::time::Duration::ZERO;
     let mut tee_dropped_at: Option<u64> = None;
     let idle = inner.body_idle_timeout;
     let body_error = |message: String| ProxyError::Body {
@@ -426,6 +428,7 @@ async fn fetch(
             Err(e) => return Err(body_error(e)),
         };
         received += chunk.len() as u64;
+        first_byte_after.get_or_insert_with(|| started.elapsed());
         if body.is_upstream() {
             inner.telemetry.add_upstream_bytes(chunk.len() as u64);
         }
@@ -446,7 +449,9 @@ async fn fetch(
         }
         chunks_seen += 1;
         let wait_started = std::time::Instant::now();
-        if to_hasher.send(chunk.clone()).await.is_err() || to_writer.send(chunk).await.is_err() {
+        let to_hasher_ok = to_hasher.send(chunk.clone()).await.is_ok();
+        let hashed_queued = std::time::Instant::now();
+        if !to_hasher_ok || to_writer.send(chunk).await.is_err() {
             // Neither thread stops before its channel closes unless it panicked.
             drop((to_hasher, to_writer));
             let _ = writer.await;
@@ -454,12 +459,15 @@ async fn fetch(
                 "blob hasher or writer stopped early".into(),
             ));
         }
-        queue_wait += wait_started.elapsed();
+        hasher_wait += hashed_queued - wait_started;
+        writer_wait += hashed_queued.elapsed();
     }
+    let body_after = started.elapsed();
     drop((to_hasher, to_writer));
     let (actual, hashing) = hasher
         .await
         .map_err(|e| ProxyError::Internal(format!("hasher task failed: {e}")))?;
+    let hashed_after = started.elapsed();
     if let Some(expected) = size {
         if received != expected {
             return Err(ProxyError::Truncated {
@@ -507,14 +515,23 @@ async fn fetch(
         }
         (None, None) => None,
     };
+    let written_after = started.elapsed();
+    // The timeline of the fetch, in ms from its start: response headers, first and last body
+    // byte, the digest known (what the leader's final byte waits for), the temp file written;
+    // the network task's waits on the hasher's and the writer's queues; the hasher's time inside
+    // the hash function (wall time: on a busy machine it includes waiting for a core).
     tracing::debug!(
         %digest,
         bytes = received,
         chunks = chunks_seen,
         headers_ms = headers_after.as_millis() as u64,
-        body_ms = started.elapsed().as_millis() as u64,
-        queue_wait_ms = queue_wait.as_millis() as u64,
-        hash_ms = hashing.as_millis() as u64,
+        first_byte_ms = first_byte_after.unwrap_or_default().as_millis() as u64,
+        last_byte_ms = body_after.as_millis() as u64,
+        hashed_ms = hashed_after.as_millis() as u64,
+        written_ms = written_after.as_millis() as u64,
+        hasher_queue_wait_ms = hasher_wait.as_millis() as u64,
+        writer_queue_wait_ms = writer_wait.as_millis() as u64,
+        hash_busy_ms = hashing.as_millis() as u64,
         tee_dropped_at,
         "blob fetched and verified"
     );
@@ -1041,7 +1058,14 @@ pub fn leader_stream(
         move |mut state| {
             async move {
                 if let Some(last) = state.held.take() {
+                    let held = std::time::Instant::now();
                     state.flight.digest_matched().await?;
+                    // How long the client's final byte waited for the digest: the cost of
+                    // verifying before the end, on top of a pull that does not verify.
+                    tracing::debug!(
+                        held_us = held.elapsed().as_micros() as u64,
+                        "final byte released"
+                    );
                     state.pos += last.len() as u64;
                     state.rx = None;
                     return Ok(Some((last, state)));
