@@ -195,6 +195,25 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Waits until none of `pids` uses CPU any more (its CPU time unchanged over 200 ms; at most
+/// 10 s), then flushes dirty pages: a proxy still writing or committing the previous pull, or
+/// the kernel writing back its file, must not be charged to the pull measured next.
+async fn settle(pids: &[u32]) {
+    let total = || pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>();
+    let mut last = total();
+    let mut quiet = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = total();
+        quiet = if now == last { quiet + 1 } else { 0 };
+        last = now;
+        if quiet >= 2 {
+            break;
+        }
+    }
+    let _ = tokio::process::Command::new("sync").status().await;
+}
+
 /// (VmRSS, VmHWM) of a process in MiB.
 fn memory_mib(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -594,7 +613,9 @@ async fn cold_run(
     let (idle_rss, _) = memory_mib(cach.pid());
     let (dist_idle_rss, _) = memory_mib(dist.pid());
     let (dist_cpu0, cach_cpu0) = (cpu_seconds(dist.pid()), cpu_seconds(cach.pid()));
+    let pids = [dist.pid(), cach.pid()];
     let timed_pull = |base: String| async move {
+        settle(&pids).await;
         let t = Instant::now();
         pull(c, &base, "library/big", "latest", big).await?;
         anyhow::Ok(t.elapsed().as_secs_f64())
@@ -606,6 +627,7 @@ async fn cold_run(
         let dist_cold = timed_pull(dist.url()).await?;
         (dist_cold, timed_pull(cach.url.clone()).await?)
     };
+    settle(&pids).await;
     let run = ColdRun {
         direct,
         dist: dist_cold,
