@@ -438,6 +438,12 @@ fn imports_over_real_default_configs_are_merged_as_each_containerd_merges_them()
         &check_containerd_config_with_imports(&v1_7, &imported, Some(CERTS_D)).problems[0].message;
     assert!(message.contains("containerd 1.x replaces"), "{message}");
     assert!(
+        message.contains(
+            "in /etc/containerd/conf.d/10-cri.toml, the last imported file that defines it"
+        ),
+        "the fix names the import, where setting it survives: {message}"
+    );
+    assert!(
         message.contains("containerd 2.x (which merges imported files key by key) would read"),
         "{message}"
     );

@@ -242,6 +242,26 @@ fn defaults_config_path(version: i64, written: &str, mirrors: bool, merged: &Tab
     version >= 4 && written.is_empty() && !mirrors && local_image_pull(merged)
 }
 
+/// The path of the last imported file that replaces what the main file says at `registry`
+/// (the CRI registry table's path): by `merge`, one that defines the plugin's section at all
+/// (1.x), or one that sets `config_path` in it (2.x). Pure.
+fn last_import_defining<'a>(
+    imported: &'a [(String, Result<String, String>)],
+    registry: &[&str; 3],
+    merge: ImportMerge,
+) -> Option<&'a str> {
+    imported.iter().rev().find_map(|(path, read)| {
+        let file: Table = read.as_ref().ok()?.parse().ok()?;
+        let defines = match merge {
+            ImportMerge::ReplaceSection => lookup(&file, &registry[..2]).is_some(),
+            ImportMerge::MergeKeys => lookup(&file, registry)
+                .and_then(|r| r.get("config_path"))
+                .is_some(),
+        };
+        defines.then_some(path.as_str())
+    })
+}
+
 fn problem(reason: Reason, message: String) -> Problem {
     Problem { reason, message }
 }
@@ -387,11 +407,17 @@ fn check_merged(
             }
         }
         let dir = expected_dir.unwrap_or("/etc/containerd/certs.d");
+        // Set in the main file, the line would be replaced again by the import that drops it.
+        let place = match last_import_defining(imported, &path, reading.merge) {
+            Some(import) => format!(" in {import}, the last imported file that defines it"),
+            None => String::new(),
+        };
         problems.push(problem(
             Reason::ConfigPathNotSet,
             format!(
                 "containerd config version {version}: {key}.config_path is not set, so certs.d is \
-                 never read{hint}. Fix: config_path = {dir:?} under [{key}], then restart containerd"
+                 never read{hint}. Fix: config_path = {dir:?} under [{key}]{place}, then restart \
+                 containerd"
             ),
         ));
     } else if config_path.contains(':') && version >= 3 {
@@ -525,7 +551,9 @@ mod tests {
         let s = check_containerd_config_with_imports(V2_GOOD, std::slice::from_ref(&cri), None);
         assert_eq!(reasons(&s), [Reason::ConfigPathNotSet]);
         assert!(
-            s.problems[0].message.contains("imported file"),
+            s.problems[0].message.contains(
+                "under [plugins.\"io.containerd.grpc.v1.cri\".registry] in /etc/containerd/conf.d/x.toml, the last imported file that defines it"
+            ),
             "{}",
             s.problems[0].message
         );
@@ -559,6 +587,28 @@ mod tests {
         let empty = ok("[plugins.\"io.containerd.cri.v1.images\".registry]\nconfig_path = \"\"\n");
         let s = check_containerd_config_with_imports(main, &[empty], None);
         assert_eq!(reasons(&s), [Reason::ConfigPathNotSet]);
+        assert!(
+            s.problems[0]
+                .message
+                .contains("in /etc/containerd/conf.d/x.toml, the last"),
+            "{}",
+            s.problems[0].message
+        );
+        // An import that does not touch config_path is not named as the place to fix.
+        let s = check_containerd_config_with_imports(
+            "version = 3\n",
+            &[ok(
+                "[plugins.\"io.containerd.cri.v1.images\"]\nsnapshotter = \"native\"\n",
+            )],
+            None,
+        );
+        assert!(
+            s.problems[0]
+                .message
+                .ends_with("registry], then restart containerd"),
+            "{}",
+            s.problems[0].message
+        );
         assert!(
             s.problems[0].message.contains("merged key by key"),
             "{}",
