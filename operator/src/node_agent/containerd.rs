@@ -71,7 +71,7 @@ fn local_image_pull(table: &Table) -> bool {
 
 /// How containerd applies an imported file's `plugins` onto the configuration read so far.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ImportMerge {
+enum ImportMerge {
     /// containerd 1.x: each `plugins."<id>"` section the import defines replaces the one so far.
     ReplaceSection,
     /// containerd 2.x: tables merged key by key, any other value replaced (even by `''` or `[]`).
@@ -82,7 +82,7 @@ impl ImportMerge {
     /// The rule for a main config of this `version`: v3 and later are read by containerd 2.x
     /// only; v2 and v1 are judged by the 1.x rule, which drops more. Pure.
     #[must_use]
-    pub fn for_version(version: i64) -> Self {
+    fn for_version(version: i64) -> Self {
         if version >= 3 {
             Self::MergeKeys
         } else {
