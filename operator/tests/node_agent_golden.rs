@@ -1,7 +1,8 @@
 //! Golden tests of the node agent's rendering: the exact `hosts.toml` (and CRI-O drop-in) text
 //! for each supported shape, and the directory each lands in; and its containerd checks over
-//! whole config files (`tests/golden/containerd/`: the real `containerd config default` of the
-//! containerd 1.6 installed here, and an abridged containerd 2.x default).
+//! whole config files (`tests/golden/containerd/`: the real `containerd config default` of
+//! containerd 1.6.20, 1.7.35, 2.0.14, 2.1.9 and 2.4.2, each file's header saying how it was made),
+//! as shipped, with the documented fix, and with imported files.
 //!
 //! The expected files live in `tests/golden/node_agent/`. After an intended change, regenerate
 //! them with `UPDATE_GOLDEN=1 cargo nextest run -p cachalot-operator --test node_agent_golden`
@@ -11,7 +12,9 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use cachalot_operator::node_agent::containerd::{check_containerd_config, is_blocking};
+use cachalot_operator::node_agent::containerd::{
+    check_containerd_config, check_containerd_config_with_imports, is_blocking,
+};
 use cachalot_operator::node_agent::plan::{reconcile_node, Action, Observed};
 use cachalot_operator::node_agent::protocol::{
     DesiredRegistry, DesiredState, Fallback, Reason, Runtime,
@@ -250,82 +253,228 @@ fn containerd_reasons(text: &str, expected_dir: Option<&str>) -> Vec<Reason> {
         .collect()
 }
 
-/// `containerd config default` of the real containerd 1.6 installed here: `config_path` is empty,
-/// so hosts.toml is never read; with it set (the documented fix) nothing is left to report.
-#[test]
-fn containerd_1_6_default_config_needs_config_path_and_the_message_says_how() {
-    let default = containerd_fixture("1.6-default.toml");
-    let status = check_containerd_config(&default, Some("/etc/containerd/certs.d"));
-    assert_eq!(status.config_version, Some(2));
-    assert_eq!(
-        containerd_reasons(&default, Some("/etc/containerd/certs.d")),
-        [Reason::ConfigPathNotSet]
-    );
-    let message = &status.problems[0].message;
-    assert!(
-        message.contains("Fix: config_path = \"/etc/containerd/certs.d\""),
-        "{message}"
-    );
-    let fixed = default.replace(
-        "config_path = \"\"",
-        "config_path = \"/etc/containerd/certs.d\"",
-    );
-    assert_eq!(
-        containerd_reasons(&fixed, Some("/etc/containerd/certs.d")),
-        []
-    );
-    // A list works with 1.x's CRI: reported, never blocking.
-    let list = default.replace(
-        "config_path = \"\"",
-        "config_path = \"/etc/containerd/certs.d:/etc/docker/certs.d\"",
-    );
-    let status = check_containerd_config(&list, Some("/etc/containerd/certs.d"));
-    assert_eq!(
-        status.problems.iter().map(|p| p.reason).collect::<Vec<_>>(),
-        [Reason::ConfigPathList]
-    );
-    assert!(!is_blocking(&status.problems[0], status.config_version));
+fn reasons_with_imports(text: &str, imported: &[(&str, &str)]) -> Vec<Reason> {
+    let imported: Vec<(String, Result<String, String>)> = imported
+        .iter()
+        .map(|(path, text)| ((*path).to_string(), Ok((*text).to_string())))
+        .collect();
+    check_containerd_config_with_imports(text, &imported, Some(CERTS_D))
+        .problems
+        .iter()
+        .map(|p| p.reason)
+        .collect()
 }
 
-/// containerd 2.x (config v3): the key moved to the images plugin; a `:`-list (as EKS AMIs ship)
-/// is ignored by the transfer-service pull unless the local pull is chosen.
+const CERTS_D: &str = "/etc/containerd/certs.d";
+
+/// The real defaults keep the registry table as two lines: its header, then `config_path`.
+const REGISTRY_HEADERS: [&str; 2] = [
+    "[plugins.\"io.containerd.grpc.v1.cri\".registry]",
+    "[plugins.'io.containerd.cri.v1.images'.registry]",
+];
+
+/// `text` with the CRI registry's `config_path` (not the transfer plugin's, which 1.7 and 2.x
+/// defaults also have) set to `value`: the documented fix, applied as an administrator would.
+fn set_config_path(text: &str, value: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let header = lines
+        .iter()
+        .position(|l| REGISTRY_HEADERS.contains(&l.trim()))
+        .expect("a real default has the CRI registry table");
+    let line = lines[header + 1];
+    let indent = &line[..line.len() - line.trim_start().len()];
+    assert!(line.trim_start().starts_with("config_path = "), "{line}");
+    let mut out: Vec<String> = lines.iter().map(|l| (*l).to_string()).collect();
+    out[header + 1] = format!("{indent}config_path = \"{value}\"");
+    out.join("\n") + "\n"
+}
+
+/// `text` with `use_local_image_pull = true` in the images plugin's table: replaced where the
+/// default has it (2.1+), added under the table's header where it does not (2.0).
+fn with_local_image_pull(text: &str) -> String {
+    if text.contains("use_local_image_pull = false") {
+        return text.replacen(
+            "use_local_image_pull = false",
+            "use_local_image_pull = true",
+            1,
+        );
+    }
+    let header = "  [plugins.'io.containerd.cri.v1.images']\n";
+    assert!(text.contains(header));
+    text.replacen(
+        header,
+        &format!("{header}    use_local_image_pull = true\n"),
+        1,
+    )
+}
+
+/// The real `containerd config default` of containerd 1.6.20 (Debian's package, installed here)
+/// and 1.7.35 (built from the Go module source): config version 2, `config_path` empty, so
+/// hosts.toml is never read; with it set (the documented fix) nothing is left to report; a list
+/// works with 1.x's CRI, so it is reported but never blocks.
 #[test]
-fn containerd_2_x_config_with_a_list_blocks_unless_local_image_pull_is_set() {
-    let default = containerd_fixture("2.x-default-abridged.toml");
+fn containerd_1_6_and_1_7_default_configs_need_config_path_and_the_message_says_how() {
+    for name in ["1.6-default.toml", "1.7-default.toml"] {
+        let default = containerd_fixture(name);
+        let status = check_containerd_config(&default, Some(CERTS_D));
+        assert_eq!(status.config_version, Some(2), "{name}");
+        assert_eq!(
+            containerd_reasons(&default, Some(CERTS_D)),
+            [Reason::ConfigPathNotSet],
+            "{name}"
+        );
+        let message = &status.problems[0].message;
+        assert!(
+            message.contains(
+                "Fix: config_path = \"/etc/containerd/certs.d\" under [plugins.\"io.containerd.grpc.v1.cri\".registry]"
+            ),
+            "{name}: {message}"
+        );
+        let fixed = set_config_path(&default, CERTS_D);
+        assert_eq!(containerd_reasons(&fixed, Some(CERTS_D)), [], "{name}");
+        let list = set_config_path(&default, "/etc/containerd/certs.d:/etc/docker/certs.d");
+        let status = check_containerd_config(&list, Some(CERTS_D));
+        assert_eq!(
+            status.problems.iter().map(|p| p.reason).collect::<Vec<_>>(),
+            [Reason::ConfigPathList],
+            "{name}"
+        );
+        assert!(!is_blocking(&status.problems[0], status.config_version));
+        // A config_path naming another directory.
+        let other = set_config_path(&default, "/etc/docker/certs.d");
+        assert_eq!(
+            containerd_reasons(&other, Some(CERTS_D)),
+            [Reason::ConfigPathMismatch],
+            "{name}"
+        );
+    }
+}
+
+/// The real `containerd config default` of containerd 2.0.14, 2.1.9 and 2.4.2 (built from the Go
+/// module source): config version 3 (2.0, 2.1) or 4 (2.4), the key in the images plugin,
+/// `config_path` empty. As shipped, no hosts.toml is read: 2.0 and 2.1 have no default, 2.2+
+/// default to `/etc/containerd/certs.d:/etc/docker/certs.d`, which the transfer service (the
+/// default pull of 2.1+) takes as one directory. Fixed with one directory, nothing is left. A
+/// list blocks unless the local pull is chosen (`use_local_image_pull = true`); 2.0 pulls only
+/// locally, but a v3 file does not say which 2.x reads it, so a list is reported there too.
+#[test]
+fn containerd_2_x_default_configs_need_one_directory_or_the_local_pull() {
+    for (name, version) in [
+        ("2.0-default.toml", 3),
+        ("2.1-default.toml", 3),
+        ("2.4-default.toml", 4),
+    ] {
+        let default = containerd_fixture(name);
+        let status = check_containerd_config(&default, Some(CERTS_D));
+        assert_eq!(status.config_version, Some(version), "{name}");
+        assert_eq!(
+            containerd_reasons(&default, Some(CERTS_D)),
+            [Reason::ConfigPathNotSet],
+            "{name}"
+        );
+        let message = &status.problems[0].message;
+        assert!(
+            message.contains(
+                "Fix: config_path = \"/etc/containerd/certs.d\" under [plugins.\"io.containerd.cri.v1.images\".registry]"
+            ),
+            "{name}: {message}"
+        );
+        assert!(is_blocking(&status.problems[0], status.config_version));
+
+        let fixed = set_config_path(&default, CERTS_D);
+        assert_eq!(containerd_reasons(&fixed, Some(CERTS_D)), [], "{name}");
+
+        let list = set_config_path(&default, "/etc/containerd/certs.d:/etc/docker/certs.d");
+        let status = check_containerd_config(&list, Some(CERTS_D));
+        assert_eq!(
+            status.problems.iter().map(|p| p.reason).collect::<Vec<_>>(),
+            [Reason::ConfigPathList],
+            "{name}"
+        );
+        assert!(is_blocking(&status.problems[0], status.config_version));
+        assert!(status.problems[0]
+            .message
+            .contains("use_local_image_pull = true"));
+        assert_eq!(
+            containerd_reasons(&with_local_image_pull(&list), Some(CERTS_D)),
+            [],
+            "{name}"
+        );
+
+        // The local pull with config_path left empty: containerd 2.2+ reads its default list,
+        // which only a v4 file proves (2.0 and 2.1 read nothing).
+        let local_default = with_local_image_pull(&default);
+        let want: &[Reason] = if version >= 4 {
+            &[]
+        } else {
+            &[Reason::ConfigPathNotSet]
+        };
+        assert_eq!(
+            containerd_reasons(&local_default, Some(CERTS_D)),
+            want,
+            "{name}"
+        );
+    }
+}
+
+/// `imports` over real defaults, each outcome first seen in `containerd config dump` of the real
+/// binaries: containerd 1.7.35 replaces a plugin section an import defines whole; 2.1.9 and
+/// 2.4.2 merge it key by key (an import's `config_path = ''` still replaces); 2.4.2 (config v4)
+/// migrates an import without `version` before merging, so the v2 key in it counts, while 2.1.9
+/// ignores it.
+#[test]
+fn imports_over_real_default_configs_are_merged_as_each_containerd_merges_them() {
+    let conf_d = "/etc/containerd/conf.d/10-cri.toml";
+    // 1.7: an import that redefines the CRI section (to change the pause image) drops the
+    // config_path the main file sets; the message says 2.x would keep it.
+    let v1_7 = set_config_path(&containerd_fixture("1.7-default.toml"), CERTS_D);
+    let pause = "[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.k8s.io/pause:3.9\"\n";
     assert_eq!(
-        containerd_reasons(&default, Some("/etc/containerd/certs.d")),
+        reasons_with_imports(&v1_7, &[(conf_d, pause)]),
         [Reason::ConfigPathNotSet]
     );
-    let set = |value: &str| {
-        default.replacen(
-            "    [plugins.'io.containerd.cri.v1.images'.registry]\n      config_path = ''",
-            &format!("    [plugins.'io.containerd.cri.v1.images'.registry]\n      config_path = '{value}'"),
-            1,
-        )
-    };
-    assert_eq!(
-        containerd_reasons(
-            &set("/etc/containerd/certs.d"),
-            Some("/etc/containerd/certs.d")
+    let imported = [(conf_d.to_string(), Ok(pause.to_string()))];
+    let message =
+        &check_containerd_config_with_imports(&v1_7, &imported, Some(CERTS_D)).problems[0].message;
+    assert!(message.contains("containerd 1.x replaces"), "{message}");
+    assert!(
+        message.contains(
+            "in /etc/containerd/conf.d/10-cri.toml, the last imported file that defines it"
         ),
+        "the fix names the import, where setting it survives: {message}"
+    );
+    assert!(
+        message.contains("containerd 2.x (which merges imported files key by key) would read"),
+        "{message}"
+    );
+    let other_plugin = "[plugins.\"io.containerd.snapshotter.v1.overlayfs\"]\n  root_path = \"\"\n";
+    assert_eq!(reasons_with_imports(&v1_7, &[(conf_d, other_plugin)]), []);
+
+    // 2.4 (whose default imports /etc/containerd/conf.d/*.toml): redefining the images section
+    // keeps config_path; the real 2.1 default imported whole clears it with its config_path = ''.
+    let v2_4 = containerd_fixture("2.4-default.toml");
+    assert!(v2_4.contains("imports = ['/etc/containerd/conf.d/*.toml']"));
+    let v2_4_fixed = set_config_path(&v2_4, CERTS_D);
+    let snapshotter = "[plugins.'io.containerd.cri.v1.images']\n  snapshotter = 'native'\n";
+    assert_eq!(
+        reasons_with_imports(&v2_4_fixed, &[(conf_d, snapshotter)]),
         []
     );
-    let list = set("/etc/containerd/certs.d:/etc/docker/certs.d");
-    let status = check_containerd_config(&list, Some("/etc/containerd/certs.d"));
+    let v2_1_default = containerd_fixture("2.1-default.toml");
     assert_eq!(
-        status.problems.iter().map(|p| p.reason).collect::<Vec<_>>(),
-        [Reason::ConfigPathList]
+        reasons_with_imports(&v2_4_fixed, &[(conf_d, &v2_1_default)]),
+        [Reason::ConfigPathNotSet]
     );
-    assert!(is_blocking(&status.problems[0], status.config_version));
-    assert!(status.problems[0]
-        .message
-        .contains("use_local_image_pull = true"));
-    let local = list.replace(
-        "use_local_image_pull = false",
-        "use_local_image_pull = true",
-    );
+    // An import that sets config_path fixes the shipped default, whichever 2.x reads it.
+    let v3_fix = "version = 3\n[plugins.'io.containerd.cri.v1.images'.registry]\n  config_path = '/etc/containerd/certs.d'\n";
+    assert_eq!(reasons_with_imports(&v2_4, &[(conf_d, v3_fix)]), []);
+    assert_eq!(reasons_with_imports(&v2_1_default, &[(conf_d, v3_fix)]), []);
+
+    // An import without version that uses the v2 key: migrated by 2.4, ignored by 2.1.
+    let v2_key = "[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n";
+    assert_eq!(reasons_with_imports(&v2_4, &[(conf_d, v2_key)]), []);
     assert_eq!(
-        containerd_reasons(&local, Some("/etc/containerd/certs.d")),
-        []
+        reasons_with_imports(&v2_1_default, &[(conf_d, v2_key)]),
+        [Reason::ConfigPathNotSet]
     );
 }

@@ -1,7 +1,8 @@
 //! The agent loop in-process (library `run_until`): it follows changes of the desired file,
 //! takes a dead mirror out after `unreachableAfter` and puts it back when it answers, keeps the
-//! last good state when the file turns invalid, reports containerd problems, and serves
-//! `/status`, `/healthz` and `/readyz`.
+//! last good state when the file turns invalid, reports containerd problems (following the
+//! `imports` of the real containerd 2.4 default through the mount), and serves `/status`,
+//! `/healthz` and `/readyz`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -37,10 +38,21 @@ impl std::ops::Deref for Agent {
 
 impl Agent {
     fn start(node: &NodeDirs, containerd_config: Option<PathBuf>) -> Self {
+        Self::start_with(node, containerd_config, None)
+    }
+
+    /// As [`Agent::start`], with `host_containerd_config`: the config's path as containerd sees
+    /// it, against which the agent maps absolute `imports` onto the mounted directory.
+    fn start_with(
+        node: &NodeDirs,
+        containerd_config: Option<PathBuf>,
+        host_containerd_config: Option<&str>,
+    ) -> Self {
         let port = free_port().unwrap();
         let args = Args {
             containerd_config,
             host_certs_dir: Some("/etc/containerd/certs.d".into()),
+            host_containerd_config: host_containerd_config.map(str::to_owned),
             ..agent_args(node, port)
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -207,6 +219,76 @@ async fn containerd_without_config_path_is_reported_and_node_is_not_ready() {
     .unwrap();
     agent
         .wait("fixed config noticed", |s| {
+            s.ready && s.containerd.problems.is_empty()
+        })
+        .await;
+    agent.stop().await;
+}
+
+/// The real `containerd config default` of containerd 2.4.2 imports
+/// `/etc/containerd/conf.d/*.toml`: the agent reads that glob through its mount of
+/// `/etc/containerd`, so a drop-in that sets `config_path` makes the node ready, and a drop-in
+/// that redefines the images plugin for another setting leaves it ready (containerd 2.x merges
+/// key by key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_containerd_2_4_default_is_fixed_by_a_conf_d_drop_in_the_agent_follows() {
+    let default = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/containerd/2.4-default.toml"),
+    )
+    .unwrap();
+    assert!(default.contains("imports = ['/etc/containerd/conf.d/*.toml']"));
+    let (node, containerd, _upstream, mirror) = node_with_mirror(Some(&default)).await;
+    let containerd = containerd.unwrap();
+    let conf_d = containerd.parent().unwrap().join("conf.d");
+    std::fs::create_dir(&conf_d).unwrap();
+    node.write_desired(&desired("g1", vec![mirror.url()]));
+    let agent = Agent::start_with(
+        &node,
+        Some(containerd.clone()),
+        Some("/etc/containerd/config.toml"),
+    );
+    let s = agent.wait("applied", |s| s.generation == "g1").await;
+    assert_eq!(s.containerd.config_version, Some(4));
+    assert_eq!(
+        s.containerd
+            .problems
+            .iter()
+            .map(|p| p.reason)
+            .collect::<Vec<_>>(),
+        [Reason::ConfigPathNotSet]
+    );
+    assert!(!s.ready);
+
+    std::fs::write(
+        conf_d.join("10-cachalot.toml"),
+        "version = 3\n[plugins.'io.containerd.cri.v1.images'.registry]\n  config_path = '/etc/containerd/certs.d'\n",
+    )
+    .unwrap();
+    agent
+        .wait("the drop-in is followed", |s| {
+            s.ready && s.containerd.problems.is_empty()
+        })
+        .await;
+
+    // A later drop-in for another images setting: merged key by key, config_path stays.
+    std::fs::write(
+        conf_d.join("20-snapshotter.toml"),
+        "version = 3\n[plugins.'io.containerd.cri.v1.images']\n  snapshotter = 'native'\n",
+    )
+    .unwrap();
+    // One more that clears it, to see the agent has read the directory again.
+    std::fs::write(
+        conf_d.join("30-clear.toml"),
+        "version = 3\n[plugins.'io.containerd.cri.v1.images'.registry]\n  config_path = ''\n",
+    )
+    .unwrap();
+    let s = agent
+        .wait("the clearing drop-in is seen", |s| !s.ready)
+        .await;
+    assert_eq!(s.containerd.problems[0].reason, Reason::ConfigPathNotSet);
+    std::fs::remove_file(conf_d.join("30-clear.toml")).unwrap();
+    agent
+        .wait("ready again with the snapshotter drop-in", |s| {
             s.ready && s.containerd.problems.is_empty()
         })
         .await;

@@ -2,10 +2,17 @@
 //! the agent writes to? The agent never edits this file and never restarts containerd; it only
 //! reports machine-readable reasons.
 //!
-//! Key names per containerd's docs/hosts.md: v3 (containerd 2.x)
-//! `plugins."io.containerd.cri.v1.images".registry.config_path`; v2 (1.x)
+//! Key names per containerd's docs/hosts.md: v3 and v4 (containerd 2.x; 2.4 writes v4)
+//! `plugins."io.containerd.cri.v1.images".registry.config_path`; v2 (1.x, also read by 2.x)
 //! `plugins."io.containerd.grpc.v1.cri".registry.config_path`; v1 (no `version`)
 //! `plugins.cri.registry.config_path`.
+//!
+//! `imports` are applied as containerd applies them, which differs by major version (checked
+//! against the real `containerd config dump` of 1.7.35 and 2.x): containerd 1.x replaces each
+//! whole `plugins."<id>"` section an imported file defines; containerd 2.x merges tables key by
+//! key and replaces every other value (a string, an array, even `''`). A v3/v4 file is only read
+//! by 2.x; a v2 file may be read by either, so it is judged by the 1.x rule (the stricter one) and
+//! the message says when 2.x would keep `config_path`.
 
 use toml::{Table, Value};
 
@@ -14,8 +21,8 @@ use super::protocol::{ContainerdStatus, Problem, Reason};
 /// The CRI registry table path for a config version.
 fn registry_table_path(version: i64) -> [&'static str; 3] {
     match version {
-        v if v >= 3 => ["plugins", "io.containerd.cri.v1.images", "registry"],
-        2 => ["plugins", "io.containerd.grpc.v1.cri", "registry"],
+        v if v >= 3 => ["plugins", IMAGES_PLUGIN, "registry"],
+        2 => ["plugins", V2_CRI_PLUGIN, "registry"],
         _ => ["plugins", "cri", "registry"],
     }
 }
@@ -30,20 +37,229 @@ fn lookup<'a>(table: &'a Table, path: &[&str]) -> Option<&'a Value> {
 }
 
 /// Whether containerd 2.x's CRI pulls with the local client (which reads `config_path` as a list)
-/// rather than the transfer service (one directory): `use_local_image_pull = true`, or
-/// `discard_unpacked_layers = true`, which the transfer service does not support and which makes
-/// containerd fall back to the local pull (containerd issue 12415). Other settings that force the
-/// fallback are not inspected.
+/// rather than the transfer service (one directory): `use_local_image_pull = true`, or one of the
+/// settings that containerd 2.1+ (`CheckLocalImagePullConfigs`, unchanged up to 2.4) says the
+/// transfer service does not support and so falls back to the local pull for:
+/// `disable_snapshot_annotations = false`, `discard_unpacked_layers = true` (containerd issue
+/// 12415), `max_concurrent_downloads` other than 3, `image_pull_with_sync_fs = true`, or
+/// non-empty `registry.mirrors`, `registry.configs` or `registry.auths`. An absent key has
+/// containerd's default, which never falls back. Pure.
 fn local_image_pull(table: &Table) -> bool {
-    let images =
-        lookup(table, &["plugins", "io.containerd.cri.v1.images"]).and_then(Value::as_table);
-    let flag = |name: &str| {
-        images
-            .and_then(|t| t.get(name))
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
+    let Some(images) = lookup(table, &["plugins", IMAGES_PLUGIN]).and_then(Value::as_table) else {
+        return false;
     };
-    flag("use_local_image_pull") || flag("discard_unpacked_layers")
+    let flag = |name: &str| images.get(name).and_then(Value::as_bool);
+    let registry_set = |name: &str| {
+        images
+            .get("registry")
+            .and_then(|r| r.get(name))
+            .and_then(Value::as_table)
+            .is_some_and(|t| !t.is_empty())
+    };
+    flag("use_local_image_pull") == Some(true)
+        || flag("disable_snapshot_annotations") == Some(false)
+        || flag("discard_unpacked_layers") == Some(true)
+        || images
+            .get("max_concurrent_downloads")
+            .and_then(Value::as_integer)
+            .is_some_and(|n| n != 3)
+        || flag("image_pull_with_sync_fs") == Some(true)
+        || ["mirrors", "configs", "auths"]
+            .into_iter()
+            .any(registry_set)
+}
+
+/// How containerd applies an imported file's `plugins` onto the configuration read so far.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ImportMerge {
+    /// containerd 1.x: each `plugins."<id>"` section the import defines replaces the one so far.
+    ReplaceSection,
+    /// containerd 2.x: tables merged key by key, any other value replaced (even by `''` or `[]`).
+    MergeKeys,
+}
+
+impl ImportMerge {
+    /// The rule for a main config of this `version`: v3 and later are read by containerd 2.x
+    /// only; v2 and v1 are judged by the 1.x rule, which drops more. Pure.
+    #[must_use]
+    fn for_version(version: i64) -> Self {
+        if version >= 3 {
+            Self::MergeKeys
+        } else {
+            Self::ReplaceSection
+        }
+    }
+}
+
+/// Applies the imported files' `plugins` to `table`, in order, by `how`. Other top-level keys of
+/// an import are not applied: the checks read nothing else. Pure.
+fn apply_imports(table: &mut Table, imported: &[Table], how: ImportMerge) {
+    for file in imported {
+        let Some(Value::Table(plugins)) = file.get("plugins") else {
+            continue;
+        };
+        let into = table
+            .entry("plugins")
+            .or_insert_with(|| Value::Table(Table::new()));
+        let Value::Table(into) = into else {
+            // `plugins` that is not a table: containerd would not start; nothing to merge into.
+            continue;
+        };
+        match how {
+            ImportMerge::ReplaceSection => {
+                for (id, section) in plugins {
+                    into.insert(id.clone(), section.clone());
+                }
+            }
+            ImportMerge::MergeKeys => merge_keys(into, plugins),
+        }
+    }
+}
+
+/// Merges `from` into `into` key by key: a table into a table recursively, anything else
+/// replaces. Recursion depth is bounded by the nesting of the parsed file.
+fn merge_keys(into: &mut Table, from: &Table) {
+    for (key, value) in from {
+        match (into.get_mut(key), value) {
+            (Some(Value::Table(existing)), Value::Table(incoming)) => {
+                merge_keys(existing, incoming)
+            }
+            _ => {
+                into.insert(key.clone(), value.clone());
+            }
+        }
+    }
+}
+
+/// The plugin id containerd 2.x moved the CRI image settings to, and the one they had before.
+const IMAGES_PLUGIN: &str = "io.containerd.cri.v1.images";
+const V2_CRI_PLUGIN: &str = "io.containerd.grpc.v1.cri";
+
+/// A config file's `version`; 1 when absent (containerd reads a file without one as v1).
+fn config_version(table: &Table) -> i64 {
+    table
+        .get("version")
+        .and_then(Value::as_integer)
+        .unwrap_or(1)
+}
+
+/// How a containerd reads a main file and its imports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Reading {
+    merge: ImportMerge,
+    /// containerd 2.3+ migrates every file older than config version 4 on its own before
+    /// merging it: the CRI `registry` of `plugins."io.containerd.grpc.v1.cri"` (or v1's
+    /// `plugins.cri`) moves to `plugins."io.containerd.cri.v1.images"`. 2.0 to 2.2 do not, and
+    /// ignore that key in a v3 file.
+    migrate_registry: bool,
+}
+
+impl Reading {
+    /// The reading a main file of `version` gets for the verdict: v2 and v1 as containerd 1.x;
+    /// v3 as containerd 2.0 to 2.2 (stricter than 2.3+); v4, written only for 2.3+, as 2.3+.
+    fn for_version(version: i64) -> Self {
+        Self {
+            merge: ImportMerge::for_version(version),
+            migrate_registry: version >= 4,
+        }
+    }
+
+    /// The other containerd that may read a main file of `version`, and its name, to explain
+    /// a verdict it would not share.
+    fn other_containerd(version: i64) -> Option<(Self, &'static str)> {
+        match version {
+            v if v >= 4 => None,
+            3 => Some((
+                Self {
+                    merge: ImportMerge::MergeKeys,
+                    migrate_registry: true,
+                },
+                "containerd 2.3+ (which moves a `plugins.\"io.containerd.grpc.v1.cri\".registry` \
+                 of a file older than version 4 to the images plugin)",
+            )),
+            _ => Some((
+                Self {
+                    merge: ImportMerge::MergeKeys,
+                    migrate_registry: false,
+                },
+                "containerd 2.x (which merges imported files key by key)",
+            )),
+        }
+    }
+}
+
+/// The configuration a containerd reading `main` and `imported` (in order) by `reading` ends up
+/// with, as far as the checks look: the top-level keys of `main` and the merged `plugins`. Pure.
+fn read_as(main: &Table, imported: &[Table], reading: Reading) -> Table {
+    let migrated = |file: &Table| {
+        let mut file = file.clone();
+        if reading.migrate_registry && config_version(&file) < 4 {
+            migrate_registry(&mut file);
+        }
+        file
+    };
+    let mut table = migrated(main);
+    let imported: Vec<Table> = imported.iter().map(migrated).collect();
+    apply_imports(&mut table, &imported, reading.merge);
+    table
+}
+
+/// containerd 2.3+'s migration of one file older than config version 4, for the CRI registry
+/// only: the `registry` table of the v2 CRI plugin (`plugins.cri` in a v1 file) replaces the
+/// file's `plugins."io.containerd.cri.v1.images".registry`. Pure.
+fn migrate_registry(file: &mut Table) {
+    let short_names = config_version(file) < 2;
+    let Some(Value::Table(plugins)) = file.get_mut("plugins") else {
+        return;
+    };
+    // A v1 file may name the plugin by its short id, which migration renames first.
+    let Some(registry) = plugins
+        .get("cri")
+        .filter(|_| short_names)
+        .or_else(|| plugins.get(V2_CRI_PLUGIN))
+        .and_then(|cri| cri.get("registry"))
+        .cloned()
+    else {
+        return;
+    };
+    let images = plugins
+        .entry(IMAGES_PLUGIN)
+        .or_insert_with(|| Value::Table(Table::new()));
+    if let Value::Table(images) = images {
+        images.insert("registry".to_owned(), registry);
+    }
+}
+
+/// What containerd 2.2+ uses (on Linux) when the images plugin's `config_path` is empty and no
+/// legacy `mirrors` are set.
+const DEFAULT_CONFIG_PATH_2_2: &str = "/etc/containerd/certs.d:/etc/docker/certs.d";
+
+/// Whether containerd reads hosts.toml from [`DEFAULT_CONFIG_PATH_2_2`] although `config_path`
+/// is empty: only a v4 file says containerd is 2.3+ (2.0 and 2.1 have no default, and a v3 file
+/// may be read by them), and only the local pull reads that list (the transfer service takes it
+/// as one directory, which does not exist, and reads no hosts.toml). Pure.
+fn defaults_config_path(version: i64, written: &str, mirrors: bool, merged: &Table) -> bool {
+    version >= 4 && written.is_empty() && !mirrors && local_image_pull(merged)
+}
+
+/// The path of the last imported file that replaces what the main file says at `registry`
+/// (the CRI registry table's path): by `merge`, one that defines the plugin's section at all
+/// (1.x), or one that sets `config_path` in it (2.x). Pure.
+fn last_import_defining<'a>(
+    imported: &'a [(String, Result<String, String>)],
+    registry: &[&str; 3],
+    merge: ImportMerge,
+) -> Option<&'a str> {
+    imported.iter().rev().find_map(|(path, read)| {
+        let file: Table = read.as_ref().ok()?.parse().ok()?;
+        let defines = match merge {
+            ImportMerge::ReplaceSection => lookup(&file, &registry[..2]).is_some(),
+            ImportMerge::MergeKeys => lookup(&file, registry)
+                .and_then(|r| r.get("config_path"))
+                .is_some(),
+        };
+        defines.then_some(path.as_str())
+    })
 }
 
 fn problem(reason: Reason, message: String) -> Problem {
@@ -77,12 +293,11 @@ pub fn imports(text: &str) -> Vec<String> {
 }
 
 /// Checks the configuration containerd runs with: `text` with the `imported` files applied in
-/// order, each given by its path and its text (or why it could not be read). containerd merges
-/// an imported file by replacing each whole `plugins."<id>"` section the file defines (1.x
-/// copies the plugin sections; 2.x merges maps by key and replaces their values entirely), so
-/// an import that defines the CRI section without `config_path` switches certs.d off. An
-/// imported file that cannot be read or parsed is reported (`ContainerdConfigUnreadable`).
-/// Pure.
+/// order, each given by its path and its text (or why it could not be read), by the rule of
+/// [`ImportMerge::for_version`]: under containerd 1.x an import that defines the CRI section
+/// without `config_path` switches certs.d off; under 2.x only an import that sets `config_path`
+/// itself (to `''` or another directory) changes it. An imported file that cannot be read or
+/// parsed is reported (`ContainerdConfigUnreadable`). Pure.
 #[must_use]
 pub fn check_containerd_config_with_imports(
     text: &str,
@@ -114,7 +329,7 @@ fn check_merged(
     imported: &[(String, Result<String, String>)],
     expected_dir: Option<&str>,
 ) -> ContainerdStatus {
-    let mut table: Table = match text.parse() {
+    let main: Table = match text.parse() {
         Ok(t) => t,
         Err(e) => {
             let e: toml::de::Error = e;
@@ -127,49 +342,82 @@ fn check_merged(
             };
         }
     };
-    for (_, read) in imported {
-        let Some(file) = read.as_ref().ok().and_then(|t| t.parse::<Table>().ok()) else {
-            continue;
-        };
-        if let Some(Value::Table(plugins)) = file.get("plugins") {
-            let into = table
-                .entry("plugins")
-                .or_insert_with(|| Value::Table(Table::new()));
-            if let Value::Table(into) = into {
-                for (id, section) in plugins {
-                    into.insert(id.clone(), section.clone());
-                }
-            }
-        }
-    }
-    let version = table
-        .get("version")
-        .and_then(Value::as_integer)
-        .unwrap_or(1);
+    let version = config_version(&main);
     let path = registry_table_path(version);
+    let imported_tables: Vec<Table> = imported
+        .iter()
+        .filter_map(|(_, read)| read.as_ref().ok().and_then(|t| t.parse::<Table>().ok()))
+        .collect();
+    let reading = Reading::for_version(version);
+    let table = read_as(&main, &imported_tables, reading);
     let key = format!("plugins.\"{}\".registry", path[1]);
     let registry = lookup(&table, &path).and_then(Value::as_table);
     let mut problems = Vec::new();
 
-    let config_path = registry
+    let mirrors = registry
+        .and_then(|r| r.get("mirrors"))
+        .and_then(Value::as_table)
+        .filter(|m| !m.is_empty());
+    let written = registry
         .and_then(|r| r.get("config_path"))
         .and_then(Value::as_str)
         .unwrap_or("");
+    let defaulted = defaults_config_path(version, written, mirrors.is_some(), &table);
+    let config_path = if defaulted {
+        DEFAULT_CONFIG_PATH_2_2
+    } else {
+        written
+    };
+    let shown = if defaulted {
+        format!("{config_path:?} (containerd's default for an empty config_path)")
+    } else {
+        format!("{config_path:?}")
+    };
     if config_path.is_empty() {
-        let hint = if imported.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " (after its {} imported file(s); an imported file that defines this plugin's section replaces it whole)",
+        let mut hint = match (imported.is_empty(), reading.merge) {
+            (true, _) => String::new(),
+            (false, ImportMerge::MergeKeys) => format!(
+                " (after its {} imported file(s), merged key by key as containerd 2.x does)",
                 imported.len()
-            )
+            ),
+            (false, ImportMerge::ReplaceSection) => format!(
+                " (after its {} imported file(s); containerd 1.x replaces each plugin section an \
+                 imported file defines whole)",
+                imported.len()
+            ),
         };
+        if version >= 4 && mirrors.is_none() {
+            hint.push_str(&format!(
+                "; containerd 2.2+ then uses {DEFAULT_CONFIG_PATH_2_2:?}, which its transfer-service \
+                 pull takes as one directory (only the local pull, use_local_image_pull = true, \
+                 reads it as a list)"
+            ));
+        }
+        if let Some((other, who)) = Reading::other_containerd(version) {
+            let other_table = read_as(&main, &imported_tables, other);
+            let kept = lookup(&other_table, &path)
+                .and_then(Value::as_table)
+                .and_then(|r| r.get("config_path"))
+                .and_then(Value::as_str)
+                .filter(|p| !p.is_empty());
+            if let Some(kept) = kept {
+                hint.push_str(&format!(
+                    "; {who} would read config_path = {kept:?}, but the fix works for every version"
+                ));
+            }
+        }
         let dir = expected_dir.unwrap_or("/etc/containerd/certs.d");
+        // Set in the main file, the line would be replaced again by the import that drops it.
+        let place = match last_import_defining(imported, &path, reading.merge) {
+            Some(import) => format!(" in {import}, the last imported file that defines it"),
+            None => String::new(),
+        };
         problems.push(problem(
             Reason::ConfigPathNotSet,
             format!(
                 "containerd config version {version}: {key}.config_path is not set, so certs.d is \
-                 never read{hint}. Fix: config_path = {dir:?} under [{key}], then restart containerd"
+                 never read{hint}. Fix: config_path = {dir:?} under [{key}]{place}, then restart \
+                 containerd"
             ),
         ));
     } else if config_path.contains(':') && version >= 3 {
@@ -211,15 +459,12 @@ fn check_merged(
             {
                 problems.push(problem(
                     Reason::ConfigPathMismatch,
-                    format!("{key}.config_path = {config_path:?} does not include {expected:?}"),
+                    format!("{key}.config_path = {shown} does not include {expected:?}"),
                 ));
             }
         }
     }
-    let mirrors = registry
-        .and_then(|r| r.get("mirrors"))
-        .and_then(Value::as_table);
-    if let Some(mirrors) = mirrors.filter(|m| !m.is_empty()) {
+    if let Some(mirrors) = mirrors {
         let names: Vec<&str> = mirrors.keys().map(String::as_str).collect();
         problems.push(problem(
             Reason::LegacyMirrorsConfigured,
@@ -306,7 +551,9 @@ mod tests {
         let s = check_containerd_config_with_imports(V2_GOOD, std::slice::from_ref(&cri), None);
         assert_eq!(reasons(&s), [Reason::ConfigPathNotSet]);
         assert!(
-            s.problems[0].message.contains("imported file"),
+            s.problems[0].message.contains(
+                "under [plugins.\"io.containerd.grpc.v1.cri\".registry] in /etc/containerd/conf.d/x.toml, the last imported file that defines it"
+            ),
             "{}",
             s.problems[0].message
         );
@@ -321,6 +568,148 @@ mod tests {
             reasons(&check_containerd_config_with_imports(bare, &[fixed], None)),
             []
         );
+    }
+
+    #[test]
+    fn a_v3_import_is_merged_key_by_key_as_containerd_2_does() {
+        let ok = |t: &str| {
+            (
+                "/etc/containerd/conf.d/x.toml".to_string(),
+                Ok(t.to_string()),
+            )
+        };
+        let main = "version = 3\n[plugins.\"io.containerd.cri.v1.images\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n";
+        // The images section again, without registry: containerd 2.x keeps config_path.
+        let other = ok("[plugins.\"io.containerd.cri.v1.images\"]\nsnapshotter = \"native\"\n");
+        let s = check_containerd_config_with_imports(main, &[other], None);
+        assert_eq!(reasons(&s), []);
+        // config_path = '' in an import replaces it, as any value does.
+        let empty = ok("[plugins.\"io.containerd.cri.v1.images\".registry]\nconfig_path = \"\"\n");
+        let s = check_containerd_config_with_imports(main, &[empty], None);
+        assert_eq!(reasons(&s), [Reason::ConfigPathNotSet]);
+        assert!(
+            s.problems[0]
+                .message
+                .contains("in /etc/containerd/conf.d/x.toml, the last"),
+            "{}",
+            s.problems[0].message
+        );
+        // An import that does not touch config_path is not named as the place to fix.
+        let s = check_containerd_config_with_imports(
+            "version = 3\n",
+            &[ok(
+                "[plugins.\"io.containerd.cri.v1.images\"]\nsnapshotter = \"native\"\n",
+            )],
+            None,
+        );
+        assert!(
+            s.problems[0]
+                .message
+                .ends_with("registry], then restart containerd"),
+            "{}",
+            s.problems[0].message
+        );
+        assert!(
+            s.problems[0].message.contains("merged key by key"),
+            "{}",
+            s.problems[0].message
+        );
+        // use_local_image_pull from an import reaches the merged images section.
+        let list = main.replace("certs.d\"", "certs.d:/etc/docker/certs.d\"");
+        let local = ok("[plugins.\"io.containerd.cri.v1.images\"]\nuse_local_image_pull = true\n");
+        assert_eq!(
+            reasons(&check_containerd_config_with_imports(&list, &[], None)),
+            [Reason::ConfigPathList]
+        );
+        assert_eq!(
+            reasons(&check_containerd_config_with_imports(&list, &[local], None)),
+            []
+        );
+    }
+
+    #[test]
+    fn a_v2_import_that_drops_config_path_under_1_x_says_2_x_would_read_it() {
+        let cri = (
+            "/etc/containerd/conf.d/x.toml".to_string(),
+            Ok(
+                "[plugins.\"io.containerd.grpc.v1.cri\"]\nsandbox_image = \"pause:3.9\"\n"
+                    .to_string(),
+            ),
+        );
+        let s = check_containerd_config_with_imports(V2_GOOD, &[cri], None);
+        assert_eq!(reasons(&s), [Reason::ConfigPathNotSet]);
+        let message = &s.problems[0].message;
+        assert!(message.contains("containerd 1.x replaces"), "{message}");
+        assert!(
+            message.contains("containerd 2.x (which merges imported files key by key) would read config_path = \"/etc/containerd/certs.d\""),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn the_v2_registry_key_counts_in_files_older_than_v4_only_when_the_main_file_is_v4() {
+        let ok = |t: &str| {
+            (
+                "/etc/containerd/conf.d/x.toml".to_string(),
+                Ok(t.to_string()),
+            )
+        };
+        let v2_key = "[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n";
+        // Main v4 (containerd 2.3+): an import without version is migrated before the merge.
+        let s = check_containerd_config_with_imports("version = 4\n", &[ok(v2_key)], None);
+        assert_eq!(reasons(&s), []);
+        // Also with the v1 short plugin id.
+        let short = "[plugins.cri.registry]\nconfig_path = \"/etc/containerd/certs.d\"\n";
+        let s = check_containerd_config_with_imports("version = 4\n", &[ok(short)], None);
+        assert_eq!(reasons(&s), []);
+        // An import that says version 4 is not migrated: the v2 key there is ignored.
+        let s = check_containerd_config_with_imports(
+            "version = 4\n",
+            &[ok(&format!("version = 4\n{v2_key}"))],
+            None,
+        );
+        assert_eq!(reasons(&s), [Reason::ConfigPathNotSet]);
+        // Main v3: containerd 2.0 to 2.2 ignore it (the verdict), 2.3+ would read it (the hint).
+        let s = check_containerd_config_with_imports("version = 3\n", &[ok(v2_key)], None);
+        assert_eq!(reasons(&s), [Reason::ConfigPathNotSet]);
+        let message = &s.problems[0].message;
+        assert!(message.contains("containerd 2.3+"), "{message}");
+        assert!(
+            message.contains("would read config_path = \"/etc/containerd/certs.d\""),
+            "{message}"
+        );
+        let s = check_containerd_config(&format!("version = 3\n{v2_key}"), None);
+        assert!(
+            s.problems[0].message.contains("containerd 2.3+"),
+            "{}",
+            s.problems[0].message
+        );
+        // Without anything that sets it, no such hint.
+        let s = check_containerd_config("version = 3\n", None);
+        assert!(
+            !s.problems[0].message.contains("would read"),
+            "{}",
+            s.problems[0].message
+        );
+    }
+
+    #[test]
+    fn merging_by_keys_recurses_into_tables_and_replaces_everything_else() {
+        let mut into: Table = "[a]\nkeep = 1\nlist = [\"b\"]\n[a.inner]\nx = \"set\"\ny = 2\n"
+            .parse()
+            .unwrap();
+        let from: Table = "[a]\nlist = [\"a\"]\n[a.inner]\nx = \"\"\n[b]\nnew = true\n"
+            .parse()
+            .unwrap();
+        merge_keys(&mut into, &from);
+        let expected: Table =
+            "[a]\nkeep = 1\nlist = [\"a\"]\n[a.inner]\nx = \"\"\ny = 2\n[b]\nnew = true\n"
+                .parse()
+                .unwrap();
+        assert_eq!(into, expected);
+        assert_eq!(ImportMerge::for_version(4), ImportMerge::MergeKeys);
+        assert_eq!(ImportMerge::for_version(3), ImportMerge::MergeKeys);
+        assert_eq!(ImportMerge::for_version(2), ImportMerge::ReplaceSection);
     }
 
     #[test]
@@ -423,6 +812,78 @@ mod tests {
             let s = check_containerd_config(&text.replace("true", "false"), None);
             assert_eq!(reasons(&s), [Reason::ConfigPathList], "{flag} = false");
         }
+    }
+
+    #[test]
+    fn every_setting_that_makes_containerd_2_fall_back_to_the_local_pull_is_seen() {
+        let list = "version = 3\n[plugins.\"io.containerd.cri.v1.images\".registry]\nconfig_path = \"/etc/containerd/certs.d:/etc/docker/certs.d\"\n";
+        for (setting, local) in [
+            ("use_local_image_pull = true", true),
+            ("use_local_image_pull = false", false),
+            ("disable_snapshot_annotations = false", true),
+            ("disable_snapshot_annotations = true", false),
+            ("discard_unpacked_layers = true", true),
+            ("max_concurrent_downloads = 5", true),
+            ("max_concurrent_downloads = 3", false),
+            ("image_pull_with_sync_fs = true", true),
+            ("image_pull_with_sync_fs = false", false),
+        ] {
+            let text = format!("{list}[plugins.\"io.containerd.cri.v1.images\"]\n{setting}\n");
+            let got = reasons(&check_containerd_config(&text, None));
+            let want: &[Reason] = if local {
+                &[]
+            } else {
+                &[Reason::ConfigPathList]
+            };
+            assert_eq!(got, want, "{setting}");
+        }
+        let auths = format!(
+            "{list}[plugins.\"io.containerd.cri.v1.images\".registry.auths.\"r.example\"]\nusername = \"u\"\n"
+        );
+        assert_eq!(reasons(&check_containerd_config(&auths, None)), []);
+        let empty_auths =
+            format!("{list}[plugins.\"io.containerd.cri.v1.images\".registry.auths]\n");
+        assert_eq!(
+            reasons(&check_containerd_config(&empty_auths, None)),
+            [Reason::ConfigPathList]
+        );
+    }
+
+    #[test]
+    fn an_empty_config_path_in_a_v4_file_is_containerds_default_list_under_the_local_pull() {
+        let local =
+            "version = 4\n[plugins.\"io.containerd.cri.v1.images\"]\nuse_local_image_pull = true\n";
+        let s = check_containerd_config(local, Some("/etc/containerd/certs.d"));
+        assert_eq!(reasons(&s), []);
+        let s = check_containerd_config(
+            local,
+            Some("/var/lib/rancher/k3s/agent/etc/containerd/certs.d"),
+        );
+        assert_eq!(reasons(&s), [Reason::ConfigPathMismatch]);
+        assert!(
+            s.problems[0]
+                .message
+                .contains("containerd's default for an empty config_path"),
+            "{}",
+            s.problems[0].message
+        );
+        // The transfer service takes the default list as one directory.
+        let s = check_containerd_config("version = 4\n", Some("/etc/containerd/certs.d"));
+        assert_eq!(reasons(&s), [Reason::ConfigPathNotSet]);
+        assert!(
+            s.problems[0].message.contains("takes as one directory"),
+            "{}",
+            s.problems[0].message
+        );
+        // A v3 file may be read by containerd 2.0 or 2.1, which have no default.
+        let v3 = local.replace("version = 4", "version = 3");
+        assert_eq!(
+            reasons(&check_containerd_config(
+                &v3,
+                Some("/etc/containerd/certs.d")
+            )),
+            [Reason::ConfigPathNotSet]
+        );
     }
 
     #[test]

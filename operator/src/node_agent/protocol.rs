@@ -164,7 +164,8 @@ pub enum RegistryState {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ContainerdStatus {
-    /// `version` of config.toml (2 or 3); `None` when unreadable or not containerd.
+    /// `version` of config.toml (2 for containerd 1.x, 3 or 4 for 2.x; 1 when the file has none);
+    /// `None` when unreadable or not containerd.
     #[serde(default)]
     pub config_version: Option<i64>,
     /// Problems found, each with a machine-readable reason.
