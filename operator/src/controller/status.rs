@@ -1023,6 +1023,39 @@ pub fn compute_status(
     status
 }
 
+/// Puts the warm into a computed status: `warm` and its `Warmed` condition when the pass
+/// decided them (a running mirror), else the previous `status.warm` kept as it was (an invalid,
+/// conflicting or missing-reference pass warms nothing and forgets nothing). The condition's
+/// `lastTransitionTime` moves only when its status changes. Pure.
+pub fn with_warm(
+    status: &mut RegistryMirrorStatus,
+    previous: Option<&RegistryMirrorStatus>,
+    decided: Option<(Option<crate::api::WarmStatus>, Option<MirrorCondition>)>,
+    now: &Time,
+) {
+    let Some((warm, warmed)) = decided else {
+        status.warm = previous.and_then(|p| p.warm.clone());
+        return;
+    };
+    status.warm = warm;
+    let Some(mut c) = warmed else {
+        return;
+    };
+    c.observed_generation = status.observed_generation;
+    let before = previous.and_then(|p| p.conditions.iter().find(|old| old.type_ == c.type_));
+    c.last_transition_time = match before {
+        Some(old) if old.status == c.status && old.last_transition_time.is_some() => {
+            old.last_transition_time.clone()
+        }
+        _ => Some(now.clone()),
+    };
+    status.conditions.retain(|old| old.type_ != c.type_);
+    status.conditions.push(c);
+    status
+        .conditions
+        .sort_by_key(|c| ConditionType::ALL.iter().position(|t| *t == c.type_));
+}
+
 /// A notable transition worth a Kubernetes Event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
@@ -1069,6 +1102,21 @@ pub fn transitions(
                 warning: true,
                 reason: REGISTRY_FAILING.to_string(),
                 note: proxy.message.clone(),
+            });
+        }
+    }
+    if let Some(warmed) = find(Some(next), ConditionType::Warmed) {
+        let before = find(previous, ConditionType::Warmed);
+        let settled = matches!(
+            warmed.status,
+            ConditionStatus::True | ConditionStatus::False
+        );
+        if settled && before.is_none_or(|b| b.status != warmed.status || b.reason != warmed.reason)
+        {
+            out.push(Transition {
+                warning: warmed.status == ConditionStatus::False,
+                reason: warmed.reason.clone(),
+                note: warmed.message.clone(),
             });
         }
     }
