@@ -202,6 +202,8 @@ pub enum WarmAction {
         hash: String,
         /// The attempt number.
         attempt: i32,
+        /// Unix seconds: the start the status records.
+        started_at: u64,
     },
     /// Stop and forget any job (the list is empty or invalid).
     Stop,
@@ -403,6 +405,7 @@ pub fn decide(input: &WarmInput<'_>) -> WarmDecision {
                 refs: plan.refs.clone(),
                 hash: plan.hash.clone(),
                 attempt,
+                started_at: input.now,
             },
             recheck: Some(input.poll),
         }
@@ -527,12 +530,13 @@ impl WarmJobs {
                 refs,
                 hash,
                 attempt,
+                started_at,
             } => {
                 tracing::info!(mirror = %key, images = refs.len(), %base_url, attempt, "warming spec.warm");
                 let progress = Arc::new(Mutex::new(JobView {
                     hash: hash.clone(),
                     attempt: *attempt,
-                    started_at: unix_now(),
+                    started_at: *started_at,
                     total: refs.len(),
                     ..JobView::default()
                 }));
@@ -742,6 +746,7 @@ mod tests {
                 refs: refs(&["docker.io/library/a:1", "docker.io/library/b:1"]),
                 hash: hash.clone(),
                 attempt: 1,
+                started_at: NOW,
             }
         );
         assert_eq!(started.recheck, Some(POLL));
