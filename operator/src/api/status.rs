@@ -88,8 +88,8 @@ pub enum ConditionType {
     CacheShared,
     /// The images of `spec.warm` are in the cache (present only when `spec.warm` lists any):
     /// `True Warmed`, `Unknown Warming` or `WaitingForRegistry`, `False WarmFailed`,
-    /// `InvalidWarmRef`, `WarmRegistryNotMirrored` or `TooManyWarmRefs`. Informational: it
-    /// does not affect `Ready`.
+    /// `InvalidWarmRef`, `WarmRegistryNotMirrored`, `TooManyWarmRefs` or `NoRegistryToWarm`.
+    /// Informational: it does not affect `Ready`.
     Warmed,
 }
 

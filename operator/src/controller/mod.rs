@@ -648,7 +648,10 @@ pub async fn reconcile_mirror(
     };
     let key = object_key(&mirror);
     let served: Vec<&str> = v.registries.iter().map(|r| r.name.as_str()).collect();
-    let plan = warm::plan_warm(&mirror.spec.warm, &served);
+    let plan = match warm::plan_warm(&mirror.spec.warm, &served) {
+        Ok(Some(_)) if external => Err(warm::WarmSpecError::NoRegistry),
+        plan => plan,
+    };
     let job = ctx.warms.view(&key);
     let decision = warm::decide(&warm::WarmInput {
         plan: &plan,

@@ -63,6 +63,9 @@ pub enum WarmSpecError {
         /// The parser's message (it names the reference).
         message: String,
     },
+    /// `service.type: External`: no registry runs here to warm anything.
+    #[error("spec.warm: service.type External runs no registry here to warm the images; warm them on the external mirror")]
+    NoRegistry,
     /// A reference names a registry this mirror does not serve.
     #[error("spec.warm[{index}]: `{reference}` is in registry `{registry}`, which this mirror does not serve (spec.registries: {served})")]
     NotMirrored {
@@ -85,6 +88,7 @@ impl WarmSpecError {
             Self::TooMany { .. } => "TooManyWarmRefs",
             Self::BadRef { .. } => "InvalidWarmRef",
             Self::NotMirrored { .. } => "WarmRegistryNotMirrored",
+            Self::NoRegistry => "NoRegistryToWarm",
         }
     }
 }
@@ -673,6 +677,7 @@ mod tests {
         assert_eq!(e.reason(), "InvalidWarmRef");
         assert!(e.to_string().starts_with("spec.warm[1]: "), "{e}");
         assert!(e.to_string().contains("Bad:Ref"), "{e}");
+        assert_eq!(WarmSpecError::NoRegistry.reason(), "NoRegistryToWarm");
         let e = plan_warm(&refs(&["quay.io/org/app:1"]), SERVED).unwrap_err();
         assert_eq!(e.reason(), "WarmRegistryNotMirrored");
         assert_eq!(
