@@ -95,26 +95,23 @@ fn pass(
     decision
 }
 
-/// Passes until the job has ended; the status of the pass that saw it end.
+/// Waits (bounded) until the job of a warm that `status` shows `Warming` has ended, then runs
+/// the pass that sees it.
 async fn until_settled(
     jobs: &WarmJobs,
     probe: &Arc<dyn Probe>,
     list: &[&str],
-    mut status: WarmStatus,
+    status: WarmStatus,
     target: &str,
 ) -> WarmDecision {
-    let mut seen_states = vec![status.state];
+    assert_eq!(status.state, WarmState::Warming, "{status:?}");
     wait_until(DEADLINE, POLL, || {
         let ended = jobs.view("ns/mirror").is_some_and(|j| j.end.is_some());
         async move { ended }
     })
     .await
     .expect("the warm job ends");
-    let decision = pass(jobs, probe, list, Some(&status), target);
-    status = decision.status.clone().unwrap();
-    seen_states.push(status.state);
-    assert_eq!(seen_states[0], WarmState::Warming, "{seen_states:?}");
-    decision
+    pass(jobs, probe, list, Some(&status), target)
 }
 
 #[tokio::test]
