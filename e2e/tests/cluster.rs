@@ -525,3 +525,98 @@ async fn server_side_apply_restores_the_operators_fields_and_keeps_other_manager
     assert!(managers.iter().any(|m| m == "team-tooling"), "{managers:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spec_warm_is_warmed_by_a_registry_pod_shown_in_status_and_a_failing_image_is_named(
+) -> Result<()> {
+    let Some(scene) = Scene::set_up("spec_warm", 1, &[]).await? else {
+        return Ok(());
+    };
+    let (settings, client, ns, api) = (scene.settings(), &scene.client, &scene.ns, &scene.api);
+    let image = settings.pull_image.clone();
+
+    // The list is warmed once the registry answers: status.warm, the Warmed condition and the
+    // WARM column say Done, and the pull that follows costs the registry no miss.
+    apply_mirror(
+        api,
+        &mirror_manifest(settings, "warm", &json!({"warm": [image]})),
+    )
+    .await?;
+    wait_for_condition(settings, api, "warm", "Ready", "True").await?;
+    let warmed = wait_for_condition(settings, api, "warm", "Warmed", "True").await?;
+    let warm = &warmed.data["status"]["warm"];
+    assert_eq!(warm["state"], "Done", "{warm}");
+    assert_eq!(
+        (warm["done"].as_i64(), warm["total"].as_i64()),
+        (Some(1), Some(1)),
+        "{warm}"
+    );
+    assert_eq!(warm["attempts"], 1, "{warm}");
+    let table = get_registrymirrors(settings, &ns.name)?;
+    assert_eq!(table[0]["WARM"], "Done 1/1", "{table:?}");
+    let (_, misses0) = registry_hits_misses(client, &ns.name, "warm").await?;
+    let node = node_names(client).await?.remove(0);
+    run_pod(
+        settings,
+        client,
+        &ns.name,
+        puller("pull-warmed", &image, Some(&node)),
+    )
+    .await?;
+    let (hits1, misses1) = registry_hits_misses(client, &ns.name, "warm").await?;
+    assert_eq!(
+        misses1, misses0,
+        "a warmed image pulls with no miss ({hits1} hits)"
+    );
+
+    // The list changes to include an image the upstream does not have: warmed again, that image
+    // named in status and the condition.
+    let missing = "docker.io/library/not-there:1";
+    apply_mirror(
+        api,
+        &mirror_manifest(settings, "warm", &json!({"warm": [image, missing]})),
+    )
+    .await?;
+    let failed = wait_for_condition(settings, api, "warm", "Warmed", "False").await?;
+    let warm = &failed.data["status"]["warm"];
+    assert_eq!(warm["state"], "Failed", "{warm}");
+    assert_eq!(warm["failed"][0]["ref"], missing, "{warm}");
+    let cond = condition(&failed, "Warmed").context("Warmed")?;
+    assert_eq!(cond["reason"], "WarmFailed", "{cond}");
+    assert!(
+        cond["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(missing),
+        "{cond}"
+    );
+    assert_eq!(
+        condition(&failed, "Ready").context("Ready")?["status"],
+        "True",
+        "a failed warm leaves the mirror Ready"
+    );
+
+    // A registry the mirror does not serve is refused with its own reason, naming the item.
+    apply_mirror(
+        api,
+        &mirror_manifest(settings, "warm", &json!({"warm": ["quay.io/org/app:1"]})),
+    )
+    .await?;
+    let invalid = wait_for_mirror(
+        settings,
+        api,
+        "warm",
+        "Warmed=False WarmRegistryNotMirrored",
+        |m| condition(m, "Warmed").is_some_and(|c| c["reason"] == "WarmRegistryNotMirrored"),
+    )
+    .await?;
+    let cond = condition(&invalid, "Warmed").context("Warmed")?;
+    assert!(
+        cond["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("spec.warm[0]: `quay.io/org/app:1` is in registry `quay.io`"),
+        "{cond}"
+    );
+    Ok(())
+}

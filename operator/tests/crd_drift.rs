@@ -47,7 +47,15 @@ fn generated_crd_is_namespaced_with_status_subresource_and_printer_columns() {
         .collect();
     assert_eq!(
         columns,
-        ["READY", "ENDPOINT", "NODES", "HIT-RATIO", "BUDGET", "AGE"]
+        [
+            "READY",
+            "ENDPOINT",
+            "NODES",
+            "HIT-RATIO",
+            "BUDGET",
+            "WARM",
+            "AGE"
+        ]
     );
 }
 

@@ -12,7 +12,7 @@ use futures::StreamExt as _;
 
 use crate::api::admin::{Outcome, PurgeRequest, WarmEvent, WarmRequest};
 use crate::oci::ImageRef;
-use crate::proxy::purge::PurgeReport;
+use crate::proxy::purge::{PurgeReport, ReplicaOutcome};
 use crate::proxy::warm::Platform;
 use crate::telemetry::StatsSnapshot;
 
@@ -434,19 +434,46 @@ pub async fn run_purge(server: &str, reference: &str) -> u8 {
     }
     match purge(server, reference).await {
         Ok(report) => {
-            println!(
-                "purged {}: {} tag(s), {} manifest(s), {} blob(s) ({} kept: still used), {} freed",
-                report.reference,
-                report.tags.len(),
-                report.manifests.len(),
-                report.blobs,
-                report.blobs_kept,
-                human_bytes(report.bytes_freed)
-            );
-            0
+            print!("{}", render_purge(&report));
+            if report.incomplete() {
+                fail(
+                    "the purge did not reach every replica (see above)",
+                    EXIT_FAILED,
+                )
+            } else {
+                0
+            }
         }
         Err(e) => fail(e, EXIT_FAILED),
     }
+}
+
+/// A purge's answer for a person: one line, then one per replica when there are several.
+/// Pure.
+pub fn render_purge(report: &PurgeReport) -> String {
+    let mut out = format!(
+        "purged {}: {} tag(s), {} manifest(s), {} blob(s) ({} kept: still used), {} freed\n",
+        report.reference,
+        report.tags.len(),
+        report.manifests.len(),
+        report.blobs,
+        report.blobs_kept,
+        human_bytes(report.bytes_freed)
+    );
+    for r in &report.replicas {
+        let line = match r.outcome {
+            ReplicaOutcome::Purged => format!(
+                "purged ({} blob(s), {} freed)",
+                r.blobs,
+                human_bytes(r.bytes_freed)
+            ),
+            ReplicaOutcome::NotCached => "not cached".to_owned(),
+            ReplicaOutcome::Failed => format!("FAILED: {}", r.message),
+            ReplicaOutcome::Unreachable => format!("UNREACHABLE: {}", r.message),
+        };
+        out.push_str(&format!("  replica {}: {line}\n", r.replica));
+    }
+    out
 }
 
 /// `stats`: returns the exit status.
@@ -521,6 +548,40 @@ mod tests {
             "warmed 1 of 2 image(s), 1 failed; 2.0 KiB in the cache for them, 0 B fetched"
         );
         assert!(render_done(&summary).is_none());
+    }
+
+    #[test]
+    fn a_purge_over_replicas_lists_each_and_names_the_unreachable() {
+        use crate::proxy::purge::ReplicaPurge;
+        let replica = |url: &str, outcome, message: &str| ReplicaPurge {
+            replica: url.into(),
+            outcome,
+            blobs: 2,
+            bytes_freed: 2048,
+            message: message.into(),
+        };
+        let report = PurgeReport {
+            reference: "docker.io/library/a:1".into(),
+            tags: vec!["library/a:1".into()],
+            replicas: vec![
+                replica("http://a:5000", ReplicaOutcome::Purged, ""),
+                replica("http://b:5000", ReplicaOutcome::NotCached, ""),
+                replica(
+                    "http://c:5000",
+                    ReplicaOutcome::Unreachable,
+                    "connection refused",
+                ),
+            ],
+            ..PurgeReport::default()
+        };
+        assert_eq!(
+            render_purge(&report),
+            "purged docker.io/library/a:1: 1 tag(s), 0 manifest(s), 0 blob(s) (0 kept: still used), 0 B freed\n\
+             \x20 replica http://a:5000: purged (2 blob(s), 2.0 KiB freed)\n\
+             \x20 replica http://b:5000: not cached\n\
+             \x20 replica http://c:5000: UNREACHABLE: connection refused\n"
+        );
+        assert!(report.incomplete());
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub enum ServeError {
     Tls(#[from] crate::tls::LoadTlsError),
     #[error("auth.bearerTokenFile: {0}")]
     Auth(#[from] crate::token_file::LoadTokenError),
+    #[error(transparent)]
+    PurgeFanout(#[from] crate::api::purge_fanout::BuildPurgeFanoutError),
     #[error("cannot listen on {addr} (`{field}`, the {role} listener): {source}")]
     Listen {
         /// The config field of the address: `listen` or `adminListen`.
@@ -191,6 +193,7 @@ impl Server {
                 proxy,
                 telemetry,
                 default_registry: config.default_registry.clone(),
+                purge_fanout: crate::api::purge_fanout::PurgeFanout::from_config(config)?,
             }),
             connection: ConnectionSettings {
                 header_read_timeout: config.server.header_read_timeout,

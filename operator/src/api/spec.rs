@@ -93,6 +93,12 @@ pub const S3_PREFIX_PATTERN: &str =
         description = "Lowest upstream rate-limit budget remaining/limit"
     ),
     printcolumn(
+        name = "Warm",
+        type_ = "string",
+        json_path = ".status.warm.summary",
+        description = "spec.warm: state and images warmed / listed"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -168,6 +174,16 @@ pub struct RegistryMirrorSpec {
     /// eviction pass and never evicts. Adds to `registries[].pin`. Off by default.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pin_workload_images: bool,
+
+    /// Images to pre-fetch into the cache (`nginx:stable`, `docker.io/library/alpine:3.19`,
+    /// `ghcr.io/org/app@sha256:…`), every platform of each. One ready registry pod is asked to
+    /// warm the list when the mirror first serves and again whenever the list changes (the
+    /// list's hash is recorded in `status.warm`, so an unchanged list is never warmed twice);
+    /// failed items are retried with a growing delay. Warming never spends the upstream
+    /// budget reserve. Each registry must be one of `registries`. At most 100.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100), inner(length(min = 1, max = 512)))]
+    pub warm: Vec<String>,
 }
 
 fn default_replicas() -> i32 {

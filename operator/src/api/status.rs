@@ -17,8 +17,8 @@ pub struct RegistryMirrorStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Ready, ProxyAvailable, NodesConfigured, CacheEffective, UpstreamBudget, Conflict and
-    /// CacheShared.
+    /// Ready, ProxyAvailable, NodesConfigured, CacheEffective, UpstreamBudget, Conflict,
+    /// CacheShared, and Warmed when `spec.warm` lists images.
     /// A list map keyed by `type`: the API server refuses two conditions of the same type, and
     /// server-side apply merges conditions by type rather than replacing the list.
     #[serde(default)]
@@ -57,6 +57,11 @@ pub struct RegistryMirrorStatus {
     /// (tags and digests, at most 2000). Absent unless `spec.pinWorkloadImages`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pinned_images: Option<i32>,
+
+    /// The warm of `spec.warm` (absent when the list is empty): which list it is about (its
+    /// hash), its state and progress, and the items that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<WarmStatus>,
 }
 
 /// The condition types of a RegistryMirror.
@@ -81,11 +86,16 @@ pub enum ConditionType {
     /// each of several replicas keeps its own cache and spends the upstream budget on its own.
     /// Informational: it does not affect `Ready`.
     CacheShared,
+    /// The images of `spec.warm` are in the cache (present only when `spec.warm` lists any):
+    /// `True Warmed`, `Unknown Warming` or `WaitingForRegistry`, `False WarmFailed`,
+    /// `InvalidWarmRef`, `WarmRegistryNotMirrored`, `TooManyWarmRefs` or `NoRegistryToWarm`.
+    /// Informational: it does not affect `Ready`.
+    Warmed,
 }
 
 impl ConditionType {
     /// Every condition type, in the order they appear in status.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Ready,
         Self::ProxyAvailable,
         Self::NodesConfigured,
@@ -93,6 +103,7 @@ impl ConditionType {
         Self::UpstreamBudget,
         Self::Conflict,
         Self::CacheShared,
+        Self::Warmed,
     ];
 
     /// The type's name as serialised.
@@ -106,6 +117,7 @@ impl ConditionType {
             Self::UpstreamBudget => "UpstreamBudget",
             Self::Conflict => "Conflict",
             Self::CacheShared => "CacheShared",
+            Self::Warmed => "Warmed",
         }
     }
 }
@@ -263,4 +275,67 @@ pub enum BudgetState {
     Expired,
     /// A 429 wait in force, or nothing left in a current window.
     RateLimited,
+}
+
+/// Most failed items listed in `status.warm.failed`.
+pub const MAX_WARM_FAILURES_IN_STATUS: usize = 10;
+
+/// The warm of `spec.warm`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmStatus {
+    /// Hash of the list this status is about (its references normalised, sorted and
+    /// deduplicated): a list with the same hash is not warmed again.
+    pub observed_hash: String,
+    /// The `metadata.generation` the list was read from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Pending` (no registry pod answers yet), `Warming`, `Done`, `Failed` (retried later) or
+    /// `Invalid` (the list has a bad reference; nothing is warmed until it changes).
+    pub state: WarmState,
+    /// Images whose warm ended (warmed or failed) in the current attempt.
+    pub done: i32,
+    /// Images in the list.
+    pub total: i32,
+    /// Images of the last attempt that failed, with why (at most 10, in list order).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<WarmFailure>,
+    /// Attempts made for this list (the retry delay grows with it).
+    #[serde(default)]
+    pub attempts: i32,
+    /// When the current attempt started (`Warming`) or ended (`Done`, `Failed`), RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_time: Option<String>,
+    /// The WARM column: `Done 3/3`, `Warming 1/3`, `Failed 2/3`, `Pending 0/3`, `Invalid`.
+    pub summary: String,
+    /// What happened, for people (the reason of a failed attempt, the bad reference).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// Where the warm of a list stands.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+pub enum WarmState {
+    /// Waiting for a registry pod that answers.
+    #[default]
+    Pending,
+    /// A registry pod is warming the list.
+    Warming,
+    /// Every image of the list is cached.
+    Done,
+    /// The last attempt failed for some images (or as a whole); retried with a growing delay.
+    Failed,
+    /// The list cannot be warmed as written.
+    Invalid,
+}
+
+/// One image that failed to warm.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WarmFailure {
+    /// The reference as the registry resolved it.
+    #[serde(rename = "ref")]
+    pub reference: String,
+    /// Why it failed.
+    pub message: String,
 }

@@ -1,5 +1,5 @@
 //! The reconcile pipeline for `RegistryMirror`: fetch → validate → build (pure) → apply (SSA) →
-//! observe → status.
+//! observe → warm → status.
 //!
 //! Invariants:
 //! - Level-triggered: every pass recomputes everything from the object and the world; nothing
@@ -19,6 +19,9 @@
 //!   is applied, so a failed list applies nothing (the registry keeps its last pin file) instead
 //!   of applying a ConfigMap without pins. They refresh at the requeue cadence; see
 //!   [`workload_pins`] for why there is no Pod watch.
+//! - `spec.warm` runs as a background job per mirror ([`warm`]): a pass starts it or reads its
+//!   progress and never waits for it; what to do is a pure decision from the list's hash, the
+//!   previous `status.warm`, the job and the clock.
 //! - Deletion: the finalizer stays until every running node agent reports that it removed this
 //!   mirror's files (or no agent runs, or the `cachalot.dev/skip-node-cleanup: "true"` annotation
 //!   is set); owned objects then go by garbage collection through their owner references.
@@ -35,6 +38,7 @@ pub mod owned;
 pub mod references;
 pub mod status;
 pub mod validate;
+pub mod warm;
 pub mod workload_pins;
 
 use std::collections::{BTreeMap, HashMap};
@@ -73,8 +77,9 @@ use observe::{
 };
 use owned::{cached, owned_stores, watch_owned, OwnedStores};
 use references::{missing_objects, referenced_objects, CheckReferencesError};
-use status::{compute_status, transitions, write_status, Outcome, StatusError};
+use status::{compute_status, transitions, with_warm, write_status, Outcome, StatusError};
 use validate::{validate, Exposure, Validated};
+use warm::{WarmDecision, WarmJobs};
 use workload_pins::{list_workload_pods, workload_pins, ListWorkloadPodsError, WorkloadPins};
 
 /// Annotation that lets a stuck deletion proceed without node cleanup (nodes gone for good).
@@ -203,6 +208,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The leader lease this replica writes under (`None` without leader election).
     pub lease: Option<LeaseGuard>,
+    /// The `spec.warm` jobs, one per mirror at most (see [`warm`]).
+    pub warms: WarmJobs,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -246,6 +253,7 @@ impl Context {
             recorder,
             metrics,
             lease: None,
+            warms: WarmJobs::default(),
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -480,9 +488,13 @@ async fn finish_status(
     mirror: &RegistryMirror,
     outcome: &Outcome,
     pins: Option<&WorkloadPins>,
+    warm: Option<&WarmDecision>,
 ) -> Result<RegistryMirrorStatus, ReconcileError> {
-    let mut next = compute_status(mirror, outcome, &now());
+    let at = now();
+    let mut next = compute_status(mirror, outcome, &at);
     next.pinned_images = pins.map(|p| i32::try_from(p.len()).unwrap_or(i32::MAX));
+    let decided = warm.map(|w| (w.status.clone(), w.condition.clone()));
+    with_warm(&mut next, mirror.status.as_ref(), decided, &at);
     let events = transitions(mirror.status.as_ref(), &next);
     if mirror.status.as_ref() != Some(&next) && ctx.lease_lapsed() {
         return Err(ReconcileError::NotLeader);
@@ -539,14 +551,22 @@ pub async fn reconcile_mirror(
             let outcome = Outcome::Invalid {
                 message: error.to_string(),
             };
-            finish_status(ctx, &api, &mirror, &outcome, None).await?;
+            finish_status(ctx, &api, &mirror, &outcome, None, None).await?;
             return Ok(Action::await_change());
         }
     };
     let others = ctx.mirrors.state();
     if let Some(conflict) = conflict::find_conflict(&mirror, others.iter().map(AsRef::as_ref)) {
         info!(mirror = %object_key(&mirror), winner = %conflict.winner, "conflict");
-        finish_status(ctx, &api, &mirror, &Outcome::Conflicting(conflict), None).await?;
+        finish_status(
+            ctx,
+            &api,
+            &mirror,
+            &Outcome::Conflicting(conflict),
+            None,
+            None,
+        )
+        .await?;
         // The winner changing or going away does not trigger this object; look again later.
         return Ok(Action::requeue(ctx.config.requeue_after));
     }
@@ -557,7 +577,7 @@ pub async fn reconcile_mirror(
             let listed: Vec<&str> = missing.iter().map(|m| m.message.as_str()).collect();
             info!(mirror = %object_key(&mirror), missing = %listed.join("; "), "referenced object missing");
             let outcome = Outcome::ReferencesMissing { missing };
-            finish_status(ctx, &api, &mirror, &outcome, None).await?;
+            finish_status(ctx, &api, &mirror, &outcome, None, None).await?;
             // No Secret or ConfigMap watch: creating the object is noticed at the next requeue.
             return Ok(Action::requeue(ctx.config.requeue_after));
         }
@@ -577,8 +597,8 @@ pub async fn reconcile_mirror(
         .map_or(0, |s| s.desired_number_scheduled);
 
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let (registry_pods, registry_pods_not_ready) = if external {
-        (Vec::new(), Vec::new())
+    let (registry_pods, registry_pods_not_ready, warm_target) = if external {
+        (Vec::new(), Vec::new(), None)
     } else {
         let listed = list_component_pods(
             &pods,
@@ -587,8 +607,10 @@ pub async fn reconcile_mirror(
             "registry",
         )
         .await?;
-        let probed = probe_registries(&ctx.probe, running_pods(&listed), REGISTRY_ADMIN_PORT).await;
-        (probed, not_ready_pods(&listed))
+        let running = running_pods(&listed);
+        let probed = probe_registries(&ctx.probe, running.clone(), REGISTRY_ADMIN_PORT).await;
+        let target = warm_target(&running, &probed);
+        (probed, not_ready_pods(&listed), target)
     };
     let agent_pods = list_component_pods(
         &pods,
@@ -624,8 +646,45 @@ pub async fn reconcile_mirror(
             agents,
         },
     };
-    let status = finish_status(ctx, &api, &mirror, &outcome, pins.as_ref()).await?;
-    Ok(Action::requeue(running_requeue(&status, &ctx.config)))
+    let key = object_key(&mirror);
+    let served: Vec<&str> = v.registries.iter().map(|r| r.name.as_str()).collect();
+    let plan = match warm::plan_warm(&mirror.spec.warm, &served) {
+        Ok(Some(_)) if external => Err(warm::WarmSpecError::NoRegistry),
+        plan => plan,
+    };
+    let job = ctx.warms.view(&key);
+    let decision = warm::decide(&warm::WarmInput {
+        plan: &plan,
+        generation: mirror.metadata.generation,
+        previous: mirror.status.as_ref().and_then(|s| s.warm.as_ref()),
+        job: job.as_ref(),
+        target: warm_target.as_deref(),
+        now: u64::try_from(now().0.as_second()).unwrap_or(0),
+        poll: ctx
+            .config
+            .converging_requeue_after
+            .min(ctx.config.requeue_after),
+    });
+    ctx.warms.act(&key, &decision.action, &ctx.probe);
+    let status =
+        finish_status(ctx, &api, &mirror, &outcome, pins.as_ref(), Some(&decision)).await?;
+    let requeue = running_requeue(&status, &ctx.config);
+    Ok(Action::requeue(
+        decision.recheck.map_or(requeue, |r| r.min(requeue)),
+    ))
+}
+
+/// The admin base URL of the registry pod asked to warm: the first running pod (by name) whose
+/// `/stats` answered. Pure.
+#[must_use]
+pub fn warm_target(
+    running: &[(String, String, String)],
+    probed: &[observe::RegistryPodObservation],
+) -> Option<String> {
+    running
+        .iter()
+        .find(|(name, _, _)| probed.iter().any(|p| &p.pod == name && p.stats.is_ok()))
+        .map(|(_, _, ip)| observe::base_url(ip, REGISTRY_ADMIN_PORT))
 }
 
 /// The workload pins of a mirror with `spec.pinWorkloadImages` and a registry in the cluster;
@@ -738,10 +797,11 @@ async fn cleanup(
     api: &Api<RegistryMirror>,
     namespace: &str,
 ) -> Result<Action, ReconcileError> {
+    let key = object_key(mirror);
+    ctx.warms.remove(&key);
     if !has_finalizer(mirror) {
         return Ok(Action::await_change());
     }
-    let key = object_key(mirror);
     let skip = mirror
         .annotations()
         .get(SKIP_CLEANUP_ANNOTATION)
@@ -804,6 +864,7 @@ async fn cleanup(
         api,
         mirror,
         &Outcome::Removing { pending, total },
+        None,
         None,
     )
     .await?;

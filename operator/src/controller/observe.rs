@@ -14,11 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod, PodStatus};
 use kube::api::{Api, ListParams};
 use serde::{Deserialize, Serialize};
 
+use cachalot_registry::api::admin::{WarmEvent, WarmRequest};
 use cachalot_registry::telemetry::StatsSnapshot;
 
 use crate::node_agent::protocol::AgentStatus;
@@ -176,12 +178,80 @@ pub trait Probe: Send + Sync {
     /// `GET <base>/status` of one node agent.
     fn agent_status(&self, base_url: String)
         -> BoxFuture<'static, Result<AgentStatus, ProbeError>>;
+    /// `POST <base>/admin/warm` of one registry pod: its progress lines as they come. Probes
+    /// that cannot warm (test fakes) answer with one error.
+    fn warm(
+        &self,
+        base_url: String,
+        request: WarmRequest,
+    ) -> BoxStream<'static, Result<WarmEvent, ProbeError>> {
+        let _ = request;
+        futures::stream::once(futures::future::ready(Err(ProbeError::Request {
+            url: format!("{base_url}/admin/warm"),
+            message: "this probe does not warm".to_string(),
+        })))
+        .boxed()
+    }
 }
 
-/// The real [`Probe`]: plain HTTP with a short timeout.
+/// The longest warm progress line read.
+const MAX_WARM_LINE: usize = 64 * 1024;
+
+/// Splits a byte stream of newline-delimited JSON into warm events. Pure over its input.
+pub fn warm_events<S, E>(url: String, bytes: S) -> BoxStream<'static, Result<WarmEvent, ProbeError>>
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    let state = (Box::pin(bytes), Vec::<u8>::new(), false);
+    futures::stream::unfold(state, move |(mut bytes, mut buffer, ended)| {
+        let url = url.clone();
+        async move {
+            if ended {
+                return None;
+            }
+            loop {
+                if let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buffer.drain(..=end).collect();
+                    let event = serde_json::from_slice::<WarmEvent>(&line).map_err(|e| {
+                        ProbeError::Decode {
+                            url: url.clone(),
+                            message: format!("progress line: {e}"),
+                        }
+                    });
+                    let failed = event.is_err();
+                    return Some((event, (bytes, buffer, failed)));
+                }
+                if buffer.len() > MAX_WARM_LINE {
+                    let e = ProbeError::Decode {
+                        url,
+                        message: "a progress line is too long".to_string(),
+                    };
+                    return Some((Err(e), (bytes, buffer, true)));
+                }
+                match bytes.next().await {
+                    Some(Ok(chunk)) => buffer.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        let e = ProbeError::Request {
+                            url,
+                            message: e.to_string(),
+                        };
+                        return Some((Err(e), (bytes, buffer, true)));
+                    }
+                    None => return None,
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+/// The real [`Probe`]: plain HTTP with a short timeout (a warm: a short connect timeout, then
+/// as long as its lines keep coming, see `controller::warm`).
 #[derive(Clone)]
 pub struct HttpProbe {
     client: reqwest::Client,
+    warm_client: reqwest::Client,
 }
 
 impl HttpProbe {
@@ -198,7 +268,14 @@ impl HttpProbe {
             .connect_timeout(timeout)
             .pool_max_idle_per_host(1)
             .build()?;
-        Ok(Self { client })
+        let warm_client = reqwest::Client::builder()
+            .connect_timeout(timeout)
+            .pool_max_idle_per_host(0)
+            .build()?;
+        Ok(Self {
+            client,
+            warm_client,
+        })
     }
 
     fn get_json<T: serde::de::DeserializeOwned + Send + 'static>(
@@ -248,6 +325,45 @@ impl Probe for HttpProbe {
         base_url: String,
     ) -> BoxFuture<'static, Result<AgentStatus, ProbeError>> {
         self.get_json(format!("{base_url}/status"))
+    }
+    fn warm(
+        &self,
+        base_url: String,
+        request: WarmRequest,
+    ) -> BoxStream<'static, Result<WarmEvent, ProbeError>> {
+        let client = self.warm_client.clone();
+        let url = format!("{base_url}/admin/warm");
+        async move {
+            let request_error = |message: String| ProbeError::Request {
+                url: url.clone(),
+                message,
+            };
+            // A plain struct of strings always serialises.
+            let body = serde_json::to_vec(&request).unwrap_or_default();
+            let response = client
+                .post(&url)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| request_error(e.to_string()))?;
+            if !response.status().is_success() {
+                let status = response.status();
+                let body = response.text().await.unwrap_or_default();
+                let message = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["errors"][0]["message"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| body.chars().take(200).collect());
+                return Err(request_error(format!("HTTP {status}: {message}")));
+            }
+            Ok(warm_events(url.clone(), response.bytes_stream()))
+        }
+        .map(|opened| match opened {
+            Ok(events) => events,
+            Err(e) => futures::stream::once(futures::future::ready(Err(e))).boxed(),
+        })
+        .flatten_stream()
+        .boxed()
     }
 }
 
@@ -510,7 +626,9 @@ pub fn not_ready_pods(pods: &[Pod]) -> Vec<NotReadyPod> {
     out
 }
 
-fn base_url(ip: &str, port: i32) -> String {
+/// `http://<ip>:<port>`, brackets around an IPv6 address. Pure.
+#[must_use]
+pub fn base_url(ip: &str, port: i32) -> String {
     if ip.contains(':') {
         format!("http://[{ip}]:{port}")
     } else {

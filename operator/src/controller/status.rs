@@ -1023,6 +1023,39 @@ pub fn compute_status(
     status
 }
 
+/// Puts the warm into a computed status: `warm` and its `Warmed` condition when the pass
+/// decided them (a running mirror), else the previous `status.warm` kept as it was (an invalid,
+/// conflicting or missing-reference pass warms nothing and forgets nothing). The condition's
+/// `lastTransitionTime` moves only when its status changes. Pure.
+pub fn with_warm(
+    status: &mut RegistryMirrorStatus,
+    previous: Option<&RegistryMirrorStatus>,
+    decided: Option<(Option<crate::api::WarmStatus>, Option<MirrorCondition>)>,
+    now: &Time,
+) {
+    let Some((warm, warmed)) = decided else {
+        status.warm = previous.and_then(|p| p.warm.clone());
+        return;
+    };
+    status.warm = warm;
+    let Some(mut c) = warmed else {
+        return;
+    };
+    c.observed_generation = status.observed_generation;
+    let before = previous.and_then(|p| p.conditions.iter().find(|old| old.type_ == c.type_));
+    c.last_transition_time = match before {
+        Some(old) if old.status == c.status && old.last_transition_time.is_some() => {
+            old.last_transition_time.clone()
+        }
+        _ => Some(now.clone()),
+    };
+    status.conditions.retain(|old| old.type_ != c.type_);
+    status.conditions.push(c);
+    status
+        .conditions
+        .sort_by_key(|c| ConditionType::ALL.iter().position(|t| *t == c.type_));
+}
+
 /// A notable transition worth a Kubernetes Event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
@@ -1069,6 +1102,21 @@ pub fn transitions(
                 warning: true,
                 reason: REGISTRY_FAILING.to_string(),
                 note: proxy.message.clone(),
+            });
+        }
+    }
+    if let Some(warmed) = find(Some(next), ConditionType::Warmed) {
+        let before = find(previous, ConditionType::Warmed);
+        let settled = matches!(
+            warmed.status,
+            ConditionStatus::True | ConditionStatus::False
+        );
+        if settled && before.is_none_or(|b| b.status != warmed.status || b.reason != warmed.reason)
+        {
+            out.push(Transition {
+                warning: warmed.status == ConditionStatus::False,
+                reason: warmed.reason.clone(),
+                note: warmed.message.clone(),
             });
         }
     }
@@ -1376,5 +1424,117 @@ mod tests {
         let other_cause = status_with_proxy("RegistryFailing", "registry pod q: ImagePullBackOff");
         assert!(transitions(Some(&failing), &other_cause).is_empty());
         assert!(transitions(Some(&failing), &failing).is_empty());
+    }
+
+    fn at(secs: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap())
+    }
+
+    fn warm(state: crate::api::WarmState) -> crate::api::WarmStatus {
+        crate::api::WarmStatus {
+            observed_hash: "abc".to_string(),
+            state,
+            ..crate::api::WarmStatus::default()
+        }
+    }
+
+    #[test]
+    fn the_warmed_condition_keeps_its_transition_time_and_other_outcomes_keep_the_warm() {
+        let warming = condition(
+            ConditionType::Warmed,
+            ConditionStatus::Unknown,
+            "Warming",
+            "0/1",
+        );
+        let mut first = status_with_proxy("PodsReady", "");
+        first.observed_generation = Some(3);
+        with_warm(
+            &mut first,
+            None,
+            Some((
+                Some(warm(crate::api::WarmState::Warming)),
+                Some(warming.clone()),
+            )),
+            &at(100),
+        );
+        let c = first.conditions.last().unwrap();
+        assert_eq!(c.type_, ConditionType::Warmed, "sorted last");
+        assert_eq!(
+            (c.last_transition_time.clone(), c.observed_generation),
+            (Some(at(100)), Some(3))
+        );
+
+        // Still warming later (another message): the same transition time, no event.
+        let mut later = status_with_proxy("PodsReady", "");
+        let still = MirrorCondition {
+            message: "1/2".to_string(),
+            ..warming
+        };
+        with_warm(
+            &mut later,
+            Some(&first),
+            Some((Some(warm(crate::api::WarmState::Warming)), Some(still))),
+            &at(200),
+        );
+        let c = later.conditions.last().unwrap();
+        assert_eq!(c.last_transition_time, Some(at(100)));
+        assert!(transitions(Some(&first), &later).is_empty());
+
+        // Done: a new transition time and a Normal event; failed: a Warning.
+        let mut done = status_with_proxy("PodsReady", "");
+        let warmed = condition(
+            ConditionType::Warmed,
+            ConditionStatus::True,
+            "Warmed",
+            "1/1",
+        );
+        with_warm(
+            &mut done,
+            Some(&later),
+            Some((Some(warm(crate::api::WarmState::Done)), Some(warmed))),
+            &at(300),
+        );
+        assert_eq!(
+            done.conditions.last().unwrap().last_transition_time,
+            Some(at(300))
+        );
+        let events = transitions(Some(&later), &done);
+        assert_eq!(events.len(), 1);
+        assert_eq!(
+            (events[0].warning, events[0].reason.as_str()),
+            (false, "Warmed")
+        );
+        let mut failed = done.clone();
+        let failing = condition(
+            ConditionType::Warmed,
+            ConditionStatus::False,
+            "WarmFailed",
+            "x",
+        );
+        with_warm(
+            &mut failed,
+            Some(&done),
+            Some((Some(warm(crate::api::WarmState::Failed)), Some(failing))),
+            &at(400),
+        );
+        assert_eq!(
+            failed
+                .conditions
+                .iter()
+                .filter(|c| c.type_ == ConditionType::Warmed)
+                .count(),
+            1
+        );
+        assert!(transitions(Some(&done), &failed)[0].warning);
+
+        // A pass that decides nothing about the warm (invalid spec, conflict) keeps it as it was,
+        // without the condition.
+        let mut invalid = status_with_proxy("InvalidSpec", "");
+        with_warm(&mut invalid, Some(&done), None, &at(500));
+        assert_eq!(invalid.warm, done.warm);
+        assert!(invalid
+            .conditions
+            .iter()
+            .all(|c| c.type_ != ConditionType::Warmed));
     }
 }

@@ -1,6 +1,7 @@
 //! The admin endpoints: `/admin/warm` (pre-fetch images, streaming progress as newline-delimited
-//! JSON) and `/admin/purge` (drop a tag, or a manifest and the blobs nothing else uses). The
-//! running mirror's figures are the existing `/stats`.
+//! JSON) and `/admin/purge` (drop a tag, or a manifest and the blobs nothing else uses; with
+//! `cluster` replicas, on every replica, see `purge_fanout`). The running mirror's figures are
+//! the existing `/stats`.
 //!
 //! Bad requests are refused before anything is fetched, with the OCI error envelope; once a warm
 //! has started, each item's failure is reported in the stream and the others go on. A warm
@@ -19,9 +20,9 @@ use http::{header, HeaderValue, Method, StatusCode, Uri};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::AppState;
+use super::{purge_fanout, AppState};
 use crate::oci::{ErrorCode, ImageRef, OciError};
-use crate::proxy::purge::PurgeReport;
+use crate::proxy::purge::{PurgeError, PurgeReport};
 use crate::proxy::warm::Platform;
 
 /// The most references one warm request may name.
@@ -262,6 +263,7 @@ async fn purge(
     State(state): State<Arc<AppState>>,
     method: Method,
     uri: Uri,
+    headers: http::HeaderMap,
     body: Body,
 ) -> Response {
     let from_query = form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
@@ -285,9 +287,30 @@ async fn purge(
         Ok(i) => i,
         Err(e) => return e.into_response(),
     };
-    match state.proxy.inner().purge(&image).await {
+    let local = state.proxy.inner().purge(&image).await;
+    // A forwarded purge, or one without other replicas, is this replica's alone.
+    let fanout = match &state.purge_fanout {
+        Some(f) if !headers.contains_key(purge_fanout::FORWARDED_HEADER) => f,
+        _ => {
+            return match local {
+                Ok(report) => axum::Json::<PurgeReport>(report).into_response(),
+                Err(e) => e.to_oci().into_response(),
+            }
+        }
+    };
+    // Every replica has the same registries and pins: what this one refuses for those
+    // reasons, every one would.
+    if let Err(e @ (PurgeError::NotMirrored(_) | PurgeError::Pinned(_))) = &local {
+        return e.to_oci().into_response();
+    }
+    let mut results = vec![(
+        fanout.self_url().to_owned(),
+        purge_fanout::local_outcome(local),
+    )];
+    results.extend(fanout.forward_all(&image).await);
+    match purge_fanout::combine(&image.to_string(), results) {
         Ok(report) => axum::Json::<PurgeReport>(report).into_response(),
-        Err(e) => e.to_oci().into_response(),
+        Err(e) => e.into_response(),
     }
 }
 

@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod purge_fanout;
 pub mod range;
 
 use std::sync::Arc;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub proxy: Proxy,
     pub telemetry: Arc<Telemetry>,
     pub default_registry: String,
+    /// With `cluster` replicas: where a purge is forwarded.
+    pub purge_fanout: Option<purge_fanout::PurgeFanout>,
 }
 
 /// The public listener's router: the pull API (`/v2/`) and the health endpoints.

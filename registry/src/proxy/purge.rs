@@ -74,6 +74,55 @@ pub struct PurgeReport {
     pub blobs_kept: u64,
     /// Bytes removed from the disk store.
     pub bytes_freed: u64,
+    /// With `cluster` replicas: every replica's part, this one first (see
+    /// `api::purge_fanout`); the counts above are then over all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaPurge>,
+}
+
+impl PurgeReport {
+    /// Whether a replica failed or could not be reached: the purge did not reach every one.
+    #[must_use]
+    pub fn incomplete(&self) -> bool {
+        self.replicas.iter().any(|r| {
+            matches!(
+                r.outcome,
+                ReplicaOutcome::Failed | ReplicaOutcome::Unreachable
+            )
+        })
+    }
+}
+
+/// One replica's part in a purge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ReplicaOutcome {
+    /// It removed what it had.
+    Purged,
+    /// It had nothing of it.
+    NotCached,
+    /// It answered with an error.
+    Failed,
+    /// It could not be reached (or did not answer in time).
+    Unreachable,
+}
+
+/// One replica's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaPurge {
+    /// The replica's base URL (`cluster.self` / `cluster.peers`).
+    pub replica: String,
+    pub outcome: ReplicaOutcome,
+    /// Blobs it removed.
+    #[serde(default)]
+    pub blobs: u64,
+    /// Bytes it freed on its disk.
+    #[serde(default)]
+    pub bytes_freed: u64,
+    /// Why it failed or could not be reached.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// What a digest purge removes.

@@ -330,10 +330,12 @@ impl Process {
             .tempdir()
             .unwrap();
         let mut config = test_config(listen, storage, upstream_url);
-        let admin_addr =
+        config.admin_listen =
             SocketAddr::from(([127, 0, 0, 1], cachalot_testkit::wait::free_port().unwrap()));
-        config.admin_listen = admin_addr;
         tweak(&mut config);
+        // A tweak may place the admin listener (replicas sharing one admin port on their own
+        // loopback addresses).
+        let admin_addr = config.admin_listen;
         let config_path = dir.path().join("config.yaml");
         std::fs::write(&config_path, serde_yaml::to_string(&config).unwrap()).unwrap();
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cachalot-registry"));
