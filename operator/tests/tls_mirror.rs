@@ -26,33 +26,11 @@ use cachalot_testkit::distribution::Distribution;
 use cachalot_testkit::image::{docker_image, push};
 use cachalot_testkit::process::LoggedChild;
 use cachalot_testkit::wait::free_port;
+use common::certs::TestCa;
 use common::node::{agent_args, AgentEndpoint, NodeDirs};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
-};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
-
-/// A test CA and a server certificate it signs for 127.0.0.1: (CA PEM, cert PEM, key PEM).
-fn ca_and_server_cert() -> (String, String, String) {
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "mirror CA");
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST))];
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    (issuer.pem(), cert.pem(), key.serialize_pem())
-}
 
 /// Where the kubelet would mount `pod_path`, under `root`.
 fn rebased(root: &Path, pod_path: &str) -> PathBuf {
@@ -98,7 +76,9 @@ async fn the_built_tls_mirror_serves_a_real_containerd_through_the_agents_hosts_
 
     // The pod: the Secret's keys where the kubelet mounts them, the built config rebased.
     let pod = tempfile::tempdir().unwrap();
-    let (ca_pem, cert_pem, key_pem) = ca_and_server_cert();
+    let ca = TestCa::new("mirror CA");
+    let ca_pem = ca.pem();
+    let (cert_pem, key_pem) = ca.server_cert(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
     write(
         &rebased(pod.path(), &format!("{TLS_DIR}/tls.crt")),
         &cert_pem,
