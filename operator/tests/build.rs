@@ -1431,3 +1431,319 @@ fn the_admin_port_serves_probes_and_metrics_on_the_pods_but_is_on_no_service() {
         );
     }
 }
+
+/// A TLS hub: its certificate Secret with a client CA key and a client token, NodePort so
+/// spokes in other clusters reach it.
+fn tls_hub() -> RegistryMirror {
+    mirror(serde_json::json!({
+        "registries": [{"name": "docker.io"}],
+        "replicas": 2,
+        "service": {"type": "NodePort", "nodePort": 30500},
+        "tls": {"secretName": "hub-tls",
+                "clientAuth": {"caSecretKey": "ca.crt",
+                               "bearerTokenSecret": {"name": "spoke-tokens", "key": "token"}}}
+    }))
+}
+
+/// Secret volumes of a pod: volume name → (Secret, items `key=path`, optional, mount path,
+/// read-only).
+fn secret_mounts(pod: &PodSpec) -> BTreeMap<String, (String, Vec<String>, bool, String, bool)> {
+    let mounts = pod.containers[0].volume_mounts.as_ref().unwrap();
+    pod.volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter_map(|v| {
+            let secret = v.secret.as_ref()?;
+            let items = secret
+                .items
+                .iter()
+                .flatten()
+                .map(|i| format!("{}={}", i.key, i.path))
+                .collect();
+            let mount = mounts.iter().find(|m| m.name == v.name).unwrap();
+            Some((
+                v.name.clone(),
+                (
+                    secret.secret_name.clone().unwrap(),
+                    items,
+                    secret.optional == Some(true),
+                    mount.mount_path.clone(),
+                    mount.read_only == Some(true),
+                ),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn a_tls_mirror_mounts_only_the_keys_it_reads_and_names_them_in_the_registry_config() {
+    let m = tls_hub();
+    let (_, objs) = build(&m);
+    let objs = objs.unwrap();
+    let config = rendered_config(&objs);
+    let tls = config.tls.as_ref().unwrap();
+    assert_eq!(tls.cert_file.to_str(), Some("/etc/cachalot/tls/tls.crt"));
+    assert_eq!(tls.key_file.to_str(), Some("/etc/cachalot/tls/tls.key"));
+    assert_eq!(
+        tls.client_ca_file.as_deref().and_then(|p| p.to_str()),
+        Some("/etc/cachalot/tls/ca.crt")
+    );
+    assert_eq!(
+        config.auth.as_ref().unwrap().bearer_token_file.to_str(),
+        Some("/etc/cachalot/client-auth/token")
+    );
+    assert!(
+        config.cluster.is_none(),
+        "pod-local storage has no peer ring"
+    );
+
+    let mounts = secret_mounts(pod_spec(&objs));
+    assert_eq!(
+        mounts,
+        BTreeMap::from([
+            (
+                "tls".to_string(),
+                (
+                    "hub-tls".to_string(),
+                    vec![
+                        "tls.crt=tls.crt".to_string(),
+                        "tls.key=tls.key".to_string(),
+                        "ca.crt=ca.crt".to_string()
+                    ],
+                    false,
+                    "/etc/cachalot/tls".to_string(),
+                    true
+                )
+            ),
+            (
+                "client-token".to_string(),
+                (
+                    "spoke-tokens".to_string(),
+                    vec!["token=token".to_string()],
+                    false,
+                    "/etc/cachalot/client-auth".to_string(),
+                    true
+                )
+            ),
+        ])
+    );
+    // Secret content never enters the ConfigMap: only paths.
+    let text = &objs.config_map.data.as_ref().unwrap()[CONFIG_KEY];
+    assert!(
+        !text.contains("hub-tls") && !text.contains("spoke-tokens"),
+        "{text}"
+    );
+
+    // Without client authentication only the certificate and key are mounted.
+    let plain = mirror(serde_json::json!({"registries": [{"name": "docker.io"}],
+                                          "tls": {"secretName": "hub-tls"}}));
+    let (_, objs) = build(&plain);
+    let objs = objs.unwrap();
+    let config = rendered_config(&objs);
+    assert!(config.tls.as_ref().unwrap().client_ca_file.is_none());
+    assert!(config.auth.is_none());
+    let mounts = secret_mounts(pod_spec(&objs));
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    assert_eq!(mounts["tls"].1, ["tls.crt=tls.crt", "tls.key=tls.key"]);
+}
+
+#[test]
+fn a_tls_mirror_is_reached_over_https_while_probes_stay_on_the_plain_admin_port() {
+    let m = tls_hub();
+    let (v, objs) = build(&m);
+    let objs = objs.unwrap();
+    let node_port = service_with_ip("10.96.0.9", Some(30500));
+    assert_eq!(
+        node_endpoint(&v, Some(&node_port)).as_deref(),
+        Some("https://127.0.0.1:30500")
+    );
+    let cluster_ip = mirror(serde_json::json!({"registries": [{"name": "docker.io"}],
+                                               "tls": {"secretName": "hub-tls"}}));
+    let v_ip = validate(&cluster_ip).unwrap();
+    assert_eq!(
+        node_endpoint(&v_ip, Some(&service_with_ip("10.96.0.12", None))).as_deref(),
+        Some("https://10.96.0.12:5000")
+    );
+    assert_eq!(
+        node_endpoint(&v_ip, Some(&service_with_ip("fd00::12", None))).as_deref(),
+        Some("https://[fd00::12]:5000")
+    );
+    let config = rendered_config(&objs);
+    assert_eq!(config.admin_listen, "0.0.0.0:5001".parse().unwrap());
+    let c = &pod_spec(&objs).containers[0];
+    for probe in [&c.readiness_probe, &c.liveness_probe] {
+        let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(get.port, IntOrString::String("admin".into()));
+        assert_eq!(get.scheme, None, "the admin listener is plain HTTP");
+    }
+}
+
+#[test]
+fn the_agents_mount_only_the_optional_ca_of_the_tls_secret_and_are_told_where() {
+    let m = tls_hub();
+    let v = validate(&m).unwrap();
+    let agent = build_agent(&m, &v, &cfg(), Some("https://127.0.0.1:30500"), false).unwrap();
+    assert_eq!(
+        agent.desired.mirror_ca_file.as_deref(),
+        Some("/etc/cachalot/mirror-ca/ca.crt")
+    );
+    assert_eq!(
+        agent.desired.registries[0].endpoints,
+        ["https://127.0.0.1:30500"]
+    );
+    let pod = agent.daemon_set.spec.template.spec.as_ref().unwrap();
+    let mounts = secret_mounts(pod);
+    assert_eq!(
+        mounts,
+        BTreeMap::from([(
+            "mirror-ca".to_string(),
+            (
+                "hub-tls".to_string(),
+                vec!["ca.crt=ca.crt".to_string()],
+                true,
+                "/etc/cachalot/mirror-ca".to_string(),
+                true
+            )
+        )]),
+        "never tls.key, and a Secret without ca.crt must not keep the agents from starting"
+    );
+    let json = &agent.config_map.data.as_ref().unwrap()[DESIRED_KEY];
+    assert!(json.contains("\"mirrorCaFile\""), "{json}");
+
+    // Without TLS: no CA, and the desired state is serialised as before (same generation).
+    let plain = mirror(serde_json::json!({"registries": [{"name": "docker.io"}]}));
+    let v = validate(&plain).unwrap();
+    let agent = build_agent(&plain, &v, &cfg(), Some("http://10.96.0.12:5000"), false).unwrap();
+    assert!(agent.desired.mirror_ca_file.is_none());
+    let json = &agent.config_map.data.as_ref().unwrap()[DESIRED_KEY];
+    assert!(!json.contains("mirrorCaFile"), "{json}");
+    let pod = agent.daemon_set.spec.template.spec.as_ref().unwrap();
+    assert!(secret_mounts(pod).is_empty());
+}
+
+#[test]
+fn a_spoke_presents_its_client_certificate_and_token_to_an_https_parent() {
+    let m = mirror(serde_json::json!({
+        "registries": [{"name": "docker.io"}],
+        "parent": {"url": "https://hub.example:30500", "caConfigMap": {"name": "hub-ca"},
+                   "tls": {"clientCertSecret": {"name": "spoke-client"}},
+                   "auth": {"bearerTokenSecret": {"name": "hub-token", "key": "token"}}}
+    }));
+    let (_, objs) = build(&m);
+    let objs = objs.unwrap();
+    let config = rendered_config(&objs);
+    let parent = config.parent.as_ref().unwrap();
+    let path =
+        |p: &Option<std::path::PathBuf>| p.as_deref().and_then(|p| p.to_str()).map(str::to_string);
+    assert_eq!(
+        path(&parent.ca_file).as_deref(),
+        Some("/etc/cachalot/parent-ca/ca.crt")
+    );
+    assert_eq!(
+        path(&parent.client_cert_file).as_deref(),
+        Some("/etc/cachalot/parent-tls/tls.crt")
+    );
+    assert_eq!(
+        path(&parent.client_key_file).as_deref(),
+        Some("/etc/cachalot/parent-tls/tls.key")
+    );
+    assert_eq!(
+        path(&parent.bearer_token_file).as_deref(),
+        Some("/etc/cachalot/parent-token/token")
+    );
+    assert!(
+        config.tls.is_none(),
+        "the spoke itself still serves plain HTTP"
+    );
+    let mounts = secret_mounts(pod_spec(&objs));
+    assert_eq!(mounts["parent-tls"].0, "spoke-client");
+    assert_eq!(
+        mounts["parent-tls"].1,
+        ["tls.crt=tls.crt", "tls.key=tls.key"]
+    );
+    assert_eq!(mounts["parent-tls"].3, "/etc/cachalot/parent-tls");
+    assert_eq!(mounts["parent-token"].0, "hub-token");
+    assert_eq!(mounts["parent-token"].1, ["token=token"]);
+    assert!(mounts.values().all(|m| m.4 && !m.2), "read-only, required");
+}
+
+#[test]
+fn changing_a_tls_or_token_secret_reference_rolls_the_pods_and_plain_mirrors_keep_their_hash() {
+    let hash_of = |spec: serde_json::Value| config_hash(&build(&mirror(spec)).1.unwrap());
+    let base = serde_json::json!({"registries": [{"name": "docker.io"}],
+                                  "tls": {"secretName": "hub-tls"}});
+    let renamed = serde_json::json!({"registries": [{"name": "docker.io"}],
+                                     "tls": {"secretName": "hub-tls-2"}});
+    assert_ne!(hash_of(base.clone()), hash_of(renamed));
+    assert_eq!(hash_of(base.clone()), hash_of(base));
+    let token = |name: &str| {
+        serde_json::json!({"registries": [{"name": "docker.io"}],
+                           "parent": {"url": "http://hub:5000",
+                                      "auth": {"bearerTokenSecret": {"name": name, "key": "t"}}}})
+    };
+    assert_ne!(hash_of(token("a")), hash_of(token("b")));
+}
+
+#[test]
+fn tls_where_the_registry_or_the_nodes_cannot_use_it_is_refused_naming_the_field() {
+    use serde_json::json;
+    let tls = json!({"secretName": "hub-tls"});
+    assert_eq!(
+        invalid(json!({"registries": [{"name": "docker.io"}], "tls": tls,
+                       "storage": {"type": "S3", "s3": {"bucket": "cachalot"}}})),
+        "spec.tls"
+    );
+    assert_eq!(
+        invalid(json!({"registries": [{"name": "docker.io"}], "tls": tls,
+                       "service": {"type": "External", "externalUrl": "https://hub:5000"}})),
+        "spec.tls"
+    );
+    assert_eq!(
+        invalid(json!({"registries": [{"name": "docker.io"}], "tls": tls,
+                       "nodes": {"runtime": "Crio"}})),
+        "spec.tls"
+    );
+    assert_eq!(
+        invalid(json!({"registries": [{"name": "docker.io"}], "tls": {"secretName": "Bad_Name"}})),
+        "spec.tls.secretName"
+    );
+    assert_eq!(
+        invalid(json!({"registries": [{"name": "docker.io"}],
+                       "tls": {"secretName": "t", "clientAuth": {}}})),
+        "spec.tls.clientAuth"
+    );
+    assert_eq!(
+        invalid(json!({"registries": [{"name": "docker.io"}],
+                       "tls": {"secretName": "t", "clientAuth": {"caSecretKey": "tls.key"}}})),
+        "spec.tls.clientAuth.caSecretKey"
+    );
+    assert_eq!(
+        invalid(json!({"registries": [{"name": "docker.io"}],
+                       "tls": {"secretName": "t", "clientAuth":
+                               {"bearerTokenSecret": {"name": "t", "key": "../x"}}}})),
+        "spec.tls.clientAuth.bearerTokenSecret.key"
+    );
+    assert_eq!(
+        invalid(json!({"registries": [{"name": "docker.io"}],
+                       "parent": {"url": "http://hub:5000",
+                                  "tls": {"clientCertSecret": {"name": "c"}}}})),
+        "spec.parent.tls"
+    );
+    assert_eq!(
+        invalid(json!({"registries": [{"name": "docker.io"}],
+                       "parent": {"url": "https://hub:5000",
+                                  "auth": {"bearerTokenSecret": {"name": "UPPER", "key": "t"}}}})),
+        "spec.parent.auth.bearerTokenSecret.name"
+    );
+    // Several replicas with pod-local storage are fine: each serves TLS on its own.
+    assert!(validate(&tls_hub()).is_ok());
+    // The message says why.
+    let err = validate(&mirror(
+        json!({"registries": [{"name": "docker.io"}], "tls": tls,
+                       "storage": {"type": "S3", "s3": {"bucket": "cachalot"}}}),
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("plain HTTP"), "{err}");
+}

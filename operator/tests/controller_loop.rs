@@ -3,7 +3,9 @@
 //! fake nodes whose kubelet is `cachalot-standin`): apply a mirror → owned objects → status →
 //! spec change → owned objects follow → delete → finalizer flow completes; a mirror with
 //! configured nodes is `Ready` and its deletion waits for the node files; a ready mirror's later
-//! passes make no write request (counted in the API server's audit log).
+//! passes make no write request (counted in the API server's audit log); a mirror with
+//! `spec.tls` waits for its Secret (`TlsSecretMissing`), then is Ready over https once its
+//! certificate names the endpoint, with the Secret's `ca.crt` installed on the node.
 //!
 //! What is real: the API server (validation, defaulting, server-side apply, watches, RBAC), the
 //! Deployment, ReplicaSet and DaemonSet controllers that make the pods, the scheduler, the garbage
@@ -24,6 +26,7 @@
 
 mod common;
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +40,7 @@ use cachalot_operator::metrics::Metrics;
 use cachalot_operator::node_agent::protocol::AgentStatus;
 use cachalot_registry::telemetry::StatsSnapshot;
 use cachalot_testkit::cluster::audit::AuditEvent;
+use common::certs::TestCa;
 use common::cluster::{
     apply_mirror, condition, condition_is_true, eventually, mirrors_api, prerequisites_or_skip,
     wait_for_mirror_status, OperatorCluster, IMAGE,
@@ -45,10 +49,10 @@ use common::registry_stats;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
@@ -564,6 +568,113 @@ async fn a_mirror_with_a_serving_registry_and_configured_nodes_is_ready_and_dele
     })
     .await;
 
+    controller.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tls_mirror_is_ready_over_https_with_its_ca_on_the_nodes_and_a_renewed_certificate() {
+    if !prerequisites_or_skip("a_tls_mirror_is_ready_over_https_with_its_ca_on_the_nodes") {
+        return;
+    }
+    let env = OperatorCluster::start(1, 0, NS).await;
+    let client = env.client.clone();
+    let controller = RunningController::start(
+        &client,
+        Arc::new(PodProxyProbe::new(&client)),
+        Arc::new(Metrics::new()),
+        Duration::from_millis(300),
+    );
+    let mirrors = mirrors_api(&client, NS);
+    let spec = json!({"registries": [{"name": "docker.io"}], "tls": {"secretName": "hub-tls"}});
+    apply_mirror(&mirrors, MIRROR, spec, "test").await;
+    let missing = wait_for_mirror("Ready=False TlsSecretMissing", &mirrors, |m| {
+        condition(m, "Ready").is_some_and(|c| c["reason"] == "TlsSecretMissing")
+    })
+    .await;
+    assert!(
+        condition(&missing, "Ready").unwrap()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(r#"spec.tls.secretName: Secret "hub-tls" not found"#)),
+        "{:?}",
+        condition(&missing, "Ready")
+    );
+    assert!(
+        Api::<Deployment>::namespaced(client.clone(), NS)
+            .get_opt(&registry_name(MIRROR))
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing is applied while the Secret is missing"
+    );
+
+    // The Service's cluster IP is known only once it exists: a first certificate for another
+    // address, then one for the endpoint, as a user (or cert-manager) would renew it.
+    let ca = TestCa::new("hub CA");
+    let (cert, key) = ca.server_cert(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": "hub-tls", "namespace": NS},
+        "stringData": {"tls.crt": cert, "tls.key": key, "ca.crt": ca.pem()}
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let with_endpoint = wait_for_mirror("an https endpoint", &mirrors, |m| {
+        m.data["status"]["endpoint"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("https://"))
+    })
+    .await;
+    let endpoint = with_endpoint.data["status"]["endpoint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ip: IpAddr = endpoint
+        .trim_start_matches("https://")
+        .rsplit_once(':')
+        .unwrap()
+        .0
+        .parse()
+        .unwrap();
+    let (cert, key) = ca.server_cert(&[ip]);
+    secrets
+        .patch(
+            "hub-tls",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"tls.crt": cert, "tls.key": key}})),
+        )
+        .await
+        .unwrap();
+
+    // The agent trusts the Secret's ca.crt, reaches the registry over TLS through the cluster
+    // IP, and installs the CA beside hosts.toml.
+    let ready = wait_for_mirror("Ready=True over https", &mirrors, |m| {
+        condition_is_true(m, "Ready")
+    })
+    .await;
+    assert_eq!(ready.data["status"]["endpoint"], endpoint.as_str());
+    let node = &env.cluster.nodes()[0];
+    let dir = node.certs_dir().join("docker.io");
+    let hosts = std::fs::read_to_string(dir.join("hosts.toml")).unwrap();
+    assert!(
+        hosts.contains(&format!("[host.\"{endpoint}\"]"))
+            && hosts.contains("ca = \"/etc/containerd/certs.d/docker.io/cachalot-ca.crt\""),
+        "{hosts}"
+    );
+    let installed = std::fs::read_to_string(dir.join("cachalot-ca.crt")).unwrap();
+    assert!(installed.contains(ca.pem().trim()), "{installed}");
+
+    mirrors
+        .delete(MIRROR, &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the mirror to be gone with its node files", || async {
+        (matches!(mirrors.get_opt(MIRROR).await, Ok(None)) && !dir.exists()).then_some(())
+    })
+    .await;
     controller.stop().await;
 }
 

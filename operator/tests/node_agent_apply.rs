@@ -7,11 +7,13 @@ use std::fs;
 use std::path::Path;
 
 use cachalot_operator::node_agent::apply::{execute, managed_files, scan, Roots};
-use cachalot_operator::node_agent::plan::{reconcile_node, Action, Plan};
+use cachalot_operator::node_agent::plan::{
+    reconcile_node, reconcile_node_with_ca, Action, NodeCa, Plan,
+};
 use cachalot_operator::node_agent::protocol::{
     DesiredRegistry, DesiredState, Fallback, Reason, RegistryState, RegistryStatus, Runtime,
 };
-use cachalot_operator::node_agent::render::{parse_marker, ORIGINAL_FILE_NAME};
+use cachalot_operator::node_agent::render::{parse_marker, CA_FILE_NAME, ORIGINAL_FILE_NAME};
 
 const MIRROR: &str = "cachalot/hub";
 const EP: &str = "http://10.96.0.12:5000";
@@ -38,6 +40,7 @@ fn desired(registries: Vec<DesiredRegistry>) -> DesiredState {
         registries,
         unreachable_after: "30s".to_string(),
         merge_with_admin_file: false,
+        mirror_ca_file: None,
     }
 }
 
@@ -80,6 +83,20 @@ impl Node {
     fn round(&self, desired: &DesiredState, live: &BTreeSet<String>) -> Plan {
         let observed = scan(&self.roots, &desired.mirror).unwrap();
         let plan = reconcile_node(desired, &observed, live);
+        for action in &plan.actions {
+            execute(&self.roots, action).unwrap_or_else(|e| panic!("{action:?}: {e}"));
+        }
+        plan
+    }
+    /// One agent round for a mirror whose CA the node must trust; panics if an action fails.
+    fn round_with_ca(
+        &self,
+        desired: &DesiredState,
+        live: &BTreeSet<String>,
+        ca: Option<&NodeCa>,
+    ) -> Plan {
+        let observed = scan(&self.roots, &desired.mirror).unwrap();
+        let plan = reconcile_node_with_ca(desired, &observed, live, ca);
         for action in &plan.actions {
             execute(&self.roots, action).unwrap_or_else(|e| panic!("{action:?}: {e}"));
         }
@@ -370,4 +387,116 @@ fn temp_file_left_by_a_crashed_write_does_not_keep_the_directory_alive() {
     .unwrap();
     node.round(&desired(vec![]), &live());
     assert!(!node.certs().join("ghcr.io").exists());
+}
+
+const TLS_EP: &str = "https://10.96.0.12:5000";
+const CA_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+fn tls_registry(name: &str) -> DesiredRegistry {
+    DesiredRegistry {
+        endpoints: vec![TLS_EP.to_string()],
+        ..registry(name)
+    }
+}
+
+fn node_ca(node: &Node, pem: &str) -> NodeCa {
+    NodeCa {
+        pem: pem.to_string(),
+        host_certs_dir: node.certs().display().to_string(),
+    }
+}
+
+#[test]
+fn the_mirror_ca_is_installed_beside_hosts_toml_named_as_ca_and_removed_with_it() {
+    let node = Node::new();
+    let d = desired(vec![tls_registry("docker.io")]);
+    let live: BTreeSet<String> = [TLS_EP.to_string()].into();
+    let ca = node_ca(&node, CA_PEM);
+    let plan = node.round_with_ca(&d, &live, Some(&ca));
+    // The CA is written before the file that names it.
+    let written: Vec<&str> = plan
+        .actions
+        .iter()
+        .map(|a| match a {
+            Action::Write { file, .. } => file.as_str(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(written, [CA_FILE_NAME, "hosts.toml"]);
+    let ca_path = node.certs().join("docker.io").join(CA_FILE_NAME);
+    let ca_text = node.read(&format!("docker.io/{CA_FILE_NAME}"));
+    assert_eq!(parse_marker(&ca_text).unwrap().mirror, MIRROR);
+    assert!(ca_text.ends_with(CA_PEM), "{ca_text}");
+    let hosts: toml::Table = node.read("docker.io/hosts.toml").parse().unwrap();
+    assert_eq!(
+        hosts["host"][TLS_EP]["ca"].as_str(),
+        Some(ca_path.to_str().unwrap())
+    );
+    assert_eq!(node.round_with_ca(&d, &live, Some(&ca)).actions, []);
+    let observed = scan(&node.roots, MIRROR).unwrap();
+    assert_eq!(
+        managed_files(&observed, MIRROR),
+        [
+            format!("docker.io/{CA_FILE_NAME}"),
+            "docker.io/hosts.toml".to_string()
+        ]
+    );
+
+    // A rotated CA replaces the file; hosts.toml (same path) is unchanged.
+    let rotated = node_ca(&node, &CA_PEM.replace("MIIB", "MIIC"));
+    let plan = node.round_with_ca(&d, &live, Some(&rotated));
+    assert_eq!(plan.actions.len(), 1, "{:?}", plan.actions);
+    assert!(node
+        .read(&format!("docker.io/{CA_FILE_NAME}"))
+        .contains("MIIC"));
+
+    // Removal: hosts.toml first, then the CA, then the directory.
+    let plan = node.round_with_ca(&removal(d), &live, None);
+    let removed: Vec<&str> = plan
+        .actions
+        .iter()
+        .map(|a| match a {
+            Action::Remove { file, .. } => file.as_str(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(removed, ["hosts.toml", CA_FILE_NAME]);
+    assert!(!node.certs().join("docker.io").exists());
+}
+
+#[test]
+fn without_a_ca_any_more_hosts_toml_drops_ca_and_the_installed_copy_goes() {
+    let node = Node::new();
+    let d = desired(vec![tls_registry("docker.io")]);
+    let live: BTreeSet<String> = [TLS_EP.to_string()].into();
+    node.round_with_ca(&d, &live, Some(&node_ca(&node, CA_PEM)));
+    let plan = node.round_with_ca(&d, &live, None);
+    assert!(
+        matches!(&plan.actions[..], [Action::Write { file: w, .. }, Action::Remove { file: r, .. }]
+            if w == "hosts.toml" && r == CA_FILE_NAME),
+        "{:?}",
+        plan.actions
+    );
+    assert!(!node.read("docker.io/hosts.toml").contains("ca ="));
+    assert!(!node.certs().join("docker.io").join(CA_FILE_NAME).exists());
+    assert!(node.certs().join("docker.io/hosts.toml").exists());
+}
+
+#[test]
+fn a_ca_file_of_someone_else_blocks_the_registry_and_is_left_alone() {
+    let node = Node::new();
+    fs::create_dir(node.certs().join("docker.io")).unwrap();
+    fs::write(
+        node.certs().join("docker.io").join(CA_FILE_NAME),
+        "admin's\n",
+    )
+    .unwrap();
+    let d = desired(vec![tls_registry("docker.io")]);
+    let live: BTreeSet<String> = [TLS_EP.to_string()].into();
+    let plan = node.round_with_ca(&d, &live, Some(&node_ca(&node, CA_PEM)));
+    let status = state_of(&plan, "docker.io");
+    assert_eq!(status.state, RegistryState::Blocked);
+    assert_eq!(status.reason, Some(Reason::AdminFileExists));
+    assert_eq!(plan.actions, []);
+    assert_eq!(node.read(&format!("docker.io/{CA_FILE_NAME}")), "admin's\n");
 }

@@ -15,7 +15,9 @@ use std::path::PathBuf;
 use cachalot_operator::node_agent::containerd::{
     check_containerd_config, check_containerd_config_with_imports, is_blocking,
 };
-use cachalot_operator::node_agent::plan::{reconcile_node, Action, Observed};
+use cachalot_operator::node_agent::plan::{
+    reconcile_node, reconcile_node_with_ca, Action, NodeCa, Observed,
+};
 use cachalot_operator::node_agent::protocol::{
     DesiredRegistry, DesiredState, Fallback, Reason, Runtime,
 };
@@ -217,6 +219,7 @@ fn host_namespace_directories_are_named_after_the_registry_with_port_kept() {
         ],
         unreachable_after: "30s".to_string(),
         merge_with_admin_file: false,
+        mirror_ca_file: None,
     };
     let live: BTreeSet<String> = ["http://10.96.0.12:5000".to_string()].into();
     let plan = reconcile_node(&desired, &Observed::default(), &live);
@@ -236,6 +239,43 @@ fn host_namespace_directories_are_named_after_the_registry_with_port_kept() {
             "_default/hosts.toml"
         ]
     );
+}
+
+#[test]
+fn a_tls_mirror_gets_its_ca_beside_hosts_toml_named_by_its_node_path() {
+    let desired = DesiredState {
+        mirror: MIRROR.to_string(),
+        generation: "g1".to_string(),
+        removing: false,
+        runtime: Runtime::Containerd,
+        registries: vec![registry("docker.io", &["https://10.96.0.12:5000"])],
+        unreachable_after: "30s".to_string(),
+        merge_with_admin_file: false,
+        mirror_ca_file: Some("/etc/cachalot/mirror-ca/ca.crt".to_string()),
+    };
+    let ca = NodeCa {
+        pem: "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n".to_string(),
+        host_certs_dir: "/etc/containerd/certs.d/".to_string(),
+    };
+    let live: BTreeSet<String> = ["https://10.96.0.12:5000".to_string()].into();
+    let plan = reconcile_node_with_ca(&desired, &Observed::default(), &live, Some(&ca));
+    let files: Vec<(String, &str)> = plan
+        .actions
+        .iter()
+        .map(|a| match a {
+            Action::Write {
+                dir, file, content, ..
+            } => (format!("{dir}/{file}"), content.as_str()),
+            other => panic!("unexpected action {other:?}"),
+        })
+        .collect();
+    assert_eq!(files[0].0, "docker.io/cachalot-ca.crt");
+    assert_eq!(
+        files[0].1,
+        "# managed-by: cachalot mirror=cachalot/docker-hub\n-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n"
+    );
+    assert_eq!(files[1].0, "docker.io/hosts.toml");
+    assert_golden("tls-mirror.hosts.toml", files[1].1);
 }
 
 fn containerd_fixture(name: &str) -> String {

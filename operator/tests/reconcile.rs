@@ -1239,3 +1239,44 @@ async fn a_failed_ca_config_map_check_is_a_transient_error_that_applies_nothing(
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn a_missing_tls_secret_is_ready_false_with_tls_secret_missing_and_applies_nothing() {
+    let (setup, _writers) = Setup::new();
+    let spec = json!({
+        "registries": [{"name": "docker.io"}],
+        "parent": {"url": "https://hub.example:30500",
+                   "tls": {"clientCertSecret": {"name": "spoke-client"}}},
+        "tls": {"secretName": "mirror-tls",
+                "clientAuth": {"bearerTokenSecret": {"name": "spoke-tokens", "key": "token"}}}
+    });
+    let object = mirror_json(spec, true, false);
+    let m: RegistryMirror = serde_json::from_value(object.clone()).unwrap();
+    let action = run_scenario(m, &setup, move |mut h| async move {
+        // Metadata only, in field order: the parent's client certificate, the mirror's
+        // certificate, the clients' token.
+        expect_secret_metadata_read(&mut h, "spoke-client", true).await;
+        expect_secret_metadata_read(&mut h, "mirror-tls", false).await;
+        expect_secret_metadata_read(&mut h, "spoke-tokens", true).await;
+        let status = expect_status(&mut h, &object).await;
+        let ready = condition(&status, "Ready");
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "TlsSecretMissing");
+        assert_eq!(
+            ready["message"],
+            r#"spec.tls.secretName: Secret "mirror-tls" not found in namespace "cachalot""#
+        );
+        for other in [
+            "ProxyAvailable",
+            "NodesConfigured",
+            "CacheEffective",
+            "UpstreamBudget",
+        ] {
+            assert_eq!(condition(&status, other)["reason"], "TlsSecretMissing");
+        }
+        expect_event(&mut h, "TlsSecretMissing").await;
+        h
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+}

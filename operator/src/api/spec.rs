@@ -138,6 +138,14 @@ pub struct RegistryMirrorSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentMirror>,
 
+    /// Serve the pull API over TLS, optionally with client authentication (a hub reached from
+    /// other clusters). The endpoint in status and on the nodes becomes `https://`; the admin
+    /// port (probes, `/stats`, `/metrics`) stays plain HTTP inside the cluster. Not with
+    /// `storage.type: S3` (replicas reach each other over plain HTTP), `service.type: External`
+    /// (nothing is deployed here) or node runtimes other than `Containerd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MirrorTls>,
+
     /// Where the cache lives and how big it may grow.
     #[serde(default)]
     pub storage: Storage,
@@ -355,6 +363,98 @@ pub struct ParentMirror {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128), regex(pattern = SPOKE_ID_PATTERN))]
     pub spoke_id: Option<String>,
+
+    /// A client certificate for a parent that requires mTLS (its `spec.tls.clientAuth.caSecretKey`).
+    /// Needs an https `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ParentTls>,
+
+    /// A bearer token for a parent that requires one (its `spec.tls.clientAuth.bearerTokenSecret`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<ParentAuth>,
+}
+
+/// TLS of the mirror's pull API.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorTls {
+    /// A `kubernetes.io/tls` Secret in the mirror's namespace: `tls.crt` (the chain, the
+    /// server's certificate first) and `tls.key` are mounted read-only into the registry pods,
+    /// which re-read them every second, so a renewed certificate (cert-manager) is served
+    /// without a restart. The certificate must name the address nodes use (`status.endpoint`:
+    /// the Service's cluster IP, or `127.0.0.1` for `NodePort`) and the names other clusters
+    /// use. An optional `ca.crt` is mounted into the node agents, which install it beside each
+    /// `hosts.toml` (`cachalot-ca.crt`) as the `ca` containerd trusts for the mirror; without it
+    /// the nodes' system roots must trust the certificate. While the Secret does not exist, the
+    /// mirror is not Ready (reason `TlsSecretMissing`) and nothing is applied.
+    #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
+    pub secret_name: String,
+
+    /// Require clients of the pull API to authenticate (spokes in other clusters). Nodes of
+    /// this cluster have no client credential: with client authentication their pulls do not
+    /// go through this mirror (see docs/hub-and-spoke.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuth>,
+}
+
+/// How clients of the pull API authenticate: a client certificate, a bearer token, or both.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.caSecretKey) || has(self.bearerTokenSecret)",
+        "message": "clientAuth needs caSecretKey, bearerTokenSecret or both"
+    }
+]))]
+pub struct ClientAuth {
+    /// A key of the `tls.secretName` Secret holding the PEM CA that signs client certificates,
+    /// usually `ca.crt` (cert-manager puts the issuing CA there): the TLS handshake then
+    /// requires a client certificate signed by it (mTLS). Read when the registry starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = CONFIG_MAP_KEY_PATTERN))]
+    pub ca_secret_key: Option<String>,
+
+    /// A Secret key holding the token clients send as `Authorization: Bearer <token>`; a
+    /// request without it gets 401. Re-read when it changes (a rotated Secret needs no
+    /// restart). While the Secret does not exist, the mirror is not Ready (reason
+    /// `CredentialsSecretMissing`) and nothing is applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token_secret: Option<SecretKeyRef>,
+}
+
+/// Reference to one key of a Secret, in the RegistryMirror's namespace.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret, in the RegistryMirror's namespace.
+    #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
+    pub name: String,
+
+    /// The key whose value is used; only that key is mounted.
+    #[schemars(length(min = 1, max = 253), regex(pattern = CONFIG_MAP_KEY_PATTERN))]
+    pub key: String,
+}
+
+/// The client certificate a spoke presents to its parent.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentTls {
+    /// A `kubernetes.io/tls` Secret in the mirror's namespace whose `tls.crt` and `tls.key`
+    /// the registry presents to an https parent that asks for a client certificate (mTLS).
+    /// Read when the registry starts: after renewing it, restart the registry pods. While the
+    /// Secret does not exist, the mirror is not Ready (reason `TlsSecretMissing`) and nothing
+    /// is applied.
+    pub client_cert_secret: SecretRef,
+}
+
+/// The token a spoke sends to its parent.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentAuth {
+    /// A Secret key holding the token sent to the parent as `Authorization: Bearer <token>`,
+    /// re-read when it changes. While the Secret does not exist, the mirror is not Ready
+    /// (reason `CredentialsSecretMissing`) and nothing is applied.
+    pub bearer_token_secret: SecretKeyRef,
 }
 
 /// Cache storage.

@@ -21,14 +21,20 @@
 //!   `cluster.peers` (stable StatefulSet pod names behind the headless `-peers` Service) and
 //!   leaves `cluster.self` empty; each pod sets its own through `CACHALOT_CLUSTER_SELF`, built
 //!   from its name (downward API). The S3 key pair is a mounted Secret, named by path only.
+//! - TLS (`spec.tls`, `spec.parent.tls`, the bearer tokens of `clientAuth` and `parent.auth`):
+//!   Secrets are mounted key by key (only the keys the registry reads), read-only, and named in
+//!   the config by path only. The mirror's `ca.crt` reaches the nodes the same way: the agent
+//!   pods mount that one key (optional) and install it beside `hosts.toml`; the operator never
+//!   reads a Secret's content. The admin listener (probes, `/stats`) stays plain HTTP.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use cachalot_registry::config::{
-    ClusterConfig, Config as RegistryConfigFile, Credentials, FreshnessRule as RegistryFreshness,
-    LogConfig, LogFormat, ParentConfig, RegistryConfig, S3Config, StorageConfig,
+    ClientAuthConfig, ClusterConfig, Config as RegistryConfigFile, Credentials,
+    FreshnessRule as RegistryFreshness, LogConfig, LogFormat, ParentConfig, RegistryConfig,
+    S3Config, StorageConfig, TlsConfig,
 };
 use k8s_openapi::api::apps::v1::{
     DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, Deployment, DeploymentSpec,
@@ -48,7 +54,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use sha2::{Digest, Sha256};
 
-use super::validate::{Exposure, ValidS3, Validated};
+use super::validate::{Exposure, ValidS3, ValidTls, Validated, TLS_CERT_KEY, TLS_KEY_KEY};
 use super::workload_pins::WorkloadPins;
 use crate::api::{
     CaConfigMapRef, CredentialsKind, FallbackPolicy, NodeRuntime, RegistryMirror, StorageKind,
@@ -101,6 +107,20 @@ pub const S3_SECRET_ACCESS_KEY_KEY: &str = "secret-access-key";
 const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// The environment variable the registry reads `cluster.self` from.
 pub const CLUSTER_SELF_ENV: &str = "CACHALOT_CLUSTER_SELF";
+/// Where `spec.tls.secretName` is mounted in the registry pods (`tls.crt`, `tls.key`, and the
+/// client CA key of `clientAuth.caSecretKey`).
+pub const TLS_DIR: &str = "/etc/cachalot/tls";
+/// Where `spec.tls.clientAuth.bearerTokenSecret` is mounted in the registry pods.
+pub const CLIENT_TOKEN_DIR: &str = "/etc/cachalot/client-auth";
+/// Where `spec.parent.tls.clientCertSecret` is mounted in the registry pods.
+pub const PARENT_TLS_DIR: &str = "/etc/cachalot/parent-tls";
+/// Where `spec.parent.auth.bearerTokenSecret` is mounted in the registry pods.
+pub const PARENT_TOKEN_DIR: &str = "/etc/cachalot/parent-token";
+/// The key of the mirror's TLS Secret the node agents install as the CA nodes trust.
+pub const MIRROR_CA_KEY: &str = "ca.crt";
+/// Where the node agent pods mount [`MIRROR_CA_KEY`] of `spec.tls.secretName` (optional: a
+/// Secret without it mounts nothing, and the nodes' system roots must trust the certificate).
+pub const AGENT_MIRROR_CA_DIR: &str = "/etc/cachalot/mirror-ca";
 const AGENT_DESIRED_DIR: &str = "/etc/cachalot/agent";
 const HOST_CERTS_DIR: &str = "/host/certs.d";
 const HOST_CONTAINERD_DIR: &str = "/host/containerd";
@@ -351,6 +371,138 @@ fn ca_volume(volume: String, ca: &CaConfigMapRef, dir: String) -> (Volume, Volum
     )
 }
 
+/// A read-only Secret volume with only `keys` projected (each under its own name), and its
+/// mount at `dir`. `optional`: a missing Secret or key mounts nothing instead of keeping the
+/// pod from starting.
+fn secret_keys_volume(
+    volume: &str,
+    secret: &str,
+    keys: &[&str],
+    dir: &str,
+    optional: bool,
+) -> (Volume, VolumeMount) {
+    let mut items: Vec<KeyToPath> = Vec::new();
+    for key in keys {
+        if !items.iter().any(|i| i.key == *key) {
+            items.push(KeyToPath {
+                key: (*key).to_string(),
+                path: (*key).to_string(),
+                ..KeyToPath::default()
+            });
+        }
+    }
+    (
+        Volume {
+            name: volume.to_string(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.to_string()),
+                items: Some(items),
+                default_mode: Some(0o440),
+                optional: optional.then_some(true),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        mount(volume, dir, true),
+    )
+}
+
+/// The TLS and token Secret volumes of the registry pods, in spec field order: the parent's
+/// client certificate and token, then the mirror's certificate (with the client CA key) and
+/// the clients' token.
+fn tls_volumes(mirror: &RegistryMirror, v: &Validated) -> Vec<(Volume, VolumeMount)> {
+    let mut out = Vec::new();
+    if let Some(parent) = &mirror.spec.parent {
+        if let Some(tls) = &parent.tls {
+            out.push(secret_keys_volume(
+                "parent-tls",
+                &tls.client_cert_secret.name,
+                &[TLS_CERT_KEY, TLS_KEY_KEY],
+                PARENT_TLS_DIR,
+                false,
+            ));
+        }
+        if let Some(auth) = &parent.auth {
+            let token = &auth.bearer_token_secret;
+            out.push(secret_keys_volume(
+                "parent-token",
+                &token.name,
+                &[&token.key],
+                PARENT_TOKEN_DIR,
+                false,
+            ));
+        }
+    }
+    if let Some(tls) = &v.tls {
+        let mut keys = vec![TLS_CERT_KEY, TLS_KEY_KEY];
+        keys.extend(tls.client_ca_key.as_deref());
+        out.push(secret_keys_volume(
+            "tls",
+            &tls.secret_name,
+            &keys,
+            TLS_DIR,
+            false,
+        ));
+        if let Some(token) = &tls.bearer_token {
+            out.push(secret_keys_volume(
+                "client-token",
+                &token.name,
+                &[&token.key],
+                CLIENT_TOKEN_DIR,
+                false,
+            ));
+        }
+    }
+    out
+}
+
+/// The TLS and token Secret references, one line each (empty without any), for the config
+/// hash: the config names the mounted files, not the Secrets they come from, so renaming a
+/// Secret must still roll the pods.
+fn tls_references(mirror: &RegistryMirror, v: &Validated) -> String {
+    let mut lines = String::new();
+    if let Some(parent) = &mirror.spec.parent {
+        if let Some(tls) = &parent.tls {
+            lines.push_str(&format!(
+                "\nspec.parent.tls.clientCertSecret {}",
+                tls.client_cert_secret.name
+            ));
+        }
+        if let Some(auth) = &parent.auth {
+            let t = &auth.bearer_token_secret;
+            lines.push_str(&format!(
+                "\nspec.parent.auth.bearerTokenSecret {}/{}",
+                t.name, t.key
+            ));
+        }
+    }
+    if let Some(tls) = &v.tls {
+        lines.push_str(&format!("\nspec.tls.secretName {}", tls.secret_name));
+        if let Some(t) = &tls.bearer_token {
+            lines.push_str(&format!(
+                "\nspec.tls.clientAuth.bearerTokenSecret {}/{}",
+                t.name, t.key
+            ));
+        }
+    }
+    lines
+}
+
+/// The registry's `tls` and `auth` sections for `spec.tls`.
+fn listener_tls(tls: &ValidTls) -> (TlsConfig, Option<ClientAuthConfig>) {
+    let file = |key: &str| PathBuf::from(format!("{TLS_DIR}/{key}"));
+    (
+        TlsConfig {
+            cert_file: file(TLS_CERT_KEY),
+            key_file: file(TLS_KEY_KEY),
+            client_ca_file: tls.client_ca_key.as_deref().map(file),
+        },
+        tls.bearer_token.as_ref().map(|t| ClientAuthConfig {
+            bearer_token_file: PathBuf::from(format!("{CLIENT_TOKEN_DIR}/{}", t.key)),
+        }),
+    )
+}
+
 /// The CA ConfigMap references of a mirror, one line each in spec order (empty without any),
 /// for the config hash: the config names the mounted file, not the ConfigMap it comes from.
 fn ca_references(mirror: &RegistryMirror) -> String {
@@ -460,6 +612,7 @@ pub fn registry_config(
             },
         );
     }
+    let listener = v.tls.as_ref().map(listener_tls);
     let config = RegistryConfigFile {
         listen: SocketAddr::from(([0, 0, 0, 0], port_u16(REGISTRY_PORT))),
         admin_listen: SocketAddr::from(([0, 0, 0, 0], port_u16(REGISTRY_ADMIN_PORT))),
@@ -484,9 +637,17 @@ pub fn registry_config(
                 .map(|ca| ca_file(PARENT_CA_DIR, ca)),
             insecure_skip_verify: false,
             spoke_id: Some(p.spoke_id.clone().unwrap_or_else(|| default_spoke_id(v))),
-            client_cert_file: None,
-            client_key_file: None,
-            bearer_token_file: None,
+            client_cert_file: p
+                .tls
+                .as_ref()
+                .map(|_| PathBuf::from(format!("{PARENT_TLS_DIR}/{TLS_CERT_KEY}"))),
+            client_key_file: p
+                .tls
+                .as_ref()
+                .map(|_| PathBuf::from(format!("{PARENT_TLS_DIR}/{TLS_KEY_KEY}"))),
+            bearer_token_file: p.auth.as_ref().map(|a| {
+                PathBuf::from(format!("{PARENT_TOKEN_DIR}/{}", a.bearer_token_secret.key))
+            }),
         }),
         registries,
         pin_file: mirror
@@ -497,6 +658,8 @@ pub fn registry_config(
             format: LogFormat::Json,
             level: None,
         },
+        tls: listener.as_ref().map(|(tls, _)| tls.clone()),
+        auth: listener.and_then(|(_, auth)| auth),
         ..RegistryConfigFile::default()
     };
     // Validated as the first replica will load it, with its own `cluster.self`.
@@ -542,6 +705,7 @@ pub fn build_registry(
     // before.
     hash_input.extend(ca_references(mirror).as_bytes());
     hash_input.extend(s3_credentials_reference(v.s3.as_ref()).as_bytes());
+    hash_input.extend(tls_references(mirror, v).as_bytes());
     let pod_template = registry_pod_template(mirror, v, image, &short_hash(&hash_input));
     let selector = LabelSelector {
         match_labels: Some(selector_labels(&v.name, "registry")),
@@ -869,6 +1033,10 @@ fn registry_pod_template(
         volumes.push(volume);
         mounts.push(mount);
     }
+    for (volume, mount) in tls_volumes(mirror, v) {
+        volumes.push(volume);
+        mounts.push(mount);
+    }
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(object_labels(&v.name, "registry")),
@@ -986,10 +1154,11 @@ pub fn stateful_set_needs_replacement(live: &StatefulSet, desired: &StatefulSet)
         || policy(live) != policy(desired)
 }
 
-/// The URL nodes use to reach the proxy, from the exposure and the applied Service. `None` when
-/// the Service has no cluster IP or node port yet.
+/// The URL nodes use to reach the proxy, from the exposure and the applied Service (`https`
+/// with `spec.tls`). `None` when the Service has no cluster IP or node port yet.
 #[must_use]
 pub fn node_endpoint(v: &Validated, applied_service: Option<&Service>) -> Option<String> {
+    let scheme = if v.tls.is_some() { "https" } else { "http" };
     match &v.exposure {
         Exposure::External(url) => Some(url.clone()),
         Exposure::ClusterIp => {
@@ -999,9 +1168,9 @@ pub fn node_endpoint(v: &Validated, applied_service: Option<&Service>) -> Option
             }
             // IPv6 cluster IPs need brackets in a URL.
             if ip.contains(':') {
-                Some(format!("http://[{ip}]:{REGISTRY_PORT}"))
+                Some(format!("{scheme}://[{ip}]:{REGISTRY_PORT}"))
             } else {
-                Some(format!("http://{ip}:{REGISTRY_PORT}"))
+                Some(format!("{scheme}://{ip}:{REGISTRY_PORT}"))
             }
         }
         Exposure::NodePort(fixed) => {
@@ -1016,7 +1185,7 @@ pub fn node_endpoint(v: &Validated, applied_service: Option<&Service>) -> Option
             })?;
             // The agent runs with hostNetwork on every node, and kube-proxy serves node ports
             // on the node's own addresses, so loopback reaches the proxy from any node.
-            Some(format!("http://127.0.0.1:{port}"))
+            Some(format!("{scheme}://127.0.0.1:{port}"))
         }
     }
 }
@@ -1065,6 +1234,10 @@ pub fn desired_state(
         registries,
         unreachable_after: nodes.unreachable_after.clone(),
         merge_with_admin_file: nodes.merge_with_admin_file,
+        mirror_ca_file: v
+            .tls
+            .as_ref()
+            .map(|_| format!("{AGENT_MIRROR_CA_DIR}/{MIRROR_CA_KEY}")),
     };
     let bytes = serde_json::to_vec(&desired).map_err(|e| BuildError::Serialize {
         what: "desired state",
@@ -1172,6 +1345,18 @@ pub fn build_agent(
             "--host-docker-config".to_string(),
             nodes.docker_config.clone(),
         ]);
+    }
+    if let Some(tls) = &v.tls {
+        // Only `ca.crt`, and optional: a publicly trusted certificate comes without one.
+        let (volume, ca_mount) = secret_keys_volume(
+            "mirror-ca",
+            &tls.secret_name,
+            &[MIRROR_CA_KEY],
+            AGENT_MIRROR_CA_DIR,
+            true,
+        );
+        volumes.push(volume);
+        mounts.push(ca_mount);
     }
     let pid_file = runtime_pid_file(nodes);
     if let Some(pid_file) = &pid_file {

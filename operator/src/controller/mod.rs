@@ -788,6 +788,7 @@ fn identity(mirror: &RegistryMirror, namespace: &str) -> Validated {
         max_size_bytes: 0,
         exposure: Exposure::ClusterIp,
         s3: None,
+        tls: None,
     }
 }
 

@@ -2,8 +2,10 @@
 //! mirror's namespace before registry objects are applied, because a pod that mounts a missing
 //! Secret or ConfigMap hangs in `ContainerCreating` and says nothing useful. The references are
 //! the credentials Secrets (`spec.registries[].credentialsSecret.name`,
-//! `spec.storage.s3.credentialsSecretRef.name`) and the CA ConfigMaps
-//! (`spec.registries[].caConfigMap.name`, `spec.parent.caConfigMap.name`).
+//! `spec.storage.s3.credentialsSecretRef.name`, the bearer tokens
+//! `spec.parent.auth.bearerTokenSecret.name` and `spec.tls.clientAuth.bearerTokenSecret.name`),
+//! the CA ConfigMaps (`spec.registries[].caConfigMap.name`, `spec.parent.caConfigMap.name`) and
+//! the TLS Secrets (`spec.tls.secretName`, `spec.parent.tls.clientCertSecret.name`).
 //!
 //! Invariants:
 //! - Only metadata is read (a `PartialObjectMetadata` GET): the operator never sees credentials
@@ -58,6 +60,8 @@ pub enum Referenced {
     CredentialsSecret,
     /// A ConfigMap with PEM CA certificates.
     CaConfigMap,
+    /// A `kubernetes.io/tls` Secret (the mirror's certificate, or a client certificate).
+    TlsSecret,
 }
 
 impl Referenced {
@@ -65,7 +69,7 @@ impl Referenced {
     #[must_use]
     pub fn object_kind(self) -> &'static str {
         match self {
-            Self::CredentialsSecret => "Secret",
+            Self::CredentialsSecret | Self::TlsSecret => "Secret",
             Self::CaConfigMap => "ConfigMap",
         }
     }
@@ -76,6 +80,7 @@ impl Referenced {
         match self {
             Self::CredentialsSecret => "CredentialsSecretMissing",
             Self::CaConfigMap => "CaConfigMapMissing",
+            Self::TlsSecret => "TlsSecretMissing",
         }
     }
 
@@ -85,6 +90,7 @@ impl Referenced {
         match self {
             Self::CredentialsSecret => "CredentialsCheckFailed",
             Self::CaConfigMap => "CaConfigMapCheckFailed",
+            Self::TlsSecret => "TlsSecretCheckFailed",
         }
     }
 }
@@ -110,7 +116,8 @@ pub struct MissingObject {
 }
 
 /// The objects named by the mirror, in spec field order: per registry its credentials Secret,
-/// then its CA ConfigMap; then the parent's CA ConfigMap; then the S3 credentials Secret.
+/// then its CA ConfigMap; then the parent's CA ConfigMap, client certificate Secret and token
+/// Secret; then the mirror's TLS Secret and client token Secret; then the S3 credentials Secret.
 #[must_use]
 pub fn referenced_objects(mirror: &RegistryMirror) -> Vec<ObjectRef> {
     let mut refs = Vec::new();
@@ -130,17 +137,53 @@ pub fn referenced_objects(mirror: &RegistryMirror) -> Vec<ObjectRef> {
             });
         }
     }
-    if let Some(ca) = mirror
-        .spec
-        .parent
-        .as_ref()
-        .and_then(|p| p.ca_config_map.as_ref())
-    {
+    let mut push = |referenced, field: &str, name: &str| {
         refs.push(ObjectRef {
-            referenced: Referenced::CaConfigMap,
-            field: "spec.parent.caConfigMap.name".to_string(),
-            name: ca.name.clone(),
+            referenced,
+            field: field.to_string(),
+            name: name.to_string(),
         });
+    };
+    if let Some(parent) = &mirror.spec.parent {
+        if let Some(ca) = &parent.ca_config_map {
+            push(
+                Referenced::CaConfigMap,
+                "spec.parent.caConfigMap.name",
+                &ca.name,
+            );
+        }
+        if let Some(tls) = &parent.tls {
+            push(
+                Referenced::TlsSecret,
+                "spec.parent.tls.clientCertSecret.name",
+                &tls.client_cert_secret.name,
+            );
+        }
+        if let Some(auth) = &parent.auth {
+            push(
+                Referenced::CredentialsSecret,
+                "spec.parent.auth.bearerTokenSecret.name",
+                &auth.bearer_token_secret.name,
+            );
+        }
+    }
+    if let Some(tls) = &mirror.spec.tls {
+        push(
+            Referenced::TlsSecret,
+            "spec.tls.secretName",
+            &tls.secret_name,
+        );
+        if let Some(token) = tls
+            .client_auth
+            .as_ref()
+            .and_then(|a| a.bearer_token_secret.as_ref())
+        {
+            push(
+                Referenced::CredentialsSecret,
+                "spec.tls.clientAuth.bearerTokenSecret.name",
+                &token.name,
+            );
+        }
     }
     if let Some(secret) = mirror
         .spec
@@ -184,7 +227,7 @@ pub async fn missing_objects(
     let mut missing = Vec::new();
     for object in refs {
         let found = match object.referenced {
-            Referenced::CredentialsSecret => secrets
+            Referenced::CredentialsSecret | Referenced::TlsSecret => secrets
                 .get_metadata_opt(&object.name)
                 .await
                 .map(|found| found.is_some()),
@@ -302,6 +345,47 @@ mod tests {
         assert!(
             referenced_objects(&ambient).is_empty(),
             "ambient credentials name no Secret"
+        );
+    }
+
+    #[test]
+    fn tls_and_token_secrets_of_parent_and_mirror_are_referenced_in_field_order() {
+        let m = mirror(json!({
+            "registries": [{"name": "docker.io"}],
+            "parent": {"url": "https://hub.corp.example:30500",
+                       "caConfigMap": {"name": "hub-ca"},
+                       "tls": {"clientCertSecret": {"name": "spoke-client"}},
+                       "auth": {"bearerTokenSecret": {"name": "hub-token", "key": "token"}}},
+            "tls": {"secretName": "mirror-tls",
+                    "clientAuth": {"caSecretKey": "ca.crt",
+                                   "bearerTokenSecret": {"name": "clients", "key": "token"}}},
+            "storage": {"type": "S3", "s3": {"bucket": "cachalot",
+                        "credentialsSecretRef": {"name": "s3-creds"}}}
+        }));
+        let tls = |field: &str, name: &str| ObjectRef {
+            referenced: Referenced::TlsSecret,
+            field: field.into(),
+            name: name.into(),
+        };
+        assert_eq!(
+            referenced_objects(&m),
+            [
+                config_map("spec.parent.caConfigMap.name", "hub-ca"),
+                tls("spec.parent.tls.clientCertSecret.name", "spoke-client"),
+                secret("spec.parent.auth.bearerTokenSecret.name", "hub-token"),
+                tls("spec.tls.secretName", "mirror-tls"),
+                secret("spec.tls.clientAuth.bearerTokenSecret.name", "clients"),
+                secret("spec.storage.s3.credentialsSecretRef.name", "s3-creds"),
+            ]
+        );
+        assert_eq!(
+            missing_message(&tls("spec.tls.secretName", "mirror-tls"), "team-a"),
+            r#"spec.tls.secretName: Secret "mirror-tls" not found in namespace "team-a""#
+        );
+        assert_eq!(Referenced::TlsSecret.missing_reason(), "TlsSecretMissing");
+        assert_eq!(
+            Referenced::TlsSecret.check_category(),
+            "TlsSecretCheckFailed"
         );
     }
 

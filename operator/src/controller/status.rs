@@ -868,6 +868,7 @@ pub fn compute_status(
                 Referenced::CaConfigMap => {
                     "a CA ConfigMap is missing; nothing was applied or changed"
                 }
+                Referenced::TlsSecret => "a TLS Secret is missing; nothing was applied or changed",
             };
             c.extend(unknown_all(reason, what));
             c.push(no_conflict());

@@ -12,8 +12,9 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use crate::api::{
-    CaConfigMapRef, FreshnessRule, NodeRuntime, NodeSettings, RegistryMirror, RegistryMirrorSpec,
-    S3Storage, ServiceKind, StorageKind, DEFAULT_LOCAL_CACHE_SIZE,
+    CaConfigMapRef, FreshnessRule, MirrorTls, NodeRuntime, NodeSettings, ParentMirror,
+    RegistryMirror, RegistryMirrorSpec, S3Storage, SecretKeyRef, ServiceKind, StorageKind,
+    DEFAULT_LOCAL_CACHE_SIZE,
 };
 
 /// Longest mirror name: derived object names (`cachalot-<name>-agent`, StatefulSet pod names with
@@ -113,6 +114,18 @@ pub struct ValidS3 {
     pub owner: String,
 }
 
+/// `spec.tls` after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidTls {
+    /// The `kubernetes.io/tls` Secret with `tls.crt`, `tls.key` and optionally `ca.crt`.
+    pub secret_name: String,
+    /// The key of that Secret holding the client CA (mTLS), if clients must present a
+    /// certificate.
+    pub client_ca_key: Option<String>,
+    /// The Secret key holding the clients' bearer token, if clients must send one.
+    pub bearer_token: Option<SecretKeyRef>,
+}
+
 /// The values derived from a valid spec.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Validated {
@@ -132,6 +145,8 @@ pub struct Validated {
     pub exposure: Exposure,
     /// The shared bucket of `storage.type: S3`; `None` for pod-local storage.
     pub s3: Option<ValidS3>,
+    /// TLS of the pull API (`spec.tls`); `None` for plain HTTP.
+    pub tls: Option<ValidTls>,
 }
 
 /// Validates `mirror` and derives what the build stage needs.
@@ -204,8 +219,14 @@ pub fn validate(mirror: &RegistryMirror) -> Result<Validated, ValidateError> {
                 "configures the in-cluster proxy; it cannot be combined with service.type External",
             ));
         }
+        validate_parent_credentials(parent)?;
     }
     validate_nodes(&spec.nodes)?;
+    let tls = spec
+        .tls
+        .as_ref()
+        .map(|tls| validate_tls(tls, spec, &exposure))
+        .transpose()?;
     if spec.nodes.runtime == NodeRuntime::Docker {
         let others: Vec<&str> = registries
             .iter()
@@ -231,7 +252,125 @@ pub fn validate(mirror: &RegistryMirror) -> Result<Validated, ValidateError> {
         max_size_bytes,
         exposure,
         s3,
+        tls,
     })
+}
+
+/// `spec.tls`: valid names, client authentication with at least one method, and only where
+/// the registry and the nodes can use it.
+fn validate_tls(
+    tls: &MirrorTls,
+    spec: &RegistryMirrorSpec,
+    exposure: &Exposure,
+) -> Result<ValidTls, ValidateError> {
+    if !is_dns_subdomain(&tls.secret_name) {
+        return Err(invalid(
+            "spec.tls.secretName",
+            format!("`{}` is not a valid Secret name", tls.secret_name),
+        ));
+    }
+    if matches!(exposure, Exposure::External(_)) {
+        return Err(invalid(
+            "spec.tls",
+            "configures the in-cluster proxy; it cannot be combined with service.type External",
+        ));
+    }
+    if spec.storage.kind == StorageKind::S3 {
+        return Err(invalid(
+            "spec.tls",
+            "not supported with storage.type S3: the replicas of an S3 mirror forward requests to each other over plain HTTP (use EmptyDir or PersistentVolumeClaim storage for a TLS hub)",
+        ));
+    }
+    if spec.nodes.runtime != NodeRuntime::Containerd {
+        return Err(invalid(
+            "spec.tls",
+            "nodes are given the mirror's CA for runtime Containerd only (hosts.toml `ca`); CRI-O and Docker nodes cannot use a TLS mirror yet",
+        ));
+    }
+    let (client_ca_key, bearer_token) = match &tls.client_auth {
+        None => (None, None),
+        Some(auth) => {
+            if auth.ca_secret_key.is_none() && auth.bearer_token_secret.is_none() {
+                return Err(invalid(
+                    "spec.tls.clientAuth",
+                    "set caSecretKey, bearerTokenSecret or both",
+                ));
+            }
+            if let Some(key) = &auth.ca_secret_key {
+                if !is_config_map_key(key) || key == TLS_CERT_KEY || key == TLS_KEY_KEY {
+                    return Err(invalid(
+                        "spec.tls.clientAuth.caSecretKey",
+                        format!("`{key}` is not a valid Secret key for a CA (not tls.crt or tls.key; at most 253 of `-._a-zA-Z0-9`)"),
+                    ));
+                }
+            }
+            if let Some(token) = &auth.bearer_token_secret {
+                validate_secret_key_ref(token, "spec.tls.clientAuth.bearerTokenSecret")?;
+            }
+            (auth.ca_secret_key.clone(), auth.bearer_token_secret.clone())
+        }
+    };
+    Ok(ValidTls {
+        secret_name: tls.secret_name.clone(),
+        client_ca_key,
+        bearer_token,
+    })
+}
+
+/// The key of a `kubernetes.io/tls` Secret holding the certificate chain.
+pub const TLS_CERT_KEY: &str = "tls.crt";
+/// The key of a `kubernetes.io/tls` Secret holding the private key.
+pub const TLS_KEY_KEY: &str = "tls.key";
+
+/// `spec.parent.tls` and `spec.parent.auth`: valid names; a client certificate only for an
+/// https parent.
+fn validate_parent_credentials(parent: &ParentMirror) -> Result<(), ValidateError> {
+    if let Some(tls) = &parent.tls {
+        if !is_dns_subdomain(&tls.client_cert_secret.name) {
+            return Err(invalid(
+                "spec.parent.tls.clientCertSecret.name",
+                format!(
+                    "`{}` is not a valid Secret name",
+                    tls.client_cert_secret.name
+                ),
+            ));
+        }
+        if !parent.url.starts_with("https://") {
+            return Err(invalid(
+                "spec.parent.tls",
+                format!(
+                    "a client certificate needs an https parent url, not `{}`",
+                    parent.url
+                ),
+            ));
+        }
+    }
+    if let Some(auth) = &parent.auth {
+        validate_secret_key_ref(
+            &auth.bearer_token_secret,
+            "spec.parent.auth.bearerTokenSecret",
+        )?;
+    }
+    Ok(())
+}
+
+fn validate_secret_key_ref(secret: &SecretKeyRef, field: &str) -> Result<(), ValidateError> {
+    if !is_dns_subdomain(&secret.name) {
+        return Err(invalid(
+            format!("{field}.name"),
+            format!("`{}` is not a valid Secret name", secret.name),
+        ));
+    }
+    if !is_config_map_key(&secret.key) {
+        return Err(invalid(
+            format!("{field}.key"),
+            format!(
+                "`{}` is not a valid Secret key (at most 253 of `-._a-zA-Z0-9`, not `.` and not starting with `..`)",
+                secret.key
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn validate_registries(spec: &RegistryMirrorSpec) -> Result<Vec<ValidRegistry>, ValidateError> {

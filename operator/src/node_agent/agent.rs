@@ -2,7 +2,9 @@
 //!
 //! Each round (every `--interval`, level-triggered): read the desired-state file (polled by
 //! content, because ConfigMap volume updates swap a symlink and inotify on the file is
-//! unreliable), probe the desired endpoints (`GET /v2/`, bounded timeouts), update the gate, scan
+//! unreliable), read the mirror's CA when the desired state names one (`mirrorCaFile`, a mounted
+//! Secret key, also polled by content), probe the desired endpoints (`GET /v2/`, bounded
+//! timeouts, trusting that CA), update the gate, scan
 //! the directories, plan ([`super::plan::reconcile_node`], pure), execute, check containerd's
 //! config read-only, publish [`AgentStatus`].
 //!
@@ -30,7 +32,7 @@ use super::apply::{apply_docker, execute, managed_files, scan, Roots};
 use super::containerd::{check_containerd_config_with_imports, glob_matches, imports, is_blocking};
 use super::duration::parse_duration;
 use super::gate::Gate;
-use super::plan::{reconcile_node, Action, Root};
+use super::plan::{reconcile_node_with_ca, Action, NodeCa, Root};
 use super::protocol::{
     AgentStatus, ContainerdStatus, DesiredState, Problem, Reason, RegistryState, RegistryStatus,
     Runtime,
@@ -320,7 +322,62 @@ impl Looper {
         }
     }
 
-    async fn probe(&self, desired: &DesiredState) -> Vec<(String, bool)> {
+    /// The mirror's CA for this round: `None` without `mirrorCaFile`, while removing, or when
+    /// the file is absent or empty (a Secret without `ca.crt`); a problem when it cannot be
+    /// read or holds no certificate.
+    async fn mirror_ca(&self, desired: &DesiredState) -> (Option<NodeCa>, Option<Problem>) {
+        let Some(path) = desired
+            .mirror_ca_file
+            .as_ref()
+            .filter(|_| !desired.removing)
+        else {
+            return (None, None);
+        };
+        let problem = |message: String| {
+            Some(Problem {
+                reason: Reason::MirrorCaInvalid,
+                message,
+            })
+        };
+        let bytes = match tokio::fs::metadata(path).await {
+            Ok(m) if m.len() > MAX_DESIRED_BYTES => {
+                return (
+                    None,
+                    problem(format!("{path}: larger than {MAX_DESIRED_BYTES} bytes")),
+                )
+            }
+            Ok(_) => tokio::fs::read(path).await,
+            Err(e) => Err(e),
+        };
+        let pem = match bytes {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (None, None),
+            Err(e) => return (None, problem(format!("reading {path}: {e}"))),
+        };
+        if pem.iter().all(u8::is_ascii_whitespace) {
+            return (None, None);
+        }
+        let Ok(text) = String::from_utf8(pem) else {
+            return (None, problem(format!("{path}: not UTF-8 PEM text")));
+        };
+        match reqwest::Certificate::from_pem_bundle(text.as_bytes()) {
+            Ok(certs) if !certs.is_empty() => (
+                Some(NodeCa {
+                    pem: text,
+                    host_certs_dir: self
+                        .args
+                        .host_certs_dir
+                        .clone()
+                        .unwrap_or_else(|| self.args.certs_dir.display().to_string()),
+                }),
+                None,
+            ),
+            Ok(_) => (None, problem(format!("{path}: no PEM certificate"))),
+            Err(e) => (None, problem(format!("{path}: {e}"))),
+        }
+    }
+
+    async fn probe(&self, desired: &DesiredState, ca: Option<&NodeCa>) -> Vec<(String, bool)> {
         let mut probes = Vec::new();
         for reg in desired.registries.iter() {
             for endpoint in &reg.endpoints {
@@ -336,11 +393,17 @@ impl Looper {
                     self.client.clone()
                 };
                 let ca_file = reg.ca_file.clone();
+                let ca_pem = ca.map(|c| c.pem.clone());
                 let timeout = self.args.probe_timeout;
                 let endpoint = endpoint.clone();
                 probes.push(async move {
-                    let client = match ca_file {
-                        Some(ca) => match client_with_ca(&ca, timeout).await {
+                    let loaded = match (ca_pem, ca_file) {
+                        (Some(pem), _) => Some(client_with_ca_pem(pem.as_bytes(), timeout)),
+                        (None, Some(file)) => Some(client_with_ca(&file, timeout).await),
+                        (None, None) => None,
+                    };
+                    let client = match loaded {
+                        Some(loaded) => match loaded {
                             Ok(c) => c,
                             Err(e) => {
                                 tracing::warn!(%endpoint, error = %e, "cannot load CA file for probe");
@@ -381,6 +444,8 @@ impl Looper {
                 false,
             );
         };
+        let (node_ca, ca_problem) = self.mirror_ca(&desired).await;
+        problems.extend(ca_problem);
         let unreachable_after =
             parse_duration(&desired.unreachable_after).unwrap_or(Duration::from_secs(30));
         let wanted: BTreeSet<String> = if desired.removing {
@@ -395,7 +460,7 @@ impl Looper {
         self.gate.retain(&wanted);
         if !desired.removing {
             let now = Instant::now();
-            for (endpoint, answered) in self.probe(&desired).await {
+            for (endpoint, answered) in self.probe(&desired, node_ca.as_ref()).await {
                 if self
                     .gate
                     .observe(&endpoint, answered, now, unreachable_after)
@@ -410,7 +475,7 @@ impl Looper {
         let desired_for_io = desired.clone();
         let io = tokio::task::spawn_blocking(move || {
             let observed = scan(&roots, &desired_for_io.mirror)?;
-            let plan = reconcile_node(&desired_for_io, &observed, &live);
+            let plan = reconcile_node_with_ca(&desired_for_io, &observed, &live, node_ca.as_ref());
             let mut failures = Vec::new();
             let mut crio_changed = false;
             for action in &plan.actions {
@@ -737,8 +802,12 @@ async fn client_with_ca(ca_file: &str, timeout: Duration) -> Result<reqwest::Cli
     let pem = tokio::fs::read(ca_file)
         .await
         .map_err(|e| format!("{ca_file}: {e}"))?;
-    let certs =
-        reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| format!("{ca_file}: {e}"))?;
+    client_with_ca_pem(&pem, timeout).map_err(|e| format!("{ca_file}: {e}"))
+}
+
+/// A probe client trusting the certificates of `pem` in addition to the system roots.
+fn client_with_ca_pem(pem: &[u8], timeout: Duration) -> Result<reqwest::Client, String> {
+    let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| e.to_string())?;
     let mut builder = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout)

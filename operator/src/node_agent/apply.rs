@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 
 use super::docker::{plan_docker, DockerPlan, Outcome as DockerOutcome};
 use super::plan::{Action, Existing, Observed, ObservedDir, Root};
-use super::render::{crio_file_name, parse_marker, HOSTS_FILE_NAME, ORIGINAL_FILE_NAME};
+use super::render::{
+    crio_file_name, parse_marker, CA_FILE_NAME, HOSTS_FILE_NAME, ORIGINAL_FILE_NAME,
+};
 
 /// Files larger than this are not ours and are not read.
 const MAX_FILE_BYTES: u64 = 1024 * 1024;
@@ -133,6 +135,7 @@ pub fn scan(roots: &Roots, mirror: &str) -> Result<Observed, ScanError> {
                     Ok(m) if m.file_type().is_symlink() => ObservedDir {
                         hosts: Some(Existing::Unsafe("the directory is a symlink".into())),
                         original: None,
+                        ca: None,
                     },
                     Ok(m) if m.is_dir() => ObservedDir {
                         hosts: read_existing(&path.join(HOSTS_FILE_NAME)),
@@ -140,6 +143,7 @@ pub fn scan(roots: &Roots, mirror: &str) -> Result<Observed, ScanError> {
                             Some(Existing::File(text)) => Some(text),
                             _ => None,
                         },
+                        ca: read_existing(&path.join(CA_FILE_NAME)),
                     },
                     _ => continue,
                 };
@@ -161,16 +165,20 @@ pub fn scan(roots: &Roots, mirror: &str) -> Result<Observed, ScanError> {
     Ok(Observed { dirs, crio_file })
 }
 
-/// Relative paths (`<dir>/hosts.toml`, `<dropin>`) of the files on disk carrying our marker.
+/// Relative paths (`<dir>/hosts.toml`, `<dir>/cachalot-ca.crt`, `<dropin>`) of the files on
+/// disk carrying our marker.
 #[must_use]
 pub fn managed_files(observed: &Observed, mirror: &str) -> Vec<String> {
     let is_ours = |e: &Option<Existing>| matches!(e, Some(Existing::File(t)) if parse_marker(t).is_some_and(|m| m.mirror == mirror));
-    let mut files: Vec<String> = observed
-        .dirs
-        .iter()
-        .filter(|(_, d)| is_ours(&d.hosts))
-        .map(|(name, _)| format!("{name}/{HOSTS_FILE_NAME}"))
-        .collect();
+    let mut files: Vec<String> = Vec::new();
+    for (name, dir) in &observed.dirs {
+        if is_ours(&dir.hosts) {
+            files.push(format!("{name}/{HOSTS_FILE_NAME}"));
+        }
+        if is_ours(&dir.ca) {
+            files.push(format!("{name}/{CA_FILE_NAME}"));
+        }
+    }
     if is_ours(&observed.crio_file) {
         if let Ok(name) = crio_file_name(mirror) {
             files.push(name);

@@ -9,6 +9,9 @@
 //!   (written first) and restored when we let go of the registry.
 //! - Paths are built only from names that passed [`super::names::validate_registry`] or came from
 //!   reading the directory itself (single components).
+//! - The mirror's CA ([`NodeCa`], containerd only) is written beside a `hosts.toml` before the
+//!   file that names it, and removed after the file that named it, so containerd never reads a
+//!   `ca` path that does not exist; it carries the same marker as our `hosts.toml`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -17,8 +20,9 @@ use super::protocol::{
     DesiredRegistry, DesiredState, Fallback, Reason, RegistryState, RegistryStatus, Runtime,
 };
 use super::render::{
-    crio_file_name, crio_unsupported, parse_marker, render_crio_dropin, render_hosts_toml,
-    validate_registry_entry, RenderError, HOSTS_FILE_NAME, ORIGINAL_FILE_NAME,
+    crio_file_name, crio_unsupported, parse_marker, render_ca_file, render_crio_dropin,
+    render_hosts_toml, validate_registry_entry, RenderError, CA_FILE_NAME, HOSTS_FILE_NAME,
+    ORIGINAL_FILE_NAME,
 };
 
 /// What is on disk in one host namespace directory (or for the CRI-O drop-in).
@@ -38,6 +42,29 @@ pub struct ObservedDir {
     pub hosts: Option<Existing>,
     /// The preserved administrator original, if present.
     pub original: Option<String>,
+    /// The mirror's CA installed beside `hosts.toml` ([`CA_FILE_NAME`]), if present.
+    pub ca: Option<Existing>,
+}
+
+/// The mirror's CA as the agent found it (the PEM of the mounted `ca.crt`), and the certs
+/// directory as containerd sees it, so that `hosts.toml` can name the installed copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCa {
+    /// PEM certificates.
+    pub pem: String,
+    /// containerd's certs.d on the host, e.g. `/etc/containerd/certs.d`.
+    pub host_certs_dir: String,
+}
+
+impl NodeCa {
+    /// The path containerd reads the CA of `registry` from.
+    #[must_use]
+    pub fn node_path(&self, registry: &str) -> String {
+        format!(
+            "{}/{registry}/{CA_FILE_NAME}",
+            self.host_certs_dir.trim_end_matches('/')
+        )
+    }
 }
 
 /// Everything the planner needs to know about the node's files.
@@ -174,8 +201,21 @@ pub fn reconcile_node(
     observed: &Observed,
     live: &BTreeSet<String>,
 ) -> Plan {
+    reconcile_node_with_ca(desired, observed, live, None)
+}
+
+/// [`reconcile_node`] for a mirror whose CA (`ca`) the nodes must trust: containerd's files get
+/// it beside each `hosts.toml`, named as the endpoints' `ca`. Without it, CA files of ours are
+/// removed.
+#[must_use]
+pub fn reconcile_node_with_ca(
+    desired: &DesiredState,
+    observed: &Observed,
+    live: &BTreeSet<String>,
+    ca: Option<&NodeCa>,
+) -> Plan {
     match desired.runtime {
-        Runtime::Containerd => plan_containerd(desired, observed, live),
+        Runtime::Containerd => plan_containerd(desired, observed, live, ca),
         Runtime::Crio => {
             let mut plan = plan_crio(desired, observed, live);
             // A runtime switch must not leave containerd files of this mirror behind.
@@ -190,6 +230,20 @@ pub fn reconcile_node(
             registries: Vec::new(),
         },
     }
+}
+
+/// Whether `file` is a file of ours for this mirror.
+fn is_ours(desired: &DesiredState, file: Option<&Existing>) -> bool {
+    matches!(file, Some(Existing::File(text)) if parse_marker(text).is_some_and(|m| m.mirror == desired.mirror))
+}
+
+/// Removes our CA file in `name`, if there is one.
+fn release_ca(desired: &DesiredState, name: &str, dir: &ObservedDir) -> Option<Action> {
+    is_ours(desired, dir.ca.as_ref()).then(|| Action::Remove {
+        root: Root::CertsDir,
+        dir: name.to_string(),
+        file: CA_FILE_NAME.into(),
+    })
 }
 
 fn ours<'a>(desired: &DesiredState, dir: &'a ObservedDir) -> Option<(&'a str, bool)> {
@@ -223,6 +277,8 @@ fn release_stale_hosts(
                 });
             }
         }
+        // After the hosts.toml that named it.
+        actions.extend(release_ca(desired, name, dir));
     }
     actions
 }
@@ -243,7 +299,12 @@ fn removed_statuses(desired: &DesiredState) -> Vec<RegistryStatus> {
         .collect()
 }
 
-fn plan_containerd(desired: &DesiredState, observed: &Observed, live: &BTreeSet<String>) -> Plan {
+fn plan_containerd(
+    desired: &DesiredState,
+    observed: &Observed,
+    live: &BTreeSet<String>,
+    ca: Option<&NodeCa>,
+) -> Plan {
     let mut plan = Plan::default();
     let mut keep: BTreeSet<&str> = BTreeSet::new();
     if desired.removing {
@@ -287,6 +348,29 @@ fn plan_containerd(desired: &DesiredState, observed: &Observed, live: &BTreeSet<
         let previous = match &dir.hosts {
             Some(Existing::File(text)) => Some(text.clone()),
             _ => None,
+        };
+        let ca_file = match (ca, &dir.ca) {
+            (Some(_), Some(existing)) if !is_ours(desired, Some(existing)) => {
+                plan.registries.push(status(
+                    &reg.registry,
+                    RegistryState::Blocked,
+                    Some(Reason::AdminFileExists),
+                    format!(
+                        "{}/{CA_FILE_NAME} exists without the cachalot marker; left untouched",
+                        reg.registry
+                    ),
+                ));
+                continue;
+            }
+            (Some(ca), existing) => {
+                let content = render_ca_file(&desired.mirror, &ca.pem);
+                let previous = match existing {
+                    Some(Existing::File(text)) => Some(text.clone()),
+                    _ => None,
+                };
+                Some((ca.node_path(&reg.registry), content, previous))
+            }
+            (None, _) => None,
         };
         let admin_base: Option<&str> = match &dir.hosts {
             None => None,
@@ -357,8 +441,31 @@ fn plan_containerd(desired: &DesiredState, observed: &Observed, live: &BTreeSet<
                 }
             },
         };
+        let with_ca;
+        let reg = match &ca_file {
+            Some((path, _, _)) => {
+                with_ca = DesiredRegistry {
+                    ca_file: Some(path.clone()),
+                    ..reg.clone()
+                };
+                &with_ca
+            }
+            None => reg,
+        };
         match render_hosts_toml(&desired.mirror, reg, &live_eps, admin_base) {
             Ok(content) => {
+                // The CA first: the hosts.toml written next names it.
+                if let Some((_, ca_content, ca_previous)) = ca_file {
+                    if ca_previous.as_deref() != Some(ca_content.as_str()) {
+                        plan.actions.push(Action::Write {
+                            root: Root::CertsDir,
+                            dir: reg.registry.clone(),
+                            file: CA_FILE_NAME.into(),
+                            content: ca_content,
+                            previous: ca_previous,
+                        });
+                    }
+                }
                 if previous.as_deref() != Some(content.as_str()) {
                     plan.actions.push(Action::Write {
                         root: Root::CertsDir,
@@ -367,6 +474,10 @@ fn plan_containerd(desired: &DesiredState, observed: &Observed, live: &BTreeSet<
                         content,
                         previous,
                     });
+                }
+                if ca.is_none() {
+                    // After the hosts.toml that no longer names it.
+                    plan.actions.extend(release_ca(desired, &reg.registry, dir));
                 }
                 plan.registries.push(written_status(reg, &live_eps));
             }
@@ -500,6 +611,7 @@ mod tests {
             registries,
             unreachable_after: "30s".into(),
             merge_with_admin_file: false,
+            mirror_ca_file: None,
         }
     }
 
@@ -507,6 +619,7 @@ mod tests {
         ObservedDir {
             hosts: Some(Existing::File(text.into())),
             original: original.map(str::to_string),
+            ca: None,
         }
     }
 

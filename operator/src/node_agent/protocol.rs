@@ -40,6 +40,13 @@ pub struct DesiredState {
     /// merge our host entries ahead of the existing ones instead of leaving the node unconfigured.
     #[serde(default)]
     pub merge_with_admin_file: bool,
+    /// A PEM CA bundle in the agent's own file system (the mirror's `ca.crt`, a mounted Secret
+    /// key) that the mirror's certificate chains to: the agent installs it beside each
+    /// `hosts.toml` it writes ([`super::render::CA_FILE_NAME`]) and names it as the endpoints'
+    /// `ca`, and its probes trust it. Absent or empty file: nothing is installed (the nodes'
+    /// system roots must trust the mirror).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_ca_file: Option<String>,
 }
 
 fn default_unreachable_after() -> String {
@@ -219,6 +226,9 @@ pub enum Reason {
     /// it (pid file unreadable, stale, or no `hostPID`): it may still use the previous
     /// configuration (CRI-O's registries.conf, dockerd's daemon.json).
     RuntimeReloadFailed,
+    /// The mirror's CA (`mirrorCaFile`) could not be read or holds no PEM certificate: nodes
+    /// are configured without it, and the mirror's TLS endpoint does not answer the probe.
+    MirrorCaInvalid,
     /// Sent by a newer agent; unknown to this build.
     #[serde(other)]
     Unknown,
@@ -243,6 +253,7 @@ impl Reason {
             Self::DaemonJsonInvalid => "DaemonJsonInvalid",
             Self::RuntimeUnsupported => "RuntimeUnsupported",
             Self::RuntimeReloadFailed => "RuntimeReloadFailed",
+            Self::MirrorCaInvalid => "MirrorCaInvalid",
             Self::Unknown => "Unknown",
         }
     }

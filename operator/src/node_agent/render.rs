@@ -29,6 +29,8 @@ const MERGED_TAG: &str = " merged-original=";
 pub const ORIGINAL_FILE_NAME: &str = "hosts.toml.cachalot-orig";
 /// The file containerd reads in each host namespace directory.
 pub const HOSTS_FILE_NAME: &str = "hosts.toml";
+/// The mirror's CA as the agent installs it beside `hosts.toml` (named there as `ca`).
+pub const CA_FILE_NAME: &str = "cachalot-ca.crt";
 /// Docker Hub's API host: `docker.io` is only a name.
 pub const DOCKER_HUB_SERVER: &str = "https://registry-1.docker.io";
 
@@ -110,6 +112,17 @@ pub fn parse_marker(text: &str) -> Option<Marker> {
         mirror: mirror.to_string(),
         merged,
     })
+}
+
+/// The CA file beside `hosts.toml`: our marker line, then the PEM as given (PEM readers, Go's
+/// and rustls', skip text outside `-----BEGIN`/`-----END` blocks), ending with a newline.
+#[must_use]
+pub fn render_ca_file(mirror: &str, pem: &str) -> String {
+    let mut text = marker_line(mirror, false);
+    text.push('\n');
+    text.push_str(pem.trim_end());
+    text.push('\n');
+    text
 }
 
 /// The upstream URL for a registry: the explicit `server`, else Docker Hub's API host for

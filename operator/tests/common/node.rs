@@ -98,6 +98,7 @@ pub fn desired(generation: &str, endpoints: Vec<String>) -> DesiredState {
         }],
         unreachable_after: "1s".into(),
         merge_with_admin_file: false,
+        mirror_ca_file: None,
     }
 }
 
