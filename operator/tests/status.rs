@@ -92,7 +92,7 @@ fn partially_configured_nodes_report_n_of_m_with_the_dominant_node_reason() {
         registry_pods: pods(vec![registry_stats(1, 1, 0, 50)]),
         registry_pods_not_ready: Vec::new(),
         ready_replicas: 1,
-        desired_nodes: 4,
+        desired_nodes: Some(4),
         agents: vec![
             agent("node-1", true, None),
             agent("node-2", false, Some(Reason::ConfigPathNotSet)),
@@ -133,7 +133,7 @@ fn an_agent_on_an_older_desired_state_is_pending_not_configured() {
         registry_pods: pods(vec![registry_stats(0, 0, 0, 50)]),
         registry_pods_not_ready: Vec::new(),
         ready_replicas: 1,
-        desired_nodes: 1,
+        desired_nodes: Some(1),
         agents: vec![stale_agent],
     };
     let status = compute_status(&mirror(), &running(obs), &at(0));
@@ -149,6 +149,36 @@ fn an_agent_on_an_older_desired_state_is_pending_not_configured() {
 }
 
 #[test]
+fn agents_of_a_daemon_set_not_yet_counted_by_its_controller_are_not_all_nodes() {
+    // The DaemonSet controller creates its first pod before it writes the count: one configured
+    // agent must not read `1/1 nodes` and make the mirror Ready.
+    let obs = Observations {
+        registry_pods: pods(vec![registry_stats(0, 0, 0, 50)]),
+        registry_pods_not_ready: Vec::new(),
+        ready_replicas: 1,
+        desired_nodes: None,
+        agents: vec![agent("node-1", true, None)],
+    };
+    let status = compute_status(&mirror(), &running(obs), &at(0));
+    let nodes = cond(&status, ConditionType::NodesConfigured);
+    assert_eq!(
+        (nodes.status, nodes.reason.as_str()),
+        (ConditionStatus::False, "AgentsStarting"),
+        "{}",
+        nodes.message
+    );
+    assert!(
+        nodes.message.starts_with("1/? nodes; "),
+        "{}",
+        nodes.message
+    );
+    assert_eq!(status.nodes.as_ref().unwrap().summary, "1/?");
+    let ready = cond(&status, ConditionType::Ready);
+    assert_eq!(ready.status, ConditionStatus::True);
+    assert!(ready.message.ends_with("; 1/? nodes"), "{}", ready.message);
+}
+
+#[test]
 fn cache_counts_are_summed_over_pods_and_budget_is_the_lowest_remaining() {
     let obs = Observations {
         registry_pods: pods(vec![
@@ -157,7 +187,7 @@ fn cache_counts_are_summed_over_pods_and_budget_is_the_lowest_remaining() {
         ]),
         registry_pods_not_ready: Vec::new(),
         ready_replicas: 2,
-        desired_nodes: 1,
+        desired_nodes: Some(1),
         agents: vec![agent("node-1", true, None)],
     };
     let status = compute_status(&mirror(), &running(obs), &at(0));
@@ -194,7 +224,7 @@ fn a_hubs_spokes_are_summed_over_its_pods_and_listed_by_id_with_their_last_reque
         registry_pods: pods(vec![a, b]),
         registry_pods_not_ready: Vec::new(),
         ready_replicas: 2,
-        desired_nodes: 1,
+        desired_nodes: Some(1),
         agents: vec![agent("node-1", true, None)],
     };
     let status = compute_status(&mirror(), &running(obs), &at(0));
@@ -231,7 +261,7 @@ fn a_hub_lists_only_its_most_recently_seen_spokes() {
         registry_pods: pods(vec![a]),
         registry_pods_not_ready: Vec::new(),
         ready_replicas: 1,
-        desired_nodes: 1,
+        desired_nodes: Some(1),
         agents: vec![agent("node-1", true, None)],
     };
     let status = compute_status(&mirror(), &running(obs), &at(0));
@@ -249,7 +279,7 @@ fn exhausted_budget_is_rate_limited_and_low_budget_is_the_reserve() {
             registry_pods: pods(vec![registry_stats(1, 0, 0, remaining)]),
             registry_pods_not_ready: Vec::new(),
             ready_replicas: 1,
-            desired_nodes: 0,
+            desired_nodes: Some(0),
             agents: Vec::new(),
         };
         compute_status(&mirror(), &running(obs), &at(0))
@@ -280,7 +310,7 @@ fn budget_observations(
         registry_pods: pods(vec![stats]),
         registry_pods_not_ready: Vec::new(),
         ready_replicas: 1,
-        desired_nodes: 0,
+        desired_nodes: Some(0),
         agents: Vec::new(),
     }
 }
@@ -402,7 +432,7 @@ fn a_current_figure_of_one_pod_wins_over_an_expired_lower_one_of_another() {
         registry_pods: pods(stats),
         registry_pods_not_ready: Vec::new(),
         ready_replicas: 2,
-        desired_nodes: 0,
+        desired_nodes: Some(0),
         agents: Vec::new(),
     };
     let status = budget_at(&obs, OBSERVED + 5);
@@ -426,7 +456,7 @@ fn no_ready_registry_pod_means_proxy_unavailable_and_not_ready() {
         }],
         registry_pods_not_ready: Vec::new(),
         ready_replicas: 0,
-        desired_nodes: 1,
+        desired_nodes: Some(1),
         agents: vec![agent("node-1", true, None)],
     };
     let status = compute_status(&mirror(), &running(obs), &at(0));
@@ -452,7 +482,7 @@ fn recomputing_an_unchanged_world_keeps_transition_times_and_a_flip_moves_only_t
         registry_pods: pods(vec![registry_stats(5, 5, 0, 50)]),
         registry_pods_not_ready: Vec::new(),
         ready_replicas: 1,
-        desired_nodes: 1,
+        desired_nodes: Some(1),
         agents: vec![agent("node-1", ready_agent, None)],
     };
     let mut m = mirror();
@@ -638,7 +668,7 @@ fn not_ready_world(pods: &[Pod]) -> Observations {
         registry_pods: Vec::new(),
         registry_pods_not_ready: not_ready_pods(pods),
         ready_replicas: 0,
-        desired_nodes: 1,
+        desired_nodes: Some(1),
         agents: vec![agent("node-1", true, None)],
     }
 }
@@ -784,7 +814,7 @@ fn healthy() -> Observations {
         registry_pods: pods(vec![registry_stats(5, 5, 0, 50)]),
         registry_pods_not_ready: Vec::new(),
         ready_replicas: 1,
-        desired_nodes: 1,
+        desired_nodes: Some(1),
         agents: vec![agent("node-1", true, None)],
     }
 }

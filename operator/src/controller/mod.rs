@@ -594,7 +594,8 @@ pub async fn reconcile_mirror(
     let desired_nodes = daemon_set
         .status
         .as_ref()
-        .map_or(0, |s| s.desired_number_scheduled);
+        .filter(|s| s.observed_generation >= daemon_set.metadata.generation)
+        .map(|s| s.desired_number_scheduled);
 
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let (registry_pods, registry_pods_not_ready, warm_target) = if external {

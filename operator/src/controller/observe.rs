@@ -394,8 +394,10 @@ pub struct Observations {
     pub registry_pods_not_ready: Vec<NotReadyPod>,
     /// Ready replicas of the registry workload, from its status.
     pub ready_replicas: i32,
-    /// Nodes the agent DaemonSet should run on (its `desiredNumberScheduled`).
-    pub desired_nodes: i32,
+    /// Nodes the agent DaemonSet should run on (its `desiredNumberScheduled`); `None` while its
+    /// controller has not yet observed the current generation (the count may still be 0 or
+    /// short while its first pods are created one batch at a time).
+    pub desired_nodes: Option<i32>,
     /// Agent pods that are running, sorted by node.
     pub agents: Vec<AgentObservation>,
 }

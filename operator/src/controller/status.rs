@@ -213,16 +213,30 @@ fn summarize_nodes(
     }
     problems.sort_by(|a, b| a.node.cmp(&b.node));
     let agents = i32::try_from(obs.agents.len()).unwrap_or(i32::MAX);
-    let desired = obs.desired_nodes.max(agents);
+    let desired = obs.desired_nodes.unwrap_or(0).max(agents);
     // Nodes the DaemonSet should cover but where no agent runs yet.
     let missing = desired - agents;
-    let summary = format!("{configured}/{desired}");
+    let summary = match obs.desired_nodes {
+        Some(_) => format!("{configured}/{desired}"),
+        None => format!("{configured}/?"),
+    };
     let condition = if endpoint.is_none() {
         condition(
             ConditionType::NodesConfigured,
             ConditionStatus::False,
             "EndpointPending",
             format!("{summary} nodes; the proxy Service has no address yet"),
+        )
+    } else if obs.desired_nodes.is_none() {
+        // One configured agent of a DaemonSet whose controller has not counted its nodes yet
+        // would read `1/1 nodes` while the other nodes' pods are still being created.
+        condition(
+            ConditionType::NodesConfigured,
+            ConditionStatus::False,
+            "AgentsStarting",
+            format!(
+                "{summary} nodes; the agent DaemonSet's controller has not counted its nodes yet"
+            ),
         )
     } else if desired == 0 {
         condition(
