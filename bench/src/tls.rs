@@ -8,10 +8,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cachalot_testkit::certs::TestCa;
 use cachalot_testkit::image::TestImage;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose, SanType,
-};
 
 /// A registry child process and a client that reaches it.
 struct Served {
@@ -23,15 +21,9 @@ struct Served {
 
 /// A CA and a serving certificate for 127.0.0.1: (CA PEM, cert PEM, key PEM).
 fn certificates() -> Result<(String, String, String)> {
-    let mut ca = CertificateParams::default();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST))];
-    let cert = params.signed_by(&key, &ca)?;
-    Ok((ca.pem(), cert.pem(), key.serialize_pem()))
+    let ca = TestCa::new("bench CA")?;
+    let server = ca.server("cachalot", &[IpAddr::V4(Ipv4Addr::LOCALHOST)], &[])?;
+    Ok((ca.pem(), server.cert_pem, server.key_pem))
 }
 
 async fn start(binary: &Path, upstream: &str, tls: bool) -> Result<Served> {

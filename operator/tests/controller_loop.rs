@@ -39,8 +39,8 @@ use cachalot_operator::controller::{run_with, ControllerConfig};
 use cachalot_operator::metrics::Metrics;
 use cachalot_operator::node_agent::protocol::AgentStatus;
 use cachalot_registry::telemetry::StatsSnapshot;
+use cachalot_testkit::certs::TestCa;
 use cachalot_testkit::cluster::audit::AuditEvent;
-use common::certs::TestCa;
 use common::cluster::{
     apply_mirror, condition, condition_is_true, eventually, mirrors_api, prerequisites_or_skip,
     wait_for_mirror_status, OperatorCluster, IMAGE,
@@ -610,8 +610,11 @@ async fn a_tls_mirror_is_ready_over_https_with_its_ca_on_the_nodes_and_a_renewed
 
     // The Service's cluster IP is known only once it exists: a first certificate for another
     // address, then one for the endpoint, as a user (or cert-manager) would renew it.
-    let ca = TestCa::new("hub CA");
-    let (cert, key) = ca.server_cert(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    let ca = TestCa::new("hub CA").unwrap();
+    let signed = ca
+        .server("cachalot", &[IpAddr::V4(Ipv4Addr::LOCALHOST)], &[])
+        .unwrap();
+    let (cert, key) = (signed.cert_pem, signed.key_pem);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
     let secret: Secret = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
@@ -640,7 +643,8 @@ async fn a_tls_mirror_is_ready_over_https_with_its_ca_on_the_nodes_and_a_renewed
         .0
         .parse()
         .unwrap();
-    let (cert, key) = ca.server_cert(&[ip]);
+    let signed = ca.server("cachalot", &[ip], &[]).unwrap();
+    let (cert, key) = (signed.cert_pem, signed.key_pem);
     secrets
         .patch(
             "hub-tls",

@@ -20,13 +20,13 @@ use cachalot_operator::controller::validate::validate;
 use cachalot_operator::node_agent::protocol::RegistryState;
 use cachalot_operator::node_agent::render::CA_FILE_NAME;
 use cachalot_operator::node_agent::{run_until, Args};
+use cachalot_testkit::certs::TestCa;
 use cachalot_testkit::client::http_client;
 use cachalot_testkit::containerd::Containerd;
 use cachalot_testkit::distribution::Distribution;
 use cachalot_testkit::image::{docker_image, push};
 use cachalot_testkit::process::LoggedChild;
 use cachalot_testkit::wait::free_port;
-use common::certs::TestCa;
 use common::node::{agent_args, AgentEndpoint, NodeDirs};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -76,9 +76,12 @@ async fn the_built_tls_mirror_serves_a_real_containerd_through_the_agents_hosts_
 
     // The pod: the Secret's keys where the kubelet mounts them, the built config rebased.
     let pod = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("mirror CA");
+    let ca = TestCa::new("mirror CA").unwrap();
     let ca_pem = ca.pem();
-    let (cert_pem, key_pem) = ca.server_cert(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    let signed = ca
+        .server("cachalot", &[IpAddr::V4(Ipv4Addr::LOCALHOST)], &[])
+        .unwrap();
+    let (cert_pem, key_pem) = (signed.cert_pem, signed.key_pem);
     write(
         &rebased(pod.path(), &format!("{TLS_DIR}/tls.crt")),
         &cert_pem,

@@ -12,59 +12,25 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cachalot_registry::config::{ClientAuthConfig, Config, ParentConfig, TlsConfig};
+use cachalot_testkit::certs::TestCa;
 use cachalot_testkit::containerd::Containerd;
 use cachalot_testkit::image::{docker_image, sha256_digest, TestImage};
 use cachalot_testkit::process::LoggedChild;
 use common::{eventually, Process, Rig, MIB};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
-};
 
-/// A test CA that signs server and client certificates.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, name);
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        Ca {
-            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
-        }
+/// A certificate for 127.0.0.1 and localhost (server) or a client: (cert PEM, key PEM).
+fn sign(ca: &TestCa, common_name: &str, client: bool) -> (String, String) {
+    let signed = if client {
+        ca.client(common_name)
+    } else {
+        ca.server(
+            common_name,
+            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            &["localhost"],
+        )
     }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A certificate for 127.0.0.1 and localhost (server) or a client: (cert PEM, key PEM).
-    fn sign(&self, common_name: &str, client: bool) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
-        params.distinguished_name = dn;
-        if client {
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        } else {
-            params.subject_alt_names = vec![
-                SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-                SanType::DnsName("localhost".try_into().unwrap()),
-            ];
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        }
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
+    .unwrap();
+    (signed.cert_pem, signed.key_pem)
 }
 
 /// PEM files in a directory: `ca.crt`, `tls.crt`, `tls.key` and friends.
@@ -94,8 +60,8 @@ impl Files {
 }
 
 /// A server certificate from `ca` in `files` (`tls.crt`, `tls.key`), and the `tls` config.
-fn serve_with(ca: &Ca, files: &Files) -> TlsConfig {
-    let (cert, key) = ca.sign("cachalot", false);
+fn serve_with(ca: &TestCa, files: &Files) -> TlsConfig {
+    let (cert, key) = sign(ca, "cachalot", false);
     TlsConfig {
         cert_file: files.write("tls.crt", &cert),
         key_file: files.write("tls.key", &key),
@@ -167,7 +133,7 @@ fn der_of(pem: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn pulls_over_tls_with_the_test_ca_and_a_client_trusting_another_ca_fails() {
-    let ca = Ca::new("test CA");
+    let ca = TestCa::new("test CA").unwrap();
     let files = Files::new();
     let tls = serve_with(&ca, &files);
     let rig = Rig::start_with(move |c| c.tls = Some(tls)).await;
@@ -179,7 +145,7 @@ async fn pulls_over_tls_with_the_test_ca_and_a_client_trusting_another_ca_fails(
     // Again from the cache.
     pull_verified(&client, &base, "library/tls", &img).await;
 
-    let other = Ca::new("other CA");
+    let other = TestCa::new("other CA").unwrap();
     let wrong = client_trusting(&other.pem()).build().unwrap();
     let err = wrong
         .get(format!("{base}/v2/"))
@@ -197,7 +163,7 @@ async fn pulls_over_tls_with_the_test_ca_and_a_client_trusting_another_ca_fails(
 
 #[tokio::test]
 async fn a_rotated_certificate_is_served_to_new_handshakes() {
-    let ca = Ca::new("test CA");
+    let ca = TestCa::new("test CA").unwrap();
     let files = Files::new();
     let tls = serve_with(&ca, &files);
     let rig = Rig::start_with(move |c| c.tls = Some(tls)).await;
@@ -209,7 +175,7 @@ async fn a_rotated_certificate_is_served_to_new_handshakes() {
     );
 
     // A new pair (the key first, as a Secret update may land): served once both are in place.
-    let (cert, key) = ca.sign("cachalot-rotated", false);
+    let (cert, key) = sign(&ca, "cachalot-rotated", false);
     files.write("tls.key", &key);
     files.write("tls.crt", &cert);
     let rotated = der_of(&cert);
@@ -306,7 +272,7 @@ impl Drop for TlsProcess {
 
 #[tokio::test]
 async fn a_bad_certificate_at_start_exits_non_zero_with_a_message_and_a_bad_new_one_is_reported() {
-    let ca = Ca::new("test CA");
+    let ca = TestCa::new("test CA").unwrap();
     let files = Files::new();
     let storage = tempfile::tempdir().unwrap();
 
@@ -442,8 +408,8 @@ async fn a_bearer_token_is_required_for_the_pull_api_and_health_stays_open() {
 
 #[tokio::test]
 async fn mtls_accepts_a_client_certificate_from_the_client_ca_only() {
-    let ca = Ca::new("server CA");
-    let client_ca = Ca::new("client CA");
+    let ca = TestCa::new("server CA").unwrap();
+    let client_ca = TestCa::new("client CA").unwrap();
     let files = Files::new();
     let mut tls = serve_with(&ca, &files);
     tls.client_ca_file = Some(files.write("client-ca.crt", &client_ca.pem()));
@@ -456,14 +422,18 @@ async fn mtls_accepts_a_client_certificate_from_the_client_ca_only() {
     };
 
     let good = client_trusting(&ca.pem())
-        .identity(identity(client_ca.sign("spoke", true)))
+        .identity(identity(sign(&client_ca, "spoke", true)))
         .build()
         .unwrap();
     pull_verified(&good, &base, "library/mtls", &img).await;
 
     let none = client_trusting(&ca.pem()).build().unwrap();
     let foreign = client_trusting(&ca.pem())
-        .identity(identity(Ca::new("stranger CA").sign("spoke", true)))
+        .identity(identity(sign(
+            &TestCa::new("stranger CA").unwrap(),
+            "spoke",
+            true,
+        )))
         .build()
         .unwrap();
     for (client, what) in [
@@ -477,8 +447,8 @@ async fn mtls_accepts_a_client_certificate_from_the_client_ca_only() {
 
 #[tokio::test]
 async fn a_spoke_process_reaches_its_hub_process_over_tls_with_a_token_and_a_client_certificate() {
-    let ca = Ca::new("hub CA");
-    let client_ca = Ca::new("spoke CA");
+    let ca = TestCa::new("hub CA").unwrap();
+    let client_ca = TestCa::new("spoke CA").unwrap();
     let files = Files::new();
     let mut tls = serve_with(&ca, &files);
     tls.client_ca_file = Some(files.write("client-ca.crt", &client_ca.pem()));
@@ -491,7 +461,7 @@ async fn a_spoke_process_reaches_its_hub_process_over_tls_with_a_token_and_a_cli
         .await
         .unwrap();
     let stores = tempfile::tempdir().unwrap();
-    let (client_cert, client_key) = client_ca.sign("spoke", true);
+    let (client_cert, client_key) = sign(&client_ca, "spoke", true);
     let spoke_identity = (client_cert.clone(), client_key.clone());
     let hub = TlsProcess::start(
         &ca.pem(),
@@ -560,7 +530,7 @@ async fn a_spoke_process_reaches_its_hub_process_over_tls_with_a_token_and_a_cli
 
 #[tokio::test]
 async fn containerd_pulls_over_tls_through_a_hosts_toml_with_ca() {
-    let ca = Ca::new("mirror CA");
+    let ca = TestCa::new("mirror CA").unwrap();
     let files = Files::new();
     let tls = serve_with(&ca, &files);
     let rig = Rig::start_with(move |c| c.tls = Some(tls)).await;

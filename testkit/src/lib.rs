@@ -16,6 +16,7 @@
 //! - [`cluster`]: a real Kubernetes control plane (built by `scripts/control-plane`) with fake
 //!   nodes (kubelet stand-ins, a real containerd each) in network namespaces of its own;
 //! - [`wait`]: bounded polling and free ports; [`client`]: the loopback HTTP client;
+//! - [`certs`]: a test CA and the server and client certificates it signs (rcgen);
 //! - [`prerequisites`]: skip a test whose real components are missing, or fail under CI.
 //!
 //! See `docs/testkit.md` for the behaviour observed in the real components.
@@ -29,6 +30,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod certs;
 pub mod client;
 pub mod cluster;
 pub mod containerd;

@@ -2,14 +2,12 @@
 //! `mod common;` and uses what it needs):
 //! - [`mock_api`]: a `kube::Client` whose API server is a scenario played by the test;
 //! - [`cluster`]: a real control plane with the cachalot image on its fake nodes, the CRD, waits;
-//! - [`certs`]: a test CA and server certificates (rcgen);
 //! - [`node`]: a node's directories, desired states and polling an agent's `/status`;
 //! - [`registry_stats`]: what a registry pod's `/stats` reports, for fake probes;
 //! - [`listed_caches`] and [`hold`]: the operator's caches of owned objects, fed by hand as the
 //!   watches would.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-pub mod certs;
 pub mod cluster;
 pub mod mock_api;
 pub mod node;
