@@ -46,6 +46,18 @@ pub enum Command {
     NodeAgent(crate::node_agent::Args),
 }
 
+/// A cluster name as the first part of spoke ids: 1 to 63 of `[A-Za-z0-9._:@-]` (no `/`, which
+/// separates it from the namespace).
+fn cluster_name_arg(text: &str) -> Result<String, String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "._:@-".contains(c);
+    if text.is_empty() || text.len() > 63 || !text.chars().all(allowed) {
+        return Err(format!(
+            "{text:?}: a cluster name is 1 to 63 of letters, digits and . _ : @ -"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
 fn duration_arg(text: &str) -> Result<Duration, String> {
     parse_go_duration(text)
 }
@@ -59,6 +71,10 @@ pub struct RunArgs {
     /// Watch only this namespace (all namespaces when unset).
     #[arg(long, env = "CACHALOT_WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
+    /// This cluster's name: a spoke mirror without `spec.parent.spokeId` names itself to its hub
+    /// as `<cluster>/<namespace>/<name>` (1 to 63 of `[A-Za-z0-9._:@-]`).
+    #[arg(long, env = "CACHALOT_CLUSTER_NAME", value_parser = cluster_name_arg)]
+    pub cluster_name: Option<String>,
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, env = "CACHALOT_OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
@@ -189,6 +205,7 @@ pub async fn run_operator(args: RunArgs) -> Result<(), RunOperatorError> {
     config.probe_timeout = args.probe_timeout;
     config.namespace = args.watch_namespace.clone();
     config.instance = Some(identity.clone());
+    config.cluster_name = args.cluster_name.clone();
 
     let result = if args.leader_election {
         let elector = Elector::new(
@@ -256,6 +273,18 @@ pub async fn run_operator(args: RunArgs) -> Result<(), RunOperatorError> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
+
+    #[test]
+    fn a_cluster_name_is_one_spoke_id_component() {
+        assert_eq!(
+            cluster_name_arg("eu-west-1.prod").unwrap(),
+            "eu-west-1.prod"
+        );
+        for bad in ["", "a/b", "with space", &"x".repeat(64)] {
+            let err = cluster_name_arg(bad).unwrap_err();
+            assert!(err.contains("cluster name"), "{bad:?}: {err}");
+        }
+    }
 
     #[test]
     fn the_user_agent_names_the_version_and_the_replica() {

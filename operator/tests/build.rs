@@ -19,6 +19,7 @@ const IMAGE: &str = "ghcr.io/cachalot-dev/cachalot:0.1.0";
 fn cfg() -> BuildConfig {
     BuildConfig {
         image: IMAGE.to_string(),
+        cluster_name: None,
     }
 }
 
@@ -407,6 +408,20 @@ fn a_spoke_names_itself_to_the_hub_by_its_spoke_id_or_namespace_and_name() {
     assert_eq!(
         config.parent.and_then(|p| p.spoke_id).as_deref(),
         Some("cachalot/hub")
+    );
+    // With the operator's `--cluster-name`, the default names the cluster too, so the same
+    // manifest applied in two clusters gives two spokes.
+    let in_cluster_b = BuildConfig {
+        cluster_name: Some("cluster-b".into()),
+        ..cfg()
+    };
+    let objs = build_registry(&unnamed, &validate(&unnamed).unwrap(), &in_cluster_b).unwrap();
+    assert_eq!(
+        rendered_config(&objs.unwrap())
+            .parent
+            .and_then(|p| p.spoke_id)
+            .as_deref(),
+        Some("cluster-b/cachalot/hub")
     );
     let bad = mirror(serde_json::json!({
         "registries": [{"name": "docker.io"}],

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use cachalot_operator::controller::build::{
-    desired_state, registry_config, AGENT_MIRROR_CA_DIR, MIRROR_CA_KEY, TLS_DIR,
+    desired_state, registry_config, BuildConfig, AGENT_MIRROR_CA_DIR, MIRROR_CA_KEY, TLS_DIR,
 };
 use cachalot_operator::controller::validate::validate;
 use cachalot_operator::node_agent::protocol::RegistryState;
@@ -92,7 +92,18 @@ async fn the_built_tls_mirror_serves_a_real_containerd_through_the_agents_hosts_
     );
     let port = free_port().unwrap();
     let admin_port = free_port().unwrap();
-    let config = serde_yaml::to_string(&registry_config(&mirror, &v).unwrap()).unwrap();
+    let config = serde_yaml::to_string(
+        &registry_config(
+            &mirror,
+            &v,
+            &BuildConfig {
+                image: "cachalot.test/cachalot:tls".into(),
+                cluster_name: None,
+            },
+        )
+        .unwrap(),
+    )
+    .unwrap();
     assert!(
         config.contains("certFile: /etc/cachalot/tls/tls.crt"),
         "{config}"

@@ -67,6 +67,7 @@ fn pins(entries: &[(&str, &[&str])]) -> WorkloadPins {
 fn build(m: &RegistryMirror, p: Option<&WorkloadPins>) -> RegistryObjects {
     let cfg = BuildConfig {
         image: "ghcr.io/cachalot-dev/cachalot:test".to_string(),
+        cluster_name: None,
     };
     build_registry_with_pins(m, &validate(m).unwrap(), &cfg, p)
         .unwrap()

@@ -181,6 +181,8 @@ impl BuildError {
 pub struct BuildConfig {
     /// Default image of the registry and agent pods (`--image`).
     pub image: String,
+    /// This cluster's name (`--cluster-name`), the first part of a spoke's default id.
+    pub cluster_name: Option<String>,
 }
 
 /// The registry side of a mirror. Absent for `service.type: External`.
@@ -223,11 +225,14 @@ pub struct AgentObjects {
 pub fn registry_name(mirror: &str) -> String {
     format!("cachalot-{mirror}")
 }
-/// The spoke id of a mirror whose `spec.parent.spokeId` is unset: `<namespace>/<name>`, cut to
-/// the 128 characters a spoke id may have.
+/// The spoke id of a mirror whose `spec.parent.spokeId` is unset: `<cluster>/<namespace>/<name>`
+/// with the operator's `--cluster-name`, else `<namespace>/<name>` (the same in every cluster that
+/// applies the same manifest), cut to the 128 characters a spoke id may have.
 #[must_use]
-pub fn default_spoke_id(v: &Validated) -> String {
-    format!("{}/{}", v.namespace, v.name)
+pub fn default_spoke_id(v: &Validated, cluster_name: Option<&str>) -> String {
+    let local = format!("{}/{}", v.namespace, v.name);
+    cluster_name
+        .map_or(local.clone(), |cluster| format!("{cluster}/{local}"))
         .chars()
         .take(cachalot_registry::fleet::MAX_SPOKE_ID_LEN)
         .collect()
@@ -564,6 +569,7 @@ fn s3_config(s3: &ValidS3) -> S3Config {
 pub fn registry_config(
     mirror: &RegistryMirror,
     v: &Validated,
+    cfg: &BuildConfig,
 ) -> Result<RegistryConfigFile, BuildError> {
     let mut registries = BTreeMap::new();
     for (spec_reg, valid) in mirror.spec.registries.iter().zip(&v.registries) {
@@ -636,7 +642,11 @@ pub fn registry_config(
                 .as_ref()
                 .map(|ca| ca_file(PARENT_CA_DIR, ca)),
             insecure_skip_verify: false,
-            spoke_id: Some(p.spoke_id.clone().unwrap_or_else(|| default_spoke_id(v))),
+            spoke_id: Some(
+                p.spoke_id
+                    .clone()
+                    .unwrap_or_else(|| default_spoke_id(v, cfg.cluster_name.as_deref())),
+            ),
             client_cert_file: p
                 .tls
                 .as_ref()
@@ -684,7 +694,7 @@ pub fn build_registry(
     if matches!(v.exposure, Exposure::External(_)) {
         return Ok(None);
     }
-    let config = registry_config(mirror, v)?;
+    let config = registry_config(mirror, v, cfg)?;
     let config_yaml = serde_yaml::to_string(&config).map_err(|e| BuildError::Serialize {
         what: "registry config",
         message: e.to_string(),

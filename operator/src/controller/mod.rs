@@ -106,6 +106,8 @@ pub struct ControllerConfig {
     pub namespace: Option<String>,
     /// This replica's identity in Events (`reportingInstance`), e.g. the pod name.
     pub instance: Option<String>,
+    /// This cluster's name, the first part of a spoke's default id (`--cluster-name`).
+    pub cluster_name: Option<String>,
 }
 
 impl ControllerConfig {
@@ -120,6 +122,7 @@ impl ControllerConfig {
             probe_timeout: Duration::from_secs(2),
             namespace: None,
             instance: None,
+            cluster_name: None,
         }
     }
 }
@@ -244,6 +247,7 @@ impl Context {
         Self {
             build: BuildConfig {
                 image: config.image.clone(),
+                cluster_name: config.cluster_name.clone(),
             },
             client,
             config,
