@@ -15,26 +15,7 @@ use cachalot_registry::proxy::purge::{PurgeReport, ReplicaOutcome};
 use cachalot_testkit::distribution::Distribution;
 use cachalot_testkit::fault::FaultProxy;
 use cachalot_testkit::image::docker_image;
-use common::{blob_file, client, committed, fresh_for, pull_verified, Process, MIB};
-
-/// Runs `cachalot-registry ARGS...` (bounded to a minute): exit code, stdout, stderr.
-async fn cli(args: &[&str]) -> (i32, String, String) {
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_cachalot-registry"))
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the command ends within a minute")
-    .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
+use common::{blob_file, cli, client, committed, fresh_for, pull_verified, CliRun, Process, MIB};
 
 /// Three replicas on 127.0.0.1-3, one public and one admin port for all.
 async fn start_replicas(upstream: &str, dir: &std::path::Path) -> (Vec<Process>, Vec<String>) {
@@ -89,7 +70,11 @@ async fn a_purge_sent_to_one_replica_reaches_every_replica_and_one_that_is_down_
     // A digest purge sent to the second replica's admin listener.
     let admin = format!("http://{}", replicas[1].admin_addr);
     let reference = format!("app@{}", img.manifest_digest);
-    let (code, stdout, stderr) = cli(&["purge", "--server", &admin, &reference]).await;
+    let CliRun {
+        code,
+        stdout,
+        stderr,
+    } = cli(&["purge", "--server", &admin, &reference]).await;
     assert_eq!(code, 0, "{stdout}{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 4, "{stdout}");
@@ -171,7 +156,11 @@ async fn a_purge_sent_to_one_replica_reaches_every_replica_and_one_that_is_down_
     for r in &replicas {
         pull_verified(&r.url(), "library/app", &img).await;
     }
-    let (code, stdout, stderr) = cli(&["purge", "--server", &admin, "app:1"]).await;
+    let CliRun {
+        code,
+        stdout,
+        stderr,
+    } = cli(&["purge", "--server", &admin, "app:1"]).await;
     assert_eq!(code, 1, "{stdout}{stderr}");
     assert!(
         stdout.contains(&format!("  replica {}: UNREACHABLE: ", urls[2])),

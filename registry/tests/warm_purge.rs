@@ -13,33 +13,7 @@ use std::time::Duration;
 use cachalot_registry::api::admin::WarmEvent;
 use cachalot_testkit::fault::{Kind, RateLimit};
 use cachalot_testkit::image::{docker_image, oci_index, TestImage};
-use common::{blob_file, client, fresh_for, get_manifest, pull_verified, Rig, MIB};
-
-/// What one run of the binary did.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `cachalot-registry ARGS...` (bounded to a minute).
-async fn cli(args: &[&str]) -> Run {
-    let output = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_cachalot-registry"))
-            .args(args)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the command ends within a minute")
-    .unwrap();
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
+use common::{blob_file, cli, client, fresh_for, get_manifest, pull_verified, Rig, MIB};
 
 /// A mirror whose tags stay fresh for an hour: a pull of a warmed tag needs no HEAD.
 async fn rig() -> Rig {

@@ -436,3 +436,29 @@ pub fn files_under(root: &std::path::Path) -> std::collections::BTreeMap<PathBuf
     }
     out
 }
+
+/// What one run of the `cachalot-registry` binary did.
+pub struct CliRun {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cachalot-registry ARGS...` (bounded to a minute).
+pub async fn cli(args: &[&str]) -> CliRun {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_cachalot-registry"))
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the command ends within a minute")
+    .unwrap();
+    CliRun {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
