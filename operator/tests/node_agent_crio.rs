@@ -26,6 +26,7 @@ use cachalot_testkit::image::{docker_image, push};
 use cachalot_testkit::process::LoggedChild;
 use cachalot_testkit::wait::{free_port, wait_for};
 use common::node::{agent_args, desired, AgentEndpoint, NodeDirs};
+use common::spawn_registry;
 
 const PODMAN: &str = "/usr/bin/podman";
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -82,18 +83,13 @@ async fn start_registry(
     for (name, url) in registries {
         cmd.arg("--upstream").arg(format!("{name}={url}"));
     }
-    let mut child = LoggedChild::spawn(&mut cmd, &dir.join("registry.log")).unwrap();
     let url = format!("http://127.0.0.1:{port}");
-    let client = http_client().unwrap();
-    let ready = child
-        .wait_ready(DEADLINE, POLL, || {
-            let request = client.get(format!("{url}/readyz"));
-            async move { request.send().await.is_ok_and(|r| r.status().is_success()) }
-        })
-        .await;
-    if let Err(e) = ready {
-        panic!("cachalot-registry did not start: {e}\n{}", child.log_tail());
-    }
+    let child = spawn_registry(
+        &mut cmd,
+        &dir.join("registry.log"),
+        &format!("{url}/readyz"),
+    )
+    .await;
     (child, url, format!("http://127.0.0.1:{admin_port}"))
 }
 

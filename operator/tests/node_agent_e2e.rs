@@ -27,7 +27,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use cachalot_operator::node_agent::protocol::{AgentStatus, DesiredState, Fallback, RegistryState};
-use cachalot_testkit::client::http_client;
 use cachalot_testkit::containerd::{Containerd, ContainerdOptions, CtrOutput};
 use cachalot_testkit::distribution::Distribution;
 use cachalot_testkit::fault::FaultProxy;
@@ -35,6 +34,7 @@ use cachalot_testkit::image::{docker_image, push};
 use cachalot_testkit::process::LoggedChild;
 use cachalot_testkit::wait::{free_port, wait_for};
 use common::node::{desired, AgentEndpoint, NodeDirs};
+use common::spawn_registry;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
@@ -100,21 +100,13 @@ impl Mirror {
             .arg(dir.join("registry-store"))
             .arg("--upstream")
             .arg(format!("docker.io={upstream_url}"));
-        let mut registry = LoggedChild::spawn(&mut cmd, &dir.join("registry.log")).unwrap();
         let url = format!("http://127.0.0.1:{port}");
-        let client = http_client().unwrap();
-        let ready = registry
-            .wait_ready(DEADLINE, POLL, || {
-                let request = client.get(format!("{url}/readyz"));
-                async move { request.send().await.is_ok_and(|r| r.status().is_success()) }
-            })
-            .await;
-        if let Err(e) = ready {
-            panic!(
-                "cachalot-registry did not become ready: {e}\n{}",
-                registry.log_tail()
-            );
-        }
+        let registry = spawn_registry(
+            &mut cmd,
+            &dir.join("registry.log"),
+            &format!("{url}/readyz"),
+        )
+        .await;
         eprintln!("mirror: real cachalot-registry {}", binary.display());
         Self {
             front: FaultProxy::start(&url).await.unwrap(),

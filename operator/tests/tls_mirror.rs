@@ -25,12 +25,11 @@ use cachalot_testkit::client::http_client;
 use cachalot_testkit::containerd::Containerd;
 use cachalot_testkit::distribution::Distribution;
 use cachalot_testkit::image::{docker_image, push};
-use cachalot_testkit::process::LoggedChild;
 use cachalot_testkit::wait::free_port;
 use common::node::{agent_args, AgentEndpoint, NodeDirs};
+use common::spawn_registry;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(100);
 
 /// Where the kubelet would mount `pod_path`, under `root`.
 fn rebased(root: &Path, pod_path: &str) -> PathBuf {
@@ -118,22 +117,15 @@ async fn the_built_tls_mirror_serves_a_real_containerd_through_the_agents_hosts_
     write(&config_file, &config);
     let mut cmd = Command::new(&binary);
     cmd.arg("serve").arg("--config").arg(&config_file);
-    let mut registry = LoggedChild::spawn(&mut cmd, &pod.path().join("registry.log")).unwrap();
     let admin = format!("http://127.0.0.1:{admin_port}");
-    let client = http_client().unwrap();
     // The readiness probe's view: the admin port stays plain HTTP.
-    let ready = registry
-        .wait_ready(DEADLINE, POLL, || {
-            let request = client.get(format!("{admin}/readyz"));
-            async move { request.send().await.is_ok_and(|r| r.status().is_success()) }
-        })
-        .await;
-    if let Err(e) = ready {
-        panic!(
-            "cachalot-registry did not start: {e}\n{}",
-            registry.log_tail()
-        );
-    }
+    let registry = spawn_registry(
+        &mut cmd,
+        &pod.path().join("registry.log"),
+        &format!("{admin}/readyz"),
+    )
+    .await;
+    let client = http_client().unwrap();
     // The public port speaks TLS only.
     let plain = client
         .get(format!("http://127.0.0.1:{port}/v2/"))

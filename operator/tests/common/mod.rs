@@ -4,6 +4,7 @@
 //! - [`cluster`]: a real control plane with the cachalot image on its fake nodes, the CRD, waits;
 //! - [`node`]: a node's directories, desired states and polling an agent's `/status`;
 //! - [`registry_stats`]: what a registry pod's `/stats` reports, for fake probes;
+//! - [`spawn_registry`]: a real `cachalot-registry` process, waited for until `/readyz` answers;
 //! - [`listed_caches`] and [`hold`]: the operator's caches of owned objects, fed by hand as the
 //!   watches would.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -14,6 +15,8 @@ pub mod node;
 
 use cachalot_operator::controller::observe::{RegistryStats, UpstreamBudget};
 use cachalot_operator::controller::owned::{owned_stores, OwnedStores, OwnedWriters};
+use cachalot_testkit::client::http_client;
+use cachalot_testkit::process::LoggedChild;
 use kube::runtime::watcher;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -61,4 +64,29 @@ pub fn registry_stats(hits: u64, misses: u64, stale: u64, remaining: u64) -> Reg
         }],
         ..RegistryStats::default()
     }
+}
+
+/// Starts `cmd` (a `cachalot-registry serve …`) with its output in `log`, and waits (at most 30 s)
+/// until `ready_url` (a `/readyz` URL) answers 200; panics with the log's tail otherwise.
+pub async fn spawn_registry(
+    cmd: &mut std::process::Command,
+    log: &std::path::Path,
+    ready_url: &str,
+) -> LoggedChild {
+    let mut child = LoggedChild::spawn(cmd, log).unwrap();
+    let client = http_client().unwrap();
+    let ready = child
+        .wait_ready(
+            std::time::Duration::from_secs(30),
+            std::time::Duration::from_millis(50),
+            || {
+                let request = client.get(ready_url);
+                async move { request.send().await.is_ok_and(|r| r.status().is_success()) }
+            },
+        )
+        .await;
+    if let Err(e) = ready {
+        panic!("cachalot-registry did not start: {e}\n{}", child.log_tail());
+    }
+    child
 }
