@@ -83,6 +83,7 @@ impl ListenerSet {
                     let changed = current != backends;
                     if changed {
                         current.clone_from(backends);
+                        info!(%addr, backends = backends.len(), "backends changed");
                     }
                     changed
                 });
