@@ -1,6 +1,7 @@
 //! TLS rows (`--tls-only`): the same cachalot binary served over plain HTTP and over TLS (a
 //! certificate from a CA generated here), side by side: cached blob throughput with 1 and 8
-//! clients, and the GET-by-tag rate with 8 clients. Goal: TLS at least 0.8x plain on blobs.
+//! clients, the server's CPU per GB served, and the GET-by-tag rate with 8 clients; medians of
+//! alternating runs. Goal: TLS at least 0.8x plain on blobs.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
@@ -14,6 +15,7 @@ use cachalot_testkit::image::TestImage;
 /// A registry child process and a client that reaches it.
 struct Served {
     _child: tokio::process::Child,
+    pid: u32,
     url: String,
     client: reqwest::Client,
     _dir: tempfile::TempDir,
@@ -81,8 +83,10 @@ async fn start(binary: &Path, upstream: &str, tls: bool) -> Result<Served> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let pid = child.id().context("the registry exited at once")?;
     Ok(Served {
         _child: child,
+        pid,
         url,
         client,
         _dir: dir,
@@ -106,14 +110,16 @@ async fn read_blob(client: reqwest::Client, url: String) -> Result<u64> {
     Ok(n)
 }
 
-/// GB/s of `clients` concurrent reads of the cached blob.
+/// GB/s of `clients` concurrent reads of the cached blob, and the server's CPU seconds for
+/// them (all its threads, from the scheduler's nanosecond counters).
 async fn blob_rate(
     served: &Served,
     repo: &str,
     digest: &str,
     size: u64,
     clients: usize,
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
+    let cpu0 = thread_cpu_seconds(served.pid);
     let started = Instant::now();
     let url = format!("{}/v2/{repo}/blobs/{digest}", served.url);
     // One task per client, as real clients decrypt on their own cores.
@@ -125,7 +131,23 @@ async fn blob_rate(
             bail!("short read");
         }
     }
-    Ok((size * clients as u64) as f64 / started.elapsed().as_secs_f64() / 1e9)
+    let gbps = (size * clients as u64) as f64 / started.elapsed().as_secs_f64() / 1e9;
+    Ok((gbps, thread_cpu_seconds(served.pid) - cpu0))
+}
+
+/// CPU seconds the live threads of `pid` have run, from `/proc/PID/task/*/schedstat`
+/// (nanoseconds, unlike the 10 ms ticks of `/proc/PID/stat`). A thread that exits during a
+/// measurement takes its time with it; the registry's serving threads do not exit.
+fn thread_cpu_seconds(pid: u32) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let nanos: u64 = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    nanos as f64 / 1e9
 }
 
 /// Requests per second of GET by tag, `total` spread over 8 concurrent clients.
@@ -157,13 +179,35 @@ async fn tag_rate(served: &Served, repo: &str, tag: &str, total: usize) -> Resul
     Ok((per_client * 8) as f64 / started.elapsed().as_secs_f64())
 }
 
-/// The rows: plain HTTP vs TLS on the same binary, caches warmed first.
-pub async fn rows(
-    binary: &Path,
-    upstream: &str,
-    big: &TestImage,
-    gets: usize,
-) -> Result<Vec<(String, f64, f64, &'static str, &'static str)>> {
+/// One row: a measurement, plain and TLS figures (`median (min–max)` of the runs), the ratio
+/// of the medians, the target.
+pub struct Row {
+    what: String,
+    plain: String,
+    tls: String,
+    ratio: f64,
+    target: &'static str,
+}
+
+fn row(what: String, plain: Vec<f64>, tls: Vec<f64>, unit: &str, target: &'static str) -> Row {
+    let fmt = |v: f64| format!("{v:.2}");
+    let ratio = super::median(tls.clone()) / super::median(plain.clone());
+    Row {
+        what,
+        plain: format!("{} {unit}", super::median_and_spread(plain, fmt)),
+        tls: format!("{} {unit}", super::median_and_spread(tls, fmt)),
+        ratio,
+        target,
+    }
+}
+
+/// The rows: plain HTTP vs TLS on the same binary, caches warmed first. Every figure is taken
+/// [`super::WARM_RUNS`] times, alternating which server goes first, and the machine is let
+/// settle before each. Beside the throughput (clients and server share the machine's cores,
+/// so the clients' decryption slows the TLS figure) the server's CPU per GB served: its
+/// inverse ratio is the TLS/plain throughput of a server whose CPU is the limit, with its
+/// clients on other machines.
+pub async fn rows(binary: &Path, upstream: &str, big: &TestImage, gets: usize) -> Result<Vec<Row>> {
     let layer = big.layers()[0].clone();
     let plain = start(binary, upstream, false).await?;
     let tls = start(binary, upstream, true).await?;
@@ -171,31 +215,60 @@ pub async fn rows(
         get_blob(served, "library/big", &layer.digest).await?;
         tag_rate(served, "library/small", "latest", 8).await?;
     }
+    let pids = [plain.pid, tls.pid];
     let mut rows = Vec::new();
     for clients in [1usize, 8] {
-        let p = blob_rate(&plain, "library/big", &layer.digest, layer.size, clients).await?;
-        let t = blob_rate(&tls, "library/big", &layer.digest, layer.size, clients).await?;
-        rows.push((
+        let (mut rate, mut cpu) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+        for run in 0..super::WARM_RUNS {
+            for side in [run % 2, 1 - run % 2] {
+                super::settle(&pids).await;
+                let served = [&plain, &tls][side];
+                let (gbps, seconds) =
+                    blob_rate(served, "library/big", &layer.digest, layer.size, clients).await?;
+                let gb = (layer.size * clients as u64) as f64 / 1e9;
+                rate[side].push(gbps);
+                cpu[side].push(seconds * 1e3 / gb);
+            }
+        }
+        let [rate_plain, rate_tls] = rate;
+        let [cpu_plain, cpu_tls] = cpu;
+        rows.push(row(
             format!("cached blob GET, {clients} client(s)"),
-            p,
-            t,
+            rate_plain,
+            rate_tls,
             "GB/s",
             "TLS >= 0.8x plain",
         ));
+        let mut cpu_row = row(
+            format!("server CPU per GB served, {clients} client(s)"),
+            cpu_plain,
+            cpu_tls,
+            "ms",
+            "TLS >= 0.8x plain (ratio: plain/TLS)",
+        );
+        // Less CPU is better: the ratio is the throughput a CPU-bound server keeps under TLS.
+        cpu_row.ratio = 1.0 / cpu_row.ratio;
+        rows.push(cpu_row);
     }
-    let p = tag_rate(&plain, "library/small", "latest", gets).await?;
-    let t = tag_rate(&tls, "library/small", "latest", gets).await?;
-    rows.push(("GET by tag, 8 clients".into(), p, t, "req/s", ""));
+    let (mut p, mut t) = (Vec::new(), Vec::new());
+    for run in 0..super::WARM_RUNS {
+        for side in [run % 2, 1 - run % 2] {
+            super::settle(&pids).await;
+            let rate = tag_rate([&plain, &tls][side], "library/small", "latest", gets).await?;
+            [&mut p, &mut t][side].push(rate);
+        }
+    }
+    rows.push(row("GET by tag, 8 clients".into(), p, t, "req/s", ""));
     Ok(rows)
 }
 
-pub fn print_table(rows: &[(String, f64, f64, &'static str, &'static str)]) {
+pub fn print_table(rows: &[Row]) {
     println!("\n| measurement | plain HTTP | TLS | TLS/plain | target |");
     println!("|---|---|---|---|---|");
-    for (what, plain, tls, unit, target) in rows {
+    for r in rows {
         println!(
-            "| {what} | {plain:.2} {unit} | {tls:.2} {unit} | {:.2}x | {target} |",
-            tls / plain
+            "| {} | {} | {} | {:.2}x | {} |",
+            r.what, r.plain, r.tls, r.ratio, r.target
         );
     }
 }

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::{ProxyError, ProxyInner};
 use crate::oci::{Digest, DigestHasher, RepositoryName};
-use crate::store::{Pin, TempFile};
+use crate::store::{cached_read, Pin, TempFile};
 use crate::upstream::{self, Target, Upstream};
 
 /// Size of each read from disk and each write to it.
@@ -725,6 +725,11 @@ pub async fn head_upstream(
     ))
 }
 
+/// Whether reads of in-flight temp files may use `RWF_NOWAIT` (one filesystem for all of them).
+static IN_FLIGHT_NOWAIT: cached_read::NowaitSupport = cached_read::NowaitSupport::new();
+
+/// Up to `len` bytes of an in-flight file at `offset`: what the page cache holds right away
+/// (maybe fewer than `len`), else exactly `len` read on the blocking pool.
 async fn read_at(
     file: Option<&Arc<std::fs::File>>,
     offset: u64,
@@ -733,6 +738,9 @@ async fn read_at(
     let file = Arc::clone(file.ok_or_else(|| {
         std::io::Error::other("blob fetch has no cache file to read (its creation failed)")
     })?);
+    if let Some(bytes) = cached_read::read_nowait(&file, offset, len, &IN_FLIGHT_NOWAIT) {
+        return Ok(bytes);
+    }
     tokio::task::spawn_blocking(move || {
         let mut buf = BytesMut::zeroed(len);
         let mut filled = 0;
@@ -752,10 +760,11 @@ async fn read_at(
     .map_err(std::io::Error::other)?
 }
 
-/// Streams `[start, end)` of a committed file, keeping it pinned until the stream ends. The file
-/// is this stream's own handle, so it reads sequentially (no shared offset) into buffers that
-/// need no zeroing first. Each read is [`cached_chunk`] of the readers streaming at that moment,
-/// so many connections together hold a bounded amount of read buffers.
+/// Streams `[start, end)` of a committed file, keeping it pinned until the stream ends. Each
+/// read is [`cached_chunk`] of the readers streaming at that moment, so many connections
+/// together hold a bounded amount of read buffers. What the page cache holds is read right here
+/// ([`cached_read::read_nowait`]); the rest on the blocking pool, sequentially from this
+/// stream's own handle into buffers that need no zeroing first.
 pub fn file_stream(
     file: std::fs::File,
     pin: Pin,
@@ -763,36 +772,46 @@ pub fn file_stream(
     end: u64,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
     let reader = CachedReader::new();
+    let nowait = Arc::new(cached_read::NowaitSupport::new());
     futures::stream::try_unfold(
-        (Some(file), (pin, reader), start, false),
-        move |(file, pin, pos, positioned)| async move {
-            let Some(file) = file else {
-                return Ok(None);
-            };
-            if pos >= end {
-                return Ok(None);
+        // `cursor`: where the handle's own file position stands, when it is known.
+        (Some(file), (pin, reader), start, None::<u64>),
+        move |(file, pin, pos, cursor)| {
+            let nowait = Arc::clone(&nowait);
+            async move {
+                let Some(file) = file else {
+                    return Ok(None);
+                };
+                if pos >= end {
+                    return Ok(None);
+                }
+                let readers = CACHED_READERS.load(std::sync::atomic::Ordering::Relaxed);
+                let len = (end - pos).min(cached_chunk(readers));
+                let len_usize = usize::try_from(len).unwrap_or(usize::MAX);
+                if let Some(bytes) = cached_read::read_nowait(&file, pos, len_usize, &nowait) {
+                    let next = pos + bytes.len() as u64;
+                    return Ok(Some((bytes, (Some(file), pin, next, cursor))));
+                }
+                let (file, bytes) = tokio::task::spawn_blocking(move || {
+                    use std::io::{Read as _, Seek as _};
+                    let mut file = file;
+                    if cursor != Some(pos) {
+                        file.seek(std::io::SeekFrom::Start(pos))?;
+                    }
+                    let mut buf = Vec::with_capacity(len_usize);
+                    (&mut file).take(len).read_to_end(&mut buf)?;
+                    if (buf.len() as u64) < len {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "cache file shorter than expected",
+                        ));
+                    }
+                    Ok((file, Bytes::from(buf)))
+                })
+                .await
+                .map_err(std::io::Error::other)??;
+                Ok(Some((bytes, (Some(file), pin, pos + len, Some(pos + len)))))
             }
-            let readers = CACHED_READERS.load(std::sync::atomic::Ordering::Relaxed);
-            let len = (end - pos).min(cached_chunk(readers));
-            let (file, bytes) = tokio::task::spawn_blocking(move || {
-                use std::io::{Read as _, Seek as _};
-                let mut file = file;
-                if !positioned {
-                    file.seek(std::io::SeekFrom::Start(pos))?;
-                }
-                let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-                (&mut file).take(len).read_to_end(&mut buf)?;
-                if (buf.len() as u64) < len {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "cache file shorter than expected",
-                    ));
-                }
-                Ok((file, Bytes::from(buf)))
-            })
-            .await
-            .map_err(std::io::Error::other)??;
-            Ok(Some((bytes, (Some(file), pin, pos + len, true))))
         },
     )
 }
@@ -874,12 +893,13 @@ pub fn flight_stream(
                 if pos < limit {
                     let len = usize::try_from((limit - pos).min(CHUNK as u64)).unwrap_or(CHUNK);
                     let bytes = read_at(flight.file.as_ref(), pos, len).await?;
+                    let next = pos + bytes.len() as u64;
                     return Ok(Some((
                         bytes,
                         Follow::File {
                             flight,
                             rx,
-                            pos: pos + len as u64,
+                            pos: next,
                         },
                     )));
                 }

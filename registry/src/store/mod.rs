@@ -28,6 +28,7 @@
 //! reachable cached manifest. Nothing but the pin file's last good set is kept in memory between
 //! passes, so a pinned tag that moves protects its new content from the next pass on.
 
+pub mod cached_read;
 mod index;
 pub mod pin_file;
 pub mod pinning;
