@@ -594,6 +594,13 @@ impl Config {
         }
     }
 
+    /// Whether the public listener takes plain HTTP from anyone (no `tls`, no `auth`): then the
+    /// replicas of a `cluster` forward to each other there, else on the admin listener.
+    #[must_use]
+    pub fn public_listener_is_open(&self) -> bool {
+        self.tls.is_none() && self.auth.is_none()
+    }
+
     /// Checks everything that serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if listeners_collide(self.listen, self.admin_listen) {
@@ -693,11 +700,14 @@ impl Config {
                 ));
             }
         }
-        if self.cluster.is_some() && (self.tls.is_some() || self.auth.is_some()) {
-            // Replicas forward to each other over the listener with plain, anonymous requests.
+        if self.cluster.is_some()
+            && !self.public_listener_is_open()
+            && self.admin_listen.port() == 0
+        {
+            // Replicas then forward to each other's admin listener, on this port.
             return Err(invalid(
-                if self.tls.is_some() { "tls" } else { "auth" },
-                "not supported together with `cluster` (replicas reach each other over plain HTTP)",
+                "adminListen",
+                "with `cluster` and `tls` or `auth`, replicas reach each other on the admin port: it must be a fixed port, the same on every replica",
             ));
         }
         if let Some(s3) = &self.storage.s3 {
@@ -1157,12 +1167,23 @@ parent:
             "tls: { certFile: /c, keyFile: /k }",
             "auth: { bearerTokenFile: /t }",
         ] {
-            let text = format!("{section}\ncluster: {{ self: \"http://a:5000\" }}");
+            // With a cluster, the replicas reach each other on the admin port: a fixed one.
+            let text = format!(
+                "{section}\ncluster: {{ self: \"http://a:5000\" }}\nadminListen: 127.0.0.1:0"
+            );
             let err = load_yaml(&text).unwrap_err().to_string();
             assert!(
-                err.contains("not supported together with `cluster`"),
+                err.contains("adminListen") && err.contains("fixed port"),
                 "{err}"
             );
+            let text = format!("{section}\ncluster: {{ self: \"http://a:5000\" }}");
+            let c = load_yaml(&text).unwrap();
+            assert!(!c.public_listener_is_open());
         }
+        assert!(
+            load_yaml("cluster: { self: \"http://a:5000\" }\nadminListen: 127.0.0.1:0")
+                .unwrap()
+                .public_listener_is_open()
+        );
     }
 }

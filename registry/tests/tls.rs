@@ -2,7 +2,8 @@
 //! client trusting the test CA, a wrong CA refused, certificate rotation and a bad new
 //! certificate, bearer-token and mTLS client authentication, a spoke process reaching its hub
 //! process over TLS with a token and a client certificate, and a real containerd pulling over
-//! TLS through a hosts.toml with `ca`.
+//! TLS through a hosts.toml with `ca`; and `cluster` replicas behind TLS and a token forwarding
+//! to each other on their admin listeners.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -11,9 +12,13 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cachalot_registry::config::ClusterConfig;
 use cachalot_registry::config::{ClientAuthConfig, Config, ParentConfig, TlsConfig};
+use cachalot_registry::upstream::FORWARDED_BY;
 use cachalot_testkit::certs::TestCa;
 use cachalot_testkit::containerd::Containerd;
+use cachalot_testkit::distribution::Distribution;
+use cachalot_testkit::fault::{FaultProxy, Kind};
 use cachalot_testkit::image::{docker_image, sha256_digest, TestImage};
 use cachalot_testkit::process::LoggedChild;
 use common::{eventually, Process, Rig, MIB};
@@ -572,4 +577,123 @@ async fn containerd_pulls_over_tls_through_a_hosts_toml_with_ca() {
     );
     let stats = rig.cachalot.stats().await;
     assert!(stats.registries["docker.io"].misses >= 3, "{stats:?}");
+}
+
+/// Three `cluster` replicas on 127.0.0.1-3 whose public listeners have TLS and a token: the
+/// clients pull over TLS with the token from every replica, the replicas forward to each other
+/// on their admin listeners (plain, no token), so each blob leaves the upstream once. The admin
+/// listener serves `/v2/` only to a request a replica forwarded, and the forwarding header opens
+/// nothing on the public listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_replicas_behind_tls_and_a_token_forward_to_each_other_on_the_admin_listener() {
+    let upstream = Distribution::start().await.unwrap();
+    let fault = FaultProxy::start(&upstream.url()).await.unwrap();
+    let img = docker_image(1470, &[MIB, MIB / 2]).unwrap();
+    cachalot_testkit::image::push(&upstream.url(), "library/app", "1", &img)
+        .await
+        .unwrap();
+    let ca = TestCa::new("cluster CA").unwrap();
+    let ips: Vec<Ipv4Addr> = (1..=3).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    let signed = ca
+        .server(
+            "cachalot",
+            &ips.iter().map(|ip| IpAddr::V4(*ip)).collect::<Vec<_>>(),
+            &[],
+        )
+        .unwrap();
+    let files = Files::new();
+    let tls = TlsConfig {
+        cert_file: files.write("tls.crt", &signed.cert_pem),
+        key_file: files.write("tls.key", &signed.key_pem),
+        client_ca_file: None,
+    };
+    let token = files.write("token", "cluster-token");
+    let (port, admin_port) = (
+        cachalot_testkit::wait::free_port().unwrap(),
+        cachalot_testkit::wait::free_port().unwrap(),
+    );
+    let urls: Vec<String> = ips
+        .iter()
+        .map(|ip| format!("https://{ip}:{port}"))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let mut replicas = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        let (self_url, peers, tls, token) =
+            (urls[i].clone(), urls.clone(), tls.clone(), token.clone());
+        let tweak = move |c: &mut Config| {
+            c.admin_listen = SocketAddr::from((*ip, admin_port));
+            c.tls = Some(tls.clone());
+            c.auth = Some(ClientAuthConfig {
+                bearer_token_file: token.clone(),
+            });
+            c.cluster = Some(ClusterConfig {
+                self_url: self_url.clone(),
+                peers: peers.clone(),
+                peer_timeout: Duration::from_secs(1),
+            });
+        };
+        let storage = dir.path().join(format!("replica-{i}"));
+        let replica =
+            Process::start_at(SocketAddr::from((*ip, port)), &storage, &fault.url(), tweak)
+                .await
+                .unwrap_or_else(|log| panic!("replica {i} did not start:\n{log}"));
+        replicas.push(replica);
+    }
+
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        "Bearer cluster-token".parse().unwrap(),
+    );
+    let client = client_trusting(&ca.pem())
+        .default_headers(headers)
+        .build()
+        .unwrap();
+    for url in &urls {
+        pull_verified(&client, url, "library/app", &img).await;
+    }
+    let counts = fault.counts();
+    for blob in img.all_blobs() {
+        let gets = fault
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with(&blob.digest))
+            .count();
+        assert_eq!(gets, 1, "{} left the upstream {gets} times", blob.digest);
+    }
+    assert_eq!(
+        counts.get("GET", Kind::Manifest),
+        1,
+        "one replica owns the tag"
+    );
+
+    // The admin listener serves `/v2/` to a forwarded request only.
+    let blob = &img.all_blobs()[0].digest;
+    let admin = format!("http://{}:{admin_port}/v2/library/app/blobs/{blob}", ips[1]);
+    let plain = common::client();
+    let r = plain.get(&admin).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        404,
+        "a /v2/ request without the forwarding header"
+    );
+    let r = plain
+        .get(&admin)
+        .header(FORWARDED_BY, urls[0].as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256_digest(&r.bytes().await.unwrap()), *blob);
+    // The forwarding header is no credential on the public listener.
+    let r = client_trusting(&ca.pem())
+        .build()
+        .unwrap()
+        .get(format!("{}/v2/library/app/blobs/{blob}", urls[1]))
+        .header(FORWARDED_BY, urls[0].as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
 }

@@ -94,8 +94,27 @@ async fn public_fallback(
     distribution(state, method, uri, headers).await
 }
 
-async fn admin_fallback(uri: Uri) -> Response {
+/// The admin listener's other paths: `/v2/` for a request another replica of this `cluster`
+/// forwarded (they come here when the public listener has TLS or a token, see
+/// [`upstream::peers::peer_base`]); anything else is a 404.
+async fn admin_fallback(
+    state: State<Arc<AppState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    if forwarded_by_a_peer(&state, uri.path(), &headers) {
+        return distribution(state, method, uri, headers).await;
+    }
     not_served_here(uri.path(), "admin")
+}
+
+/// Whether a request on the admin listener is a replica's forwarded pull: this registry has
+/// peers, the path is under `/v2/` and the request names its sender.
+fn forwarded_by_a_peer(state: &AppState, path: &str, headers: &HeaderMap) -> bool {
+    state.proxy.inner().peers.is_some()
+        && (path == "/v2" || path.starts_with("/v2/"))
+        && headers.contains_key(upstream::FORWARDED_BY)
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {

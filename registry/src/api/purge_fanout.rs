@@ -20,6 +20,7 @@ use http::StatusCode;
 use crate::config::Config;
 use crate::oci::{ErrorCode, ImageRef, OciError};
 use crate::proxy::purge::{PurgeError, PurgeReport, ReplicaOutcome, ReplicaPurge};
+use crate::upstream::peers::admin_url;
 
 /// One replica's purge: its report, or its outcome (not purged) and why.
 pub type ReplicaResult = Result<PurgeReport, (ReplicaOutcome, String)>;
@@ -46,26 +47,6 @@ pub enum BuildPurgeFanoutError {
     PeerUrl(String),
     #[error("cannot build the HTTP client for purge fan-out: {0}")]
     Client(#[source] reqwest::Error),
-}
-
-/// The admin base URL of the replica whose public base URL is `peer`: its host, `port`, plain
-/// HTTP (the admin listener never has TLS). `None` for a URL without a host. Pure.
-#[must_use]
-pub fn admin_url(peer: &str, port: u16) -> Option<String> {
-    let rest = peer
-        .strip_prefix("http://")
-        .or_else(|| peer.strip_prefix("https://"))?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let authority = authority.rsplit('@').next().unwrap_or("");
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        format!("[{}]", v6.split(']').next()?)
-    } else {
-        authority.split(':').next().unwrap_or("").to_owned()
-    };
-    if host.is_empty() || host == "[]" {
-        return None;
-    }
-    Some(format!("http://{host}:{port}"))
 }
 
 impl ReplicaPurge {
@@ -253,28 +234,6 @@ impl PurgeFanout {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn a_peers_admin_url_is_its_host_on_the_admin_port() {
-        assert_eq!(
-            admin_url("http://mirror-0.mirror-peers:5000", 5001).as_deref(),
-            Some("http://mirror-0.mirror-peers:5001")
-        );
-        assert_eq!(
-            admin_url("http://127.0.0.2:40000/", 41000).as_deref(),
-            Some("http://127.0.0.2:41000")
-        );
-        assert_eq!(
-            admin_url("https://[fd00::1]:5000/prefix", 5001).as_deref(),
-            Some("http://[fd00::1]:5001")
-        );
-        assert_eq!(
-            admin_url("http://host", 5001).as_deref(),
-            Some("http://host:5001")
-        );
-        assert_eq!(admin_url("host:5000", 5001), None);
-        assert_eq!(admin_url("http://:5000", 5001), None);
-    }
 
     fn purged(tag: &str, blobs: u64, bytes: u64) -> ReplicaResult {
         Ok(PurgeReport {

@@ -9,6 +9,11 @@
 //! its own cache, so the freshness of a tag (one revalidation HEAD per `maxAge`) is the owner's
 //! for the whole set.
 //!
+//! Peers are configured by their public listeners. While those are plain and open, forwarded
+//! requests go there; when the public listener has TLS or requires a token (`tls`, `auth`),
+//! they go to the peer's admin listener instead ([`peer_base`]), which serves `/v2/` to
+//! requests a replica forwarded (and only to those).
+//!
 //! A peer that cannot answer is skipped: its [`Upstream`] falls back to the real upstream for
 //! that request and its circuit opens for `upstream.circuitOpenFor`, during which the next
 //! replica in the key's rendezvous order is the owner. Replicas agree on that order as long as
@@ -52,6 +57,40 @@ fn weight(peer: &str, key: &str) -> u64 {
     u64::from_be_bytes(first)
 }
 
+/// The admin base URL of the replica whose public base URL is `peer`: its host, `port`, plain
+/// HTTP (the admin listener never has TLS). `None` for a URL without a host. Pure.
+#[must_use]
+pub fn admin_url(peer: &str, port: u16) -> Option<String> {
+    let rest = peer
+        .strip_prefix("http://")
+        .or_else(|| peer.strip_prefix("https://"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let authority = authority.rsplit('@').next().unwrap_or("");
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        format!("[{}]", v6.split(']').next()?)
+    } else {
+        authority.split(':').next().unwrap_or("").to_owned()
+    };
+    if host.is_empty() || host == "[]" {
+        return None;
+    }
+    Some(format!("http://{host}:{port}"))
+}
+
+/// Where this replica sends the requests it forwards to `peer` (configured as the peer's public
+/// listener): that listener while it is plain and open, else the peer's admin listener (its
+/// host, `admin_port`): TLS and the pull API's token guard the public listener from clients,
+/// and replicas reach each other inside the cluster, as they do for a purge. `None` for a URL
+/// without a host. Pure.
+#[must_use]
+pub fn peer_base(peer: &str, public_is_open: bool, admin_port: u16) -> Option<String> {
+    if public_is_open {
+        Some(peer.to_owned())
+    } else {
+        admin_url(peer, admin_port)
+    }
+}
+
 /// The peers in the order they own `key`: the first is the owner, the next takes over when it
 /// is down. Ties (never in practice) break by URL, so every replica computes the same order.
 /// Pure.
@@ -74,12 +113,15 @@ impl Peers {
         // Requests to peers are not upstream requests: they get their own (unexported) metrics.
         let telemetry = Arc::new(Telemetry::new(upstreams.names()));
         let mut others = BTreeMap::new();
+        let admin_port = config.admin_listen.port();
         for url in cluster.peers.iter().filter(|u| **u != cluster.self_url) {
+            let base = peer_base(url, config.public_listener_is_open(), admin_port)
+                .ok_or_else(|| BuildUpstreamError::PeerUrl { url: url.clone() })?;
             let mut by_registry = BTreeMap::new();
             for registry in upstreams.names() {
                 let peer = upstreams.peer(
                     registry,
-                    url,
+                    &base,
                     &cluster.self_url,
                     &config.upstream,
                     cluster.peer_timeout,
@@ -147,6 +189,43 @@ mod tests {
 
     fn urls(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("http://replica-{i}:5000")).collect()
+    }
+
+    #[test]
+    fn a_peers_admin_url_is_its_host_on_the_admin_port() {
+        assert_eq!(
+            admin_url("http://mirror-0.mirror-peers:5000", 5001).as_deref(),
+            Some("http://mirror-0.mirror-peers:5001")
+        );
+        assert_eq!(
+            admin_url("http://127.0.0.2:40000/", 41000).as_deref(),
+            Some("http://127.0.0.2:41000")
+        );
+        assert_eq!(
+            admin_url("https://[fd00::1]:5000/prefix", 5001).as_deref(),
+            Some("http://[fd00::1]:5001")
+        );
+        assert_eq!(
+            admin_url("http://host", 5001).as_deref(),
+            Some("http://host:5001")
+        );
+        assert_eq!(admin_url("host:5000", 5001), None);
+        assert_eq!(admin_url("http://:5000", 5001), None);
+    }
+
+    #[test]
+    fn peers_are_reached_on_their_admin_listener_when_the_public_one_is_guarded() {
+        let peer = "http://mirror-1.mirror-peers:5000";
+        assert_eq!(peer_base(peer, true, 5001).as_deref(), Some(peer));
+        assert_eq!(
+            peer_base(peer, false, 5001).as_deref(),
+            Some("http://mirror-1.mirror-peers:5001")
+        );
+        assert_eq!(
+            peer_base("https://127.0.0.3:5000", false, 41000).as_deref(),
+            Some("http://127.0.0.3:41000")
+        );
+        assert_eq!(peer_base("http://:5000", false, 5001), None);
     }
 
     #[test]

@@ -345,7 +345,8 @@ impl Process {
             .env("RUST_LOG", "info");
         let log = dir.path().join("registry.log");
         let mut child = cachalot_testkit::process::LoggedChild::spawn(&mut command, &log).unwrap();
-        let url = format!("http://{listen}/readyz");
+        // The admin listener is plain HTTP whatever the public one speaks (TLS, a token).
+        let url = format!("http://{admin_addr}/readyz");
         let probe = client();
         let ready = child
             .wait_ready(Duration::from_secs(20), Duration::from_millis(10), || {
