@@ -28,6 +28,7 @@ fn registry(name: &str) -> DesiredRegistry {
         skip_verify: false,
         ca_file: None,
         override_path: false,
+        client_cert: None,
     }
 }
 
@@ -41,6 +42,7 @@ fn desired(registries: Vec<DesiredRegistry>) -> DesiredState {
         unreachable_after: "30s".to_string(),
         merge_with_admin_file: false,
         mirror_ca_file: None,
+        mirror_client_cert: None,
     }
 }
 

@@ -59,6 +59,7 @@ fn registry(name: &str, endpoints: &[&str]) -> DesiredRegistry {
         skip_verify: false,
         ca_file: None,
         override_path: false,
+        client_cert: None,
     }
 }
 
@@ -220,6 +221,7 @@ fn host_namespace_directories_are_named_after_the_registry_with_port_kept() {
         unreachable_after: "30s".to_string(),
         merge_with_admin_file: false,
         mirror_ca_file: None,
+        mirror_client_cert: None,
     };
     let live: BTreeSet<String> = ["http://10.96.0.12:5000".to_string()].into();
     let plan = reconcile_node(&desired, &Observed::default(), &live);
@@ -252,6 +254,7 @@ fn a_tls_mirror_gets_its_ca_beside_hosts_toml_named_by_its_node_path() {
         unreachable_after: "30s".to_string(),
         merge_with_admin_file: false,
         mirror_ca_file: Some("/etc/cachalot/mirror-ca/ca.crt".to_string()),
+        mirror_client_cert: None,
     };
     let ca = NodeCa {
         pem: "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n".to_string(),
