@@ -419,8 +419,7 @@ impl Looper {
         let (Some(key_pem), Some(cert_pem)) = (pems.pop(), pems.pop()) else {
             return (None, problem("certificate and key not read".into()));
         };
-        // The same check containerd's `tls.LoadX509KeyPair` makes: both parse and belong together.
-        if let Err(e) = reqwest::Identity::from_pem(format!("{key_pem}\n{cert_pem}").as_bytes()) {
+        if let Err(e) = check_client_pair(&cert_pem, &key_pem) {
             return (
                 None,
                 problem(format!("{} with {}: {e}", files.cert_file, files.key_file)),
@@ -888,6 +887,29 @@ fn read_imports(
     out
 }
 
+/// The check containerd's `tls.LoadX509KeyPair` makes before it uses a `client` pair: the
+/// certificate and the key parse, and the key is the certificate's. containerd fails every pull
+/// of a registry whose `hosts.toml` names a pair that does not load (not only the mirror's), so
+/// such a pair is never installed.
+///
+/// # Errors
+/// What is wrong, as a sentence.
+pub fn check_client_pair(cert_pem: &str, key_pem: &str) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the certificate is not PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err("no PEM certificate".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| format!("no PEM private key: {e}"))?;
+    rustls::sign::CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider())
+        .map(|_| ())
+        .map_err(|e| format!("the key does not load with the certificate: {e}"))
+}
+
 async fn client_with_ca(
     ca_file: &str,
     identity_pem: Option<&[u8]>,
@@ -927,6 +949,17 @@ fn probe_client(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_client_pair_loads_only_with_its_own_key() {
+        let ca = cachalot_testkit::certs::TestCa::new("client CA").unwrap();
+        let (node, other) = (ca.client("node").unwrap(), ca.client("other").unwrap());
+        assert_eq!(check_client_pair(&node.cert_pem, &node.key_pem), Ok(()));
+        let mismatch = check_client_pair(&node.cert_pem, &other.key_pem).unwrap_err();
+        assert!(mismatch.contains("does not load"), "{mismatch}");
+        assert!(check_client_pair("", &node.key_pem).is_err());
+        assert!(check_client_pair(&node.cert_pem, &node.cert_pem).is_err());
+    }
 
     #[test]
     fn imports_are_read_through_the_mount_with_globs_and_never_outside_it() {
