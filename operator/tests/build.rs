@@ -1638,6 +1638,105 @@ fn the_agents_mount_only_the_optional_ca_of_the_tls_secret_and_are_told_where() 
 }
 
 #[test]
+fn a_node_client_certificate_is_mounted_into_the_agents_only_mode_0400_and_named_in_the_desired_state(
+) {
+    let m = mirror(serde_json::json!({
+        "registries": [{"name": "docker.io"}],
+        "service": {"type": "NodePort", "nodePort": 30500},
+        "tls": {"secretName": "hub-tls",
+                "clientAuth": {"caSecretKey": "ca.crt", "nodeClientCertSecret": {"name": "hub-nodes"}}}
+    }));
+    let (v, objs) = build(&m);
+    let objs = objs.unwrap();
+    // The registry pods never see the nodes' key.
+    let registry_mounts = secret_mounts(pod_spec(&objs));
+    assert!(
+        registry_mounts.values().all(|m| m.0 != "hub-nodes"),
+        "{registry_mounts:?}"
+    );
+    let agent = build_agent(&m, &v, &cfg(), Some("https://127.0.0.1:30500"), false).unwrap();
+    let files = agent.desired.mirror_client_cert.as_ref().unwrap();
+    assert_eq!(files.cert_file, "/etc/cachalot/node-client/tls.crt");
+    assert_eq!(files.key_file, "/etc/cachalot/node-client/tls.key");
+    let pod = agent.daemon_set.spec.template.spec.as_ref().unwrap();
+    let mounts = secret_mounts(pod);
+    assert_eq!(
+        mounts["node-client"],
+        (
+            "hub-nodes".to_string(),
+            vec!["tls.crt=tls.crt".to_string(), "tls.key=tls.key".to_string()],
+            false,
+            "/etc/cachalot/node-client".to_string(),
+            true
+        ),
+        "required (the reference check waits for it) and read-only"
+    );
+    let volume = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "node-client")
+        .unwrap();
+    assert_eq!(volume.secret.as_ref().unwrap().default_mode, Some(0o400));
+    let json = &agent.config_map.data.as_ref().unwrap()[DESIRED_KEY];
+    assert!(json.contains("\"mirrorClientCert\""), "{json}");
+
+    // Without the field: no mount, nothing in the desired state (the generation of existing
+    // mirrors does not change).
+    let (v, _) = build(&tls_hub());
+    let agent = build_agent(
+        &tls_hub(),
+        &v,
+        &cfg(),
+        Some("https://127.0.0.1:30500"),
+        false,
+    )
+    .unwrap();
+    assert!(agent.desired.mirror_client_cert.is_none());
+    let json = &agent.config_map.data.as_ref().unwrap()[DESIRED_KEY];
+    assert!(!json.contains("mirrorClientCert"), "{json}");
+    let pod = agent.daemon_set.spec.template.spec.as_ref().unwrap();
+    assert!(!secret_mounts(pod).contains_key("node-client"));
+}
+
+#[test]
+fn a_node_client_certificate_is_refused_without_mtls_or_with_a_token_saying_why() {
+    use serde_json::json;
+    let with_auth = |auth: serde_json::Value| {
+        json!({"registries": [{"name": "docker.io"}],
+               "tls": {"secretName": "hub-tls", "clientAuth": auth}})
+    };
+    assert_eq!(
+        invalid(with_auth(
+            json!({"bearerTokenSecret": {"name": "t", "key": "t"},
+                                 "nodeClientCertSecret": {"name": "nodes"}})
+        )),
+        "spec.tls.clientAuth.nodeClientCertSecret"
+    );
+    assert_eq!(
+        invalid(with_auth(json!({"caSecretKey": "ca.crt",
+                                 "bearerTokenSecret": {"name": "t", "key": "t"},
+                                 "nodeClientCertSecret": {"name": "nodes"}}))),
+        "spec.tls.clientAuth.nodeClientCertSecret"
+    );
+    assert_eq!(
+        invalid(with_auth(json!({"caSecretKey": "ca.crt",
+                                 "nodeClientCertSecret": {"name": "Bad_Name"}}))),
+        "spec.tls.clientAuth.nodeClientCertSecret.name"
+    );
+    let err = validate(&mirror(with_auth(json!({"caSecretKey": "ca.crt",
+                                                "bearerTokenSecret": {"name": "t", "key": "t"},
+                                                "nodeClientCertSecret": {"name": "nodes"}}))))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("hosts.toml"), "{err}");
+    assert!(validate(&mirror(with_auth(json!({"caSecretKey": "ca.crt",
+                                              "nodeClientCertSecret": {"name": "nodes"}}))))
+    .is_ok());
+}
+
+#[test]
 fn a_spoke_presents_its_client_certificate_and_token_to_an_https_parent() {
     let m = mirror(serde_json::json!({
         "registries": [{"name": "docker.io"}],

@@ -5,7 +5,9 @@
 //! configured nodes is `Ready` and its deletion waits for the node files; a ready mirror's later
 //! passes make no write request (counted in the API server's audit log); a mirror with
 //! `spec.tls` waits for its Secret (`TlsSecretMissing`), then is Ready over https once its
-//! certificate names the endpoint, with the Secret's `ca.crt` installed on the node.
+//! certificate names the endpoint, with the Secret's `ca.crt` installed on the node, and stays
+//! Ready with mTLS `clientAuth` once the nodes' client certificate Secret exists (installed on
+//! the node, key mode 0600).
 //!
 //! What is real: the API server (validation, defaulting, server-side apply, watches, RBAC), the
 //! Deployment, ReplicaSet and DaemonSet controllers that make the pods, the scheduler, the garbage
@@ -671,6 +673,73 @@ async fn a_tls_mirror_is_ready_over_https_with_its_ca_on_the_nodes_and_a_renewed
     );
     let installed = std::fs::read_to_string(dir.join("cachalot-ca.crt")).unwrap();
     assert!(installed.contains(ca.pem().trim()), "{installed}");
+
+    // mTLS for clients, and a certificate for this cluster's nodes: held back while its Secret
+    // is missing, then the agent (its mount, its probe) presents it and installs it.
+    let spec = json!({"registries": [{"name": "docker.io"}],
+                      "tls": {"secretName": "hub-tls",
+                              "clientAuth": {"caSecretKey": "ca.crt",
+                                             "nodeClientCertSecret": {"name": "hub-nodes"}}}});
+    apply_mirror(&mirrors, MIRROR, spec, "test").await;
+    let missing = wait_for_mirror(
+        "Ready=False TlsSecretMissing for the nodes' Secret",
+        &mirrors,
+        |m| condition(m, "Ready").is_some_and(|c| c["reason"] == "TlsSecretMissing"),
+    )
+    .await;
+    assert!(
+        condition(&missing, "Ready").unwrap()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(
+                r#"spec.tls.clientAuth.nodeClientCertSecret.name: Secret "hub-nodes" not found"#
+            )),
+        "{:?}",
+        condition(&missing, "Ready")
+    );
+    let node_cert = ca.client("hub nodes").unwrap();
+    let nodes_secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": "hub-nodes", "namespace": NS},
+        "stringData": {"tls.crt": node_cert.cert_pem, "tls.key": node_cert.key_pem}
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &nodes_secret)
+        .await
+        .unwrap();
+    let client_key = dir.join("cachalot-client.key");
+    eventually("the node client certificate installed and named as client", || {
+        let (dir, client_key) = (dir.clone(), client_key.clone());
+        async move {
+            let hosts = std::fs::read_to_string(dir.join("hosts.toml")).ok()?;
+            (hosts.contains("client = [[\"/etc/containerd/certs.d/docker.io/cachalot-client.crt\", \"/etc/containerd/certs.d/docker.io/cachalot-client.key\"]]")
+                && client_key.exists())
+            .then_some(())
+        }
+    })
+    .await;
+    // Ready again: the agent's probe passed the handshake the registry now requires (without
+    // the certificate it would report the mirror unreachable).
+    wait_for_mirror("Ready=True over mTLS", &mirrors, |m| {
+        condition_is_true(m, "Ready")
+    })
+    .await;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&client_key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    let key = std::fs::read_to_string(&client_key).unwrap();
+    assert!(key.contains(node_cert.key_pem.trim()), "the installed key");
+    let config = Api::<ConfigMap>::namespaced(client.clone(), NS)
+        .get(&registry_config_name(MIRROR))
+        .await
+        .unwrap();
+    let config_text = serde_json::to_string(&config.data).unwrap();
+    assert!(
+        config_text.contains("clientCaFile"),
+        "the registry requires client certificates: {config_text}"
+    );
 
     mirrors
         .delete(MIRROR, &DeleteParams::default())

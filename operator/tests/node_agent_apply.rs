@@ -8,12 +8,15 @@ use std::path::Path;
 
 use cachalot_operator::node_agent::apply::{execute, managed_files, scan, Roots};
 use cachalot_operator::node_agent::plan::{
-    reconcile_node, reconcile_node_with_ca, Action, NodeCa, Plan,
+    reconcile_node, reconcile_node_with_ca, reconcile_node_with_tls, Action, NodeCa,
+    NodeClientCert, Plan,
 };
 use cachalot_operator::node_agent::protocol::{
     DesiredRegistry, DesiredState, Fallback, Reason, RegistryState, RegistryStatus, Runtime,
 };
-use cachalot_operator::node_agent::render::{parse_marker, CA_FILE_NAME, ORIGINAL_FILE_NAME};
+use cachalot_operator::node_agent::render::{
+    parse_marker, CA_FILE_NAME, CLIENT_CERT_FILE_NAME, CLIENT_KEY_FILE_NAME, ORIGINAL_FILE_NAME,
+};
 
 const MIRROR: &str = "cachalot/hub";
 const EP: &str = "http://10.96.0.12:5000";
@@ -28,6 +31,7 @@ fn registry(name: &str) -> DesiredRegistry {
         skip_verify: false,
         ca_file: None,
         override_path: false,
+        client_cert: None,
     }
 }
 
@@ -41,6 +45,7 @@ fn desired(registries: Vec<DesiredRegistry>) -> DesiredState {
         unreachable_after: "30s".to_string(),
         merge_with_admin_file: false,
         mirror_ca_file: None,
+        mirror_client_cert: None,
     }
 }
 
@@ -97,6 +102,22 @@ impl Node {
     ) -> Plan {
         let observed = scan(&self.roots, &desired.mirror).unwrap();
         let plan = reconcile_node_with_ca(desired, &observed, live, ca);
+        for action in &plan.actions {
+            execute(&self.roots, action).unwrap_or_else(|e| panic!("{action:?}: {e}"));
+        }
+        plan
+    }
+    /// One agent round for a mirror whose CA the node trusts and which requires the node's
+    /// client certificate; panics if an action fails.
+    fn round_with_tls(
+        &self,
+        desired: &DesiredState,
+        live: &BTreeSet<String>,
+        ca: Option<&NodeCa>,
+        client: Option<&NodeClientCert>,
+    ) -> Plan {
+        let observed = scan(&self.roots, &desired.mirror).unwrap();
+        let plan = reconcile_node_with_tls(desired, &observed, live, ca, client);
         for action in &plan.actions {
             execute(&self.roots, action).unwrap_or_else(|e| panic!("{action:?}: {e}"));
         }
@@ -499,4 +520,139 @@ fn a_ca_file_of_someone_else_blocks_the_registry_and_is_left_alone() {
     assert_eq!(status.reason, Some(Reason::AdminFileExists));
     assert_eq!(plan.actions, []);
     assert_eq!(node.read(&format!("docker.io/{CA_FILE_NAME}")), "admin's\n");
+}
+
+const CLIENT_CERT_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIClient\n-----END CERTIFICATE-----\n";
+const CLIENT_KEY_PEM: &str = "-----BEGIN PRIVATE KEY-----\nMIIEsecret\n-----END PRIVATE KEY-----\n";
+
+fn node_client(node: &Node, cert: &str) -> NodeClientCert {
+    NodeClientCert {
+        cert_pem: cert.to_string(),
+        key_pem: CLIENT_KEY_PEM.to_string(),
+        host_certs_dir: node.certs().display().to_string(),
+    }
+}
+
+fn files(plan: &Plan) -> Vec<String> {
+    plan.actions
+        .iter()
+        .map(|a| match a {
+            Action::Write { file, .. } => format!("write {file}"),
+            Action::Remove { file, .. } => format!("remove {file}"),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn the_node_client_certificate_is_installed_before_hosts_toml_names_it_with_a_private_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let node = Node::new();
+    let d = desired(vec![tls_registry("docker.io")]);
+    let live: BTreeSet<String> = [TLS_EP.to_string()].into();
+    let ca = node_ca(&node, CA_PEM);
+    let client = node_client(&node, CLIENT_CERT_PEM);
+    let plan = node.round_with_tls(&d, &live, Some(&ca), Some(&client));
+    assert_eq!(
+        files(&plan),
+        [
+            format!("write {CA_FILE_NAME}"),
+            format!("write {CLIENT_CERT_FILE_NAME}"),
+            format!("write {CLIENT_KEY_FILE_NAME}"),
+            "write hosts.toml".to_string(),
+        ]
+    );
+    // The key never reaches a log line: the action's Debug leaves it out.
+    let logged = format!("{:?}", plan.actions);
+    assert!(!logged.contains("MIIEsecret"), "{logged}");
+    assert!(logged.contains("MIIClient"), "{logged}");
+
+    let dir = node.certs().join("docker.io");
+    let key_path = dir.join(CLIENT_KEY_FILE_NAME);
+    let mode = fs::metadata(&key_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the key is readable by root only");
+    let key_text = node.read(&format!("docker.io/{CLIENT_KEY_FILE_NAME}"));
+    assert_eq!(parse_marker(&key_text).unwrap().mirror, MIRROR);
+    assert!(key_text.ends_with(CLIENT_KEY_PEM), "{key_text}");
+    let hosts: toml::Table = node.read("docker.io/hosts.toml").parse().unwrap();
+    let pair: Vec<&str> = hosts["host"][TLS_EP]["client"].as_array().unwrap()[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        pair,
+        [
+            dir.join(CLIENT_CERT_FILE_NAME).to_str().unwrap(),
+            key_path.to_str().unwrap()
+        ]
+    );
+    assert_eq!(
+        node.round_with_tls(&d, &live, Some(&ca), Some(&client))
+            .actions,
+        [],
+        "a second round changes nothing"
+    );
+    let observed = scan(&node.roots, MIRROR).unwrap();
+    assert_eq!(
+        managed_files(&observed, MIRROR),
+        [
+            format!("docker.io/{CA_FILE_NAME}"),
+            format!("docker.io/{CLIENT_CERT_FILE_NAME}"),
+            format!("docker.io/{CLIENT_KEY_FILE_NAME}"),
+            "docker.io/hosts.toml".to_string()
+        ]
+    );
+
+    // A renewed certificate replaces its file only (same paths in hosts.toml).
+    let renewed = node_client(&node, &CLIENT_CERT_PEM.replace("MIIC", "MIID"));
+    let plan = node.round_with_tls(&d, &live, Some(&ca), Some(&renewed));
+    assert_eq!(files(&plan), [format!("write {CLIENT_CERT_FILE_NAME}")]);
+
+    // The field goes: hosts.toml drops `client` first, then the certificate and key go; the
+    // CA stays.
+    let plan = node.round_with_tls(&d, &live, Some(&ca), None);
+    assert_eq!(
+        files(&plan),
+        [
+            "write hosts.toml".to_string(),
+            format!("remove {CLIENT_CERT_FILE_NAME}"),
+            format!("remove {CLIENT_KEY_FILE_NAME}"),
+        ]
+    );
+    assert!(!node.read("docker.io/hosts.toml").contains("client"));
+    assert!(!key_path.exists());
+    assert!(dir.join(CA_FILE_NAME).exists());
+
+    // Removal of the mirror takes everything, hosts.toml first.
+    node.round_with_tls(&d, &live, Some(&ca), Some(&client));
+    let plan = node.round_with_tls(&removal(d), &live, None, None);
+    assert_eq!(
+        files(&plan),
+        [
+            "remove hosts.toml".to_string(),
+            format!("remove {CA_FILE_NAME}"),
+            format!("remove {CLIENT_CERT_FILE_NAME}"),
+            format!("remove {CLIENT_KEY_FILE_NAME}"),
+        ]
+    );
+    assert!(!dir.exists());
+}
+
+#[test]
+fn a_client_key_file_of_someone_else_blocks_the_registry_and_is_left_alone() {
+    let node = Node::new();
+    fs::create_dir(node.certs().join("docker.io")).unwrap();
+    let key_path = node.certs().join("docker.io").join(CLIENT_KEY_FILE_NAME);
+    fs::write(&key_path, "admin's\n").unwrap();
+    let d = desired(vec![tls_registry("docker.io")]);
+    let live: BTreeSet<String> = [TLS_EP.to_string()].into();
+    let plan = node.round_with_tls(&d, &live, None, Some(&node_client(&node, CLIENT_CERT_PEM)));
+    let status = state_of(&plan, "docker.io");
+    assert_eq!(status.state, RegistryState::Blocked);
+    assert_eq!(status.reason, Some(Reason::AdminFileExists));
+    assert!(status.message.contains(CLIENT_KEY_FILE_NAME), "{status:?}");
+    assert_eq!(plan.actions, []);
+    assert_eq!(fs::read_to_string(&key_path).unwrap(), "admin's\n");
 }

@@ -103,6 +103,7 @@ fn crio_registry(name: &str, server: String, endpoint: String) -> DesiredRegistr
         skip_verify: false,
         ca_file: None,
         override_path: false,
+        client_cert: None,
     }
 }
 
@@ -164,6 +165,7 @@ async fn podman_pulls_two_registries_through_the_real_registry_by_the_agents_pat
         unreachable_after: "30s".into(),
         merge_with_admin_file: false,
         mirror_ca_file: None,
+        mirror_client_cert: None,
     };
     let live: BTreeSet<String> = [registry_url.clone()].into();
     let plan = reconcile_node(&desired, &scan(&roots, &desired.mirror).unwrap(), &live);

@@ -16,7 +16,8 @@ use cachalot_operator::node_agent::containerd::{
     check_containerd_config, check_containerd_config_with_imports, is_blocking,
 };
 use cachalot_operator::node_agent::plan::{
-    reconcile_node, reconcile_node_with_ca, Action, NodeCa, Observed,
+    reconcile_node, reconcile_node_with_ca, reconcile_node_with_tls, Action, NodeCa,
+    NodeClientCert, Observed,
 };
 use cachalot_operator::node_agent::protocol::{
     DesiredRegistry, DesiredState, Fallback, Reason, Runtime,
@@ -59,6 +60,7 @@ fn registry(name: &str, endpoints: &[&str]) -> DesiredRegistry {
         skip_verify: false,
         ca_file: None,
         override_path: false,
+        client_cert: None,
     }
 }
 
@@ -220,6 +222,7 @@ fn host_namespace_directories_are_named_after_the_registry_with_port_kept() {
         unreachable_after: "30s".to_string(),
         merge_with_admin_file: false,
         mirror_ca_file: None,
+        mirror_client_cert: None,
     };
     let live: BTreeSet<String> = ["http://10.96.0.12:5000".to_string()].into();
     let plan = reconcile_node(&desired, &Observed::default(), &live);
@@ -252,6 +255,7 @@ fn a_tls_mirror_gets_its_ca_beside_hosts_toml_named_by_its_node_path() {
         unreachable_after: "30s".to_string(),
         merge_with_admin_file: false,
         mirror_ca_file: Some("/etc/cachalot/mirror-ca/ca.crt".to_string()),
+        mirror_client_cert: None,
     };
     let ca = NodeCa {
         pem: "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n".to_string(),
@@ -276,6 +280,63 @@ fn a_tls_mirror_gets_its_ca_beside_hosts_toml_named_by_its_node_path() {
     );
     assert_eq!(files[1].0, "docker.io/hosts.toml");
     assert_golden("tls-mirror.hosts.toml", files[1].1);
+}
+
+#[test]
+fn an_mtls_mirror_gets_the_node_client_certificate_named_as_containerds_client_pair() {
+    let desired = DesiredState {
+        mirror: MIRROR.to_string(),
+        generation: "g1".to_string(),
+        removing: false,
+        runtime: Runtime::Containerd,
+        registries: vec![registry("docker.io", &["https://10.96.0.12:5000"])],
+        unreachable_after: "30s".to_string(),
+        merge_with_admin_file: false,
+        mirror_ca_file: Some("/etc/cachalot/mirror-ca/ca.crt".to_string()),
+        mirror_client_cert: None,
+    };
+    let ca = NodeCa {
+        pem: "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n".to_string(),
+        host_certs_dir: "/etc/containerd/certs.d/".to_string(),
+    };
+    let client = NodeClientCert {
+        cert_pem: "-----BEGIN CERTIFICATE-----\nMIICnode\n-----END CERTIFICATE-----\n".to_string(),
+        key_pem: "-----BEGIN PRIVATE KEY-----\nMIIEkey\n-----END PRIVATE KEY-----\n".to_string(),
+        host_certs_dir: "/etc/containerd/certs.d/".to_string(),
+    };
+    let live: BTreeSet<String> = ["https://10.96.0.12:5000".to_string()].into();
+    let plan = reconcile_node_with_tls(
+        &desired,
+        &Observed::default(),
+        &live,
+        Some(&ca),
+        Some(&client),
+    );
+    let files: Vec<(String, &str)> = plan
+        .actions
+        .iter()
+        .map(|a| match a {
+            Action::Write {
+                dir, file, content, ..
+            } => (format!("{dir}/{file}"), content.as_str()),
+            other => panic!("unexpected action {other:?}"),
+        })
+        .collect();
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "docker.io/cachalot-ca.crt",
+            "docker.io/cachalot-client.crt",
+            "docker.io/cachalot-client.key",
+            "docker.io/hosts.toml"
+        ]
+    );
+    assert_eq!(
+        files[2].1,
+        "# managed-by: cachalot mirror=cachalot/docker-hub\n-----BEGIN PRIVATE KEY-----\nMIIEkey\n-----END PRIVATE KEY-----\n"
+    );
+    assert_golden("mtls-mirror.hosts.toml", files[3].1);
 }
 
 fn containerd_fixture(name: &str) -> String {

@@ -294,3 +294,48 @@ async fn the_real_containerd_2_4_default_is_fixed_by_a_conf_d_drop_in_the_agent_
         .await;
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_client_certificate_that_does_not_load_is_reported_and_nothing_is_installed() {
+    let node = NodeDirs::new();
+    let cert = node.path().join("node-client/tls.crt");
+    let key = node.path().join("node-client/tls.key");
+    std::fs::create_dir_all(cert.parent().unwrap()).unwrap();
+    let ca = cachalot_testkit::certs::TestCa::new("client CA").unwrap();
+    let (good, other) = (ca.client("node").unwrap(), ca.client("other").unwrap());
+    // A certificate with another certificate's key: both parse, the pair does not load.
+    std::fs::write(&cert, &good.cert_pem).unwrap();
+    std::fs::write(&key, &other.key_pem).unwrap();
+    let mut state = desired("g1", vec!["https://127.0.0.1:9".to_string()]);
+    state.mirror_client_cert = Some(cachalot_operator::node_agent::protocol::ClientCertFiles {
+        cert_file: cert.display().to_string(),
+        key_file: key.display().to_string(),
+    });
+    node.write_desired(&state);
+    let agent = Agent::start(&node, None);
+    let s = agent
+        .wait("the pair is reported", |s| {
+            s.generation == "g1"
+                && s.problems
+                    .iter()
+                    .any(|p| p.reason == Reason::MirrorClientCertInvalid)
+        })
+        .await;
+    assert!(!s.ready, "{s:?}");
+    let installed = |name: &str| node.certs.join("docker.io").join(name).exists();
+    assert!(installed("hosts.toml"), "the upstream fallback is written");
+    assert!(!installed("cachalot-client.key") && !installed("cachalot-client.crt"));
+
+    // The right key: the problem clears and the pair is installed.
+    std::fs::write(&key, &good.key_pem).unwrap();
+    agent
+        .wait("the pair is installed", |s| {
+            s.problems.is_empty()
+                && s.managed_files
+                    .iter()
+                    .any(|f| f.ends_with("cachalot-client.key"))
+        })
+        .await;
+    assert!(installed("cachalot-client.crt"));
+    agent.stop().await;
+}

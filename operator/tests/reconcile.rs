@@ -1241,6 +1241,40 @@ async fn a_failed_ca_config_map_check_is_a_transient_error_that_applies_nothing(
 }
 
 #[tokio::test]
+async fn a_missing_node_client_certificate_secret_is_tls_secret_missing_naming_its_field() {
+    let (setup, _writers) = Setup::new();
+    let spec = json!({
+        "registries": [{"name": "docker.io"}],
+        "service": {"type": "NodePort"},
+        "tls": {"secretName": "mirror-tls",
+                "clientAuth": {"caSecretKey": "ca.crt",
+                               "nodeClientCertSecret": {"name": "mirror-nodes"}}}
+    });
+    let object = mirror_json(spec, true, false);
+    let m: RegistryMirror = serde_json::from_value(object.clone()).unwrap();
+    let action = run_scenario(m, &setup, move |mut h| async move {
+        expect_secret_metadata_read(&mut h, "mirror-tls", true).await;
+        expect_secret_metadata_read(&mut h, "mirror-nodes", false).await;
+        let status = expect_status(&mut h, &object).await;
+        let ready = condition(&status, "Ready");
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "TlsSecretMissing");
+        assert_eq!(
+            ready["message"],
+            r#"spec.tls.clientAuth.nodeClientCertSecret.name: Secret "mirror-nodes" not found in namespace "cachalot""#
+        );
+        assert_eq!(
+            condition(&status, "NodesConfigured")["reason"],
+            "TlsSecretMissing"
+        );
+        expect_event(&mut h, "TlsSecretMissing").await;
+        h
+    })
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+}
+
+#[tokio::test]
 async fn a_missing_tls_secret_is_ready_false_with_tls_secret_missing_and_applies_nothing() {
     let (setup, _writers) = Setup::new();
     let spec = json!({

@@ -4,6 +4,8 @@
 //! desired state `build` gives the node agents, followed by the real agent loop, which installs
 //! the mirror's `ca.crt` beside `hosts.toml`; and a real containerd that pulls over TLS through
 //! exactly those files. Certificates are generated here (rcgen); everything is on 127.0.0.1.
+//! With `clientAuth` (mTLS) and `nodeClientCertSecret`, the agent also installs the node's
+//! client certificate and containerd presents it; without it the mirror is not used.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -13,18 +15,23 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use cachalot_operator::api::RegistryMirror;
 use cachalot_operator::controller::build::{
-    desired_state, registry_config, BuildConfig, AGENT_MIRROR_CA_DIR, MIRROR_CA_KEY, TLS_DIR,
+    desired_state, registry_config, BuildConfig, AGENT_MIRROR_CA_DIR, AGENT_NODE_CLIENT_DIR,
+    MIRROR_CA_KEY, TLS_DIR,
 };
-use cachalot_operator::controller::validate::validate;
-use cachalot_operator::node_agent::protocol::RegistryState;
-use cachalot_operator::node_agent::render::CA_FILE_NAME;
+use cachalot_operator::controller::validate::{validate, Validated};
+use cachalot_operator::node_agent::protocol::{Reason, RegistryState};
+use cachalot_operator::node_agent::render::{
+    CA_FILE_NAME, CLIENT_CERT_FILE_NAME, CLIENT_KEY_FILE_NAME,
+};
 use cachalot_operator::node_agent::{run_until, Args};
 use cachalot_testkit::certs::TestCa;
 use cachalot_testkit::client::http_client;
 use cachalot_testkit::containerd::Containerd;
 use cachalot_testkit::distribution::Distribution;
 use cachalot_testkit::image::{docker_image, push};
+use cachalot_testkit::process::LoggedChild;
 use cachalot_testkit::wait::free_port;
 use common::node::{agent_args, AgentEndpoint, NodeDirs};
 use common::spawn_registry;
@@ -41,8 +48,7 @@ fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_built_tls_mirror_serves_a_real_containerd_through_the_agents_hosts_toml_and_ca() {
+fn registry_binary() -> PathBuf {
     let binary = std::env::var_os("CACHALOT_E2E_REGISTRY")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -53,48 +59,52 @@ async fn the_built_tls_mirror_serves_a_real_containerd_through_the_agents_hosts_
         "{} not built: run `cargo build -p cachalot-registry` (scripts/test builds every binary first)",
         binary.display()
     );
-    let upstream = Distribution::start().await.unwrap();
-    let image = docker_image(1406, &[64 * 1024, 32 * 1024]).unwrap();
-    push(&upstream.url(), "library/tlsdemo", "v1", &image)
-        .await
-        .unwrap();
+    binary
+}
 
-    // The mirror as a user writes it; docker.io points at the local upstream.
-    let mirror: cachalot_operator::api::RegistryMirror =
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
-            "metadata": {"name": "hub", "namespace": "cachalot", "uid": "uid-1"},
-            "spec": {
-                "registries": [{"name": "docker.io", "url": upstream.url()}],
-                "service": {"type": "NodePort"},
-                "tls": {"secretName": "hub-tls"}
-            }
-        }))
-        .unwrap();
+/// The mirror as a user writes it, with `tls` as given; docker.io points at `upstream`.
+fn tls_mirror(upstream: &str, tls: serde_json::Value) -> (RegistryMirror, Validated) {
+    let mirror: RegistryMirror = serde_json::from_value(serde_json::json!({
+        "apiVersion": "cachalot.dev/v1alpha1", "kind": "RegistryMirror",
+        "metadata": {"name": "hub", "namespace": "cachalot", "uid": "uid-1"},
+        "spec": {
+            "registries": [{"name": "docker.io", "url": upstream}],
+            "service": {"type": "NodePort"},
+            "tls": tls
+        }
+    }))
+    .unwrap();
     let v = validate(&mirror).unwrap();
+    (mirror, v)
+}
 
-    // The pod: the Secret's keys where the kubelet mounts them, the built config rebased.
-    let pod = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("mirror CA").unwrap();
-    let ca_pem = ca.pem();
-    let signed = ca
-        .server("cachalot", &[IpAddr::V4(Ipv4Addr::LOCALHOST)], &[])
-        .unwrap();
-    let (cert_pem, key_pem) = (signed.cert_pem, signed.key_pem);
-    write(
-        &rebased(pod.path(), &format!("{TLS_DIR}/tls.crt")),
-        &cert_pem,
-    );
-    write(
-        &rebased(pod.path(), &format!("{TLS_DIR}/tls.key")),
-        &key_pem,
-    );
+/// A registry pod as the build makes it: the TLS Secret's `keys` (name, PEM) where the kubelet
+/// mounts them under `pod`, the built config rebased there, started as a real process.
+struct TlsPod {
+    registry: LoggedChild,
+    /// The public (TLS) port.
+    port: u16,
+    /// `http://127.0.0.1:<admin port>`.
+    admin: String,
+    /// The registry config as built (before rebasing).
+    config: String,
+}
+
+async fn start_tls_pod(
+    mirror: &RegistryMirror,
+    v: &Validated,
+    pod: &Path,
+    keys: &[(&str, &str)],
+) -> TlsPod {
+    for (key, pem) in keys {
+        write(&rebased(pod, &format!("{TLS_DIR}/{key}")), pem);
+    }
     let port = free_port().unwrap();
     let admin_port = free_port().unwrap();
-    let config = serde_yaml::to_string(
+    let built = serde_yaml::to_string(
         &registry_config(
-            &mirror,
-            &v,
+            mirror,
+            v,
             &BuildConfig {
                 image: "cachalot.test/cachalot:tls".into(),
                 cluster_name: None,
@@ -103,28 +113,84 @@ async fn the_built_tls_mirror_serves_a_real_containerd_through_the_agents_hosts_
         .unwrap(),
     )
     .unwrap();
-    assert!(
-        config.contains("certFile: /etc/cachalot/tls/tls.crt"),
-        "{config}"
-    );
-    let root = pod.path().display().to_string();
-    let config = config
+    let root = pod.display().to_string();
+    let config = built
         .replace("/etc/cachalot/", &format!("{root}/etc/cachalot/"))
         .replace("/var/lib/cachalot", &format!("{root}/var/lib/cachalot"))
         .replace("0.0.0.0:5000", &format!("127.0.0.1:{port}"))
         .replace("0.0.0.0:5001", &format!("127.0.0.1:{admin_port}"));
-    let config_file = pod.path().join("config.yaml");
+    let config_file = pod.join("config.yaml");
     write(&config_file, &config);
-    let mut cmd = Command::new(&binary);
+    let mut cmd = Command::new(registry_binary());
     cmd.arg("serve").arg("--config").arg(&config_file);
     let admin = format!("http://127.0.0.1:{admin_port}");
     // The readiness probe's view: the admin port stays plain HTTP.
     let registry = spawn_registry(
         &mut cmd,
-        &pod.path().join("registry.log"),
+        &pod.join("registry.log"),
         &format!("{admin}/readyz"),
     )
     .await;
+    TlsPod {
+        registry,
+        port,
+        admin,
+        config: built,
+    }
+}
+
+/// The registry's `misses` from its admin `/stats`.
+async fn misses(admin: &str) -> u64 {
+    let body = http_client()
+        .unwrap()
+        .get(format!("{admin}/stats"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    stats["misses"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no misses in {stats}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_built_tls_mirror_serves_a_real_containerd_through_the_agents_hosts_toml_and_ca() {
+    let upstream = Distribution::start().await.unwrap();
+    let image = docker_image(1406, &[64 * 1024, 32 * 1024]).unwrap();
+    push(&upstream.url(), "library/tlsdemo", "v1", &image)
+        .await
+        .unwrap();
+    let (mirror, v) = tls_mirror(
+        &upstream.url(),
+        serde_json::json!({"secretName": "hub-tls"}),
+    );
+
+    // The pod: the Secret's keys where the kubelet mounts them, the built config rebased.
+    let pod = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("mirror CA").unwrap();
+    let ca_pem = ca.pem();
+    let signed = ca
+        .server("cachalot", &[IpAddr::V4(Ipv4Addr::LOCALHOST)], &[])
+        .unwrap();
+    let TlsPod {
+        registry,
+        port,
+        admin,
+        config,
+    } = start_tls_pod(
+        &mirror,
+        &v,
+        pod.path(),
+        &[("tls.crt", &signed.cert_pem), ("tls.key", &signed.key_pem)],
+    )
+    .await;
+    assert!(
+        config.contains("certFile: /etc/cachalot/tls/tls.crt"),
+        "{config}"
+    );
     let client = http_client().unwrap();
     // The public port speaks TLS only.
     let plain = client
@@ -203,17 +269,8 @@ async fn the_built_tls_mirror_serves_a_real_containerd_through_the_agents_hosts_
         containerd.log_tail(),
         registry.log_tail()
     );
-    let body = client
-        .get(format!("{admin}/stats"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let misses = stats["misses"].as_u64();
-    assert!(misses.is_some_and(|m| m >= 3), "{stats}");
+    let misses = misses(&admin).await;
+    assert!(misses >= 3, "misses {misses}");
 
     // The mirror goes: the agent removes hosts.toml, then the CA, then the directory.
     desired.removing = true;
@@ -224,6 +281,200 @@ async fn the_built_tls_mirror_serves_a_real_containerd_through_the_agents_hosts_
         })
         .await;
     assert!(!node.certs.join("docker.io").exists());
+    let _ = stop.send(());
+    tokio::time::timeout(DEADLINE, agent)
+        .await
+        .expect("agent stops in time")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mtls_mirror_serves_its_own_nodes_only_with_the_node_client_certificate() {
+    let upstream = Distribution::start().await.unwrap();
+    let image = docker_image(1407, &[48 * 1024, 16 * 1024]).unwrap();
+    push(&upstream.url(), "library/mtlsdemo", "v1", &image)
+        .await
+        .unwrap();
+    let (mirror, v) = tls_mirror(
+        &upstream.url(),
+        serde_json::json!({"secretName": "hub-tls",
+                           "clientAuth": {"caSecretKey": "ca.crt",
+                                          "nodeClientCertSecret": {"name": "hub-nodes"}}}),
+    );
+
+    // One CA signs the server's and the nodes' certificates (cert-manager's usual shape: the
+    // Secret's ca.crt is both the CA nodes trust and the client CA).
+    let pod = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("hub CA").unwrap();
+    let ca_pem = ca.pem();
+    let server = ca
+        .server("cachalot", &[IpAddr::V4(Ipv4Addr::LOCALHOST)], &[])
+        .unwrap();
+    let TlsPod {
+        registry,
+        port,
+        admin,
+        config,
+    } = start_tls_pod(
+        &mirror,
+        &v,
+        pod.path(),
+        &[
+            ("tls.crt", &server.cert_pem),
+            ("tls.key", &server.key_pem),
+            ("ca.crt", &ca_pem),
+        ],
+    )
+    .await;
+    assert!(
+        config.contains("clientCaFile: /etc/cachalot/tls/ca.crt"),
+        "{config}"
+    );
+
+    // The node: the CA mount, and the desired state as built but first without the node
+    // certificate, as before `nodeClientCertSecret` existed.
+    let node = NodeDirs::new();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let mut desired = desired_state(&mirror, &v, Some(&endpoint), false).unwrap();
+    let built_client = desired.mirror_client_cert.clone().unwrap();
+    assert_eq!(
+        built_client.key_file,
+        format!("{AGENT_NODE_CLIENT_DIR}/tls.key")
+    );
+    let ca_mount = rebased(
+        node.path(),
+        &format!("{AGENT_MIRROR_CA_DIR}/{MIRROR_CA_KEY}"),
+    );
+    write(&ca_mount, &ca_pem);
+    desired.mirror_ca_file = Some(ca_mount.display().to_string());
+    desired.mirror_client_cert = None;
+    // `server` goes nowhere: a pull can only succeed through the mirror.
+    desired.registries[0].server = Some("http://127.0.0.1:1".to_string());
+    desired.unreachable_after = "2s".to_string();
+    node.write_desired(&desired);
+    let agent_port = free_port().unwrap();
+    let args = Args {
+        host_certs_dir: Some(node.certs.display().to_string()),
+        ..agent_args(&node, agent_port)
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(run_until(args, async move {
+        let _ = stopped.await;
+    }));
+    let agent_status = AgentEndpoint::new(agent_port);
+    let status = agent_status
+        .wait(
+            "without a client certificate the mirror fails the probe",
+            |s| {
+                s.registries.iter().any(|r| {
+                    r.registry == "docker.io" && r.reason == Some(Reason::MirrorUnreachable)
+                })
+            },
+        )
+        .await;
+    assert!(!status.ready, "{status:?}");
+    let hosts_path = node.certs.join("docker.io/hosts.toml");
+    let hosts = std::fs::read_to_string(&hosts_path).unwrap();
+    assert!(!hosts.contains(&endpoint), "{hosts}");
+    let containerd = Containerd::start().await.unwrap();
+    let refused = containerd
+        .pull("docker.io/library/mtlsdemo:v1", &node.certs)
+        .await
+        .unwrap();
+    assert!(
+        !refused.success(),
+        "without the node certificate nothing serves the pull"
+    );
+    assert_eq!(misses(&admin).await, 0, "the mirror was not used");
+
+    // The Secret mounted into the agent: it installs the pair and containerd presents it.
+    let cert_mount = rebased(node.path(), &built_client.cert_file);
+    let key_mount = rebased(node.path(), &built_client.key_file);
+    let client = ca.client("node").unwrap();
+    write(&cert_mount, &client.cert_pem);
+    write(&key_mount, &client.key_pem);
+    desired.mirror_client_cert = Some(cachalot_operator::node_agent::protocol::ClientCertFiles {
+        cert_file: cert_mount.display().to_string(),
+        key_file: key_mount.display().to_string(),
+    });
+    node.write_desired(&desired);
+    let status = agent_status
+        .wait(
+            "with the node certificate the agent configures docker.io through the mirror",
+            |s| {
+                s.ready
+                    && s.registries
+                        .iter()
+                        .any(|r| r.registry == "docker.io" && r.state == RegistryState::Configured)
+            },
+        )
+        .await;
+    let dir = node.certs.join("docker.io");
+    let (cert_file, key_file) = (
+        dir.join(CLIENT_CERT_FILE_NAME),
+        dir.join(CLIENT_KEY_FILE_NAME),
+    );
+    for file in [&cert_file, &key_file, &dir.join(CA_FILE_NAME)] {
+        assert!(
+            status.managed_files.contains(&file.display().to_string()),
+            "{file:?} in {status:?}"
+        );
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    let hosts = std::fs::read_to_string(&hosts_path).unwrap();
+    assert!(
+        hosts.contains(&format!(
+            "client = [[\"{}\", \"{}\"]]",
+            cert_file.display(),
+            key_file.display()
+        )),
+        "{hosts}"
+    );
+    let pull = containerd
+        .pull("docker.io/library/mtlsdemo:v1", &node.certs)
+        .await
+        .unwrap();
+    assert!(
+        pull.success(),
+        "pull over mTLS failed: {}\n{}\n{}",
+        pull.stderr,
+        containerd.log_tail(),
+        registry.log_tail()
+    );
+    let counted = misses(&admin).await;
+    assert!(
+        counted >= 3,
+        "the mirror counted the pull: misses {counted}"
+    );
+
+    // The field goes: the agent removes the line, then the files (the CA stays).
+    desired.mirror_client_cert = None;
+    node.write_desired(&desired);
+    agent_status
+        .wait("the agent removes the client certificate", |s| {
+            !s.managed_files
+                .iter()
+                .any(|f| f.ends_with(CLIENT_KEY_FILE_NAME) || f.ends_with(CLIENT_CERT_FILE_NAME))
+        })
+        .await;
+    assert!(!key_file.exists() && !cert_file.exists());
+    assert!(!std::fs::read_to_string(&hosts_path)
+        .unwrap()
+        .contains("client"));
+
+    desired.removing = true;
+    node.write_desired(&desired);
+    agent_status
+        .wait("the agent removes its files", |s| {
+            s.managed_files.is_empty()
+        })
+        .await;
+    assert!(!dir.exists());
     let _ = stop.send(());
     tokio::time::timeout(DEADLINE, agent)
         .await

@@ -390,9 +390,10 @@ pub struct MirrorTls {
     #[schemars(length(min = 1, max = 253), regex(pattern = OBJECT_NAME_PATTERN))]
     pub secret_name: String,
 
-    /// Require clients of the pull API to authenticate (spokes in other clusters). Nodes of
-    /// this cluster have no client credential: with client authentication their pulls do not
-    /// go through this mirror (see docs/hub-and-spoke.md).
+    /// Require clients of the pull API to authenticate (spokes in other clusters). This
+    /// cluster's own nodes pull through the mirror only with
+    /// `clientAuth.nodeClientCertSecret` (mTLS); without it their pulls go to the upstream
+    /// (see docs/hub-and-spoke.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_auth: Option<ClientAuth>,
 }
@@ -404,6 +405,10 @@ pub struct MirrorTls {
     {
         "rule": "has(self.caSecretKey) || has(self.bearerTokenSecret)",
         "message": "clientAuth needs caSecretKey, bearerTokenSecret or both"
+    },
+    {
+        "rule": "!has(self.nodeClientCertSecret) || (has(self.caSecretKey) && !has(self.bearerTokenSecret))",
+        "message": "clientAuth.nodeClientCertSecret needs caSecretKey and no bearerTokenSecret: nodes authenticate by certificate only"
     }
 ]))]
 pub struct ClientAuth {
@@ -420,6 +425,19 @@ pub struct ClientAuth {
     /// `CredentialsSecretMissing`) and nothing is applied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bearer_token_secret: Option<SecretKeyRef>,
+
+    /// A `kubernetes.io/tls` Secret in the mirror's namespace whose `tls.crt` (signed by the
+    /// `caSecretKey` CA) and `tls.key` this cluster's nodes present to the mirror, so that
+    /// their pulls go through it. Mounted read-only into the node agents (not the registry),
+    /// which install both beside each `hosts.toml` (`cachalot-client.crt`, and
+    /// `cachalot-client.key` readable by root only) as containerd's `client`, present them in
+    /// their reachability probe, and replace them when the Secret changes. Needs `caSecretKey`
+    /// and no `bearerTokenSecret` (nodes are given no token: it would sit in the world-readable
+    /// `hosts.toml`). While the Secret does not exist, the mirror is not Ready (reason
+    /// `TlsSecretMissing`) and nothing is applied. Every node holds this key: give it a
+    /// certificate of its own, not a spoke's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_client_cert_secret: Option<SecretRef>,
 }
 
 /// Reference to one key of a Secret, in the RegistryMirror's namespace.

@@ -24,8 +24,10 @@
 //! - TLS (`spec.tls`, `spec.parent.tls`, the bearer tokens of `clientAuth` and `parent.auth`):
 //!   Secrets are mounted key by key (only the keys the registry reads), read-only, and named in
 //!   the config by path only. The mirror's `ca.crt` reaches the nodes the same way: the agent
-//!   pods mount that one key (optional) and install it beside `hosts.toml`; the operator never
-//!   reads a Secret's content. The admin listener (probes, `/stats`) stays plain HTTP.
+//!   pods mount that one key (optional) and install it beside `hosts.toml`, and so does the
+//!   nodes' client certificate (`clientAuth.nodeClientCertSecret`: `tls.crt` and `tls.key`,
+//!   mode 0400, agent pods only); the operator never reads a Secret's content. The admin
+//!   listener (probes, `/stats`) stays plain HTTP.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -121,6 +123,9 @@ pub const MIRROR_CA_KEY: &str = "ca.crt";
 /// Where the node agent pods mount [`MIRROR_CA_KEY`] of `spec.tls.secretName` (optional: a
 /// Secret without it mounts nothing, and the nodes' system roots must trust the certificate).
 pub const AGENT_MIRROR_CA_DIR: &str = "/etc/cachalot/mirror-ca";
+/// Where the node agent pods mount `tls.crt` and `tls.key` of
+/// `spec.tls.clientAuth.nodeClientCertSecret` (the registry pods never see it).
+pub const AGENT_NODE_CLIENT_DIR: &str = "/etc/cachalot/node-client";
 const AGENT_DESIRED_DIR: &str = "/etc/cachalot/agent";
 const HOST_CERTS_DIR: &str = "/host/certs.d";
 const HOST_CONTAINERD_DIR: &str = "/host/containerd";
@@ -386,6 +391,18 @@ fn secret_keys_volume(
     dir: &str,
     optional: bool,
 ) -> (Volume, VolumeMount) {
+    secret_keys_volume_with_mode(volume, secret, keys, dir, optional, 0o440)
+}
+
+/// [`secret_keys_volume`] with the files' `mode` (0400 for a key only the root agent reads).
+fn secret_keys_volume_with_mode(
+    volume: &str,
+    secret: &str,
+    keys: &[&str],
+    dir: &str,
+    optional: bool,
+    mode: i32,
+) -> (Volume, VolumeMount) {
     let mut items: Vec<KeyToPath> = Vec::new();
     for key in keys {
         if !items.iter().any(|i| i.key == *key) {
@@ -402,7 +419,7 @@ fn secret_keys_volume(
             secret: Some(SecretVolumeSource {
                 secret_name: Some(secret.to_string()),
                 items: Some(items),
-                default_mode: Some(0o440),
+                default_mode: Some(mode),
                 optional: optional.then_some(true),
                 ..SecretVolumeSource::default()
             }),
@@ -1228,6 +1245,7 @@ pub fn desired_state(
                 skip_verify: false,
                 ca_file: None,
                 override_path: false,
+                client_cert: None,
             })
             .collect(),
         _ => Vec::new(),
@@ -1248,6 +1266,14 @@ pub fn desired_state(
             .tls
             .as_ref()
             .map(|_| format!("{AGENT_MIRROR_CA_DIR}/{MIRROR_CA_KEY}")),
+        mirror_client_cert: v
+            .tls
+            .as_ref()
+            .and_then(|t| t.node_client_cert_secret.as_ref())
+            .map(|_| protocol::ClientCertFiles {
+                cert_file: format!("{AGENT_NODE_CLIENT_DIR}/{TLS_CERT_KEY}"),
+                key_file: format!("{AGENT_NODE_CLIENT_DIR}/{TLS_KEY_KEY}"),
+            }),
     };
     let bytes = serde_json::to_vec(&desired).map_err(|e| BuildError::Serialize {
         what: "desired state",
@@ -1367,6 +1393,20 @@ pub fn build_agent(
         );
         volumes.push(volume);
         mounts.push(ca_mount);
+        if let Some(secret) = &tls.node_client_cert_secret {
+            // Not optional: the reference check holds everything back until it exists. 0400:
+            // the agent runs as root and is the only reader.
+            let (volume, client_mount) = secret_keys_volume_with_mode(
+                "node-client",
+                secret,
+                &[TLS_CERT_KEY, TLS_KEY_KEY],
+                AGENT_NODE_CLIENT_DIR,
+                false,
+                0o400,
+            );
+            volumes.push(volume);
+            mounts.push(client_mount);
+        }
     }
     let pid_file = runtime_pid_file(nodes);
     if let Some(pid_file) = &pid_file {

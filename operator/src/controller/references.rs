@@ -5,7 +5,8 @@
 //! `spec.storage.s3.credentialsSecretRef.name`, the bearer tokens
 //! `spec.parent.auth.bearerTokenSecret.name` and `spec.tls.clientAuth.bearerTokenSecret.name`),
 //! the CA ConfigMaps (`spec.registries[].caConfigMap.name`, `spec.parent.caConfigMap.name`) and
-//! the TLS Secrets (`spec.tls.secretName`, `spec.parent.tls.clientCertSecret.name`).
+//! the TLS Secrets (`spec.tls.secretName`, `spec.parent.tls.clientCertSecret.name`, and
+//! `spec.tls.clientAuth.nodeClientCertSecret.name`, which the node agents mount).
 //!
 //! Invariants:
 //! - Only metadata is read (a `PartialObjectMetadata` GET): the operator never sees credentials
@@ -117,7 +118,8 @@ pub struct MissingObject {
 
 /// The objects named by the mirror, in spec field order: per registry its credentials Secret,
 /// then its CA ConfigMap; then the parent's CA ConfigMap, client certificate Secret and token
-/// Secret; then the mirror's TLS Secret and client token Secret; then the S3 credentials Secret.
+/// Secret; then the mirror's TLS Secret, client token Secret and node client certificate
+/// Secret; then the S3 credentials Secret.
 #[must_use]
 pub fn referenced_objects(mirror: &RegistryMirror) -> Vec<ObjectRef> {
     let mut refs = Vec::new();
@@ -182,6 +184,17 @@ pub fn referenced_objects(mirror: &RegistryMirror) -> Vec<ObjectRef> {
                 Referenced::CredentialsSecret,
                 "spec.tls.clientAuth.bearerTokenSecret.name",
                 &token.name,
+            );
+        }
+        if let Some(node) = tls
+            .client_auth
+            .as_ref()
+            .and_then(|a| a.node_client_cert_secret.as_ref())
+        {
+            push(
+                Referenced::TlsSecret,
+                "spec.tls.clientAuth.nodeClientCertSecret.name",
+                &node.name,
             );
         }
     }
@@ -358,7 +371,8 @@ mod tests {
                        "auth": {"bearerTokenSecret": {"name": "hub-token", "key": "token"}}},
             "tls": {"secretName": "mirror-tls",
                     "clientAuth": {"caSecretKey": "ca.crt",
-                                   "bearerTokenSecret": {"name": "clients", "key": "token"}}},
+                                   "bearerTokenSecret": {"name": "clients", "key": "token"},
+                                   "nodeClientCertSecret": {"name": "nodes"}}},
             "storage": {"type": "S3", "s3": {"bucket": "cachalot",
                         "credentialsSecretRef": {"name": "s3-creds"}}}
         }));
@@ -375,6 +389,7 @@ mod tests {
                 secret("spec.parent.auth.bearerTokenSecret.name", "hub-token"),
                 tls("spec.tls.secretName", "mirror-tls"),
                 secret("spec.tls.clientAuth.bearerTokenSecret.name", "clients"),
+                tls("spec.tls.clientAuth.nodeClientCertSecret.name", "nodes"),
                 secret("spec.storage.s3.credentialsSecretRef.name", "s3-creds"),
             ]
         );

@@ -124,6 +124,8 @@ pub struct ValidTls {
     pub client_ca_key: Option<String>,
     /// The Secret key holding the clients' bearer token, if clients must send one.
     pub bearer_token: Option<SecretKeyRef>,
+    /// The `kubernetes.io/tls` Secret whose certificate the nodes present (mTLS only).
+    pub node_client_cert_secret: Option<String>,
 }
 
 /// The values derived from a valid spec.
@@ -307,6 +309,9 @@ fn validate_tls(
             if let Some(token) = &auth.bearer_token_secret {
                 validate_secret_key_ref(token, "spec.tls.clientAuth.bearerTokenSecret")?;
             }
+            if let Some(node) = &auth.node_client_cert_secret {
+                validate_node_client_cert(node, auth)?;
+            }
             (auth.ca_secret_key.clone(), auth.bearer_token_secret.clone())
         }
     };
@@ -314,7 +319,44 @@ fn validate_tls(
         secret_name: tls.secret_name.clone(),
         client_ca_key,
         bearer_token,
+        node_client_cert_secret: tls
+            .client_auth
+            .as_ref()
+            .and_then(|a| a.node_client_cert_secret.as_ref())
+            .map(|s| s.name.clone()),
     })
+}
+
+/// `spec.tls.clientAuth.nodeClientCertSecret`: a valid name, for mTLS alone. Decision: nodes
+/// are given no bearer token. containerd could send one (a `header` of the mirror's `[host]`),
+/// but it would sit in `hosts.toml`, which every user of the node can read, and in every
+/// process that reads the file; a client key is installed mode 0600 instead. With
+/// `bearerTokenSecret` as well, the registry requires both, so nodes with a certificate alone
+/// would get 401: that combination is refused rather than configured to fail.
+fn validate_node_client_cert(
+    node: &crate::api::SecretRef,
+    auth: &crate::api::ClientAuth,
+) -> Result<(), ValidateError> {
+    const FIELD: &str = "spec.tls.clientAuth.nodeClientCertSecret";
+    if !is_dns_subdomain(&node.name) {
+        return Err(invalid(
+            format!("{FIELD}.name"),
+            format!("`{}` is not a valid Secret name", node.name),
+        ));
+    }
+    if auth.ca_secret_key.is_none() {
+        return Err(invalid(
+            FIELD,
+            "a node client certificate is for mTLS: set clientAuth.caSecretKey (the CA that signs it)",
+        ));
+    }
+    if auth.bearer_token_secret.is_some() {
+        return Err(invalid(
+            FIELD,
+            "nodes authenticate by certificate only (a token would sit in the world-readable hosts.toml), and with bearerTokenSecret the mirror requires a token too: drop bearerTokenSecret, or give the nodes a mirror without it",
+        ));
+    }
+    Ok(())
 }
 
 /// The key of a `kubernetes.io/tls` Secret holding the certificate chain.

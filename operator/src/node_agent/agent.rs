@@ -3,8 +3,9 @@
 //! Each round (every `--interval`, level-triggered): read the desired-state file (polled by
 //! content, because ConfigMap volume updates swap a symlink and inotify on the file is
 //! unreliable), read the mirror's CA when the desired state names one (`mirrorCaFile`, a mounted
-//! Secret key, also polled by content), probe the desired endpoints (`GET /v2/`, bounded
-//! timeouts, trusting that CA), update the gate, scan
+//! Secret key, also polled by content) and the node's client certificate (`mirrorClientCert`),
+//! probe the desired endpoints (`GET /v2/`, bounded timeouts, trusting that CA and presenting
+//! that certificate, as containerd will), update the gate, scan
 //! the directories, plan ([`super::plan::reconcile_node`], pure), execute, check containerd's
 //! config read-only, publish [`AgentStatus`].
 //!
@@ -32,7 +33,7 @@ use super::apply::{apply_docker, execute, managed_files, scan, Roots};
 use super::containerd::{check_containerd_config_with_imports, glob_matches, imports, is_blocking};
 use super::duration::parse_duration;
 use super::gate::Gate;
-use super::plan::{reconcile_node_with_ca, Action, NodeCa, Root};
+use super::plan::{reconcile_node_with_tls, Action, NodeCa, NodeClientCert, Root};
 use super::protocol::{
     AgentStatus, ContainerdStatus, DesiredState, Problem, Reason, RegistryState, RegistryStatus,
     Runtime,
@@ -377,7 +378,73 @@ impl Looper {
         }
     }
 
-    async fn probe(&self, desired: &DesiredState, ca: Option<&NodeCa>) -> Vec<(String, bool)> {
+    /// The node's client certificate for this round: `None` without `mirrorClientCert` or while
+    /// removing; a problem when a file cannot be read or the pair does not load (then `None`
+    /// too: nodes are configured without it).
+    async fn mirror_client_cert(
+        &self,
+        desired: &DesiredState,
+    ) -> (Option<NodeClientCert>, Option<Problem>) {
+        let Some(files) = desired
+            .mirror_client_cert
+            .as_ref()
+            .filter(|_| !desired.removing)
+        else {
+            return (None, None);
+        };
+        let problem = |message: String| {
+            Some(Problem {
+                reason: Reason::MirrorClientCertInvalid,
+                message,
+            })
+        };
+        let mut pems = Vec::new();
+        for path in [&files.cert_file, &files.key_file] {
+            let text = match tokio::fs::metadata(path).await {
+                Ok(m) if m.len() > MAX_DESIRED_BYTES => {
+                    return (
+                        None,
+                        problem(format!("{path}: larger than {MAX_DESIRED_BYTES} bytes")),
+                    )
+                }
+                Ok(_) => tokio::fs::read_to_string(path).await,
+                Err(e) => Err(e),
+            };
+            match text {
+                Ok(text) if !text.trim().is_empty() => pems.push(text),
+                Ok(_) => return (None, problem(format!("{path} is empty"))),
+                Err(e) => return (None, problem(format!("reading {path}: {e}"))),
+            }
+        }
+        let (Some(key_pem), Some(cert_pem)) = (pems.pop(), pems.pop()) else {
+            return (None, problem("certificate and key not read".into()));
+        };
+        if let Err(e) = check_client_pair(&cert_pem, &key_pem) {
+            return (
+                None,
+                problem(format!("{} with {}: {e}", files.cert_file, files.key_file)),
+            );
+        }
+        (
+            Some(NodeClientCert {
+                cert_pem,
+                key_pem,
+                host_certs_dir: self
+                    .args
+                    .host_certs_dir
+                    .clone()
+                    .unwrap_or_else(|| self.args.certs_dir.display().to_string()),
+            }),
+            None,
+        )
+    }
+
+    async fn probe(
+        &self,
+        desired: &DesiredState,
+        ca: Option<&NodeCa>,
+        client_cert: Option<&NodeClientCert>,
+    ) -> Vec<(String, bool)> {
         let mut probes = Vec::new();
         for reg in desired.registries.iter() {
             for endpoint in &reg.endpoints {
@@ -394,19 +461,30 @@ impl Looper {
                 };
                 let ca_file = reg.ca_file.clone();
                 let ca_pem = ca.map(|c| c.pem.clone());
+                let identity_pem = client_cert.map(|c| format!("{}\n{}", c.key_pem, c.cert_pem));
                 let timeout = self.args.probe_timeout;
                 let endpoint = endpoint.clone();
                 probes.push(async move {
-                    let loaded = match (ca_pem, ca_file) {
-                        (Some(pem), _) => Some(client_with_ca_pem(pem.as_bytes(), timeout)),
-                        (None, Some(file)) => Some(client_with_ca(&file, timeout).await),
-                        (None, None) => None,
+                    let loaded = match (ca_pem, ca_file, identity_pem) {
+                        (Some(pem), _, identity) => Some(probe_client(
+                            Some(pem.as_bytes()),
+                            identity.as_deref().map(str::as_bytes),
+                            timeout,
+                        )),
+                        (None, Some(file), identity) => Some(
+                            client_with_ca(&file, identity.as_deref().map(str::as_bytes), timeout)
+                                .await,
+                        ),
+                        (None, None, Some(identity)) => {
+                            Some(probe_client(None, Some(identity.as_bytes()), timeout))
+                        }
+                        (None, None, None) => None,
                     };
                     let client = match loaded {
                         Some(loaded) => match loaded {
                             Ok(c) => c,
                             Err(e) => {
-                                tracing::warn!(%endpoint, error = %e, "cannot load CA file for probe");
+                                tracing::warn!(%endpoint, error = %e, "cannot load the probe's CA or client certificate");
                                 return (endpoint, false);
                             }
                         },
@@ -446,6 +524,8 @@ impl Looper {
         };
         let (node_ca, ca_problem) = self.mirror_ca(&desired).await;
         problems.extend(ca_problem);
+        let (node_client, client_problem) = self.mirror_client_cert(&desired).await;
+        problems.extend(client_problem);
         let unreachable_after =
             parse_duration(&desired.unreachable_after).unwrap_or(Duration::from_secs(30));
         let wanted: BTreeSet<String> = if desired.removing {
@@ -460,7 +540,10 @@ impl Looper {
         self.gate.retain(&wanted);
         if !desired.removing {
             let now = Instant::now();
-            for (endpoint, answered) in self.probe(&desired, node_ca.as_ref()).await {
+            for (endpoint, answered) in self
+                .probe(&desired, node_ca.as_ref(), node_client.as_ref())
+                .await
+            {
                 if self
                     .gate
                     .observe(&endpoint, answered, now, unreachable_after)
@@ -475,7 +558,13 @@ impl Looper {
         let desired_for_io = desired.clone();
         let io = tokio::task::spawn_blocking(move || {
             let observed = scan(&roots, &desired_for_io.mirror)?;
-            let plan = reconcile_node_with_ca(&desired_for_io, &observed, &live, node_ca.as_ref());
+            let plan = reconcile_node_with_tls(
+                &desired_for_io,
+                &observed,
+                &live,
+                node_ca.as_ref(),
+                node_client.as_ref(),
+            );
             let mut failures = Vec::new();
             let mut crio_changed = false;
             for action in &plan.actions {
@@ -798,23 +887,60 @@ fn read_imports(
     out
 }
 
-async fn client_with_ca(ca_file: &str, timeout: Duration) -> Result<reqwest::Client, String> {
+/// The check containerd's `tls.LoadX509KeyPair` makes before it uses a `client` pair: the
+/// certificate and the key parse, and the key is the certificate's. containerd fails every pull
+/// of a registry whose `hosts.toml` names a pair that does not load (not only the mirror's), so
+/// such a pair is never installed.
+///
+/// # Errors
+/// What is wrong, as a sentence.
+pub fn check_client_pair(cert_pem: &str, key_pem: &str) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the certificate is not PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err("no PEM certificate".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| format!("no PEM private key: {e}"))?;
+    rustls::sign::CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider())
+        .map(|_| ())
+        .map_err(|e| format!("the key does not load with the certificate: {e}"))
+}
+
+async fn client_with_ca(
+    ca_file: &str,
+    identity_pem: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<reqwest::Client, String> {
     let pem = tokio::fs::read(ca_file)
         .await
         .map_err(|e| format!("{ca_file}: {e}"))?;
-    client_with_ca_pem(&pem, timeout).map_err(|e| format!("{ca_file}: {e}"))
+    probe_client(Some(&pem), identity_pem, timeout).map_err(|e| format!("{ca_file}: {e}"))
 }
 
-/// A probe client trusting the certificates of `pem` in addition to the system roots.
-fn client_with_ca_pem(pem: &[u8], timeout: Duration) -> Result<reqwest::Client, String> {
-    let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| e.to_string())?;
+/// A probe client trusting the certificates of `ca_pem` in addition to the system roots, and
+/// presenting the client certificate of `identity_pem` (key and certificate, PEM) when the
+/// server asks for one.
+fn probe_client(
+    ca_pem: Option<&[u8]>,
+    identity_pem: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout)
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none());
-    for cert in certs {
-        builder = builder.add_root_certificate(cert);
+    if let Some(pem) = ca_pem {
+        for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(|e| e.to_string())? {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    if let Some(pem) = identity_pem {
+        builder = builder.identity(reqwest::Identity::from_pem(pem).map_err(|e| e.to_string())?);
     }
     builder.build().map_err(|e| e.to_string())
 }
@@ -823,6 +949,17 @@ fn client_with_ca_pem(pem: &[u8], timeout: Duration) -> Result<reqwest::Client, 
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_client_pair_loads_only_with_its_own_key() {
+        let ca = cachalot_testkit::certs::TestCa::new("client CA").unwrap();
+        let (node, other) = (ca.client("node").unwrap(), ca.client("other").unwrap());
+        assert_eq!(check_client_pair(&node.cert_pem, &node.key_pem), Ok(()));
+        let mismatch = check_client_pair(&node.cert_pem, &other.key_pem).unwrap_err();
+        assert!(mismatch.contains("does not load"), "{mismatch}");
+        assert!(check_client_pair("", &node.key_pem).is_err());
+        assert!(check_client_pair(&node.cert_pem, &node.cert_pem).is_err());
+    }
 
     #[test]
     fn imports_are_read_through_the_mount_with_globs_and_never_outside_it() {

@@ -3,6 +3,8 @@
 //!
 //! Invariants:
 //! - Writes are atomic: a temp file in the same directory, fsync, rename, fsync of the directory.
+//!   A private file ([`is_private_file`], the client key) is created mode 0600 from the start,
+//!   so it is never readable by others, not even as a temp file.
 //! - Nothing is followed through a symlink: symlinked directories or files are reported as
 //!   [`Existing::Unsafe`] and never written through.
 //! - Before replacing or removing a file the executor re-reads it and refuses if it is no longer
@@ -15,9 +17,10 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use super::docker::{plan_docker, DockerPlan, Outcome as DockerOutcome};
-use super::plan::{Action, Existing, Observed, ObservedDir, Root};
+use super::plan::{Action, Existing, Observed, ObservedDir, Root, COMPANION_FILES};
 use super::render::{
-    crio_file_name, parse_marker, CA_FILE_NAME, HOSTS_FILE_NAME, ORIGINAL_FILE_NAME,
+    crio_file_name, is_private_file, parse_marker, CA_FILE_NAME, CLIENT_CERT_FILE_NAME,
+    CLIENT_KEY_FILE_NAME, HOSTS_FILE_NAME, ORIGINAL_FILE_NAME,
 };
 
 /// Files larger than this are not ours and are not read.
@@ -134,8 +137,7 @@ pub fn scan(roots: &Roots, mirror: &str) -> Result<Observed, ScanError> {
                 let observed = match fs::symlink_metadata(&path) {
                     Ok(m) if m.file_type().is_symlink() => ObservedDir {
                         hosts: Some(Existing::Unsafe("the directory is a symlink".into())),
-                        original: None,
-                        ca: None,
+                        ..ObservedDir::default()
                     },
                     Ok(m) if m.is_dir() => ObservedDir {
                         hosts: read_existing(&path.join(HOSTS_FILE_NAME)),
@@ -144,6 +146,8 @@ pub fn scan(roots: &Roots, mirror: &str) -> Result<Observed, ScanError> {
                             _ => None,
                         },
                         ca: read_existing(&path.join(CA_FILE_NAME)),
+                        client_cert: read_existing(&path.join(CLIENT_CERT_FILE_NAME)),
+                        client_key: read_existing(&path.join(CLIENT_KEY_FILE_NAME)),
                     },
                     _ => continue,
                 };
@@ -165,21 +169,23 @@ pub fn scan(roots: &Roots, mirror: &str) -> Result<Observed, ScanError> {
     Ok(Observed { dirs, crio_file })
 }
 
-/// Relative paths (`<dir>/hosts.toml`, `<dir>/cachalot-ca.crt`, `<dropin>`) of the files on
-/// disk carrying our marker.
+/// Relative paths (`<dir>/hosts.toml`, `<dir>/cachalot-ca.crt`, `<dir>/cachalot-client.crt`,
+/// `<dir>/cachalot-client.key`, `<dropin>`) of the files on disk carrying our marker.
 #[must_use]
 pub fn managed_files(observed: &Observed, mirror: &str) -> Vec<String> {
-    let is_ours = |e: &Option<Existing>| matches!(e, Some(Existing::File(t)) if parse_marker(t).is_some_and(|m| m.mirror == mirror));
+    let is_ours = |e: Option<&Existing>| matches!(e, Some(Existing::File(t)) if parse_marker(t).is_some_and(|m| m.mirror == mirror));
     let mut files: Vec<String> = Vec::new();
     for (name, dir) in &observed.dirs {
-        if is_ours(&dir.hosts) {
+        if is_ours(dir.hosts.as_ref()) {
             files.push(format!("{name}/{HOSTS_FILE_NAME}"));
         }
-        if is_ours(&dir.ca) {
-            files.push(format!("{name}/{CA_FILE_NAME}"));
+        for file in COMPANION_FILES {
+            if is_ours(dir.companion(file)) {
+                files.push(format!("{name}/{file}"));
+            }
         }
     }
-    if is_ours(&observed.crio_file) {
+    if is_ours(observed.crio_file.as_ref()) {
         if let Ok(name) = crio_file_name(mirror) {
             files.push(name);
         }
@@ -233,12 +239,19 @@ fn write_atomic(dir: &Path, file: &str, content: &str) -> Result<(), ApplyError>
     let target = dir.join(file);
     let temp = dir.join(format!("{TEMP_PREFIX}{file}-{}", std::process::id()));
     let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        if is_private_file(file) {
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        }
+        let mut f = options
             .open(&temp)
             .map_err(io_err("creating temp file", &temp))?;
+        if is_private_file(file) {
+            // A temp file left by a crashed write keeps its mode: make sure it is 0600.
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(io_err("restricting", &temp))?;
+        }
         f.write_all(content.as_bytes())
             .map_err(io_err("writing", &temp))?;
         f.sync_all().map_err(io_err("fsyncing", &temp))?;

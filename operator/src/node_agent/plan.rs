@@ -9,20 +9,23 @@
 //!   (written first) and restored when we let go of the registry.
 //! - Paths are built only from names that passed [`super::names::validate_registry`] or came from
 //!   reading the directory itself (single components).
-//! - The mirror's CA ([`NodeCa`], containerd only) is written beside a `hosts.toml` before the
-//!   file that names it, and removed after the file that named it, so containerd never reads a
-//!   `ca` path that does not exist; it carries the same marker as our `hosts.toml`.
+//! - The mirror's CA ([`NodeCa`]) and the node's client certificate and key
+//!   ([`NodeClientCert`]), containerd only, are written beside a `hosts.toml` before the file
+//!   that names them, and removed after the file that named them, so containerd never reads a
+//!   `ca` or `client` path that does not exist; they carry the same marker as our `hosts.toml`.
+//!   The key is never put in a log line ([`Action`]'s `Debug` leaves it out).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::names::validate_registry;
 use super::protocol::{
-    DesiredRegistry, DesiredState, Fallback, Reason, RegistryState, RegistryStatus, Runtime,
+    ClientCertFiles, DesiredRegistry, DesiredState, Fallback, Reason, RegistryState,
+    RegistryStatus, Runtime,
 };
 use super::render::{
-    crio_file_name, crio_unsupported, parse_marker, render_ca_file, render_crio_dropin,
-    render_hosts_toml, validate_registry_entry, RenderError, CA_FILE_NAME, HOSTS_FILE_NAME,
-    ORIGINAL_FILE_NAME,
+    crio_file_name, crio_unsupported, is_private_file, parse_marker, render_ca_file,
+    render_crio_dropin, render_hosts_toml, render_pem_file, validate_registry_entry, RenderError,
+    CA_FILE_NAME, CLIENT_CERT_FILE_NAME, CLIENT_KEY_FILE_NAME, HOSTS_FILE_NAME, ORIGINAL_FILE_NAME,
 };
 
 /// What is on disk in one host namespace directory (or for the CRI-O drop-in).
@@ -44,7 +47,27 @@ pub struct ObservedDir {
     pub original: Option<String>,
     /// The mirror's CA installed beside `hosts.toml` ([`CA_FILE_NAME`]), if present.
     pub ca: Option<Existing>,
+    /// The node's client certificate installed beside `hosts.toml` ([`CLIENT_CERT_FILE_NAME`]).
+    pub client_cert: Option<Existing>,
+    /// Its private key ([`CLIENT_KEY_FILE_NAME`]).
+    pub client_key: Option<Existing>,
 }
+
+impl ObservedDir {
+    /// What is on disk for `file`, one of the files installed beside `hosts.toml`.
+    #[must_use]
+    pub fn companion(&self, file: &str) -> Option<&Existing> {
+        match file {
+            CA_FILE_NAME => self.ca.as_ref(),
+            CLIENT_CERT_FILE_NAME => self.client_cert.as_ref(),
+            CLIENT_KEY_FILE_NAME => self.client_key.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+/// The files installed beside `hosts.toml`, in the order they are written (and removed).
+pub const COMPANION_FILES: [&str; 3] = [CA_FILE_NAME, CLIENT_CERT_FILE_NAME, CLIENT_KEY_FILE_NAME];
 
 /// The mirror's CA as the agent found it (the PEM of the mounted `ca.crt`), and the certs
 /// directory as containerd sees it, so that `hosts.toml` can name the installed copy.
@@ -67,6 +90,40 @@ impl NodeCa {
     }
 }
 
+/// The node's client certificate for a mirror that requires mTLS, as the agent found it (the
+/// PEM of the mounted `tls.crt` and `tls.key`), and the certs directory as containerd sees it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NodeClientCert {
+    /// PEM certificate (chain).
+    pub cert_pem: String,
+    /// PEM private key.
+    pub key_pem: String,
+    /// containerd's certs.d on the host, e.g. `/etc/containerd/certs.d`.
+    pub host_certs_dir: String,
+}
+
+impl std::fmt::Debug for NodeClientCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeClientCert")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .field("host_certs_dir", &self.host_certs_dir)
+            .finish()
+    }
+}
+
+impl NodeClientCert {
+    /// The paths containerd reads the certificate and key of `registry` from.
+    #[must_use]
+    pub fn node_paths(&self, registry: &str) -> ClientCertFiles {
+        let dir = format!("{}/{registry}", self.host_certs_dir.trim_end_matches('/'));
+        ClientCertFiles {
+            cert_file: format!("{dir}/{CLIENT_CERT_FILE_NAME}"),
+            key_file: format!("{dir}/{CLIENT_KEY_FILE_NAME}"),
+        }
+    }
+}
+
 /// Everything the planner needs to know about the node's files.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Observed {
@@ -85,8 +142,9 @@ pub enum Root {
     RegistriesConfDir,
 }
 
-/// One file-system step; executed in order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One file-system step; executed in order. `Debug` leaves out the content of private files
+/// ([`is_private_file`]), so an action can be logged.
+#[derive(Clone, PartialEq, Eq)]
 pub enum Action {
     /// Atomically write `dir/file` (`dir` empty for files directly in the root), creating `dir`.
     /// `previous` is what the planner saw; the executor refuses if the file changed since.
@@ -116,6 +174,45 @@ pub enum Action {
         /// Subdirectory of the certs dir.
         dir: String,
     },
+}
+
+impl std::fmt::Debug for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Write {
+                root,
+                dir,
+                file,
+                content,
+                previous,
+            } => {
+                let private = is_private_file(file);
+                let shown = |text: &str| -> String {
+                    if private {
+                        format!("<{} bytes redacted>", text.len())
+                    } else {
+                        text.to_string()
+                    }
+                };
+                f.debug_struct("Write")
+                    .field("root", root)
+                    .field("dir", dir)
+                    .field("file", file)
+                    .field("content", &shown(content))
+                    .field("previous", &previous.as_deref().map(shown))
+                    .finish()
+            }
+            Self::Remove { root, dir, file } => f
+                .debug_struct("Remove")
+                .field("root", root)
+                .field("dir", dir)
+                .field("file", file)
+                .finish(),
+            Self::RestoreOriginal { dir } => {
+                f.debug_struct("RestoreOriginal").field("dir", dir).finish()
+            }
+        }
+    }
 }
 
 /// The outcome of planning.
@@ -214,8 +311,22 @@ pub fn reconcile_node_with_ca(
     live: &BTreeSet<String>,
     ca: Option<&NodeCa>,
 ) -> Plan {
+    reconcile_node_with_tls(desired, observed, live, ca, None)
+}
+
+/// [`reconcile_node_with_ca`] for a mirror that also requires the nodes' client certificate
+/// (`client`): containerd's files get the certificate and key beside each `hosts.toml`, named
+/// as the endpoints' `client`. Without it, client files of ours are removed.
+#[must_use]
+pub fn reconcile_node_with_tls(
+    desired: &DesiredState,
+    observed: &Observed,
+    live: &BTreeSet<String>,
+    ca: Option<&NodeCa>,
+    client: Option<&NodeClientCert>,
+) -> Plan {
     match desired.runtime {
-        Runtime::Containerd => plan_containerd(desired, observed, live, ca),
+        Runtime::Containerd => plan_containerd(desired, observed, live, ca, client),
         Runtime::Crio => {
             let mut plan = plan_crio(desired, observed, live);
             // A runtime switch must not leave containerd files of this mirror behind.
@@ -237,13 +348,23 @@ fn is_ours(desired: &DesiredState, file: Option<&Existing>) -> bool {
     matches!(file, Some(Existing::File(text)) if parse_marker(text).is_some_and(|m| m.mirror == desired.mirror))
 }
 
-/// Removes our CA file in `name`, if there is one.
-fn release_ca(desired: &DesiredState, name: &str, dir: &ObservedDir) -> Option<Action> {
-    is_ours(desired, dir.ca.as_ref()).then(|| Action::Remove {
-        root: Root::CertsDir,
-        dir: name.to_string(),
-        file: CA_FILE_NAME.into(),
-    })
+/// Removes our files beside `hosts.toml` in `name` that are not `wanted` (all of them with an
+/// empty `wanted`).
+fn release_companions(
+    desired: &DesiredState,
+    name: &str,
+    dir: &ObservedDir,
+    wanted: &[&str],
+) -> Vec<Action> {
+    COMPANION_FILES
+        .iter()
+        .filter(|file| !wanted.contains(file) && is_ours(desired, dir.companion(file)))
+        .map(|file| Action::Remove {
+            root: Root::CertsDir,
+            dir: name.to_string(),
+            file: (*file).into(),
+        })
+        .collect()
 }
 
 fn ours<'a>(desired: &DesiredState, dir: &'a ObservedDir) -> Option<(&'a str, bool)> {
@@ -277,8 +398,8 @@ fn release_stale_hosts(
                 });
             }
         }
-        // After the hosts.toml that named it.
-        actions.extend(release_ca(desired, name, dir));
+        // After the hosts.toml that named them.
+        actions.extend(release_companions(desired, name, dir, &[]));
     }
     actions
 }
@@ -304,6 +425,7 @@ fn plan_containerd(
     observed: &Observed,
     live: &BTreeSet<String>,
     ca: Option<&NodeCa>,
+    client: Option<&NodeClientCert>,
 ) -> Plan {
     let mut plan = Plan::default();
     let mut keep: BTreeSet<&str> = BTreeSet::new();
@@ -349,29 +471,35 @@ fn plan_containerd(
             Some(Existing::File(text)) => Some(text.clone()),
             _ => None,
         };
-        let ca_file = match (ca, &dir.ca) {
-            (Some(_), Some(existing)) if !is_ours(desired, Some(existing)) => {
-                plan.registries.push(status(
-                    &reg.registry,
-                    RegistryState::Blocked,
-                    Some(Reason::AdminFileExists),
-                    format!(
-                        "{}/{CA_FILE_NAME} exists without the cachalot marker; left untouched",
-                        reg.registry
-                    ),
-                ));
-                continue;
-            }
-            (Some(ca), existing) => {
-                let content = render_ca_file(&desired.mirror, &ca.pem);
-                let previous = match existing {
-                    Some(Existing::File(text)) => Some(text.clone()),
-                    _ => None,
-                };
-                Some((ca.node_path(&reg.registry), content, previous))
-            }
-            (None, _) => None,
-        };
+        // The files installed beside hosts.toml: (file name, content) in write order.
+        let mut companions: Vec<(&str, String)> = Vec::new();
+        if let Some(ca) = ca {
+            companions.push((CA_FILE_NAME, render_ca_file(&desired.mirror, &ca.pem)));
+        }
+        if let Some(client) = client {
+            companions.push((
+                CLIENT_CERT_FILE_NAME,
+                render_pem_file(&desired.mirror, &client.cert_pem),
+            ));
+            companions.push((
+                CLIENT_KEY_FILE_NAME,
+                render_pem_file(&desired.mirror, &client.key_pem),
+            ));
+        }
+        if let Some((foreign, _)) = companions.iter().find(|(file, _)| {
+            dir.companion(file).is_some() && !is_ours(desired, dir.companion(file))
+        }) {
+            plan.registries.push(status(
+                &reg.registry,
+                RegistryState::Blocked,
+                Some(Reason::AdminFileExists),
+                format!(
+                    "{}/{foreign} exists without the cachalot marker; left untouched",
+                    reg.registry
+                ),
+            ));
+            continue;
+        }
         let admin_base: Option<&str> = match &dir.hosts {
             None => None,
             Some(Existing::Unsafe(why)) => {
@@ -441,28 +569,36 @@ fn plan_containerd(
                 }
             },
         };
-        let with_ca;
-        let reg = match &ca_file {
-            Some((path, _, _)) => {
-                with_ca = DesiredRegistry {
-                    ca_file: Some(path.clone()),
-                    ..reg.clone()
-                };
-                &with_ca
-            }
-            None => reg,
+        let with_tls;
+        let reg = if ca.is_some() || client.is_some() {
+            with_tls = DesiredRegistry {
+                ca_file: ca
+                    .map(|ca| ca.node_path(&reg.registry))
+                    .or(reg.ca_file.clone()),
+                client_cert: client
+                    .map(|c| c.node_paths(&reg.registry))
+                    .or(reg.client_cert.clone()),
+                ..reg.clone()
+            };
+            &with_tls
+        } else {
+            reg
         };
         match render_hosts_toml(&desired.mirror, reg, &live_eps, admin_base) {
             Ok(content) => {
-                // The CA first: the hosts.toml written next names it.
-                if let Some((_, ca_content, ca_previous)) = ca_file {
-                    if ca_previous.as_deref() != Some(ca_content.as_str()) {
+                // The companions first: the hosts.toml written next names them.
+                for (file, content) in &companions {
+                    let previous = match dir.companion(file) {
+                        Some(Existing::File(text)) => Some(text.clone()),
+                        _ => None,
+                    };
+                    if previous.as_deref() != Some(content.as_str()) {
                         plan.actions.push(Action::Write {
                             root: Root::CertsDir,
                             dir: reg.registry.clone(),
-                            file: CA_FILE_NAME.into(),
-                            content: ca_content,
-                            previous: ca_previous,
+                            file: (*file).into(),
+                            content: content.clone(),
+                            previous,
                         });
                     }
                 }
@@ -475,10 +611,10 @@ fn plan_containerd(
                         previous,
                     });
                 }
-                if ca.is_none() {
-                    // After the hosts.toml that no longer names it.
-                    plan.actions.extend(release_ca(desired, &reg.registry, dir));
-                }
+                // After the hosts.toml that no longer names them.
+                let wanted: Vec<&str> = companions.iter().map(|(file, _)| *file).collect();
+                plan.actions
+                    .extend(release_companions(desired, &reg.registry, dir, &wanted));
                 plan.registries.push(written_status(reg, &live_eps));
             }
             Err(err) => {
@@ -599,6 +735,7 @@ mod tests {
             skip_verify: false,
             ca_file: None,
             override_path: false,
+            client_cert: None,
         }
     }
 
@@ -612,6 +749,7 @@ mod tests {
             unreachable_after: "30s".into(),
             merge_with_admin_file: false,
             mirror_ca_file: None,
+            mirror_client_cert: None,
         }
     }
 
@@ -619,7 +757,7 @@ mod tests {
         ObservedDir {
             hosts: Some(Existing::File(text.into())),
             original: original.map(str::to_string),
-            ca: None,
+            ..ObservedDir::default()
         }
     }
 

@@ -47,6 +47,23 @@ pub struct DesiredState {
     /// system roots must trust the mirror).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mirror_ca_file: Option<String>,
+    /// A client certificate and key in the agent's own file system (the mounted
+    /// `spec.tls.clientAuth.nodeClientCertSecret`) for a mirror that requires mTLS: the agent
+    /// installs both beside each `hosts.toml` it writes ([`super::render::CLIENT_CERT_FILE_NAME`],
+    /// [`super::render::CLIENT_KEY_FILE_NAME`], the key readable by root only), names them as the
+    /// endpoints' `client`, and its probes present them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_client_cert: Option<ClientCertFiles>,
+}
+
+/// A certificate and its private key, as two PEM files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientCertFiles {
+    /// The certificate (chain), PEM.
+    pub cert_file: String,
+    /// Its private key, PEM.
+    pub key_file: String,
 }
 
 fn default_unreachable_after() -> String {
@@ -95,6 +112,10 @@ pub struct DesiredRegistry {
     /// The endpoint URLs carry the API root in their path (containerd `override_path`).
     #[serde(default)]
     pub override_path: bool,
+    /// Client certificate and key paths on the node that containerd presents to the endpoints
+    /// (`client = [[cert, key]]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<ClientCertFiles>,
 }
 
 fn default_dial_timeout() -> String {
@@ -229,6 +250,10 @@ pub enum Reason {
     /// The mirror's CA (`mirrorCaFile`) could not be read or holds no PEM certificate: nodes
     /// are configured without it, and the mirror's TLS endpoint does not answer the probe.
     MirrorCaInvalid,
+    /// The node client certificate (`mirrorClientCert`) could not be read, or its certificate
+    /// and key do not load: nodes are configured without it, and a mirror requiring mTLS does
+    /// not answer the probe.
+    MirrorClientCertInvalid,
     /// Sent by a newer agent; unknown to this build.
     #[serde(other)]
     Unknown,
@@ -254,6 +279,7 @@ impl Reason {
             Self::RuntimeUnsupported => "RuntimeUnsupported",
             Self::RuntimeReloadFailed => "RuntimeReloadFailed",
             Self::MirrorCaInvalid => "MirrorCaInvalid",
+            Self::MirrorClientCertInvalid => "MirrorClientCertInvalid",
             Self::Unknown => "Unknown",
         }
     }

@@ -31,6 +31,13 @@ pub const ORIGINAL_FILE_NAME: &str = "hosts.toml.cachalot-orig";
 pub const HOSTS_FILE_NAME: &str = "hosts.toml";
 /// The mirror's CA as the agent installs it beside `hosts.toml` (named there as `ca`).
 pub const CA_FILE_NAME: &str = "cachalot-ca.crt";
+/// The node's client certificate for the mirror as the agent installs it beside `hosts.toml`
+/// (named there, with [`CLIENT_KEY_FILE_NAME`], as `client`). `.crt`, not `.cert`: containerd
+/// reads docker-style `*.cert`/`*.key` pairs only from a directory without `hosts.toml`, and the
+/// agent never writes one there.
+pub const CLIENT_CERT_FILE_NAME: &str = "cachalot-client.crt";
+/// The private key of [`CLIENT_CERT_FILE_NAME`]; written with mode 0600.
+pub const CLIENT_KEY_FILE_NAME: &str = "cachalot-client.key";
 /// Docker Hub's API host: `docker.io` is only a name.
 pub const DOCKER_HUB_SERVER: &str = "https://registry-1.docker.io";
 
@@ -114,15 +121,29 @@ pub fn parse_marker(text: &str) -> Option<Marker> {
     })
 }
 
-/// The CA file beside `hosts.toml`: our marker line, then the PEM as given (PEM readers, Go's
-/// and rustls', skip text outside `-----BEGIN`/`-----END` blocks), ending with a newline.
+/// The CA file beside `hosts.toml`: see [`render_pem_file`].
 #[must_use]
 pub fn render_ca_file(mirror: &str, pem: &str) -> String {
+    render_pem_file(mirror, pem)
+}
+
+/// A PEM file beside `hosts.toml` (the CA, the client certificate or its key): our marker line,
+/// then the PEM as given (PEM readers, Go's `encoding/pem` under `tls.LoadX509KeyPair` and
+/// rustls', skip text outside `-----BEGIN`/`-----END` blocks), ending with a newline.
+#[must_use]
+pub fn render_pem_file(mirror: &str, pem: &str) -> String {
     let mut text = marker_line(mirror, false);
     text.push('\n');
     text.push_str(pem.trim_end());
     text.push('\n');
     text
+}
+
+/// Whether the agent's file `file` holds a secret (the client key): it is written readable by
+/// its owner (root) only, and its content is never logged.
+#[must_use]
+pub fn is_private_file(file: &str) -> bool {
+    file == CLIENT_KEY_FILE_NAME
 }
 
 /// The upstream URL for a registry: the explicit `server`, else Docker Hub's API host for
@@ -193,6 +214,14 @@ fn host_settings(reg: &DesiredRegistry, endpoint: &str, into: &mut Table) {
     }
     if let Some(ca) = &reg.ca_file {
         into.insert("ca".into(), Value::String(ca.clone()));
+    }
+    if let Some(client) = &reg.client_cert {
+        // containerd's pair form: `[[cert, key]]`.
+        let pair = vec![
+            Value::String(client.cert_file.clone()),
+            Value::String(client.key_file.clone()),
+        ];
+        into.insert("client".into(), Value::Array(vec![Value::Array(pair)]));
     }
     if needs_override_path(reg, endpoint) {
         into.insert("override_path".into(), Value::Boolean(true));
@@ -455,6 +484,7 @@ mod tests {
             skip_verify: false,
             ca_file: None,
             override_path: false,
+            client_cert: None,
         }
     }
 
@@ -528,5 +558,58 @@ mod tests {
             .parse()
             .unwrap();
         assert!(!table.contains_key("server"));
+    }
+
+    #[test]
+    fn a_client_certificate_is_rendered_as_containerds_pair_for_every_mirror_host() {
+        let mut r = reg("docker.io", &["https://a:5000", "https://b:5000"]);
+        r.ca_file = Some("/etc/containerd/certs.d/docker.io/cachalot-ca.crt".into());
+        r.client_cert = Some(super::super::protocol::ClientCertFiles {
+            cert_file: "/etc/containerd/certs.d/docker.io/cachalot-client.crt".into(),
+            key_file: "/etc/containerd/certs.d/docker.io/cachalot-client.key".into(),
+        });
+        let text = render_hosts_toml("ns/m", &r, &r.endpoints.clone(), None).unwrap();
+        assert!(
+            text.contains(
+                "client = [[\"/etc/containerd/certs.d/docker.io/cachalot-client.crt\", \
+                 \"/etc/containerd/certs.d/docker.io/cachalot-client.key\"]]"
+            ),
+            "{text}"
+        );
+        let table: Table = text.parse().unwrap();
+        for host in ["https://a:5000", "https://b:5000"] {
+            let client = table["host"][host]["client"].as_array().unwrap();
+            assert_eq!(client.len(), 1);
+            assert_eq!(
+                client[0].as_array().unwrap()[1].as_str(),
+                Some("/etc/containerd/certs.d/docker.io/cachalot-client.key")
+            );
+        }
+        // The upstream fallback host never gets the mirror's credential.
+        assert!(table.get("client").is_none());
+
+        // Never: the mirror is also `server`, so the top level presents it too.
+        r.fallback = Fallback::Never;
+        let table: Table = render_hosts_toml("ns/m", &r, &[], None)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(table["client"].is_array());
+
+        r.client_cert = None;
+        let text = render_hosts_toml("ns/m", &r, &r.endpoints.clone(), None).unwrap();
+        assert!(!text.contains("client"), "{text}");
+    }
+
+    #[test]
+    fn pem_files_start_with_the_marker_and_only_the_key_is_private() {
+        let key = "-----BEGIN PRIVATE KEY-----\nabc\n-----END PRIVATE KEY-----\n\n";
+        let text = render_pem_file("ns/m", key);
+        assert_eq!(parse_marker(&text).unwrap().mirror, "ns/m");
+        assert!(text.ends_with("-----END PRIVATE KEY-----\n"), "{text}");
+        assert!(is_private_file(CLIENT_KEY_FILE_NAME));
+        assert!(!is_private_file(CLIENT_CERT_FILE_NAME));
+        assert!(!is_private_file(CA_FILE_NAME));
+        assert!(!is_private_file(HOSTS_FILE_NAME));
     }
 }

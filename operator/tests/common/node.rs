@@ -95,10 +95,12 @@ pub fn desired(generation: &str, endpoints: Vec<String>) -> DesiredState {
             skip_verify: false,
             ca_file: None,
             override_path: false,
+            client_cert: None,
         }],
         unreachable_after: "1s".into(),
         merge_with_admin_file: false,
         mirror_ca_file: None,
+        mirror_client_cert: None,
     }
 }
 
