@@ -140,9 +140,9 @@ pub struct RegistryMirrorSpec {
 
     /// Serve the pull API over TLS, optionally with client authentication (a hub reached from
     /// other clusters). The endpoint in status and on the nodes becomes `https://`; the admin
-    /// port (probes, `/stats`, `/metrics`) stays plain HTTP inside the cluster. Not with
-    /// `storage.type: S3` (replicas reach each other over plain HTTP), `service.type: External`
-    /// (nothing is deployed here) or node runtimes other than `Containerd`.
+    /// port (probes, `/stats`, `/metrics`) stays plain HTTP inside the cluster, and the replicas of
+    /// an `S3` mirror forward to each other there. Not with `service.type: External` (nothing
+    /// is deployed here) or node runtimes other than `Containerd`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<MirrorTls>,
 

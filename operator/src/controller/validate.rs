@@ -277,12 +277,6 @@ fn validate_tls(
             "configures the in-cluster proxy; it cannot be combined with service.type External",
         ));
     }
-    if spec.storage.kind == StorageKind::S3 {
-        return Err(invalid(
-            "spec.tls",
-            "not supported with storage.type S3: the replicas of an S3 mirror forward requests to each other over plain HTTP (use EmptyDir or PersistentVolumeClaim storage for a TLS hub)",
-        ));
-    }
     if spec.nodes.runtime != NodeRuntime::Containerd {
         return Err(invalid(
             "spec.tls",
