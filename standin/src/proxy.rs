@@ -188,14 +188,43 @@ where
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 item = stream.next() => match item {
-                    Some(Ok(_)) => changed.notify_one(),
-                    Some(Err(error)) => debug!(%error, "watch error; the watcher backs off and retries"),
+                    Some(Ok(event)) => {
+                        debug!(kind = %K::kind(&K::DynamicType::default()), event = %describe(&event), "watch event");
+                        changed.notify_one();
+                    }
+                    Some(Err(error)) => warn!(kind = %K::kind(&K::DynamicType::default()), %error, "watch error; the watcher backs off and retries"),
                     None => return,
                 },
             }
         }
     });
     store
+}
+
+/// One line for a watch event: `apply <namespace>/<name> rv=<resourceVersion>` and the like (pure).
+/// At debug level the stand-ins log every event, so a log shows which objects a watch delivered
+/// and when (how the ClusterIP flake was told apart from a slow controller).
+pub fn describe<K: Resource>(event: &watcher::Event<K>) -> String {
+    let object = |verb: &str, o: &K| {
+        let meta = o.meta();
+        let namespace = meta
+            .namespace
+            .as_deref()
+            .map(|n| format!("{n}/"))
+            .unwrap_or_default();
+        format!(
+            "{verb} {namespace}{} rv={}",
+            meta.name.as_deref().unwrap_or_default(),
+            meta.resource_version.as_deref().unwrap_or_default()
+        )
+    };
+    match event {
+        watcher::Event::Apply(o) => object("apply", o),
+        watcher::Event::Delete(o) => object("delete", o),
+        watcher::Event::InitApply(o) => object("listed", o),
+        watcher::Event::Init => "list started".to_owned(),
+        watcher::Event::InitDone => "list done".to_owned(),
+    }
 }
 
 /// Why the reflectors did not sync.
@@ -409,6 +438,37 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
+
+    #[test]
+    fn watch_events_are_described_by_verb_object_and_resource_version() {
+        let slice = EndpointSlice {
+            metadata: kube::api::ObjectMeta {
+                name: Some("web-abc".into()),
+                namespace: Some("default".into()),
+                resource_version: Some("253".into()),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: None,
+            ports: None,
+        };
+        assert_eq!(
+            describe(&watcher::Event::Apply(slice.clone())),
+            "apply default/web-abc rv=253"
+        );
+        assert_eq!(
+            describe(&watcher::Event::Delete(slice.clone())),
+            "delete default/web-abc rv=253"
+        );
+        assert_eq!(
+            describe(&watcher::Event::InitApply(slice)),
+            "listed default/web-abc rv=253"
+        );
+        assert_eq!(
+            describe::<EndpointSlice>(&watcher::Event::InitDone),
+            "list done"
+        );
+    }
 
     #[test]
     fn externals_parse() {

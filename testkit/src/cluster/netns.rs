@@ -6,7 +6,7 @@
 //!
 //! | namespace | address | role |
 //! |---|---|---|
-//! | `P-net` | 10.240.0.1/16 on bridge `br0` | the gateway of every other namespace; owns ClusterIPs (10.96.0.0/24) and external addresses (10.250.0.0/24) as /32s on `lo`, where the proxy stand-in listens |
+//! | `P-net` | 10.240.0.1/16 on bridge `br0` (MAC fixed: [`GATEWAY_MAC`]) | the gateway of every other namespace; owns ClusterIPs (10.96.0.0/24) and external addresses (10.250.0.0/24) as /32s on `lo`, where the proxy stand-in listens |
 //! | `P-cp` | 10.240.0.2 | etcd, kube-apiserver (:6443), kube-controller-manager, kube-scheduler |
 //! | `P-n<i>` | 10.240.0.(10+i), pod CIDR 10.240.i.0/24 | node i: its containerd, its kubelet stand-in, hostNetwork pods |
 //! | `P-p…` | a pod IP | one per pod, created by the kubelet stand-in |
@@ -23,6 +23,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 1);
 /// Address of the control-plane namespace (the API server's advertise address).
 pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 2);
+/// MAC address of the bridge in `P-net` (the gateway), set when the bridge is made. Linux gives a
+/// bridge without one the lowest MAC of its ports, so each pod veth that joins could change it;
+/// peers that cached the old one (the API server's namespace, answering the proxy stand-in's
+/// watches) then had their frames dropped until their ARP entry expired, stalling established
+/// connections for 50-120 s. `02:42` and the gateway's IP, like a pod's `eth0`.
+pub const GATEWAY_MAC: &str = "02:42:0a:f0:00:01";
 /// Prefix length of the bridge network.
 pub const BRIDGE_PREFIX_LEN: u8 = 16;
 /// The Service ClusterIP range.
@@ -197,7 +203,18 @@ impl Network {
         let net = self.net();
         run(&["netns", "add", &net])?;
         run(&["-n", &net, "link", "set", "lo", "up"])?;
-        run(&["-n", &net, "link", "add", "br0", "type", "bridge"])?;
+        // A fixed address: the bridge must not take a joining pod veth's (see GATEWAY_MAC).
+        run(&[
+            "-n",
+            &net,
+            "link",
+            "add",
+            "br0",
+            "address",
+            GATEWAY_MAC,
+            "type",
+            "bridge",
+        ])?;
         let gateway = format!("{GATEWAY_IP}/{BRIDGE_PREFIX_LEN}");
         run(&["-n", &net, "addr", "add", &gateway, "dev", "br0"])?;
         run(&["-n", &net, "link", "set", "br0", "up"])?;
@@ -329,6 +346,17 @@ mod tests {
         assert_eq!(prefix_pid("ckzz-1-net"), None);
         assert_eq!(prefix_pid("ck12-x-net"), None);
         assert_eq!(prefix_pid("ck1f-3-p0af00105"), Some(0x1f));
+    }
+
+    #[test]
+    fn the_gateway_mac_is_a_local_unicast_address_made_like_a_pods() {
+        let octets: Vec<u8> = GATEWAY_MAC
+            .split(':')
+            .map(|o| u8::from_str_radix(o, 16).unwrap())
+            .collect();
+        let [a, b, c, d] = GATEWAY_IP.octets();
+        assert_eq!(octets, [0x02, 0x42, a, b, c, d]);
+        assert_eq!(octets[0] & 0b11, 0b10, "locally administered, unicast");
     }
 
     #[test]
