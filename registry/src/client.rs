@@ -473,6 +473,11 @@ pub fn render_purge(report: &PurgeReport) -> String {
         };
         out.push_str(&format!("  replica {}: {line}\n", r.replica));
     }
+    if let Some(position) = &report.purge_log_position {
+        out.push_str(&format!(
+            "  spokes: drop it on their next request to this mirror (purge log {position})\n"
+        ));
+    }
     out
 }
 
