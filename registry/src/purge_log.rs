@@ -326,11 +326,21 @@ impl PurgeLog {
 
     /// Records a purge of `reference`; its position.
     pub fn record(&self, reference: &str) -> Position {
+        self.record_all(&[reference.to_owned()])
+    }
+
+    /// Records purges of `references` in order, with one write of the file; the position.
+    pub fn record_all(&self, references: &[String]) -> Position {
         let (position, snapshot) = self.with(|s| {
-            s.append(reference, crate::store::now_secs());
+            let now = crate::store::now_secs();
+            for reference in references {
+                s.append(reference, now);
+            }
             (s.position(), s.clone())
         });
-        self.persist(&snapshot);
+        if !references.is_empty() {
+            self.persist(&snapshot);
+        }
         position
     }
 

@@ -13,7 +13,8 @@
 //!   the spoke's own spokes get it in turn (a chain). What is not cached here, or pinned here,
 //!   is recorded all the same (a spoke further down may hold it); a registry this mirror does
 //!   not serve is skipped. A storage failure stops the round; the entry is retried on the next
-//!   header (at most every [`RETRY_AFTER`]) or poll.
+//!   header (at most every [`RETRY_AFTER`]) or poll. The applied entries of a page are
+//!   recorded with one write of the log file.
 //! - A gap (the parent's log was truncated past the spoke's position, or the parent has a log
 //!   this spoke has no position in: a new epoch after the parent lost its storage, or a first
 //!   contact) cannot be repaired entry by entry: the spoke expires every cached tag record on
@@ -201,10 +202,10 @@ pub enum SyncParentPurgesError {
 }
 
 /// How one entry ended here.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum EntryOutcome {
-    /// Purged, not cached or pinned here: recorded in this mirror's own log.
-    Recorded,
+    /// Purged, not cached or pinned here: to record in this mirror's own log, as resolved.
+    Record(String),
     /// A registry this mirror does not serve, or a reference that does not parse.
     Skipped,
 }
@@ -252,8 +253,7 @@ impl Follower {
                 })
             }
         }
-        self.inner.purge_log.record(&image.to_string());
-        Ok(EntryOutcome::Recorded)
+        Ok(EntryOutcome::Record(image.to_string()))
     }
 
     /// Expires every cached tag record on disk (on the blocking pool: it reads and writes one
@@ -296,11 +296,13 @@ impl Follower {
             }
             let now = crate::store::now_secs();
             let mut result = Ok(());
+            let mut applied = Vec::new();
             for entry in &page.entries {
                 match self.apply(entry).await {
                     Ok(outcome) => {
-                        if outcome == EntryOutcome::Recorded {
+                        if let EntryOutcome::Record(reference) = outcome {
                             self.inner.telemetry.note_parent_purge_applied();
+                            applied.push(reference);
                         }
                         self.state.set(page.epoch, entry.seq, now);
                     }
@@ -310,6 +312,8 @@ impl Follower {
                     }
                 }
             }
+            // Into this mirror's own log, for its own spokes: one write per page.
+            self.inner.purge_log.record_all(&applied);
             if result.is_ok() && !page.more {
                 self.state.set(page.epoch, page.latest, now);
             } else if expire_first && self.state.applied(page.epoch).is_none() {
@@ -372,8 +376,9 @@ pub async fn run(inner: Arc<ProxyInner>, signal: Arc<PurgeSignal>, parent: Arc<U
                 None => continue,
             },
         };
-        if failed_at.is_some_and(|at| at.elapsed() < RETRY_AFTER) {
-            continue;
+        if let Some(at) = failed_at {
+            // Not more often than every RETRY_AFTER; the wait is this task's alone.
+            tokio::time::sleep(RETRY_AFTER.saturating_sub(at.elapsed())).await;
         }
         match follower.sync(target).await {
             Ok(()) => {

@@ -10,7 +10,9 @@
 //!   has a new log epoch, and the spoke expires its cached tags (kept on disk) and revalidates
 //!   them;
 //! - the purge log endpoint refuses a bad `after` with a 400 OCI error envelope and lists the
-//!   purged references only.
+//!   purged references only;
+//! - a failed fetch of the log (a 503, an unreadable page) never fails the pull that carried the
+//!   header, is counted, and is retried on the hub's next answer.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -357,4 +359,91 @@ async fn the_purge_log_endpoint_refuses_a_bad_after_and_lists_only_purged_refere
     // Answers to clients that are not spokes do not carry the position.
     let r = common::get_manifest(&hub.url(), "library/app", "1").await;
     assert!(!r.headers().contains_key("x-cachalot-purge-seq"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_purge_log_fetch_is_counted_and_retried_on_the_next_answer_of_the_hub() {
+    use cachalot_testkit::fault::{Fault, FaultRule};
+    let upstream = Distribution::start().await.unwrap();
+    let fault = FaultProxy::start(&upstream.url()).await.unwrap();
+    let app = docker_image(3401, &[2048]).unwrap();
+    push(&upstream, "library/app", "1", &app).await;
+    for n in 0..2 {
+        push(&upstream, &format!("library/carrier{n}"), "1", &carrier(n)).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Process::start(&dir.path().join("hub"), &fault.url(), window).await;
+    // The spoke reaches the hub through a proxy that fails its first two purge log fetches:
+    // a 503, then a body that is no page.
+    let to_hub = FaultProxy::start(&hub.url()).await.unwrap();
+    to_hub.handle().add_fault(
+        FaultRule::new(Fault::Status(503))
+            .path_contains("/_cachalot/purges")
+            .times(1),
+    );
+    to_hub.handle().add_fault(
+        FaultRule::new(Fault::Respond {
+            status: 200,
+            content_type: "application/json".into(),
+            body: r#"{"entries": "nope"}"#.into(),
+        })
+        .path_contains("/_cachalot/purges")
+        .times(1),
+    );
+    let spoke = start_spoke(&dir.path().join("spoke"), &to_hub.url(), "cluster-1/s").await;
+
+    // The pull is served although the fetch its answer started fails.
+    pull_tag_verified(&spoke.url(), "library/app", "1", &app).await;
+    eventually(
+        DEADLINE,
+        "the first fetch failed and was counted",
+        || async { parent_purges(&spoke).await.failures >= 1 },
+    )
+    .await;
+    let s = parent_purges(&spoke).await;
+    assert!(
+        s.last_error.as_deref().unwrap_or("").contains("503"),
+        "{s:?}"
+    );
+    assert_eq!(s.epoch, None, "nothing applied yet");
+
+    // The next answer of the hub retries (after the retry pause): an unreadable page fails too.
+    pull_tag_verified(&spoke.url(), "library/carrier0", "1", &carrier(0)).await;
+    eventually(DEADLINE, "the second fetch failed", || async {
+        parent_purges(&spoke).await.failures >= 2
+    })
+    .await;
+    let s = parent_purges(&spoke).await;
+    assert!(
+        s.last_error.as_deref().unwrap_or("").contains("unreadable"),
+        "{s:?}"
+    );
+
+    // A purge meanwhile, and one more answer: the spoke catches up.
+    let admin = format!("http://{}", hub.admin_addr);
+    assert_eq!(cli(&["purge", "--server", &admin, "app:1"]).await.code, 0);
+    pull_tag_verified(&spoke.url(), "library/carrier1", "1", &carrier(1)).await;
+    let s = caught_up(&spoke, &hub, "the spoke caught up after the failures").await;
+    assert_eq!(s.failures, 2, "{s:?}");
+    assert!(!tag_file(&spoke.storage, "library/app", "1").exists());
+    eventually(
+        DEADLINE,
+        "the round that succeeded cleared the error",
+        || async { parent_purges(&spoke).await.last_error.is_none() },
+    )
+    .await;
+    let metrics = reqwest::get(format!("http://{}/metrics", spoke.admin_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("cachalot_registry_parent_purge_sync_failures_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cachalot_registry_parent_purges_applied_total 1"),
+        "{metrics}"
+    );
 }
