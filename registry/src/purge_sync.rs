@@ -12,7 +12,10 @@
 //!   ([`crate::proxy::ProxyInner::purge`]), and recorded in this mirror's own purge log, so
 //!   the spoke's own spokes get it in turn (a chain). What is not cached here, or pinned here,
 //!   is recorded all the same (a spoke further down may hold it); a registry this mirror does
-//!   not serve is skipped. A storage failure stops the round; the entry is retried on the next
+//!   not serve is skipped. With `cluster` replicas (`S3` storage), the replica that applies an
+//!   entry forwards it to the other replicas as the admin purge does (`purge_fanout`), so a
+//!   replica that does not talk to the parent itself drops it too. A storage failure stops the
+//!   round; the entry is retried on the next
 //!   header (at most every [`RETRY_AFTER`]) or poll. The applied entries of a page are
 //!   recorded with one write of the log file.
 //! - A gap (the parent's log was truncated past the spoke's position, or the parent has a log
@@ -38,6 +41,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::api::purge_fanout::PurgeFanout;
 use crate::oci::ImageRef;
 use crate::proxy::purge::PurgeError;
 use crate::proxy::ProxyInner;
@@ -214,6 +218,8 @@ enum EntryOutcome {
 struct Follower {
     inner: Arc<ProxyInner>,
     parent: Arc<Upstream>,
+    /// With `cluster` replicas: the other replicas, each purged as an admin purge would.
+    fanout: Option<PurgeFanout>,
     state: SyncState,
     path: PathBuf,
 }
@@ -237,10 +243,12 @@ impl Follower {
             return Ok(EntryOutcome::Skipped);
         };
         match self.inner.purge(&image).await {
-            Ok(_) => {}
+            Ok(_) => self.forward(&image).await,
             Err(PurgeError::NotCached(_)) => {
-                tracing::debug!(reference = %image, "parent purge: not cached here")
+                tracing::debug!(reference = %image, "parent purge: not cached here");
+                self.forward(&image).await;
             }
+            // Every replica has the same pins and registries: none is forwarded.
             Err(PurgeError::Pinned(_)) => {
                 tracing::info!(reference = %image, "parent purge: pinned here, kept")
             }
@@ -254,6 +262,15 @@ impl Follower {
             }
         }
         Ok(EntryOutcome::Record(image.to_string()))
+    }
+
+    /// With `cluster` replicas, purges `image` on every other replica as the admin purge does
+    /// (each logs it too); a replica that cannot be reached is logged and keeps its copy, as
+    /// with an admin purge.
+    async fn forward(&self, image: &ImageRef) {
+        if let Some(fanout) = &self.fanout {
+            fanout.forward_all(image).await;
+        }
     }
 
     /// Expires every cached tag record on disk (on the blocking pool: it reads and writes one
@@ -336,7 +353,12 @@ impl Follower {
 
 /// Follows the parent's purge log until the task is aborted (at shutdown). `parent` is any of
 /// the upstreams that go through the parent (they share its address and credentials).
-pub async fn run(inner: Arc<ProxyInner>, signal: Arc<PurgeSignal>, parent: Arc<Upstream>) {
+pub async fn run(
+    inner: Arc<ProxyInner>,
+    signal: Arc<PurgeSignal>,
+    parent: Arc<Upstream>,
+    fanout: Option<PurgeFanout>,
+) {
     let path = inner.store.root().join(FILE);
     let state = match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
@@ -353,6 +375,7 @@ pub async fn run(inner: Arc<ProxyInner>, signal: Arc<PurgeSignal>, parent: Arc<U
     let mut follower = Follower {
         inner,
         parent,
+        fanout,
         state,
         path,
     };

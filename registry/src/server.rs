@@ -253,7 +253,8 @@ impl Server {
                 .parent_purges()
                 .map(|(signal, parent)| {
                     let inner = Arc::clone(self.state.proxy.inner());
-                    tokio::spawn(crate::purge_sync::run(inner, signal, parent))
+                    let fanout = self.state.purge_fanout.clone();
+                    tokio::spawn(crate::purge_sync::run(inner, signal, parent, fanout))
                 });
         let admin_settings = ConnectionSettings {
             tls: None,

@@ -12,7 +12,9 @@
 //! - the purge log endpoint refuses a bad `after` with a 400 OCI error envelope and lists the
 //!   purged references only;
 //! - a failed fetch of the log (a 503, an unreadable page) never fails the pull that carried the
-//!   header, is counted, and is retried on the hub's next answer.
+//!   header, is counted, and is retried on the hub's next answer;
+//! - on a spoke of two `cluster` replicas on S3 storage (a real Garage), the replica that applies
+//!   a purge forwards it to the other (skipped without `scripts/s3-server`'s Garage).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -445,5 +447,120 @@ async fn a_failed_purge_log_fetch_is_counted_and_retried_on_the_next_answer_of_t
     assert!(
         metrics.contains("cachalot_registry_parent_purges_applied_total 1"),
         "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_spoke_of_s3_replicas_a_hub_purge_leaves_every_replica_through_one_that_applies_it() {
+    use cachalot_registry::config::{ClusterConfig, S3Config};
+    use cachalot_testkit::s3::{garage_binary, Garage};
+    use std::net::{Ipv4Addr, SocketAddr};
+    if !cachalot_testkit::prerequisites::run_or_skip(
+        "on_a_spoke_of_s3_replicas_a_hub_purge_leaves_every_replica_through_one_that_applies_it",
+        garage_binary().err().map(|e| e.to_string()),
+    ) {
+        return;
+    }
+    let garage = Garage::start().await.unwrap();
+    let upstream = Distribution::start().await.unwrap();
+    let fault = FaultProxy::start(&upstream.url()).await.unwrap();
+    let app = docker_image(3501, &[MIB / 4]).unwrap();
+    push(&upstream, "library/app", "1", &app).await;
+    for n in 0..2 {
+        push(&upstream, &format!("library/carrier{n}"), "1", &carrier(n)).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Process::start(&dir.path().join("hub"), &fault.url(), window).await;
+    let (id, secret) = (dir.path().join("key-id"), dir.path().join("secret"));
+    std::fs::write(&id, garage.access_key_id()).unwrap();
+    std::fs::write(&secret, garage.secret_access_key()).unwrap();
+    let s3 = S3Config {
+        endpoint: Some(garage.endpoint()),
+        bucket: garage.bucket().to_owned(),
+        region: Some(garage.region().to_owned()),
+        prefix: "mirrors/spoke/".into(),
+        access_key_id_file: Some(id),
+        secret_access_key_file: Some(secret),
+        local_cache_max_size_bytes: None,
+        eviction_grace: None,
+        owner: "test/spoke".into(),
+    };
+    // Two replicas of one spoke on 127.0.0.1 and 127.0.0.2, one public and one admin port for
+    // both (the purge fan-out reaches a peer's admin listener on this replica's admin port).
+    let (port, admin_port) = (
+        cachalot_testkit::wait::free_port().unwrap(),
+        cachalot_testkit::wait::free_port().unwrap(),
+    );
+    let ips = [Ipv4Addr::new(127, 0, 0, 1), Ipv4Addr::new(127, 0, 0, 2)];
+    let urls: Vec<String> = ips.iter().map(|ip| format!("http://{ip}:{port}")).collect();
+    let mut replicas = Vec::new();
+    for (i, ip) in ips.iter().enumerate() {
+        let (self_url, peers, s3, hub_url) = (urls[i].clone(), urls.clone(), s3.clone(), hub.url());
+        let tweak = move |c: &mut Config| {
+            window(c);
+            c.admin_listen = SocketAddr::from((*ip, admin_port));
+            c.storage.s3 = Some(s3.clone());
+            c.cluster = Some(ClusterConfig {
+                self_url: self_url.clone(),
+                peers: peers.clone(),
+                peer_timeout: Duration::from_secs(1),
+            });
+            c.parent = Some(ParentConfig {
+                url: hub_url.clone(),
+                ca_file: None,
+                insecure_skip_verify: false,
+                spoke_id: Some("cluster-s3/s".into()),
+                client_cert_file: None,
+                client_key_file: None,
+                bearer_token_file: None,
+            });
+        };
+        let storage = dir.path().join(format!("spoke-{i}"));
+        replicas.push(
+            Process::start_at(
+                SocketAddr::from((*ip, port)),
+                &storage,
+                "http://127.0.0.1:1",
+                tweak,
+            )
+            .await
+            .unwrap_or_else(|log| panic!("replica {i} did not start:\n{log}")),
+        );
+    }
+    for r in &replicas {
+        pull_tag_verified(&r.url(), "library/app", "1", &app).await;
+        assert!(
+            tag_file(&r.storage, "library/app", "1").exists(),
+            "{}",
+            r.url()
+        );
+    }
+    // Let the replicas that talked to the hub settle their first contact.
+    eventually(DEADLINE, "a replica knows the hub's log", || async {
+        let mut known = false;
+        for r in &replicas {
+            known |= parent_purges(r).await.epoch.is_some();
+        }
+        known
+    })
+    .await;
+
+    let admin = format!("http://{}", hub.admin_addr);
+    assert_eq!(cli(&["purge", "--server", &admin, "app:1"]).await.code, 0);
+    // One pull through the first replica reaches the hub (through whichever replica owns the
+    // carrier); the replica that applies the purge forwards it to the other.
+    pull_tag_verified(&replicas[0].url(), "library/carrier0", "1", &carrier(0)).await;
+    eventually(DEADLINE, "both replicas dropped the tag", || async {
+        replicas
+            .iter()
+            .all(|r| !tag_file(&r.storage, "library/app", "1").exists())
+    })
+    .await;
+    // And the next pull through either goes to the hub, which fetches the tag anew.
+    let before = manifest_requests(&fault, "library/app/manifests/1");
+    pull_tag_verified(&replicas[1].url(), "library/app", "1", &app).await;
+    assert_eq!(
+        manifest_requests(&fault, "library/app/manifests/1"),
+        before + 1
     );
 }
