@@ -21,7 +21,7 @@
 //! - A gap (the parent's log was truncated past the spoke's position, or the parent has a log
 //!   this spoke has no position in: a new epoch after the parent lost its storage, or a first
 //!   contact) cannot be repaired entry by entry: the spoke expires every cached tag record on
-//!   its disk (`checked_at` 0: the next pull of each tag revalidates it with the parent, a HEAD,
+//!   its disk and in its bucket with `S3` storage (`checked_at` 0: the next pull of each tag revalidates it with the parent, a HEAD,
 //!   and nothing is deleted), applies the entries still listed, and starts a new epoch of its
 //!   own log so its own spokes do the same. Digest purges lost in the gap are not applied.
 //! - The spoke remembers the last applied seq of up to [`MAX_EPOCHS`] parent epochs (a parent
@@ -274,15 +274,29 @@ impl Follower {
     }
 
     /// Expires every cached tag record on disk (on the blocking pool: it reads and writes one
-    /// small file per tag); the count.
+    /// small file per tag) and, with `S3` storage, in the bucket (a newer record there would
+    /// otherwise win over the expired local one); the count. A bucket that fails is logged:
+    /// its records then expire by their own window.
     async fn expire_tags(&self) -> u64 {
         let store = Arc::clone(&self.inner.store);
         let registries: Vec<String> = self.inner.upstreams.names().map(str::to_owned).collect();
-        tokio::task::spawn_blocking(move || {
-            registries.iter().map(|r| store.expire_tags(r)).sum::<u64>()
+        let names = registries.clone();
+        let mut expired = tokio::task::spawn_blocking(move || {
+            names.iter().map(|r| store.expire_tags(r)).sum::<u64>()
         })
         .await
-        .unwrap_or(0)
+        .unwrap_or(0);
+        if let Some(shared) = &self.inner.shared {
+            for registry in &registries {
+                match shared.expire_tags(registry).await {
+                    Ok(n) => expired += n,
+                    Err(e) => {
+                        tracing::warn!(registry, error = %e, "cannot expire the tag records in the shared storage; they expire by their own window")
+                    }
+                }
+            }
+        }
+        expired
     }
 
     fn persist(&self) {
