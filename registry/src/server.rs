@@ -1,8 +1,9 @@
 //! Process wiring: logging, building the proxy from the config, the two listeners (public: the
 //! pull API; admin: metrics, stats and `/admin/`) served by one accept loop with the same
-//! per-connection settings (header read timeouts), the periodic flush of the cache's last-use times (and, with shared storage,
-//! the shared tier's upkeep), a spoke's follower of its parent's purge log, and graceful shutdown on SIGTERM/SIGINT (which flushes them once
-//! more after the last fetch committed).
+//! per-connection settings (header read timeouts), the periodic flush of the cache's last-use
+//! times (and, with shared storage, the shared tier's upkeep), a spoke's follower of its
+//! parent's purge log, and graceful shutdown on SIGTERM/SIGINT (which flushes them once more
+//! after the last fetch committed).
 
 use std::sync::Arc;
 use std::time::Duration;
