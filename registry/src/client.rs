@@ -164,6 +164,26 @@ pub fn render_stats(server: &str, s: &StatsSnapshot) -> String {
         }
         out.push('\n');
     }
+    if let Some(log) = &s.purge_log {
+        out.push_str(&format!(
+            "  purge log  {}:{} ({} kept for spokes)\n",
+            log.epoch, log.seq, log.entries
+        ));
+    }
+    if let Some(p) = &s.parent_purges {
+        out.push_str(&format!(
+            "  parent     purges applied up to {}:{} ({} applied, {} gap(s), {} failed round(s))",
+            p.epoch.as_deref().unwrap_or("-"),
+            p.applied_seq,
+            p.applied,
+            p.resets,
+            p.failures
+        ));
+        if let Some(e) = &p.last_error {
+            out.push_str(&format!("; last error: {e}"));
+        }
+        out.push('\n');
+    }
     out
 }
 
@@ -473,6 +493,11 @@ pub fn render_purge(report: &PurgeReport) -> String {
         };
         out.push_str(&format!("  replica {}: {line}\n", r.replica));
     }
+    if let Some(position) = &report.purge_log_position {
+        out.push_str(&format!(
+            "  spokes: drop it on their next request to this mirror (purge log {position})\n"
+        ));
+    }
     out
 }
 
@@ -582,6 +607,36 @@ mod tests {
              \x20 replica http://c:5000: UNREACHABLE: connection refused\n"
         );
         assert!(report.incomplete());
+    }
+
+    #[test]
+    fn the_stats_summary_shows_the_purge_log_and_how_far_a_spoke_applied_its_parents() {
+        let s = StatsSnapshot {
+            purge_log: Some(crate::purge_log::PurgeLogStats {
+                epoch: "00000000000000aa".into(),
+                seq: 7,
+                entries: 3,
+            }),
+            parent_purges: Some(crate::purge_sync::ParentPurgeStats {
+                epoch: Some("00000000000000bb".into()),
+                applied_seq: 12,
+                applied: 4,
+                resets: 1,
+                failures: 2,
+                last_error: Some("cannot reach".into()),
+                ..Default::default()
+            }),
+            ..StatsSnapshot::default()
+        };
+        let text = render_stats("http://m:5001", &s);
+        assert!(
+            text.contains("  purge log  00000000000000aa:7 (3 kept for spokes)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  parent     purges applied up to 00000000000000bb:12 (4 applied, 1 gap(s), 2 failed round(s)); last error: cannot reach\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Process wiring: logging, building the proxy from the config, the two listeners (public: the
 //! pull API; admin: metrics, stats and `/admin/`) served by one accept loop with the same
-//! per-connection settings (header read timeouts), the periodic flush of the cache's last-use times (and, with shared storage,
-//! the shared tier's upkeep), and graceful shutdown on SIGTERM/SIGINT (which flushes them once
-//! more after the last fetch committed).
+//! per-connection settings (header read timeouts), the periodic flush of the cache's last-use
+//! times (and, with shared storage, the shared tier's upkeep), a spoke's follower of its
+//! parent's purge log, and graceful shutdown on SIGTERM/SIGINT (which flushes them once more
+//! after the last fetch committed).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -244,6 +245,18 @@ impl Server {
                 }
             })
         });
+        // A spoke follows its parent's purge log (one task: one fetch in flight at a time).
+        let purge_follower =
+            self.state
+                .proxy
+                .inner()
+                .upstreams
+                .parent_purges()
+                .map(|(signal, parent)| {
+                    let inner = Arc::clone(self.state.proxy.inner());
+                    let fanout = self.state.purge_fanout.clone();
+                    tokio::spawn(crate::purge_sync::run(inner, signal, parent, fanout))
+                });
         let admin_settings = ConnectionSettings {
             tls: None,
             ..self.connection.clone()
@@ -265,6 +278,9 @@ impl Server {
             tracing::warn!("fetches still running after 30s; their temp files are discarded");
         }
         flusher.abort();
+        if let Some(follower) = purge_follower {
+            follower.abort();
+        }
         flush_last_use(Arc::clone(&self.state.proxy.inner().store)).await;
         if let Some(upkeep) = upkeep {
             upkeep.abort();

@@ -210,6 +210,13 @@ pub struct StatsSnapshot {
     /// [`crate::fleet`]). Absent when none did.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub spokes: BTreeMap<String, crate::fleet::SpokeStats>,
+    /// This mirror's purge log (what its spokes pull, see [`crate::purge_log`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purge_log: Option<crate::purge_log::PurgeLogStats>,
+    /// On a spoke: how far it applied its parent's purge log (see [`crate::purge_sync`]).
+    /// Absent without a parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_purges: Option<crate::purge_sync::ParentPurgeStats>,
 }
 
 impl StatsSnapshot {
@@ -259,6 +266,10 @@ pub struct Telemetry {
     circuits: Mutex<BTreeMap<String, bool>>,
     negative_cache_hits: Family<NegativeCacheLabels, Counter>,
     spokes: crate::fleet::SpokeTable,
+    parent_purges: Mutex<Option<crate::purge_sync::ParentPurgeStats>>,
+    parent_purges_applied: Counter,
+    parent_purge_resets: Counter,
+    parent_purge_failures: Counter,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -343,6 +354,24 @@ impl Telemetry {
             "Cache writes that failed (full disk or another I/O error); the client was served from the upstream",
             cache_write_failures.clone(),
         );
+        let parent_purges_applied = Counter::default();
+        let parent_purge_resets = Counter::default();
+        let parent_purge_failures = Counter::default();
+        registry.register(
+            "parent_purges_applied",
+            "Entries of the parent's purge log applied here (a spoke)",
+            parent_purges_applied.clone(),
+        );
+        registry.register(
+            "parent_purge_resets",
+            "Times a spoke found entries of its parent's purge log missing (new or truncated log) and expired every cached tag",
+            parent_purge_resets.clone(),
+        );
+        registry.register(
+            "parent_purge_sync_failures",
+            "Rounds of fetching and applying the parent's purge log that failed (retried)",
+            parent_purge_failures.clone(),
+        );
         let per_registry = registries
             .into_iter()
             .map(|r| (r.to_owned(), RegistryCounters::default()))
@@ -367,7 +396,60 @@ impl Telemetry {
             circuits: Mutex::new(BTreeMap::new()),
             negative_cache_hits,
             spokes: crate::fleet::SpokeTable::default(),
+            parent_purges: Mutex::new(None),
+            parent_purges_applied,
+            parent_purge_resets,
+            parent_purge_failures,
         }
+    }
+
+    fn with_parent_purges(&self, f: impl FnOnce(&mut crate::purge_sync::ParentPurgeStats)) {
+        if let Ok(mut stats) = self.parent_purges.lock() {
+            f(stats.get_or_insert_with(Default::default));
+        }
+    }
+
+    /// A spoke applied one entry of its parent's purge log.
+    pub fn note_parent_purge_applied(&self) {
+        self.parent_purges_applied.inc();
+        self.with_parent_purges(|s| s.applied += 1);
+    }
+
+    /// A spoke met a gap in its parent's purge log.
+    pub fn note_parent_purge_reset(&self) {
+        self.parent_purge_resets.inc();
+        self.with_parent_purges(|s| s.resets += 1);
+    }
+
+    /// How far a spoke applied its parent's log.
+    pub fn set_parent_purge_position(&self, epoch: crate::purge_log::Epoch, seq: u64) {
+        self.with_parent_purges(|s| {
+            s.epoch = Some(epoch.to_string());
+            s.applied_seq = seq;
+        });
+    }
+
+    /// The last position the parent announced.
+    pub fn set_parent_purge_seen(&self, seen: &str) {
+        self.with_parent_purges(|s| s.seen = Some(seen.to_owned()));
+    }
+
+    /// A round of the purge follower ended (with its error, if it failed).
+    pub fn note_parent_purge_synced(&self, error: Option<String>) {
+        if error.is_some() {
+            self.parent_purge_failures.inc();
+        }
+        let now = crate::store::now_secs();
+        self.with_parent_purges(|s| match error {
+            Some(e) => {
+                s.failures += 1;
+                s.last_error = Some(e);
+            }
+            None => {
+                s.last_error = None;
+                s.last_synced_at = now;
+            }
+        });
     }
 
     /// Counts one request a spoke sent to this hub (see [`crate::fleet::SpokeTable::record`]).
@@ -569,6 +651,7 @@ impl Telemetry {
                 .collect();
         }
         snap.spokes = self.spokes.snapshot();
+        snap.parent_purges = self.parent_purges.lock().ok().and_then(|s| s.clone());
         snap
     }
 }

@@ -77,16 +77,21 @@ async fn a_purge_sent_to_one_replica_reaches_every_replica_and_one_that_is_down_
     } = cli(&["purge", "--server", &admin, &reference]).await;
     assert_eq!(code, 0, "{stdout}{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 4, "{stdout}");
+    assert_eq!(lines.len(), 5, "{stdout}");
     assert!(lines[0].contains("1 manifest(s), 3 blob(s)"), "{stdout}");
     // This replica first, then the others by URL.
     let order = [&urls[1], &urls[0], &urls[2]];
-    for (line, url) in lines[1..].iter().zip(order) {
+    for (line, url) in lines[1..4].iter().zip(order) {
         assert!(
             line.starts_with(&format!("  replica {url}: purged (3 blob(s), ")),
             "{stdout}"
         );
     }
+    // Last, where its spokes learn of it (each replica logs its own part).
+    assert!(
+        lines[4].starts_with("  spokes: drop it on their next request to this mirror (purge log "),
+        "{stdout}"
+    );
     for r in &replicas {
         for blob in &own_blobs {
             assert!(
@@ -117,10 +122,9 @@ async fn a_purge_sent_to_one_replica_reaches_every_replica_and_one_that_is_down_
     assert_eq!(r.status(), 404);
     let envelope: serde_json::Value = r.json().await.unwrap();
     assert!(
-        envelope["errors"][0]["message"]
-            .as_str()
-            .unwrap()
-            .ends_with("is not cached here nor on the 2 other replica(s)"),
+        envelope["errors"][0]["message"].as_str().unwrap().contains(
+            "is not cached here nor on the 2 other replica(s); recorded in the purge log"
+        ),
         "{envelope}"
     );
 

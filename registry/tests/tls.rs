@@ -1,9 +1,9 @@
 //! TLS and client authentication with certificates generated here (rcgen): pulls over TLS with a
 //! client trusting the test CA, a wrong CA refused, certificate rotation and a bad new
 //! certificate, bearer-token and mTLS client authentication, a spoke process reaching its hub
-//! process over TLS with a token and a client certificate, and a real containerd pulling over
-//! TLS through a hosts.toml with `ca`; and `cluster` replicas behind TLS and a token forwarding
-//! to each other on their admin listeners.
+//! process (pulls and its purge log) over TLS with a token and a client certificate, a real
+//! containerd pulling over TLS through a hosts.toml with `ca`, and `cluster` replicas behind TLS
+//! and a token forwarding to each other on their admin listeners.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -512,6 +512,17 @@ async fn a_spoke_process_reaches_its_hub_process_over_tls_with_a_token_and_a_cli
         hub_stats.spokes["tls-spoke"].requests >= 3,
         "the spoke named itself over TLS: {hub_stats:?}"
     );
+    // The spoke follows the hub's purge log through the same TLS, certificate and token.
+    let hub_epoch = hub_stats.purge_log.unwrap().epoch;
+    common::eventually(
+        Duration::from_secs(20),
+        "the spoke read the hub's purge log",
+        || async {
+            let s = spoke.stats().await.parent_purges.unwrap_or_default();
+            s.epoch.as_deref() == Some(hub_epoch.as_str()) && s.failures == 0
+        },
+    )
+    .await;
 
     // A spoke with a wrong token is refused by the hub; its client sees the failure.
     let mut wrong = parent.clone();

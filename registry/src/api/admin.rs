@@ -288,13 +288,25 @@ async fn purge(
         Err(e) => return e.into_response(),
     };
     let local = state.proxy.inner().purge(&image).await;
+    // Spokes may hold what this mirror (no longer) has: a purge of something not cached here
+    // goes into the log too. Each replica logs its own part (a forwarded purge included).
+    let position = match &local {
+        Ok(_) | Err(PurgeError::NotCached(_)) => {
+            Some(state.proxy.inner().purge_log.record(&image.to_string()))
+        }
+        Err(_) => None,
+    };
+    let logged = |mut report: PurgeReport| {
+        report.purge_log_position = position.map(|p| p.to_string());
+        axum::Json::<PurgeReport>(report).into_response()
+    };
     // A forwarded purge, or one without other replicas, is this replica's alone.
     let fanout = match &state.purge_fanout {
         Some(f) if !headers.contains_key(purge_fanout::FORWARDED_HEADER) => f,
         _ => {
             return match local {
-                Ok(report) => axum::Json::<PurgeReport>(report).into_response(),
-                Err(e) => e.to_oci().into_response(),
+                Ok(report) => logged(report),
+                Err(e) => not_cached_note(e.to_oci(), position).into_response(),
             }
         }
     };
@@ -309,9 +321,24 @@ async fn purge(
     )];
     results.extend(fanout.forward_all(&image).await);
     match purge_fanout::combine(&image.to_string(), results) {
-        Ok(report) => axum::Json::<PurgeReport>(report).into_response(),
-        Err(e) => e.into_response(),
+        Ok(report) => logged(report),
+        Err(e) => not_cached_note(e, position).into_response(),
     }
+}
+
+/// A 404 of a purge that went into the purge log all the same says so: spokes drop what they
+/// hold of it. Pure.
+pub fn not_cached_note(
+    mut error: OciError,
+    position: Option<crate::purge_log::Position>,
+) -> OciError {
+    if let (StatusCode::NOT_FOUND, Some(p)) = (error.status, position) {
+        error.message = format!(
+            "{}; recorded in the purge log ({p}): spokes drop it on their next request to this mirror",
+            error.message
+        );
+    }
+    error
 }
 
 #[cfg(test)]

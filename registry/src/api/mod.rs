@@ -50,6 +50,10 @@ pub fn public_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route(
+            crate::purge_log::PAGE_PATH,
+            get(purge_log_page).fallback(purge_log_method),
+        )
         .fallback(public_fallback)
         .with_state(state)
 }
@@ -137,7 +141,70 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn stats(State(state): State<Arc<AppState>>) -> Response {
-    axum::Json(state.telemetry.snapshot()).into_response()
+    let mut snapshot = state.telemetry.snapshot();
+    snapshot.purge_log = Some(state.proxy.inner().purge_log.stats());
+    axum::Json(snapshot).into_response()
+}
+
+/// `after` and `epoch` of a purge log page request: both optional (`after` 0, no epoch), and
+/// refused when present but malformed. Pure.
+pub fn parse_page_query(
+    query: Option<&str>,
+) -> Result<(u64, Option<crate::purge_log::Epoch>), OciError> {
+    let bad = |message: String| {
+        OciError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::PaginationNumberInvalid,
+            message,
+        )
+    };
+    let (mut after, mut epoch) = (0, None);
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        let shown: String = v.chars().take(32).collect();
+        match &*k {
+            "after" if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
+                after = v
+                    .parse()
+                    .map_err(|_| bad(format!("after is too large: `{shown}`")))?;
+            }
+            "after" => {
+                return Err(bad(format!(
+                    "after must be a non-negative integer, not `{shown}`"
+                )))
+            }
+            "epoch" => {
+                epoch = Some(v.parse().map_err(|_| {
+                    bad(format!(
+                        "epoch must be 16 hexadecimal digits, not `{shown}`"
+                    ))
+                })?);
+            }
+            _ => {}
+        }
+    }
+    Ok((after, epoch))
+}
+
+/// `GET /v2/_cachalot/purges`: one page of this mirror's purge log, for its spokes (see
+/// [`crate::purge_log`]). Behind the pull API's client authentication like every `/v2/` path.
+async fn purge_log_page(State(state): State<Arc<AppState>>, uri: Uri) -> Response {
+    let log = &state.proxy.inner().purge_log;
+    let mut response = match parse_page_query(uri.query()) {
+        Ok((after, epoch)) => axum::Json(log.page(after, epoch)).into_response(),
+        Err(e) => e.into_response(),
+    };
+    response
+        .headers_mut()
+        .insert(crate::purge_log::SEQ_HEADER, log.position().header_value());
+    with_api_version(response)
+}
+
+async fn purge_log_method(method: Method) -> Response {
+    let mut response = with_api_version(unsupported_method(&method).into_response());
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    response
 }
 
 /// Query parameters the API understands.
@@ -214,7 +281,15 @@ async fn distribution(
     }
     .instrument(span)
     .await;
-    with_api_version(response)
+    let mut response = with_api_version(response);
+    if headers.contains_key(fleet::SPOKE_HEADER) {
+        // Spokes learn of purges from this (see `purge_log`).
+        response.headers_mut().insert(
+            crate::purge_log::SEQ_HEADER,
+            state.proxy.inner().purge_log.position().header_value(),
+        );
+    }
+    response
 }
 
 fn unsupported_method(method: &Method) -> OciError {
@@ -746,7 +821,32 @@ async fn catalog(state: &AppState, query: &Query) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::admin_only;
+    #![allow(clippy::unwrap_used)]
+    use super::{admin_only, parse_page_query};
+    use crate::oci::ErrorCode;
+    use crate::purge_log::Epoch;
+
+    #[test]
+    fn a_purge_log_page_query_is_checked_strictly() {
+        assert_eq!(parse_page_query(None).unwrap(), (0, None));
+        assert_eq!(
+            parse_page_query(Some("after=12&epoch=00000000000000ff")).unwrap(),
+            (12, Some(Epoch(0xff)))
+        );
+        for bad in [
+            "after=",
+            "after=-1",
+            "after=1.5",
+            "after=abc",
+            "after=99999999999999999999999",
+            "epoch=xyz",
+            "epoch=ff",
+        ] {
+            let e = parse_page_query(Some(bad)).unwrap_err();
+            assert_eq!(e.status, http::StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(e.code, ErrorCode::PaginationNumberInvalid, "{bad}");
+        }
+    }
 
     #[test]
     fn metrics_stats_and_admin_paths_are_admin_only() {

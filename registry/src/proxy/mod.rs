@@ -298,6 +298,8 @@ pub struct ProxyInner {
     pub peers: Option<Peers>,
     /// Shared-tier bookkeeping: last uses, the bucket bound, multipart clean-up.
     pub shared_upkeep: shared::Upkeep,
+    /// What this mirror purged recently, for its spokes (kept in the store directory).
+    pub purge_log: crate::purge_log::PurgeLog,
 }
 
 impl ProxyInner {
@@ -460,6 +462,7 @@ impl Proxy {
             reserves.insert(name.clone(), registry.budget_reserve);
         }
         telemetry.set_cache_size(store.index().total_size());
+        let purge_log = crate::purge_log::PurgeLog::open(store.root());
         Ok(Proxy {
             inner: Arc::new(ProxyInner {
                 store,
@@ -481,6 +484,7 @@ impl Proxy {
                 shared,
                 shared_writes: shared::Pending::default(),
                 peers,
+                purge_log,
             }),
         })
     }

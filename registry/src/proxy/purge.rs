@@ -78,6 +78,10 @@ pub struct PurgeReport {
     /// `api::purge_fanout`); the counts above are then over all of them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<ReplicaPurge>,
+    /// The purge's place in this mirror's purge log (`<epoch>:<seq>`): spokes drop it on their
+    /// next request to this mirror (see `purge_log`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purge_log_position: Option<String>,
 }
 
 impl PurgeReport {

@@ -4,7 +4,9 @@
 //! - `blobs/<alg>/<hex>`: layer and config blobs, named by their verified digest;
 //! - `manifests/<alg>/<hex>` and `manifests/<alg>/<hex>.type`: manifest bytes and media type;
 //! - `repositories/<registry>/<name>/_tags/<tag>.json`: what a tag pointed at, and when checked;
-//! - `tmp/`: files being written; emptied at startup.
+//! - `tmp/`: files being written; emptied at startup;
+//! - `purge-log.json` (this mirror's purge log, see `purge_log`) and `parent-purges.json` (what a
+//!   spoke applied of its parent's, see `purge_sync`).
 //!
 //! Invariants: a file appears under `blobs/` or `manifests/` only by `rename` from `tmp/` after its
 //! bytes were verified against the digest and fsynced, so a crash at any point leaves either the
@@ -581,6 +583,46 @@ impl Store {
         let manifests = protected.manifests.iter().map(|d| self.manifest_path(d));
         let blobs = protected.blobs.iter().map(|d| self.blob_path(d));
         manifests.chain(blobs).collect()
+    }
+
+    /// Expires every cached tag record of `registry` (`checked_at` 0): each is revalidated on
+    /// its next request, nothing is deleted. Unreadable records are left alone. Returns how many
+    /// were expired. One read and one write per tag file.
+    pub fn expire_tags(&self, registry: &str) -> u64 {
+        let mut expired = 0;
+        for repository in self.repositories(registry) {
+            let Ok(name) = repository.parse::<RepositoryName>() else {
+                continue;
+            };
+            let Ok(entries) = std::fs::read_dir(self.repository_dir(registry, &name).join("_tags"))
+            else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let file_name = entry.file_name();
+                let Some(tag) = file_name
+                    .to_str()
+                    .and_then(|f| f.strip_suffix(".json"))
+                    .and_then(|t| t.parse::<Tag>().ok())
+                else {
+                    continue;
+                };
+                let Ok(Some(mut record)) = self.read_tag(registry, &name, &tag) else {
+                    continue;
+                };
+                if record.checked_at == 0 {
+                    continue;
+                }
+                record.checked_at = 0;
+                match self.write_tag(registry, &name, &tag, &record) {
+                    Ok(()) => expired += 1,
+                    Err(e) => {
+                        tracing::warn!(registry, repository, %tag, error = %e, "cannot expire a cached tag")
+                    }
+                }
+            }
+        }
+        expired
     }
 
     /// Removes a tag record (a purge); false when there was none.

@@ -442,6 +442,38 @@ impl SharedStore {
         Ok(found)
     }
 
+    /// Expires every tag record of `registry` in the bucket (`checkedAt` 0, see
+    /// `Store::expire_tags`): one list, then one read and one write per record. Returns how
+    /// many were expired; records that do not parse are left alone.
+    pub async fn expire_tags(&self, registry: &str) -> Result<u64, SharedStoreError> {
+        let base = format!("repositories/{registry}/");
+        let mut expired = 0;
+        for object in self.list(&base).await? {
+            let Some((repository, tag)) = object
+                .key
+                .strip_prefix(&base)
+                .and_then(|rest| rest.split_once("/_tags/"))
+                .and_then(|(r, t)| Some((r, t.strip_suffix(".json")?)))
+            else {
+                continue;
+            };
+            let (Ok(name), Ok(tag)) = (repository.parse::<RepositoryName>(), tag.parse::<Tag>())
+            else {
+                continue;
+            };
+            let Some(mut record) = self.read_tag(registry, &name, &tag).await? else {
+                continue;
+            };
+            if record.checked_at == 0 {
+                continue;
+            }
+            record.checked_at = 0;
+            self.write_tag(registry, &name, &tag, &record).await?;
+            expired += 1;
+        }
+        Ok(expired)
+    }
+
     /// Every object below `key_prefix` (relative to the store's prefix).
     pub async fn list(&self, key_prefix: &str) -> Result<Vec<SharedObject>, SharedStoreError> {
         let path = self.path(key_prefix);

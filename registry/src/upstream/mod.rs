@@ -188,6 +188,9 @@ pub struct Upstream {
     /// The token sent to the parent (`parent.bearerTokenFile`): every request carries it and
     /// no challenge is followed.
     parent_token: Option<Arc<crate::token_file::TokenFile>>,
+    /// Set when this upstream is the parent mirror: where the purge log position its answers
+    /// announce goes (see [`crate::purge_sync`]).
+    purge_signal: Option<Arc<crate::purge_sync::PurgeSignal>>,
 }
 
 /// The header a replica sends with a request it forwards to the owner replica; a request
@@ -608,6 +611,9 @@ impl Upstream {
                     let status = response.status();
                     self.telemetry
                         .record_upstream(&self.name, label, status.as_str());
+                    if let Some(signal) = &self.purge_signal {
+                        signal.observe(response.headers());
+                    }
                     if matches!(target, Target::Manifest(_)) {
                         self.note_budget(response.headers());
                     }
@@ -662,6 +668,66 @@ impl Upstream {
             let base = 50u64.saturating_mul(1 << attempt.min(5));
             let jitter = rand::rng().random_range(0..=base);
             tokio::time::sleep(Duration::from_millis(base / 2 + jitter / 2)).await;
+        }
+    }
+
+    /// GETs `path_and_query` (`/v2/_cachalot/...`) from the parent mirror with this spoke's id,
+    /// client certificate and token, bounded by the response timeout; the body, at most `limit`
+    /// bytes. Not counted as an upstream request and outside the circuit: it is no pull.
+    pub async fn get_from_parent(
+        &self,
+        path_and_query: &str,
+        limit: usize,
+    ) -> Result<bytes::Bytes, UpstreamError> {
+        let url = format!("{}{path_and_query}", self.base.trim_end_matches('/'));
+        let mut request = self.client.get(&url).timeout(self.tuning.response_timeout);
+        if let Some(spoke) = &self.parent_spoke {
+            request = request.header(crate::fleet::SPOKE_HEADER, spoke.clone());
+        }
+        if let Some(token) = &self.parent_token {
+            request = request.bearer_auth(token.current());
+        }
+        let response = request.send().await.map_err(|e| {
+            if e.is_timeout() {
+                UpstreamError::Timeout {
+                    registry: self.name.clone(),
+                    timeout: self.tuning.response_timeout,
+                }
+            } else {
+                UpstreamError::Connect {
+                    registry: self.name.clone(),
+                    message: error_chain(&e),
+                }
+            }
+        })?;
+        let response = self.check_status(response).await?;
+        let too_large = || UpstreamError::Aborted {
+            message: format!("{url}: answer larger than {limit} bytes"),
+        };
+        let mut response = response;
+        let mut body = Vec::new();
+        loop {
+            match tokio::time::timeout(self.tuning.body_idle_timeout, response.chunk()).await {
+                Ok(Ok(Some(chunk))) => {
+                    if body.len() + chunk.len() > limit {
+                        return Err(too_large());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(Ok(None)) => return Ok(bytes::Bytes::from(body)),
+                Ok(Err(e)) => {
+                    return Err(UpstreamError::Connect {
+                        registry: self.name.clone(),
+                        message: error_chain(&e),
+                    })
+                }
+                Err(_) => {
+                    return Err(UpstreamError::Timeout {
+                        registry: self.name.clone(),
+                        timeout: self.tuning.body_idle_timeout,
+                    })
+                }
+            }
         }
     }
 
@@ -831,6 +897,10 @@ impl Upstreams {
             .and_then(|p| p.bearer_token_file.as_deref())
             .map(|path| crate::token_file::TokenFile::load(path).map(Arc::new))
             .transpose()?;
+        let purge_signal = config
+            .parent
+            .as_ref()
+            .map(|_| Arc::new(crate::purge_sync::PurgeSignal::default()));
         let identity = config.parent.as_ref().and_then(|p| {
             Some(ClientIdentity {
                 cert: p.client_cert_file.as_deref()?,
@@ -891,6 +961,7 @@ impl Upstreams {
                     peer: None,
                     parent_spoke: parent_spoke.clone(),
                     parent_token: parent_token.clone(),
+                    purge_signal: purge_signal.clone(),
                 }),
             );
         }
@@ -949,7 +1020,16 @@ impl Upstreams {
             }),
             parent_spoke: None,
             parent_token: None,
+            purge_signal: None,
         }))
+    }
+
+    /// With a parent: the signal its answers feed and an upstream to reach it through (every
+    /// upstream goes to the same parent with the same credentials).
+    pub fn parent_purges(&self) -> Option<(Arc<crate::purge_sync::PurgeSignal>, Arc<Upstream>)> {
+        let upstream = self.by_name.values().next()?;
+        let signal = upstream.purge_signal.as_ref()?;
+        Some((Arc::clone(signal), Arc::clone(upstream)))
     }
 
     pub fn get(&self, registry: &str) -> Option<&Arc<Upstream>> {
