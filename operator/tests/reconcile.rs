@@ -740,24 +740,16 @@ async fn an_s3_mirror_checks_its_secret_then_applies_a_stateful_set_its_peers_se
 
 #[tokio::test]
 async fn a_missing_s3_credentials_secret_is_ready_false_naming_its_field_and_applies_nothing() {
-    let (setup, _writers) = Setup::new();
-    let object = mirror_json(on_s3(), true, false);
-    let m: RegistryMirror = serde_json::from_value(object.clone()).unwrap();
-    let action = run_scenario(m, &setup, move |mut h| async move {
-        expect_secret_metadata_read(&mut h, "s3-creds", false).await;
-        let status = expect_status(&mut h, &object).await;
-        let ready = condition(&status, "Ready");
-        assert_eq!(ready["status"], "False");
-        assert_eq!(ready["reason"], "CredentialsSecretMissing");
-        assert_eq!(
-            ready["message"],
-            r#"spec.storage.s3.credentialsSecretRef.name: Secret "s3-creds" not found in namespace "cachalot""#
-        );
-        expect_event(&mut h, "CredentialsSecretMissing").await;
-        h
-    })
+    assert_missing_reference_pass(
+        on_s3(),
+        MissingReference {
+            reads: &[Read::Secret("s3-creds", false)],
+            reason: "CredentialsSecretMissing",
+            message: r#"spec.storage.s3.credentialsSecretRef.name: Secret "s3-creds" not found in namespace "cachalot""#,
+            others: &[],
+        },
+    )
     .await;
-    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
 }
 
 #[tokio::test]
@@ -807,12 +799,19 @@ fn with_credentials() -> Value {
     ]})
 }
 
-/// Expects a metadata-only read of the Secret `name` and answers it, or 404 unless `exists`.
-async fn expect_secret_metadata_read(handle: &mut Handle, name: &str, exists: bool) {
-    let (call, send) = expect(handle, Method::GET, &format!("{SECRETS}/{name}")).await;
+/// Expects a metadata-only read of `kind` `name` under `collection` and answers it, or 404
+/// unless `exists`.
+async fn expect_metadata_read(
+    handle: &mut Handle,
+    collection: &str,
+    kind: &str,
+    name: &str,
+    exists: bool,
+) {
+    let (call, send) = expect(handle, Method::GET, &format!("{collection}/{name}")).await;
     assert!(
         call.accept.contains("as=PartialObjectMetadata"),
-        "only the Secret's metadata is read: Accept {}",
+        "only the {kind}'s metadata is read: Accept {}",
         call.accept
     );
     if exists {
@@ -827,33 +826,88 @@ async fn expect_secret_metadata_read(handle: &mut Handle, name: &str, exists: bo
     }
 }
 
-#[tokio::test]
-async fn a_missing_credentials_secret_is_ready_false_naming_the_field_and_applies_nothing() {
+/// Expects a metadata-only read of the Secret `name` and answers it, or 404 unless `exists`.
+async fn expect_secret_metadata_read(handle: &mut Handle, name: &str, exists: bool) {
+    expect_metadata_read(handle, SECRETS, "Secret", name, exists).await;
+}
+
+/// Every condition but Ready.
+const ALL_BUT_READY: &[&str] = &[
+    "ProxyAvailable",
+    "NodesConfigured",
+    "CacheEffective",
+    "UpstreamBudget",
+];
+
+/// A metadata read a pass expects: the Secret or ConfigMap named, and whether it exists.
+#[derive(Clone, Copy)]
+enum Read {
+    Secret(&'static str, bool),
+    ConfigMap(&'static str, bool),
+}
+
+/// What a pass over a mirror held back by a missing reference writes.
+struct MissingReference {
+    /// The references read, metadata only, in field order: every one is read before anything
+    /// is decided.
+    reads: &'static [Read],
+    /// The reason of Ready (and of `others`): the first missing reference's.
+    reason: &'static str,
+    /// Ready's message: every missing reference, named by its field.
+    message: &'static str,
+    /// The other conditions, Unknown for the same reason.
+    others: &'static [&'static str],
+}
+
+/// Plays one pass over a mirror with `spec`: the reads, then no apply and no pod list, straight
+/// to the status (Ready False as `expected` says) and its event. With no watch on Secrets or
+/// ConfigMaps, the mirror looks again at the normal period, not in a hot loop.
+async fn assert_missing_reference_pass(spec: Value, expected: MissingReference) {
     let (setup, _writers) = Setup::new();
-    let object = mirror_json(with_credentials(), true, false);
+    let object = mirror_json(spec, true, false);
     let m: RegistryMirror = serde_json::from_value(object.clone()).unwrap();
     let action = run_scenario(m, &setup, move |mut h| async move {
-        expect_secret_metadata_read(&mut h, "quay-creds", true).await;
-        expect_secret_metadata_read(&mut h, "hub-creds", false).await;
-        // No apply and no pod list: straight to status.
+        for read in expected.reads {
+            match *read {
+                Read::Secret(name, exists) => {
+                    expect_secret_metadata_read(&mut h, name, exists).await;
+                }
+                Read::ConfigMap(name, exists) => {
+                    expect_config_map_metadata_read(&mut h, name, exists).await;
+                }
+            }
+        }
         let status = expect_status(&mut h, &object).await;
         let ready = condition(&status, "Ready");
         assert_eq!(ready["status"], "False");
-        assert_eq!(ready["reason"], "CredentialsSecretMissing");
-        assert_eq!(
-            ready["message"],
-            r#"spec.registries[1].credentialsSecret.name: Secret "hub-creds" not found in namespace "cachalot""#
-        );
-        assert_eq!(
-            condition(&status, "ProxyAvailable")["reason"],
-            "CredentialsSecretMissing"
-        );
-        expect_event(&mut h, "CredentialsSecretMissing").await;
+        assert_eq!(ready["reason"], expected.reason);
+        assert_eq!(ready["message"], expected.message);
+        for other in expected.others {
+            assert_eq!(condition(&status, other)["status"], "Unknown", "{other}");
+            assert_eq!(condition(&status, other)["reason"], expected.reason);
+        }
+        expect_event(&mut h, expected.reason).await;
         h
     })
     .await;
-    // No Secret watch: the mirror looks again at the normal period, not in a hot loop.
     assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+}
+
+#[tokio::test]
+async fn a_missing_credentials_secret_is_ready_false_naming_the_field_and_applies_nothing() {
+    assert_missing_reference_pass(
+        with_credentials(),
+        MissingReference {
+            reads: &[
+                Read::Secret("quay-creds", true),
+                Read::Secret("hub-creds", false),
+            ],
+            reason: "CredentialsSecretMissing",
+            message: r#"spec.registries[1].credentialsSecret.name: Secret "hub-creds" not found in namespace "cachalot""#,
+            others: &["ProxyAvailable"],
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -904,75 +958,43 @@ fn with_ca_config_maps() -> Value {
 
 /// Expects a metadata-only read of the ConfigMap `name` and answers it, or 404 unless `exists`.
 async fn expect_config_map_metadata_read(handle: &mut Handle, name: &str, exists: bool) {
-    let (call, send) = expect(handle, Method::GET, &format!("{CONFIG_MAPS}/{name}")).await;
-    assert!(
-        call.accept.contains("as=PartialObjectMetadata"),
-        "only the ConfigMap's metadata is read: Accept {}",
-        call.accept
-    );
-    if exists {
-        respond(
-            send,
-            StatusCode::OK,
-            &json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-                    "metadata": {"name": name, "namespace": NS}}),
-        );
-    } else {
-        not_found(send);
-    }
+    expect_metadata_read(handle, CONFIG_MAPS, "ConfigMap", name, exists).await;
 }
 
 #[tokio::test]
 async fn a_missing_ca_config_map_is_ready_false_naming_the_field_and_applies_nothing() {
-    let (setup, _writers) = Setup::new();
-    let object = mirror_json(with_ca_config_maps(), true, false);
-    let m: RegistryMirror = serde_json::from_value(object.clone()).unwrap();
-    let action = run_scenario(m, &setup, move |mut h| async move {
-        // Every reference is read, in field order, before anything is decided.
-        expect_secret_metadata_read(&mut h, "corp-creds", true).await;
-        expect_config_map_metadata_read(&mut h, "corp-ca", false).await;
-        expect_config_map_metadata_read(&mut h, "hub-ca", true).await;
-        // No apply and no pod list: straight to status.
-        let status = expect_status(&mut h, &object).await;
-        let ready = condition(&status, "Ready");
-        assert_eq!(ready["status"], "False");
-        assert_eq!(ready["reason"], "CaConfigMapMissing");
-        assert_eq!(
-            ready["message"],
-            r#"spec.registries[0].caConfigMap.name: ConfigMap "corp-ca" not found in namespace "cachalot""#
-        );
-        for other in ["ProxyAvailable", "NodesConfigured", "CacheEffective", "UpstreamBudget"] {
-            assert_eq!(condition(&status, other)["status"], "Unknown");
-            assert_eq!(condition(&status, other)["reason"], "CaConfigMapMissing");
-        }
-        expect_event(&mut h, "CaConfigMapMissing").await;
-        h
-    })
+    assert_missing_reference_pass(
+        with_ca_config_maps(),
+        MissingReference {
+            reads: &[
+                Read::Secret("corp-creds", true),
+                Read::ConfigMap("corp-ca", false),
+                Read::ConfigMap("hub-ca", true),
+            ],
+            reason: "CaConfigMapMissing",
+            message: r#"spec.registries[0].caConfigMap.name: ConfigMap "corp-ca" not found in namespace "cachalot""#,
+            others: ALL_BUT_READY,
+        },
+    )
     .await;
-    // No ConfigMap watch: the mirror looks again at the normal period, not in a hot loop.
-    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
 }
 
 #[tokio::test]
 async fn a_missing_parent_ca_config_map_is_named_by_its_field() {
-    let (setup, _writers) = Setup::new();
-    let object = mirror_json(with_ca_config_maps(), true, false);
-    let m: RegistryMirror = serde_json::from_value(object.clone()).unwrap();
-    run_scenario(m, &setup, move |mut h| async move {
-        expect_secret_metadata_read(&mut h, "corp-creds", false).await;
-        expect_config_map_metadata_read(&mut h, "corp-ca", true).await;
-        expect_config_map_metadata_read(&mut h, "hub-ca", false).await;
-        let status = expect_status(&mut h, &object).await;
-        let ready = condition(&status, "Ready");
-        // The first missing reference in field order names the reason; all are listed.
-        assert_eq!(ready["reason"], "CredentialsSecretMissing");
-        assert_eq!(
-            ready["message"],
-            r#"spec.registries[0].credentialsSecret.name: Secret "corp-creds" not found in namespace "cachalot"; spec.parent.caConfigMap.name: ConfigMap "hub-ca" not found in namespace "cachalot""#
-        );
-        expect_event(&mut h, "CredentialsSecretMissing").await;
-        h
-    })
+    assert_missing_reference_pass(
+        with_ca_config_maps(),
+        MissingReference {
+            reads: &[
+                Read::Secret("corp-creds", false),
+                Read::ConfigMap("corp-ca", true),
+                Read::ConfigMap("hub-ca", false),
+            ],
+            // The first missing reference in field order names the reason; all are listed.
+            reason: "CredentialsSecretMissing",
+            message: r#"spec.registries[0].credentialsSecret.name: Secret "corp-creds" not found in namespace "cachalot"; spec.parent.caConfigMap.name: ConfigMap "hub-ca" not found in namespace "cachalot""#,
+            others: &[],
+        },
+    )
     .await;
 }
 
@@ -1242,7 +1264,6 @@ async fn a_failed_ca_config_map_check_is_a_transient_error_that_applies_nothing(
 
 #[tokio::test]
 async fn a_missing_node_client_certificate_secret_is_tls_secret_missing_naming_its_field() {
-    let (setup, _writers) = Setup::new();
     let spec = json!({
         "registries": [{"name": "docker.io"}],
         "service": {"type": "NodePort"},
@@ -1250,33 +1271,23 @@ async fn a_missing_node_client_certificate_secret_is_tls_secret_missing_naming_i
                 "clientAuth": {"caSecretKey": "ca.crt",
                                "nodeClientCertSecret": {"name": "mirror-nodes"}}}
     });
-    let object = mirror_json(spec, true, false);
-    let m: RegistryMirror = serde_json::from_value(object.clone()).unwrap();
-    let action = run_scenario(m, &setup, move |mut h| async move {
-        expect_secret_metadata_read(&mut h, "mirror-tls", true).await;
-        expect_secret_metadata_read(&mut h, "mirror-nodes", false).await;
-        let status = expect_status(&mut h, &object).await;
-        let ready = condition(&status, "Ready");
-        assert_eq!(ready["status"], "False");
-        assert_eq!(ready["reason"], "TlsSecretMissing");
-        assert_eq!(
-            ready["message"],
-            r#"spec.tls.clientAuth.nodeClientCertSecret.name: Secret "mirror-nodes" not found in namespace "cachalot""#
-        );
-        assert_eq!(
-            condition(&status, "NodesConfigured")["reason"],
-            "TlsSecretMissing"
-        );
-        expect_event(&mut h, "TlsSecretMissing").await;
-        h
-    })
+    assert_missing_reference_pass(
+        spec,
+        MissingReference {
+            reads: &[
+                Read::Secret("mirror-tls", true),
+                Read::Secret("mirror-nodes", false),
+            ],
+            reason: "TlsSecretMissing",
+            message: r#"spec.tls.clientAuth.nodeClientCertSecret.name: Secret "mirror-nodes" not found in namespace "cachalot""#,
+            others: &["NodesConfigured"],
+        },
+    )
     .await;
-    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
 }
 
 #[tokio::test]
 async fn a_missing_tls_secret_is_ready_false_with_tls_secret_missing_and_applies_nothing() {
-    let (setup, _writers) = Setup::new();
     let spec = json!({
         "registries": [{"name": "docker.io"}],
         "parent": {"url": "https://hub.example:30500",
@@ -1284,33 +1295,20 @@ async fn a_missing_tls_secret_is_ready_false_with_tls_secret_missing_and_applies
         "tls": {"secretName": "mirror-tls",
                 "clientAuth": {"bearerTokenSecret": {"name": "spoke-tokens", "key": "token"}}}
     });
-    let object = mirror_json(spec, true, false);
-    let m: RegistryMirror = serde_json::from_value(object.clone()).unwrap();
-    let action = run_scenario(m, &setup, move |mut h| async move {
-        // Metadata only, in field order: the parent's client certificate, the mirror's
-        // certificate, the clients' token.
-        expect_secret_metadata_read(&mut h, "spoke-client", true).await;
-        expect_secret_metadata_read(&mut h, "mirror-tls", false).await;
-        expect_secret_metadata_read(&mut h, "spoke-tokens", true).await;
-        let status = expect_status(&mut h, &object).await;
-        let ready = condition(&status, "Ready");
-        assert_eq!(ready["status"], "False");
-        assert_eq!(ready["reason"], "TlsSecretMissing");
-        assert_eq!(
-            ready["message"],
-            r#"spec.tls.secretName: Secret "mirror-tls" not found in namespace "cachalot""#
-        );
-        for other in [
-            "ProxyAvailable",
-            "NodesConfigured",
-            "CacheEffective",
-            "UpstreamBudget",
-        ] {
-            assert_eq!(condition(&status, other)["reason"], "TlsSecretMissing");
-        }
-        expect_event(&mut h, "TlsSecretMissing").await;
-        h
-    })
+    assert_missing_reference_pass(
+        spec,
+        MissingReference {
+            // Metadata only, in field order: the parent's client certificate, the mirror's
+            // certificate, the clients' token.
+            reads: &[
+                Read::Secret("spoke-client", true),
+                Read::Secret("mirror-tls", false),
+                Read::Secret("spoke-tokens", true),
+            ],
+            reason: "TlsSecretMissing",
+            message: r#"spec.tls.secretName: Secret "mirror-tls" not found in namespace "cachalot""#,
+            others: ALL_BUT_READY,
+        },
+    )
     .await;
-    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
 }
