@@ -18,15 +18,14 @@ use cachalot_operator::node_agent::plan::reconcile_node;
 use cachalot_operator::node_agent::protocol::{
     DesiredRegistry, DesiredState, Fallback, Reason, Runtime,
 };
-use cachalot_operator::node_agent::{run_until, Args};
-use cachalot_testkit::client::http_client;
+use cachalot_operator::node_agent::Args;
 use cachalot_testkit::distribution::Distribution;
 use cachalot_testkit::fault::FaultProxy;
 use cachalot_testkit::image::{docker_image, push};
 use cachalot_testkit::process::LoggedChild;
 use cachalot_testkit::wait::{free_port, wait_for};
-use common::node::{agent_args, desired, AgentEndpoint, NodeDirs};
-use common::spawn_registry;
+use common::node::{agent_args, desired, NodeDirs, RunningAgent};
+use common::{admin_stats, spawn_registry};
 
 const PODMAN: &str = "/usr/bin/podman";
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -196,16 +195,7 @@ async fn podman_pulls_two_registries_through_the_real_registry_by_the_agents_pat
             "{name}: manifest, config and layer from its upstream, saw {fetched}"
         );
     }
-    let stats = http_client()
-        .unwrap()
-        .get(format!("{registry_admin}/stats"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&stats).unwrap();
+    let stats = admin_stats(&registry_admin).await;
     for name in ["docker.io", "ghcr.io"] {
         assert!(
             stats["registries"][name]["misses"].as_u64().unwrap() >= 3,
@@ -282,17 +272,11 @@ async fn a_changed_dropin_is_followed_by_one_sighup_to_the_pid_in_the_pid_file()
     };
     node.write_desired(&crio_desired("g1", mirror_a.url()));
 
-    let port = free_port().unwrap();
-    let args = Args {
+    let agent = RunningAgent::spawn(Args {
         registries_conf_dir: Some(conf_dir.clone()),
         crio_pid_file: Some(pid_file.clone()),
-        ..agent_args(&node, port)
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(run_until(args, async move {
-        let _ = stopped.await;
-    }));
-    let agent = AgentEndpoint::new(port);
+        ..agent_args(&node, free_port().unwrap())
+    });
     let dropin = conf_dir.join("50-cachalot-cachalot-hub.conf");
 
     // No pid file yet: the drop-in is written, CRI-O cannot be told, the node says why.
@@ -337,10 +321,5 @@ async fn a_changed_dropin_is_followed_by_one_sighup_to_the_pid_in_the_pid_file()
     .unwrap();
     assert_eq!(crio.hups(), 2, "no SIGHUP without a change");
 
-    let _ = stop.send(());
-    tokio::time::timeout(DEADLINE, task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    agent.stop().await;
 }

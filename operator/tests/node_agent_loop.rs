@@ -8,73 +8,34 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use cachalot_operator::node_agent::protocol::{
     AgentStatus, DesiredRegistry, Reason, RegistryState,
 };
-use cachalot_operator::node_agent::{run_until, Args};
+use cachalot_operator::node_agent::Args;
 use cachalot_testkit::distribution::Distribution;
 use cachalot_testkit::fault::FaultProxy;
 use cachalot_testkit::wait::free_port;
-use common::node::{agent_args, desired, AgentEndpoint, NodeDirs};
+use common::node::{agent_args, desired, NodeDirs, RunningAgent};
 
-/// Bound of the agent's shutdown.
-const DEADLINE: Duration = Duration::from_secs(20);
-
-/// The agent loop running in this process, answering on [`AgentEndpoint`].
-struct Agent {
-    endpoint: AgentEndpoint,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<Result<(), cachalot_operator::node_agent::RunError>>,
+/// The agent loop on `node`, answering on a free port, following `containerd_config`.
+fn start_agent(node: &NodeDirs, containerd_config: Option<PathBuf>) -> RunningAgent {
+    start_agent_with(node, containerd_config, None)
 }
 
-impl std::ops::Deref for Agent {
-    type Target = AgentEndpoint;
-    fn deref(&self) -> &AgentEndpoint {
-        &self.endpoint
-    }
-}
-
-impl Agent {
-    fn start(node: &NodeDirs, containerd_config: Option<PathBuf>) -> Self {
-        Self::start_with(node, containerd_config, None)
-    }
-
-    /// As [`Agent::start`], with `host_containerd_config`: the config's path as containerd sees
-    /// it, against which the agent maps absolute `imports` onto the mounted directory.
-    fn start_with(
-        node: &NodeDirs,
-        containerd_config: Option<PathBuf>,
-        host_containerd_config: Option<&str>,
-    ) -> Self {
-        let port = free_port().unwrap();
-        let args = Args {
-            containerd_config,
-            host_certs_dir: Some("/etc/containerd/certs.d".into()),
-            host_containerd_config: host_containerd_config.map(str::to_owned),
-            ..agent_args(node, port)
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(run_until(args, async move {
-            let _ = rx.await;
-        }));
-        Self {
-            endpoint: AgentEndpoint::new(port),
-            stop: Some(tx),
-            task,
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        let result = tokio::time::timeout(DEADLINE, self.task)
-            .await
-            .expect("agent stops in time");
-        result.unwrap().unwrap();
-    }
+/// As [`start_agent`], with `host_containerd_config`: the config's path as containerd sees it,
+/// against which the agent maps absolute `imports` onto the mounted directory.
+fn start_agent_with(
+    node: &NodeDirs,
+    containerd_config: Option<PathBuf>,
+    host_containerd_config: Option<&str>,
+) -> RunningAgent {
+    RunningAgent::spawn(Args {
+        containerd_config,
+        host_certs_dir: Some("/etc/containerd/certs.d".into()),
+        host_containerd_config: host_containerd_config.map(str::to_owned),
+        ..agent_args(node, free_port().unwrap())
+    })
 }
 
 /// A node with a mirror (a FaultProxy in front of a real distribution) and, when given, a
@@ -108,7 +69,7 @@ const GOOD_CONTAINERD: &str =
 async fn dead_mirror_is_taken_out_after_unreachable_after_and_put_back_when_it_answers() {
     let (node, containerd, _upstream, mirror) = node_with_mirror(Some(GOOD_CONTAINERD)).await;
     node.write_desired(&desired("g1", vec![mirror.url()]));
-    let agent = Agent::start(&node, containerd);
+    let agent = start_agent(&node, containerd);
     let hosts = node.certs.join("docker.io/hosts.toml");
 
     let s = agent.wait("configured", |s| s.ready).await;
@@ -150,7 +111,7 @@ async fn dead_mirror_is_taken_out_after_unreachable_after_and_put_back_when_it_a
 async fn desired_file_changes_are_followed_and_invalid_content_keeps_the_last_good_state() {
     let (node, _, _upstream, mirror) = node_with_mirror(None).await;
     let certs = &node.certs;
-    let agent = Agent::start(&node, None);
+    let agent = start_agent(&node, None);
 
     // No desired file yet: not ready, reported, nothing written.
     let s = agent
@@ -203,7 +164,7 @@ async fn containerd_without_config_path_is_reported_and_node_is_not_ready() {
     let (node, containerd, _upstream, mirror) = node_with_mirror(Some("version = 3\n")).await;
     let containerd = containerd.unwrap();
     node.write_desired(&desired("g1", vec![mirror.url()]));
-    let agent = Agent::start(&node, Some(containerd.clone()));
+    let agent = start_agent(&node, Some(containerd.clone()));
     let s = agent.wait("applied", |s| s.generation == "g1").await;
     assert_eq!(s.containerd.config_version, Some(3));
     assert_eq!(s.containerd.problems[0].reason, Reason::ConfigPathNotSet);
@@ -242,7 +203,7 @@ async fn the_real_containerd_2_4_default_is_fixed_by_a_conf_d_drop_in_the_agent_
     let conf_d = containerd.parent().unwrap().join("conf.d");
     std::fs::create_dir(&conf_d).unwrap();
     node.write_desired(&desired("g1", vec![mirror.url()]));
-    let agent = Agent::start_with(
+    let agent = start_agent_with(
         &node,
         Some(containerd.clone()),
         Some("/etc/containerd/config.toml"),
@@ -312,7 +273,7 @@ async fn a_node_client_certificate_that_does_not_load_is_reported_and_nothing_is
         key_file: key.display().to_string(),
     });
     node.write_desired(&state);
-    let agent = Agent::start(&node, None);
+    let agent = start_agent(&node, None);
     let s = agent
         .wait("the pair is reported", |s| {
             s.generation == "g1"

@@ -13,7 +13,6 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use cachalot_operator::api::RegistryMirror;
 use cachalot_operator::controller::build::{
@@ -21,11 +20,11 @@ use cachalot_operator::controller::build::{
     MIRROR_CA_KEY, TLS_DIR,
 };
 use cachalot_operator::controller::validate::{validate, Validated};
-use cachalot_operator::node_agent::protocol::{Reason, RegistryState};
+use cachalot_operator::node_agent::protocol::{AgentStatus, DesiredState, Reason, RegistryState};
 use cachalot_operator::node_agent::render::{
     CA_FILE_NAME, CLIENT_CERT_FILE_NAME, CLIENT_KEY_FILE_NAME,
 };
-use cachalot_operator::node_agent::{run_until, Args};
+use cachalot_operator::node_agent::Args;
 use cachalot_testkit::certs::TestCa;
 use cachalot_testkit::client::http_client;
 use cachalot_testkit::containerd::Containerd;
@@ -33,10 +32,8 @@ use cachalot_testkit::distribution::Distribution;
 use cachalot_testkit::image::{docker_image, push};
 use cachalot_testkit::process::LoggedChild;
 use cachalot_testkit::wait::free_port;
-use common::node::{agent_args, AgentEndpoint, NodeDirs};
-use common::spawn_registry;
-
-const DEADLINE: Duration = Duration::from_secs(30);
+use common::node::{agent_args, NodeDirs, RunningAgent};
+use common::{admin_stats, spawn_registry};
 
 /// Where the kubelet would mount `pod_path`, under `root`.
 fn rebased(root: &Path, pod_path: &str) -> PathBuf {
@@ -62,6 +59,21 @@ fn registry_binary() -> PathBuf {
     binary
 }
 
+/// A distribution serving `library/<repository>:v1`, an image of `layers` (sizes) from `seed`.
+async fn upstream_with(repository: &str, seed: u64, layers: &[u64]) -> Distribution {
+    let upstream = Distribution::start().await.unwrap();
+    let image = docker_image(seed, layers).unwrap();
+    push(
+        &upstream.url(),
+        &format!("library/{repository}"),
+        "v1",
+        &image,
+    )
+    .await
+    .unwrap();
+    upstream
+}
+
 /// The mirror as a user writes it, with `tls` as given; docker.io points at `upstream`.
 fn tls_mirror(upstream: &str, tls: serde_json::Value) -> (RegistryMirror, Validated) {
     let mirror: RegistryMirror = serde_json::from_value(serde_json::json!({
@@ -78,9 +90,11 @@ fn tls_mirror(upstream: &str, tls: serde_json::Value) -> (RegistryMirror, Valida
     (mirror, v)
 }
 
-/// A registry pod as the build makes it: the TLS Secret's `keys` (name, PEM) where the kubelet
-/// mounts them under `pod`, the built config rebased there, started as a real process.
+/// A registry pod as the build makes it: the TLS Secret's keys where the kubelet mounts them
+/// under a temp dir, the built config rebased there, started as a real process.
 struct TlsPod {
+    /// The pod's files, removed on drop.
+    _dir: tempfile::TempDir,
     registry: LoggedChild,
     /// The public (TLS) port.
     port: u16,
@@ -90,12 +104,24 @@ struct TlsPod {
     config: String,
 }
 
+/// Starts the pod of `mirror` with a TLS Secret whose `tls.crt`/`tls.key` `ca` signs for
+/// 127.0.0.1, and whose `ca.crt` is `ca`'s certificate when `with_ca_crt`.
 async fn start_tls_pod(
     mirror: &RegistryMirror,
     v: &Validated,
-    pod: &Path,
-    keys: &[(&str, &str)],
+    ca: &TestCa,
+    with_ca_crt: bool,
 ) -> TlsPod {
+    let dir = tempfile::tempdir().unwrap();
+    let pod = dir.path();
+    let server = ca
+        .server("cachalot", &[IpAddr::V4(Ipv4Addr::LOCALHOST)], &[])
+        .unwrap();
+    let ca_pem = ca.pem();
+    let mut keys = vec![("tls.crt", &server.cert_pem), ("tls.key", &server.key_pem)];
+    if with_ca_crt {
+        keys.push(("ca.crt", &ca_pem));
+    }
     for (key, pem) in keys {
         write(&rebased(pod, &format!("{TLS_DIR}/{key}")), pem);
     }
@@ -132,6 +158,7 @@ async fn start_tls_pod(
     )
     .await;
     TlsPod {
+        _dir: dir,
         registry,
         port,
         admin,
@@ -141,60 +168,85 @@ async fn start_tls_pod(
 
 /// The registry's `misses` from its admin `/stats`.
 async fn misses(admin: &str) -> u64 {
-    let body = http_client()
-        .unwrap()
-        .get(format!("{admin}/stats"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    let stats: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let stats = admin_stats(admin).await;
     stats["misses"]
         .as_u64()
         .unwrap_or_else(|| panic!("no misses in {stats}"))
 }
 
+/// The desired state `build` gives the nodes of `mirror` served at `endpoint`, as the agent on
+/// `node` reads it: the mirror's CA (`ca_pem`) written where the agent's mount would put it,
+/// `server` going nowhere (a pull can only succeed through the mirror) and a mirror taken out
+/// after 2 s unreachable. Not written yet.
+fn node_desired(
+    mirror: &RegistryMirror,
+    v: &Validated,
+    node: &NodeDirs,
+    endpoint: &str,
+    ca_pem: &str,
+) -> DesiredState {
+    let mut desired = desired_state(mirror, v, Some(endpoint), false).unwrap();
+    let built_ca = format!("{AGENT_MIRROR_CA_DIR}/{MIRROR_CA_KEY}");
+    assert_eq!(desired.mirror_ca_file.as_deref(), Some(built_ca.as_str()));
+    let ca_mount = rebased(node.path(), &built_ca);
+    write(&ca_mount, ca_pem);
+    desired.mirror_ca_file = Some(ca_mount.display().to_string());
+    desired.registries[0].server = Some("http://127.0.0.1:1".to_string());
+    desired.unreachable_after = "2s".to_string();
+    desired
+}
+
+/// The agent loop on `node`, writing into its `certs.d` as containerd sees it.
+fn start_agent(node: &NodeDirs) -> RunningAgent {
+    RunningAgent::spawn(Args {
+        host_certs_dir: Some(node.certs.display().to_string()),
+        ..agent_args(node, free_port().unwrap())
+    })
+}
+
+/// The agent reports docker.io configured through the mirror, and is ready.
+fn docker_io_configured(s: &AgentStatus) -> bool {
+    s.ready
+        && s.registries
+            .iter()
+            .any(|r| r.registry == "docker.io" && r.state == RegistryState::Configured)
+}
+
+/// The mirror goes: the agent removes every file it wrote (docker.io's directory with them),
+/// then stops.
+async fn remove_and_stop(node: &NodeDirs, mut desired: DesiredState, agent: RunningAgent) {
+    desired.removing = true;
+    node.write_desired(&desired);
+    agent
+        .wait("the agent removes its files", |s| {
+            s.managed_files.is_empty()
+        })
+        .await;
+    assert!(!node.certs.join("docker.io").exists());
+    agent.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_built_tls_mirror_serves_a_real_containerd_through_the_agents_hosts_toml_and_ca() {
-    let upstream = Distribution::start().await.unwrap();
-    let image = docker_image(1406, &[64 * 1024, 32 * 1024]).unwrap();
-    push(&upstream.url(), "library/tlsdemo", "v1", &image)
-        .await
-        .unwrap();
+    let upstream = upstream_with("tlsdemo", 1406, &[64 * 1024, 32 * 1024]).await;
     let (mirror, v) = tls_mirror(
         &upstream.url(),
         serde_json::json!({"secretName": "hub-tls"}),
     );
 
     // The pod: the Secret's keys where the kubelet mounts them, the built config rebased.
-    let pod = tempfile::tempdir().unwrap();
     let ca = TestCa::new("mirror CA").unwrap();
     let ca_pem = ca.pem();
-    let signed = ca
-        .server("cachalot", &[IpAddr::V4(Ipv4Addr::LOCALHOST)], &[])
-        .unwrap();
-    let TlsPod {
-        registry,
-        port,
-        admin,
-        config,
-    } = start_tls_pod(
-        &mirror,
-        &v,
-        pod.path(),
-        &[("tls.crt", &signed.cert_pem), ("tls.key", &signed.key_pem)],
-    )
-    .await;
+    let pod = start_tls_pod(&mirror, &v, &ca, false).await;
     assert!(
-        config.contains("certFile: /etc/cachalot/tls/tls.crt"),
-        "{config}"
+        pod.config.contains("certFile: /etc/cachalot/tls/tls.crt"),
+        "{}",
+        pod.config
     );
     let client = http_client().unwrap();
     // The public port speaks TLS only.
     let plain = client
-        .get(format!("http://127.0.0.1:{port}/v2/"))
+        .get(format!("http://127.0.0.1:{}/v2/", pod.port))
         .send()
         .await;
     assert!(
@@ -204,41 +256,15 @@ async fn the_built_tls_mirror_serves_a_real_containerd_through_the_agents_hosts_
 
     // The node: the agent's mount of `ca.crt`, and the desired state the operator writes.
     let node = NodeDirs::new();
-    let endpoint = format!("https://127.0.0.1:{port}");
-    let mut desired = desired_state(&mirror, &v, Some(&endpoint), false).unwrap();
-    let ca_mount = rebased(
-        node.path(),
-        &format!("{AGENT_MIRROR_CA_DIR}/{MIRROR_CA_KEY}"),
-    );
-    assert_eq!(
-        desired.mirror_ca_file.as_deref(),
-        Some(format!("{AGENT_MIRROR_CA_DIR}/{MIRROR_CA_KEY}").as_str())
-    );
-    desired.mirror_ca_file = Some(ca_mount.display().to_string());
-    // `server` goes nowhere: a pull can only succeed through the mirror.
-    desired.registries[0].server = Some("http://127.0.0.1:1".to_string());
-    desired.unreachable_after = "2s".to_string();
-    write(&ca_mount, &ca_pem);
+    let endpoint = format!("https://127.0.0.1:{}", pod.port);
+    let desired = node_desired(&mirror, &v, &node, &endpoint, &ca_pem);
     node.write_desired(&desired);
 
-    let agent_port = free_port().unwrap();
-    let args = Args {
-        host_certs_dir: Some(node.certs.display().to_string()),
-        ..agent_args(&node, agent_port)
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(run_until(args, async move {
-        let _ = stopped.await;
-    }));
-    let status = AgentEndpoint::new(agent_port)
+    let agent = start_agent(&node);
+    let status = agent
         .wait(
             "the agent configures docker.io through the TLS mirror",
-            |s| {
-                s.ready
-                    && s.registries
-                        .iter()
-                        .any(|r| r.registry == "docker.io" && r.state == RegistryState::Configured)
-            },
+            docker_io_configured,
         )
         .await;
     let ca_file = node.certs.join("docker.io").join(CA_FILE_NAME);
@@ -267,35 +293,18 @@ async fn the_built_tls_mirror_serves_a_real_containerd_through_the_agents_hosts_
         "pull over TLS failed: {}\n{}\n{}",
         pull.stderr,
         containerd.log_tail(),
-        registry.log_tail()
+        pod.registry.log_tail()
     );
-    let misses = misses(&admin).await;
+    let misses = misses(&pod.admin).await;
     assert!(misses >= 3, "misses {misses}");
 
     // The mirror goes: the agent removes hosts.toml, then the CA, then the directory.
-    desired.removing = true;
-    node.write_desired(&desired);
-    AgentEndpoint::new(agent_port)
-        .wait("the agent removes its files", |s| {
-            s.managed_files.is_empty()
-        })
-        .await;
-    assert!(!node.certs.join("docker.io").exists());
-    let _ = stop.send(());
-    tokio::time::timeout(DEADLINE, agent)
-        .await
-        .expect("agent stops in time")
-        .unwrap()
-        .unwrap();
+    remove_and_stop(&node, desired, agent).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mtls_mirror_serves_its_own_nodes_only_with_the_node_client_certificate() {
-    let upstream = Distribution::start().await.unwrap();
-    let image = docker_image(1407, &[48 * 1024, 16 * 1024]).unwrap();
-    push(&upstream.url(), "library/mtlsdemo", "v1", &image)
-        .await
-        .unwrap();
+    let upstream = upstream_with("mtlsdemo", 1407, &[48 * 1024, 16 * 1024]).await;
     let (mirror, v) = tls_mirror(
         &upstream.url(),
         serde_json::json!({"secretName": "hub-tls",
@@ -305,65 +314,29 @@ async fn an_mtls_mirror_serves_its_own_nodes_only_with_the_node_client_certifica
 
     // One CA signs the server's and the nodes' certificates (cert-manager's usual shape: the
     // Secret's ca.crt is both the CA nodes trust and the client CA).
-    let pod = tempfile::tempdir().unwrap();
     let ca = TestCa::new("hub CA").unwrap();
     let ca_pem = ca.pem();
-    let server = ca
-        .server("cachalot", &[IpAddr::V4(Ipv4Addr::LOCALHOST)], &[])
-        .unwrap();
-    let TlsPod {
-        registry,
-        port,
-        admin,
-        config,
-    } = start_tls_pod(
-        &mirror,
-        &v,
-        pod.path(),
-        &[
-            ("tls.crt", &server.cert_pem),
-            ("tls.key", &server.key_pem),
-            ("ca.crt", &ca_pem),
-        ],
-    )
-    .await;
+    let pod = start_tls_pod(&mirror, &v, &ca, true).await;
     assert!(
-        config.contains("clientCaFile: /etc/cachalot/tls/ca.crt"),
-        "{config}"
+        pod.config
+            .contains("clientCaFile: /etc/cachalot/tls/ca.crt"),
+        "{}",
+        pod.config
     );
 
     // The node: the CA mount, and the desired state as built but first without the node
     // certificate, as before `nodeClientCertSecret` existed.
     let node = NodeDirs::new();
-    let endpoint = format!("https://127.0.0.1:{port}");
-    let mut desired = desired_state(&mirror, &v, Some(&endpoint), false).unwrap();
-    let built_client = desired.mirror_client_cert.clone().unwrap();
+    let endpoint = format!("https://127.0.0.1:{}", pod.port);
+    let mut desired = node_desired(&mirror, &v, &node, &endpoint, &ca_pem);
+    let built_client = desired.mirror_client_cert.take().unwrap();
     assert_eq!(
         built_client.key_file,
         format!("{AGENT_NODE_CLIENT_DIR}/tls.key")
     );
-    let ca_mount = rebased(
-        node.path(),
-        &format!("{AGENT_MIRROR_CA_DIR}/{MIRROR_CA_KEY}"),
-    );
-    write(&ca_mount, &ca_pem);
-    desired.mirror_ca_file = Some(ca_mount.display().to_string());
-    desired.mirror_client_cert = None;
-    // `server` goes nowhere: a pull can only succeed through the mirror.
-    desired.registries[0].server = Some("http://127.0.0.1:1".to_string());
-    desired.unreachable_after = "2s".to_string();
     node.write_desired(&desired);
-    let agent_port = free_port().unwrap();
-    let args = Args {
-        host_certs_dir: Some(node.certs.display().to_string()),
-        ..agent_args(&node, agent_port)
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(run_until(args, async move {
-        let _ = stopped.await;
-    }));
-    let agent_status = AgentEndpoint::new(agent_port);
-    let status = agent_status
+    let agent = start_agent(&node);
+    let status = agent
         .wait(
             "without a client certificate the mirror fails the probe",
             |s| {
@@ -386,7 +359,7 @@ async fn an_mtls_mirror_serves_its_own_nodes_only_with_the_node_client_certifica
         !refused.success(),
         "without the node certificate nothing serves the pull"
     );
-    assert_eq!(misses(&admin).await, 0, "the mirror was not used");
+    assert_eq!(misses(&pod.admin).await, 0, "the mirror was not used");
 
     // The Secret mounted into the agent: it installs the pair and containerd presents it.
     let cert_mount = rebased(node.path(), &built_client.cert_file);
@@ -399,15 +372,10 @@ async fn an_mtls_mirror_serves_its_own_nodes_only_with_the_node_client_certifica
         key_file: key_mount.display().to_string(),
     });
     node.write_desired(&desired);
-    let status = agent_status
+    let status = agent
         .wait(
             "with the node certificate the agent configures docker.io through the mirror",
-            |s| {
-                s.ready
-                    && s.registries
-                        .iter()
-                        .any(|r| r.registry == "docker.io" && r.state == RegistryState::Configured)
-            },
+            docker_io_configured,
         )
         .await;
     let dir = node.certs.join("docker.io");
@@ -444,9 +412,9 @@ async fn an_mtls_mirror_serves_its_own_nodes_only_with_the_node_client_certifica
         "pull over mTLS failed: {}\n{}\n{}",
         pull.stderr,
         containerd.log_tail(),
-        registry.log_tail()
+        pod.registry.log_tail()
     );
-    let counted = misses(&admin).await;
+    let counted = misses(&pod.admin).await;
     assert!(
         counted >= 3,
         "the mirror counted the pull: misses {counted}"
@@ -455,7 +423,7 @@ async fn an_mtls_mirror_serves_its_own_nodes_only_with_the_node_client_certifica
     // The field goes: the agent removes the line, then the files (the CA stays).
     desired.mirror_client_cert = None;
     node.write_desired(&desired);
-    agent_status
+    agent
         .wait("the agent removes the client certificate", |s| {
             !s.managed_files
                 .iter()
@@ -467,18 +435,5 @@ async fn an_mtls_mirror_serves_its_own_nodes_only_with_the_node_client_certifica
         .unwrap()
         .contains("client"));
 
-    desired.removing = true;
-    node.write_desired(&desired);
-    agent_status
-        .wait("the agent removes its files", |s| {
-            s.managed_files.is_empty()
-        })
-        .await;
-    assert!(!dir.exists());
-    let _ = stop.send(());
-    tokio::time::timeout(DEADLINE, agent)
-        .await
-        .expect("agent stops in time")
-        .unwrap()
-        .unwrap();
+    remove_and_stop(&node, desired, agent).await;
 }

@@ -4,7 +4,8 @@
 //! - [`cluster`]: a real control plane with the cachalot image on its fake nodes, the CRD, waits;
 //! - [`node`]: a node's directories, desired states and polling an agent's `/status`;
 //! - [`registry_stats`]: what a registry pod's `/stats` reports, for fake probes;
-//! - [`spawn_registry`]: a real `cachalot-registry` process, waited for until `/readyz` answers;
+//! - [`spawn_registry`]: a real `cachalot-registry` process, waited for until `/readyz` answers,
+//!   and [`admin_stats`]: what such a process's `/stats` says;
 //! - [`listed_caches`] and [`hold`]: the operator's caches of owned objects, fed by hand as the
 //!   watches would.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -89,4 +90,19 @@ pub async fn spawn_registry(
         panic!("cachalot-registry did not start: {e}\n{}", child.log_tail());
     }
     child
+}
+
+/// What the registry whose admin base URL is `admin` (`http://127.0.0.1:<port>`) reports on
+/// `/stats`.
+pub async fn admin_stats(admin: &str) -> Value {
+    let body = http_client()
+        .unwrap()
+        .get(format!("{admin}/stats"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    serde_json::from_slice(&body).unwrap()
 }

@@ -1,6 +1,7 @@
 //! One node as the node agent sees it, for the agent's loop tests: a temp dir with an empty
 //! `certs.d` and the desired-state file the agent follows, desired states, and the agent's HTTP
-//! endpoint polled (with a deadline) until its `/status` says what a test waits for.
+//! endpoint polled (with a deadline) until its `/status` says what a test waits for; the agent
+//! loop itself run in this process ([`RunningAgent`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,6 +15,48 @@ use cachalot_testkit::wait::wait_for;
 /// Bound of every wait for an agent's status.
 const DEADLINE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(50);
+
+/// The agent loop (library `run_until`) running in this process, answering on its
+/// [`AgentEndpoint`] (which it derefs to).
+pub struct RunningAgent {
+    pub endpoint: AgentEndpoint,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), cachalot_operator::node_agent::RunError>>,
+}
+
+impl std::ops::Deref for RunningAgent {
+    type Target = AgentEndpoint;
+    fn deref(&self) -> &AgentEndpoint {
+        &self.endpoint
+    }
+}
+
+impl RunningAgent {
+    /// Starts the loop with `args`; its endpoint is `args.listen`'s port on 127.0.0.1.
+    pub fn spawn(args: cachalot_operator::node_agent::Args) -> Self {
+        let port = args.listen.port();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(cachalot_operator::node_agent::run_until(args, async move {
+            let _ = rx.await;
+        }));
+        Self {
+            endpoint: AgentEndpoint::new(port),
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    /// Asks the loop to stop and fails unless it ends, cleanly, within the deadline.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let result = tokio::time::timeout(DEADLINE, self.task)
+            .await
+            .expect("agent stops in time");
+        result.unwrap().unwrap();
+    }
+}
 
 /// A node's directories, removed on drop.
 pub struct NodeDirs {
