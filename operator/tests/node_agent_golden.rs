@@ -17,7 +17,7 @@ use cachalot_operator::node_agent::containerd::{
 };
 use cachalot_operator::node_agent::plan::{
     reconcile_node, reconcile_node_with_ca, reconcile_node_with_tls, Action, NodeCa,
-    NodeClientCert, Observed,
+    NodeClientCert, Observed, Plan,
 };
 use cachalot_operator::node_agent::protocol::{
     DesiredRegistry, DesiredState, Fallback, Reason, Runtime,
@@ -207,33 +207,64 @@ fn crio_dropin_refuses_registries_a_path_prefix_cannot_name() {
     }
 }
 
-#[test]
-fn host_namespace_directories_are_named_after_the_registry_with_port_kept() {
-    let desired = DesiredState {
+/// The desired state of mirror [`MIRROR`] (generation g1, containerd) for `registries`, with
+/// the mirror's CA at `mirror_ca_file` on the agent's side.
+fn desired_state(registries: Vec<DesiredRegistry>, mirror_ca_file: Option<&str>) -> DesiredState {
+    DesiredState {
         mirror: MIRROR.to_string(),
         generation: "g1".to_string(),
         removing: false,
         runtime: Runtime::Containerd,
-        registries: vec![
+        registries,
+        unreachable_after: "30s".to_string(),
+        merge_with_admin_file: false,
+        mirror_ca_file: mirror_ca_file.map(str::to_string),
+        mirror_client_cert: None,
+    }
+}
+
+/// docker.io through a TLS mirror at 10.96.0.12:5000, whose CA the agent mounts.
+fn tls_desired() -> DesiredState {
+    desired_state(
+        vec![registry("docker.io", &["https://10.96.0.12:5000"])],
+        Some("/etc/cachalot/mirror-ca/ca.crt"),
+    )
+}
+
+/// The mirror's CA as the agent read it, installed under containerd's certs.d.
+fn node_ca() -> NodeCa {
+    NodeCa {
+        pem: "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n".to_string(),
+        host_certs_dir: "/etc/containerd/certs.d/".to_string(),
+    }
+}
+
+/// The files a plan writes, in order: `dir/file` and the content; any other action fails.
+fn written(plan: &Plan) -> Vec<(String, &str)> {
+    plan.actions
+        .iter()
+        .map(|a| match a {
+            Action::Write {
+                dir, file, content, ..
+            } => (format!("{dir}/{file}"), content.as_str()),
+            other => panic!("unexpected action {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn host_namespace_directories_are_named_after_the_registry_with_port_kept() {
+    let desired = desired_state(
+        vec![
             registry("docker.io", &["http://10.96.0.12:5000"]),
             registry("registry.local:5000", &["http://10.96.0.12:5000"]),
             registry("_default", &["http://10.96.0.12:5000"]),
         ],
-        unreachable_after: "30s".to_string(),
-        merge_with_admin_file: false,
-        mirror_ca_file: None,
-        mirror_client_cert: None,
-    };
+        None,
+    );
     let live: BTreeSet<String> = ["http://10.96.0.12:5000".to_string()].into();
     let plan = reconcile_node(&desired, &Observed::default(), &live);
-    let paths: Vec<String> = plan
-        .actions
-        .iter()
-        .map(|a| match a {
-            Action::Write { dir, file, .. } => format!("{dir}/{file}"),
-            other => panic!("unexpected action {other:?}"),
-        })
-        .collect();
+    let paths: Vec<String> = written(&plan).into_iter().map(|(path, _)| path).collect();
     assert_eq!(
         paths,
         [
@@ -246,33 +277,11 @@ fn host_namespace_directories_are_named_after_the_registry_with_port_kept() {
 
 #[test]
 fn a_tls_mirror_gets_its_ca_beside_hosts_toml_named_by_its_node_path() {
-    let desired = DesiredState {
-        mirror: MIRROR.to_string(),
-        generation: "g1".to_string(),
-        removing: false,
-        runtime: Runtime::Containerd,
-        registries: vec![registry("docker.io", &["https://10.96.0.12:5000"])],
-        unreachable_after: "30s".to_string(),
-        merge_with_admin_file: false,
-        mirror_ca_file: Some("/etc/cachalot/mirror-ca/ca.crt".to_string()),
-        mirror_client_cert: None,
-    };
-    let ca = NodeCa {
-        pem: "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n".to_string(),
-        host_certs_dir: "/etc/containerd/certs.d/".to_string(),
-    };
+    let desired = tls_desired();
+    let ca = node_ca();
     let live: BTreeSet<String> = ["https://10.96.0.12:5000".to_string()].into();
     let plan = reconcile_node_with_ca(&desired, &Observed::default(), &live, Some(&ca));
-    let files: Vec<(String, &str)> = plan
-        .actions
-        .iter()
-        .map(|a| match a {
-            Action::Write {
-                dir, file, content, ..
-            } => (format!("{dir}/{file}"), content.as_str()),
-            other => panic!("unexpected action {other:?}"),
-        })
-        .collect();
+    let files = written(&plan);
     assert_eq!(files[0].0, "docker.io/cachalot-ca.crt");
     assert_eq!(
         files[0].1,
@@ -284,21 +293,8 @@ fn a_tls_mirror_gets_its_ca_beside_hosts_toml_named_by_its_node_path() {
 
 #[test]
 fn an_mtls_mirror_gets_the_node_client_certificate_named_as_containerds_client_pair() {
-    let desired = DesiredState {
-        mirror: MIRROR.to_string(),
-        generation: "g1".to_string(),
-        removing: false,
-        runtime: Runtime::Containerd,
-        registries: vec![registry("docker.io", &["https://10.96.0.12:5000"])],
-        unreachable_after: "30s".to_string(),
-        merge_with_admin_file: false,
-        mirror_ca_file: Some("/etc/cachalot/mirror-ca/ca.crt".to_string()),
-        mirror_client_cert: None,
-    };
-    let ca = NodeCa {
-        pem: "-----BEGIN CERTIFICATE-----\nMIIBtest\n-----END CERTIFICATE-----\n".to_string(),
-        host_certs_dir: "/etc/containerd/certs.d/".to_string(),
-    };
+    let desired = tls_desired();
+    let ca = node_ca();
     let client = NodeClientCert {
         cert_pem: "-----BEGIN CERTIFICATE-----\nMIICnode\n-----END CERTIFICATE-----\n".to_string(),
         key_pem: "-----BEGIN PRIVATE KEY-----\nMIIEkey\n-----END PRIVATE KEY-----\n".to_string(),
@@ -312,16 +308,7 @@ fn an_mtls_mirror_gets_the_node_client_certificate_named_as_containerds_client_p
         Some(&ca),
         Some(&client),
     );
-    let files: Vec<(String, &str)> = plan
-        .actions
-        .iter()
-        .map(|a| match a {
-            Action::Write {
-                dir, file, content, ..
-            } => (format!("{dir}/{file}"), content.as_str()),
-            other => panic!("unexpected action {other:?}"),
-        })
-        .collect();
+    let files = written(&plan);
     let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
