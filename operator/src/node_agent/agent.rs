@@ -44,6 +44,37 @@ use super::render::needs_override_path;
 /// Desired-state files larger than this are rejected (a ConfigMap holds at most 1 MiB anyway).
 const MAX_DESIRED_BYTES: u64 = 1024 * 1024;
 
+/// Why a file mounted from the API server (the desired state, the mirror's CA, the node's
+/// client certificate) was not read.
+#[derive(Debug, thiserror::Error)]
+enum ReadMountedError {
+    #[error("larger than {MAX_DESIRED_BYTES} bytes")]
+    TooLarge,
+    #[error(transparent)]
+    Read(std::io::Error),
+}
+
+/// Reads the mounted file at `path` with `read` (bytes or text), refusing, unread, one larger
+/// than [`MAX_DESIRED_BYTES`].
+async fn read_mounted<T, F, Fut>(path: &std::path::Path, read: F) -> Result<T, ReadMountedError>
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<T>>,
+{
+    match tokio::fs::metadata(path).await {
+        Ok(m) if m.len() > MAX_DESIRED_BYTES => Err(ReadMountedError::TooLarge),
+        Ok(_) => read(path.to_path_buf())
+            .await
+            .map_err(ReadMountedError::Read),
+        Err(e) => Err(ReadMountedError::Read(e)),
+    }
+}
+
+/// A problem with `reason`, for the message given.
+fn problem_of(reason: Reason) -> impl Fn(String) -> Option<Problem> {
+    move |message| Some(Problem { reason, message })
+}
+
 /// `cachalot-operator node-agent` command line.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -278,14 +309,7 @@ impl Looper {
     /// kept and re-applied).
     async fn read_desired(&mut self) -> Option<Problem> {
         let path = &self.args.desired_file;
-        let bytes = match tokio::fs::metadata(path).await {
-            Ok(m) if m.len() > MAX_DESIRED_BYTES => {
-                Err(format!("larger than {MAX_DESIRED_BYTES} bytes"))
-            }
-            Ok(_) => tokio::fs::read(path).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        let bytes = match bytes {
+        let bytes = match read_mounted(path, tokio::fs::read).await {
             Ok(b) => b,
             Err(e) => {
                 return Some(Problem {
@@ -323,6 +347,15 @@ impl Looper {
         }
     }
 
+    /// The hosts directory as the runtime sees it: where installed CA and client files are named
+    /// from in `hosts.toml`.
+    fn host_certs_dir(&self) -> String {
+        self.args
+            .host_certs_dir
+            .clone()
+            .unwrap_or_else(|| self.args.certs_dir.display().to_string())
+    }
+
     /// The mirror's CA for this round: `None` without `mirrorCaFile`, while removing, or when
     /// the file is absent or empty (a Secret without `ca.crt`); a problem when it cannot be
     /// read or holds no certificate.
@@ -334,25 +367,13 @@ impl Looper {
         else {
             return (None, None);
         };
-        let problem = |message: String| {
-            Some(Problem {
-                reason: Reason::MirrorCaInvalid,
-                message,
-            })
-        };
-        let bytes = match tokio::fs::metadata(path).await {
-            Ok(m) if m.len() > MAX_DESIRED_BYTES => {
-                return (
-                    None,
-                    problem(format!("{path}: larger than {MAX_DESIRED_BYTES} bytes")),
-                )
-            }
-            Ok(_) => tokio::fs::read(path).await,
-            Err(e) => Err(e),
-        };
-        let pem = match bytes {
+        let problem = problem_of(Reason::MirrorCaInvalid);
+        let pem = match read_mounted(std::path::Path::new(path), tokio::fs::read).await {
             Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return (None, None),
+            Err(e @ ReadMountedError::TooLarge) => return (None, problem(format!("{path}: {e}"))),
+            Err(ReadMountedError::Read(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return (None, None)
+            }
             Err(e) => return (None, problem(format!("reading {path}: {e}"))),
         };
         if pem.iter().all(u8::is_ascii_whitespace) {
@@ -365,11 +386,7 @@ impl Looper {
             Ok(certs) if !certs.is_empty() => (
                 Some(NodeCa {
                     pem: text,
-                    host_certs_dir: self
-                        .args
-                        .host_certs_dir
-                        .clone()
-                        .unwrap_or_else(|| self.args.certs_dir.display().to_string()),
+                    host_certs_dir: self.host_certs_dir(),
                 }),
                 None,
             ),
@@ -392,27 +409,15 @@ impl Looper {
         else {
             return (None, None);
         };
-        let problem = |message: String| {
-            Some(Problem {
-                reason: Reason::MirrorClientCertInvalid,
-                message,
-            })
-        };
+        let problem = problem_of(Reason::MirrorClientCertInvalid);
         let mut pems = Vec::new();
         for path in [&files.cert_file, &files.key_file] {
-            let text = match tokio::fs::metadata(path).await {
-                Ok(m) if m.len() > MAX_DESIRED_BYTES => {
-                    return (
-                        None,
-                        problem(format!("{path}: larger than {MAX_DESIRED_BYTES} bytes")),
-                    )
-                }
-                Ok(_) => tokio::fs::read_to_string(path).await,
-                Err(e) => Err(e),
-            };
-            match text {
+            match read_mounted(std::path::Path::new(path), tokio::fs::read_to_string).await {
                 Ok(text) if !text.trim().is_empty() => pems.push(text),
                 Ok(_) => return (None, problem(format!("{path} is empty"))),
+                Err(e @ ReadMountedError::TooLarge) => {
+                    return (None, problem(format!("{path}: {e}")))
+                }
                 Err(e) => return (None, problem(format!("reading {path}: {e}"))),
             }
         }
@@ -429,11 +434,7 @@ impl Looper {
             Some(NodeClientCert {
                 cert_pem,
                 key_pem,
-                host_certs_dir: self
-                    .args
-                    .host_certs_dir
-                    .clone()
-                    .unwrap_or_else(|| self.args.certs_dir.display().to_string()),
+                host_certs_dir: self.host_certs_dir(),
             }),
             None,
         )
