@@ -37,7 +37,8 @@ use cachalot_testkit::prerequisites;
 use cachalot_testkit::round_robin::RoundRobin;
 use cachalot_testkit::s3::{garage_binary, Garage};
 use common::{
-    client, eventually, fresh_for, get_manifest, pull_verified, tags_never_revalidate, Process, MIB,
+    client, eventually, fresh_for, garage_s3, get_manifest, pull_verified, tags_never_revalidate,
+    Process, MIB,
 };
 
 /// Whether Garage is there; otherwise skip, or fail when the suite is required.
@@ -69,20 +70,7 @@ impl Scene {
         let upstream = Distribution::start().await.unwrap();
         let fault = FaultProxy::start(&upstream.url()).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let (id, secret) = (dir.path().join("key-id"), dir.path().join("secret"));
-        std::fs::write(&id, garage.access_key_id()).unwrap();
-        std::fs::write(&secret, garage.secret_access_key()).unwrap();
-        let s3 = S3Config {
-            endpoint: Some(garage.endpoint()),
-            bucket: garage.bucket().to_owned(),
-            region: Some(garage.region().to_owned()),
-            prefix: "mirrors/test/".into(),
-            access_key_id_file: Some(id),
-            secret_access_key_file: Some(secret),
-            local_cache_max_size_bytes: None,
-            eviction_grace: None,
-            owner: "test/mirror".into(),
-        };
+        let s3 = garage_s3(&garage, dir.path(), "mirrors/test/", "test/mirror");
         let listens = (0..replicas)
             .map(|_| {
                 let port = cachalot_testkit::wait::free_port().unwrap();

@@ -27,7 +27,9 @@ use cachalot_registry::purge_sync::ParentPurgeStats;
 use cachalot_testkit::distribution::Distribution;
 use cachalot_testkit::fault::FaultProxy;
 use cachalot_testkit::image::{docker_image, TestImage};
-use common::{cli, client, committed, eventually, fresh_for, pull_tag_verified, Process, MIB};
+use common::{
+    cli, client, committed, eventually, fresh_for, garage_s3, pull_tag_verified, Process, MIB,
+};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -452,7 +454,7 @@ async fn a_failed_purge_log_fetch_is_counted_and_retried_on_the_next_answer_of_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_a_spoke_of_s3_replicas_a_hub_purge_leaves_every_replica_through_one_that_applies_it() {
-    use cachalot_registry::config::{ClusterConfig, S3Config};
+    use cachalot_registry::config::ClusterConfig;
     use cachalot_testkit::s3::{garage_binary, Garage};
     use std::net::{Ipv4Addr, SocketAddr};
     if !cachalot_testkit::prerequisites::run_or_skip(
@@ -471,20 +473,7 @@ async fn on_a_spoke_of_s3_replicas_a_hub_purge_leaves_every_replica_through_one_
     }
     let dir = tempfile::tempdir().unwrap();
     let hub = Process::start(&dir.path().join("hub"), &fault.url(), window).await;
-    let (id, secret) = (dir.path().join("key-id"), dir.path().join("secret"));
-    std::fs::write(&id, garage.access_key_id()).unwrap();
-    std::fs::write(&secret, garage.secret_access_key()).unwrap();
-    let s3 = S3Config {
-        endpoint: Some(garage.endpoint()),
-        bucket: garage.bucket().to_owned(),
-        region: Some(garage.region().to_owned()),
-        prefix: "mirrors/spoke/".into(),
-        access_key_id_file: Some(id),
-        secret_access_key_file: Some(secret),
-        local_cache_max_size_bytes: None,
-        eviction_grace: None,
-        owner: "test/spoke".into(),
-    };
+    let s3 = garage_s3(&garage, dir.path(), "mirrors/spoke/", "test/spoke");
     // Two replicas of one spoke on 127.0.0.1 and 127.0.0.2, one public and one admin port for
     // both (the purge fan-out reaches a peer's admin listener on this replica's admin port).
     let (port, admin_port) = (

@@ -13,7 +13,7 @@ use std::time::Duration;
 use cachalot_registry::api::admin::WarmEvent;
 use cachalot_testkit::fault::{Kind, RateLimit};
 use cachalot_testkit::image::{docker_image, oci_index, TestImage};
-use common::{blob_file, cli, client, fresh_for, get_manifest, pull_verified, Rig, MIB};
+use common::{blob_file, cli, client, fresh_for, garage_s3, get_manifest, pull_verified, Rig, MIB};
 
 /// A mirror whose tags stay fresh for an hour: a pull of a warmed tag needs no HEAD.
 async fn rig() -> Rig {
@@ -493,7 +493,6 @@ async fn stats_prints_a_summary_of_the_running_mirror() {
 
 #[tokio::test]
 async fn with_a_shared_tier_a_purge_removes_the_bucket_objects_too_and_keeps_shared_blobs() {
-    use cachalot_registry::config::S3Config;
     use cachalot_registry::store::shared::SharedStore;
     use cachalot_testkit::s3::{garage_binary, Garage};
 
@@ -506,20 +505,7 @@ async fn with_a_shared_tier_a_purge_removes_the_bucket_objects_too_and_keeps_sha
     }
     let garage = Garage::start().await.unwrap();
     let keys = tempfile::tempdir().unwrap();
-    let (id, secret) = (keys.path().join("key-id"), keys.path().join("secret"));
-    std::fs::write(&id, garage.access_key_id()).unwrap();
-    std::fs::write(&secret, garage.secret_access_key()).unwrap();
-    let s3 = S3Config {
-        endpoint: Some(garage.endpoint()),
-        bucket: garage.bucket().to_owned(),
-        region: Some(garage.region().to_owned()),
-        prefix: "mirrors/purge/".into(),
-        access_key_id_file: Some(id),
-        secret_access_key_file: Some(secret),
-        local_cache_max_size_bytes: None,
-        eviction_grace: None,
-        owner: "test/purge".into(),
-    };
+    let s3 = garage_s3(&garage, keys.path(), "mirrors/purge/", "test/purge");
     let config_s3 = s3.clone();
     let rig = Rig::start_with(move |c| {
         c.storage.s3 = Some(config_s3);

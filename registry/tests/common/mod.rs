@@ -1,5 +1,6 @@
 //! Shared set-up of the registry's integration tests: a real distribution upstream behind the
-//! counting/fault-injecting proxy, and a cachalot-registry served in-process on 127.0.0.1.
+//! counting/fault-injecting proxy, and a cachalot-registry served in-process on 127.0.0.1; the
+//! S3 storage of a test's Garage.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
@@ -461,5 +462,29 @@ pub async fn cli(args: &[&str]) -> CliRun {
         code: output.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// S3 storage in `garage`'s bucket under `prefix`, owned by `owner`, its keys written as files in
+/// `keys_dir` (as the mounted Secret would be).
+pub fn garage_s3(
+    garage: &cachalot_testkit::s3::Garage,
+    keys_dir: &Path,
+    prefix: &str,
+    owner: &str,
+) -> cachalot_registry::config::S3Config {
+    let (id, secret) = (keys_dir.join("key-id"), keys_dir.join("secret"));
+    std::fs::write(&id, garage.access_key_id()).unwrap();
+    std::fs::write(&secret, garage.secret_access_key()).unwrap();
+    cachalot_registry::config::S3Config {
+        endpoint: Some(garage.endpoint()),
+        bucket: garage.bucket().to_owned(),
+        region: Some(garage.region().to_owned()),
+        prefix: prefix.into(),
+        access_key_id_file: Some(id),
+        secret_access_key_file: Some(secret),
+        local_cache_max_size_bytes: None,
+        eviction_grace: None,
+        owner: owner.into(),
     }
 }
