@@ -888,6 +888,67 @@ fn malformed_ca_config_map_references_are_refused_naming_the_field() {
 }
 
 #[test]
+fn every_secret_reference_is_refused_naming_its_field_and_what_is_wrong() {
+    use serde_json::json;
+    let docker_io = json!([{"name": "docker.io"}]);
+    let tls = |tls: serde_json::Value| json!({"registries": docker_io, "service": {"type": "NodePort"}, "tls": tls});
+    let parent = |parent: serde_json::Value| json!({"registries": docker_io, "parent": parent});
+    let bad_name = "`Bad_Name` is not a valid Secret name";
+    let bad_key = "`a b` is not a valid Secret key";
+    for (spec, expected) in [
+        (
+            tls(json!({"secretName": "Bad_Name"})),
+            format!("spec.tls.secretName: {bad_name}"),
+        ),
+        (
+            tls(json!({"secretName": "t",
+                       "clientAuth": {"bearerTokenSecret": {"name": "Bad_Name", "key": "k"}}})),
+            format!("spec.tls.clientAuth.bearerTokenSecret.name: {bad_name}"),
+        ),
+        (
+            tls(json!({"secretName": "t",
+                       "clientAuth": {"bearerTokenSecret": {"name": "tokens", "key": "a b"}}})),
+            format!("spec.tls.clientAuth.bearerTokenSecret.key: {bad_key}"),
+        ),
+        (
+            tls(json!({"secretName": "t",
+                       "clientAuth": {"caSecretKey": "ca.crt",
+                                      "nodeClientCertSecret": {"name": "Bad_Name"}}})),
+            format!("spec.tls.clientAuth.nodeClientCertSecret.name: {bad_name}"),
+        ),
+        (
+            parent(json!({"url": "https://hub.example:5000",
+                          "tls": {"clientCertSecret": {"name": "Bad_Name"}}})),
+            format!("spec.parent.tls.clientCertSecret.name: {bad_name}"),
+        ),
+        (
+            parent(json!({"url": "https://hub.example:5000",
+                          "auth": {"bearerTokenSecret": {"name": "Bad_Name", "key": "k"}}})),
+            format!("spec.parent.auth.bearerTokenSecret.name: {bad_name}"),
+        ),
+        (
+            parent(json!({"url": "https://hub.example:5000",
+                          "auth": {"bearerTokenSecret": {"name": "tokens", "key": "a b"}}})),
+            format!("spec.parent.auth.bearerTokenSecret.key: {bad_key}"),
+        ),
+        (
+            json!({"registries": [{"name": "docker.io", "credentialsSecret": {"name": "Bad_Name"}}]}),
+            format!("spec.registries[0].credentialsSecret.name: {bad_name}"),
+        ),
+        (
+            json!({"registries": docker_io,
+                   "storage": {"type": "S3",
+                               "s3": {"bucket": "cachalot",
+                                      "credentialsSecretRef": {"name": "Bad_Name"}}}}),
+            format!("spec.storage.s3.credentialsSecretRef.name: {bad_name}"),
+        ),
+    ] {
+        let message = validate(&mirror(spec.clone())).unwrap_err().to_string();
+        assert!(message.starts_with(&expected), "{spec}: {message}");
+    }
+}
+
+#[test]
 fn pins_are_rendered_into_the_registry_config_per_registry() {
     let m = mirror(serde_json::json!({"registries": [
         {"name": "docker.io", "pin": ["nginx:stable", "library/redis:*", "myteam/*"]},

@@ -12,8 +12,8 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use crate::api::{
-    CaConfigMapRef, FreshnessRule, MirrorTls, NodeRuntime, NodeSettings, ParentMirror,
-    RegistryMirror, RegistryMirrorSpec, S3Storage, SecretKeyRef, ServiceKind, StorageKind,
+    FreshnessRule, MirrorTls, NodeRuntime, NodeSettings, ParentMirror, RegistryMirror,
+    RegistryMirrorSpec, S3Storage, SecretKeyRef, ServiceKind, StorageKind,
     DEFAULT_LOCAL_CACHE_SIZE,
 };
 
@@ -209,7 +209,12 @@ pub fn validate(mirror: &RegistryMirror) -> Result<Validated, ValidateError> {
     if let Some(parent) = &spec.parent {
         check_url(&parent.url).map_err(|m| invalid("spec.parent.url", m))?;
         if let Some(ca) = &parent.ca_config_map {
-            validate_ca_config_map(ca, "spec.parent.caConfigMap")?;
+            validate_reference(
+                "ConfigMap",
+                "spec.parent.caConfigMap",
+                &ca.name,
+                Some(&ca.key),
+            )?;
         }
         if let Some(id) = &parent.spoke_id {
             cachalot_registry::fleet::parse_spoke_id(id)
@@ -265,12 +270,7 @@ fn validate_tls(
     spec: &RegistryMirrorSpec,
     exposure: &Exposure,
 ) -> Result<ValidTls, ValidateError> {
-    if !is_dns_subdomain(&tls.secret_name) {
-        return Err(invalid(
-            "spec.tls.secretName",
-            format!("`{}` is not a valid Secret name", tls.secret_name),
-        ));
-    }
+    validate_object_name("Secret", "spec.tls.secretName", &tls.secret_name)?;
     if matches!(exposure, Exposure::External(_)) {
         return Err(invalid(
             "spec.tls",
@@ -301,7 +301,12 @@ fn validate_tls(
                 }
             }
             if let Some(token) = &auth.bearer_token_secret {
-                validate_secret_key_ref(token, "spec.tls.clientAuth.bearerTokenSecret")?;
+                validate_reference(
+                    "Secret",
+                    "spec.tls.clientAuth.bearerTokenSecret",
+                    &token.name,
+                    Some(&token.key),
+                )?;
             }
             if let Some(node) = &auth.node_client_cert_secret {
                 validate_node_client_cert(node, auth)?;
@@ -332,12 +337,7 @@ fn validate_node_client_cert(
     auth: &crate::api::ClientAuth,
 ) -> Result<(), ValidateError> {
     const FIELD: &str = "spec.tls.clientAuth.nodeClientCertSecret";
-    if !is_dns_subdomain(&node.name) {
-        return Err(invalid(
-            format!("{FIELD}.name"),
-            format!("`{}` is not a valid Secret name", node.name),
-        ));
-    }
+    validate_reference("Secret", FIELD, &node.name, None)?;
     if auth.ca_secret_key.is_none() {
         return Err(invalid(
             FIELD,
@@ -362,15 +362,12 @@ pub const TLS_KEY_KEY: &str = "tls.key";
 /// https parent.
 fn validate_parent_credentials(parent: &ParentMirror) -> Result<(), ValidateError> {
     if let Some(tls) = &parent.tls {
-        if !is_dns_subdomain(&tls.client_cert_secret.name) {
-            return Err(invalid(
-                "spec.parent.tls.clientCertSecret.name",
-                format!(
-                    "`{}` is not a valid Secret name",
-                    tls.client_cert_secret.name
-                ),
-            ));
-        }
+        validate_reference(
+            "Secret",
+            "spec.parent.tls.clientCertSecret",
+            &tls.client_cert_secret.name,
+            None,
+        )?;
         if !parent.url.starts_with("https://") {
             return Err(invalid(
                 "spec.parent.tls",
@@ -382,31 +379,48 @@ fn validate_parent_credentials(parent: &ParentMirror) -> Result<(), ValidateErro
         }
     }
     if let Some(auth) = &parent.auth {
-        validate_secret_key_ref(
-            &auth.bearer_token_secret,
+        let token = &auth.bearer_token_secret;
+        validate_reference(
+            "Secret",
             "spec.parent.auth.bearerTokenSecret",
+            &token.name,
+            Some(&token.key),
         )?;
     }
     Ok(())
 }
 
-fn validate_secret_key_ref(secret: &SecretKeyRef, field: &str) -> Result<(), ValidateError> {
-    if !is_dns_subdomain(&secret.name) {
-        return Err(invalid(
-            format!("{field}.name"),
-            format!("`{}` is not a valid Secret name", secret.name),
-        ));
-    }
-    if !is_config_map_key(&secret.key) {
-        return Err(invalid(
+/// A reference at `field` to a `kind` (Secret or ConfigMap) in the mirror's namespace:
+/// `{field}.name` must be a valid object name and, for a reference to one key, `{field}.key` a
+/// valid key.
+fn validate_reference(
+    kind: &str,
+    field: &str,
+    name: &str,
+    key: Option<&str>,
+) -> Result<(), ValidateError> {
+    validate_object_name(kind, &format!("{field}.name"), name)?;
+    match key {
+        Some(key) if !is_config_map_key(key) => Err(invalid(
             format!("{field}.key"),
             format!(
-                "`{}` is not a valid Secret key (at most 253 of `-._a-zA-Z0-9`, not `.` and not starting with `..`)",
-                secret.key
+                "`{key}` is not a valid {kind} key (at most 253 of `-._a-zA-Z0-9`, not `.` and not starting with `..`)"
             ),
-        ));
+        )),
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// The name of a `kind` at `field` must be a valid object name (a DNS subdomain).
+fn validate_object_name(kind: &str, field: &str, name: &str) -> Result<(), ValidateError> {
+    if is_dns_subdomain(name) {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("`{name}` is not a valid {kind} name"),
+        ))
+    }
 }
 
 fn validate_registries(spec: &RegistryMirrorSpec) -> Result<Vec<ValidRegistry>, ValidateError> {
@@ -441,15 +455,20 @@ fn validate_registries(spec: &RegistryMirrorSpec) -> Result<Vec<ValidRegistry>, 
             None => cachalot_registry::config::default_url(&r.name),
         };
         if let Some(secret) = &r.credentials_secret {
-            if !is_dns_subdomain(&secret.name) {
-                return Err(invalid(
-                    format!("{field}.credentialsSecret.name"),
-                    format!("`{}` is not a valid Secret name", secret.name),
-                ));
-            }
+            validate_reference(
+                "Secret",
+                &format!("{field}.credentialsSecret"),
+                &secret.name,
+                None,
+            )?;
         }
         if let Some(ca) = &r.ca_config_map {
-            validate_ca_config_map(ca, &format!("{field}.caConfigMap"))?;
+            validate_reference(
+                "ConfigMap",
+                &format!("{field}.caConfigMap"),
+                &ca.name,
+                Some(&ca.key),
+            )?;
         }
         if let Some(reserve) = r.budget_reserve {
             if reserve < 0 {
@@ -477,25 +496,6 @@ fn validate_registries(spec: &RegistryMirrorSpec) -> Result<Vec<ValidRegistry>, 
         });
     }
     Ok(out)
-}
-
-fn validate_ca_config_map(ca: &CaConfigMapRef, field: &str) -> Result<(), ValidateError> {
-    if !is_dns_subdomain(&ca.name) {
-        return Err(invalid(
-            format!("{field}.name"),
-            format!("`{}` is not a valid ConfigMap name", ca.name),
-        ));
-    }
-    if !is_config_map_key(&ca.key) {
-        return Err(invalid(
-            format!("{field}.key"),
-            format!(
-                "`{}` is not a valid ConfigMap key (at most 253 of `-._a-zA-Z0-9`, not `.` and not starting with `..`)",
-                ca.key
-            ),
-        ));
-    }
-    Ok(())
 }
 
 fn validate_freshness(rule: &FreshnessRule, field: &str) -> Result<ValidFreshness, ValidateError> {
@@ -628,13 +628,15 @@ fn validate_s3(s3: &S3Storage, namespace: &str, name: &str) -> Result<ValidS3, V
         format!("{prefix}/")
     };
     let credentials_secret = match &s3.credentials_secret_ref {
-        Some(secret) if !is_dns_subdomain(&secret.name) => {
-            return Err(invalid(
-                format!("{field}.credentialsSecretRef.name"),
-                format!("`{}` is not a valid Secret name", secret.name),
-            ))
+        Some(secret) => {
+            validate_reference(
+                "Secret",
+                &format!("{field}.credentialsSecretRef"),
+                &secret.name,
+                None,
+            )?;
+            Some(secret.name.clone())
         }
-        Some(secret) => Some(secret.name.clone()),
         None => None,
     };
     let local_cache_size = s3
