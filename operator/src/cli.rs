@@ -205,7 +205,7 @@ pub async fn run_operator(args: RunArgs) -> Result<(), RunOperatorError> {
     config.probe_timeout = args.probe_timeout;
     config.namespace = args.watch_namespace.clone();
     config.instance = Some(identity.clone());
-    config.cluster_name = args.cluster_name.clone();
+    config.build.cluster_name = args.cluster_name.clone();
 
     let result = if args.leader_election {
         let elector = Elector::new(

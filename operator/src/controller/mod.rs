@@ -90,8 +90,9 @@ pub const CONTROLLER_NAME: &str = "cachalot-operator";
 /// Settings of the controller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControllerConfig {
-    /// Default image of registry and agent pods.
-    pub image: String,
+    /// What shapes every mirror's objects: the default image of registry and agent pods, this
+    /// cluster's name (`--cluster-name`, the first part of a spoke's default id).
+    pub build: BuildConfig,
     /// Period of the status refresh (stats, nodes) for a healthy mirror.
     pub requeue_after: Duration,
     /// Period of the status refresh while a running mirror is not Ready yet (nodes and registry
@@ -106,8 +107,6 @@ pub struct ControllerConfig {
     pub namespace: Option<String>,
     /// This replica's identity in Events (`reportingInstance`), e.g. the pod name.
     pub instance: Option<String>,
-    /// This cluster's name, the first part of a spoke's default id (`--cluster-name`).
-    pub cluster_name: Option<String>,
 }
 
 impl ControllerConfig {
@@ -115,14 +114,16 @@ impl ControllerConfig {
     #[must_use]
     pub fn new(image: impl Into<String>) -> Self {
         Self {
-            image: image.into(),
+            build: BuildConfig {
+                image: image.into(),
+                cluster_name: None,
+            },
             requeue_after: Duration::from_secs(60),
             converging_requeue_after: Duration::from_secs(5),
             cleanup_requeue_after: Duration::from_secs(5),
             probe_timeout: Duration::from_secs(2),
             namespace: None,
             instance: None,
-            cluster_name: None,
         }
     }
 }
@@ -195,8 +196,6 @@ pub enum RunError {
 pub struct Context {
     /// Kubernetes client.
     pub client: Client,
-    /// Build settings.
-    pub build: BuildConfig,
     /// Controller settings.
     pub config: ControllerConfig,
     /// HTTP probes of registry pods and agents.
@@ -245,10 +244,6 @@ impl Context {
             },
         );
         Self {
-            build: BuildConfig {
-                image: config.image.clone(),
-                cluster_name: config.cluster_name.clone(),
-            },
             client,
             config,
             probe,
@@ -588,11 +583,11 @@ pub async fn reconcile_mirror(
     }
 
     let pins = pins_of_workloads(ctx, &mirror, &v).await?;
-    let registry = build_registry_with_pins(&mirror, &v, &ctx.build, pins.as_ref())?;
+    let registry = build_registry_with_pins(&mirror, &v, &ctx.config.build, pins.as_ref())?;
     let external = registry.is_none();
     let (service, ready_replicas) = apply_registry(ctx, &namespace, &v, registry).await?;
     let endpoint = node_endpoint(&v, service.as_ref());
-    let agent = build_agent(&mirror, &v, &ctx.build, endpoint.as_deref(), false)?;
+    let agent = build_agent(&mirror, &v, &ctx.config.build, endpoint.as_deref(), false)?;
     apply_owned(ctx.writes(), &agent.config_map).await?;
     let daemon_set = apply_owned(ctx.writes(), &agent.daemon_set).await?;
     let desired_nodes = daemon_set
@@ -829,7 +824,7 @@ async fn cleanup(
         return Ok(Action::await_change());
     }
     let v = identity(mirror, namespace);
-    let agent = build_agent(mirror, &v, &ctx.build, None, true)?;
+    let agent = build_agent(mirror, &v, &ctx.config.build, None, true)?;
     apply_owned(ctx.writes(), &agent.config_map).await?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let listed = list_component_pods(
