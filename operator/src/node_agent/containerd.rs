@@ -524,6 +524,14 @@ mod tests {
         status.problems.iter().map(|p| p.reason).collect()
     }
 
+    /// `text` read from `/etc/containerd/conf.d/x.toml`, as an imported file.
+    fn ok(text: &str) -> (String, Result<String, String>) {
+        (
+            "/etc/containerd/conf.d/x.toml".to_string(),
+            Ok(text.to_string()),
+        )
+    }
+
     const V2_GOOD: &str = "version = 2\nimports = [\"/etc/containerd/conf.d/*.toml\"]\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n";
 
     #[test]
@@ -535,12 +543,6 @@ mod tests {
 
     #[test]
     fn an_import_that_redefines_the_cri_section_without_config_path_switches_certs_d_off() {
-        let ok = |t: &str| {
-            (
-                "/etc/containerd/conf.d/x.toml".to_string(),
-                Ok(t.to_string()),
-            )
-        };
         // Another plugin's section: config_path stays.
         let other =
             ok("[plugins.\"io.containerd.snapshotter.v1.overlayfs\"]\nmount_options = []\n");
@@ -572,12 +574,6 @@ mod tests {
 
     #[test]
     fn a_v3_import_is_merged_key_by_key_as_containerd_2_does() {
-        let ok = |t: &str| {
-            (
-                "/etc/containerd/conf.d/x.toml".to_string(),
-                Ok(t.to_string()),
-            )
-        };
         let main = "version = 3\n[plugins.\"io.containerd.cri.v1.images\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n";
         // The images section again, without registry: containerd 2.x keeps config_path.
         let other = ok("[plugins.\"io.containerd.cri.v1.images\"]\nsnapshotter = \"native\"\n");
@@ -629,13 +625,7 @@ mod tests {
 
     #[test]
     fn a_v2_import_that_drops_config_path_under_1_x_says_2_x_would_read_it() {
-        let cri = (
-            "/etc/containerd/conf.d/x.toml".to_string(),
-            Ok(
-                "[plugins.\"io.containerd.grpc.v1.cri\"]\nsandbox_image = \"pause:3.9\"\n"
-                    .to_string(),
-            ),
-        );
+        let cri = ok("[plugins.\"io.containerd.grpc.v1.cri\"]\nsandbox_image = \"pause:3.9\"\n");
         let s = check_containerd_config_with_imports(V2_GOOD, &[cri], None);
         assert_eq!(reasons(&s), [Reason::ConfigPathNotSet]);
         let message = &s.problems[0].message;
@@ -648,12 +638,6 @@ mod tests {
 
     #[test]
     fn the_v2_registry_key_counts_in_files_older_than_v4_only_when_the_main_file_is_v4() {
-        let ok = |t: &str| {
-            (
-                "/etc/containerd/conf.d/x.toml".to_string(),
-                Ok(t.to_string()),
-            )
-        };
         let v2_key = "[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n";
         // Main v4 (containerd 2.3+): an import without version is migrated before the merge.
         let s = check_containerd_config_with_imports("version = 4\n", &[ok(v2_key)], None);
