@@ -179,11 +179,6 @@ pub fn budget_headers(budget: &Budget, now: u64) -> Vec<(HeaderName, HeaderValue
     headers
 }
 
-/// Seconds in a numeric header (`Age`, [`BUDGET_AGE`]), if present and well formed. Pure.
-pub fn age_secs(headers: &HeaderMap, name: &str) -> Option<u64> {
-    headers.get(name)?.to_str().ok()?.trim().parse().ok()
-}
-
 /// When an answer received at `now` that is `age` seconds old was current: never in the
 /// future, never before the epoch. Pure.
 pub fn dated_back(now: u64, age: u64) -> u64 {
@@ -291,7 +286,10 @@ mod tests {
         let relayed = crate::upstream::ratelimit::budget_from_headers(&headers, 1_030).unwrap();
         assert_eq!((relayed.remaining, relayed.limit), (76, Some(100)));
         assert_eq!(
-            dated_back(1_030, age_secs(&headers, BUDGET_AGE).unwrap()),
+            dated_back(
+                1_030,
+                crate::upstream::ratelimit::numeric_header(&headers, BUDGET_AGE).unwrap()
+            ),
             1_000
         );
     }
@@ -310,13 +308,14 @@ mod tests {
 
     #[test]
     fn ages_are_parsed_strictly_and_never_date_into_the_future() {
+        use crate::upstream::ratelimit::numeric_header;
         let mut h = HeaderMap::new();
         h.insert("age", HeaderValue::from_static("42"));
-        assert_eq!(age_secs(&h, "age"), Some(42));
+        assert_eq!(numeric_header(&h, "age"), Some(42));
         h.insert("age", HeaderValue::from_static("-1"));
-        assert_eq!(age_secs(&h, "age"), None);
+        assert_eq!(numeric_header(&h, "age"), None);
         h.insert("age", HeaderValue::from_static("soon"));
-        assert_eq!(age_secs(&h, "age"), None);
+        assert_eq!(numeric_header(&h, "age"), None);
         assert_eq!(dated_back(100, 42), 58);
         assert_eq!(dated_back(100, u64::MAX), 0);
     }

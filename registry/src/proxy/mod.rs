@@ -1016,7 +1016,7 @@ impl Proxy {
 /// upstream's answer (confirmed now).
 fn peer_checked_at(upstream: &Upstream, response: &reqwest::Response) -> Option<u64> {
     if upstream.answered_by_parent(response) {
-        let age = crate::fleet::age_secs(response.headers(), http::header::AGE.as_str())?;
+        let age = upstream::ratelimit::numeric_header(response.headers(), http::header::AGE)?;
         return Some(crate::fleet::dated_back(now_secs(), age));
     }
     if !upstream.answered_by_peer(response) {

@@ -742,7 +742,7 @@ impl Upstream {
         if let Some(mut budget) = ratelimit::budget_from_headers(headers, now) {
             // A hub (or the owner replica) relays the figure it observed earlier: date it then.
             if self.parent_spoke.is_some() || self.peer.is_some() {
-                if let Some(age) = crate::fleet::age_secs(headers, crate::fleet::BUDGET_AGE) {
+                if let Some(age) = ratelimit::numeric_header(headers, crate::fleet::BUDGET_AGE) {
                     budget.observed_at = crate::fleet::dated_back(now, age);
                 }
             }
@@ -1053,11 +1053,7 @@ pub fn content_type(response: &reqwest::Response) -> Option<String> {
 /// The `Content-Length` header of a response. Unlike `reqwest::Response::content_length`, this
 /// is right for HEAD responses too (whose body, and so its size hint, is empty).
 pub fn declared_length(response: &reqwest::Response) -> Option<u64> {
-    response
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
+    ratelimit::numeric_header(response.headers(), header::CONTENT_LENGTH)
 }
 
 /// `Docker-Content-Digest` of a response, if present and well-formed.

@@ -1,6 +1,7 @@
 //! Parsing of the upstream's pull-budget headers (`ratelimit-limit`, `ratelimit-remaining`,
-//! `docker-ratelimit-source`) and `Retry-After`, and when a free HEAD should refresh an expired
-//! figure. Pure: headers and times in, values out.
+//! `docker-ratelimit-source`), `Retry-After` and the other numeric headers (`Age`, a relayed
+//! budget's age, `Content-Length`), and when a free HEAD should refresh an expired figure. Pure:
+//! headers and times in, values out.
 
 use http::HeaderMap;
 
@@ -30,12 +31,15 @@ pub fn refresh_due(budget: Option<&Budget>, last_refresh: u64, now: u64) -> bool
         && (last_refresh == 0 || now >= last_refresh.saturating_add(REFRESH_RETRY_SECS))
 }
 
+/// The number in header `name` (seconds, a length), if present and well formed: digits only,
+/// surrounding white space ignored. Pure.
+pub fn numeric_header(headers: &HeaderMap, name: impl http::header::AsHeaderName) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
 /// `Retry-After` in seconds (the delta-seconds form; an HTTP date is not used by registries).
 pub fn retry_after_secs(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(http::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
+    numeric_header(headers, http::header::RETRY_AFTER)
 }
 
 /// The budget described by a response's headers received at `now` (unix seconds), if it
