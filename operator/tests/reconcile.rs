@@ -334,6 +334,38 @@ fn agent_pod() -> Value {
     pod_list("agent-x", "node-1", "192.168.1.10")
 }
 
+/// Expects the Service applied, and answers it with cluster IP 10.96.0.12.
+async fn expect_service_applied(handle: &mut Handle) -> Value {
+    expect_apply(
+        handle,
+        SERVICE,
+        json!({"spec": {"clusterIP": "10.96.0.12"}}),
+    )
+    .await
+}
+
+/// Expects the node side applied (the desired state, the agents' DaemonSet), then the pods
+/// listed: the one registry pod, the one agent pod. Returns the desired state.
+async fn expect_nodes_applied_and_pods_listed(
+    handle: &mut Handle,
+    world: &FakeWorld,
+) -> DesiredState {
+    let desired = expect_desired_state(handle, world).await;
+    expect_agent_daemon_set_applied(handle).await;
+    expect_pod_list(handle, REGISTRY_COMPONENT, registry_pod()).await;
+    expect_pod_list(handle, AGENT_COMPONENT, agent_pod()).await;
+    desired
+}
+
+/// Expects the status write with Ready True, and the Event of the transition. Returns the
+/// status.
+async fn expect_ready(handle: &mut Handle, object: &Value) -> Value {
+    let status = expect_status(handle, object).await;
+    assert_eq!(condition(&status, "Ready")["status"], "True");
+    expect_event(handle, "MirrorReady").await;
+    status
+}
+
 /// Runs `reconcile` against a scenario and checks that no call is left unanswered or extra.
 async fn run_scenario<S, F>(mirror: RegistryMirror, setup: &Setup, scenario: S) -> Action
 where
@@ -384,8 +416,7 @@ async fn converged_docker_hub(setup: &Setup, writers: &mut OwnedWriters) -> Regi
         expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
         expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
         let object = mirror_json(docker_hub(), true, false);
-        *status_in.lock().unwrap() = expect_status(&mut h, &object).await;
-        expect_event(&mut h, "MirrorReady").await;
+        *status_in.lock().unwrap() = expect_ready(&mut h, &object).await;
         h
     })
     .await;
@@ -413,24 +444,15 @@ async fn new_mirror_gets_finalizer_then_objects_applied_then_ready_status() {
             .unwrap()
             .contains("registry-1.docker.io"));
         expect_apply(&mut h, DEPLOYMENT, json!({"status": {"readyReplicas": 1}})).await;
-        expect_apply(
-            &mut h,
-            SERVICE,
-            json!({"spec": {"clusterIP": "10.96.0.12"}}),
-        )
-        .await;
-        // 3. node side, pointed at the cluster IP read back from the Service
-        let desired = expect_desired_state(&mut h, &w).await;
+        expect_service_applied(&mut h).await;
+        // 3. node side, pointed at the cluster IP read back from the Service; 4. observe:
+        // registry pods, then agent pods
+        let desired = expect_nodes_applied_and_pods_listed(&mut h, &w).await;
         assert_eq!(desired.registries[0].endpoints, ["http://10.96.0.12:5000"]);
-        expect_agent_daemon_set_applied(&mut h).await;
-        // 4. observe: registry pods, then agent pods
-        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
-        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
-        // 5. status
-        let status = expect_status(&mut h, &with_finalizer).await;
+        // 5. status, Ready; 6. the transition to Ready is an Event
+        let status = expect_ready(&mut h, &with_finalizer).await;
         assert_eq!(status["observedGeneration"], 2);
         assert_eq!(status["endpoint"], "http://10.96.0.12:5000");
-        assert_eq!(condition(&status, "Ready")["status"], "True");
         assert_eq!(condition(&status, "ProxyAvailable")["status"], "True");
         assert_eq!(condition(&status, "NodesConfigured")["status"], "True");
         assert_eq!(
@@ -446,8 +468,6 @@ async fn new_mirror_gets_finalizer_then_objects_applied_then_ready_status() {
             condition(&status, "UpstreamBudget")["reason"],
             "BudgetAvailable"
         );
-        // 6. the transition to Ready is an Event
-        expect_event(&mut h, "MirrorReady").await;
         h
     })
     .await;
@@ -714,25 +734,15 @@ async fn an_s3_mirror_checks_its_secret_then_applies_a_stateful_set_its_peers_se
         )
         .await;
         assert_eq!(sts["spec"]["serviceName"], "cachalot-hub-peers");
-        expect_apply(
-            &mut h,
-            SERVICE,
-            json!({"spec": {"clusterIP": "10.96.0.12"}}),
-        )
-        .await;
+        expect_service_applied(&mut h).await;
         let peers = expect_apply(&mut h, PEERS_SERVICE, json!({})).await;
         assert_eq!(peers["spec"]["clusterIP"], "None");
         assert_eq!(peers["spec"]["publishNotReadyAddresses"], true);
         expect_apply(&mut h, PDB, json!({})).await;
-        expect_desired_state(&mut h, &w).await;
-        expect_agent_daemon_set_applied(&mut h).await;
-        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
-        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
-        let status = expect_status(&mut h, &object).await;
-        assert_eq!(condition(&status, "Ready")["status"], "True");
+        expect_nodes_applied_and_pods_listed(&mut h, &w).await;
+        let status = expect_ready(&mut h, &object).await;
         assert_eq!(condition(&status, "CacheShared")["status"], "True");
         assert_eq!(condition(&status, "CacheShared")["reason"], "SharedStorage");
-        expect_event(&mut h, "MirrorReady").await;
         h
     })
     .await;
@@ -925,19 +935,9 @@ async fn existing_credentials_secrets_are_checked_by_metadata_then_objects_are_a
             volumes.contains("hub-creds") && volumes.contains("quay-creds"),
             "{volumes}"
         );
-        expect_apply(
-            &mut h,
-            SERVICE,
-            json!({"spec": {"clusterIP": "10.96.0.12"}}),
-        )
-        .await;
-        expect_desired_state(&mut h, &w).await;
-        expect_agent_daemon_set_applied(&mut h).await;
-        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
-        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
-        let status = expect_status(&mut h, &mirror_json(with_credentials(), true, false)).await;
-        assert_eq!(condition(&status, "Ready")["status"], "True");
-        expect_event(&mut h, "MirrorReady").await;
+        expect_service_applied(&mut h).await;
+        expect_nodes_applied_and_pods_listed(&mut h, &w).await;
+        expect_ready(&mut h, &mirror_json(with_credentials(), true, false)).await;
         h
     })
     .await;
@@ -1033,19 +1033,9 @@ async fn existing_ca_config_maps_are_checked_by_metadata_then_mounted_and_named_
             ca("hub-ca")["configMap"]["items"],
             json!([{"key": "hub.pem", "path": "hub.pem"}])
         );
-        expect_apply(
-            &mut h,
-            SERVICE,
-            json!({"spec": {"clusterIP": "10.96.0.12"}}),
-        )
-        .await;
-        expect_desired_state(&mut h, &w).await;
-        expect_agent_daemon_set_applied(&mut h).await;
-        expect_pod_list(&mut h, REGISTRY_COMPONENT, registry_pod()).await;
-        expect_pod_list(&mut h, AGENT_COMPONENT, agent_pod()).await;
-        let status = expect_status(&mut h, &mirror_json(with_ca_config_maps(), true, false)).await;
-        assert_eq!(condition(&status, "Ready")["status"], "True");
-        expect_event(&mut h, "MirrorReady").await;
+        expect_service_applied(&mut h).await;
+        expect_nodes_applied_and_pods_listed(&mut h, &w).await;
+        expect_ready(&mut h, &mirror_json(with_ca_config_maps(), true, false)).await;
         h
     })
     .await;
