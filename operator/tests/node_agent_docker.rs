@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use cachalot_operator::node_agent::protocol::{DesiredState, RegistryState, Runtime};
-use cachalot_operator::node_agent::{run_until, Args};
+use cachalot_operator::node_agent::Args;
 use cachalot_registry::config::{Config, RegistryConfig};
 use cachalot_registry::server::Server;
 use cachalot_testkit::distribution::Distribution;
@@ -25,7 +25,7 @@ use cachalot_testkit::process::LoggedChild;
 use cachalot_testkit::wait::{free_port, wait_until};
 
 mod common;
-use common::node::{agent_args, desired, AgentEndpoint, NodeDirs};
+use common::node::{agent_args, desired, NodeDirs, RunningAgent};
 
 const DOCKERD: &str = "/usr/sbin/dockerd";
 const DOCKER: &str = "/usr/bin/docker";
@@ -176,18 +176,12 @@ async fn the_agent_puts_the_mirror_into_dockerd_and_takes_it_out_again() {
         ..desired(generation, vec![mirror.clone()])
     };
     node.write_desired(&docker_desired("g1", false));
-    let port = free_port().unwrap();
-    let args = Args {
+    let agent = RunningAgent::spawn(Args {
         docker_config: Some(daemon_json.clone()),
         host_docker_config: Some("/etc/docker/daemon.json".into()),
         docker_pid_file: Some(dockerd.pid_file.clone()),
-        ..agent_args(&node, port)
-    };
-    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent_task = tokio::spawn(run_until(args, async move {
-        let _ = agent_stopped.await;
-    }));
-    let agent = AgentEndpoint::new(port);
+        ..agent_args(&node, free_port().unwrap())
+    });
     let status = agent
         .wait("docker.io configured through daemon.json", |s| {
             s.generation == "g1" && s.ready
@@ -281,8 +275,7 @@ async fn the_agent_puts_the_mirror_into_dockerd_and_takes_it_out_again() {
         "nothing of ours left beside it"
     );
 
-    let _ = stop_agent.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(20), agent_task).await;
+    agent.stop().await;
     dockerd.stop().await;
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(15), serving).await;
