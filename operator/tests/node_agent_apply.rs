@@ -8,8 +8,7 @@ use std::path::Path;
 
 use cachalot_operator::node_agent::apply::{execute, managed_files, scan, Roots};
 use cachalot_operator::node_agent::plan::{
-    reconcile_node, reconcile_node_with_ca, reconcile_node_with_tls, Action, NodeCa,
-    NodeClientCert, Plan,
+    reconcile_node, reconcile_node_with_tls, Action, NodeCa, NodeClientCert, Plan,
 };
 use cachalot_operator::node_agent::protocol::{
     DesiredRegistry, DesiredState, Fallback, Reason, RegistryState, RegistryStatus, Runtime,
@@ -86,12 +85,7 @@ impl Node {
     }
     /// One agent round; panics if an action fails.
     fn round(&self, desired: &DesiredState, live: &BTreeSet<String>) -> Plan {
-        let observed = scan(&self.roots, &desired.mirror).unwrap();
-        let plan = reconcile_node(desired, &observed, live);
-        for action in &plan.actions {
-            execute(&self.roots, action).unwrap_or_else(|e| panic!("{action:?}: {e}"));
-        }
-        plan
+        self.round_with_tls(desired, live, None, None)
     }
     /// One agent round for a mirror whose CA the node must trust; panics if an action fails.
     fn round_with_ca(
@@ -100,12 +94,7 @@ impl Node {
         live: &BTreeSet<String>,
         ca: Option<&NodeCa>,
     ) -> Plan {
-        let observed = scan(&self.roots, &desired.mirror).unwrap();
-        let plan = reconcile_node_with_ca(desired, &observed, live, ca);
-        for action in &plan.actions {
-            execute(&self.roots, action).unwrap_or_else(|e| panic!("{action:?}: {e}"));
-        }
-        plan
+        self.round_with_tls(desired, live, ca, None)
     }
     /// One agent round for a mirror whose CA the node trusts and which requires the node's
     /// client certificate; panics if an action fails.

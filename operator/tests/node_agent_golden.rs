@@ -16,8 +16,7 @@ use cachalot_operator::node_agent::containerd::{
     check_containerd_config, check_containerd_config_with_imports, is_blocking,
 };
 use cachalot_operator::node_agent::plan::{
-    reconcile_node, reconcile_node_with_ca, reconcile_node_with_tls, Action, NodeCa,
-    NodeClientCert, Observed, Plan,
+    reconcile_node, reconcile_node_with_tls, Action, NodeCa, NodeClientCert, Observed, Plan,
 };
 use cachalot_operator::node_agent::protocol::{
     DesiredRegistry, DesiredState, Fallback, Reason, Runtime,
@@ -280,7 +279,7 @@ fn a_tls_mirror_gets_its_ca_beside_hosts_toml_named_by_its_node_path() {
     let desired = tls_desired();
     let ca = node_ca();
     let live: BTreeSet<String> = ["https://10.96.0.12:5000".to_string()].into();
-    let plan = reconcile_node_with_ca(&desired, &Observed::default(), &live, Some(&ca));
+    let plan = reconcile_node_with_tls(&desired, &Observed::default(), &live, Some(&ca), None);
     let files = written(&plan);
     assert_eq!(files[0].0, "docker.io/cachalot-ca.crt");
     assert_eq!(

@@ -524,6 +524,12 @@ mod tests {
         status.problems.iter().map(|p| p.reason).collect()
     }
 
+    /// The first problem's message contains `needle` (the message is shown when it does not).
+    fn assert_first_problem_mentions(status: &ContainerdStatus, needle: &str) {
+        let message = &status.problems[0].message;
+        assert!(message.contains(needle), "{message}");
+    }
+
     /// `text` read from `/etc/containerd/conf.d/x.toml`, as an imported file.
     fn ok(text: &str) -> (String, Result<String, String>) {
         (
@@ -583,13 +589,7 @@ mod tests {
         let empty = ok("[plugins.\"io.containerd.cri.v1.images\".registry]\nconfig_path = \"\"\n");
         let s = check_containerd_config_with_imports(main, &[empty], None);
         assert_eq!(reasons(&s), [Reason::ConfigPathNotSet]);
-        assert!(
-            s.problems[0]
-                .message
-                .contains("in /etc/containerd/conf.d/x.toml, the last"),
-            "{}",
-            s.problems[0].message
-        );
+        assert_first_problem_mentions(&s, "in /etc/containerd/conf.d/x.toml, the last");
         // An import that does not touch config_path is not named as the place to fix.
         let s = check_containerd_config_with_imports(
             "version = 3\n",
@@ -605,11 +605,7 @@ mod tests {
             "{}",
             s.problems[0].message
         );
-        assert!(
-            s.problems[0].message.contains("merged key by key"),
-            "{}",
-            s.problems[0].message
-        );
+        assert_first_problem_mentions(&s, "merged key by key");
         // use_local_image_pull from an import reaches the merged images section.
         let list = main.replace("certs.d\"", "certs.d:/etc/docker/certs.d\"");
         let local = ok("[plugins.\"io.containerd.cri.v1.images\"]\nuse_local_image_pull = true\n");
@@ -628,12 +624,8 @@ mod tests {
         let cri = ok("[plugins.\"io.containerd.grpc.v1.cri\"]\nsandbox_image = \"pause:3.9\"\n");
         let s = check_containerd_config_with_imports(V2_GOOD, &[cri], None);
         assert_eq!(reasons(&s), [Reason::ConfigPathNotSet]);
-        let message = &s.problems[0].message;
-        assert!(message.contains("containerd 1.x replaces"), "{message}");
-        assert!(
-            message.contains("containerd 2.x (which merges imported files key by key) would read config_path = \"/etc/containerd/certs.d\""),
-            "{message}"
-        );
+        assert_first_problem_mentions(&s, "containerd 1.x replaces");
+        assert_first_problem_mentions(&s, "containerd 2.x (which merges imported files key by key) would read config_path = \"/etc/containerd/certs.d\"");
     }
 
     #[test]
@@ -656,18 +648,10 @@ mod tests {
         // Main v3: containerd 2.0 to 2.2 ignore it (the verdict), 2.3+ would read it (the hint).
         let s = check_containerd_config_with_imports("version = 3\n", &[ok(v2_key)], None);
         assert_eq!(reasons(&s), [Reason::ConfigPathNotSet]);
-        let message = &s.problems[0].message;
-        assert!(message.contains("containerd 2.3+"), "{message}");
-        assert!(
-            message.contains("would read config_path = \"/etc/containerd/certs.d\""),
-            "{message}"
-        );
+        assert_first_problem_mentions(&s, "containerd 2.3+");
+        assert_first_problem_mentions(&s, "would read config_path = \"/etc/containerd/certs.d\"");
         let s = check_containerd_config(&format!("version = 3\n{v2_key}"), None);
-        assert!(
-            s.problems[0].message.contains("containerd 2.3+"),
-            "{}",
-            s.problems[0].message
-        );
+        assert_first_problem_mentions(&s, "containerd 2.3+");
         // Without anything that sets it, no such hint.
         let s = check_containerd_config("version = 3\n", None);
         assert!(
@@ -716,7 +700,7 @@ mod tests {
                 Reason::ContainerdConfigUnreadable
             ]
         );
-        assert!(s.problems[0].message.contains("a.toml: permission denied"));
+        assert_first_problem_mentions(&s, "a.toml: permission denied");
         assert!(s.problems[1].message.contains("b.toml is not valid TOML"));
     }
 
@@ -777,10 +761,8 @@ mod tests {
             [Reason::ConfigPathList, Reason::ConfigPathMismatch]
         );
         assert!(is_blocking(&s.problems[0], s.config_version));
-        assert!(s.problems[0]
-            .message
-            .contains("use_local_image_pull = true"));
-        assert!(s.problems[0].message.contains("config_path = \"/other\""));
+        assert_first_problem_mentions(&s, "use_local_image_pull = true");
+        assert_first_problem_mentions(&s, "config_path = \"/other\"");
     }
 
     #[test]
@@ -844,21 +826,11 @@ mod tests {
             Some("/var/lib/rancher/k3s/agent/etc/containerd/certs.d"),
         );
         assert_eq!(reasons(&s), [Reason::ConfigPathMismatch]);
-        assert!(
-            s.problems[0]
-                .message
-                .contains("containerd's default for an empty config_path"),
-            "{}",
-            s.problems[0].message
-        );
+        assert_first_problem_mentions(&s, "containerd's default for an empty config_path");
         // The transfer service takes the default list as one directory.
         let s = check_containerd_config("version = 4\n", Some("/etc/containerd/certs.d"));
         assert_eq!(reasons(&s), [Reason::ConfigPathNotSet]);
-        assert!(
-            s.problems[0].message.contains("takes as one directory"),
-            "{}",
-            s.problems[0].message
-        );
+        assert_first_problem_mentions(&s, "takes as one directory");
         // A v3 file may be read by containerd 2.0 or 2.1, which have no default.
         let v3 = local.replace("version = 4", "version = 3");
         assert_eq!(

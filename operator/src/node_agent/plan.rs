@@ -298,25 +298,13 @@ pub fn reconcile_node(
     observed: &Observed,
     live: &BTreeSet<String>,
 ) -> Plan {
-    reconcile_node_with_ca(desired, observed, live, None)
+    reconcile_node_with_tls(desired, observed, live, None, None)
 }
 
-/// [`reconcile_node`] for a mirror whose CA (`ca`) the nodes must trust: containerd's files get
-/// it beside each `hosts.toml`, named as the endpoints' `ca`. Without it, CA files of ours are
-/// removed.
-#[must_use]
-pub fn reconcile_node_with_ca(
-    desired: &DesiredState,
-    observed: &Observed,
-    live: &BTreeSet<String>,
-    ca: Option<&NodeCa>,
-) -> Plan {
-    reconcile_node_with_tls(desired, observed, live, ca, None)
-}
-
-/// [`reconcile_node_with_ca`] for a mirror that also requires the nodes' client certificate
-/// (`client`): containerd's files get the certificate and key beside each `hosts.toml`, named
-/// as the endpoints' `client`. Without it, client files of ours are removed.
+/// [`reconcile_node`] for a mirror served over TLS: with its CA (`ca`), containerd's files get
+/// it beside each `hosts.toml`, named as the endpoints' `ca`; with the nodes' client
+/// certificate (`client`), the certificate and key beside each `hosts.toml`, named as the
+/// endpoints' `client`. Without them, CA and client files of ours are removed.
 #[must_use]
 pub fn reconcile_node_with_tls(
     desired: &DesiredState,
