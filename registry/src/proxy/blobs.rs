@@ -725,8 +725,9 @@ pub async fn head_upstream(
     ))
 }
 
-/// Whether reads of in-flight temp files may use `RWF_NOWAIT` (one filesystem for all of them).
-static IN_FLIGHT_NOWAIT: cached_read::NowaitSupport = cached_read::NowaitSupport::new();
+/// Whether reads of cache files may use `RWF_NOWAIT`: committed blobs and in-flight temp files
+/// live in one store, on one filesystem.
+static CACHE_NOWAIT: cached_read::NowaitSupport = cached_read::NowaitSupport::new();
 
 /// Up to `len` bytes of an in-flight file at `offset`: what the page cache holds right away
 /// (maybe fewer than `len`), else exactly `len` read on the blocking pool.
@@ -738,7 +739,7 @@ async fn read_at(
     let file = Arc::clone(file.ok_or_else(|| {
         std::io::Error::other("blob fetch has no cache file to read (its creation failed)")
     })?);
-    if let Some(bytes) = cached_read::read_nowait(&file, offset, len, &IN_FLIGHT_NOWAIT) {
+    if let Some(bytes) = cached_read::read_nowait(&file, offset, len, &CACHE_NOWAIT) {
         return Ok(bytes);
     }
     tokio::task::spawn_blocking(move || {
@@ -772,46 +773,42 @@ pub fn file_stream(
     end: u64,
 ) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
     let reader = CachedReader::new();
-    let nowait = Arc::new(cached_read::NowaitSupport::new());
     futures::stream::try_unfold(
         // `cursor`: where the handle's own file position stands, when it is known.
         (Some(file), (pin, reader), start, None::<u64>),
-        move |(file, pin, pos, cursor)| {
-            let nowait = Arc::clone(&nowait);
-            async move {
-                let Some(file) = file else {
-                    return Ok(None);
-                };
-                if pos >= end {
-                    return Ok(None);
-                }
-                let readers = CACHED_READERS.load(std::sync::atomic::Ordering::Relaxed);
-                let len = (end - pos).min(cached_chunk(readers));
-                let len_usize = usize::try_from(len).unwrap_or(usize::MAX);
-                if let Some(bytes) = cached_read::read_nowait(&file, pos, len_usize, &nowait) {
-                    let next = pos + bytes.len() as u64;
-                    return Ok(Some((bytes, (Some(file), pin, next, cursor))));
-                }
-                let (file, bytes) = tokio::task::spawn_blocking(move || {
-                    use std::io::{Read as _, Seek as _};
-                    let mut file = file;
-                    if cursor != Some(pos) {
-                        file.seek(std::io::SeekFrom::Start(pos))?;
-                    }
-                    let mut buf = Vec::with_capacity(len_usize);
-                    (&mut file).take(len).read_to_end(&mut buf)?;
-                    if (buf.len() as u64) < len {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "cache file shorter than expected",
-                        ));
-                    }
-                    Ok((file, Bytes::from(buf)))
-                })
-                .await
-                .map_err(std::io::Error::other)??;
-                Ok(Some((bytes, (Some(file), pin, pos + len, Some(pos + len)))))
+        move |(file, pin, pos, cursor)| async move {
+            let Some(file) = file else {
+                return Ok(None);
+            };
+            if pos >= end {
+                return Ok(None);
             }
+            let readers = CACHED_READERS.load(std::sync::atomic::Ordering::Relaxed);
+            let len = (end - pos).min(cached_chunk(readers));
+            let len_usize = usize::try_from(len).unwrap_or(usize::MAX);
+            if let Some(bytes) = cached_read::read_nowait(&file, pos, len_usize, &CACHE_NOWAIT) {
+                let next = pos + bytes.len() as u64;
+                return Ok(Some((bytes, (Some(file), pin, next, cursor))));
+            }
+            let (file, bytes) = tokio::task::spawn_blocking(move || {
+                use std::io::{Read as _, Seek as _};
+                let mut file = file;
+                if cursor != Some(pos) {
+                    file.seek(std::io::SeekFrom::Start(pos))?;
+                }
+                let mut buf = Vec::with_capacity(len_usize);
+                (&mut file).take(len).read_to_end(&mut buf)?;
+                if (buf.len() as u64) < len {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "cache file shorter than expected",
+                    ));
+                }
+                Ok((file, Bytes::from(buf)))
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            Ok(Some((bytes, (Some(file), pin, pos + len, Some(pos + len)))))
         },
     )
 }

@@ -5,8 +5,8 @@
 //! A cached blob is usually served from memory, so a hop to the blocking pool per chunk (a
 //! thread wake-up and two context switches) is most of the cost of reading it. Callers try
 //! [`read_nowait`] first and go to the blocking pool only when it gives nothing. Where the
-//! filesystem or the kernel does not support `RWF_NOWAIT`, [`read_nowait`] says so once per
-//! call site's [`NowaitSupport`] and is not tried again.
+//! filesystem or the kernel does not support `RWF_NOWAIT`, the first read clears the caller's
+//! [`NowaitSupport`] (one for the whole cache) and it is not tried again.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
