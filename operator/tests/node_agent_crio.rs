@@ -59,16 +59,7 @@ async fn start_registry(
     dir: &Path,
     registries: &[(&str, String)],
 ) -> (LoggedChild, String, String) {
-    let binary = std::env::var_os("CACHALOT_E2E_REGISTRY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_BIN_EXE_cachalot-operator")).with_file_name("cachalot-registry")
-        });
-    assert!(
-        binary.exists(),
-        "{} not built: run `cargo build -p cachalot-registry` (scripts/test builds every binary first)",
-        binary.display()
-    );
+    let binary = common::registry_binary();
     let port = free_port().unwrap();
     let admin_port = free_port().unwrap();
     let mut cmd = Command::new(&binary);

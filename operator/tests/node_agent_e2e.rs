@@ -22,7 +22,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -73,12 +73,7 @@ impl std::ops::Deref for Mirror {
 
 impl Mirror {
     async fn start(dir: &Path, upstream_url: &str) -> Self {
-        let binary = std::env::var_os("CACHALOT_E2E_REGISTRY")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_BIN_EXE_cachalot-operator"))
-                    .with_file_name("cachalot-registry")
-            });
+        let binary = common::registry_binary_path();
         if !binary.exists() {
             eprintln!(
                 "cachalot-registry not built ({}): FaultProxy stands in for the mirror",

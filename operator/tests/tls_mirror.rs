@@ -45,20 +45,6 @@ fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
 
-fn registry_binary() -> PathBuf {
-    let binary = std::env::var_os("CACHALOT_E2E_REGISTRY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_BIN_EXE_cachalot-operator")).with_file_name("cachalot-registry")
-        });
-    assert!(
-        binary.exists(),
-        "{} not built: run `cargo build -p cachalot-registry` (scripts/test builds every binary first)",
-        binary.display()
-    );
-    binary
-}
-
 /// A distribution serving `library/<repository>:v1`, an image of `layers` (sizes) from `seed`.
 async fn upstream_with(repository: &str, seed: u64, layers: &[u64]) -> Distribution {
     let upstream = Distribution::start().await.unwrap();
@@ -147,7 +133,7 @@ async fn start_tls_pod(
         .replace("0.0.0.0:5001", &format!("127.0.0.1:{admin_port}"));
     let config_file = pod.join("config.yaml");
     write(&config_file, &config);
-    let mut cmd = Command::new(registry_binary());
+    let mut cmd = Command::new(common::registry_binary());
     cmd.arg("serve").arg("--config").arg(&config_file);
     let admin = format!("http://127.0.0.1:{admin_port}");
     // The readiness probe's view: the admin port stays plain HTTP.

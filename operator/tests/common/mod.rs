@@ -4,6 +4,8 @@
 //! - [`cluster`]: a real control plane with the cachalot image on its fake nodes, the CRD, waits;
 //! - [`node`]: a node's directories, desired states and polling an agent's `/status`;
 //! - [`registry_stats`]: what a registry pod's `/stats` reports, for fake probes;
+//! - [`registry_binary`]: where that binary is (`CACHALOT_E2E_REGISTRY`, else beside the
+//!   operator's);
 //! - [`spawn_registry`]: a real `cachalot-registry` process, waited for until `/readyz` answers,
 //!   and [`admin_stats`]: what such a process's `/stats` says;
 //! - [`listed_caches`] and [`hold`]: the operator's caches of owned objects, fed by hand as the
@@ -21,6 +23,28 @@ use cachalot_testkit::process::LoggedChild;
 use kube::runtime::watcher;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+/// The `cachalot-registry` binary the tests run: `CACHALOT_E2E_REGISTRY`, else the one built
+/// beside the operator's binary. It may not exist (see [`registry_binary`]).
+pub fn registry_binary_path() -> std::path::PathBuf {
+    std::env::var_os("CACHALOT_E2E_REGISTRY")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_BIN_EXE_cachalot-operator"))
+                .with_file_name("cachalot-registry")
+        })
+}
+
+/// [`registry_binary_path`], which must exist.
+pub fn registry_binary() -> std::path::PathBuf {
+    let binary = registry_binary_path();
+    assert!(
+        binary.exists(),
+        "{} not built: run `cargo build -p cachalot-registry` (scripts/test builds every binary first)",
+        binary.display()
+    );
+    binary
+}
 
 /// Caches of owned objects whose watches have listed (nothing yet), and their writers.
 pub fn listed_caches() -> (OwnedStores, OwnedWriters) {
